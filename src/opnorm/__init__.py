@@ -1,0 +1,16 @@
+"""opnorm: data-dependent (p, q) operator norms of input-output Jacobians,
+l_p adversarial attacks and robust training for PyTorch."""
+
+from opnorm.norms import (
+    clip_box,
+    conjugate,
+    duality_map,
+    lp_norm,
+    norm_order,
+    project_l1_ball,
+    project_lp_ball,
+    steepest_ascent,
+)
+from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
+
+__version__ = "0.1.0"
