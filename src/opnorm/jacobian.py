@@ -64,20 +64,20 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf values; clean the inputs before computing norms or attacks")
     if isinstance(model, nn.Module):
         param = next(iter(model.parameters()), None)
         if param is not None:
             if param.device != x.device:
                 raise ValueError(
-                    f"{name} is on {x.device} but the model is on {param.device}; move one of them, e.g. x.to({str(param.device)!r})"
+                    f"{name} is on device {x.device} but the model is on device {param.device}; move one of them, e.g. x.to({str(param.device)!r})"
                 )
             if param.is_floating_point() and param.dtype != x.dtype:
                 raise TypeError(
                     f"{name} has dtype {x.dtype} but the model's parameters have dtype {param.dtype}; "
                     f"use x.to({param.dtype}) or model.to({x.dtype})"
                 )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; clean the inputs before computing norms or attacks")
 
 
 def _check_output(out: torch.Tensor, batch: int) -> torch.Tensor:

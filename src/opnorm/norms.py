@@ -79,7 +79,13 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
 def lp_norm(z: torch.Tensor, p: Order) -> torch.Tensor:
     """Per-example l_p norm: (B, *shape) -> (B,)."""
     p = norm_order(p)
-    return torch.linalg.vector_norm(_flat(z), ord=p, dim=1)
+    flat = _flat(z)
+    if p in (1.0, math.inf):
+        return torch.linalg.vector_norm(flat, ord=p, dim=1)
+    # scale by the largest entry so tiny or huge vectors neither underflow nor overflow
+    scale = flat.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.linalg.vector_norm(flat / scale, ord=p, dim=1) * scale.squeeze(1)
 
 
 def duality_map(z: torch.Tensor, r: Order) -> torch.Tensor:
@@ -100,9 +106,6 @@ def duality_map(z: torch.Tensor, r: Order) -> torch.Tensor:
         top = mag.amax(dim=1, keepdim=True)
         hit = (mag == top) & (top > 0)
         out = torch.sign(flat) * hit / hit.sum(dim=1, keepdim=True).clamp_min(1)
-    elif r == 2:
-        norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
-        out = flat / torch.where(norm > 0, norm, torch.ones_like(norm))
     else:
         # scale first so that |z|^(r-1) neither overflows nor underflows
         scale = flat.abs().amax(dim=1, keepdim=True)
@@ -110,7 +113,7 @@ def duality_map(z: torch.Tensor, r: Order) -> torch.Tensor:
         w = flat / scale
         norm = torch.linalg.vector_norm(w, ord=r, dim=1, keepdim=True)
         norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-        out = torch.sign(w) * (w.abs() / norm) ** (r - 1)
+        out = w / norm if r == 2 else torch.sign(w) * (w.abs() / norm) ** (r - 1)
     return out.reshape(z.shape)
 
 

@@ -1,0 +1,424 @@
+"""(p, q) operator norms of per-example Jacobians: the power method, exact forms, spectra.
+
+``||J||_{p->q} = max_{||v||_p <= 1} ||J v||_q``. The (p, q) power method (Boyd 1974)
+iterates ``u_k = psi_q(J v_{k-1})``, ``v_k = psi_{p*}(J^T u_k)``; each iterate is a
+lower bound attained by ``v_k``, exact at convergence for p = q = 2.
+
+Exact routes form J with d VJPs (d = number of logits) and use:
+  * (2, 2): the top singular value (SVD);
+  * (1, q): the largest column q-norm;  (p, inf): the largest row p*-norm;
+  * (inf, q) with n <= ``max_enumerate``: all 2^(n-1) sign vectors (the maximum of a
+    convex function over the cube sits at a vertex);
+  * (p, 1) with d <= ``max_enumerate``: ``||J||_{p->1} = max_{s in {+-1}^d} ||J^T s||_{p*}``;
+  * any other pair (NP-hard in general): the best of many power-method restarts on the
+    formed J, a documented lower bound (``result.exact`` is False).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import Linearization, check_inputs, eval_mode, jacobian, unwrap
+from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order
+
+__all__ = [
+    "OperatorNormResult",
+    "SpectrumResult",
+    "power_iteration",
+    "operator_norm",
+    "operator_norm_of_matrix",
+    "singular_values",
+    "random_unit",
+]
+
+METHODS = ("auto", "power", "exact")
+DEFAULT_ITERS = 20
+DEFAULT_TOL = 1e-6
+DEFAULT_RESTARTS = 64
+
+
+@dataclass
+class OperatorNormResult:
+    """Per-example (p, q) operator norms of J(x).
+
+    Attributes:
+        sigma: (B,) the norm (exact, or a lower bound attained by ``v``; see ``exact``).
+        v: x's shape, unit l_p norm, with ``||J v||_q == sigma``.
+        u: (B, d), ``psi_q(J v)``.
+        iterations: power iterations run (0 for closed forms).
+        converged: (B,) bool; True for exact results.
+        method: "power" or "exact".
+        exact: (B,) bool, True where sigma is the exact norm (not only a lower bound).
+        history: with ``return_history=True`` and the power method, one dict per iteration
+            k = 1..iterations: {"v": v_k, "u": u_k, "sigma": ||J v_k||_q}.
+    """
+
+    sigma: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor
+    iterations: int
+    converged: torch.Tensor
+    method: str
+    exact: torch.Tensor
+    history: Optional[list[dict]] = field(default=None, repr=False)
+
+
+def _check_iters(iters: int, name: str = "iters") -> int:
+    if isinstance(iters, bool) or not isinstance(iters, int):
+        raise TypeError(f"{name} must be an int >= 1, got {iters!r}")
+    if iters < 1:
+        raise ValueError(f"{name} must be >= 1, got {iters}")
+    return iters
+
+
+def _check_tol(tol: float) -> float:
+    tol = float(tol)
+    if math.isnan(tol) or tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return tol
+
+
+def random_unit(shape: tuple[int, ...], p: Order, *, dtype=None, device=None, generator=None) -> torch.Tensor:
+    """Random vectors of unit l_p norm per example (Gaussian direction; signs for p = inf)."""
+    z = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    if norm_order(p) == math.inf:
+        return torch.sign(z)
+    return z / lp_norm(z, p).reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def _normalize(v: torch.Tensor, p: float) -> torch.Tensor:
+    n = lp_norm(v, p)
+    if (n == 0).any():
+        raise ValueError("v0 has an example with zero norm; every start vector must be nonzero")
+    return v / n.reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def power_iteration(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rmatvec: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    p: Order,
+    q: Order,
+    *,
+    iters: int,
+    tol: float = 0.0,
+    history: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[list[dict]]]:
+    """The batched (p, q) power method on any linear operator.
+
+    Args:
+        matvec: v (B, *in) -> J v (B, d).
+        rmatvec: u (B, d) -> J^T u (B, *in).
+        v0: (B, *in) start, normalized here to unit l_p norm.
+        iters: maximum number of iterations (each one matvec and one rmatvec).
+        tol: stop when every example's sigma changed by at most tol * sigma (0: run all).
+        history: record {"v", "u", "sigma"} after each iteration.
+
+    Returns:
+        (sigma, v, u, iterations, converged, history) with sigma = ||J v||_q, u = psi_q(J v).
+    """
+    p, q = norm_order(p, "p"), norm_order(q, "q")
+    p_star = conjugate(p)
+    v = _normalize(v0, p)
+    jv = matvec(v)
+    sigma = lp_norm(jv, q)
+    converged = torch.zeros_like(sigma, dtype=torch.bool)
+    records: Optional[list[dict]] = [] if history else None
+    k = 0
+    for k in range(1, iters + 1):
+        u = duality_map(jv, q)
+        v = duality_map(rmatvec(u), p_star)
+        jv = matvec(v)
+        new_sigma = lp_norm(jv, q)
+        converged = (new_sigma - sigma).abs() <= tol * new_sigma.abs()
+        sigma = new_sigma
+        if records is not None:
+            records.append({"v": v.detach().clone(), "u": u.detach().clone(), "sigma": sigma.detach().clone()})
+        if tol > 0 and bool(converged.all()):
+            break
+    return sigma, v, duality_map(jv, q), k, converged, records
+
+
+# ----------------------------------------------------------------------------- exact forms
+
+
+def _sign_vectors(n: int, dtype, device) -> torch.Tensor:
+    """All 2^(n-1) sign vectors with first entry +1 (s and -s give the same norm): (n, 2^(n-1))."""
+    rows = torch.tensor(list(itertools.product((1.0, -1.0), repeat=n - 1)), dtype=dtype, device=device)
+    rows = rows.reshape(-1, n - 1)
+    return torch.cat([torch.ones(rows.shape[0], 1, dtype=dtype, device=device), rows], dim=1).T
+
+
+def _max_over_signs(A: torch.Tensor, r: float, chunk: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
+    """max over s in {+-1}^m of ||A s||_r for A (B, k, m): (values (B,), maximizers (B, m))."""
+    B, _, m = A.shape
+    signs = _sign_vectors(m, A.dtype, A.device)
+    best = torch.full((B,), -1.0, dtype=A.dtype, device=A.device)
+    best_s = torch.ones(B, m, dtype=A.dtype, device=A.device)
+    for start in range(0, signs.shape[1], chunk):
+        S = signs[:, start : start + chunk]
+        vals = torch.linalg.vector_norm(A @ S, ord=r, dim=1)  # (B, chunk)
+        top, idx = vals.max(dim=1)
+        better = top > best
+        best = torch.where(better, top, best)
+        best_s = torch.where(better[:, None], S.T[idx], best_s)
+    return best, best_s
+
+
+def operator_norm_of_matrix(
+    J: torch.Tensor,
+    p: Order = 2,
+    q: Order = 2,
+    *,
+    max_enumerate: int = 20,
+    restarts: int = DEFAULT_RESTARTS,
+    iters: int = 100,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, q) norms of a batch of explicit matrices J (B, d, n).
+
+    Returns (sigma (B,), v (B, n) unit l_p attaining ||J v||_q = sigma, exact (B,) bool).
+    """
+    p, q = norm_order(p, "p"), norm_order(q, "q")
+    if J.ndim != 3:
+        raise ValueError(f"J must have shape (B, d, n), got {tuple(J.shape)}")
+    B, d, n = J.shape
+    p_star = conjugate(p)
+    every = torch.ones(B, dtype=torch.bool, device=J.device)
+    if p == 2 and q == 2:
+        _, S, Vh = torch.linalg.svd(J, full_matrices=False)
+        return S[:, 0], Vh[:, 0, :], every
+    if p == 1:  # max column q-norm, attained at a coordinate vector
+        cols = torch.linalg.vector_norm(J, ord=q, dim=1)  # (B, n)
+        sigma, j = cols.max(dim=1)
+        return sigma, torch.nn.functional.one_hot(j, n).to(J.dtype), every
+    if q == math.inf:  # max row p*-norm, attained by psi_{p*}(row)
+        rows = torch.linalg.vector_norm(J, ord=p_star, dim=2)  # (B, d)
+        sigma, i = rows.max(dim=1)
+        row = J[torch.arange(B, device=J.device), i]
+        return sigma, duality_map(row, p_star), every
+    if q == 1 and d <= max_enumerate:  # ||J||_{p->1} = max_s ||J^T s||_{p*}
+        sigma, s = _max_over_signs(J.transpose(1, 2), p_star)
+        return sigma, duality_map(torch.einsum("bdn,bd->bn", J, s), p_star), every
+    if p == math.inf and n <= max_enumerate:
+        sigma, s = _max_over_signs(J, q)
+        return sigma, s, every
+    # NP-hard in general: best of many power-method restarts (a lower bound)
+    restarts = max(1, restarts)
+    Jr = J.repeat_interleave(restarts, dim=0)
+    v0 = random_unit((B * restarts, n), p, dtype=J.dtype, device=J.device, generator=generator)
+    v0[::restarts] = random_unit((B, n), p, dtype=J.dtype, device=J.device, generator=generator)
+    sigma, v, _, _, _, _ = power_iteration(
+        lambda v: torch.einsum("bdn,bn->bd", Jr, v),
+        lambda u: torch.einsum("bdn,bd->bn", Jr, u),
+        v0,
+        p,
+        q,
+        iters=iters,
+        tol=1e-12,
+    )
+    sigma = sigma.reshape(B, restarts)
+    best, idx = sigma.max(dim=1)
+    v = v.reshape(B, restarts, n)[torch.arange(B, device=J.device), idx]
+    return best, v, torch.zeros(B, dtype=torch.bool, device=J.device)
+
+
+def _has_exact_form(p: float, q: float, d: int, n: int, max_enumerate: int) -> bool:
+    return (p == 2 and q == 2) or p == 1 or q == math.inf or (q == 1 and d <= max_enumerate) or (
+        p == math.inf and n <= max_enumerate
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_v0(v0: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    if v0 is None:
+        return None
+    if not isinstance(v0, torch.Tensor):
+        raise TypeError(f"v0 must be a tensor with the shape of x, got {type(v0).__name__}")
+    if v0.shape != x.shape:
+        raise ValueError(f"v0 must have the shape of x {tuple(x.shape)}, got {tuple(v0.shape)}")
+    if not torch.isfinite(v0).all():
+        raise ValueError("v0 contains NaN or inf values")
+    return v0.detach().to(dtype=x.dtype, device=x.device)
+
+
+def operator_norm(
+    model: nn.Module,
+    x: torch.Tensor,
+    p: Order = 2,
+    q: Order = 2,
+    *,
+    method: str = "auto",
+    iters: Optional[int] = None,
+    tol: Optional[float] = None,
+    v0: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    return_history: bool = False,
+    max_enumerate: int = 20,
+    restarts: int = DEFAULT_RESTARTS,
+) -> OperatorNormResult:
+    """Per-example (p, q) operator norm of the input-output Jacobian J(x) of ``model``.
+
+    The model is evaluated in eval mode (BatchNorm uses running statistics; see
+    :mod:`opnorm.jacobian`) and its mode restored; parameter gradients are not touched.
+
+    Args:
+        model: f: (B, *in) -> (B, d), a module that does not mix examples in eval mode.
+        x: (B, *in) inputs.
+        p, q: norm orders, 1 <= p, q <= inf (float, int, or "inf").
+        method: "power" (matrix-free, batched), "exact" (form J with d VJPs; closed
+            forms, enumeration, or a restart lower bound for NP-hard pairs), or "auto"
+            (exact when it is exact and cheaper than ``iters`` power iterations, or when
+            the pair has no exact form but d is small; otherwise power).
+        iters: power iterations (default 20). tol: relative stopping tolerance on sigma
+            (default 1e-6; 0 runs exactly ``iters``). v0: start vector, x's shape.
+        generator: seeds the random start / restarts.
+        return_history: keep every power iterate (method "power" only).
+        max_enumerate: largest n (for p = inf) or d (for q = 1) enumerated exactly.
+        restarts: power-method restarts on the formed J for pairs without an exact form.
+
+    Returns:
+        :class:`OperatorNormResult` with ``sigma`` (B,), ``v`` (x's shape), ``u`` (B, d).
+
+    Example:
+        >>> res = opnorm.operator_norm(model, x, p="inf", q=2)
+        >>> res.sigma.shape, res.v.shape  # (B,), x.shape
+    """
+    p, q = norm_order(p, "p"), norm_order(q, "q")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
+    tol = DEFAULT_TOL if tol is None else _check_tol(tol)
+    check_inputs(model, x)
+    v0 = _check_v0(v0, x)
+    if return_history and method != "power":
+        raise ValueError("return_history=True needs method='power' (closed forms have no iterates)")
+
+    net = unwrap(model)
+    with eval_mode(net), torch.enable_grad():
+        if method == "auto":
+            method = _choose_method(net, x, p, q, iters, max_enumerate)
+        if method == "exact":
+            return _exact(net, x, p, q, max_enumerate, restarts, generator)
+        lin = Linearization(net, x)
+        if v0 is None:
+            v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
+        sigma, v, u, k, converged, hist = power_iteration(
+            lin.matvec, lin.rmatvec, v0, p, q, iters=iters, tol=tol, history=return_history
+        )
+        exact = torch.zeros_like(converged)  # a converged iterate is not a proof of the maximum
+        return OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, converged, "power", exact, hist)
+
+
+def _choose_method(net: nn.Module, x: torch.Tensor, p: float, q: float, iters: int, max_enumerate: int) -> str:
+    with torch.no_grad():
+        d = net(x[:1]).shape[-1]
+    n = x[0].numel()
+    if not _has_exact_form(p, q, d, n, max_enumerate):
+        # restarts on a formed J beat one matrix-free run when forming J is cheap
+        return "exact" if d <= 4 * iters else "power"
+    if p == 2 and q == 2:
+        # forming J costs d backward passes; the power method 2 passes per iteration
+        return "exact" if d <= 2 * iters else "power"
+    return "exact"
+
+
+def _exact(net, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
+    J = jacobian(net, x)
+    B, d = J.shape[:2]
+    flat = J.reshape(B, d, -1)
+    sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
+    u = duality_map(torch.einsum("bdn,bn->bd", flat, v), q)
+    return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, exact.clone(), "exact", exact)
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+@dataclass
+class SpectrumResult:
+    """Top-k singular triplets of J(x): values (B, k) descending; U (B, d, k); V (B, *in, k)."""
+
+    values: torch.Tensor
+    U: Optional[torch.Tensor] = None
+    V: Optional[torch.Tensor] = None
+
+
+def singular_values(
+    model: nn.Module,
+    x: torch.Tensor,
+    k: int,
+    return_vectors: bool = False,
+    *,
+    method: str = "auto",
+    iters: int = 50,
+    tol: float = 1e-7,
+    generator: Optional[torch.Generator] = None,
+):
+    """Top-k singular values of each J(x), descending: (B, k).
+
+    ``method="exact"`` forms J (d VJPs) and takes its SVD; ``"power"`` is matrix-free
+    subspace iteration with k vectors (each iteration k JVPs and k VJPs, batched) and a
+    final Rayleigh-Ritz step; ``"auto"`` picks exact when forming J is the cheaper one.
+    With ``return_vectors=True`` returns a :class:`SpectrumResult` (values, U, V).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_inputs(model, x)
+    k = _check_iters(k, "k")
+    iters = _check_iters(iters)
+    tol = _check_tol(tol)
+    net = unwrap(model)
+    B = x.shape[0]
+    n = x[0].numel()
+    with eval_mode(net), torch.enable_grad():
+        with torch.no_grad():
+            d = net(x[:1]).shape[-1]
+        if k > min(d, n):
+            raise ValueError(f"k must be <= min(d, n) = {min(d, n)} (J is {d} x {n}), got {k}")
+        if method == "auto":
+            # forming J costs d backward passes; subspace iteration >= 2k per iteration
+            method = "exact" if d <= 20 * k else "power"
+        if method == "exact":
+            J = jacobian(net, x).reshape(B, d, n)
+            U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+            res = SpectrumResult(S[:, :k], U[:, :, :k], Vh[:, :k, :].transpose(1, 2).reshape(B, *x.shape[1:], k))
+        else:
+            res = _subspace(net, x, k, iters, tol, generator)
+    return res if return_vectors else res.values
+
+
+def _subspace(net, x, k, iters, tol, generator) -> SpectrumResult:
+    """Block power (subspace) iteration on J^T J with k columns, all examples at once."""
+    B = x.shape[0]
+    shape = x.shape[1:]
+    n = x[0].numel()
+    xk = x.unsqueeze(1).expand(B, k, *shape).reshape(B * k, *shape)  # example b's k copies adjacent
+    lin = Linearization(net, xk)
+
+    def J(V):  # (B, n, k) -> (B, d, k)
+        return lin.matvec(V.transpose(1, 2).reshape(B * k, *shape)).reshape(B, k, -1).transpose(1, 2)
+
+    def JT(U):  # (B, d, k) -> (B, n, k)
+        return lin.rmatvec(U.transpose(1, 2).reshape(B * k, -1)).reshape(B, k, n).transpose(1, 2)
+
+    V = torch.linalg.qr(torch.randn(B, n, k, dtype=x.dtype, device=x.device, generator=generator))[0]
+    prev = None
+    for _ in range(iters):
+        V = torch.linalg.qr(JT(J(V)))[0]
+        vals = torch.linalg.vector_norm(J(V), dim=1)
+        if prev is not None and bool(((vals - prev).abs() <= tol * vals.clamp_min(1e-30)).all()):
+            break
+        prev = vals
+    # Rayleigh-Ritz: SVD of the small (d, k) matrix J V rotates V onto singular vectors
+    U, S, Wh = torch.linalg.svd(J(V), full_matrices=False)
+    V = V @ Wh.transpose(1, 2)
+    return SpectrumResult(S, U, V.reshape(B, *shape, k))
