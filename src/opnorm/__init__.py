@@ -12,5 +12,6 @@ from opnorm.norms import (
     steepest_ascent,
 )
 from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
+from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 
 __version__ = "0.1.0"
