@@ -1,0 +1,27 @@
+"""Training layer: datasets, model registry, checkpoints (and the trainer built on them).
+
+Example::
+
+    >>> from opnorm.training import load_dataset, build_model
+    >>> splits = load_dataset("digits")
+    >>> model = build_model("cnn", input_shape=splits.input_shape, num_classes=splits.num_classes,
+    ...                     mean=splits.mean, std=splits.std)
+"""
+
+from opnorm.training.data import (
+    DATASETS,
+    DatasetNotFoundError,
+    DatasetSplits,
+    IndexedTensorDataset,
+    load_dataset,
+    make_loader,
+)
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "DatasetSplits",
+    "IndexedTensorDataset",
+    "load_dataset",
+    "make_loader",
+]
