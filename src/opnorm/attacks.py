@@ -1,0 +1,384 @@
+"""Projected gradient ascent (PGA / PGD) attacks in l_1, l_2 and l_inf, for any loss.
+
+One loop serves every variant: the norm p picks the steepest-ascent direction
+``psi_{p*}(grad)`` (:func:`opnorm.norms.steepest_ascent`) and the projection
+(:func:`opnorm.norms.project_lp_ball`); the loss (:mod:`opnorm.losses`) picks what is
+maximized. With ``step_size=float("inf")`` the projection of the infinite step lands on
+the boundary, ``delta_k = eps * psi_{p*}(grad L(delta_{k-1}))``: with the logit loss this
+is the (p, q) power method of :mod:`opnorm.power` (the theorem of Roth et al. 2020).
+
+Conventions:
+
+* the model is attacked in eval mode (:func:`opnorm.jacobian.eval_mode`), its mode restored;
+  DataParallel / DDP wrappers are unwrapped;
+* gradients are taken with ``torch.autograd.grad`` with respect to the perturbation only:
+  the ``.grad`` of the model's parameters is never touched;
+* one forward and one backward pass per step; the clean logits (needed by the logit and KL
+  losses and by callables) are computed once per call;
+* random starts: l_inf draws delta uniformly from the cube ``[-eps, eps]^n``; l_2 and l_1
+  draw a direction uniformly on the unit l_2 sphere (normalized Gaussian) or unit l_1
+  sphere (normalized Laplace vector) and a radius ``eps * U``, U ~ Uniform(0, 1) (as in
+  torchattacks / the robustness library; not uniform in volume, which for large n would
+  put every start on the boundary). The start is then clipped into the box.
+* l_1 steps are sparse (SLIDE, Tramer & Boneh 2019): the step moves, with equal weight
+  ``1/k``, the k = ceil(l1_fraction * n) coordinates of largest |grad| (ties included),
+  skipping coordinates that the box blocks; ``l1_fraction -> 1/n`` is the exact l_1
+  steepest ascent (a signed one-hot), which the infinite step uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
+from opnorm.losses import LossFn, LossSpec, get_loss
+from opnorm.norms import Order, clip_box, lp_norm, norm_order, project_lp_ball, steepest_ascent
+
+__all__ = ["pgd", "PGD", "random_in_ball", "default_step_size"]
+
+Clip = Optional[tuple[float, float]]
+
+
+def default_step_size(eps: Union[float, torch.Tensor], steps: int) -> Union[float, torch.Tensor]:
+    """The default step size ``2.5 * eps / steps`` (Madry et al. 2018; the robustness library)."""
+    return 2.5 * eps / steps
+
+
+def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against like."""
+    return t.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def random_in_ball(
+    x: torch.Tensor, p: Order, eps: Union[float, torch.Tensor], generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """A random perturbation in the l_p ball of radius eps (p in {1, 2, inf}), x's shape.
+
+    l_inf: uniform in the cube. l_2 / l_1: uniform direction on the unit l_p sphere
+    (normalized Gaussian / normalized Laplace vector) times a radius eps * U, U ~ U(0, 1).
+    eps is a float or a (B,) tensor. Box clipping is left to the caller.
+
+    Example::
+
+        >>> delta = random_in_ball(x, 2, 0.5, torch.Generator().manual_seed(0))
+        >>> (opnorm.lp_norm(delta, 2) <= 0.5).all()
+        tensor(True)
+    """
+    p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
+    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    kw = dict(generator=generator, dtype=x.dtype, device=x.device)
+    if p == math.inf:
+        return (2 * torch.rand(x.shape, **kw) - 1) * _view(eps_t, x)
+    if p == 2:
+        d = torch.randn(x.shape, **kw)
+    else:  # Laplace coordinates normalized in l_1 are uniform on the l_1 sphere
+        mag = -torch.log1p(-torch.rand(x.shape, **kw))  # Exp(1)
+        d = torch.where(torch.rand(x.shape, **kw) < 0.5, -mag, mag)
+    norm = lp_norm(d, p).clamp_min(torch.finfo(x.dtype).tiny)
+    radius = torch.rand(x.shape[0], **kw) * eps_t
+    return d * _view(radius / norm, x)
+
+
+def _sparse_l1_direction(
+    g: torch.Tensor, x_adv: torch.Tensor, clip: Clip, fraction: float
+) -> torch.Tensor:
+    """SLIDE step direction: equal weight on the top-|g| coordinates, unit l_1 norm."""
+    flat = g.reshape(g.shape[0], -1)
+    if clip is not None:  # a coordinate at the box edge cannot move outwards: don't spend l_1 budget on it
+        xa = x_adv.reshape(flat.shape)
+        blocked = ((xa <= clip[0]) & (flat < 0)) | ((xa >= clip[1]) & (flat > 0))
+        flat = flat.masked_fill(blocked, 0.0)
+    mag = flat.abs()
+    k = max(1, min(flat.shape[1], math.ceil(fraction * flat.shape[1])))
+    kth = mag.topk(k, dim=1).values[:, -1:]
+    mask = (mag >= kth) & (mag > 0)
+    out = torch.sign(flat) * mask / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return out.reshape(g.shape)
+
+
+def _check_eps(eps, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.Tensor)):
+        raise TypeError(f"eps must be a float or a (B,) tensor, got {type(eps).__name__}")
+    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if eps_t.ndim == 0:
+        eps_t = eps_t.expand(x.shape[0])
+    if eps_t.shape != (x.shape[0],):
+        raise ValueError(f"eps must be a scalar or have shape ({x.shape[0]},), got {tuple(eps_t.shape)}")
+    if not torch.isfinite(eps_t).all() or (eps_t < 0).any():
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return eps_t
+
+
+def _check_labels(y, x: torch.Tensor, spec: LossSpec, targeted: bool) -> Optional[torch.Tensor]:
+    if y is None:
+        if spec.needs_labels or targeted:
+            what = "targets (targeted=True)" if targeted else f"labels for loss={spec.name!r}"
+            raise ValueError(f"y is required: pass the {what} as a (B,) integer tensor")
+        return None
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a (B,) integer tensor, got {type(y).__name__}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x's batch, got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}; use y.long()")
+    return y.to(device=x.device, dtype=torch.long)
+
+
+def _check_clip(clip: Clip, x: torch.Tensor) -> Clip:
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(c) for c in clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip must be None or a pair (lo, hi) of floats, got {clip!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
+    if x.min() < lo or x.max() > hi:
+        raise ValueError(
+            f"x lies outside clip=({lo:g}, {hi:g}) (min {x.min().item():g}, max {x.max().item():g}); "
+            "pass the box your inputs live in, or clip=None for unconstrained inputs"
+        )
+    return lo, hi
+
+
+class _Attack:
+    """The state shared by the steps of one pgd call (validated arguments, clean logits)."""
+
+    def __init__(self, net, x, y, eps, p, spec, step_size, clip, targeted, l1_fraction, clean):
+        self.net, self.x, self.y, self.p, self.spec = net, x, y, p, spec
+        self.eps = eps  # (B,)
+        self.eps_view = _view(eps, x)
+        self.scalar_eps = float(eps[0]) if bool((eps == eps[0]).all()) else None
+        self.step_size = step_size
+        self.infinite_step = isinstance(step_size, float) and step_size == math.inf
+        self.clip, self.targeted, self.l1_fraction, self.clean = clip, targeted, l1_fraction, clean
+        self.checked = False
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        out = self.spec.fn(logits, self.clean, self.y)
+        if not self.checked:
+            if not isinstance(out, torch.Tensor) or out.shape != (self.x.shape[0],):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"the loss must return one value per example, shape ({self.x.shape[0]},), got {shape}")
+            self.checked = True
+        return out
+
+    def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Onto the eps-ball, then into the box."""
+        if self.p == math.inf and self.scalar_eps is not None:
+            delta = delta.clamp(-self.scalar_eps, self.scalar_eps)  # the common case, without per-example tensors
+        else:
+            delta = project_lp_ball(delta, self.p, self.eps)
+        if self.clip is not None:
+            delta = clip_box(self.x + delta, self.clip) - self.x
+        return delta
+
+    def step(self, delta: torch.Tensor) -> torch.Tensor:
+        """One projected steepest-ascent step (one forward, one backward)."""
+        with torch.enable_grad():
+            delta = delta.detach().requires_grad_(True)
+            x_adv = self.x + delta
+            obj = self.loss(forward(self.net, x_adv))
+            (g,) = torch.autograd.grad(obj.sum(), delta, allow_unused=True)
+        with torch.no_grad():
+            if g is None:  # the loss does not depend on the input
+                g = torch.zeros_like(delta)
+            if self.targeted:
+                g = -g  # descend toward the targets
+            if self.infinite_step:  # the theorem's limit: the iterate lands on the boundary
+                new = self.eps_view * steepest_ascent(g, self.p)
+                return new if self.clip is None else clip_box(self.x + new, self.clip) - self.x
+            if self.p == 1:
+                direction = _sparse_l1_direction(g, x_adv.detach(), self.clip, self.l1_fraction)
+            else:
+                direction = steepest_ascent(g, self.p)
+            return self.project(delta.detach() + self.step_size * direction)
+
+    def score(self, delta: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(fooled (B,) bool or None, loss (B,) oriented so that larger is stronger) at x + delta."""
+        with torch.no_grad():
+            logits = forward(self.net, self.x + delta)
+            value = self.loss(logits)
+            if self.targeted:
+                value = -value
+            fooled = None
+            if self.spec.labelled_success and self.y is not None:
+                pred = logits.argmax(dim=1)
+                fooled = pred == self.y if self.targeted else pred != self.y
+        return fooled, value
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    eps: Union[float, torch.Tensor],
+    p: Order = math.inf,
+    loss: Union[str, LossFn] = "ce",
+    q: Order = 2,
+    steps: int = 10,
+    step_size: Optional[float] = None,
+    random_start: bool = True,
+    restarts: int = 1,
+    delta0: Optional[torch.Tensor] = None,
+    clip: Clip = (0.0, 1.0),
+    targeted: bool = False,
+    return_history: bool = False,
+    generator: Optional[torch.Generator] = None,
+    l1_fraction: float = 0.01,
+):
+    """Projected gradient ascent on a per-example loss inside the l_p ball of radius eps.
+
+    ``delta_k = Proj( delta_{k-1} + step_size * psi_{p*}(grad_delta sum_b loss_b) )``, where
+    Proj is the projection onto the l_p ball followed by clipping x + delta into ``clip``.
+
+    Args:
+        model: classifier ``(B, *in) -> (B, d)`` logits; attacked in eval mode, mode restored.
+        x: (B, *in) clean inputs, inside ``clip``.
+        y: (B,) integer labels (required for "ce", "cw"), or the targets when targeted=True.
+        eps: radius, a float or a (B,) tensor, >= 0.
+        p: 1, 2 or inf (any form accepted by :func:`opnorm.norms.norm_order`).
+        loss: "ce", "cw", "logit", "kl" (see :mod:`opnorm.losses`) or a callable
+            ``(logits_adv, logits_clean, y) -> (B,)``.
+        q: norm order of the "logit" loss ``||f(x + delta) - f(x)||_q``.
+        steps: number of steps (>= 1); one forward and one backward each.
+        step_size: step length in l_p; None gives :func:`default_step_size` = 2.5 eps / steps;
+            ``float("inf")`` lands every iterate on the boundary, ``delta = eps psi_{p*}(grad)``
+            (then box-clipped if clip is not None).
+        random_start: start at a random point of the ball (see the module docstring);
+            otherwise at delta = 0. Ignored when delta0 is given.
+        restarts: independent runs (>= 1); per example the strongest result is kept: for
+            "ce"/"cw" a point that fools the model if any run found one, then the highest
+            loss (lowest for targeted attacks). Needs random starts when > 1.
+        delta0: (B, *in) start perturbation, projected into the ball and the box.
+        clip: box (lo, hi) for x + delta, or None for unconstrained inputs.
+        targeted: minimize the loss toward the targets y instead of maximizing it.
+        return_history: also return the list ``deltas`` with ``deltas[k]`` the perturbation
+            after step k + 1 (for restarts > 1, the run kept for each example).
+        generator: torch.Generator for the random starts (reproducible attacks).
+        l1_fraction: for p = 1 and a finite step, the fraction of coordinates moved per step.
+
+    Returns:
+        x_adv (x's shape, detached), or ``(x_adv, deltas)`` with return_history=True.
+
+    Example::
+
+        >>> x_adv = opnorm.pgd(model, images, labels, eps=8/255, p="inf", steps=10)
+        >>> x_adv, deltas = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", q=2,
+        ...                            step_size=float("inf"), clip=None, return_history=True)
+    """
+    check_inputs(model, x)
+    p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
+    spec = get_loss(loss, q)
+    eps_t = _check_eps(eps, x)
+    for name, value in (("steps", steps), ("restarts", restarts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if step_size is None:
+        step_size = default_step_size(eps_t, steps)
+        step_size = step_size[0].item() if bool((step_size == step_size[0]).all()) else _view(step_size, x)
+    elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or math.isnan(step_size) or step_size < 0:
+        raise ValueError(f"step_size must be a float >= 0 (float('inf') for the infinite step) or None, got {step_size!r}")
+    else:
+        step_size = float(step_size)
+    if not 0 < l1_fraction <= 1:
+        raise ValueError(f"l1_fraction must be in (0, 1], got {l1_fraction!r}")
+    y = _check_labels(y, x, spec, targeted)
+    if targeted and not spec.needs_labels and spec.name != "callable":
+        raise ValueError(f"targeted=True needs a label loss ('ce', 'cw' or a callable), got loss={spec.name!r}")
+    clip = _check_clip(clip, x)
+    if delta0 is not None:
+        if not isinstance(delta0, torch.Tensor) or delta0.shape != x.shape:
+            raise ValueError(f"delta0 must be a tensor of x's shape {tuple(x.shape)}, got "
+                             f"{tuple(delta0.shape) if isinstance(delta0, torch.Tensor) else type(delta0).__name__}")
+        if not torch.isfinite(delta0).all():
+            raise ValueError("delta0 contains NaN or inf values")
+        if restarts > 1:
+            raise ValueError("restarts > 1 would repeat the same run from delta0; use random starts (delta0=None) or restarts=1")
+
+    net = unwrap(model)
+    modes = eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext(net)
+    x = x.detach()
+    with modes:
+        clean = None
+        if spec.needs_clean:
+            with torch.no_grad():
+                clean = forward(net, x)
+        attack = _Attack(net, x, y, eps_t, p, spec, step_size, clip, targeted, l1_fraction, clean)
+
+        best_delta = best_fooled = best_value = None
+        best_hist: list[torch.Tensor] = []
+        for r in range(restarts):
+            if delta0 is not None:
+                start = delta0.detach().to(x.dtype)
+            elif random_start:
+                start = random_in_ball(x, p, eps_t, generator)
+            else:
+                start = torch.zeros_like(x)
+            delta = attack.project(start)
+            if spec.zero_gradient_at_start and (lp_norm(delta, math.inf) == 0).any():
+                raise ValueError(
+                    f"loss={spec.name!r} has no useful gradient at delta = 0 (undefined for 'logit', zero for 'kl'); "
+                    "start elsewhere: pass a nonzero delta0 or random_start=True with eps > 0"
+                )
+            hist = []
+            for _ in range(steps):
+                delta = attack.step(delta)
+                if return_history:
+                    hist.append(delta)
+            if restarts == 1:
+                best_delta, best_hist = delta, hist
+                break
+            fooled, value = attack.score(delta)
+            if best_delta is None:
+                best_delta, best_fooled, best_value, best_hist = delta, fooled, value, hist
+                continue
+            better = value > best_value
+            if fooled is not None:
+                better = (fooled & ~best_fooled) | ((fooled == best_fooled) & better)
+                best_fooled = torch.where(better, fooled, best_fooled)
+            best_value = torch.where(better, value, best_value)
+            mask = _view(better, x)
+            best_delta = torch.where(mask, delta, best_delta)
+            best_hist = [torch.where(mask, h, b) for h, b in zip(hist, best_hist)]
+
+    x_adv = clip_box(x + best_delta, clip).detach()
+    return (x_adv, best_hist) if return_history else x_adv
+
+
+class PGD:
+    """torchattacks-style wrapper around :func:`pgd`: configure once, call on batches.
+
+    Arguments are those of :func:`pgd` (everything but x, y).
+
+    Example::
+
+        >>> atk = opnorm.PGD(model, eps=8/255, p="inf", steps=10)
+        >>> adv_images = atk(images, labels)
+        >>> atk2 = opnorm.PGD(model, eps=0.5, p=2, loss="logit", q=2, clip=None)
+        >>> adv = atk2(x)
+    """
+
+    def __init__(self, model: nn.Module, eps: Union[float, torch.Tensor], **kwargs):
+        self.model = model
+        self.kwargs = dict(eps=eps, **kwargs)
+        unknown = set(kwargs) - set(pgd.__kwdefaults__)
+        if unknown:
+            raise TypeError(f"unknown PGD arguments {sorted(unknown)}; valid: {sorted(pgd.__kwdefaults__)}")
+        if "return_history" in kwargs:
+            raise TypeError("PGD returns adversarial inputs only; call opnorm.pgd(..., return_history=True) for the history")
+
+    def __call__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return pgd(self.model, images, labels, **self.kwargs)
+
+    forward = __call__
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "generator")
+        return f"PGD({args})"

@@ -1,0 +1,150 @@
+"""Adversarial losses on logits, one value per example.
+
+Every loss has the signature ``loss(logits_adv, logits_clean, y) -> (B,)``:
+
+* ``logits_adv``: (B, d) logits of the perturbed inputs (differentiable);
+* ``logits_clean``: (B, d) logits of the clean inputs, computed once per attack and
+  detached (``None`` is passed to losses that do not need them);
+* ``y``: (B,) integer labels, or the targets of a targeted attack (``None`` for losses
+  that do not need labels).
+
+The attack maximizes ``sum_b loss_b``; examples are independent, so the gradient of the
+sum gives every example its own gradient.
+
+Built-in losses (:data:`LOSSES`):
+
+* ``"ce"``: softmax cross-entropy ``-log softmax(f(x+delta))_y`` (Madry-style PGD).
+* ``"cw"``: the logit margin ``max_{j != y} f_j(x+delta) - f_y(x+delta)`` (Carlini-Wagner
+  margin loss without the clamp); positive exactly when the example is misclassified.
+* ``"logit"``: ``||f(x+delta) - f(x)||_q``, the loss of the operator-norm theorem.
+  Its gradient at ``delta = 0`` is undefined, so attacks with it need a nonzero start.
+* ``"kl"``: ``KL(softmax f(x) || softmax f(x+delta))`` (TRADES / VAT), clean
+  probabilities detached. Its gradient vanishes at ``delta = 0``.
+
+Example::
+
+    >>> spec = opnorm.losses.get_loss("logit", q=2)
+    >>> spec.fn(model(x + delta), model(x).detach(), None).shape   # (B,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from opnorm.norms import Order, norm_order
+
+__all__ = [
+    "LossFn",
+    "LossSpec",
+    "LOSSES",
+    "cross_entropy",
+    "cw_margin",
+    "logit_distance",
+    "kl_divergence",
+    "get_loss",
+]
+
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+
+def cross_entropy(logits_adv: torch.Tensor, logits_clean: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per-example softmax cross-entropy of the perturbed logits against labels y: (B,)."""
+    return F.cross_entropy(logits_adv, y, reduction="none")
+
+
+def cw_margin(logits_adv: torch.Tensor, logits_clean: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per-example logit margin ``max_{j != y} z_j - z_y`` of the perturbed logits: (B,).
+
+    > 0 exactly when the example is misclassified (ties aside).
+    """
+    true = logits_adv.gather(1, y.unsqueeze(1)).squeeze(1)
+    # mask the true class with -inf so that the max runs over the other classes only
+    others = logits_adv.masked_fill(F.one_hot(y, logits_adv.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def logit_distance(
+    logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: Optional[torch.Tensor] = None, q: Order = 2
+) -> torch.Tensor:
+    """Per-example ``||f(x+delta) - f(x)||_q``: (B,).
+
+    Inside a linear region its gradient in delta is ``J^T psi_q(J delta)``, the
+    power-method step; at delta = 0 the gradient is undefined (autograd returns 0).
+    """
+    return torch.linalg.vector_norm(logits_adv - logits_clean.detach(), ord=norm_order(q, "q"), dim=1)
+
+
+def kl_divergence(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-example ``KL(softmax(clean) || softmax(adv))`` with the clean side detached: (B,)."""
+    log_p = F.log_softmax(logits_clean.detach(), dim=1)
+    log_q = F.log_softmax(logits_adv, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A resolved attack loss.
+
+    Attributes:
+        fn: the per-example loss ``(logits_adv, logits_clean, y) -> (B,)``.
+        name: the built-in name, or ``"callable"``.
+        needs_labels: y must be given (ce, cw).
+        needs_clean: the clean logits must be computed (logit, kl, callables).
+        zero_gradient_at_start: the gradient at delta = 0 is undefined or zero (logit, kl),
+            so an attack started at delta = 0 cannot move.
+        labelled_success: the loss says whether the example is fooled (ce, cw), so that
+            restarts can prefer misclassified points.
+    """
+
+    fn: LossFn
+    name: str
+    needs_labels: bool
+    needs_clean: bool
+    zero_gradient_at_start: bool
+    labelled_success: bool
+
+
+def _logit_fn(q: float) -> LossFn:
+    def fn(logits_adv, logits_clean, y=None):
+        return logit_distance(logits_adv, logits_clean, y, q)
+
+    return fn
+
+
+LOSSES: tuple[str, ...] = ("ce", "cw", "logit", "kl")
+
+
+def get_loss(loss: Union[str, LossFn], q: Order = 2) -> LossSpec:
+    """Resolve a loss name (one of :data:`LOSSES`) or a user callable into a :class:`LossSpec`.
+
+    Args:
+        loss: ``"ce"``, ``"cw"``, ``"logit"``, ``"kl"`` or a callable
+            ``(logits_adv, logits_clean, y) -> (B,)``. A callable always receives the clean
+            logits and receives y as given to the attack (possibly None).
+        q: the norm order of the ``"logit"`` loss (ignored by the others).
+
+    Example::
+
+        >>> spec = get_loss("cw")
+        >>> spec.fn(logits, None, y)  # (B,)
+    """
+    if callable(loss) and not isinstance(loss, str):
+        return LossSpec(loss, "callable", needs_labels=False, needs_clean=True,
+                        zero_gradient_at_start=False, labelled_success=False)
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), got {type(loss).__name__}")
+    name = loss.strip().lower()
+    if name == "ce":
+        return LossSpec(cross_entropy, "ce", True, False, False, True)
+    if name == "cw":
+        return LossSpec(cw_margin, "cw", True, False, False, True)
+    if name == "logit":
+        return LossSpec(_logit_fn(norm_order(q, "q")), "logit", False, True, True, False)
+    if name == "kl":
+        return LossSpec(kl_divergence, "kl", False, True, True, False)
+    raise ValueError(f"unknown loss {loss!r}; valid names are {', '.join(repr(n) for n in LOSSES)}, or pass a callable "
+                     "(logits_adv, logits_clean, y) -> (B,)")
