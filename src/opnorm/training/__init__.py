@@ -16,6 +16,7 @@ from opnorm.training.data import (
     load_dataset,
     make_loader,
 )
+from opnorm.training.models import MODELS, Normalize, build_model
 
 __all__ = [
     "DATASETS",
@@ -24,4 +25,7 @@ __all__ = [
     "IndexedTensorDataset",
     "load_dataset",
     "make_loader",
+    "MODELS",
+    "Normalize",
+    "build_model",
 ]
