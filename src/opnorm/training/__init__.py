@@ -17,6 +17,15 @@ from opnorm.training.data import (
     make_loader,
 )
 from opnorm.training.models import MODELS, Normalize, build_model
+from opnorm.training.checkpoint import (
+    CheckpointError,
+    export_weights,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 __all__ = [
     "DATASETS",
@@ -28,4 +37,11 @@ __all__ = [
     "MODELS",
     "Normalize",
     "build_model",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "export_weights",
+    "load_weights",
+    "rng_state",
+    "set_rng_state",
 ]
