@@ -281,3 +281,12 @@ def test_set_rng_state_warns_on_cuda_mismatch(monkeypatch):
     with pytest.warns(UserWarning, match="CUDA RNG not restored"):
         set_rng_state(state)
     assert ckpt.rng_state()["cuda"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_round_trip():
+    state = rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    a = torch.rand(5, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(5, device="cuda"), a)
