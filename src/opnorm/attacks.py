@@ -168,14 +168,20 @@ class _Attack:
             self.checked = True
         return out
 
-    def project(self, delta: torch.Tensor) -> torch.Tensor:
-        """Onto the eps-ball, then into the box."""
-        if self.p == math.inf and self.scalar_eps is not None:
-            delta = delta.clamp(-self.scalar_eps, self.scalar_eps)  # the common case, without per-example tensors
+    def project(self, delta: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """Onto the eps-ball, then into the box. ``fresh``: delta is ours to modify in place."""
+        if self.p == math.inf and self.scalar_eps is not None:  # the common case, without per-example tensors
+            delta = delta.clamp_(-self.scalar_eps, self.scalar_eps) if fresh else delta.clamp(-self.scalar_eps, self.scalar_eps)
+        elif self.p == 2 and self.scalar_eps is not None and fresh:
+            # = project_lp_ball(delta, 2, eps), in place: rescale the examples outside the ball
+            norm = torch.linalg.vector_norm(delta.reshape(delta.shape[0], -1), dim=1)
+            factor = (self.scalar_eps / norm.clamp_min_(torch.finfo(delta.dtype).tiny)).clamp_(max=1.0)
+            delta = delta.mul_(_view(factor, delta))
         else:
             delta = project_lp_ball(delta, self.p, self.eps)
         if self.clip is not None:
-            delta = clip_box(self.x + delta, self.clip) - self.x
+            # the ball step above returned a new tensor: work in place (fewer allocations per step)
+            delta = delta.add_(self.x).clamp_(self.clip[0], self.clip[1]).sub_(self.x)
         return delta
 
     def step(self, delta: torch.Tensor) -> torch.Tensor:
@@ -183,21 +189,29 @@ class _Attack:
         with torch.enable_grad():
             delta = delta.detach().requires_grad_(True)
             x_adv = self.x + delta
-            obj = self.loss(forward(self.net, x_adv))
+            obj = self.loss(self.net(x_adv) if self.checked else forward(self.net, x_adv))
             (g,) = torch.autograd.grad(obj.sum(), delta, allow_unused=True)
         with torch.no_grad():
+            delta = delta.detach()
             if g is None:  # the loss does not depend on the input
                 g = torch.zeros_like(delta)
             if self.targeted:
-                g = -g  # descend toward the targets
+                g = g.neg_()  # descend toward the targets
             if self.infinite_step:  # the theorem's limit: the iterate lands on the boundary
                 new = self.eps_view * steepest_ascent(g, self.p)
                 return new if self.clip is None else clip_box(self.x + new, self.clip) - self.x
             if self.p == 1:
                 direction = _sparse_l1_direction(g, x_adv.detach(), self.clip, self.l1_fraction)
+            elif self.p == 2:  # = steepest_ascent(g, 2) = g / ||g||_2 (0 for g = 0), in place on the fresh gradient
+                norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+                direction = g.div_(_view(norm.clamp_min_(torch.finfo(g.dtype).tiny), g))
             else:
                 direction = steepest_ascent(g, self.p)
-            return self.project(delta.detach() + self.step_size * direction)
+            if isinstance(self.step_size, float):
+                new = torch.add(delta, direction, alpha=self.step_size)
+            else:  # per-example step sizes
+                new = delta + self.step_size * direction
+            return self.project(new, fresh=True)
 
     def score(self, delta: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(fooled (B,) bool or None, loss (B,) oriented so that larger is stronger) at x + delta."""
@@ -324,8 +338,9 @@ def pgd(
             delta = attack.project(start)
             if spec.zero_gradient_at_start and (lp_norm(delta, math.inf) == 0).any():
                 raise ValueError(
-                    f"loss={spec.name!r} has no useful gradient at delta = 0 (undefined for 'logit', zero for 'kl'); "
-                    "start elsewhere: pass a nonzero delta0 or random_start=True with eps > 0"
+                    f"loss={spec.name!r} needs a nonzero start: its gradient at delta = 0 is "
+                    f"{'undefined' if spec.name == 'logit' else 'zero'}; pass a delta0 that is nonzero for every "
+                    "example, or random_start=True with eps > 0"
                 )
             hist = []
             for _ in range(steps):
