@@ -229,6 +229,19 @@ def test_targeted_attack_lowers_the_target_loss(trained_digits_model):
         assert (d.model(untargeted).argmax(1) == t).float().mean() <= hit + 0.05
 
 
+@pytest.mark.parametrize("p", [1, 2, INF])
+def test_per_example_eps(p):
+    x, y = _inputs(batch=6)
+    eps = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.4, 0.8], dtype=torch.float64)
+    for step in (None, INF):
+        out = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=3, step_size=step, clip=None,
+                         generator=torch.Generator().manual_seed(0))
+        n = _norm(out - x, p)
+        assert (n <= eps * (1 + 1e-9)).all() and n[0] == 0
+        if step == INF:
+            torch.testing.assert_close(n, eps)
+
+
 def test_batch_equals_examples_attacked_one_by_one():
     x, y = _inputs(batch=5)
     for p in (1, 2, INF):
