@@ -15,5 +15,6 @@ from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 from opnorm.attacks import PGD, pgd
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
+from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
 
 __version__ = "0.1.0"

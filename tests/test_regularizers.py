@@ -1,0 +1,443 @@
+"""Regularizers and adversarial-training losses against independent references.
+
+References are written out here: closed forms of an affine model with an explicit W
+(torch.linalg.matrix_norm), explicit Jacobians (torch.autograd.functional.jacobian), the
+penalty recomputed by hand from the returned direction, and singular values via SVD.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.functional import jacobian as autograd_jacobian
+
+from opnorm.attacks import pgd
+from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
+
+DT = torch.float64
+INF = math.inf
+
+
+def affine(d=5, n=12, seed=0):
+    """f(x) = W flatten(x) + b with an explicit W: J(x) = W everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, n, generator=g, dtype=DT)
+    lin = nn.Linear(n, d).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(torch.randn(d, generator=g, dtype=DT))
+    return nn.Sequential(nn.Flatten(), lin), W
+
+
+def relu_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def grads(model):
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def zero(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+X = torch.rand(4, 3, 4, generator=gen(1), dtype=DT)
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+@pytest.mark.parametrize("penalty", ["fd", "exact"])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("scale_by_eps", [False, True])
+def test_penalty_equals_lam_sigma_on_affine_model(penalty, squared, scale_by_eps):
+    model, W = affine()
+    lam, eps = 0.7, 0.3
+    reg = OperatorNormRegularizer(2, 2, eps, iters=100, penalty=penalty, squared=squared, lam=lam,
+                                  scale_by_eps=scale_by_eps, generator=gen())
+    value = reg(model, X)
+    sigma = torch.linalg.matrix_norm(W, 2)
+    s = sigma * eps if scale_by_eps else sigma
+    expected = lam * s ** (2 if squared else 1)
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-8, atol=0)
+    torch.testing.assert_close(reg.last_sigma, sigma.expand(4), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("p,q", [(INF, 2), (INF, INF), (2, 1), (1, 2), (3, 1.5)])
+@pytest.mark.parametrize("penalty", ["fd", "exact"])
+def test_penalty_equals_norm_of_W_v_for_other_pairs(p, q, penalty):
+    """For any (p, q), the penalty is lam * ||W v||_q^2 with v the returned unit-l_p direction."""
+    model, W = affine()
+    reg = OperatorNormRegularizer(p, q, 0.2, iters=20, penalty=penalty, squared=True, lam=0.5, generator=gen())
+    value = reg(model, X)
+    v = reg.last_v.reshape(4, -1)
+    torch.testing.assert_close(torch.linalg.vector_norm(v, ord=p, dim=1), torch.ones(4, dtype=DT))
+    per = torch.linalg.vector_norm(v @ W.T, ord=q, dim=1)
+    torch.testing.assert_close(value.detach(), 0.5 * (per**2).mean(), rtol=1e-8, atol=0)
+    torch.testing.assert_close(reg.last_sigma, per)
+    # a lower bound on the true norm: the power method may stop at a local maximum
+    closed = {(INF, INF): W.abs().sum(1).max(), (1, 2): W.norm(dim=0).max()}.get((p, q))
+    if closed is not None:
+        assert bool((per <= closed + 1e-9).all())
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _weight_grad(model, reg, x):
+    zero(model)
+    reg(model, x).backward()
+    return grads(model)
+
+
+def test_fd_and_exact_give_the_same_weight_gradient_on_affine_model():
+    model, _ = affine()
+    g_fd = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, iters=30, penalty="fd", lam=0.3, generator=gen()), X)
+    g_ex = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, iters=30, penalty="exact", lam=0.3, generator=gen()), X)
+    for a, b in zip(g_fd, g_ex):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # d/dW lam * ||W v||^2 = 2 lam (W v) v^T (mean over the batch); the bias gets nothing
+    assert torch.count_nonzero(g_fd[1]) == 0
+
+
+@pytest.mark.parametrize("p,q,squared", [(2, 2, True), (INF, 2, False), (2, 1, True)])
+def test_fd_and_exact_agree_on_relu_net_inside_linear_region(p, q, squared):
+    model = relu_net()
+    x = torch.rand(6, 3, 4, generator=gen(2), dtype=DT)
+    eps = 1e-7  # the ball stays inside every example's linear region
+    kw = dict(iters=10, squared=squared, lam=0.2)
+    fd = OperatorNormRegularizer(p, q, eps, penalty="fd", generator=gen(3), **kw)
+    ex = OperatorNormRegularizer(p, q, eps, penalty="exact", generator=gen(3), **kw)
+    g_fd, g_ex = _weight_grad(model, fd, x), _weight_grad(model, ex, x)
+    torch.testing.assert_close(fd.last_v, ex.last_v)
+    for a, b in zip(g_fd, g_ex):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_no_gradient_flows_through_v():
+    """The weight gradient equals that of the penalty recomputed by hand with v held fixed."""
+    model = relu_net()
+    x = torch.rand(5, 3, 4, generator=gen(4), dtype=DT)
+    eps, lam = 0.05, 0.4
+    reg = OperatorNormRegularizer(2, 2, eps, iters=5, penalty="fd", lam=lam, generator=gen())
+    zero(model)
+    pen = reg(model, x)
+    assert all(p.grad is None for p in model.parameters()), "the power method must not touch parameter grads"
+    pen.backward()
+    got = grads(model)
+    v = reg.last_v.detach()
+    zero(model)
+    manual = lam * ((torch.linalg.vector_norm(model(x + eps * v) - model(x), dim=1) / eps) ** 2).mean()
+    manual.backward()
+    for a, b in zip(got, grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pen.detach(), manual.detach())
+
+
+def test_exact_penalty_gradient_is_danskins():
+    """exact: grad_theta lam * <u, J v>^2 with u, v fixed, J from an explicit Jacobian (create_graph)."""
+    model = relu_net()
+    x = torch.rand(3, 3, 4, generator=gen(5), dtype=DT)
+    reg = OperatorNormRegularizer(2, 2, 0.0, iters=15, penalty="exact", lam=0.6, generator=gen())
+    zero(model)
+    reg(model, x).backward()
+    got = grads(model)
+    v = reg.last_v
+    zero(model)
+    vals = []
+    for b in range(x.shape[0]):
+        J = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b], create_graph=True).reshape(5, -1)
+        jv = J @ v[b].reshape(-1)
+        vals.append((F.normalize(jv.detach(), dim=0) * jv).sum() ** 2)
+    (0.6 * torch.stack(vals).mean()).backward()
+    for a, b in zip(got, grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_logits_argument_shares_the_clean_forward():
+    model = relu_net()
+    x = torch.rand(5, 3, 4, generator=gen(6), dtype=DT)
+    a = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())(model, x)
+    b = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())(model, x, logits=model(x))
+    torch.testing.assert_close(a, b)
+    reg = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())
+    logits, pen = reg.joint(model, x)
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(pen, a)
+
+
+# ----------------------------------------------------------------------------- modes and variants
+
+
+def bn_dropout_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                        nn.Flatten(), nn.Linear(4 * 6 * 6, 7)).double()
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.rand(16, 1, 6, 6, dtype=DT))
+    return net
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_restored_and_power_method_in_eval_mode(training):
+    from opnorm.power import operator_norm
+
+    net = bn_dropout_net()
+    net.train(training)
+    net[3].train(not training)  # a submodule with its own flag
+    before = {name: m.training for name, m in net.named_modules()}
+    x = torch.rand(4, 1, 6, 6, generator=gen(7), dtype=DT)
+    reg = OperatorNormRegularizer(2, 2, 0.1, iters=60, penalty="fd", lam=1.0, generator=gen())
+    running = net[1].running_mean.clone()
+    res = reg.direction(net, x)
+    assert {name: m.training for name, m in net.named_modules()} == before
+    torch.testing.assert_close(net[1].running_mean, running)  # eval mode: statistics untouched
+    ref = operator_norm(net, x, 2, 2, method="exact").sigma  # eval-mode J, exact SVD
+    torch.testing.assert_close(res.sigma, ref, rtol=1e-6, atol=0)
+    reg(net, x).backward()
+    assert {name: m.training for name, m in net.named_modules()} == before
+
+
+def test_dynamic_equals_static_on_affine_model():
+    model, W = affine()
+    a = OperatorNormRegularizer(2, 2, 0.4, iters=8, dynamic=False, generator=gen())(model, X)
+    b = OperatorNormRegularizer(2, 2, 0.4, iters=8, dynamic=True, generator=gen())(model, X)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p,q", [(2, 2), (INF, 2)])
+def test_dynamic_linearizes_inside_the_ball(p, q):
+    """Against a hand-written loop on explicit Jacobians at x + eps v_{k-1}."""
+    from opnorm.norms import conjugate, duality_map
+
+    model = relu_net(1)
+    x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
+    eps, iters = 0.5, 4
+    reg = OperatorNormRegularizer(p, q, eps, iters=iters, dynamic=True, squared=False, lam=1.0, generator=gen(9))
+    reg.direction(model, x)
+    v = OperatorNormRegularizer(p, q, eps, generator=gen(9)).initial_vectors(x).reshape(3, -1)
+    for b in range(3):
+        vb = v[b]
+        for _ in range(iters):
+            point = x[b] + eps * vb.reshape(x[b].shape)
+            J = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), point).reshape(5, -1)
+            u = duality_map((J @ vb).unsqueeze(0), q)[0]
+            vb = duality_map((J.T @ u).unsqueeze(0), conjugate(p))[0]
+        torch.testing.assert_close(reg.last_v[b].reshape(-1), vb)
+        J0 = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(5, -1)
+        torch.testing.assert_close(reg.last_sigma[b], torch.linalg.vector_norm(J0 @ vb, ord=q))
+    # and it differs from the static method here (the ball leaves the linear region)
+    static = OperatorNormRegularizer(p, q, eps, iters=iters, generator=gen(9))
+    static.direction(model, x)
+    assert not torch.allclose(static.last_v, reg.last_v)
+
+
+def test_warm_start_reuses_directions_by_index():
+    model = relu_net()
+    x = torch.rand(4, 3, 4, generator=gen(10), dtype=DT)
+    reg = OperatorNormRegularizer(2, 2, 0.1, iters=3, warm_start=True, generator=gen())
+    index = torch.tensor([7, 3, 11, 5])
+    reg.direction(model, x, index)
+    v0 = reg.initial_vectors(x[[1, 0]], torch.tensor([3, 7]))
+    torch.testing.assert_close(v0, reg.last_v[[1, 0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(p=0.5), "p must"),
+        (dict(q="two"), "q must"),
+        (dict(eps=-0.1), "eps"),
+        (dict(iters=0), "iters"),
+        (dict(penalty="secant"), "penalty"),
+        (dict(lam=-1.0), "lam"),
+        (dict(eps=0.0, penalty="fd"), "eps > 0"),
+    ],
+)
+def test_operator_norm_regularizer_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        OperatorNormRegularizer(**kwargs)
+
+
+# ----------------------------------------------------------------------------- global spectral norm
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 6)).double()
+
+
+def test_global_spectral_norm_converges_to_matrix_norm_with_conv_reshape():
+    net = conv_net()
+    reg = GlobalSpectralNormRegularizer(net, iters=1, lam=0.25)
+    first = reg()
+    true = [torch.linalg.matrix_norm(m.weight.detach().reshape(m.weight.shape[0], -1), 2)
+            for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # every estimate is a lower bound; one iteration per call converges over calls
+    assert all(reg.last_sigmas[n] <= float(t) + 1e-9 for n, t in zip(reg.layer_names, true))
+    for _ in range(300):
+        value = reg(net)
+    for name, t in zip(reg.layer_names, true):
+        assert reg.last_sigmas[name] == pytest.approx(float(t), rel=1e-6)
+    torch.testing.assert_close(value.detach(), 0.25 * torch.stack(true).pow(2).sum(), rtol=1e-6, atol=0)
+    assert float(first.detach()) <= float(value.detach()) + 1e-9
+    assert set(reg.state_dict()) == {f"u_{i}" for i in range(3)}
+
+
+def test_global_spectral_norm_gradient_matches_svd():
+    net = conv_net()
+    reg = GlobalSpectralNormRegularizer(net, iters=1, lam=0.1)
+    for _ in range(300):
+        reg()
+    zero(net)
+    reg().backward()
+    got = [m.weight.grad.clone() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zero(net)
+    ref = sum(torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1), 2) ** 2
+              for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    (0.1 * ref).backward()
+    want = [m.weight.grad for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_global_spectral_norm_validates():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        GlobalSpectralNormRegularizer(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="iters"):
+        GlobalSpectralNormRegularizer(conv_net(), iters=0)
+    with pytest.raises(ValueError, match="another model"):
+        GlobalSpectralNormRegularizer(conv_net())(conv_net())
+
+
+# ----------------------------------------------------------------------------- adversarial training
+
+
+def small_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 20), nn.ReLU(), nn.Linear(20, 4))
+
+
+XB = torch.rand(8, 1, 4, 4, generator=gen(11))
+YB = torch.randint(0, 4, (8,), generator=gen(12))
+
+
+@pytest.mark.parametrize("kind,loss_name", [("ce", "ce"), ("logit", "logit")])
+@pytest.mark.parametrize("frac", [1.0, 0.5])
+def test_at_loss_is_ce_on_the_mixed_batch(kind, loss_name, frac):
+    model = small_classifier()
+    at = AdversarialTrainingLoss(kind, eps=0.2, p=INF, steps=3, adv_fraction=frac)
+    torch.manual_seed(5)
+    loss = at(model, XB, YB)
+    assert all(p.grad is None for p in model.parameters())
+    m = round(frac * 8)
+    torch.manual_seed(5)
+    x_adv = pgd(model, XB[:m], YB[:m], eps=0.2, p=INF, loss=loss_name, steps=3)
+    want = F.cross_entropy(model(torch.cat([x_adv, XB[m:]])), YB)
+    torch.testing.assert_close(loss, want)
+    assert (x_adv - XB[:m]).abs().max() <= 0.2 + 1e-6
+
+
+def test_trades_loss():
+    model = small_classifier()
+    at = AdversarialTrainingLoss("trades", eps=0.3, p=2, steps=3, beta=4.0, adv_fraction=0.5)
+    torch.manual_seed(6)
+    loss = at(model, XB, YB)
+    torch.manual_seed(6)
+    x_adv = pgd(model, XB[:4], eps=0.3, p=2, loss="kl", steps=3)
+    clean, adv = model(XB), model(x_adv)
+    kl = F.kl_div(F.log_softmax(adv, 1), F.log_softmax(clean[:4], 1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(loss, F.cross_entropy(clean, YB) + 4.0 * kl)
+
+
+def test_at_without_adversarial_examples_is_clean_ce():
+    model = small_classifier()
+    torch.testing.assert_close(AdversarialTrainingLoss("ce", eps=0.2, adv_fraction=0.0)(model, XB, YB),
+                               F.cross_entropy(model(XB), YB))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(kind="mart"), "kind"), (dict(eps=-1.0), "eps"),
+                                          (dict(adv_fraction=1.5), "adv_fraction"), (dict(steps=0), "steps"),
+                                          (dict(p=0), "p must")])
+def test_at_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        AdversarialTrainingLoss(**kwargs)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import copy, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
+    from torch import nn
+    from opnorm.regularizers import OperatorNormRegularizer, GlobalSpectralNormRegularizer, AdversarialTrainingLoss
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
+    shards = [(torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64),
+               torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(20 + r))) for r in range(world)]
+
+    def loss_of(kind, model, x, y, r):
+        if kind in ("fd", "exact"):
+            reg = OperatorNormRegularizer(2, 2, 0.05, iters=5, penalty=kind, lam=0.5,
+                                          generator=torch.Generator().manual_seed(r))
+            logits, pen = reg.joint(model, x)
+            return F.cross_entropy(logits, y) + pen
+        if kind == "snr":
+            return F.cross_entropy(model(x), y) + GlobalSpectralNormRegularizer(model, lam=0.3)(model)
+        torch.manual_seed(100 + r)
+        return AdversarialTrainingLoss(kind, eps=0.1, p=2, steps=2, adv_fraction=0.5)(model, x, y)
+
+    ok = True
+    for kind in ("fd", "exact", "snr", "ce", "trades"):
+        wrapped, plain = copy.deepcopy(net), copy.deepcopy(net)
+        ddp = nn.parallel.DistributedDataParallel(wrapped)
+        loss_of(kind, ddp, *shards[rank], rank).backward()
+        got = [p.grad.clone() for p in wrapped.parameters()]
+        ref = [torch.zeros_like(p) for p in plain.parameters()]
+        for r in range(world):  # DDP averages the per-process gradients
+            plain.zero_grad()
+            loss_of(kind, plain, *shards[r], r).backward()
+            ref = [a + p.grad / world for a, p in zip(ref, plain.parameters())]
+        good = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, ref))
+        ok &= good
+        print(f"rank {rank} {kind} {'ok' if good else 'MISMATCH'}", flush=True)
+    dist.destroy_process_group()
+    sys.exit(0 if ok else 1)
+    """
+)
+
+
+def test_regularizers_on_ddp_wrapped_model(tmp_path):
+    """Under DDP (2 gloo processes) every objective's gradient equals the average of the
+    single-process gradients of the two shards: the penalty goes through the wrapper."""
+    script = tmp_path / "ddp_regularizers.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for kind in ("fd", "exact", "snr", "ce", "trades"):
+        assert proc.stdout.count(f"{kind} ok") == 2, proc.stdout
