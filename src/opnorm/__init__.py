@@ -16,5 +16,7 @@ from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, sing
 from opnorm.attacks import PGD, pgd
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
+from opnorm.training.config import TrainConfig
+from opnorm.training.trainer import TrainResult, train
 
 __version__ = "0.1.0"
