@@ -292,6 +292,13 @@ def test_history_and_one_forward_per_step():
         handle.remove()
 
 
+def test_a_plain_callable_model_works():
+    x, y = _inputs()
+    ref = opnorm.pgd(MODEL, x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(3))
+    got = opnorm.pgd(lambda z: MODEL(z), x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, ref)
+
+
 def test_pgd_class_wrapper_matches_the_function():
     x, y = _inputs()
     atk = opnorm.PGD(MODEL, eps=0.2, p=2, steps=3, generator=torch.Generator().manual_seed(7))

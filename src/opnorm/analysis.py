@@ -135,6 +135,8 @@ def activation_agreement(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) ->
 
         >>> opnorm.activation_agreement(model, x, x_adv)  # tensor([1.0000, 0.9987, ...])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (its activation modules are hooked), got {type(model).__name__}")
     check_inputs(model, x)
     check_inputs(model, x2, "x2")
     if x.shape != x2.shape:
