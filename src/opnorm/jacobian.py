@@ -14,9 +14,10 @@ because with a per-example model ``sum_b f(x_b)`` has gradient ``J(x_b)^T u_b`` 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "vjp",
     "linearize",
     "jacobian",
+    "jacobian_of",
+    "PatternLinearization",
+    "pattern_support",
 ]
 
 
@@ -113,21 +117,40 @@ def jvp(model: Callable, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
 
 
 class Linearization:
-    """J(x) as a linear operator at fixed x, built from one forward pass.
+    """J(x) as a linear operator at fixed x, built from one forward pass (autograd route).
 
     ``rmatvec(u) = J^T u`` reuses the retained graph (one backward each);
     ``matvec(v) = J v`` differentiates the VJP graph once more ("double-backward trick":
-    ``J v = d/du <J^T u, v>``), so neither needs another forward pass.
+    ``J v = d/du <J^T u, v>``, built on the first call), so neither needs another
+    forward pass. ``matmat`` / ``rmatmat`` take stacks (k, B, ...) in one vmapped call.
     """
+
+    route = "autograd"
 
     def __init__(self, model: Callable, x: torch.Tensor):
         with torch.enable_grad():
             self.x = x.detach().requires_grad_(True)
             self.out = forward(model, self.x)
-            self._u = torch.zeros_like(self.out, requires_grad=True)
-            # J^T u as a differentiable function of u (linear in u)
-            (self._jt,) = torch.autograd.grad(self.out, self.x, grad_outputs=self._u, create_graph=True)
         self.logits = self.out.detach()
+        self.fallbacks: list[str] = []
+        self._jt_graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def _jt(self) -> torch.Tensor:
+        return self._double_backward()[1]
+
+    @property
+    def _u(self) -> torch.Tensor:
+        return self._double_backward()[0]
+
+    def _double_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._jt_graph is None:
+            with torch.enable_grad():
+                u = torch.zeros_like(self.out, requires_grad=True)
+                # J^T u as a differentiable function of u (linear in u)
+                (jt,) = torch.autograd.grad(self.out, self.x, grad_outputs=u, create_graph=True)
+            self._jt_graph = (u, jt)
+        return self._jt_graph
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         (g,) = torch.autograd.grad(self.out, self.x, grad_outputs=u.to(self.out.dtype), retain_graph=True)
@@ -139,29 +162,511 @@ class Linearization:
         (jv,) = torch.autograd.grad(self._jt, self._u, grad_outputs=v.to(self.out.dtype), retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.out) if jv is None else jv.detach()
 
+    def rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        """J^T u_i for a stack U (k, B, d) -> (k, B, *in): one vmapped backward."""
+        return _batched_grad(self.out, self.x, U.to(self.out.dtype))
 
-def linearize(model: Callable, x: torch.Tensor) -> Linearization:
-    """A :class:`Linearization` of model at x (matvec = J v, rmatvec = J^T u, logits = f(x))."""
-    return Linearization(model, x)
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """J v_i for a stack V (k, B, *in) -> (k, B, d)."""
+        if self._jt.grad_fn is None:
+            return torch.zeros(V.shape[0], *self.out.shape, dtype=self.out.dtype, device=self.out.device)
+        return _batched_grad(self._jt, self._u, V.to(self.out.dtype)).detach()
 
 
-def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The exact per-example Jacobian, shape (B, d, *in), from d batched VJPs.
+def _batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """d<out, g_i>/d inp for every g_i in grads (k, *out.shape), keeping the graph."""
+    zeros = torch.zeros(grads.shape[0], *inp.shape, dtype=grads.dtype, device=grads.device)
+    if not out.requires_grad:  # out does not depend on inp
+        return zeros
+    try:
+        (res,) = torch.autograd.grad(out, inp, grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        return zeros if res is None else res
+    except RuntimeError:  # an op without a batching rule: one backward per vector
+        for i, g in enumerate(grads):
+            (row,) = torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True, allow_unused=True)
+            if row is not None:
+                zeros[i] = row
+        return zeros
+
+
+# ----------------------------------------------------------------------------- pattern route
+#
+# A ReLU network is piecewise linear: with the activation pattern of x fixed (ReLU masks,
+# max-pool argmax indices), J(x) is a product of known linear maps. Replaying them is exact
+# and much cheaper than autograd: no graph, no double backward, and max-pool on a
+# channels-last copy (the contiguous CPU max-pool kernel is several times slower).
+# Every tensor below carries a leading "stack" dimension k: (k, B, *shape).
+
+
+def _plain(m: nn.Module, cls: type) -> bool:
+    """m is a cls whose forward is cls's own (a subclass overriding forward is unknown)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(len(getattr(m, n, None) or ()) for n in names)
+
+
+def _global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    return any(len(getattr(mod, n, None) or ()) for n in names)
+
+
+def _lead(t: torch.Tensor) -> torch.Tensor:
+    """(k, B, *s) -> (k * B, *s) for ops that take one batch dimension."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+class _Step:
+    """One module of the chain: ``forward`` records the pattern, then ``jvp`` / ``vjp``.
+
+    ``jvp(t, owned)`` / ``vjp(g, owned)``: ``owned`` says the input is a temporary of the
+    chain (not the caller's tensor), so the step may overwrite it. ``fresh``: the output
+    is new memory (False for steps that may return a view of their input).
+    """
+
+    name: str
+    fresh = True
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def jvp(self, t: torch.Tensor, owned: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def vjp(self, g: torch.Tensor, owned: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Linear(_Step):
+    def __init__(self, m: nn.Linear, name: str):
+        self.m, self.name = m, name
+
+    def forward(self, h):
+        self.w = self.m.weight.detach()
+        return self.m(h)
+
+    def jvp(self, t, owned):
+        return F.linear(t, self.w)  # no bias: the tangent map is the linear part
+
+    def vjp(self, g, owned):
+        return g @ self.w
+
+
+_CONV = {nn.Conv1d: (F.conv1d, F.conv_transpose1d), nn.Conv2d: (F.conv2d, F.conv_transpose2d)}
+
+
+class _Conv(_Step):
+    def __init__(self, m: nn.Module, name: str):
+        self.m, self.name = m, name
+        self.conv, self.conv_t = next(fns for cls, fns in _CONV.items() if isinstance(m, cls))
+
+    def forward(self, h):
+        m = self.m
+        self.w = m.weight.detach()
+        out = m(h)
+        # the transposed convolution maps back onto exactly the input size
+        k = self.w.shape[2:]
+        self.output_padding = tuple(
+            h.shape[2 + i] - ((out.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i] + m.dilation[i] * (k[i] - 1) + 1)
+            for i in range(len(k))
+        )
+        return out
+
+    def jvp(self, t, owned):
+        m = self.m
+        out = self.conv(_lead(t), self.w, None, m.stride, m.padding, m.dilation, m.groups)
+        return out.reshape(t.shape[0], t.shape[1], *out.shape[1:])
+
+    def vjp(self, g, owned):
+        m = self.m
+        res = self.conv_t(_lead(g), self.w, None, m.stride, m.padding, self.output_padding, m.groups, m.dilation)
+        return res.reshape(g.shape[0], g.shape[1], *res.shape[1:])
+
+
+class _Mask(_Step):
+    """Elementwise piecewise-linear activations: ReLU (slope 0 / 1) and LeakyReLU.
+
+    A ReLU right before a max-pool is folded into the pool (``folded``): the ReLU mask at
+    the pooled positions is just ``pooled > 0``, four times fewer entries for a 2x2 pool.
+    """
+
+    folded = False
+
+    def __init__(self, m: nn.Module, name: str):
+        self.m, self.name = m, name
+
+    def forward(self, h):
+        if isinstance(self.m, nn.LeakyReLU):
+            # autograd's rule: slope 1 where the input is > 0, else negative_slope
+            one = torch.ones((), dtype=h.dtype, device=h.device)
+            self.mask = torch.where(h > 0, one, one * self.m.negative_slope)  # in h's dtype, not float32
+            return self.m(h)
+        out = self.m(h)
+        if not self.folded:
+            self.mask = (out > 0).to(out.dtype)  # relu's backward passes the gradient where the output is > 0
+        return out
+
+    def jvp(self, t, owned):
+        if self.folded:
+            return t
+        return t.mul_(self.mask) if owned else t * self.mask
+
+    vjp = jvp
+
+
+class _MaxPool(_Step):
+    """Max-pooling with x's argmax fixed: a gather forward, a scatter-add backward."""
+
+    def __init__(self, m: nn.Module, name: str):
+        self.m, self.name = m, name
+        self.pool = F.max_pool2d if isinstance(m, nn.MaxPool2d) else F.max_pool1d
+        self.relu_mask: Optional[torch.Tensor] = None  # set when a ReLU before it is folded in
+
+    def forward(self, h):
+        m = self.m
+        src = h
+        if h.dim() == 4 and not h.is_contiguous(memory_format=torch.channels_last):
+            src = h.contiguous(memory_format=torch.channels_last)  # same values and argmax, faster kernel
+        out, idx = self.pool(src, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+        if out.dim() == 4 and h.is_contiguous():
+            out = out.contiguous()  # later layers see the layout model(x) gives them
+        self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
+        self.idx = idx.reshape(1, *idx.shape[:2], -1)  # (1, B, C, L_out): flat input positions
+        if self.relu_mask is not None:
+            self.relu_mask = (out > 0).to(out.dtype)
+        return out
+
+    def jvp(self, t, owned):
+        k = t.shape[0]
+        flat = t.reshape(k, *t.shape[1:3], -1)
+        res = flat.gather(3, self.idx.expand(k, *self.idx.shape[1:])).reshape(k, *t.shape[1:2], *self.out_shape)
+        return res if self.relu_mask is None else res.mul_(self.relu_mask)
+
+    def vjp(self, g, owned):
+        k, b = g.shape[:2]
+        if self.relu_mask is not None:
+            g = g.mul_(self.relu_mask) if owned else g * self.relu_mask
+        res = torch.zeros(k, b, self.in_shape[0], self.in_shape[1:].numel(), dtype=g.dtype, device=g.device)
+        # scatter_add: overlapping windows may pick the same input twice
+        res.scatter_add_(3, self.idx.expand(k, *self.idx.shape[1:]), g.reshape(k, b, self.out_shape[0], -1))
+        return res.reshape(k, b, *self.in_shape)
+
+
+class _Scale(_Step):
+    """Eval-mode BatchNorm: per-channel affine, its linear part is a per-channel scale."""
+
+    def __init__(self, m: nn.Module, name: str):
+        self.m, self.name = m, name
+
+    def forward(self, h):
+        m = self.m
+        scale = torch.rsqrt(m.running_var.detach() + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight.detach()
+        self.scale = scale.to(h.dtype).reshape(-1, *([1] * (h.dim() - 2)))  # (C, 1, ...) broadcasts over (k, B)
+        return m(h)
+
+    def jvp(self, t, owned):
+        return t.mul_(self.scale) if owned else t * self.scale
+
+    vjp = jvp
+
+
+class _Reshape(_Step):
+    """Flatten / Unflatten / Identity / eval-mode Dropout: a reshape (or nothing)."""
+
+    fresh = False
+
+    def __init__(self, m: nn.Module, name: str):
+        self.m, self.name = m, name
+
+    def forward(self, h):
+        out = self.m(h)
+        self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
+        return out
+
+    def jvp(self, t, owned):
+        return t.reshape(*t.shape[:2], *self.out_shape)
+
+    def vjp(self, g, owned):
+        return g.reshape(*g.shape[:2], *self.in_shape)
+
+
+class _Autograd(_Step):
+    """Any other module: its own local Jacobian by autograd (exact, just not faster)."""
+
+    fresh = False  # autograd may hand back its incoming gradient unchanged
+
+    def __init__(self, m: nn.Module, name: str, reason: str):
+        self.m, self.name, self.reason = m, name, reason
+
+    def forward(self, h):
+        with torch.enable_grad():
+            self.hin = h.detach().requires_grad_(True)
+            out = self.m(self.hin.clone())  # clone: an in-place first op must not touch the leaf
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"module {self.name!r} returned {type(out).__name__}; a chain of modules must pass tensors")
+            self.out = out
+            self.u = torch.zeros_like(out, requires_grad=True)
+            jt = None
+            if out.requires_grad:
+                (jt,) = torch.autograd.grad(out, self.hin, grad_outputs=self.u, create_graph=True, allow_unused=True)
+            self.jt = jt  # J^T u as a function of u: differentiating it in u gives J v
+        return out.detach()
+
+    def jvp(self, t, owned):
+        if self.jt is None or self.jt.grad_fn is None:
+            return torch.zeros(t.shape[0], *self.out.shape, dtype=t.dtype, device=t.device)
+        return _batched_grad(self.jt, self.u, t)
+
+    def vjp(self, g, owned):
+        return _batched_grad(self.out, self.hin, g)
+
+
+_MASKS = (nn.ReLU, nn.LeakyReLU)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _recognize(m: nn.Module, name: str) -> Union[_Step, str]:
+    """The fast step for m, or the reason why m needs local autograd."""
+    if _has_hooks(m):
+        return "has hooks (they could change its output or gradient)"
+    if _plain(m, nn.Linear):
+        return _Linear(m, name)
+    if any(_plain(m, c) for c in _CONV):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} (only numeric zero padding is replayed)"
+        return _Conv(m, name)
+    if any(_plain(m, c) for c in _MASKS):
+        return _Mask(m, name)
+    if any(_plain(m, c) for c in _POOLS):
+        if m.return_indices:
+            return "max-pool with return_indices=True returns a tuple"
+        return _MaxPool(m, name)
+    if any(_plain(m, c) for c in _NORMS):
+        if m.training or m.running_var is None:
+            return "BatchNorm that uses batch statistics (training mode or track_running_stats=False) mixes examples"
+        return _Scale(m, name)
+    if any(_plain(m, c) for c in _RESHAPES):
+        return _Reshape(m, name)
+    if any(_plain(m, c) for c in _DROPOUTS):
+        if m.training:
+            return "dropout in training mode is random"
+        return _Reshape(m, name)
+    if _plain(m, nn.Sequential):
+        return "nested Sequential"  # expanded by the caller
+    return f"{type(m).__name__} is not a recognized piecewise-linear module"
+
+
+def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
+    """Whether :class:`PatternLinearization` applies to model, and the modules it hands to autograd.
+
+    Returns ``(applies, fallbacks)``: ``applies`` is True when the unwrapped model is a plain
+    ``nn.Sequential`` (forward not overridden) and no global module hooks are set;
+    ``fallbacks`` lists ``"name: reason"`` for every module differentiated by autograd
+    (exact, but without the speed-up).
+
+    Example:
+        >>> pattern_support(nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
+        (True, ['1: Tanh is not a recognized piecewise-linear module'])
+    """
+    model = unwrap(model)
+    if _global_hooks():
+        return False, ["<global>: global module hooks are set"]
+    if not _plain(model, nn.Sequential) or _has_hooks(model):
+        return False, [f"<model>: {type(model).__name__} is not a plain nn.Sequential without hooks"]
+    steps = _build_steps(model, "")
+    return True, [f"{s.name}: {s.reason}" for s in steps if isinstance(s, _Autograd)]
+
+
+def _build_steps(seq: nn.Sequential, prefix: str) -> list[_Step]:
+    steps: list[_Step] = []
+    for key, m in seq._modules.items():
+        if m is None:
+            continue
+        name = f"{prefix}{key}"
+        if _plain(m, nn.Sequential) and not _has_hooks(m):
+            steps.extend(_build_steps(m, name + "."))
+            continue
+        step = _recognize(m, name)
+        steps.append(step if isinstance(step, _Step) else _Autograd(m, name, step))
+    return steps
+
+
+def _fold(steps: list[_Step]) -> list[_Step]:
+    """Fold each plain ReLU that feeds a max-pool into the pool (see :class:`_Mask`)."""
+    for a, b in zip(steps, steps[1:]):
+        if isinstance(a, _Mask) and _plain(a.m, nn.ReLU) and isinstance(b, _MaxPool):
+            a.folded, a.fresh = True, False  # now the identity: its output is its input
+            b.relu_mask = torch.empty(0)  # a placeholder: forward fills it in
+    return steps
+
+
+class PatternLinearization:
+    """J(x) of a piecewise-linear ``nn.Sequential`` with the activation pattern of x fixed.
+
+    One forward pass through the modules records what makes each one linear at x (ReLU
+    masks, max-pool argmax indices, eval-BatchNorm scales); ``matvec`` then replays the
+    linear parts forward (Linear / Conv without bias, mask multiplies, gathers) and
+    ``rmatvec`` replays their transposes backward. Both are exact for ReLU / LeakyReLU /
+    max-pool / eval-BatchNorm / Linear / Conv1d / Conv2d / Flatten / Dropout (eval) nets;
+    any other module (e.g. a ``Normalize`` preprocessing layer, or a block with a custom
+    forward) is differentiated by autograd on its own, so the result is always exact;
+    ``fallbacks`` lists those modules and why. Use :func:`linearize` to get this class when
+    it applies and :class:`Linearization` otherwise. Evaluate in eval mode
+    (:func:`eval_mode`); BatchNorm in training mode falls back to autograd.
+
+    Args:
+        model: a plain ``nn.Sequential`` (nested Sequentials are expanded).
+        x: (B, *in) inputs.
+
+    Attributes:
+        logits: f(x), (B, d). fallbacks: ``"name: reason"`` strings.
+
+    Example:
+        >>> lin = PatternLinearization(model.eval(), x)
+        >>> lin.matvec(v).shape, lin.rmatvec(u).shape   # (B, d), x.shape
+    """
+
+    route = "pattern"
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        model = unwrap(model)
+        if not _plain(model, nn.Sequential):
+            raise TypeError(f"PatternLinearization needs a plain nn.Sequential, got {type(model).__name__}; use linearize()")
+        self.steps = _fold(_build_steps(model, ""))
+        self.fallbacks = [f"{s.name}: {s.reason}" for s in self.steps if isinstance(s, _Autograd)]
+        self.x_shape = x.shape
+        self.widest = x.numel()  # the largest activation (B * size): sizes the stacks of jacobian_of
+        with torch.no_grad():
+            h = x.detach()
+            for step in self.steps:
+                h = step.forward(h)
+                self.widest = max(self.widest, h.numel())
+        self.logits = _check_output(h, x.shape[0])
+        self.out = self.logits
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """J v_i for a stack V (k, B, *in) -> (k, B, d)."""
+        t = V.to(self.logits.dtype)
+        owned = t is not V  # a conversion is ours to overwrite; the caller's V is not
+        with torch.no_grad():
+            for step in self.steps:
+                t = step.jvp(t, owned)
+                owned = step.fresh or owned
+        return t
+
+    def rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        """J^T u_i for a stack U (k, B, d) -> (k, B, *in)."""
+        g = U.to(self.logits.dtype)
+        owned = g is not U
+        with torch.no_grad():
+            for step in reversed(self.steps):
+                g = step.vjp(g, owned)
+                owned = step.fresh or owned
+        return g
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """J v: (B, *in) -> (B, d)."""
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        """J^T u: (B, d) -> (B, *in)."""
+        return self.rmatmat(u.unsqueeze(0))[0]
+
+
+LinearOperator = Union[Linearization, PatternLinearization]
+ROUTES = ("auto", "pattern", "autograd")
+
+
+def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOperator:
+    """J(x) as a linear operator (``matvec`` = J v, ``rmatvec`` = J^T u, ``matmat`` /
+    ``rmatmat`` for stacks (k, B, ...), ``logits`` = f(x)).
+
+    Args:
+        model: the model, already in the mode to analyse (see :func:`eval_mode`).
+        x: (B, *in) inputs.
+        route: "pattern" (:class:`PatternLinearization`: needs a plain ``nn.Sequential``),
+            "autograd" (:class:`Linearization`: any model), or "auto": pattern whenever
+            :func:`pattern_support` says it applies (it is exact either way; modules it
+            does not recognize are differentiated by autograd), else autograd.
+
+    Example:
+        >>> with eval_mode(model):
+        ...     lin = linearize(model, x)
+        ...     jv = lin.matvec(torch.randn_like(x))   # (B, d)
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "autograd" or not isinstance(model, nn.Module):
+        return Linearization(model, x)
+    applies, reasons = pattern_support(model)
+    if route == "pattern" and not applies:
+        raise ValueError(f"route='pattern' does not apply: {'; '.join(reasons)}; use route='auto' or 'autograd'")
+    if applies:
+        return PatternLinearization(unwrap(model), x)
+    lin = Linearization(model, x)
+    lin.fallbacks = reasons  # why the pattern route was not taken
+    return lin
+
+
+def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: Optional[int] = None) -> torch.Tensor:
+    """The exact per-example Jacobian, shape (B, d, *in), from d VJPs batched over the basis.
 
     The model is evaluated in eval mode (see the module docstring) and its mode restored.
+
+    Args:
+        model: f: (B, *in) -> (B, d). x: (B, *in).
+        route: how the VJPs are computed, as in :func:`linearize`: "auto" (the pattern
+            route for plain ``nn.Sequential`` models, else autograd), "pattern", "autograd".
+        chunk: basis vectors per batched VJP (pattern route; default: as many as fit in
+            about 2^24 activation entries). Only memory and speed depend on it.
+
+    Example:
+        >>> J = jacobian(model, x)     # (B, d, *x.shape[1:])
     """
     check_inputs(model, x)
-    with eval_mode(unwrap(model)) as m, torch.enable_grad():
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    net = unwrap(model)
+    with eval_mode(net), torch.enable_grad():
+        if route != "autograd" and (route == "pattern" or pattern_support(net)[0]):
+            return jacobian_of(linearize(net, x, "pattern"), chunk=chunk)
         xg = x.detach().requires_grad_(True)
-        out = forward(m, xg)
-        d = out.shape[1]
-        eye = torch.eye(d, dtype=out.dtype, device=out.device)
-        # grad_outputs[i] = e_i for every example; is_grads_batched vmaps the backward over i
-        basis = eye.unsqueeze(1).expand(d, out.shape[0], d)
-        try:
-            (rows,) = torch.autograd.grad(out, xg, grad_outputs=basis, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: fall back to d plain VJPs
-            rows = torch.stack(
-                [torch.autograd.grad(out, xg, grad_outputs=basis[i], retain_graph=i < d - 1)[0] for i in range(d)]
-            )
+        out = forward(net, xg)
+        rows = _batched_grad(out, xg, _basis(out))  # no double-backward graph needed here
     return rows.transpose(0, 1).contiguous()  # (B, d, *in)
+
+
+def _basis(out: torch.Tensor) -> torch.Tensor:
+    """(d, B, d) stack: entry i is e_i for every example."""
+    B, d = out.shape
+    return torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1).expand(d, B, d)
+
+
+def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tensor:
+    """The exact J (B, d, *in) of a linear operator from :func:`linearize`: rmatmat on the basis.
+
+    Args:
+        lin: a :class:`PatternLinearization` or :class:`Linearization`.
+        chunk: basis vectors per rmatmat call (default: fit about 2^24 activation entries).
+    """
+    basis = _basis(lin.logits)
+    d = basis.shape[0]
+    if chunk is None:
+        chunk = _default_chunk(lin)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    rows = torch.cat([lin.rmatmat(basis[i : i + chunk]) for i in range(0, d, chunk)])
+    return rows.transpose(0, 1).contiguous()
+
+
+def _default_chunk(lin: LinearOperator, budget: int = 1 << 24) -> int:
+    widest = lin.x.numel() if isinstance(lin, Linearization) else lin.widest
+    return max(1, budget // max(1, widest))

@@ -24,20 +24,21 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from opnorm.jacobian import Linearization, check_inputs, eval_mode, jacobian, unwrap
+from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, pattern_support, unwrap
 from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order
 
 __all__ = [
     "OperatorNormResult",
     "SpectrumResult",
     "power_iteration",
+    "lanczos_iteration",
     "operator_norm",
     "operator_norm_of_matrix",
     "singular_values",
     "random_unit",
 ]
 
-METHODS = ("auto", "power", "exact")
+METHODS = ("auto", "power", "lanczos", "exact")
 DEFAULT_ITERS = 20
 DEFAULT_TOL = 1e-6
 DEFAULT_RESTARTS = 64
@@ -51,12 +52,14 @@ class OperatorNormResult:
         sigma: (B,) the norm (exact, or a lower bound attained by ``v``; see ``exact``).
         v: x's shape, unit l_p norm, with ``||J v||_q == sigma``.
         u: (B, d), ``psi_q(J v)``.
-        iterations: power iterations run (0 for closed forms).
+        iterations: power or Lanczos iterations run (0 for closed forms).
         converged: (B,) bool; True for exact results.
-        method: "power" or "exact".
+        method: "power", "lanczos" or "exact".
         exact: (B,) bool, True where sigma is the exact norm (not only a lower bound).
         history: with ``return_history=True`` and the power method, one dict per iteration
             k = 1..iterations: {"v": v_k, "u": u_k, "sigma": ||J v_k||_q}.
+        route: how J was accessed: "pattern" (:class:`~opnorm.jacobian.PatternLinearization`)
+            or "autograd"; ``fallbacks`` lists modules the pattern route left to autograd.
     """
 
     sigma: torch.Tensor
@@ -67,6 +70,8 @@ class OperatorNormResult:
     method: str
     exact: torch.Tensor
     history: Optional[list[dict]] = field(default=None, repr=False)
+    route: str = "autograd"
+    fallbacks: list[str] = field(default_factory=list, repr=False)
 
 
 def _check_iters(iters: int, name: str = "iters") -> int:
@@ -143,6 +148,94 @@ def power_iteration(
         if tol > 0 and bool(converged.all()):
             break
     return sigma, v, duality_map(jv, q), k, converged, records
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """w (B, m) minus its projection on the orthonormal columns of basis (B, m, j), twice (CGS2)."""
+    for _ in range(2):
+        w = w - torch.einsum("bmj,bj->bm", basis, torch.einsum("bmj,bm->bj", basis, w))
+    return w
+
+
+def _unit(w: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / ||w||, ||w||) per row; rows with norm <= floor (an exhausted Krylov space) give (0, 0)."""
+    norm = torch.linalg.vector_norm(w, dim=1)
+    live = norm > floor
+    safe = torch.where(live, norm, torch.ones_like(norm))
+    return w * (live / safe)[:, None], norm * live
+
+
+def lanczos_iteration(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rmatvec: Callable[[torch.Tensor], torch.Tensor],
+    u0: torch.Tensor,
+    *,
+    iters: int,
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Top singular triplet of J by Golub-Kahan-Lanczos bidiagonalization, batched.
+
+    Started in the d-dimensional output space at ``u0``, each iteration is one ``rmatvec``
+    (J^T u) and one ``matvec`` (J v) with full reorthogonalization of both bases; the top
+    singular value of the small lower-bidiagonal ``B_k`` ((k+1) x k, ``J V_k = U_{k+1} B_k``)
+    is the estimate: a lower bound on ||J||_2, the best one in the Krylov spaces built (the
+    power method's k-th iterate lies in the same spaces). After d iterations the output
+    space is exhausted and the result is exact up to rounding.
+
+    Args:
+        matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
+        u0: (B, d) start (normalized here; a zero row starts at e_1).
+        iters: maximum iterations. tol: stop when every example's estimate changed by at
+            most ``tol`` relative to it (0: run all ``iters``, or until the space is exhausted).
+
+    Returns:
+        (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations, converged (B,)) with
+        ``J v = sigma u`` up to rounding, so v attains sigma.
+
+    Example:
+        >>> lin = opnorm.jacobian.linearize(model, x)
+        >>> sigma, v, u, k, conv = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=3)
+    """
+    B, d = u0.shape
+    dtype, device = u0.dtype, u0.device
+    eps = torch.finfo(dtype).eps
+    zero = torch.zeros(B, dtype=dtype, device=device)
+    e1 = torch.zeros_like(u0)
+    e1[:, 0] = 1
+    u, _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), zero)
+    Us, Vs, alphas, betas = [u], [], [], []
+    sigma, converged = zero, torch.zeros(B, dtype=torch.bool, device=device)
+    shape, P, Qh = None, None, None
+    k = 0
+    for k in range(1, iters + 1):
+        p = rmatvec(Us[-1])
+        shape = p.shape
+        p = p.reshape(B, -1)
+        if Vs:
+            p = _orthogonalize(p - betas[-1][:, None] * Vs[-1], torch.stack(Vs, dim=2))
+        # below this the new direction is rounding noise: that example's Krylov space is exhausted
+        v, alpha = _unit(p, 8 * d * eps * sigma)
+        q = matvec(v.reshape(shape)).reshape(B, d) - alpha[:, None] * Us[-1]
+        q = _orthogonalize(q, torch.stack(Us, dim=2))
+        u, beta = _unit(q, 8 * d * eps * torch.maximum(sigma, alpha))
+        Vs.append(v)
+        Us.append(u)
+        alphas.append(alpha)
+        betas.append(beta)
+        Bk = torch.zeros(B, k + 1, k, dtype=dtype, device=device)
+        diag = torch.arange(k, device=device)
+        Bk[:, diag, diag] = torch.stack(alphas, dim=1)
+        Bk[:, diag + 1, diag] = torch.stack(betas, dim=1)
+        P, S, Qh = torch.linalg.svd(Bk, full_matrices=False)
+        exhausted = (alpha == 0) | (beta == 0)
+        converged = exhausted | ((S[:, 0] - sigma).abs() <= tol * S[:, 0])
+        sigma = S[:, 0]
+        if (tol > 0 or bool(exhausted.all())) and bool(converged.all()):
+            break
+    assert shape is not None and P is not None and Qh is not None
+    v = torch.einsum("bnk,bk->bn", torch.stack(Vs, dim=2), Qh[:, 0, :])
+    u = torch.einsum("bdk,bk->bd", torch.stack(Us, dim=2), P[:, :, 0])
+    return sigma, v.reshape(shape), u, k, converged
 
 
 # ----------------------------------------------------------------------------- exact forms
@@ -264,6 +357,7 @@ def operator_norm(
     return_history: bool = False,
     max_enumerate: int = 20,
     restarts: int = DEFAULT_RESTARTS,
+    route: str = "auto",
 ) -> OperatorNormResult:
     """Per-example (p, q) operator norm of the input-output Jacobian J(x) of ``model``.
 
@@ -274,16 +368,30 @@ def operator_norm(
         model: f: (B, *in) -> (B, d), a module that does not mix examples in eval mode.
         x: (B, *in) inputs.
         p, q: norm orders, 1 <= p, q <= inf (float, int, or "inf").
-        method: "power" (matrix-free, batched), "exact" (form J with d VJPs; closed
-            forms, enumeration, or a restart lower bound for NP-hard pairs), or "auto"
-            (exact when it is exact and cheaper than ``iters`` power iterations, or when
-            the pair has no exact form but d is small; otherwise power).
-        iters: power iterations (default 20). tol: relative stopping tolerance on sigma
-            (default 1e-6; 0 runs exactly ``iters``). v0: start vector, x's shape.
+        method: "power" (the (p, q) power method, matrix-free, batched), "lanczos"
+            (p = q = 2 only: Golub-Kahan-Lanczos, see :func:`lanczos_iteration`; exact after
+            d iterations), "exact" (form J with d VJPs; for (2, 2) the top eigenpair of the
+            d x d Gram matrix J J^T; closed forms, enumeration, or a restart lower bound for
+            NP-hard pairs), or "auto", which picks by cost:
+
+            * (2, 2): "exact" when ``d <= ITERATION_COST * min(iters, d)`` (forming J costs d
+              VJPs, batched; one Lanczos iteration costs a VJP and a JVP, about
+              ``ITERATION_COST`` VJPs of the exact route), else "lanczos". With the default
+              ``iters`` (20) and d <= 40 that is "exact"; ask for ``iters=3`` on a 10-class
+              model and it is "lanczos" (about 1e-3 median relative error on a trained CNN,
+              see ``benchmarks/results/operator_norm.md``).
+            * other pairs with an exact form: "exact"; without one: "exact" (restarts on
+              the formed J) when ``d <= 4 * iters``, else "power".
+        iters: power / Lanczos iterations (default 20). tol: relative stopping tolerance on
+            sigma (default 1e-6; 0 runs exactly ``iters``). v0: start vector, x's shape
+            (Lanczos starts from J v0; by default from the centered logits plus a little noise).
         generator: seeds the random start / restarts.
         return_history: keep every power iterate (method "power" only).
         max_enumerate: largest n (for p = inf) or d (for q = 1) enumerated exactly.
         restarts: power-method restarts on the formed J for pairs without an exact form.
+        route: how J is accessed (:func:`opnorm.jacobian.linearize`): "auto" (the exact
+            pattern replay for plain ``nn.Sequential`` ReLU / max-pool / BatchNorm nets,
+            several times cheaper than autograd; autograd otherwise), "pattern", "autograd".
 
     Returns:
         :class:`OperatorNormResult` with ``sigma`` (B,), ``v`` (x's shape), ``u`` (B, d).
@@ -291,10 +399,15 @@ def operator_norm(
     Example:
         >>> res = opnorm.operator_norm(model, x, p="inf", q=2)
         >>> res.sigma.shape, res.v.shape  # (B,), x.shape
+        >>> fast = opnorm.operator_norm(model, x, iters=3)   # (2, 2) by 3 Lanczos steps
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if method == "lanczos" and not (p == 2 and q == 2):
+        raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
     iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
     tol = DEFAULT_TOL if tol is None else _check_tol(tol)
     check_inputs(model, x)
@@ -304,38 +417,73 @@ def operator_norm(
 
     net = unwrap(model)
     with eval_mode(net), torch.enable_grad():
+        lin = linearize(net, x, route)  # the one forward pass every method shares
+        d, n = lin.logits.shape[1], x[0].numel()
         if method == "auto":
-            method = _choose_method(net, x, p, q, iters, max_enumerate)
+            method = _choose_method(p, q, d, n, iters, max_enumerate)
         if method == "exact":
-            return _exact(net, x, p, q, max_enumerate, restarts, generator)
-        lin = Linearization(net, x)
-        if v0 is None:
-            v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
-        sigma, v, u, k, converged, hist = power_iteration(
-            lin.matvec, lin.rmatvec, v0, p, q, iters=iters, tol=tol, history=return_history
-        )
-        exact = torch.zeros_like(converged)  # a converged iterate is not a proof of the maximum
-        return OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, converged, "power", exact, hist)
+            res = _exact(lin, x, p, q, max_enumerate, restarts, generator)
+        elif method == "lanczos":
+            u0 = lin.matvec(v0) if v0 is not None else _logit_start(lin.logits, generator)
+            sigma, v, u, k, converged = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, tol=tol)
+            res = OperatorNormResult(sigma, v.detach(), u, k, converged, "lanczos", torch.zeros_like(converged))
+        else:
+            if v0 is None:
+                v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
+            sigma, v, u, k, converged, hist = power_iteration(
+                lin.matvec, lin.rmatvec, v0, p, q, iters=iters, tol=tol, history=return_history
+            )
+            exact = torch.zeros_like(converged)  # a converged iterate is not a proof of the maximum
+            res = OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, converged, "power", exact, hist)
+    res.route, res.fallbacks = lin.route, list(lin.fallbacks)
+    return res
 
 
-def _choose_method(net: nn.Module, x: torch.Tensor, p: float, q: float, iters: int, max_enumerate: int) -> str:
-    with torch.no_grad():
-        d = net(x[:1]).shape[-1]
-    n = x[0].numel()
+# One Lanczos / power iteration (a VJP and a JVP) in units of one VJP of the exact route,
+# measured on the benchmark CNN by benchmarks/operator_norm.py (see its results).
+ITERATION_COST = 2.0
+
+
+def _choose_method(p: float, q: float, d: int, n: int, iters: int, max_enumerate: int) -> str:
     if not _has_exact_form(p, q, d, n, max_enumerate):
         # restarts on a formed J beat one matrix-free run when forming J is cheap
         return "exact" if d <= 4 * iters else "power"
     if p == 2 and q == 2:
-        # forming J costs d backward passes; the power method 2 passes per iteration
-        return "exact" if d <= 2 * iters else "power"
+        # Lanczos is exact after d iterations, so never pay more than forming J
+        return "exact" if d <= ITERATION_COST * min(iters, d) else "lanczos"
     return "exact"
 
 
-def _exact(net, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
-    J = jacobian(net, x)
+def _logit_start(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Lanczos start: the centered logits (close to the top left singular vector of a
+    trained classifier's J) plus 10% noise, so no example starts orthogonal to it."""
+    c = logits - logits.mean(dim=1, keepdim=True)
+    norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    c = c / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return c + 0.1 * random_unit(tuple(logits.shape), 2, dtype=logits.dtype, device=logits.device, generator=generator)
+
+
+def _top_pair_gram(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top right singular vector v (B, n) of J (B, d, n), d <= n, from the eigh of J J^T (d x d)."""
+    J64 = J.to(torch.float64)
+    _, E = torch.linalg.eigh(J64 @ J64.transpose(1, 2))
+    v = torch.einsum("bdn,bd->bn", J64, E[:, :, -1])  # J^T u_1 = sigma_1 v_1
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    e1 = torch.zeros_like(v)
+    e1[:, 0] = 1  # J = 0: every unit vector attains 0
+    return torch.where(norm > 0, v / torch.where(norm > 0, norm, torch.ones_like(norm)), e1).to(J.dtype)
+
+
+def _exact(lin: LinearOperator, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
+    J = jacobian_of(lin)
     B, d = J.shape[:2]
     flat = J.reshape(B, d, -1)
-    sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
+    if p == 2 and q == 2 and d <= flat.shape[2]:
+        v = _top_pair_gram(flat)
+        sigma = torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", flat, v), dim=1)
+        exact = torch.ones(B, dtype=torch.bool, device=x.device)
+    else:
+        sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
     u = duality_map(torch.einsum("bdn,bn->bd", flat, v), q)
     return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, exact.clone(), "exact", exact)
 
@@ -362,16 +510,24 @@ def singular_values(
     iters: int = 50,
     tol: float = 1e-7,
     generator: Optional[torch.Generator] = None,
+    route: str = "auto",
 ):
     """Top-k singular values of each J(x), descending: (B, k).
 
-    ``method="exact"`` forms J (d VJPs) and takes its SVD; ``"power"`` is matrix-free
-    subspace iteration with k vectors (each iteration k JVPs and k VJPs, batched) and a
-    final Rayleigh-Ritz step; ``"auto"`` picks exact when forming J is the cheaper one.
+    ``method="exact"`` forms J (d VJPs, batched) and takes its SVD; ``"power"`` is
+    matrix-free subspace iteration with k vectors (each iteration one stacked J and one
+    stacked J^T product of k vectors) and a final Rayleigh-Ritz step (SVD of the d x k
+    matrix J V); ``"auto"`` picks exact when forming J is the cheaper one
+    (``d <= 20 k``). ``route`` as in :func:`operator_norm`.
     With ``return_vectors=True`` returns a :class:`SpectrumResult` (values, U, V).
+
+    Example:
+        >>> opnorm.singular_values(model, x, 3)   # (B, 3)
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in ("auto", "power", "exact"):
+        raise ValueError(f"method must be one of ('auto', 'power', 'exact'), got {method!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     check_inputs(model, x)
     k = _check_iters(k, "k")
     iters = _check_iters(iters)
@@ -380,45 +536,45 @@ def singular_values(
     B = x.shape[0]
     n = x[0].numel()
     with eval_mode(net), torch.enable_grad():
-        with torch.no_grad():
-            d = net(x[:1]).shape[-1]
+        lin = linearize(net, x, route)
+        d = lin.logits.shape[1]
         if k > min(d, n):
             raise ValueError(f"k must be <= min(d, n) = {min(d, n)} (J is {d} x {n}), got {k}")
         if method == "auto":
             # forming J costs d backward passes; subspace iteration >= 2k per iteration
             method = "exact" if d <= 20 * k else "power"
         if method == "exact":
-            J = jacobian(net, x).reshape(B, d, n)
+            J = jacobian_of(lin).reshape(B, d, n)
             U, S, Vh = torch.linalg.svd(J, full_matrices=False)
             res = SpectrumResult(S[:, :k], U[:, :, :k], Vh[:, :k, :].transpose(1, 2).reshape(B, *x.shape[1:], k))
         else:
-            res = _subspace(net, x, k, iters, tol, generator)
+            res = _subspace(lin, x, k, iters, tol, generator)
     return res if return_vectors else res.values
 
 
-def _subspace(net, x, k, iters, tol, generator) -> SpectrumResult:
+def _subspace(lin: LinearOperator, x, k, iters, tol, generator) -> SpectrumResult:
     """Block power (subspace) iteration on J^T J with k columns, all examples at once."""
     B = x.shape[0]
     shape = x.shape[1:]
     n = x[0].numel()
-    xk = x.unsqueeze(1).expand(B, k, *shape).reshape(B * k, *shape)  # example b's k copies adjacent
-    lin = Linearization(net, xk)
 
     def J(V):  # (B, n, k) -> (B, d, k)
-        return lin.matvec(V.transpose(1, 2).reshape(B * k, *shape)).reshape(B, k, -1).transpose(1, 2)
+        return lin.matmat(V.permute(2, 0, 1).reshape(k, B, *shape)).permute(1, 2, 0)
 
     def JT(U):  # (B, d, k) -> (B, n, k)
-        return lin.rmatvec(U.transpose(1, 2).reshape(B * k, -1)).reshape(B, k, n).transpose(1, 2)
+        return lin.rmatmat(U.permute(2, 0, 1)).reshape(k, B, n).permute(1, 2, 0)
 
     V = torch.linalg.qr(torch.randn(B, n, k, dtype=x.dtype, device=x.device, generator=generator))[0]
+    W = J(V)
     prev = None
     for _ in range(iters):
-        V = torch.linalg.qr(JT(J(V)))[0]
-        vals = torch.linalg.vector_norm(J(V), dim=1)
+        V = torch.linalg.qr(JT(W))[0]
+        W = J(V)
+        vals = torch.linalg.svdvals(W)  # Ritz values: V is orthonormal
         if prev is not None and bool(((vals - prev).abs() <= tol * vals.clamp_min(1e-30)).all()):
             break
         prev = vals
-    # Rayleigh-Ritz: SVD of the small (d, k) matrix J V rotates V onto singular vectors
-    U, S, Wh = torch.linalg.svd(J(V), full_matrices=False)
+    # Rayleigh-Ritz: the SVD of the small (d, k) matrix J V rotates V onto singular vectors
+    U, S, Wh = torch.linalg.svd(W, full_matrices=False)
     V = V @ Wh.transpose(1, 2)
     return SpectrumResult(S, U, V.reshape(B, *shape, k))
