@@ -1,0 +1,1 @@
+"""Experiments: the reproduction study and its report."""

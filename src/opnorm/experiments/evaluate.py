@@ -1,0 +1,121 @@
+"""Measurements on trained models: robust accuracy curves, alignment, linear regions,
+spectra, the theorem check, and the sanity checks that guard against weak attacks.
+
+Each function takes a model and a fixed batch of test points and returns plain floats
+and lists, ready for JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from opnorm.analysis import activation_agreement, alignment, verify_equivalence
+from opnorm.attacks import pgd
+from opnorm.jacobian import eval_mode, unwrap
+from opnorm.norms import lp_norm
+from opnorm.power import operator_norm, singular_values
+from opnorm.training.trainer import accuracy, robust_accuracy
+
+NORMS = {"linf": math.inf, "l2": 2.0}
+
+
+def robust_curve(model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int) -> list[float]:
+    """Accuracy under PGD (cross-entropy, random start, restarts) at each eps; eps 0 is clean."""
+    return [
+        robust_accuracy(model, x, y, eps=e, p=p, steps=steps, restarts=restarts, generator=torch.Generator().manual_seed(seed))
+        for e in eps_grid
+    ]
+
+
+def top_singular_vector(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return operator_norm(model, x, 2, 2, method="exact").v
+
+
+def alignment_curve(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int
+) -> dict:
+    """Mean and std over points of |cos(delta_PGA, v_1)| for the logit (q = 2) and CE losses.
+
+    l_2 PGA, unconstrained by the pixel box (the claim is about the geometry of J(x)).
+    """
+    v1 = top_singular_vector(model, x)
+    res: dict = {"eps": list(eps_grid), "p": 2, "q": 2}
+    for loss in ("logit", "ce"):
+        means, stds = [], []
+        for e in eps_grid:
+            gen = torch.Generator().manual_seed(seed)
+            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, clip=None, generator=gen)
+            cos = alignment(xa - x, v1)
+            means.append(float(cos.mean()))
+            stds.append(float(cos.std()) if len(cos) > 1 else 0.0)
+        res[loss] = {"mean": means, "std": stds}
+    return res
+
+
+def agreement_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int) -> dict:
+    """Fraction of shared ReLU / max-pool patterns between x and x + delta, for the logit
+    PGA perturbation and for a random perturbation of the same l_2 norm."""
+    pga, rnd = [], []
+    gen = torch.Generator().manual_seed(seed)
+    for e in eps_grid:
+        xa = pgd(model, x, y, eps=e, p=2, loss="logit", q=2, steps=steps, clip=None, generator=gen)
+        pga.append(float(activation_agreement(model, x, xa).mean()))
+        g = torch.randn(x.shape, generator=gen)
+        g = e * g / lp_norm(g, 2).reshape(-1, *([1] * (x.ndim - 1)))
+        rnd.append(float(activation_agreement(model, x, x + g).mean()))
+    return {"eps": list(eps_grid), "p": 2, "pga": pga, "random": rnd}
+
+
+def theorem_cases(model: nn.Module, x: torch.Tensor, cases: Sequence[tuple], steps: int, seed: int) -> list[dict]:
+    """verify_equivalence in float64 for each (p, q, eps).
+
+    Gaps are reported over all points and over the points whose activation pattern never
+    changed along the PGA path (``inside``: where the theorem applies exactly).
+    """
+    net64 = copy.deepcopy(unwrap(model)).double()
+    x64 = x.double()
+    out = []
+    for p, q, eps in cases:
+        res = verify_equivalence(net64, x64, p=p, q=q, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed))
+        agree = res.agreement if res.agreement is not None else torch.ones_like(res.direction_gap)
+        inside = agree.amin(dim=0) == 1.0  # (B,)
+        gap_in = res.direction_gap[:, inside].amax(dim=1) if inside.any() else torch.full((steps,), float("nan"))
+        loss_in = res.value_gap[:, inside].amax(dim=1) if inside.any() else torch.full((steps,), float("nan"))
+        out.append(
+            {
+                "p": "inf" if p == math.inf else p,
+                "q": "inf" if q == math.inf else q,
+                "eps": eps,
+                "points": int(x.shape[0]),
+                "inside_fraction": float(inside.double().mean()),
+                "iterate_gap": [float(g) for g in res.max_direction_gap()],
+                "loss_gap": [float(g) for g in res.max_value_gap()],
+                "iterate_gap_inside": [float(g) for g in gap_in],
+                "loss_gap_inside": [float(g) for g in loss_in],
+                "agreement": [float(a) for a in agree.mean(dim=1)],
+            }
+        )
+    return out
+
+
+def mean_spectrum(model: nn.Module, x: torch.Tensor, k: int) -> list[float]:
+    return [float(s) for s in singular_values(model, x, k, method="exact").mean(dim=0)]
+
+
+def apgd_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int, seed: int) -> Optional[float]:
+    """Robust accuracy under torchattacks' APGD-CE, or None when torchattacks is missing."""
+    try:
+        import torchattacks
+    except Exception:
+        return None
+    net = unwrap(model)
+    with eval_mode(net):
+        atk = torchattacks.APGD(net, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed)
+        xa = atk(x, y)
+        with torch.no_grad():
+            return float((net(xa).argmax(1) == y).float().mean())
