@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(t, "dynamic", "opnorm: power iterations linearize inside the eps-ball")
     _bool_flag(t, "download", "download missing datasets (needs torchvision)")
     _bool_flag(t, "amp", "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
-    _bool_flag(t, "compile", "torch.compile the model")
+    t.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
+                   help="torch.compile the model (optionally with a backend, e.g. aot_eager)")
     _bool_flag(t, "progress", "progress bars (default: when stderr is a terminal)")
 
     e = sub.add_parser("eval", help="robust accuracy of a checkpoint")

@@ -28,6 +28,10 @@ How the (p, q) operator norm penalty is computed (PAPER.md section 4):
    eps, i.e. the fd penalty becomes the adversarial logit loss
    ``||f(x + eps v) - f(x)||_q`` (``= eps * sigma`` in the linear region) of the theorem.
    The returned penalty is ``lam * mean_b(value_b)``.
+
+Under a caller's autocast the power method still runs in full precision; the fd
+difference ``f(x + eps v) - f(x)`` of half-precision logits loses digits for small eps
+(fp16 more than bf16), so keep eps well above the logits' rounding error there.
 """
 
 from __future__ import annotations

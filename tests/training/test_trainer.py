@@ -169,6 +169,16 @@ def test_amp_bf16_on_cpu_runs():
     assert math.isfinite(res.metrics["loss"]) and res.metrics["accuracy"] > 0.1
 
 
+@pytest.mark.parametrize("method", ["opnorm", "pgd-at"])
+def test_compiled_model_trains_like_the_plain_one(method):
+    """torch.compile (aot_eager backend: no C++ toolchain, fast) wraps the training forward only."""
+    kw = {**SMALL, "epochs": 1, "limit_train": 96}
+    compiled = train(TrainConfig(method=method, compile="aot_eager", **kw))
+    plain = train(TrainConfig(method=method, **kw))
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["logit-at", "trades"])
 def test_mixed_batch_adversarial_methods_train(method):
     res = train(TrainConfig(method=method, adv_fraction=0.5, **{**SMALL, "epochs": 1}))
@@ -216,6 +226,8 @@ def test_config_round_trip_and_defaults():
         (dict(method="opnorm", eps=0), r"needs eps > 0"),
         (dict(method="pgd-at", p=3, eps=0.1), r"p in 1, 2, inf"),
         (dict(p=3), r"no default eps for p=3"),
+        (dict(method="opnorm", penalty="exact", compile=True), r"double backward"),
+        (dict(compile=""), r"compile must be"),
     ],
 )
 def test_config_validation_messages(changes, match):

@@ -92,7 +92,8 @@ class TrainConfig:
         operator-norm metric (None: power's default).
     System:
         out: run directory (None: no files), device ("auto", "cpu", "cuda", "cuda:1"),
-        amp (bf16 autocast on CPU, fp16 + GradScaler on CUDA), compile (torch.compile),
+        amp (bf16 autocast on CPU, fp16 + GradScaler on CUDA), compile (torch.compile: True for
+        the default backend, or a backend name such as "eager" / "aot_eager" for debugging),
         num_workers, progress (None: when stderr is a terminal).
     """
 
@@ -130,7 +131,7 @@ class TrainConfig:
     limit_test: Optional[int] = None
     width: Optional[int] = None
     amp: bool = False
-    compile: bool = False
+    compile: Any = False
     num_workers: int = 0
     progress: Optional[bool] = None
 
@@ -200,14 +201,16 @@ class TrainConfig:
         c.beta = _number(c.beta, "beta", lo=0.0)
         c.momentum = _number(c.momentum, "momentum", lo=0.0)
         c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
-        for name in ("squared", "dynamic", "download", "amp", "compile"):
+        if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
+            raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
+        for name in ("squared", "dynamic", "download", "amp"):
             if not isinstance(getattr(c, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.progress is not None and not isinstance(c.progress, bool):
             raise TypeError(f"progress must be true, false or null, got {c.progress!r}")
         if c.method == "opnorm" and c.penalty == "fd" and c.eps == 0:
             raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --penalty exact")
-        if c.method == "opnorm" and c.penalty == "exact" and c.compile:
+        if c.method == "opnorm" and c.penalty == "exact" and c.compile is not False:
             raise ValueError("penalty exact needs double backward, which torch.compile does not support; drop --compile or use --penalty fd")
         if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
             raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")

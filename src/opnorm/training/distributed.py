@@ -17,7 +17,10 @@ How opnorm's training uses it:
 * a seeded ``DistributedSampler`` (``set_epoch`` each epoch) gives each process a
   disjoint shard; ``batch_size`` is per process, so **the global batch is
   batch_size * world_size** (and an epoch has 1/world_size as many steps);
-* rank 0 evaluates, logs, writes metrics and checkpoints; the others wait at a barrier.
+* rank 0 evaluates, logs, writes metrics and checkpoints; the others wait at a barrier;
+* every rank resumes from rank 0's checkpoint; ranks > 0 re-seed their own RNG streams
+  (random starts), so a resumed multi-process run is correct but not bit-identical to an
+  uninterrupted one (single-process CPU runs are).
 
 Example::
 

@@ -391,8 +391,8 @@ def _run(
         if ctx.rank > 0:
             torch.manual_seed(cfg.seed * 7919 + ctx.rank + start_epoch * 104729)
     net = D.wrap(model, ctx)
-    if cfg.compile:
-        net = torch.compile(net)
+    if cfg.compile is not False:  # attacks and power iterations use the plain module (unwrap)
+        net = torch.compile(net) if cfg.compile is True else torch.compile(net, backend=cfg.compile)
 
     if run_dir is not None and ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
