@@ -7,6 +7,7 @@ penalty recomputed by hand from the returned direction, and singular values via 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -386,7 +387,7 @@ def test_at_validates(kwargs, match):
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import copy, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
+    import copy, json, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
     from torch import nn
     from opnorm.regularizers import OperatorNormRegularizer, GlobalSpectralNormRegularizer, AdversarialTrainingLoss
 
@@ -408,7 +409,7 @@ DDP_SCRIPT = textwrap.dedent(
         torch.manual_seed(100 + r)
         return AdversarialTrainingLoss(kind, eps=0.1, p=2, steps=2, adv_fraction=0.5)(model, x, y)
 
-    ok = True
+    results = {}
     for kind in ("fd", "exact", "snr", "ce", "trades"):
         wrapped, plain = copy.deepcopy(net), copy.deepcopy(net)
         ddp = nn.parallel.DistributedDataParallel(wrapped)
@@ -419,11 +420,10 @@ DDP_SCRIPT = textwrap.dedent(
             plain.zero_grad()
             loss_of(kind, plain, *shards[r], r).backward()
             ref = [a + p.grad / world for a, p in zip(ref, plain.parameters())]
-        good = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(got, ref))
-        ok &= good
-        print(f"rank {rank} {kind} {'ok' if good else 'MISMATCH'}", flush=True)
+        results[kind] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
     dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
     """
 )
 
@@ -435,9 +435,12 @@ def test_regularizers_on_ddp_wrapped_model(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for kind in ("fd", "exact", "snr", "ce", "trades"):
-        assert proc.stdout.count(f"{kind} ok") == 2, proc.stdout
+    for rank in (0, 1):
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(errors) == sorted(["fd", "exact", "snr", "ce", "trades"])
+        for kind, err in errors.items():  # max |DDP grad - averaged single-process grad|
+            assert err <= 1e-12, (rank, kind, err)
