@@ -151,10 +151,11 @@ def power_iteration(
 
 
 def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """w (B, m) minus its projection on the orthonormal columns of basis (B, m, j), twice (CGS2)."""
+    """w (B, m) minus its projection on the orthonormal rows of basis (B, j, m), twice (CGS2)."""
+    w = w.unsqueeze(2)
     for _ in range(2):
-        w = w - torch.einsum("bmj,bj->bm", basis, torch.einsum("bmj,bm->bj", basis, w))
-    return w
+        w = torch.baddbmm(w, basis.transpose(1, 2), torch.bmm(basis, w), alpha=-1)
+    return w.squeeze(2)
 
 
 def _unit(w: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,39 +203,39 @@ def lanczos_iteration(
     zero = torch.zeros(B, dtype=dtype, device=device)
     e1 = torch.zeros_like(u0)
     e1[:, 0] = 1
-    u, _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), zero)
-    Us, Vs, alphas, betas = [u], [], [], []
+    Us = torch.zeros(B, iters + 1, d, dtype=dtype, device=device)  # orthonormal rows: the output-space basis
+    Us[:, 0], _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), zero)
+    Vs: Optional[torch.Tensor] = None  # (B, iters, n), allocated once n is known
+    Bk = torch.zeros(B, iters + 1, iters, dtype=dtype, device=device)  # alphas on the diagonal, betas below
     sigma, converged = zero, torch.zeros(B, dtype=torch.bool, device=device)
-    shape, P, Qh = None, None, None
+    shape = None
     k = 0
     for k in range(1, iters + 1):
-        p = rmatvec(Us[-1])
+        j = k - 1
+        p = rmatvec(Us[:, j])
         shape = p.shape
         p = p.reshape(B, -1)
-        if Vs:
-            p = _orthogonalize(p - betas[-1][:, None] * Vs[-1], torch.stack(Vs, dim=2))
-        # below this the new direction is rounding noise: that example's Krylov space is exhausted
-        v, alpha = _unit(p, 8 * d * eps * sigma)
-        q = matvec(v.reshape(shape)).reshape(B, d) - alpha[:, None] * Us[-1]
-        q = _orthogonalize(q, torch.stack(Us, dim=2))
-        u, beta = _unit(q, 8 * d * eps * torch.maximum(sigma, alpha))
-        Vs.append(v)
-        Us.append(u)
-        alphas.append(alpha)
-        betas.append(beta)
-        Bk = torch.zeros(B, k + 1, k, dtype=dtype, device=device)
-        diag = torch.arange(k, device=device)
-        Bk[:, diag, diag] = torch.stack(alphas, dim=1)
-        Bk[:, diag + 1, diag] = torch.stack(betas, dim=1)
-        P, S, Qh = torch.linalg.svd(Bk, full_matrices=False)
+        if Vs is None:
+            Vs = torch.zeros(B, iters, p.shape[1], dtype=dtype, device=device)
+        else:
+            p = _orthogonalize(p - Bk[:, j, j - 1, None] * Vs[:, j - 1], Vs[:, :j])
+        # below these floors the new direction is rounding noise: that example's Krylov space is exhausted
+        Vs[:, j], alpha = _unit(p, 8 * d * eps * sigma)
+        q = matvec(Vs[:, j].reshape(shape)).reshape(B, d) - alpha[:, None] * Us[:, j]
+        Us[:, k], beta = _unit(_orthogonalize(q, Us[:, :k]), 8 * d * eps * torch.maximum(sigma, alpha))
+        Bk[:, j, j], Bk[:, k, j] = alpha, beta
         exhausted = (alpha == 0) | (beta == 0)
-        converged = exhausted | ((S[:, 0] - sigma).abs() <= tol * S[:, 0])
-        sigma = S[:, 0]
-        if (tol > 0 or bool(exhausted.all())) and bool(converged.all()):
-            break
-    assert shape is not None and P is not None and Qh is not None
-    v = torch.einsum("bnk,bk->bn", torch.stack(Vs, dim=2), Qh[:, 0, :])
-    u = torch.einsum("bdk,bk->bd", torch.stack(Us, dim=2), P[:, :, 0])
+        if tol > 0 or k == iters or bool(exhausted.all()):
+            S = torch.linalg.svdvals(Bk[:, : k + 1, :k])
+            converged = exhausted | ((S[:, 0] - sigma).abs() <= tol * S[:, 0])
+            sigma = S[:, 0]
+            if (tol > 0 or bool(exhausted.all())) and bool(converged.all()):
+                break
+    assert shape is not None and Vs is not None
+    P, S, Qh = torch.linalg.svd(Bk[:, : k + 1, :k], full_matrices=False)
+    sigma = S[:, 0]
+    v = torch.bmm(Qh[:, :1, :], Vs[:, :k]).squeeze(1)  # V_k q_1
+    u = torch.bmm(P[:, :, :1].transpose(1, 2), Us[:, : k + 1]).squeeze(1)  # U_{k+1} p_1
     return sigma, v.reshape(shape), u, k, converged
 
 
