@@ -11,7 +11,16 @@ from hypothesis.extra.numpy import arrays
 import opnorm
 from opnorm.norms import clip_box, conjugate, duality_map, lp_norm, norm_order, project_lp_ball, steepest_ascent
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_default():
+    """float64 for this module only: a module-level set_default_dtype leaks into every other test."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
 batches = arrays("float64", st.tuples(st.integers(1, 4), st.integers(1, 9)), elements=finite)
