@@ -9,6 +9,12 @@ Wrappers such as ``DistributedDataParallel`` are unwrapped to their ``.module``.
 
 All functions are batched over examples: one JVP or VJP call serves the whole batch,
 because with a per-example model ``sum_b f(x_b)`` has gradient ``J(x_b)^T u_b`` in row b.
+
+Two routes give J as a linear operator (:func:`linearize`): :class:`Linearization`
+(autograd on a retained graph; any model) and :class:`PatternLinearization` (replays the
+linear pieces of a ReLU / max-pool / BatchNorm ``nn.Sequential`` with the activation
+pattern of x fixed; exact, several times cheaper; unrecognized modules inside it are
+differentiated by autograd, and :func:`pattern_support` says which and why).
 """
 
 from __future__ import annotations
@@ -258,10 +264,29 @@ class _Linear(_Step):
 _CONV = {nn.Conv1d: (F.conv1d, F.conv_transpose1d), nn.Conv2d: (F.conv2d, F.conv_transpose2d)}
 
 
+def _hwc(t: torch.Tensor) -> torch.Tensor:
+    """(k, B, C, H, W) -> (k, B, H*W, C): a view when t is channels-last, else a copy."""
+    k, b, c, h, w = t.shape
+    return t.permute(0, 1, 3, 4, 2).reshape(k, b, h * w, c)
+
+
+def _from_hwc(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(k, B, H*W, C) contiguous -> (k, B, C, H, W) with channels-last memory (a view)."""
+    c, h, w = shape
+    return t.view(t.shape[0], t.shape[1], h, w, c).permute(0, 1, 4, 2, 3)
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.dim() == 5 and t.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
 class _Conv(_Step):
+    """Conv1d / Conv2d. 2-D tangents run channels-last (faster CPU kernels, no reorders)."""
+
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
         self.conv, self.conv_t = next(fns for cls, fns in _CONV.items() if isinstance(m, cls))
+        self.is_2d = self.conv is F.conv2d
 
     def forward(self, h):
         m = self.m
@@ -276,57 +301,77 @@ class _Conv(_Step):
         )
         return out
 
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        t = _lead(t)
+        return t.contiguous(memory_format=torch.channels_last) if self.is_2d else t
+
     def jvp(self, t, owned):
         m = self.m
-        out = self.conv(_lead(t), self.w, None, m.stride, m.padding, m.dilation, m.groups)
-        return out.reshape(t.shape[0], t.shape[1], *out.shape[1:])
+        out = self.conv(self._flat(t), self.w, None, m.stride, m.padding, m.dilation, m.groups)
+        return out.view(t.shape[0], t.shape[1], *out.shape[1:])
 
     def vjp(self, g, owned):
         m = self.m
-        if self.conv is F.conv2d and m.groups == 1 and m.in_channels <= 2:
-            # few input channels (a grayscale first layer): the transpose is a small matmul plus
+        flat = self._flat(g)
+        if self.is_2d and m.groups == 1 and m.in_channels <= 2:
+            # few input channels (a grayscale first layer): the transpose is one matmul plus
             # col2im (fold), several times faster than the general transposed-conv kernel on CPU
-            flat = _lead(g)
-            cols = torch.matmul(self.w.reshape(self.w.shape[0], -1).T, flat.reshape(flat.shape[0], flat.shape[1], -1))
+            n, c = flat.shape[:2]
+            g3 = flat.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # (N, C, H*W), a view of channels-last memory
+            cols = self.w.reshape(c, -1).T @ g3  # (N, C_in * kh * kw, H*W)
             res = F.fold(cols, self.in_size, self.w.shape[2:], m.dilation, m.padding, m.stride)
         else:
-            res = self.conv_t(_lead(g), self.w, None, m.stride, m.padding, self.output_padding, m.groups, m.dilation)
-        return res.reshape(g.shape[0], g.shape[1], *res.shape[1:])
+            res = self.conv_t(flat, self.w, None, m.stride, m.padding, self.output_padding, m.groups, m.dilation)
+        return res.view(g.shape[0], g.shape[1], *res.shape[1:])
 
 
 class _Mask(_Step):
     """Elementwise piecewise-linear activations: ReLU (slope 0 / 1) and LeakyReLU.
 
-    A ReLU right before a max-pool is folded into the pool (``folded``): the ReLU mask at
-    the pooled positions is just ``pooled > 0``, four times fewer entries for a 2x2 pool.
+    A ReLU right before a max-pool is folded into the pool (``folded``): max-pooling commutes
+    with the ReLU (``pool(relu(h)) = relu(pool(h))``, and both pick the same argmax wherever
+    the pooled value is > 0), so the pool runs on h and applies the ReLU and its mask
+    ``pooled > 0`` at the pooled size, four times fewer entries for a 2x2 pool.
     """
 
     folded = False
 
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
+        self._mask_cl: Optional[torch.Tensor] = None
 
     def forward(self, h):
+        self._mask_cl = None
         if isinstance(self.m, nn.LeakyReLU):
             # autograd's rule: slope 1 where the input is > 0, else negative_slope
             one = torch.ones((), dtype=h.dtype, device=h.device)
             self.mask = torch.where(h > 0, one, one * self.m.negative_slope)  # in h's dtype, not float32
             return self.m(h)
+        if self.folded:
+            return h  # the pool after it applies the ReLU to its (smaller) output
         out = self.m(h)
-        if not self.folded:
-            self.mask = (out > 0).to(out.dtype)  # relu's backward passes the gradient where the output is > 0
+        self.mask = (out > 0).to(out.dtype)  # relu's backward passes the gradient where the output is > 0
         return out
 
     def jvp(self, t, owned):
         if self.folded:
             return t
-        return t.mul_(self.mask) if owned else t * self.mask
+        mask = self.mask
+        if _is_cl(t):  # match the tangent's memory layout (converted once, on first use)
+            if self._mask_cl is None:
+                self._mask_cl = mask.contiguous(memory_format=torch.channels_last)
+            mask = self._mask_cl
+        return t.mul_(mask) if owned else t * mask
 
     vjp = jvp
 
 
 class _MaxPool(_Step):
-    """Max-pooling with x's argmax fixed: a gather forward, a scatter-add backward."""
+    """Max-pooling with x's argmax fixed: a gather forward, a scatter-add backward.
+
+    2-D pools keep their tangents channels-last: gathers and scatters run along the
+    spatial positions of (k, B, H*W, C) views.
+    """
 
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
@@ -335,31 +380,42 @@ class _MaxPool(_Step):
 
     def forward(self, h):
         m = self.m
-        src = h
-        if h.dim() == 4 and not h.is_contiguous(memory_format=torch.channels_last):
-            src = h.contiguous(memory_format=torch.channels_last)  # same values and argmax, faster kernel
+        self.is_2d = h.dim() == 4
+        src = h.contiguous(memory_format=torch.channels_last) if self.is_2d else h  # same values and argmax, faster kernel
         out, idx = self.pool(src, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
-        if out.dim() == 4 and h.is_contiguous():
-            out = out.contiguous()  # later layers see the layout model(x) gives them
         self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
-        self.idx = idx.reshape(1, *idx.shape[:2], -1)  # (1, B, C, L_out): flat input positions
-        if self.relu_mask is not None:
-            self.relu_mask = (out > 0).to(out.dtype)
+        if self.relu_mask is not None:  # the folded ReLU (see _Mask)
+            out = torch.relu(out)
+            self.relu_mask = (out > 0).to(out.dtype)  # (B, C, ...) in the pool's layout, like the tangents
+        if self.is_2d:
+            self.idx = _hwc(idx.unsqueeze(0))  # (1, B, h*w, C): flat input positions per channel
+            if h.is_contiguous():
+                out = out.contiguous()  # later layers see the layout model(x) gives them
+        else:
+            self.idx = idx.reshape(1, *idx.shape[:2], -1)  # (1, B, C, L_out)
         return out
 
     def jvp(self, t, owned):
         k = t.shape[0]
-        flat = t.reshape(k, *t.shape[1:3], -1)
-        res = flat.gather(3, self.idx.expand(k, *self.idx.shape[1:])).reshape(k, *t.shape[1:2], *self.out_shape)
+        idx = self.idx.expand(k, *self.idx.shape[1:])
+        if self.is_2d:
+            res = _from_hwc(_hwc(t).gather(2, idx), self.out_shape)
+        else:
+            res = t.reshape(k, *t.shape[1:3], -1).gather(3, idx).reshape(k, t.shape[1], *self.out_shape)
         return res if self.relu_mask is None else res.mul_(self.relu_mask)
 
     def vjp(self, g, owned):
         k, b = g.shape[:2]
         if self.relu_mask is not None:
             g = g.mul_(self.relu_mask) if owned else g * self.relu_mask
-        res = torch.zeros(k, b, self.in_shape[0], self.in_shape[1:].numel(), dtype=g.dtype, device=g.device)
+        idx = self.idx.expand(k, *self.idx.shape[1:])
         # scatter_add: overlapping windows may pick the same input twice
-        res.scatter_add_(3, self.idx.expand(k, *self.idx.shape[1:]), g.reshape(k, b, self.out_shape[0], -1))
+        if self.is_2d:
+            c = self.in_shape[0]
+            res = torch.zeros(k, b, self.in_shape[1:].numel(), c, dtype=g.dtype, device=g.device)
+            return _from_hwc(res.scatter_add_(2, idx, _hwc(g)), self.in_shape)
+        res = torch.zeros(k, b, self.in_shape[0], self.in_shape[1:].numel(), dtype=g.dtype, device=g.device)
+        res.scatter_add_(3, idx, g.reshape(k, b, self.out_shape[0], -1))
         return res.reshape(k, b, *self.in_shape)
 
 
@@ -578,7 +634,7 @@ class PatternLinearization:
             for step in reversed(self.steps):
                 g = step.vjp(g, owned)
                 owned = step.fresh or owned
-        return g
+        return g.contiguous()  # inner steps may leave a channels-last layout
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """J v: (B, *in) -> (B, d)."""
