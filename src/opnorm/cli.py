@@ -260,7 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         acc = clean if eps == 0 else robust_accuracy(
             model, x, y, eps=eps, p=p, steps=args.steps, restarts=args.restarts, loss=args.loss,
-            step_size=args.step_size, generator=gen, batch_size=args.batch_size)
+            step_size=args.step_size, generator=gen, batch_size=args.batch_size, progress=sys.stderr.isatty())
         rows.append({"eps": eps, "robust_accuracy": acc, "seconds": time.perf_counter() - t0})
 
     print(f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; PGD-{args.steps} (l_{_fmt(p)}, loss {args.loss}, "

@@ -182,14 +182,18 @@ def robust_accuracy(
     step_size: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> float:
-    """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy."""
+    """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
+
+    ``progress`` shows a bar over the batches (on stderr).
+    """
     from opnorm.attacks import pgd
 
     net = unwrap(model)
     device = next(net.parameters()).device
     correct = 0
-    for s in _batches(x.shape[0], batch_size):
+    for s in _bar(list(_batches(x.shape[0], batch_size)), progress, f"PGD eps={eps:g}"):
         xb, yb = x[s].to(device), y[s].to(device)
         if eps > 0:
             xb = pgd(net, xb, yb, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size,
@@ -215,12 +219,13 @@ def mean_operator_norm(
     return total / max(1, x.shape[0])
 
 
-def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device) -> dict[str, float]:
+def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False) -> dict[str, float]:
     # Own generators: evaluation never draws from the training RNG streams.
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
     xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]
     out = {"accuracy": accuracy(model, splits.test.x, splits.test.y)}
-    out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen)
+    out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen,
+                                             progress=show)
     out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
     return out
 
@@ -443,7 +448,7 @@ def _run(
                                    "seconds": time.perf_counter() - t0}
         if ctx.is_main:
             t1 = time.perf_counter()
-            metrics.update(_evaluate(model, splits, cfg, epoch, device))
+            metrics.update(_evaluate(model, splits, cfg, epoch, device, show))
             metrics["eval_seconds"] = time.perf_counter() - t1
         history.append(metrics)
         if ctx.is_main:
