@@ -84,8 +84,9 @@ def theorem_cases(model: nn.Module, x: torch.Tensor, cases: Sequence[tuple], ste
         res = verify_equivalence(net64, x64, p=p, q=q, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed))
         agree = res.agreement if res.agreement is not None else torch.ones_like(res.direction_gap)
         inside = agree.amin(dim=0) == 1.0  # (B,)
-        gap_in = res.direction_gap[:, inside].amax(dim=1) if inside.any() else torch.full((steps,), float("nan"))
-        loss_in = res.value_gap[:, inside].amax(dim=1) if inside.any() else torch.full((steps,), float("nan"))
+        # None (JSON null) when no point stayed inside: there is nothing to compare
+        gap_in = [float(g) for g in res.direction_gap[:, inside].amax(dim=1)] if inside.any() else [None] * steps
+        loss_in = [float(g) for g in res.value_gap[:, inside].amax(dim=1)] if inside.any() else [None] * steps
         out.append(
             {
                 "p": "inf" if p == math.inf else p,
@@ -95,8 +96,8 @@ def theorem_cases(model: nn.Module, x: torch.Tensor, cases: Sequence[tuple], ste
                 "inside_fraction": float(inside.double().mean()),
                 "iterate_gap": [float(g) for g in res.max_direction_gap()],
                 "loss_gap": [float(g) for g in res.max_value_gap()],
-                "iterate_gap_inside": [float(g) for g in gap_in],
-                "loss_gap_inside": [float(g) for g in loss_in],
+                "iterate_gap_inside": gap_in,
+                "loss_gap_inside": loss_in,
                 "agreement": [float(a) for a in agree.mean(dim=1)],
             }
         )

@@ -156,6 +156,10 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     return dict(PLOTS)
 
 
+def _max_or_na(values: list) -> str:
+    return "n/a" if values[0] is None else f"{max(values):.2e}"
+
+
 def _fmt_pct(a: float) -> str:
     return f"{100 * a:.1f}"
 
@@ -234,8 +238,8 @@ def render_markdown(results: dict) -> str:
     lines.append("|---|---|---|---|---|---|")
     for c in results["theorem"]["cases"]:
         lines.append(
-            f"| ({c['p']}, {c['q']}) | {c['eps']:g} | {100 * c['inside_fraction']:.0f}% of {c['points']} | {max(c['iterate_gap_inside']):.2e} | "
-            f"{max(c['loss_gap_inside']):.2e} | {max(c['iterate_gap']):.2e} |"
+            f"| ({c['p']}, {c['q']}) | {c['eps']:g} | {100 * c['inside_fraction']:.0f}% of {c['points']} | {_max_or_na(c['iterate_gap_inside'])} | "
+            f"{_max_or_na(c['loss_gap_inside'])} | {max(c['iterate_gap']):.2e} |"
         )
     lines.append("")
     lines.append("## Plots")
