@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("num-workers", int, "data loader workers"),
     ]:
         t.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ, help=help)
-    _bool_flag(t, "squared", "opnorm: penalize sigma^2 (default) or sigma")
+    _bool_flag(t, "squared", "opnorm / logit-at: penalize sigma^2 / the squared logit distance (default) or the plain value")
     _bool_flag(t, "dynamic", "opnorm: power iterations linearize inside the eps-ball")
+    _bool_flag(t, "scale-by-eps", "opnorm: penalize (eps sigma)^(2|1), the logit loss scale of logit-at (matched lam)")
     _bool_flag(t, "download", "download missing datasets (needs torchvision)")
     _bool_flag(t, "amp", "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     t.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",

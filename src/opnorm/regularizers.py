@@ -389,8 +389,11 @@ class AdversarialTrainingLoss(nn.Module):
         * ``"ce"``: Madry et al. PGD-AT: PGD with the cross-entropy loss, then
           cross-entropy on the batch in which the first ``round(adv_fraction * B)``
           examples are replaced by their adversarial versions (batches are shuffled).
-        * ``"logit"``: the same, with the attack maximizing the l_q logit loss
-          ``||f(x + delta) - f(x)||_q`` of the operator-norm theorem.
+        * ``"logit"``: l_q-logit adversarial training, the left side of the theorem of
+          PAPER.md section 4: ``CE(f(x), y) + lam * mean ||f(x + delta) - f(x)||_q^(1|2)``
+          over the attacked examples, delta from PGD on that same logit loss. With matched
+          eps and lam it equals ``OperatorNormRegularizer(..., scale_by_eps=True)`` inside
+          the linear region (``lam * (eps sigma)^(1|2)``).
         * ``"trades"``: ``CE(f(x), y) + beta * mean KL(softmax f(x) || softmax f(x_adv))``
           over the attacked examples, x_adv from PGD on the KL loss.
 
@@ -404,6 +407,8 @@ class AdversarialTrainingLoss(nn.Module):
         steps: PGD steps. step_size: per step (None: the attack's default, relative to eps).
         q: order of the logit loss (kind ``"logit"``).
         beta: TRADES weight (>= 0).
+        lam: weight of the logit penalty (kind ``"logit"``, >= 0). squared: penalize the
+            squared logit distance (the paper's d.d. SNR pairing) instead of the distance.
         adv_fraction: share of the batch that is attacked, in [0, 1] (1: Madry, 0.5: the
             paper's mix).
         random_start: start PGD at a random point of the ball. clip: the input box.
@@ -426,6 +431,8 @@ class AdversarialTrainingLoss(nn.Module):
         step_size: Optional[float] = None,
         q: Order = 2,
         beta: float = 6.0,
+        lam: float = 1.0,
+        squared: bool = True,
         adv_fraction: float = 1.0,
         random_start: bool = True,
         clip: Optional[tuple[float, float]] = (0.0, 1.0),
@@ -440,6 +447,8 @@ class AdversarialTrainingLoss(nn.Module):
         self.steps = _check_pos_int(steps, "steps")
         self.step_size = None if step_size is None else _check_nonneg(step_size, "step_size")
         self.beta = _check_nonneg(beta, "beta")
+        self.lam = _check_nonneg(lam, "lam")
+        self.squared = bool(squared)
         frac = _check_nonneg(adv_fraction, "adv_fraction")
         if frac > 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {adv_fraction!r}")
@@ -472,9 +481,12 @@ class AdversarialTrainingLoss(nn.Module):
         if m == 0 or self.eps == 0:
             return F.cross_entropy(forward(model, x), y)
         x_adv = self.attack(model, x[:m], y[:m])
-        if self.kind == "trades":
+        if self.kind in ("trades", "logit"):  # clean loss plus a term on the attacked examples
             out = forward(model, torch.cat([x, x_adv]))
             clean, adv = out[:B], out[B:]
+            if self.kind == "logit":
+                dist = lp_norm(_full(adv) - _full(clean[:m]), self.q)
+                return F.cross_entropy(_full(clean), y) + self.lam * (dist**2 if self.squared else dist).mean()
             log_p = F.log_softmax(_full(clean[:m]), dim=1)
             log_q = F.log_softmax(_full(adv), dim=1)
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()

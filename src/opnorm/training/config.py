@@ -39,7 +39,9 @@ _EPS = {
 
 # Penalty weights per method: opnorm multiplies sigma^2 (squared) or sigma; global-snr
 # multiplies the sum of squared layer spectral norms.
-DEFAULT_LAM = {"opnorm": {True: 0.02, False: 0.3}, "global-snr": 0.01}
+# logit-at multiplies the (squared) logit distance ||f(x + delta) - f(x)||_q^(2|1), which is
+# eps^(2|1) * sigma^(2|1) in the linear region (as opnorm with scale_by_eps).
+DEFAULT_LAM = {"opnorm": {True: 0.02, False: 0.3}, "global-snr": 0.01, "logit-at": {True: 0.1, False: 0.3}}
 DEFAULT_ITERS = {"opnorm": 10, "global-snr": 1}
 
 
@@ -72,7 +74,8 @@ class TrainConfig:
             (None: the model's default). data_dir / download / limit_train / limit_test:
             passed to ``load_dataset``.
     Method:
-        method: clean, pgd-at (Madry, CE attack), logit-at (attack on the l_q logit loss),
+        method: clean, pgd-at (Madry, CE attack), logit-at (CE + lam * the l_q logit loss
+            ||f(x + delta) - f(x)||_q^(2|1) at its PGD maximizer: the theorem's AT objective),
             opnorm (d.d. (p, q) operator norm regularization), global-snr (Yoshida & Miyato),
             trades.
         p, q: threat model l_p (attacks, opnorm's (p, q) pair, evaluation) and logit norm.
@@ -81,8 +84,9 @@ class TrainConfig:
         iters: power iterations per batch (opnorm: 10, global-snr: 1).
         steps / step_size: PGD steps and step length for training attacks (None: 2.5 eps / steps).
         adv_fraction: share of each batch replaced by adversarial examples (AT, TRADES).
-        beta: TRADES weight. penalty / squared / dynamic: opnorm's variants (see
-            ``OperatorNormRegularizer``).
+        beta: TRADES weight. penalty / squared / dynamic / scale_by_eps: opnorm's variants
+            (see ``OperatorNormRegularizer``; scale_by_eps=True penalizes (eps sigma)^(2|1),
+            matching logit-at's lam). squared also applies to logit-at.
     Optimization:
         epochs, batch_size (per process; the global batch is batch_size * world size under
         torchrun), lr, optimizer (sgd with momentum / adam), momentum, weight_decay,
@@ -112,6 +116,7 @@ class TrainConfig:
     penalty: str = "fd"
     squared: bool = True
     dynamic: bool = False
+    scale_by_eps: bool = False
     epochs: int = 10
     batch_size: int = 64
     lr: Optional[float] = None
@@ -203,7 +208,7 @@ class TrainConfig:
         c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
         if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
             raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
-        for name in ("squared", "dynamic", "download", "amp"):
+        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp"):
             if not isinstance(getattr(c, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.progress is not None and not isinstance(c.progress, bool):

@@ -120,7 +120,7 @@ class Objective(nn.Module):
         if cfg.method == "opnorm":
             self.reg = OperatorNormRegularizer(
                 cfg.p, cfg.q, cfg.eps, iters=cfg.iters, penalty=cfg.penalty, squared=cfg.squared,
-                lam=cfg.lam, dynamic=cfg.dynamic,
+                lam=cfg.lam, dynamic=cfg.dynamic, scale_by_eps=cfg.scale_by_eps,
             )
         elif cfg.method == "global-snr":
             self.reg = GlobalSpectralNormRegularizer(model, iters=cfg.iters, lam=cfg.lam, seed=cfg.seed)
@@ -128,7 +128,7 @@ class Objective(nn.Module):
             kind = {"pgd-at": "ce", "logit-at": "logit", "trades": "trades"}[cfg.method]
             self.at = AdversarialTrainingLoss(
                 kind, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size, q=cfg.q,
-                beta=cfg.beta, adv_fraction=cfg.adv_fraction,
+                beta=cfg.beta, lam=cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
             )
 
     def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None):
