@@ -389,6 +389,8 @@ def test_bad_input_raises_clear_errors():
         opnorm.pgd(MODEL, x, y, eps=0.1, steps=0)
     with pytest.raises(ValueError, match="restarts"):
         opnorm.pgd(MODEL, x, y, eps=0.1, restarts=0)
+    with pytest.raises(ValueError, match="restarts > 1"):
+        opnorm.pgd(MODEL, x, y, eps=0.1, restarts=2, random_start=False)
     with pytest.raises(ValueError, match="'ce', 'cw', 'logit', 'kl'"):
         opnorm.pgd(MODEL, x, y, eps=0.1, loss="hinge")
     with pytest.raises(ValueError, match="outside clip"):

@@ -259,7 +259,8 @@ def pgd(
         eps: radius, a float or a (B,) tensor, >= 0.
         p: 1, 2 or inf (any form accepted by :func:`opnorm.norms.norm_order`).
         loss: "ce", "cw", "logit", "kl" (see :mod:`opnorm.losses`) or a callable
-            ``(logits_adv, logits_clean, y) -> (B,)``.
+            ``(logits_adv, logits_clean, y) -> (B,)``. "logit" and "kl" have no useful gradient
+            at delta = 0 and need a nonzero start (random_start or delta0), else ValueError.
         q: norm order of the "logit" loss ``||f(x + delta) - f(x)||_q``.
         steps: number of steps (>= 1); one forward and one backward each.
         step_size: step length in l_p; None gives :func:`default_step_size` = 2.5 eps / steps;
@@ -313,8 +314,10 @@ def pgd(
                              f"{tuple(delta0.shape) if isinstance(delta0, torch.Tensor) else type(delta0).__name__}")
         if not torch.isfinite(delta0).all():
             raise ValueError("delta0 contains NaN or inf values")
-        if restarts > 1:
-            raise ValueError("restarts > 1 would repeat the same run from delta0; use random starts (delta0=None) or restarts=1")
+
+    if restarts > 1 and (delta0 is not None or not random_start):
+        raise ValueError("restarts > 1 would repeat the same run from a fixed start; "
+                         "use random_start=True without delta0, or restarts=1")
 
     net = unwrap(model)
     modes = eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext(net)
