@@ -28,14 +28,19 @@ def trained_digits_model():
     torch.manual_seed(0)  # the initialization
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        order = train[torch.randperm(len(train), generator=g)]
-        for i in range(0, len(order), 100):
-            b = order[i : i + 100]
-            loss = nn.functional.cross_entropy(model(X[b]), Y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, deterministic, and robust to a busy machine
+    try:
+        for _ in range(30):
+            order = train[torch.randperm(len(train), generator=g)]
+            for i in range(0, len(order), 100):
+                b = order[i : i + 100]
+                loss = nn.functional.cross_entropy(model(X[b]), Y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     for prm in model.parameters():
         prm.grad = None
