@@ -173,6 +173,9 @@ def routes(registry_model: Optional[nn.Module]) -> list[dict]:
         for k in (2, 3, 4) if route == "autograd" else (1, 2, 3, 4, 5, 10):
             add(f"lanczos ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="lanczos", iters=k, tol=0, route=r, generator=g).sigma,
                 "lanczos", route, k)
+    for tol in (1e-2, 1e-3, 1e-4):
+        add(f"lanczos (pattern), tol={tol:g}", lambda m, x, g, t=tol: operator_norm(m, x, method="lanczos", iters=10, tol=t, route="pattern", generator=g).sigma,
+            "lanczos", "pattern", 10, "each example stops when its estimate moves by <= tol; the batch shrinks")
     add("exact (autograd), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="autograd").sigma, "exact", "autograd")
     add("exact (pattern), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="pattern").sigma, "exact", "pattern")
     add("exact (pattern), SVD of J", lambda m, x, g: pattern_exact_svd(m, x), "exact", "pattern", None, "SVD instead of the d x d Gram eigh")
@@ -297,7 +300,7 @@ NOTES = [
     "power (autograd) uses opnorm.jacobian.Linearization: J^T u on one retained graph, J v by differentiating the VJP "
     "graph (double backward); the torch.func.jvp and forward_ad variants re-run the forward for every J v.",
     "stacked VJPs (several basis vectors per call) were measured and are not faster than one at a time here "
-    "(bigger temporaries); jacobian_of's default stacks as many as fit in 2^24 activation entries.",
+    "(bigger temporaries fall out of the caches); jacobian_of's default for the pattern route is one at a time.",
     "random-init errors: spectra of untrained nets are flatter (sigma_2 / sigma_1 closer to 1), so Krylov methods need "
     "more iterations there; the timings do not depend on the weights.",
 ]

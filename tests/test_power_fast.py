@@ -133,7 +133,7 @@ def test_pattern_route_is_exact(name):
     applies, _ = pattern_support(net)
     assert applies
     lin = PatternLinearization(net, x)
-    torch.testing.assert_close(lin.logits, net(x), rtol=0, atol=0)  # the replayed forward is the model's
+    torch.testing.assert_close(lin.logits, net(x), rtol=1e-12, atol=1e-14)  # the recording pass is the model's forward
     close(jacobian(net, x, route="pattern").reshape(B, d, n), ref)
     close(jacobian_of(lin, chunk=2).reshape(B, d, n), ref)
     g = torch.Generator().manual_seed(1)
@@ -387,3 +387,43 @@ def test_subspace_iteration_on_stacks(route):
     got = singular_values(net, x, 3, method="power", iters=500, tol=1e-13, route=route, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(singular_values(net, x, 3, method="exact", route=route), ref, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- per-example stopping
+
+
+def test_select_restricts_to_rows():
+    """lin.select(rows) is J of those examples, with no new forward pass."""
+    for name in ("cnn", "bn"):  # cnn: a fallback module (Affine) needs its own local graph
+        net, x = build(name, batch=6)
+        ref = reference_jacobian(net, x)
+        rows = torch.tensor([4, 1, 3])
+        sub = PatternLinearization(net, x).select(rows)
+        close(jacobian_of(sub).reshape(3, *ref.shape[1:]), ref[rows])
+        torch.testing.assert_close(sub.logits, net(x)[rows])
+
+
+@pytest.mark.parametrize("route", ["pattern", "autograd"])
+def test_lanczos_stops_per_example(route):
+    """With a tolerance each example stops when its estimate settles; the batch shrinks on
+    the pattern route. Results must match running every example to the end."""
+    net, x = build("cnn", batch=8)
+    top = torch.linalg.svdvals(reference_jacobian(net, x))[:, 0]
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    res = operator_norm(net, x, method="lanczos", iters=7, tol=1e-3, route=route, generator=g())
+    assert res.converged.all()
+    assert torch.all(res.sigma <= top * (1 + 1e-12))
+    assert torch.all((top - res.sigma) / top < 1e-2)
+    J = reference_jacobian(net, x)
+    Jv = torch.einsum("bdn,bn->bd", J, res.v.reshape(x.shape[0], -1))
+    torch.testing.assert_close(Jv.norm(dim=1), res.sigma, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(res.u, Jv / res.sigma[:, None], rtol=1e-8, atol=1e-12)
+    # each example stops at the first k whose estimate moved by <= tol: the fixed-k run's value
+    est = torch.stack([operator_norm(net, x, method="lanczos", iters=k, tol=0, route=route, generator=g()).sigma for k in range(1, 8)])
+    moved = (est - torch.cat([torch.zeros_like(est[:1]), est[:-1]])).abs() <= 1e-3 * est
+    moved[-1] = True  # d = 7 iterations exhaust the output space
+    stop = moved.int().argmax(dim=0)
+    torch.testing.assert_close(res.sigma, est[stop, torch.arange(x.shape[0])], rtol=1e-10, atol=0)
+    assert res.iterations == int(stop.max()) + 1 and stop.min() < stop.max()  # examples did stop at different steps
+    tight = operator_norm(net, x, method="lanczos", iters=7, tol=1e-12, route=route, generator=g())
+    torch.testing.assert_close(tight.sigma, top, rtol=1e-10, atol=0)

@@ -20,6 +20,7 @@ differentiated by autograd, and :func:`pattern_support` says which and why).
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -239,6 +240,10 @@ class _Step:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def select(self, rows: torch.Tensor) -> "_Step":
+        """This step for the examples ``rows`` only (steps without per-example state are shared)."""
+        return self
+
     def jvp(self, t: torch.Tensor, owned: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -281,7 +286,8 @@ def _is_cl(t: torch.Tensor) -> bool:
 
 
 class _Conv(_Step):
-    """Conv1d / Conv2d. 2-D tangents run channels-last (faster CPU kernels, no reorders)."""
+    """Conv1d / Conv2d. 2-D maps run channels-last, in the recording pass too (faster CPU
+    kernels, no reorders; the values equal model(x)'s up to float rounding)."""
 
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
@@ -291,6 +297,8 @@ class _Conv(_Step):
     def forward(self, h):
         m = self.m
         self.w = m.weight.detach()
+        if self.is_2d:  # channels-last: the same values up to float rounding, and faster on CPU
+            h = h.to(memory_format=torch.channels_last)
         out = m(h)
         # the transposed convolution maps back onto exactly the input size
         k = self.w.shape[2:]
@@ -303,7 +311,7 @@ class _Conv(_Step):
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         t = _lead(t)
-        return t.contiguous(memory_format=torch.channels_last) if self.is_2d else t
+        return t.to(memory_format=torch.channels_last) if self.is_2d else t
 
     def jvp(self, t, owned):
         m = self.m
@@ -353,6 +361,13 @@ class _Mask(_Step):
         self.mask = (out > 0).to(out.dtype)  # relu's backward passes the gradient where the output is > 0
         return out
 
+    def select(self, rows):
+        if self.folded:
+            return self
+        step = copy.copy(self)
+        step.mask, step._mask_cl = self.mask[rows], None
+        return step
+
     def jvp(self, t, owned):
         if self.folded:
             return t
@@ -381,7 +396,8 @@ class _MaxPool(_Step):
     def forward(self, h):
         m = self.m
         self.is_2d = h.dim() == 4
-        src = h.contiguous(memory_format=torch.channels_last) if self.is_2d else h  # same values and argmax, faster kernel
+        # channels-last: the same values and argmax, and a much faster CPU kernel than contiguous
+        src = h.to(memory_format=torch.channels_last) if self.is_2d else h
         out, idx = self.pool(src, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
         self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
         if self.relu_mask is not None:  # the folded ReLU (see _Mask)
@@ -389,11 +405,16 @@ class _MaxPool(_Step):
             self.relu_mask = (out > 0).to(out.dtype)  # (B, C, ...) in the pool's layout, like the tangents
         if self.is_2d:
             self.idx = _hwc(idx.unsqueeze(0))  # (1, B, h*w, C): flat input positions per channel
-            if h.is_contiguous():
-                out = out.contiguous()  # later layers see the layout model(x) gives them
         else:
             self.idx = idx.reshape(1, *idx.shape[:2], -1)  # (1, B, C, L_out)
         return out
+
+    def select(self, rows):
+        step = copy.copy(self)
+        step.idx = self.idx[:, rows]
+        if self.relu_mask is not None:
+            step.relu_mask = self.relu_mask[rows]
+        return step
 
     def jvp(self, t, owned):
         k = t.shape[0]
@@ -480,6 +501,11 @@ class _Autograd(_Step):
                 (jt,) = torch.autograd.grad(out, self.hin, grad_outputs=self.u, create_graph=True, allow_unused=True)
             self.jt = jt  # J^T u as a function of u: differentiating it in u gives J v
         return out.detach()
+
+    def select(self, rows):
+        step = _Autograd(self.m, self.name, self.reason)
+        step.forward(self.hin.detach()[rows])  # a new local graph for those examples
+        return step
 
     def jvp(self, t, owned):
         if self.jt is None or self.jt.grad_fn is None:
@@ -607,12 +633,10 @@ class PatternLinearization:
         self.steps = _fold(_build_steps(model, ""))
         self.fallbacks = [f"{s.name}: {s.reason}" for s in self.steps if isinstance(s, _Autograd)]
         self.x_shape = x.shape
-        self.widest = x.numel()  # the largest activation (B * size): sizes the stacks of jacobian_of
         with torch.no_grad():
             h = x.detach()
             for step in self.steps:
                 h = step.forward(h)
-                self.widest = max(self.widest, h.numel())
         self.logits = _check_output(h, x.shape[0])
         self.out = self.logits
 
@@ -643,6 +667,15 @@ class PatternLinearization:
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         """J^T u: (B, d) -> (B, *in)."""
         return self.rmatmat(u.unsqueeze(0))[0]
+
+    def select(self, rows: torch.Tensor) -> "PatternLinearization":
+        """The operator for the examples ``rows`` only (a 1-D index tensor), without a new forward
+        pass: iterative methods shrink their batch as examples converge."""
+        sub = copy.copy(self)
+        sub.steps = [step.select(rows) for step in self.steps]
+        sub.logits = sub.out = self.logits[rows]
+        sub.x_shape = torch.Size((len(rows), *self.x_shape[1:]))
+        return sub
 
 
 LinearOperator = Union[Linearization, PatternLinearization]
@@ -689,8 +722,8 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: O
         model: f: (B, *in) -> (B, d). x: (B, *in).
         route: how the VJPs are computed, as in :func:`linearize`: "auto" (the pattern
             route for plain ``nn.Sequential`` models, else autograd), "pattern", "autograd".
-        chunk: basis vectors per batched VJP (pattern route; default: as many as fit in
-            about 2^24 activation entries). Only memory and speed depend on it.
+        chunk: basis vectors per stacked VJP (default: all of them for autograd, one for the
+            pattern route). Only memory and speed depend on it.
 
     Example:
         >>> J = jacobian(model, x)     # (B, d, *x.shape[1:])
@@ -719,7 +752,7 @@ def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tenso
 
     Args:
         lin: a :class:`PatternLinearization` or :class:`Linearization`.
-        chunk: basis vectors per rmatmat call (default: fit about 2^24 activation entries).
+        chunk: basis vectors per rmatmat call (default: d for autograd, 1 for the pattern route).
     """
     basis = _basis(lin.logits)
     d = basis.shape[0]
@@ -731,6 +764,7 @@ def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tenso
     return rows.transpose(0, 1).contiguous()
 
 
-def _default_chunk(lin: LinearOperator, budget: int = 1 << 24) -> int:
-    widest = lin.x.numel() if isinstance(lin, Linearization) else lin.widest
-    return max(1, budget // max(1, widest))
+def _default_chunk(lin: LinearOperator) -> int:
+    # autograd: one vmapped backward for the whole basis; pattern: one vector at a time, as
+    # stacking only grows the temporaries past the caches (measured by benchmarks/operator_norm.py)
+    return lin.logits.shape[1] if isinstance(lin, Linearization) else 1

@@ -166,6 +166,18 @@ def _unit(w: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return w * (live / safe)[:, None], norm * live
 
 
+def _padded(ops: tuple[Callable, Callable], rows: torch.Tensor, B: int) -> tuple[Callable, Callable]:
+    """(matvec, rmatvec) of the full batch applied to the examples ``rows`` (zeros elsewhere)."""
+    matvec, rmatvec = ops
+
+    def pad(z: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(B, *z.shape[1:], dtype=z.dtype, device=z.device)
+        full[rows] = z
+        return full
+
+    return (lambda v: matvec(pad(v))[rows]), (lambda u: rmatvec(pad(u))[rows])
+
+
 def lanczos_iteration(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     rmatvec: Callable[[torch.Tensor], torch.Tensor],
@@ -173,6 +185,7 @@ def lanczos_iteration(
     *,
     iters: int,
     tol: float = 0.0,
+    select: Optional[Callable[[torch.Tensor], tuple[Callable, Callable]]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Top singular triplet of J by Golub-Kahan-Lanczos bidiagonalization, batched.
 
@@ -183,15 +196,21 @@ def lanczos_iteration(
     power method's k-th iterate lies in the same spaces). After d iterations the output
     space is exhausted and the result is exact up to rounding.
 
+    Each example stops on its own once its estimate changes by at most ``tol`` (relative)
+    in one iteration (its result is frozen there); with ``select`` the later products run
+    on the unconverged examples only, so a few slow examples cost little.
+
     Args:
         matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
         u0: (B, d) start (normalized here; a zero row starts at e_1).
-        iters: maximum iterations. tol: stop when every example's estimate changed by at
-            most ``tol`` relative to it (0: run all ``iters``, or until the space is exhausted).
+        iters: maximum iterations. tol: per-example relative stopping tolerance (0: run all
+            ``iters``, or until the space is exhausted).
+        select: optional ``rows -> (matvec, rmatvec)`` of the same J restricted to the
+            examples ``rows`` (e.g. ``PatternLinearization.select``).
 
     Returns:
-        (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations, converged (B,)) with
-        ``J v = sigma u`` up to rounding, so v attains sigma.
+        (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations (the most any example ran),
+        converged (B,)) with ``J v = sigma u`` up to rounding, so v attains sigma.
 
     Example:
         >>> lin = opnorm.jacobian.linearize(model, x)
@@ -200,43 +219,67 @@ def lanczos_iteration(
     B, d = u0.shape
     dtype, device = u0.dtype, u0.device
     eps = torch.finfo(dtype).eps
-    zero = torch.zeros(B, dtype=dtype, device=device)
     e1 = torch.zeros_like(u0)
     e1[:, 0] = 1
-    Us = torch.zeros(B, iters + 1, d, dtype=dtype, device=device)  # orthonormal rows: the output-space basis
-    Us[:, 0], _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), zero)
-    Vs: Optional[torch.Tensor] = None  # (B, iters, n), allocated once n is known
+    rows = torch.arange(B, device=device)  # the examples still iterating (global indices)
+    # rows of Us / Vs are read only once written: no need to zero them
+    Us = torch.empty(B, iters + 1, d, dtype=dtype, device=device)  # orthonormal rows: the output-space basis
+    Us[:, 0], _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), torch.zeros(B, dtype=dtype, device=device))
+    Vs: Optional[torch.Tensor] = None  # (A, iters, n), allocated once n is known
     Bk = torch.zeros(B, iters + 1, iters, dtype=dtype, device=device)  # alphas on the diagonal, betas below
-    sigma, converged = zero, torch.zeros(B, dtype=torch.bool, device=device)
+    sigma = torch.zeros(B, dtype=dtype, device=device)
+    converged = torch.zeros(B, dtype=torch.bool, device=device)
+    out_sigma, out_conv = torch.zeros_like(sigma), torch.zeros_like(converged)
+    out_u = torch.zeros_like(u0)
+    out_v: Optional[torch.Tensor] = None
     shape = None
+
+    def finish(keep: torch.Tensor, k: int) -> None:
+        """Write the results of the active examples not in ``keep`` (a bool mask)."""
+        nonlocal out_v
+        done = ~keep
+        P, S, Qh = torch.linalg.svd(Bk[done, : k + 1, :k], full_matrices=False)
+        v = torch.bmm(Qh[:, :1, :], Vs[done, :k]).squeeze(1)  # V_k q_1
+        if out_v is None:
+            out_v = torch.zeros(B, v.shape[1], dtype=dtype, device=device)
+        ids = rows[done]
+        out_v[ids] = v
+        out_u[ids] = torch.bmm(P[:, :, :1].transpose(1, 2), Us[done, : k + 1]).squeeze(1)  # U_{k+1} p_1
+        out_sigma[ids], out_conv[ids] = S[:, 0], converged[done]
+
+    full = (matvec, rmatvec)
     k = 0
     for k in range(1, iters + 1):
         j = k - 1
         p = rmatvec(Us[:, j])
-        shape = p.shape
-        p = p.reshape(B, -1)
+        shape = p.shape[1:]
+        p = p.reshape(len(rows), -1)
         if Vs is None:
-            Vs = torch.zeros(B, iters, p.shape[1], dtype=dtype, device=device)
+            Vs = torch.empty(B, iters, p.shape[1], dtype=dtype, device=device)
         else:
             p = _orthogonalize(p - Bk[:, j, j - 1, None] * Vs[:, j - 1], Vs[:, :j])
         # below these floors the new direction is rounding noise: that example's Krylov space is exhausted
         Vs[:, j], alpha = _unit(p, 8 * d * eps * sigma)
-        q = matvec(Vs[:, j].reshape(shape)).reshape(B, d) - alpha[:, None] * Us[:, j]
+        q = matvec(Vs[:, j].reshape(len(rows), *shape)).reshape(len(rows), d) - alpha[:, None] * Us[:, j]
         Us[:, k], beta = _unit(_orthogonalize(q, Us[:, :k]), 8 * d * eps * torch.maximum(sigma, alpha))
         Bk[:, j, j], Bk[:, k, j] = alpha, beta
         exhausted = (alpha == 0) | (beta == 0)
         if tol > 0 or k == iters or bool(exhausted.all()):
-            S = torch.linalg.svdvals(Bk[:, : k + 1, :k])
-            converged = exhausted | ((S[:, 0] - sigma).abs() <= tol * S[:, 0])
-            sigma = S[:, 0]
-            if (tol > 0 or bool(exhausted.all())) and bool(converged.all()):
-                break
+            new = torch.linalg.svdvals(Bk[:, : k + 1, :k])[:, 0]
+            converged = converged | exhausted | ((new - sigma).abs() <= tol * new)
+            sigma = new
+        keep = ~converged
+        if k == iters or not bool(keep.any()):
+            break
+        if int(keep.sum()) <= 0.9 * len(rows):
+            # freeze the converged examples; later products run on the rest only (with select)
+            finish(keep, k)
+            rows, Us, Vs, Bk, sigma, converged = rows[keep], Us[keep], Vs[keep], Bk[keep], sigma[keep], converged[keep]
+            matvec, rmatvec = select(rows) if select is not None else _padded(full, rows, B)
     assert shape is not None and Vs is not None
-    P, S, Qh = torch.linalg.svd(Bk[:, : k + 1, :k], full_matrices=False)
-    sigma = S[:, 0]
-    v = torch.bmm(Qh[:, :1, :], Vs[:, :k]).squeeze(1)  # V_k q_1
-    u = torch.bmm(P[:, :, :1].transpose(1, 2), Us[:, : k + 1]).squeeze(1)  # U_{k+1} p_1
-    return sigma, v.reshape(shape), u, k, converged
+    finish(torch.zeros(len(rows), dtype=torch.bool, device=device), k)
+    assert out_v is not None
+    return out_sigma, out_v.reshape(B, *shape), out_u, k, out_conv
 
 
 # ----------------------------------------------------------------------------- exact forms
@@ -426,7 +469,10 @@ def operator_norm(
             res = _exact(lin, x, p, q, max_enumerate, restarts, generator)
         elif method == "lanczos":
             u0 = lin.matvec(v0) if v0 is not None else _logit_start(lin.logits, generator)
-            sigma, v, u, k, converged = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, tol=tol)
+            select = None
+            if hasattr(lin, "select"):
+                select = lambda rows: (lambda sub: (sub.matvec, sub.rmatvec))(lin.select(rows))  # noqa: E731
+            sigma, v, u, k, converged = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, tol=tol, select=select)
             res = OperatorNormResult(sigma, v.detach(), u, k, converged, "lanczos", torch.zeros_like(converged))
         else:
             if v0 is None:
