@@ -4,15 +4,23 @@ regularization, and adversarial training (PGD-AT, l_q-logit AT, TRADES).
 Every term is an ``nn.Module`` added to the task loss, e.g.::
 
     >>> reg = OperatorNormRegularizer(p=2, q=2, eps=0.1, lam=0.01)
-    >>> loss = F.cross_entropy(model(x), y) + reg(model, x)
+    >>> logits, pen = reg.joint(model, x, index)     # index: the batch's dataset indices
+    >>> (F.cross_entropy(logits, y) + pen).backward()
 
 How the (p, q) operator norm penalty is computed (PAPER.md section 4):
 
-1. **Power method, no weight gradients.** ``iters`` steps of the (p, q) power method on
-   J(x) in eval mode (BatchNorm uses running statistics; every example has its own J),
+1. **The direction v, no weight gradients.** Explicit steps of the (p, q) power method
+   on J(x) in eval mode (BatchNorm uses running statistics; every example has its own J),
    on the unwrapped model, with autocast disabled. It gives the direction ``v`` (unit
    l_p), ``u = psi_q(J v)`` and ``sigma = ||J v||_q``, a lower bound on ``||J(x)||_{p->q}``
-   (:attr:`OperatorNormRegularizer.last_sigma`).
+   (:attr:`OperatorNormRegularizer.last_sigma`). The paper's configuration
+   (``mode="paper"``) runs 10 of them per batch from random starts. The default
+   (``mode="fast"``) keeps every example's v in a bank indexed by dataset index, runs 3
+   explicit steps on an example's first visit only, and advances the stored v by one
+   power step per visit for free: the input gradient of the fd penalty, which the
+   training backward computes along with the weight gradients, is ``J^T psi_q(J v)`` up
+   to a positive factor (see :class:`OperatorNormRegularizer`). A training step then costs
+   one forward of ``[x; x + eps v]`` and one backward (``benchmarks/fast_regularizer.py``).
 2. **Differentiable penalty with u, v held fixed** (Danskin), through the model as passed
    (a DDP wrapper included, so that its gradients are all-reduced) in its current mode:
 
@@ -43,13 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opnorm.jacobian import Linearization, check_inputs, eval_mode, forward, unwrap
-from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order
+from opnorm.jacobian import ROUTES, check_inputs, eval_mode, forward, linearize, unwrap
+from opnorm.norms import Order, clip_box, conjugate, duality_map, lp_norm, norm_order
 from opnorm.power import OperatorNormResult, power_iteration, random_unit
 
 __all__ = [
     "PENALTIES",
+    "MODES",
     "AT_KINDS",
+    "mixes_examples",
     "OperatorNormRegularizer",
     "GlobalSpectralNormRegularizer",
     "AdversarialTrainingLoss",
@@ -88,44 +98,115 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- d.d. operator norm
 
+MODES = ("fast", "paper")
+PAPER_ITERS = 10  # the paper: 10 power iterations per batch, from a random start
+FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit (benchmarks/fast_regularizer.py)
+
+
+def _check_nonneg_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_box(clip) -> Optional[tuple[float, float]]:
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(c) for c in clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"clip must be None or a pair (lo, hi) of floats, got {clip!r}") from None
+    if not lo < hi:
+        raise ValueError(f"clip must be (lo, hi) with lo < hi, got {clip!r}")
+    return lo, hi
+
+
+def mixes_examples(model: nn.Module) -> bool:
+    """True when one example's output depends on the others': BatchNorm using batch statistics
+    (training mode, or no running statistics). Then input gradients of a batch loss are not
+    per-example J^T u, and the free power iteration is not used."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in unwrap(model).modules()
+    )
+
 
 class OperatorNormRegularizer(nn.Module):
     """Data-dependent (p, q) operator norm penalty ``lam * mean_b ||J(x_b)||_{p->q}^(1|2)``.
+
+    Two configurations (``mode``), computing the same penalty with different direction solvers:
+
+    * ``"fast"`` (default): each example's direction v is kept between visits in a bank
+      indexed by dataset index (``index=``). On its first visit an example gets ``iters``
+      (default 3) explicit power iterations from a random start; afterwards none: the fd
+      penalty's forward point ``x_p = x + eps v`` is a leaf requiring grad, and the training
+      backward, which computes the weight gradients anyway, also gives
+      ``grad_{x_p} penalty = c * J(x_p)^T psi_q(f(x_p) - f(x))`` with c > 0. Its duality map
+      ``psi_{p*}`` is the next direction, stored for the next visit (a hook on x_p). Inside the
+      linear region ``f(x_p) - f(x) = eps J v``, so this is exactly one (p, q) power
+      iteration ``v' = psi_{p*}(J^T psi_q(J v))`` (in general: one PGA step with infinite step
+      size, PAPER.md section 4). A step then costs one forward of ``[x; x_p]`` and one
+      backward, about twice a clean step.
+    * ``"paper"``: ``iters`` (default 10) power iterations per batch from a random start,
+      nothing kept between batches (the paper's d.d. SNR). :meth:`paper` builds it.
+
+    The free update needs: the fd penalty, warm starts with ``index``, and a model whose
+    examples do not interact. With BatchNorm using batch statistics (:func:`mixes_examples`,
+    e.g. in training mode) the input gradient mixes examples, so warm examples get
+    ``max(warm_iters, 1)`` explicit eval-mode iterations instead; so does the exact penalty
+    (its input gradient is not J^T u). Without ``index`` every example is cold.
 
     Args:
         p, q: norm orders (1 <= p, q <= inf; float, int or "inf"). (2, 2) is the spectral norm.
         eps: the radius of the finite difference / the dynamic power method (>= 0;
             ``penalty="fd"`` needs eps > 0).
-        iters: power iterations per batch (>= 1).
+        mode: ``"fast"`` or ``"paper"``; sets the defaults of iters, warm_iters, warm_start
+            and free_update.
+        iters: power iterations for an example without a stored direction (>= 1; fast: 3,
+            paper: 10).
+        warm_iters: explicit iterations for an example with a stored direction (>= 0; fast:
+            0 with the free update, else 1; paper: ``iters``).
         penalty: ``"fd"`` (finite difference, the paper's code) or ``"exact"`` (``<u, J v>``
             by double backward). See the module docstring for what equals what.
         squared: penalize ``sigma^2`` (the paper's d.d. SNR) instead of ``sigma``.
         lam: weight (>= 0).
-        dynamic: the paper code's variant in which power iteration k linearizes at
-            ``x + eps * v_{k-1}`` instead of at x (the point moves inside the eps-ball, as
-            PGA iterates do beyond the linear region). u, sigma are then taken at x.
+        dynamic: the paper code's variant in which explicit power iteration k linearizes at
+            ``x + eps * v_{k-1}`` instead of at x. u, sigma are then taken at x.
         scale_by_eps: multiply the per-example ``s`` by eps (the adversarial logit-loss scale).
-        warm_start: start each example's power method from its last ``v`` (needs the
-            ``index`` argument; vectors kept in memory on the CPU, not in ``state_dict``).
+        warm_start: keep each example's direction in the bank (fast: True, paper: False).
+        free_update: update the bank from the training backward (fast: True, paper: False).
+        clip: ``(lo, hi)``: clamp the fd point ``x + eps v`` into the input box, as attacks
+            do, so the penalty measures a feasible perturbation (None: no clamp). The fd value
+            keeps dividing by eps.
+        route: how J is accessed by explicit iterations (:func:`opnorm.jacobian.linearize`):
+            "auto" (the exact pattern replay for plain ReLU Sequentials, else autograd),
+            "pattern", "autograd".
         generator: seeds the random start vectors (default: the global RNG).
 
     Forward:
         ``reg(model, x, index=None, logits=None) -> scalar``. ``x``: (B, *in) inputs;
-        ``index``: (B,) dataset indices (for per-example state such as warm starts);
-        ``logits``: the clean logits f(x) the caller already computed (fd then needs only
-        one more forward, of ``x + eps v``; ignored by ``penalty="exact"``, which needs a
-        forward of x with x requiring grad). Under DDP use :meth:`joint`, which does a
-        single forward through the wrapper.
+        ``index``: (B,) integer dataset indices (the bank's rows); ``logits``: the clean
+        logits f(x) the caller already computed (fd then needs only one more forward, of
+        ``x + eps v``; ignored by ``penalty="exact"``). Under DDP use :meth:`joint`, which
+        does a single forward through the wrapper. The free update happens during the
+        caller's ``backward()`` of a loss containing the penalty.
 
     Attributes:
-        last_sigma: (B,) power-method estimates of ``||J(x_b)||_{p->q}`` from the last call.
-        last_v: (B, *in) their directions.
+        last_sigma: (B,) estimates of ``||J(x_b)||_{p->q}`` from the last call: the power
+            method's ``||J v||_q`` where explicit iterations ran, else the fd value
+            ``||f(x + eps v) - f(x)||_q / eps`` of the penalty forward.
+        last_v: (B, *in) the directions the penalty used.
+        bank, seen: buffers (saved in ``state_dict``, so checkpoints resume exactly): the
+            stored directions (N, *in) (int8 signs for p = inf, else x's dtype) and a (N,)
+            flag per example; grown on demand to the largest index seen.
 
     Example:
-        >>> reg = OperatorNormRegularizer(p=2, q=2, eps=0.1, lam=0.01)
-        >>> logits, pen = reg.joint(model, x)          # one forward for loss and penalty
-        >>> loss = F.cross_entropy(logits, y) + pen
-        >>> reg.last_sigma.mean()
+        >>> reg = OperatorNormRegularizer("inf", 2, eps=0.1, lam=0.02, clip=(0, 1))  # fast
+        >>> logits, pen = reg.joint(model, x, index)   # one forward for loss and penalty
+        >>> (F.cross_entropy(logits, y) + pen).backward()   # also stores the next directions
+        >>> paper = OperatorNormRegularizer.paper("inf", 2, eps=0.1, lam=0.02)
     """
 
     def __init__(
@@ -134,20 +215,29 @@ class OperatorNormRegularizer(nn.Module):
         q: Order = 2,
         eps: float = 0.1,
         *,
-        iters: int = 10,
+        mode: str = "fast",
+        iters: Optional[int] = None,
+        warm_iters: Optional[int] = None,
         penalty: str = "fd",
         squared: bool = True,
         lam: float = 1.0,
         dynamic: bool = False,
         scale_by_eps: bool = False,
-        warm_start: bool = False,
+        warm_start: Optional[bool] = None,
+        free_update: Optional[bool] = None,
+        clip: Optional[tuple[float, float]] = None,
+        route: str = "auto",
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        fast = mode == "fast"
         self.p = norm_order(p, "p")
         self.q = norm_order(q, "q")
         self.eps = _check_nonneg(eps, "eps")
-        self.iters = _check_pos_int(iters, "iters")
+        self.iters = _check_pos_int(iters if iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "iters")
         if penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
         self.penalty = penalty
@@ -157,68 +247,224 @@ class OperatorNormRegularizer(nn.Module):
         self.squared = bool(squared)
         self.dynamic = bool(dynamic)
         self.scale_by_eps = bool(scale_by_eps)
-        self.warm_start = bool(warm_start)
+        self.warm_start = bool(fast if warm_start is None else warm_start)
+        self.free_update = bool(fast if free_update is None else free_update)
+        if warm_iters is None:
+            warm_iters = (0 if self.free_update and penalty == "fd" else 1) if fast else self.iters
+        self.warm_iters = _check_nonneg_int(warm_iters, "warm_iters")
+        self.clip = _check_box(clip)
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+        self.route = route
         self.generator = generator
-        self._bank: dict[int, torch.Tensor] = {}
+        self.register_buffer("bank", torch.zeros(0))
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
         self.last_sigma: Optional[torch.Tensor] = None
         self.last_v: Optional[torch.Tensor] = None
+
+    @classmethod
+    def paper(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, **kwargs) -> "OperatorNormRegularizer":
+        """The paper's configuration: ``iters=10`` power iterations per batch from a random
+        start, no bank, no free update (``mode="paper"``; other arguments as the constructor)."""
+        return cls(p, q, eps, mode="paper", **kwargs)
 
     def extra_repr(self) -> str:
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
         return (
-            f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, iters={self.iters}, penalty={self.penalty!r}, "
-            f"squared={self.squared}, lam={self.lam:g}, dynamic={self.dynamic}"
+            f"mode={self.mode!r}, p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, iters={self.iters}, "
+            f"warm_iters={self.warm_iters}, penalty={self.penalty!r}, squared={self.squared}, lam={self.lam:g}, "
+            f"dynamic={self.dynamic}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
         )
 
-    # -- power method -------------------------------------------------------------------
+    # -- the bank -------------------------------------------------------------------------
+
+    def _rows(self, index: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+        """index as int64 on x's device (None without warm starts), with the bank grown to hold it."""
+        if not self.warm_start or index is None:
+            return None
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.shape != (x.shape[0],) or index.is_floating_point() or index.dtype == torch.bool:
+            raise ValueError(
+                f"index must be a 1-D integer tensor of dataset indices with one entry per example "
+                f"(shape ({x.shape[0]},)), got dtype {index.dtype} and shape {tuple(index.shape)}"
+            )
+        idx = index.to(device=x.device, dtype=torch.long)
+        if bool((idx < 0).any()):
+            raise ValueError("index must hold dataset indices >= 0")
+        self._grow(x, int(idx.max()) + 1)
+        return idx
+
+    def _grow(self, x: torch.Tensor, needed: int) -> None:
+        shape = tuple(x.shape[1:])
+        if self.bank.shape[0] == 0:  # first use: the example shape and dtype are known now
+            dtype = torch.int8 if self.p == math.inf else x.dtype  # p = inf directions are signs: exact in int8
+            self.bank = torch.zeros(0, *shape, dtype=dtype, device=x.device)
+            self.seen = torch.zeros(0, dtype=torch.bool, device=x.device)
+        if tuple(self.bank.shape[1:]) != shape:
+            raise ValueError(
+                f"x has examples of shape {shape} but this regularizer's bank holds {tuple(self.bank.shape[1:])}; "
+                "use one regularizer per dataset"
+            )
+        if self.bank.device != x.device:
+            self.bank, self.seen = self.bank.to(x.device), self.seen.to(x.device)
+        n = self.bank.shape[0]
+        if needed > n:
+            bank = torch.zeros(needed, *shape, dtype=self.bank.dtype, device=x.device)
+            seen = torch.zeros(needed, dtype=torch.bool, device=x.device)
+            bank[:n], seen[:n] = self.bank, self.seen
+            self.bank, self.seen = bank, seen
+
+    def _store(self, idx: torch.Tensor, v: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.bank[idx] = v.detach().to(self.bank.dtype)
+            self.seen[idx] = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # the bank's size is data-dependent: take the saved shape before copying into it
+        for name in ("bank", "seen"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor):
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for name in ("bank", "seen"):  # a state saved before the bank existed: start with an empty one
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+                setattr(self, name, torch.zeros(0, dtype=getattr(self, name).dtype, device=getattr(self, name).device))
 
     def initial_vectors(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Start vectors (x's shape, unit l_p): random, or the stored ones with ``warm_start``."""
-        v0 = random_unit(tuple(x.shape), self.p, dtype=x.dtype, device=x.device, generator=self.generator)
-        if self.warm_start and index is not None:
-            for row, i in enumerate(index.tolist()):
-                stored = self._bank.get(int(i))
-                if stored is not None:
-                    v0[row] = stored.to(device=x.device, dtype=x.dtype)
+        """Start vectors (x's shape, unit l_p): the stored ones for examples seen before (warm
+        starts), random ones for the others (all random without ``index``)."""
+        return self._start(x, self._rows(index, x))
+
+    def _start(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        if idx is None:
+            return random_unit(tuple(x.shape), self.p, dtype=x.dtype, device=x.device, generator=self.generator)
+        warm = self.seen[idx]
+        if bool(warm.all()):
+            return self.bank[idx].to(x.dtype)
+        v0 = torch.empty_like(x)
+        v0[warm] = self.bank[idx[warm]].to(x.dtype)
+        cold = ~warm
+        gen_device = self.generator.device if self.generator is not None else x.device
+        v0[cold] = random_unit((int(cold.sum()), *x.shape[1:]), self.p, dtype=x.dtype, device=gen_device,
+                               generator=self.generator).to(x.device)
         return v0
 
     def remember(self, v: torch.Tensor, index: Optional[torch.Tensor]) -> None:
-        """Keep each example's direction for the next visit (``warm_start`` only)."""
-        if self.warm_start and index is not None:
-            cpu = v.detach().cpu()
-            for row, i in enumerate(index.tolist()):
-                self._bank[int(i)] = cpu[row].clone()
+        """Store each example's direction for its next visit (``warm_start`` only)."""
+        idx = self._rows(index, v)
+        if idx is not None:
+            self._store(idx, v)
 
-    def direction(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> OperatorNormResult:
-        """Run the power method (eval mode, unwrapped model, no weight gradients).
+    # -- explicit power iterations -----------------------------------------------------------
 
-        Returns an :class:`~opnorm.power.OperatorNormResult` with ``sigma`` (B,), ``v``
-        (x's shape, unit l_p) and ``u`` (B, d) = psi_q(J(x) v); sets ``last_sigma``/``last_v``.
-        """
-        net = unwrap(model)
-        check_inputs(net, x)
-        x = x.detach()
-        v0 = self.initial_vectors(x, index)
+    def _iterate(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int):
+        """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u)."""
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
             if not self.dynamic:
-                lin = Linearization(net, x)
-                sigma, v, u, k, converged, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=self.iters)
+                lin = linearize(net, x, self.route)
+                sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=iters)
             else:
                 p_star = conjugate(self.p)
                 v = v0
-                for _ in range(self.iters):
-                    moved = Linearization(net, x + self.eps * v)  # linearize inside the eps-ball
+                for _ in range(iters):
+                    moved = linearize(net, x + self.eps * v, self.route)  # linearize inside the eps-ball
                     u = duality_map(moved.matvec(v), self.q)
                     v = duality_map(moved.rmatvec(u), p_star)
                     del moved
-                jv = Linearization(net, x).matvec(v)  # u and sigma at x itself
-                sigma, u, k = lp_norm(jv, self.q), duality_map(jv, self.q), self.iters
-                converged = torch.zeros_like(sigma, dtype=torch.bool)
-        v, u, sigma = v.detach(), u.detach(), sigma.detach()
+                jv = linearize(net, x, self.route).matvec(v)  # u and sigma at x itself
+                sigma, u = lp_norm(jv, self.q), duality_map(jv, self.q)
+        return sigma.detach(), v.detach(), u.detach()
+
+    def _measure(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor):
+        """(sigma, u) = (||J v||_q, psi_q(J v)) with no iteration."""
+        with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
+            jv = linearize(net, x, self.route).matvec(v).detach()
+        return lp_norm(jv, self.q), duality_map(jv, self.q)
+
+    def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
+        """Directions for the batch: (v, sigma, u, idx, iterations). Cold rows run ``iters``
+        iterations, warm rows ``warm_iters`` (at least 1 without the free update); rows without
+        iterations have NaN sigma / u unless ``complete`` (then one J v measures them)."""
+        check_inputs(net, x)
+        x = x.detach()
+        idx = self._rows(index, x)
+        v0 = self._start(x, idx)
+        B = x.shape[0]
+        iters = torch.full((B,), self.iters, dtype=torch.long, device=x.device)
+        if idx is not None:
+            iters[self.seen[idx]] = self.warm_iters if free else max(self.warm_iters, 1)
+        v, u = v0, None
+        sigma = torch.full((B,), math.nan, dtype=x.dtype, device=x.device)
+        for k in torch.unique(iters).tolist():
+            if k == 0 and not complete:
+                continue
+            rows = (iters == k).nonzero().squeeze(1)
+            whole = rows.numel() == B  # one group: no gathers
+            xs, vs = (x, v0) if whole else (x[rows], v0[rows])
+            if k > 0:
+                s, vk, uk = self._iterate(net, xs, vs, k)
+            else:
+                vk, (s, uk) = vs, self._measure(net, xs, vs)
+            if whole:
+                v, sigma, u = vk, s, uk
+                break
+            if v is v0:
+                v = v0.clone()
+            if u is None:
+                u = torch.full((B, uk.shape[1]), math.nan, dtype=uk.dtype, device=uk.device)
+            v[rows], sigma[rows], u[rows] = vk.to(v.dtype), s.to(sigma.dtype), uk
+        if idx is not None:  # store what the explicit iterations found
+            ran = iters > 0
+            if bool(ran.all()):
+                self._store(idx, v)
+            elif bool(ran.any()):
+                self._store(idx[ran], v[ran])
+        return v.detach(), sigma, u, idx, int(iters.max())
+
+    def direction(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> OperatorNormResult:
+        """The explicit part of the direction solver (eval mode, unwrapped model, no weight
+        gradients): ``iters`` iterations from a random start for examples without a stored
+        direction, ``warm_iters`` from the stored one for the others (fast mode: none; the free
+        update of the training backward advances them).
+
+        Returns an :class:`~opnorm.power.OperatorNormResult` with ``sigma`` (B,), ``v``
+        (x's shape, unit l_p), ``u`` (B, d) = psi_q(J(x) v) and ``iterations`` (the most any
+        example ran); sets ``last_sigma``/``last_v``.
+        """
+        net = unwrap(model)
+        v, sigma, u, _, k = self._solve(net, x, index, self._free_ok(net, index), complete=True)
         self.last_sigma, self.last_v = sigma, v
-        self.remember(v, index)
-        exact = torch.zeros_like(converged)
-        return OperatorNormResult(sigma, v, u, k, converged, "power", exact)
+        flags = torch.zeros_like(sigma, dtype=torch.bool)
+        return OperatorNormResult(sigma, v, u, k, flags, "power", flags.clone())
+
+    # -- the free update ------------------------------------------------------------------
+
+    def _free_ok(self, net: nn.Module, index) -> bool:
+        return (self.free_update and self.warm_start and index is not None and self.penalty == "fd"
+                and not mixes_examples(net))
+
+    def _point(self, x: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """The fd point ``clip(x + eps v)``; with ``idx`` a leaf requiring grad whose gradient
+        (from the caller's backward) becomes the next stored direction."""
+        x_p = clip_box(x.detach() + self.eps * v.to(x.dtype), self.clip)
+        if idx is not None and torch.is_grad_enabled():
+            x_p = x_p.detach().requires_grad_(True)
+            x_p.register_hook(lambda g: self._absorb(idx, g))
+        return x_p
+
+    def _absorb(self, idx: torch.Tensor, g: torch.Tensor) -> None:
+        """Hook on the fd point: ``psi_{p*}`` of the penalty's input gradient is the next
+        direction (one power iteration); examples with a zero or non-finite gradient keep theirs."""
+        with torch.no_grad():
+            flat = g.reshape(g.shape[0], -1)
+            ok = torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
+            v = duality_map(g, conjugate(self.p))
+            if bool(ok.all()):
+                self._store(idx, v)
+            elif bool(ok.any()):
+                self._store(idx[ok], v[ok])
 
     # -- differentiable penalty ---------------------------------------------------------
 
@@ -230,10 +476,17 @@ class OperatorNormRegularizer(nn.Module):
             s = s * s
         return self.lam * s.mean()
 
+    def _fd_s(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
+        return lp_norm(_full(logits_pert - logits_clean), self.q) / self.eps
+
     def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
         """The fd penalty from f(x) and f(x + eps v): ``lam * mean(||diff||_q / eps)^(1|2)``."""
-        diff = _full(logits_pert - logits_clean)
-        return self._reduce(lp_norm(diff, self.q) / self.eps)
+        return self._reduce(self._fd_s(logits_clean, logits_pert))
+
+    def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: Optional[torch.Tensor]) -> None:
+        if s is not None:  # rows without iterations: the fd value of this forward
+            sigma = torch.where(torch.isnan(sigma), s.detach().to(sigma.dtype), sigma)
+        self.last_sigma, self.last_v = sigma, v
 
     def exact_value(self, model: nn.Module, x: torch.Tensor, res: OperatorNormResult) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(x), the exact penalty ``lam * mean <u, J v>^(1|2)``), one forward of model.
@@ -256,18 +509,26 @@ class OperatorNormRegularizer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean logits f(x), penalty) from a single forward of ``model``.
 
-        fd: one forward of the batch ``[x; x + eps v]`` (2B examples); exact: one forward
-        of x with x requiring grad. The caller computes its task loss on the returned
+        fd: one forward of the batch ``[x; clip(x + eps v)]`` (2B examples); exact: one
+        forward of x with x requiring grad. The caller computes its task loss on the returned
         logits, so a DDP-wrapped model sees exactly one forward per backward.
         """
-        res = self.direction(model, x, index)
-        if self.penalty == "exact":
-            return self.exact_value(model, x, res)
+        net = unwrap(model)
+        free = self._free_ok(net, index)
+        exact = self.penalty == "exact"
+        v, sigma, u, idx, k = self._solve(net, x, index, free, complete=exact)
+        if exact:
+            self._finish(sigma, v, None)
+            flags = torch.zeros_like(sigma, dtype=torch.bool)
+            return self.exact_value(model, x, OperatorNormResult(sigma, v, u, k, flags, "power", flags.clone()))
         B = x.shape[0]
-        out = model(torch.cat([x, x + self.eps * res.v.to(x.dtype)]))
+        x_p = self._point(x, v, idx if free else None)
+        out = model(torch.cat([x, x_p]))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:
             raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
-        return out[:B], self.fd_value(out[:B], out[B:])
+        s = self._fd_s(out[:B], out[B:])
+        self._finish(sigma, v, s)
+        return out[:B], self._reduce(s)
 
     def forward(
         self,
@@ -280,9 +541,13 @@ class OperatorNormRegularizer(nn.Module):
             return self.joint(model, x, index)[1]
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"logits must be f(x) of shape (B, d) with B = {x.shape[0]}, got {tuple(logits.shape)}")
-        res = self.direction(model, x, index)
-        pert = forward(model, x + self.eps * res.v.to(x.dtype))
-        return self.fd_value(logits, pert)
+        net = unwrap(model)
+        free = self._free_ok(net, index)
+        v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
+        pert = forward(model, self._point(x, v, idx if free else None))
+        s = self._fd_s(logits, pert)
+        self._finish(sigma, v, s)
+        return self._reduce(s)
 
 
 # ----------------------------------------------------------------------------- global spectral norm

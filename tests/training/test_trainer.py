@@ -69,7 +69,9 @@ def test_run_directory(runs):
     assert lines[-1]["accuracy"] == res.metrics["accuracy"]
     cfg = TrainConfig.from_dict(json.loads((d / CONFIG).read_text()))
     assert cfg.resolved() == res.config
-    assert cfg.p == "inf" and cfg.lam is not None and cfg.iters == 10
+    assert cfg.p == "inf" and cfg.lam is not None
+    # the default is opnorm's fast mode: 3 iterations on an example's first visit, then free ones
+    assert cfg.opnorm_mode == "fast" and cfg.iters == 3 and cfg.warm_iters == 0 and cfg.opnorm_clip is True
     state = load_checkpoint(d / CHECKPOINT)
     assert state["epoch"] == 3 and len(state["history"]) == 3
     for k, v in res.model.state_dict().items():

@@ -27,6 +27,7 @@ METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("cosine", "none")
 PENALTIES = ("fd", "exact")
+OPNORM_MODES = ("fast", "paper")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
 # with 17 gray levels, so its l_inf radius is large in pixel units.
@@ -43,6 +44,9 @@ _EPS = {
 # eps^(2|1) * sigma^(2|1) in the linear region (as opnorm with scale_by_eps).
 DEFAULT_LAM = {"opnorm": {True: 0.02, False: 0.3}, "global-snr": 0.01, "logit-at": {True: 0.1, False: 0.3}}
 DEFAULT_ITERS = {"opnorm": 10, "global-snr": 1}
+# opnorm's fast mode (the default): explicit power iterations only on an example's first visit
+# (later visits advance its stored direction by the free iteration of the training backward)
+FAST_COLD_ITERS = 3
 
 
 def default_eps(dataset: str, p: float) -> float:
@@ -81,7 +85,16 @@ class TrainConfig:
         p, q: threat model l_p (attacks, opnorm's (p, q) pair, evaluation) and logit norm.
         eps: radius (None: per dataset and p, see ``_EPS``).
         lam: penalty weight for opnorm / global-snr (None: ``DEFAULT_LAM``).
-        iters: power iterations per batch (opnorm: 10, global-snr: 1).
+        iters: power iterations per batch (global-snr: 1; opnorm paper mode: 10; opnorm fast
+            mode: on an example's first visit only, 3).
+        opnorm_mode: "fast" (default: a per-example bank of directions by dataset index,
+            ``iters`` explicit iterations on the first visit, then one free power iteration per
+            visit from the training backward; see ``OperatorNormRegularizer``) or "paper" (``iters``
+            power iterations from scratch per batch, nothing kept).
+        warm_iters: opnorm's explicit iterations on later visits (None: 0 in fast mode with the
+            fd penalty, 1 with the exact one; ``iters`` in paper mode).
+        opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
+            attacks do (None: true in fast mode, false in paper mode).
         steps / step_size: PGD steps and step length for training attacks (None: 2.5 eps / steps).
         adv_fraction: share of each batch replaced by adversarial examples (AT, TRADES).
         beta: TRADES weight. penalty / squared / dynamic / scale_by_eps: opnorm's variants
@@ -109,6 +122,9 @@ class TrainConfig:
     eps: Optional[float] = None
     lam: Optional[float] = None
     iters: Optional[int] = None
+    opnorm_mode: str = "fast"
+    warm_iters: Optional[int] = None
+    opnorm_clip: Optional[bool] = None
     steps: int = 10
     step_size: Optional[float] = None
     adv_fraction: float = 1.0
@@ -177,6 +193,7 @@ class TrainConfig:
         c.optimizer = _one_of(c.optimizer, OPTIMIZERS, "optimizer")
         c.scheduler = _one_of(c.scheduler, SCHEDULERS, "scheduler")
         c.penalty = _one_of(c.penalty, PENALTIES, "penalty")
+        c.opnorm_mode = _one_of(c.opnorm_mode, OPNORM_MODES, "opnorm_mode")
         c.p = norm_order(c.p, "p")
         c.q = norm_order(c.q, "q")
         if c.eps is None:
@@ -186,8 +203,15 @@ class TrainConfig:
             lam = DEFAULT_LAM.get(c.method, 0.0)
             c.lam = lam[bool(c.squared)] if isinstance(lam, dict) else lam
         c.lam = _number(c.lam, "lam", lo=0.0)
+        fast = c.opnorm_mode == "fast"
         if c.iters is None:
-            c.iters = DEFAULT_ITERS.get(c.method, 10)
+            c.iters = FAST_COLD_ITERS if c.method == "opnorm" and fast else DEFAULT_ITERS.get(c.method, 10)
+        c.iters = _integer(c.iters, "iters", lo=1)
+        if c.warm_iters is None:
+            c.warm_iters = (0 if c.penalty == "fd" else 1) if fast else c.iters
+        c.warm_iters = _integer(c.warm_iters, "warm_iters", lo=0)
+        if c.opnorm_clip is None:
+            c.opnorm_clip = fast
         if c.lr is None:
             c.lr = 0.05 if c.optimizer == "sgd" else 1e-3
         c.lr = _number(c.lr, "lr", lo=0.0, strict=True)
@@ -208,7 +232,7 @@ class TrainConfig:
         c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
         if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
             raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
-        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp"):
+        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp", "opnorm_clip"):
             if not isinstance(getattr(c, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.progress is not None and not isinstance(c.progress, bool):

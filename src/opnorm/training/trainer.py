@@ -107,7 +107,8 @@ class Objective(nn.Module):
 
     * clean: ``CE(f(x), y)``;
     * opnorm: ``CE(f(x), y) + lam * mean sigma^(1|2)`` from one forward of ``[x; x + eps v]``
-      (:meth:`OperatorNormRegularizer.joint`);
+      (:meth:`OperatorNormRegularizer.joint`, given the batch's dataset ``index``: in fast mode
+      the backward of this loss also advances each example's stored direction);
     * global-snr: ``CE(f(x), y) + lam * sum_l sigma(W_l)^2``;
     * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades.
     """
@@ -118,9 +119,12 @@ class Objective(nn.Module):
         self.reg: Optional[nn.Module] = None
         self.at: Optional[AdversarialTrainingLoss] = None
         if cfg.method == "opnorm":
+            # fast mode keeps a bank of directions by dataset index (in state_dict: checkpoints
+            # resume exactly); the batch's index reaches it through joint()
             self.reg = OperatorNormRegularizer(
-                cfg.p, cfg.q, cfg.eps, iters=cfg.iters, penalty=cfg.penalty, squared=cfg.squared,
-                lam=cfg.lam, dynamic=cfg.dynamic, scale_by_eps=cfg.scale_by_eps,
+                cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, iters=cfg.iters, warm_iters=cfg.warm_iters,
+                penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic,
+                scale_by_eps=cfg.scale_by_eps, clip=(0.0, 1.0) if cfg.opnorm_clip else None,
             )
         elif cfg.method == "global-snr":
             self.reg = GlobalSpectralNormRegularizer(model, iters=cfg.iters, lam=cfg.lam, seed=cfg.seed)

@@ -1,0 +1,225 @@
+"""Seconds per training step of the fast d.d. operator norm regularizer against PGD-10 AT.
+
+The issue's acceptance measurement: on the small CNN
+(``build_model("cnn", input_shape=(1, 28, 28), num_classes=10)``) with batches of 128 real
+Fashion-MNIST training images, the time of a training step (loss + backward + SGD step)
+with the default ``OperatorNormRegularizer`` divided by that of a PGD-10 adversarial
+training step (``AdversarialTrainingLoss("ce", eps=0.1, p=inf, steps=10)``, which calls
+``opnorm.pgd``), and divided by a clean step (the floor of any penalty on J(x) is about 2).
+
+Every case has its own copy of the same initial model and its own SGD optimizer; all cases
+cycle over the same fixed ``--batches`` batches with their dataset indices, after warm-up
+cycles, so the warm-start bank is warm and the measured steps are steady state (in a real
+epoch each example is visited once; the first epoch's cold visits are timed separately as
+``fast-cold``). Steps run interleaved (one of each case per repetition, rotating order),
+so drifts in machine load hit all alike; times are medians. Besides the default (fast)
+and the paper configuration, the other routes of the issue are measured as alternatives:
+
+* ``fast``: the default: warm bank, no explicit iteration, the free power iteration from
+  the training backward, one forward of ``[x; x + eps v]`` (the shared clean forward);
+* ``fast-cold``: the same, every example cold (3 explicit iterations): a first-epoch step;
+* ``fast-explicit-1``: warm bank, one explicit eval-mode iteration per step, no free update
+  (the BatchNorm fallback);
+* ``fast-separate``: the default with separate forwards of x and x + eps v (no sharing);
+* ``exact-jacobian``: J formed with d = 10 VJPs (batched, ``opnorm.jacobian``), 10 power
+  iterations on the explicit J, then the fd step;
+* ``paper``: 10 power iterations from random starts per step (``mode="paper"``; pattern
+  route); ``paper-autograd``: the same on the autograd route (the previous implementation).
+
+Also measured, on the warm batches at the end: how good the banked directions are, as
+``||J v_bank||_2`` over the norm reached by 10 and 30 power iterations from random starts.
+
+    python benchmarks/fast_regularizer.py [--reps 25] [--batch 128] [--threads 2] [--batches 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from opnorm.jacobian import eval_mode, jacobian, linearize
+from opnorm.norms import conjugate, duality_map, lp_norm
+from opnorm.power import power_iteration
+from opnorm.regularizers import AdversarialTrainingLoss, OperatorNormRegularizer
+from opnorm.training.config import TrainConfig
+from opnorm.training.data import load_dataset
+from opnorm.training.models import build_model
+from opnorm.training.trainer import Objective
+
+INF = math.inf
+
+
+def exact_jacobian_objective(reg: OperatorNormRegularizer, iters: int = 10) -> Callable:
+    """CE + the fd penalty with v from `iters` power iterations on the explicit J (d VJPs)."""
+
+    def loss(model, x, y, index):
+        with torch.no_grad(), eval_mode(model):
+            J = jacobian(model, x).reshape(x.shape[0], -1, x[0].numel())  # (B, d, n), d VJPs batched
+        v = torch.sign(torch.randn_like(x)).reshape(x.shape[0], -1)
+        sigma, v, _, _, _, _ = power_iteration(lambda t: torch.bmm(J, t.unsqueeze(2)).squeeze(2),
+                                               lambda u: torch.bmm(J.transpose(1, 2), u.unsqueeze(2)).squeeze(2),
+                                               v, reg.p, reg.q, iters=iters)
+        x_p = (x + reg.eps * v.reshape(x.shape)).clamp(0, 1)
+        out = model(torch.cat([x, x_p]))
+        B = x.shape[0]
+        return F.cross_entropy(out[:B], y) + reg.fd_value(out[:B], out[B:])
+
+    return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=4, help="fixed batches cycled over (steady-state bank)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup-cycles", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fast_regularizer.json"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    splits = load_dataset("fashion-mnist", limit_test=1)
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randperm(splits.train.x.shape[0], generator=g)[: args.batch * args.batches]
+    batches = [(splits.train.x[i], splits.train.y[i], i) for i in pick.split(args.batch)]
+
+    # the trainer's defaults for opnorm on Fashion-MNIST, l_inf eps = 0.1, (inf, 2)
+    cfg = TrainConfig(dataset="fashion-mnist", model="cnn", method="opnorm", p="inf", q=2, eps=0.1).resolved()
+    torch.manual_seed(0)
+    base = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, mean=splits.mean, std=splits.std)
+
+    def opnorm_loss(reg: OperatorNormRegularizer, shared: bool = True) -> Callable:
+        def loss(model, x, y, index):
+            if shared:
+                logits, pen = reg.joint(model, x, index)
+            else:
+                logits = model(x)
+                pen = reg(model, x, index, logits=logits)
+            return F.cross_entropy(logits, y) + pen
+        return loss
+
+    at = AdversarialTrainingLoss("ce", eps=0.1, p=INF, steps=10)
+    fast_objective = Objective(cfg, base)  # the trainer's default regularizer
+    fast = fast_objective.reg
+    kw = dict(lam=cfg.lam, clip=(0.0, 1.0))
+    cold = OperatorNormRegularizer(INF, 2, 0.1, **kw)  # its bank is wiped before every step
+    explicit = OperatorNormRegularizer(INF, 2, 0.1, free_update=False, **kw)
+    separate = OperatorNormRegularizer(INF, 2, 0.1, **kw)
+    paper = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
+    paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam, route="autograd")
+    exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
+
+    def cold_loss(model, x, y, index):
+        cold.seen.zero_()
+        return opnorm_loss(cold)(model, x, y, index)
+
+    losses: dict[str, Callable] = {
+        "clean": lambda model, x, y, index: F.cross_entropy(model(x), y),
+        "pgd-at": lambda model, x, y, index: at(model, x, y, index),
+        "fast": lambda model, x, y, index: fast_objective(model, x, y, index)[0],
+        "fast-cold": cold_loss,
+        "fast-explicit-1": opnorm_loss(explicit),
+        "fast-separate": opnorm_loss(separate, shared=False),
+        "exact-jacobian": exact_jacobian_objective(exact_reg),
+        "paper": opnorm_loss(paper),
+        "paper-autograd": opnorm_loss(paper_ag),
+    }
+    cases = {}
+    for name in losses:
+        model = copy.deepcopy(base).train()
+        cases[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    position = {name: 0 for name in losses}
+
+    def step(name: str) -> float:
+        model, opt = cases[name]
+        x, y, index = batches[position[name] % len(batches)]
+        position[name] += 1
+        start = time.perf_counter()
+        loss = losses[name](model, x, y, index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    names = list(losses)
+    for _ in range(args.warmup_cycles * len(batches)):  # warm-up: the banks see every batch
+        for name in names:
+            step(name)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            times[name].append(step(name))
+
+    med = {n: statistics.median(t) for n, t in times.items()}
+    rows = {
+        n: {
+            "seconds_per_step": round(med[n], 5),
+            "ratio_to_pgd10_at": round(med[n] / med["pgd-at"], 3),
+            "ratio_to_clean": round(med[n] / med["clean"], 3),
+            "ratio_of_minima_to_pgd10_at": round(min(times[n]) / min(times["pgd-at"]), 3),
+            "all_seconds": [round(t, 5) for t in times[n]],
+        }
+        for n in names
+    }
+
+    # quality of the banked directions of the default regularizer, at its current weights
+    model = cases["fast"][0]
+    quality = []
+    for x, _, index in batches:
+        with eval_mode(model):
+            lin = linearize(model, x)
+            banked = lp_norm(lin.matvec(fast.initial_vectors(x, index)), 2)
+            ref = {}
+            for k in (10, 30):
+                v0 = torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(k)))
+                ref[k] = power_iteration(lin.matvec, lin.rmatvec, v0, INF, 2, iters=k)[0]
+        quality.append((banked / ref[10], banked / ref[30]))
+    q10 = torch.cat([a for a, _ in quality])
+    q30 = torch.cat([b for _, b in quality])
+
+    result = {
+        "benchmark": "seconds per training step (loss + backward + SGD step), median over interleaved repetitions",
+        "model": "build_model('cnn', input_shape=(1, 28, 28), num_classes=10)",
+        "data": f"fashion-mnist train, {args.batches} fixed batches of {args.batch} cycled (steady-state bank)",
+        "default_regularizer": fast.extra_repr(),
+        "pgd10_at": at.extra_repr(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "goal": "fast / pgd-at <= 0.5; fast / clean near the floor of about 2",
+        "fast_over_pgd10_at": rows["fast"]["ratio_to_pgd10_at"],
+        "fast_over_clean": rows["fast"]["ratio_to_clean"],
+        "cases": rows,
+        "banked_direction_quality": {
+            "what": "||J v_bank||_2 / ||J v_k||_2 with v_k from k power iterations from random signs, "
+                    "at the fast case's final weights, per example of the cycled batches",
+            "vs_10_iters_median": round(float(q10.median()), 4),
+            "vs_30_iters_median": round(float(q30.median()), 4),
+            "vs_30_iters_p10": round(float(q30.quantile(0.1)), 4),
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'case':16} {'s/step':>9} {'/ PGD-10 AT':>12} {'/ clean':>8}")
+    for n, r in rows.items():
+        print(f"{n:16} {r['seconds_per_step']:9.4f} {r['ratio_to_pgd10_at']:12.3f} {r['ratio_to_clean']:8.2f}")
+    print(f"banked direction quality (median ||J v_bank|| / 10-iteration norm): "
+          f"{result['banked_direction_quality']['vs_10_iters_median']:.3f}")
+    print(f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.reps} interleaved reps; "
+          f"written to {args.out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Fashion-MNIST: the fast d.d. operator norm regularizer against PGD-10 adversarial training.
+
+Both methods train the small CNN with ``opnorm.train`` under the same settings (l_inf,
+eps = 0.1, SGD + momentum, cosine schedule, batch 128, seed, epochs, training examples);
+their epochs run alternately in one process (each run is resumed from its checkpoint for
+the next epoch; resume is exact), so drifts in machine load hit both alike. Training time
+is the trainer's per-epoch ``seconds`` (batches only: no evaluation, no checkpointing).
+
+* ``pgd-at``: ``method="pgd-at"``, PGD-10 with the cross-entropy loss (Madry et al.).
+* ``fast``: ``method="opnorm"`` with its defaults: fast mode, (p, q) = (inf, 2), the fd
+  point clamped to [0, 1], lam chosen by the ``tune`` phase.
+
+Phases:
+
+* ``tune``: lam for the fast regularizer on a held-out run: train on the first
+  ``--tune-train`` training images, measure PGD-20 robust accuracy on the last
+  ``--tune-heldout`` training images (never trained on, and not the test set); the best
+  lam (highest held-out robust accuracy) is written to ``tuning.json`` and used by ``main``.
+* ``main``: the comparison. After training, on a fixed subset of ``--points`` test images:
+  clean accuracy, PGD-20 with ``--restarts`` restarts (``opnorm.pgd``), torchattacks
+  APGD-CE and APGD-DLR (``--apgd-steps`` steps), and PGD-20 robust accuracy over a range of
+  eps; the per-epoch curve (robust accuracy on the same points after each epoch against
+  cumulative training seconds) comes from the trainer's own evaluation. The banked
+  directions of the fast run are compared with PGA on the same logit loss.
+* ``report``: rewrite README.md and the plots from results.json.
+
+Writes ``docs/results/fast-regularizer/{tuning.json, results.json, README.md,
+robust_vs_eps.png, robust_vs_time.png}``; the run directories (checkpoints) go to ``--runs``.
+
+    python benchmarks/fast_regularizer_fmnist.py --phase all        # tune, then main, then report
+    python benchmarks/fast_regularizer_fmnist.py --phase all --tiny --out /tmp/fr  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import opnorm
+from opnorm.jacobian import eval_mode
+from opnorm.training.config import TrainConfig
+from opnorm.training.data import load_dataset
+from opnorm.training.trainer import accuracy, robust_accuracy, train
+
+INF = math.inf
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent / "docs" / "results" / "fast-regularizer"
+LAMS = (0.005, 0.01, 0.02, 0.04, 0.08)
+EPS_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2)
+
+
+def common(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
+    """The settings both methods share."""
+    base = dict(dataset="fashion-mnist", model="cnn", p="inf", q=2, eps=0.1, epochs=args.epochs, batch_size=128,
+                seed=args.seed, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine",
+                steps=10, eval_points=args.points, eval_steps=20, limit_train=args.train, progress=False)
+    base.update(changes)
+    return base
+
+
+def method_config(name: str, args: argparse.Namespace, lam: float, **changes: Any) -> TrainConfig:
+    if name == "pgd-at":
+        return TrainConfig(method="pgd-at", **common(args, **changes))
+    return TrainConfig(method="opnorm", lam=lam, **common(args, **changes))  # the regularizer's defaults otherwise
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def tune(args: argparse.Namespace, out: Path) -> float:
+    full = load_dataset("fashion-mnist")
+    n = full.train.x.shape[0]
+    held_x, held_y = full.train.x[n - args.tune_heldout:], full.train.y[n - args.tune_heldout:]
+    rows = []
+    for lam in args.lams:
+        cfg = method_config("fast", args, lam, limit_train=args.tune_train, epochs=args.tune_epochs, eval_points=50,
+                            eval_steps=2)
+        t0 = time.perf_counter()
+        res = train(cfg)
+        seconds = sum(m["seconds"] for m in res.history)
+        gen = torch.Generator().manual_seed(1)
+        clean = accuracy(res.model, held_x, held_y)
+        rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
+        rows.append({"lam": lam, "clean": clean, "pgd20": rob, "train_seconds": seconds,
+                     "wall_seconds": time.perf_counter() - t0})
+        print(f"tune lam={lam:g}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
+    best = max(rows, key=lambda r: (round(r["pgd20"], 4), -r["lam"]))
+    record = {
+        "what": "lam of the fast regularizer (method opnorm, defaults otherwise), chosen by PGD-20 robust accuracy "
+                "(l_inf eps 0.1) on held-out training images",
+        "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
+        "heldout_images": f"the last {args.tune_heldout} training images (not trained on in this phase; "
+                          "the main runs train on the first --train images)",
+        "runs": rows,
+        "chosen_lam": best["lam"],
+    }
+    (out / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"chosen lam {best['lam']:g}", flush=True)
+    return best["lam"]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def apgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, steps: int,
+                  batch: int = 250) -> float:
+    import torchattacks
+
+    correct = 0
+    with eval_mode(model):
+        attack = torchattacks.APGD(model, norm="Linf", eps=0.1, steps=steps, n_restarts=1, seed=0, loss=loss)
+        for s in range(0, x.shape[0], batch):
+            xb, yb = x[s:s + batch], y[s:s + batch]
+            adv = attack(xb, yb)
+            with torch.no_grad():
+                correct += int((model(adv).argmax(1) == yb).sum())
+    return correct / x.shape[0]
+
+
+def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, index: torch.Tensor) -> dict:
+    """The banked directions against PGA on the same logit loss ||f(clip(x + eps v)) - f(x)||_2."""
+    bank = reg_state["reg.bank"]
+    seen = reg_state["reg.seen"]
+    v = bank[index].to(x.dtype)
+    with torch.no_grad(), eval_mode(model):
+        clean = model(x)
+        banked = torch.linalg.vector_norm(model((x + 0.1 * v).clamp(0, 1)) - clean, dim=1)
+    out = {"examples": int(x.shape[0]), "all_seen": bool(seen[index].all())}
+    for k in (1, 10):
+        adv = opnorm.pgd(model, x, eps=0.1, p=INF, loss="logit", q=2, steps=k, step_size=float("inf"),
+                         random_start=True, generator=torch.Generator().manual_seed(k))
+        with torch.no_grad(), eval_mode(model):
+            ref = torch.linalg.vector_norm(model(adv) - clean, dim=1)
+        out[f"banked_over_pga{k}_median"] = float((banked / ref).median())
+    return out
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    gen = lambda: torch.Generator().manual_seed(123)  # noqa: E731  the same attack randomness for both models
+    res: dict[str, Any] = {"clean": accuracy(model, x, y)}
+    res["pgd20_restarts"] = robust_accuracy(model, x, y, eps=0.1, p=INF, steps=20, restarts=args.restarts,
+                                            generator=gen())
+    res["apgd_ce"] = apgd_accuracy(model, x, y, "ce", args.apgd_steps)
+    res["apgd_dlr"] = apgd_accuracy(model, x, y, "dlr", args.apgd_steps)
+    res["worst_case"] = min(res["pgd20_restarts"], res["apgd_ce"], res["apgd_dlr"])
+    res["pgd20_vs_eps"] = {f"{e:g}": (res["clean"] if e == 0 else
+                                      robust_accuracy(model, x, y, eps=e, p=INF, steps=20, generator=gen()))
+                           for e in EPS_GRID}
+    res["eval_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
+    runs_dir = Path(args.runs)
+    if runs_dir.exists():
+        shutil.rmtree(runs_dir)
+    names = ("pgd-at", "fast")
+    cfgs = {n: method_config(n, args, lam, out=str(runs_dir / n)) for n in names}
+    results: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for epoch in range(args.epochs):
+        order = names if epoch % 2 == 0 else names[::-1]  # alternate who goes first
+        for n in order:
+            results[n] = train(cfgs[n], resume=epoch > 0, stop_after=1)
+            m = results[n].history[-1]
+            print(f"{n:7} epoch {epoch + 1}/{args.epochs}: {m['seconds']:.1f} s, acc {m['accuracy']:.4f}, "
+                  f"PGD-20 {m['robust_accuracy']:.4f}", flush=True)
+    train_wall = time.perf_counter() - t_start
+
+    splits = load_dataset("fashion-mnist")
+    x, y = splits.test.x[: args.points], splits.test.y[: args.points]
+    methods = {}
+    for n in names:
+        res = results[n]
+        hist = res.history
+        ev = evaluate(res.model, x, y, args)
+        cumulative = [sum(h["seconds"] for h in hist[: i + 1]) for i in range(len(hist))]
+        methods[n] = {
+            "config": res.config.to_dict(),
+            "train_seconds": cumulative[-1],
+            "epochs": [{"epoch": h["epoch"], "cumulative_train_seconds": c, "accuracy": h["accuracy"],
+                        "pgd20": h["robust_accuracy"], "operator_norm": h["operator_norm"], "loss": h["loss"]}
+                       for h, c in zip(hist, cumulative)],
+            **ev,
+        }
+        print(f"{n}: {json.dumps({k: v for k, v in ev.items() if k != 'pgd20_vs_eps'})}", flush=True)
+    # how good the banked directions of the fast run are at its final weights (training images)
+    state = torch.load(runs_dir / "fast" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    n_q = min(512, splits.train.x.shape[0] if args.train is None else args.train)
+    methods["fast"]["direction_quality"] = direction_quality(
+        results["fast"].model, state["objective"], splits.train.x[:n_q], torch.arange(n_q))
+
+    a, f = methods["pgd-at"], methods["fast"]
+    record = {
+        "schema": "opnorm.fast-regularizer/1",
+        "command": args.command,
+        "settings": {
+            "dataset": "fashion-mnist", "model": "cnn (build_model('cnn', input_shape=(1, 28, 28)))",
+            "train_images": splits.train.x.shape[0] if args.train is None else args.train,
+            "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
+            "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
+            "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
+            "lam": lam, "torch": torch.__version__, "python": platform.python_version(),
+        },
+        "train_wall_seconds_both": train_wall,
+        "methods": methods,
+        "comparison": {
+            "time_ratio_fast_over_at": f["train_seconds"] / a["train_seconds"],
+            "gap_points_pgd20": 100 * (a["pgd20_restarts"] - f["pgd20_restarts"]),
+            "gap_points_apgd_ce": 100 * (a["apgd_ce"] - f["apgd_ce"]),
+            "gap_points_apgd_dlr": 100 * (a["apgd_dlr"] - f["apgd_dlr"]),
+            "gap_points_clean": 100 * (a["clean"] - f["clean"]),
+        },
+    }
+    c = record["comparison"]
+    c["robustness_goal_met"] = max(c["gap_points_pgd20"], c["gap_points_apgd_ce"], c["gap_points_apgd_dlr"]) <= 2.0
+    c["time_goal_met"] = c["time_ratio_fast_over_at"] <= 0.5
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plots(record: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"pgd-at": "PGD-10 AT", "fast": "fast d.d. (inf, 2) op-norm reg."}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for n, m in record["methods"].items():
+        eps = [float(e) for e in m["pgd20_vs_eps"]]
+        ax.plot(eps, [100 * v for v in m["pgd20_vs_eps"].values()], marker="o", label=labels.get(n, n))
+    ax.axvline(0.1, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("l_inf eps (PGD-20)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(f"Fashion-MNIST, {record['settings']['test_points']} test points")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "robust_vs_eps.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for n, m in record["methods"].items():
+        t = [0.0] + [e["cumulative_train_seconds"] for e in m["epochs"]]
+        r = [10.0] + [100 * e["pgd20"] for e in m["epochs"]]  # an untrained net: chance (10 %)
+        ax.plot(t, r, marker="o", label=labels.get(n, n))
+    ax.set_xlabel("cumulative training seconds")
+    ax.set_ylabel("robust accuracy (%), PGD-20 eps 0.1")
+    ax.set_title("robust accuracy after each epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "robust_vs_time.png", dpi=120)
+    plt.close(fig)
+
+
+def readme(record: dict, out: Path) -> None:
+    s, c, m = record["settings"], record["comparison"], record["methods"]
+    a, f = m["pgd-at"], m["fast"]
+    tuning = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else None
+    bench_path = HERE / "results" / "fast_regularizer.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        "# Fast d.d. operator norm regularization vs PGD-10 adversarial training (Fashion-MNIST)",
+        "",
+        "Made by:",
+        "",
+        "```",
+        record["command"],
+        "```",
+        "",
+        f"Small CNN, {s['train_images']} training images, {s['epochs']} epochs, batch {s['batch_size']}, "
+        f"{s['optimizer']}, seed {s['seed']}, {s['threads']} thread(s); {s['threat']}. Both runs share every "
+        f"setting; their epochs ran alternately in one process. Evaluation on the first {s['test_points']} "
+        f"test images; torch {s['torch']}.",
+        "",
+        "| | PGD-10 AT | fast op-norm reg. | gap (points) |",
+        "|---|---|---|---|",
+        f"| training seconds | {a['train_seconds']:.0f} | {f['train_seconds']:.0f} | "
+        f"ratio {c['time_ratio_fast_over_at']:.2f} |",
+        f"| clean accuracy (%) | {pct(a['clean'])} | {pct(f['clean'])} | {c['gap_points_clean']:+.1f} |",
+        f"| PGD-20, {s['pgd_restarts']} restarts (%) | {pct(a['pgd20_restarts'])} | {pct(f['pgd20_restarts'])} | "
+        f"{c['gap_points_pgd20']:+.1f} |",
+        f"| APGD-CE, {s['apgd_steps']} steps (%) | {pct(a['apgd_ce'])} | {pct(f['apgd_ce'])} | "
+        f"{c['gap_points_apgd_ce']:+.1f} |",
+        f"| APGD-DLR, {s['apgd_steps']} steps (%) | {pct(a['apgd_dlr'])} | {pct(f['apgd_dlr'])} | "
+        f"{c['gap_points_apgd_dlr']:+.1f} |",
+        f"| worst of the three (%) | {pct(a['worst_case'])} | {pct(f['worst_case'])} | "
+        f"{100 * (a['worst_case'] - f['worst_case']):+.1f} |",
+        "",
+        "Gap = PGD-10 AT minus fast, in accuracy points (positive: AT is more robust).",
+        "",
+        f"* Robustness goal (every gap <= 2 points): **{'met' if c['robustness_goal_met'] else 'not met'}**.",
+        f"* Training-time goal (fast <= half of AT's): **{'met' if c['time_goal_met'] else 'not met'}** "
+        f"(ratio {c['time_ratio_fast_over_at']:.2f}).",
+    ]
+    if bench is not None:
+        lines += [
+            f"* Step-time benchmark (`benchmarks/fast_regularizer.py`, {bench['threads']} threads, steady state): "
+            f"fast step / PGD-10 AT step = **{bench['fast_over_pgd10_at']:.2f}** (goal <= 0.5), "
+            f"fast step / clean step = **{bench['fast_over_clean']:.2f}** (floor about 2).",
+        ]
+    lines += ["", "![robust accuracy vs eps](robust_vs_eps.png) ![robust accuracy vs training time](robust_vs_time.png)", ""]
+    lines += ["## Per epoch (trainer's evaluation: PGD-20, 1 restart, same test points)", "",
+              "| method | epoch | cumulative train s | clean (%) | PGD-20 (%) | mean J(x) (inf,2) norm |",
+              "|---|---|---|---|---|---|"]
+    for n, mm in m.items():
+        for e in mm["epochs"]:
+            lines.append(f"| {n} | {e['epoch']} | {e['cumulative_train_seconds']:.0f} | {pct(e['accuracy'])} | "
+                         f"{pct(e['pgd20'])} | {e['operator_norm']:.2f} |")
+    lines += ["", "## Robust accuracy (%) vs eps (PGD-20, 1 restart)", "",
+              "| eps | " + " | ".join(m) + " |", "|---|" + "---|" * len(m)]
+    for e in a["pgd20_vs_eps"]:
+        lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
+    if "direction_quality" in f:
+        dq = f["direction_quality"]
+        lines += ["", "## Banked directions", "",
+                  f"At the fast run's final weights, on {dq['examples']} training images, the stored direction v "
+                  f"reaches a median of {dq['banked_over_pga1_median']:.3f} of the logit loss "
+                  f"||f(clip(x + eps v)) - f(x)||_2 of one PGA step (infinite step size, random start) and "
+                  f"{dq['banked_over_pga10_median']:.3f} of ten (the (inf, 2) power method with the box)."]
+    if tuning is not None:
+        lines += ["", "## lam (tuned before the main run, on held-out training images)", "",
+                  f"{tuning['train_images']}; held out: {tuning['heldout_images']}.", "",
+                  "| lam | held-out clean (%) | held-out PGD-20 (%) |", "|---|---|---|"]
+        for r in tuning["runs"]:
+            lines.append(f"| {r['lam']:g} | {pct(r['clean'])} | {pct(r['pgd20'])} |")
+        lines += ["", f"Chosen: lam = {tuning['chosen_lam']:g} (highest held-out PGD-20)."]
+    notes = out / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=("tune", "main", "report", "all"), default="all")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--runs", default=str(HERE.parent / "runs" / "fast-regularizer"),
+                    help="run directories (checkpoints; not committed)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train", type=int, default=None, help="train on the first N images (default: all 60k)")
+    ap.add_argument("--points", type=int, default=1000, help="test points of the evaluation")
+    ap.add_argument("--restarts", type=int, default=3, help="PGD-20 restarts")
+    ap.add_argument("--apgd-steps", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lam", type=float, default=None, help="skip tuning and use this lam")
+    ap.add_argument("--lams", type=float, nargs="+", default=list(LAMS))
+    ap.add_argument("--tune-train", type=int, default=10000)
+    ap.add_argument("--tune-heldout", type=int, default=1000)
+    ap.add_argument("--tune-epochs", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")
+    args = ap.parse_args()
+    args.command = "python benchmarks/fast_regularizer_fmnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.tiny:
+        args.epochs, args.train, args.points, args.restarts, args.apgd_steps = 2, 512, 64, 1, 5
+        args.tune_train, args.tune_heldout, args.tune_epochs, args.lams = 256, 64, 1, [0.01, 0.04]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    lam = args.lam
+    if args.phase in ("tune", "all") and lam is None:
+        lam = tune(args, out)
+    if args.phase in ("main", "all"):
+        if lam is None:
+            tuned = out / "tuning.json"
+            if not tuned.exists():
+                raise SystemExit("no lam: run --phase tune first or pass --lam")
+            lam = json.loads(tuned.read_text())["chosen_lam"]
+        main_phase(args, out, lam)
+    if args.phase in ("main", "report", "all"):
+        record = json.loads((out / "results.json").read_text())
+        plots(record, out)
+        readme(record, out)
+        print(f"written to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The fast configuration of OperatorNormRegularizer: warm-start bank and free power iteration.
+
+References are independent of the code under test: explicit Jacobians
+(torch.autograd.functional.jacobian) or an explicit W, the (p, q) power step written out
+with the duality maps, exact norms from an SVD, and the previous implementation of the
+paper configuration rebuilt from its parts (autograd linearization + power_iteration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.functional import jacobian as autograd_jacobian
+
+from opnorm.jacobian import Linearization
+from opnorm.norms import conjugate, duality_map, lp_norm
+from opnorm.power import operator_norm, power_iteration, random_unit
+from opnorm.regularizers import OperatorNormRegularizer, mixes_examples
+
+DT = torch.float64
+INF = math.inf
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def affine(d=5, n=12, seed=0):
+    g = gen(seed)
+    W = torch.randn(d, n, generator=g, dtype=DT)
+    lin = nn.Linear(n, d).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(torch.randn(d, generator=g, dtype=DT))
+    return nn.Sequential(nn.Flatten(), lin), W
+
+
+def relu_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+
+
+def explicit_J(model, x):
+    """(B, d, n) per-example Jacobians, one autograd.functional.jacobian call per example."""
+    d = model(x[:1]).shape[1]
+    return torch.stack([
+        autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(d, -1) for b in range(x.shape[0])
+    ])
+
+
+def power_step(J, v, p, q):
+    """One (p, q) power iteration on explicit J (B, d, n): v (B, n) -> psi_{p*}(J^T psi_q(J v))."""
+    u = duality_map(torch.einsum("bdn,bn->bd", J, v), q)
+    return duality_map(torch.einsum("bdn,bd->bn", J, u), conjugate(p))
+
+
+def visit(reg, model, x, y, index):
+    """One training-style visit: joint forward, CE + penalty, backward (no optimizer step)."""
+    model.zero_grad(set_to_none=True)
+    logits, pen = reg.joint(model, x, index)
+    (F.cross_entropy(logits, y) + pen).backward()
+    return pen
+
+
+X = torch.rand(4, 3, 4, generator=gen(1), dtype=DT) * 0.6 + 0.2  # inside (0.2, 0.8): a clip box never binds at small eps
+Y = torch.tensor([0, 1, 2, 3])
+INDEX = torch.tensor([5, 2, 9, 0])
+PAIRS = [(INF, 2), (2, 2), (INF, 1), (2, 3), (1, 2), (3, INF)]
+
+
+# ----------------------------------------------------------------------------- the free update
+
+
+@pytest.mark.parametrize("p,q", PAIRS)
+def test_free_update_is_one_power_step_on_affine_model(p, q):
+    model, W = affine()
+    reg = OperatorNormRegularizer(p, q, 0.3, lam=0.5, generator=gen(2))
+    visit(reg, model, X, Y, INDEX)  # cold: 3 explicit iterations, then the free step
+    v = reg.last_v.reshape(4, -1)
+    expected = power_step(W.expand(4, -1, -1), v, p, q)
+    torch.testing.assert_close(reg.bank[INDEX].to(DT).reshape(4, -1), expected, rtol=1e-10, atol=1e-12)
+    assert bool(reg.seen[INDEX].all()) and int(reg.seen.sum()) == 4
+
+
+@pytest.mark.parametrize("p,q", [(INF, 2), (2, 2), (2, 1)])
+def test_free_update_is_one_power_step_on_relu_net_inside_linear_region(p, q):
+    model = relu_net(1)
+    eps = 1e-6  # x + eps v stays in x's linear region (checked below)
+    reg = OperatorNormRegularizer(p, q, eps, lam=0.5, generator=gen(3))
+    visit(reg, model, X, Y, INDEX)
+    v = reg.last_v
+    x_p = X + eps * v
+    pattern = lambda inp: [(h > 0) for h in _activations(model, inp)]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(pattern(X), pattern(x_p)))
+    expected = power_step(explicit_J(model, X), v.reshape(4, -1), p, q)
+    got = reg.bank[INDEX].to(DT).reshape(4, -1)
+    if p == INF:
+        torch.testing.assert_close(got, expected)  # signs: exact
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)  # the fd difference costs digits
+
+
+def _activations(model, x):
+    outs, h = [], x
+    for m in model:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            outs.append(h)
+    return outs
+
+
+def test_free_update_with_clip_is_the_projected_step():
+    """With the box, the fd point is clip(x + eps v) and the update psi(W^T psi_q(W (x_p - x)))."""
+    model, W = affine()
+    x = torch.rand(4, 3, 4, generator=gen(4), dtype=DT)  # many coordinates near the box faces
+    reg = OperatorNormRegularizer(INF, 2, 0.3, lam=0.5, clip=(0.0, 1.0), generator=gen(2))
+    for visits in (1, 2):
+        visit(reg, model, x, Y, INDEX)
+        delta = ((x + 0.3 * reg.last_v).clamp(0, 1) - x).reshape(4, -1)
+        assert bool((delta.abs() < 0.3 - 1e-12).any())  # the box did bind
+        u = duality_map(delta @ W.T, 2)
+        torch.testing.assert_close(reg.bank[INDEX].to(DT).reshape(4, -1), torch.sign(u @ W))
+    # on a warm visit (no explicit iteration) last_sigma is the fd value of the clipped perturbation
+    torch.testing.assert_close(reg.last_sigma, lp_norm(delta @ W.T, 2) / 0.3)
+
+
+def test_free_update_leaves_the_weight_gradient_unchanged():
+    model = relu_net(2)
+    grads = []
+    for free in (True, False):
+        reg = OperatorNormRegularizer(INF, 2, 0.05, lam=0.7, free_update=free, generator=gen(5))
+        visit(reg, model, X, Y, INDEX)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_repeated_visits_follow_the_power_method():
+    """Cold: 3 explicit iterations; each later visit: one free iteration, no explicit one. The
+    bank follows the explicit power method from the same start, iterate by iterate."""
+    model, W = affine(seed=3)
+    reg = OperatorNormRegularizer(INF, 2, 0.3, lam=0.5, generator=gen(6))
+    v0 = random_unit((4, 3, 4), INF, dtype=DT, generator=gen(6))
+    iterates = [v0.reshape(4, -1)]
+    for _ in range(3 + 6):
+        iterates.append(power_step(W.expand(4, -1, -1), iterates[-1], INF, 2))
+    for k in range(6):
+        visit(reg, model, X, Y, INDEX)
+        torch.testing.assert_close(reg.last_v.reshape(4, -1), iterates[3 + k])  # the direction the penalty used
+        torch.testing.assert_close(reg.bank[INDEX].to(DT).reshape(4, -1), iterates[4 + k])
+
+
+def test_repeated_visits_converge_to_the_spectral_norm():
+    model = relu_net(4)
+    eps = 1e-7
+    reg = OperatorNormRegularizer(2, 2, eps, lam=1.0, generator=gen(7))
+    exact = operator_norm(model, X, 2, 2, method="exact").sigma
+    first = None
+    for k in range(80):
+        visit(reg, model, X, Y, INDEX)
+        first = reg.last_sigma.clone() if first is None else first
+    torch.testing.assert_close(reg.last_sigma, exact, rtol=1e-6, atol=0)
+    assert bool((first < exact * (1 - 1e-4)).any())  # it did need the visits
+
+
+# ----------------------------------------------------------------------------- the bank
+
+
+def test_bank_grows_by_index_and_keeps_dtypes():
+    model = relu_net()
+    reg = OperatorNormRegularizer(INF, 2, 0.1, lam=0.1, generator=gen())
+    assert reg.bank.numel() == 0
+    visit(reg, model, X[:2], Y[:2], torch.tensor([3, 1]))
+    assert reg.bank.shape == (4, 3, 4) and reg.bank.dtype == torch.int8
+    assert reg.seen.tolist() == [False, True, False, True]
+    old = reg.bank.clone()
+    visit(reg, model, X[2:], Y[2:], torch.tensor([10, 0]))
+    assert reg.bank.shape == (11, 3, 4) and reg.seen.nonzero().squeeze(1).tolist() == [0, 1, 3, 10]
+    assert torch.equal(reg.bank[[1, 3]], old[[1, 3]])  # rows not visited are kept
+    assert set(reg.bank[reg.seen].unique().tolist()) <= {-1, 0, 1}
+    reg2 = OperatorNormRegularizer(2, 2, 0.1, lam=0.1, generator=gen())
+    visit(reg2, model, X, Y, INDEX)
+    assert reg2.bank.dtype == DT and reg2.bank.shape == (10, 3, 4)
+    torch.testing.assert_close(lp_norm(reg2.bank[INDEX], 2), torch.ones(4, dtype=DT))
+
+
+def test_bank_state_dict_round_trip(tmp_path):
+    from opnorm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    model = relu_net()
+    reg = OperatorNormRegularizer(INF, 2, 0.1, lam=0.1, generator=gen())
+    visit(reg, model, X, Y, INDEX)
+    save_checkpoint(tmp_path / "c.pt", {"reg": reg.state_dict()})
+    fresh = OperatorNormRegularizer(INF, 2, 0.1, lam=0.1)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["reg"])
+    assert torch.equal(fresh.bank, reg.bank) and torch.equal(fresh.seen, reg.seen)
+    assert fresh.bank.dtype == torch.int8
+    torch.testing.assert_close(fresh.initial_vectors(X, INDEX), reg.bank[INDEX].to(DT))
+    # a state saved before the bank existed loads as an empty bank
+    older = OperatorNormRegularizer(INF, 2, 0.1)
+    older.load_state_dict({})
+    assert older.bank.numel() == 0 and older.seen.numel() == 0
+
+
+def test_bank_errors():
+    model = relu_net()
+    reg = OperatorNormRegularizer(INF, 2, 0.1, lam=0.1)
+    with pytest.raises(ValueError, match="index must be a 1-D integer tensor"):
+        reg.joint(model, X, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="index must be a 1-D integer tensor"):
+        reg.joint(model, X, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=">= 0"):
+        reg.joint(model, X, torch.tensor([0, -1, 2, 3]))
+    reg.joint(model, X, INDEX)
+    with pytest.raises(ValueError, match="use one regularizer per dataset"):
+        reg.joint(nn.Sequential(nn.Flatten(), nn.Linear(6, 5)).double(), X[:, :, :2].contiguous(), INDEX)
+
+
+def test_non_finite_or_zero_gradients_keep_the_stored_direction():
+    model = relu_net()
+    reg = OperatorNormRegularizer(INF, 2, 0.1, lam=0.5, generator=gen())
+    visit(reg, model, X, Y, INDEX)
+    before = reg.bank.clone()
+    logits, pen = reg.joint(model, X, INDEX)
+    (pen * math.inf).backward()  # e.g. an fp16 overflow under a GradScaler
+    assert torch.equal(reg.bank, before)
+    zero = OperatorNormRegularizer(INF, 2, 0.1, lam=0.0, generator=gen())  # lam = 0: no gradient
+    visit(zero, model, X, Y, INDEX)
+    stored = zero.bank.clone()
+    visit(zero, model, X, Y, INDEX)
+    assert torch.equal(zero.bank, stored)
+
+
+def test_trainer_checkpoint_holds_the_bank_and_resume_is_bit_identical(tmp_path):
+    from opnorm.training.checkpoint import load_checkpoint
+    from opnorm.training.config import TrainConfig
+    from opnorm.training.trainer import CHECKPOINT, train
+
+    kw = dict(dataset="digits", model="cnn", method="opnorm", p="inf", eps=0.1, epochs=2, limit_train=96,
+              limit_test=20, eval_points=10, eval_steps=2, batch_size=32, seed=5, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = train(TrainConfig(out=str(tmp_path / "full"), **kw))
+        train(TrainConfig(out=str(tmp_path / "split"), **kw), stop_after=1)
+        first = load_checkpoint(tmp_path / "split" / CHECKPOINT)["objective"]
+        resumed = train(TrainConfig(out=str(tmp_path / "split"), **kw), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert first["reg.bank"].shape == (96, 1, 8, 8) and bool(first["reg.seen"].all())
+    a = load_checkpoint(tmp_path / "full" / CHECKPOINT)["objective"]
+    b = load_checkpoint(tmp_path / "split" / CHECKPOINT)["objective"]
+    assert torch.equal(a["reg.bank"], b["reg.bank"]) and not torch.equal(a["reg.bank"], first["reg.bank"])
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+# ----------------------------------------------------------------------------- fallbacks and modes
+
+
+def bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.rand(16, 3, 4, dtype=DT))
+    return net
+
+
+def test_batchnorm_in_training_mode_falls_back_to_an_explicit_eval_mode_iteration():
+    net = bn_net().train()
+    assert mixes_examples(net) and not mixes_examples(bn_net().eval())
+    reg = OperatorNormRegularizer(2, 2, 0.05, lam=0.5, generator=gen(8))
+    visit(reg, net, X, Y, INDEX)  # cold: 3 eval-mode iterations; no free update
+    stored = reg.bank[INDEX].clone()
+    torch.testing.assert_close(stored, reg.last_v)
+    with torch.no_grad():
+        net.eval()
+        J = explicit_J(net, X)  # the eval-mode Jacobian (running statistics)
+        net.train()
+    running = net[2].running_mean.clone()
+    visit(reg, net, X, Y, INDEX)  # warm: one explicit eval-mode iteration from the stored direction
+    expected = power_step(J, stored.reshape(4, -1), 2, 2)
+    torch.testing.assert_close(reg.last_v.reshape(4, -1), expected)
+    torch.testing.assert_close(reg.bank[INDEX].reshape(4, -1), expected)  # the backward changed nothing
+    assert not torch.equal(net[2].running_mean, running)  # the training forward itself ran in train mode
+
+
+def test_exact_penalty_uses_one_explicit_iteration_on_warm_visits():
+    model, W = affine()
+    reg = OperatorNormRegularizer(2, 2, 0.1, penalty="exact", lam=0.5, generator=gen(9))
+    assert reg.warm_iters == 1
+    visit(reg, model, X, Y, INDEX)
+    stored = reg.bank[INDEX].clone()
+    visit(reg, model, X, Y, INDEX)
+    torch.testing.assert_close(reg.last_v.reshape(4, -1), power_step(W.expand(4, -1, -1), stored.reshape(4, -1), 2, 2))
+
+
+def test_direction_measures_warm_examples_without_iterating():
+    model, W = affine()
+    reg = OperatorNormRegularizer(2, 2, 0.1, lam=0.5, generator=gen(10))
+    visit(reg, model, X, Y, INDEX)
+    v = reg.bank[INDEX].clone()
+    res = reg.direction(model, X, INDEX)
+    assert res.iterations == 0
+    torch.testing.assert_close(res.v, v)
+    torch.testing.assert_close(res.sigma, lp_norm(v.reshape(4, -1) @ W.T, 2))
+    # a batch mixing warm and cold examples: the cold ones run `iters` iterations
+    res = reg.direction(model, X, torch.tensor([5, 2, 30, 31]))
+    assert res.iterations == 3 and bool(reg.seen[[30, 31]].all())
+    torch.testing.assert_close(res.v[:2], v[:2])
+
+
+@pytest.mark.parametrize("p,q,dynamic", [(2, 2, False), (INF, 2, False), (INF, 2, True)])
+def test_paper_mode_matches_the_previous_implementation(p, q, dynamic):
+    """Paper mode: 10 iterations from random starts, nothing kept, the same numbers as the
+    implementation before the fast mode (autograd linearization, power_iteration)."""
+    model = relu_net(5)
+    x = torch.rand(5, 3, 4, generator=gen(11), dtype=DT)
+    eps, lam = 0.05, 0.3
+    reg = OperatorNormRegularizer.paper(p, q, eps, lam=lam, dynamic=dynamic, generator=gen(12))
+    assert (reg.mode, reg.iters, reg.warm_start, reg.free_update) == ("paper", 10, False, False)
+    logits, pen = reg.joint(model, x, torch.arange(5))
+    assert reg.bank.numel() == 0  # nothing kept
+    v = random_unit(tuple(x.shape), p, dtype=DT, generator=gen(12))
+    if not dynamic:
+        lin = Linearization(model, x)
+        _, v, _, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v, p, q, iters=10)
+    else:
+        for _ in range(10):
+            moved = Linearization(model, x + eps * v)
+            v = duality_map(moved.rmatvec(duality_map(moved.matvec(v), q)), conjugate(p))
+    torch.testing.assert_close(reg.last_v, v, rtol=1e-12, atol=1e-14)
+    s = lp_norm(model(x + eps * v) - model(x), q) / eps
+    torch.testing.assert_close(pen, lam * (s**2).mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(logits, model(x))
+
+
+def test_mode_defaults_and_validation():
+    fast = OperatorNormRegularizer()
+    assert (fast.mode, fast.iters, fast.warm_iters, fast.warm_start, fast.free_update) == ("fast", 3, 0, True, True)
+    assert OperatorNormRegularizer(free_update=False).warm_iters == 1
+    paper = OperatorNormRegularizer(mode="paper", warm_start=True)
+    assert paper.warm_iters == 10  # the old warm-start semantics: all iterations from the stored vector
+    for kwargs, match in [(dict(mode="quick"), "mode"), (dict(warm_iters=-1), "warm_iters"),
+                          (dict(clip=(1, 0)), "clip"), (dict(clip="box"), "clip"), (dict(route="fast"), "route")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            OperatorNormRegularizer(**kwargs)
+
+
+def test_config_and_cli_expose_the_mode():
+    from opnorm.cli import build_parser, train_config_from_args
+    from opnorm.training.config import TrainConfig
+    from opnorm.training.trainer import Objective
+
+    fast = TrainConfig(method="opnorm").resolved()
+    assert (fast.opnorm_mode, fast.iters, fast.warm_iters, fast.opnorm_clip) == ("fast", 3, 0, True)
+    paper = TrainConfig(method="opnorm", opnorm_mode="paper").resolved()
+    assert (paper.iters, paper.warm_iters, paper.opnorm_clip) == (10, 10, False)
+    with pytest.raises(ValueError, match="unknown opnorm_mode 'slow'"):
+        TrainConfig(method="opnorm", opnorm_mode="slow").resolved()
+    reg = Objective(paper, nn.Linear(2, 2)).reg
+    assert reg.mode == "paper" and reg.clip is None and reg.iters == 10
+    reg = Objective(fast, nn.Linear(2, 2)).reg
+    assert reg.mode == "fast" and reg.clip == (0.0, 1.0) and reg.warm_iters == 0
+    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-mode", "paper", "--iters", "7",
+                                      "--no-opnorm-clip"])
+    cfg, _, _ = train_config_from_args(args)
+    assert (cfg.opnorm_mode, cfg.iters, cfg.warm_iters, cfg.opnorm_clip) == ("paper", 7, 7, False)
