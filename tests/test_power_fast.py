@@ -382,9 +382,9 @@ def test_power_method_on_pattern_route_matches_autograd_route():
 
 @pytest.mark.parametrize("route", ["pattern", "autograd"])
 def test_subspace_iteration_on_stacks(route):
-    net, x = build("conv1d")
+    net, x = build("conv1d", batch=3)
     ref = torch.linalg.svdvals(reference_jacobian(net, x))[:, :3]
-    got = singular_values(net, x, 3, method="power", iters=500, tol=1e-13, route=route, generator=torch.Generator().manual_seed(0))
+    got = singular_values(net, x, 3, method="power", iters=300, tol=1e-12, route=route, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(singular_values(net, x, 3, method="exact", route=route), ref, rtol=1e-10, atol=1e-12)
 
@@ -427,3 +427,22 @@ def test_lanczos_stops_per_example(route):
     assert res.iterations == int(stop.max()) + 1 and stop.min() < stop.max()  # examples did stop at different steps
     tight = operator_norm(net, x, method="lanczos", iters=7, tol=1e-12, route=route, generator=g())
     torch.testing.assert_close(tight.sigma, top, rtol=1e-10, atol=0)
+
+
+def test_lanczos_shrinks_the_batch_through_select():
+    net, x = build("bn", batch=10)
+    lin = PatternLinearization(net, x)
+    sizes = []
+
+    def select(rows):
+        sizes.append(len(rows))
+        sub = lin.select(rows)
+        return sub.matvec, sub.rmatvec
+
+    u0 = torch.randn(10, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
+    sigma, v, u, k, conv = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=5, tol=1e-4, select=select)
+    plain = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=5, tol=1e-4)  # no select: padded products
+    assert sizes and all(a > b for a, b in zip([10] + sizes, sizes))  # strictly smaller batches
+    torch.testing.assert_close(sigma, plain[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(v, plain[1], rtol=1e-9, atol=1e-12)
+    assert conv.all() and k <= 5

@@ -166,16 +166,17 @@ def _unit(w: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return w * (live / safe)[:, None], norm * live
 
 
-def _padded(ops: tuple[Callable, Callable], rows: torch.Tensor, B: int) -> tuple[Callable, Callable]:
-    """(matvec, rmatvec) of the full batch applied to the examples ``rows`` (zeros elsewhere)."""
+def _restricted(ops: tuple[Callable, Callable], pos: torch.Tensor, size: int) -> tuple[Callable, Callable]:
+    """(matvec, rmatvec) of a batch of ``size`` examples applied to the examples at ``pos`` only
+    (the others get zeros): for operators that cannot shrink their batch."""
     matvec, rmatvec = ops
 
     def pad(z: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(B, *z.shape[1:], dtype=z.dtype, device=z.device)
-        full[rows] = z
+        full = torch.zeros(size, *z.shape[1:], dtype=z.dtype, device=z.device)
+        full[pos] = z
         return full
 
-    return (lambda v: matvec(pad(v))[rows]), (lambda u: rmatvec(pad(u))[rows])
+    return (lambda v: matvec(pad(v))[pos]), (lambda u: rmatvec(pad(u))[pos])
 
 
 def lanczos_iteration(
@@ -197,8 +198,8 @@ def lanczos_iteration(
     space is exhausted and the result is exact up to rounding.
 
     Each example stops on its own once its estimate changes by at most ``tol`` (relative)
-    in one iteration (its result is frozen there); with ``select`` the later products run
-    on the unconverged examples only, so a few slow examples cost little.
+    in one iteration, and its result is frozen there; with ``select`` the later products
+    run on a batch of the unconverged examples only, so a few slow examples cost little.
 
     Args:
         matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
@@ -247,7 +248,7 @@ def lanczos_iteration(
         out_u[ids] = torch.bmm(P[:, :, :1].transpose(1, 2), Us[done, : k + 1]).squeeze(1)  # U_{k+1} p_1
         out_sigma[ids], out_conv[ids] = S[:, 0], converged[done]
 
-    full = (matvec, rmatvec)
+    ops, op_rows = (matvec, rmatvec), rows  # the operator and the examples it was built for
     k = 0
     for k in range(1, iters + 1):
         j = k - 1
@@ -271,11 +272,13 @@ def lanczos_iteration(
         keep = ~converged
         if k == iters or not bool(keep.any()):
             break
-        if int(keep.sum()) <= 0.9 * len(rows):
-            # freeze the converged examples; later products run on the rest only (with select)
+        if not bool(keep.all()):  # freeze the converged examples and go on with the rest
             finish(keep, k)
             rows, Us, Vs, Bk, sigma, converged = rows[keep], Us[keep], Vs[keep], Bk[keep], sigma[keep], converged[keep]
-            matvec, rmatvec = select(rows) if select is not None else _padded(full, rows, B)
+            if select is not None and len(rows) <= 0.9 * len(op_rows):  # shrinking pays: a smaller batch
+                ops, op_rows = select(rows), rows
+            pos = torch.searchsorted(op_rows, rows)  # rows stay sorted
+            matvec, rmatvec = ops if len(pos) == len(op_rows) else _restricted(ops, pos, len(op_rows))
     assert shape is not None and Vs is not None
     finish(torch.zeros(len(rows), dtype=torch.bool, device=device), k)
     assert out_v is not None
