@@ -44,7 +44,7 @@ def test_files_and_schema(quick_run):
     r = json.loads((out / "results.json").read_text())
     assert r["schema"] == SCHEMA
     assert set(r) >= {"config", "environment", "methods", "alignment", "agreement", "theorem", "sanity", "findings", "seconds_total"}
-    assert set(r["methods"]) == {"clean", "pgd-at-linf", "pgd-at-l2", "logit-at", "opnorm", "global-snr"}
+    assert set(r["methods"]) == {"clean", "pgd-at-linf", "pgd-at-l2", "logit-at", "opnorm", "opnorm-fast", "global-snr"}
     for key, m in r["methods"].items():
         assert 0.1 < m["clean_acc"] <= 1.0, key  # beats chance (10 classes)
         for norm in ("linf", "l2"):
