@@ -139,19 +139,22 @@ def test_free_update_leaves_the_weight_gradient_unchanged():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_repeated_visits_follow_the_power_method():
-    """Cold: 3 explicit iterations; each later visit: one free iteration, no explicit one. The
-    bank follows the explicit power method from the same start, iterate by iterate."""
+@pytest.mark.parametrize("warm_iters", [0, 1])
+def test_repeated_visits_follow_the_power_method(warm_iters):
+    """Cold: 3 explicit iterations; each later visit: ``warm_iters`` explicit ones; after each
+    penalty one free iteration. The bank follows the explicit power method from the same
+    start, iterate by iterate."""
     model, W = affine(seed=3)
-    reg = OperatorNormRegularizer(INF, 2, 0.3, lam=0.5, generator=gen(6))
+    reg = OperatorNormRegularizer(INF, 2, 0.3, lam=0.5, warm_iters=warm_iters, generator=gen(6))
     v0 = random_unit((4, 3, 4), INF, dtype=DT, generator=gen(6))
     iterates = [v0.reshape(4, -1)]
-    for _ in range(3 + 6):
+    for _ in range(4 + 5 * (1 + warm_iters)):
         iterates.append(power_step(W.expand(4, -1, -1), iterates[-1], INF, 2))
     for k in range(6):
         visit(reg, model, X, Y, INDEX)
-        torch.testing.assert_close(reg.last_v.reshape(4, -1), iterates[3 + k])  # the direction the penalty used
-        torch.testing.assert_close(reg.bank[INDEX].to(DT).reshape(4, -1), iterates[4 + k])
+        used = 3 + k * (1 + warm_iters)
+        torch.testing.assert_close(reg.last_v.reshape(4, -1), iterates[used])  # the direction the penalty used
+        torch.testing.assert_close(reg.bank[INDEX].to(DT).reshape(4, -1), iterates[used + 1])
 
 
 def test_repeated_visits_converge_to_the_spectral_norm():
@@ -224,11 +227,11 @@ def test_non_finite_or_zero_gradients_keep_the_stored_direction():
     model = relu_net()
     reg = OperatorNormRegularizer(INF, 2, 0.1, lam=0.5, generator=gen())
     visit(reg, model, X, Y, INDEX)
-    before = reg.bank.clone()
     logits, pen = reg.joint(model, X, INDEX)
+    before = reg.bank.clone()
     (pen * math.inf).backward()  # e.g. an fp16 overflow under a GradScaler
     assert torch.equal(reg.bank, before)
-    zero = OperatorNormRegularizer(INF, 2, 0.1, lam=0.0, generator=gen())  # lam = 0: no gradient
+    zero = OperatorNormRegularizer(INF, 2, 0.1, lam=0.0, warm_iters=0, generator=gen())  # lam = 0: no gradient
     visit(zero, model, X, Y, INDEX)
     stored = zero.bank.clone()
     visit(zero, model, X, Y, INDEX)
@@ -303,7 +306,7 @@ def test_exact_penalty_uses_one_explicit_iteration_on_warm_visits():
 
 def test_direction_measures_warm_examples_without_iterating():
     model, W = affine()
-    reg = OperatorNormRegularizer(2, 2, 0.1, lam=0.5, generator=gen(10))
+    reg = OperatorNormRegularizer(2, 2, 0.1, lam=0.5, warm_iters=0, generator=gen(10))
     visit(reg, model, X, Y, INDEX)
     v = reg.bank[INDEX].clone()
     res = reg.direction(model, X, INDEX)
@@ -343,7 +346,7 @@ def test_paper_mode_matches_the_previous_implementation(p, q, dynamic):
 
 def test_mode_defaults_and_validation():
     fast = OperatorNormRegularizer()
-    assert (fast.mode, fast.iters, fast.warm_iters, fast.warm_start, fast.free_update) == ("fast", 3, 0, True, True)
+    assert (fast.mode, fast.iters, fast.warm_iters, fast.warm_start, fast.free_update) == ("fast", 3, 1, True, True)
     assert OperatorNormRegularizer(free_update=False).warm_iters == 1
     paper = OperatorNormRegularizer(mode="paper", warm_start=True)
     assert paper.warm_iters == 10  # the old warm-start semantics: all iterations from the stored vector
@@ -359,7 +362,7 @@ def test_config_and_cli_expose_the_mode():
     from opnorm.training.trainer import Objective
 
     fast = TrainConfig(method="opnorm").resolved()
-    assert (fast.opnorm_mode, fast.iters, fast.warm_iters, fast.opnorm_clip) == ("fast", 3, 0, True)
+    assert (fast.opnorm_mode, fast.iters, fast.warm_iters, fast.opnorm_clip) == ("fast", 3, 1, True)
     paper = TrainConfig(method="opnorm", opnorm_mode="paper").resolved()
     assert (paper.iters, paper.warm_iters, paper.opnorm_clip) == (10, 10, False)
     with pytest.raises(ValueError, match="unknown opnorm_mode 'slow'"):
@@ -367,7 +370,7 @@ def test_config_and_cli_expose_the_mode():
     reg = Objective(paper, nn.Linear(2, 2)).reg
     assert reg.mode == "paper" and reg.clip is None and reg.iters == 10
     reg = Objective(fast, nn.Linear(2, 2)).reg
-    assert reg.mode == "fast" and reg.clip == (0.0, 1.0) and reg.warm_iters == 0
+    assert reg.mode == "fast" and reg.clip == (0.0, 1.0) and reg.warm_iters == 1
     args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-mode", "paper", "--iters", "7",
                                       "--no-opnorm-clip"])
     cfg, _, _ = train_config_from_args(args)

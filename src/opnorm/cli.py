@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("lam", float, "penalty weight (opnorm, global-snr)"),
         ("iters", int, "power iterations per batch (opnorm fast mode: on an example's first visit)"),
         ("opnorm-mode", str, "opnorm: fast (default; warm-started directions, free power iteration) | paper"),
-        ("warm-iters", int, "opnorm: explicit power iterations on later visits (fast default 0)"),
+        ("warm-iters", int, "opnorm: explicit power iterations on later visits (fast default 1)"),
         ("steps", int, "PGD steps of training attacks"),
         ("step-size", float, "PGD step length (default 2.5 eps / steps)"),
         ("adv-fraction", float, "share of each batch replaced by adversarial examples"),
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(t, "squared", "opnorm / logit-at: penalize sigma^2 / the squared logit distance (default) or the plain value")
     _bool_flag(t, "dynamic", "opnorm: power iterations linearize inside the eps-ball")
     _bool_flag(t, "opnorm-clip", "opnorm: clamp x + eps v into [0, 1] (default: on in fast mode, off in paper mode)")
+    _bool_flag(t, "free-update", "opnorm fast mode: advance stored directions from the training backward (default on)")
     _bool_flag(t, "scale-by-eps", "opnorm: penalize (eps sigma)^(2|1), the logit loss scale of logit-at (matched lam)")
     _bool_flag(t, "download", "download missing datasets (needs torchvision)")
     _bool_flag(t, "amp", "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")

@@ -15,12 +15,13 @@ How the (p, q) operator norm penalty is computed (PAPER.md section 4):
    l_p), ``u = psi_q(J v)`` and ``sigma = ||J v||_q``, a lower bound on ``||J(x)||_{p->q}``
    (:attr:`OperatorNormRegularizer.last_sigma`). The paper's configuration
    (``mode="paper"``) runs 10 of them per batch from random starts. The default
-   (``mode="fast"``) keeps every example's v in a bank indexed by dataset index, runs 3
-   explicit steps on an example's first visit only, and advances the stored v by one
-   power step per visit for free: the input gradient of the fd penalty, which the
-   training backward computes along with the weight gradients, is ``J^T psi_q(J v)`` up
-   to a positive factor (see :class:`OperatorNormRegularizer`). A training step then costs
-   one forward of ``[x; x + eps v]`` and one backward (``benchmarks/fast_regularizer.py``).
+   (``mode="fast"``) keeps every example's v in a bank indexed by dataset index: 3 steps
+   from a random start on an example's first visit, then 1 step per visit from the stored
+   v, and one more step for free after the penalty: the input gradient of the fd penalty,
+   which the training backward computes along with the weight gradients, is
+   ``J^T psi_q(J v)`` up to a positive factor (see :class:`OperatorNormRegularizer`). A
+   training step costs about 3 clean steps instead of 11 for PGD-10 adversarial training
+   (``benchmarks/fast_regularizer.py``).
 2. **Differentiable penalty with u, v held fixed** (Danskin), through the model as passed
    (a DDP wrapper included, so that its gradients are all-reduced) in its current mode:
 
@@ -100,7 +101,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 MODES = ("fast", "paper")
 PAPER_ITERS = 10  # the paper: 10 power iterations per batch, from a random start
-FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit (benchmarks/fast_regularizer.py)
+FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit
+FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (more did not pay off on Fashion-MNIST)
 
 
 def _check_nonneg_int(value: int, name: str) -> int:
@@ -140,23 +142,29 @@ class OperatorNormRegularizer(nn.Module):
 
     * ``"fast"`` (default): each example's direction v is kept between visits in a bank
       indexed by dataset index (``index=``). On its first visit an example gets ``iters``
-      (default 3) explicit power iterations from a random start; afterwards none: the fd
-      penalty's forward point ``x_p = x + eps v`` is a leaf requiring grad, and the training
-      backward, which computes the weight gradients anyway, also gives
-      ``grad_{x_p} penalty = c * J(x_p)^T psi_q(f(x_p) - f(x))`` with c > 0. Its duality map
-      ``psi_{p*}`` is the next direction, stored for the next visit (a hook on x_p). Inside the
-      linear region ``f(x_p) - f(x) = eps J v``, so this is exactly one (p, q) power
-      iteration ``v' = psi_{p*}(J^T psi_q(J v))`` (in general: one PGA step with infinite step
-      size, PAPER.md section 4). A step then costs one forward of ``[x; x_p]`` and one
-      backward, about twice a clean step.
+      (default 3) explicit power iterations from a random start, on later visits
+      ``warm_iters`` (default 1) from its stored v, so that v follows the current weights.
+      Then the **free update**: the fd penalty's forward point ``x_p = x + eps v`` is a leaf
+      requiring grad, and the training backward, which computes the weight gradients
+      anyway, also gives ``grad_{x_p} penalty = c * J(x_p)^T psi_q(f(x_p) - f(x))`` with
+      c > 0. Its duality map ``psi_{p*}`` is the next direction, stored for the next visit
+      (a hook on x_p). Inside the linear region ``f(x_p) - f(x) = eps J v``, so this is
+      exactly one (p, q) power iteration ``v' = psi_{p*}(J^T psi_q(J v))`` (in general: one
+      PGA step with infinite step size, PAPER.md section 4), for the price of propagating
+      the gradient to the input. ``warm_iters=0`` leaves only the free update (a step then
+      costs one forward of ``[x; x_p]`` and one backward, the floor of about 2 clean
+      steps), but its directions are one epoch old when used, and on Fashion-MNIST that lost
+      robustness (docs/results/fast-regularizer).
     * ``"paper"``: ``iters`` (default 10) power iterations per batch from a random start,
       nothing kept between batches (the paper's d.d. SNR). :meth:`paper` builds it.
 
     The free update needs: the fd penalty, warm starts with ``index``, and a model whose
     examples do not interact. With BatchNorm using batch statistics (:func:`mixes_examples`,
-    e.g. in training mode) the input gradient mixes examples, so warm examples get
-    ``max(warm_iters, 1)`` explicit eval-mode iterations instead; so does the exact penalty
-    (its input gradient is not J^T u). Without ``index`` every example is cold.
+    e.g. in training mode) the input gradient mixes examples, so it is skipped and warm
+    examples get ``max(warm_iters, 1)`` explicit eval-mode iterations; so does the exact
+    penalty (its input gradient is not J^T u). Dropout in training mode is kept: the free
+    step then uses the dropped-out network's J. Under autocast the free step sees the
+    half-precision backward. Without ``index`` every example is cold.
 
     Args:
         p, q: norm orders (1 <= p, q <= inf; float, int or "inf"). (2, 2) is the spectral norm.
@@ -167,7 +175,7 @@ class OperatorNormRegularizer(nn.Module):
         iters: power iterations for an example without a stored direction (>= 1; fast: 3,
             paper: 10).
         warm_iters: explicit iterations for an example with a stored direction (>= 0; fast:
-            0 with the free update, else 1; paper: ``iters``).
+            1; paper: ``iters``; at least 1 where the free update does not apply).
         penalty: ``"fd"`` (finite difference, the paper's code) or ``"exact"`` (``<u, J v>``
             by double backward). See the module docstring for what equals what.
         squared: penalize ``sigma^2`` (the paper's d.d. SNR) instead of ``sigma``.
@@ -194,9 +202,9 @@ class OperatorNormRegularizer(nn.Module):
         caller's ``backward()`` of a loss containing the penalty.
 
     Attributes:
-        last_sigma: (B,) estimates of ``||J(x_b)||_{p->q}`` from the last call: the power
-            method's ``||J v||_q`` where explicit iterations ran, else the fd value
-            ``||f(x + eps v) - f(x)||_q / eps`` of the penalty forward.
+        last_sigma: (B,) estimates of ``||J(x_b)||_{p->q}`` from the last call: paper mode
+            and :meth:`direction`: the power method's ``||J v||_q``; fast mode's penalty: the
+            fd value ``||f(x_p) - f(x)||_q / eps`` of its forward (no extra J v).
         last_v: (B, *in) the directions the penalty used.
         bank, seen: buffers (saved in ``state_dict``, so checkpoints resume exactly): the
             stored directions (N, *in) (int8 signs for p = inf, else x's dtype) and a (N,)
@@ -250,7 +258,7 @@ class OperatorNormRegularizer(nn.Module):
         self.warm_start = bool(fast if warm_start is None else warm_start)
         self.free_update = bool(fast if free_update is None else free_update)
         if warm_iters is None:
-            warm_iters = (0 if self.free_update and penalty == "fd" else 1) if fast else self.iters
+            warm_iters = FAST_WARM_ITERS if fast else self.iters
         self.warm_iters = _check_nonneg_int(warm_iters, "warm_iters")
         self.clip = _check_box(clip)
         if route not in ROUTES:
@@ -359,9 +367,16 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- explicit power iterations -----------------------------------------------------------
 
-    def _iterate(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int):
-        """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u)."""
+    def _iterate(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int, measure: bool = True):
+        """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u).
+        Without ``measure`` the last J v (only needed for sigma and u) is skipped: NaN sigma, u None."""
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
+            if not self.dynamic and not measure:
+                lin = linearize(net, x, self.route)
+                p_star, v = conjugate(self.p), v0
+                for _ in range(iters):
+                    v = duality_map(lin.rmatvec(duality_map(lin.matvec(v), self.q)), p_star)
+                return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
             if not self.dynamic:
                 lin = linearize(net, x, self.route)
                 sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=iters)
@@ -385,8 +400,9 @@ class OperatorNormRegularizer(nn.Module):
 
     def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
         """Directions for the batch: (v, sigma, u, idx, iterations). Cold rows run ``iters``
-        iterations, warm rows ``warm_iters`` (at least 1 without the free update); rows without
-        iterations have NaN sigma / u unless ``complete`` (then one J v measures them)."""
+        iterations, warm rows ``warm_iters`` (at least 1 without the free update). Unless
+        ``complete`` (or in paper mode), sigma / u are left NaN / None where they would cost
+        one more J v: the fd penalty's forward measures sigma anyway."""
         check_inputs(net, x)
         x = x.detach()
         idx = self._rows(index, x)
@@ -404,7 +420,7 @@ class OperatorNormRegularizer(nn.Module):
             whole = rows.numel() == B  # one group: no gathers
             xs, vs = (x, v0) if whole else (x[rows], v0[rows])
             if k > 0:
-                s, vk, uk = self._iterate(net, xs, vs, k)
+                s, vk, uk = self._iterate(net, xs, vs, k, measure=complete or self.mode == "paper")
             else:
                 vk, (s, uk) = vs, self._measure(net, xs, vs)
             if whole:
@@ -412,9 +428,11 @@ class OperatorNormRegularizer(nn.Module):
                 break
             if v is v0:
                 v = v0.clone()
-            if u is None:
-                u = torch.full((B, uk.shape[1]), math.nan, dtype=uk.dtype, device=uk.device)
-            v[rows], sigma[rows], u[rows] = vk.to(v.dtype), s.to(sigma.dtype), uk
+            v[rows], sigma[rows] = vk.to(v.dtype), s.to(sigma.dtype)
+            if uk is not None:
+                if u is None:
+                    u = torch.full((B, uk.shape[1]), math.nan, dtype=uk.dtype, device=uk.device)
+                u[rows] = uk
         if idx is not None:  # store what the explicit iterations found
             ran = iters > 0
             if bool(ran.all()):
@@ -426,8 +444,8 @@ class OperatorNormRegularizer(nn.Module):
     def direction(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> OperatorNormResult:
         """The explicit part of the direction solver (eval mode, unwrapped model, no weight
         gradients): ``iters`` iterations from a random start for examples without a stored
-        direction, ``warm_iters`` from the stored one for the others (fast mode: none; the free
-        update of the training backward advances them).
+        direction, ``warm_iters`` from the stored one for the others (the free update needs
+        the penalty's backward: use :meth:`joint` or ``forward`` for that).
 
         Returns an :class:`~opnorm.power.OperatorNormResult` with ``sigma`` (B,), ``v``
         (x's shape, unit l_p), ``u`` (B, d) = psi_q(J(x) v) and ``iterations`` (the most any

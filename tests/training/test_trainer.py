@@ -70,8 +70,8 @@ def test_run_directory(runs):
     cfg = TrainConfig.from_dict(json.loads((d / CONFIG).read_text()))
     assert cfg.resolved() == res.config
     assert cfg.p == "inf" and cfg.lam is not None
-    # the default is opnorm's fast mode: 3 iterations on an example's first visit, then free ones
-    assert cfg.opnorm_mode == "fast" and cfg.iters == 3 and cfg.warm_iters == 0 and cfg.opnorm_clip is True
+    # the default is opnorm's fast mode: 3 iterations on an example's first visit, 1 on later ones
+    assert cfg.opnorm_mode == "fast" and cfg.iters == 3 and cfg.warm_iters == 1 and cfg.opnorm_clip is True
     state = load_checkpoint(d / CHECKPOINT)
     assert state["epoch"] == 3 and len(state["history"]) == 3
     for k, v in res.model.state_dict().items():

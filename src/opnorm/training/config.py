@@ -47,6 +47,7 @@ DEFAULT_ITERS = {"opnorm": 10, "global-snr": 1}
 # opnorm's fast mode (the default): explicit power iterations only on an example's first visit
 # (later visits advance its stored direction by the free iteration of the training backward)
 FAST_COLD_ITERS = 3
+FAST_WARM_ITERS = 1
 
 
 def default_eps(dataset: str, p: float) -> float:
@@ -88,13 +89,16 @@ class TrainConfig:
         iters: power iterations per batch (global-snr: 1; opnorm paper mode: 10; opnorm fast
             mode: on an example's first visit only, 3).
         opnorm_mode: "fast" (default: a per-example bank of directions by dataset index,
-            ``iters`` explicit iterations on the first visit, then one free power iteration per
-            visit from the training backward; see ``OperatorNormRegularizer``) or "paper" (``iters``
-            power iterations from scratch per batch, nothing kept).
-        warm_iters: opnorm's explicit iterations on later visits (None: 0 in fast mode with the
-            fd penalty, 1 with the exact one; ``iters`` in paper mode).
+            ``iters`` explicit iterations on the first visit, ``warm_iters`` on later ones, plus
+            one free power iteration per visit from the training backward; see
+            ``OperatorNormRegularizer``) or "paper" (``iters`` power iterations from scratch per
+            batch, nothing kept).
+        warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
+            ``iters`` in paper mode).
         opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
             attacks do (None: true in fast mode, false in paper mode).
+        free_update: opnorm fast mode: advance each stored direction by the free power
+            iteration of the training backward (default true).
         steps / step_size: PGD steps and step length for training attacks (None: 2.5 eps / steps).
         adv_fraction: share of each batch replaced by adversarial examples (AT, TRADES).
         beta: TRADES weight. penalty / squared / dynamic / scale_by_eps: opnorm's variants
@@ -125,6 +129,7 @@ class TrainConfig:
     opnorm_mode: str = "fast"
     warm_iters: Optional[int] = None
     opnorm_clip: Optional[bool] = None
+    free_update: bool = True
     steps: int = 10
     step_size: Optional[float] = None
     adv_fraction: float = 1.0
@@ -208,7 +213,7 @@ class TrainConfig:
             c.iters = FAST_COLD_ITERS if c.method == "opnorm" and fast else DEFAULT_ITERS.get(c.method, 10)
         c.iters = _integer(c.iters, "iters", lo=1)
         if c.warm_iters is None:
-            c.warm_iters = (0 if c.penalty == "fd" else 1) if fast else c.iters
+            c.warm_iters = FAST_WARM_ITERS if fast else c.iters
         c.warm_iters = _integer(c.warm_iters, "warm_iters", lo=0)
         if c.opnorm_clip is None:
             c.opnorm_clip = fast
@@ -232,7 +237,7 @@ class TrainConfig:
         c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
         if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
             raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
-        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp", "opnorm_clip"):
+        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp", "opnorm_clip", "free_update"):
             if not isinstance(getattr(c, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.progress is not None and not isinstance(c.progress, bool):

@@ -125,6 +125,7 @@ class Objective(nn.Module):
                 cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, iters=cfg.iters, warm_iters=cfg.warm_iters,
                 penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic,
                 scale_by_eps=cfg.scale_by_eps, clip=(0.0, 1.0) if cfg.opnorm_clip else None,
+                free_update=cfg.free_update if cfg.opnorm_mode == "fast" else None,
             )
         elif cfg.method == "global-snr":
             self.reg = GlobalSpectralNormRegularizer(model, iters=cfg.iters, lam=cfg.lam, seed=cfg.seed)
