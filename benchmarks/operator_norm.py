@@ -166,11 +166,11 @@ def routes(registry_model: Optional[nn.Module]) -> list[dict]:
         label = "torch.func.jvp" if kind == "func" else "forward_ad"
         add(f"power, J v by {label}", lambda m, x, g, kind=kind: power_with_jvp(m, x, 10, g, kind), "power", label, 10)
     for route in ("autograd", "pattern"):
-        for k in (10, 20) if route == "autograd" else (5, 10, 20):
+        for k in (10,) if route == "autograd" else (5, 10):
             add(f"power ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="power", iters=k, tol=0, route=r, generator=g).sigma,
                 "power", route, k)
     for route in ("autograd", "pattern"):
-        for k in (2, 3, 4) if route == "autograd" else (1, 2, 3, 4, 5, 10):
+        for k in (2, 3) if route == "autograd" else (1, 2, 3, 4, 5, 10):
             add(f"lanczos ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="lanczos", iters=k, tol=0, route=r, generator=g).sigma,
                 "lanczos", route, k)
     for tol in (1e-2, 1e-3, 1e-4):
@@ -179,7 +179,7 @@ def routes(registry_model: Optional[nn.Module]) -> list[dict]:
     add("exact (autograd), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="autograd").sigma, "exact", "autograd")
     add("exact (pattern), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="pattern").sigma, "exact", "pattern")
     add("exact (pattern), SVD of J", lambda m, x, g: pattern_exact_svd(m, x), "exact", "pattern", None, "SVD instead of the d x d Gram eigh")
-    for c in (2, 5, 10):
+    for c in (2, 10):
         add(f"exact (pattern), {c} VJPs per stack", lambda m, x, g, c=c: pattern_exact_chunk(m, x, c), "exact", "pattern", None,
             "stacked VJPs instead of one at a time")
     add("auto (defaults)", lambda m, x, g: operator_norm(m, x, generator=g).sigma, "auto", "auto", None)
@@ -223,8 +223,9 @@ def time_against_clean(fn: Callable[[], object], clean: Callable[[], object], ro
     finally:
         gc.enable()
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    # ratio: median of the per-round ratios; ratio_of_minima: the least disturbed runs of each
     return dict(ms=1e3 * statistics.median(tm), clean_ms=1e3 * statistics.median(tc), ratio=statistics.median(ratios),
-                ratio_q1=q[0], ratio_q3=q[2])
+                ratio_q1=q[0], ratio_q3=q[2], ratio_of_minima=min(tm) / min(tc))
 
 
 def rel_errors(sigma: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -250,16 +251,18 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         "",
         f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / time of one clean training step "
         f"(forward, cross-entropy, backward, SGD step)); the clean step took {meta['clean_ms']:.1f} ms (median). "
+        "**ratio of minima**: fastest route run / fastest clean step, closer to an idle machine when others are running. "
         "**error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the explicitly formed float64 "
         "Jacobian; trained model, and the same architecture at random initialization.",
         "",
-        "| route | method | J access | iters | ms | time / clean step | error median | error p90 | error max | random init: median / max |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| route | method | J access | iters | ms | time / clean step (q1-q3) | ratio of minima | error median | error p90 | error max | random init: median / max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['chosen'] or r['method']} | {r['route']} | {r['iters'] if r['iters'] is not None else '-'} | "
-            f"{r['ms']:.1f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {fmt(r['err']['median'])} | {fmt(r['err']['p90'])} | "
+            f"{r['ms']:.1f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['ratio_of_minima']:.2f} | "
+            f"{fmt(r['err']['median'])} | {fmt(r['err']['p90'])} | "
             f"{fmt(r['err']['max'])} | {fmt(r['err_random']['median'])} / {fmt(r['err_random']['max'])} |"
         )
     lines += ["", "## Goal: sigma to <= 1e-3 relative error at <= 2x a clean training step", ""]
