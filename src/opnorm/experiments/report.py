@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from opnorm.training.trainer import write_text_atomic
 
 PLOTS = {
     "robust_linf": "robust_accuracy_linf.png",
@@ -22,18 +23,6 @@ PLOTS = {
     "time": "robustness_vs_time.png",
     "theorem": "theorem.png",
 }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _plt():
@@ -258,7 +247,7 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_plots(results, out)
-    _atomic_write_text(out / "results.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
     report = out / "report.md"
-    _atomic_write_text(report, render_markdown(results))
+    write_text_atomic(report, render_markdown(results))
     return report

@@ -238,7 +238,8 @@ def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: to
 # ----------------------------------------------------------------------------- files
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text via a temp file in the same directory and os.replace: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -256,11 +257,11 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_config(run_dir: Path, cfg: TrainConfig) -> None:
-    _write_text_atomic(run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_text_atomic(run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def _save_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    _write_text_atomic(run_dir / METRICS, "".join(json.dumps(_jsonable(m)) + "\n" for m in history))
+    write_text_atomic(run_dir / METRICS, "".join(json.dumps(_jsonable(m)) + "\n" for m in history))
 
 
 # ----------------------------------------------------------------------------- the loop
