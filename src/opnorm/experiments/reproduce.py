@@ -40,7 +40,7 @@ class StudyConfig:
     model: str = "cnn"
     quick: bool = False
     seed: int = 0
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05
     limit_train: Optional[int] = None
