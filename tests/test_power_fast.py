@@ -81,12 +81,24 @@ def pool_first():
     return nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 3))
 
 
+def dilated():
+    """Strided, dilated, grouped and bias-free convolutions whose transposes need an output
+    padding (both transpose paths: fold for one input channel, conv_transpose2d)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, dilation=2, padding=2), nn.ReLU(),  # 10 -> 5
+        nn.Conv2d(4, 4, 2, stride=1, dilation=2, groups=2, bias=False), nn.LeakyReLU(0.2),  # 5 -> 3
+        nn.Conv2d(4, 6, 2, stride=2), nn.ReLU(),  # 3 -> 1: its transpose needs output_padding 1
+        nn.Flatten(), nn.Linear(6, 5),
+    )
+
+
 NETS = {
     "cnn": (cnn, (1, 8, 8)),
     "bn": (bn_net, (2, 8, 8)),
     "conv1d": (conv1d_net, (4, 20)),
     "unflatten": (unflatten_net, (12,)),
     "pool_first": (pool_first, (1, 8, 8)),
+    "dilated": (dilated, (1, 10, 10)),
 }
 
 
