@@ -55,8 +55,12 @@ def test_files_and_schema(quick_run):
         assert m["time_vs_clean"] > 0 and len(m["spectrum"]) == r["config"]["spectrum_k"]
         assert m["spectrum"] == sorted(m["spectrum"], reverse=True)
     assert r["config"]["eval_steps"] >= 20 and r["config"]["eval_restarts"] >= 2
-    for loss in ("logit", "ce"):
+    for loss in ("logit", "logit_finite", "ce"):
         assert all(0.0 <= c <= 1.0 + 1e-9 for c in r["alignment"][loss]["mean"])
+    assert 0.0 <= r["alignment"]["random"]["mean"] <= 1.0
+    for f in r["findings"]:  # a finding split by loss or method holds only when every part does
+        if "parts" in f:
+            assert f["parts"] and f["holds"] == all(q["holds"] for q in f["parts"])
     assert [f["id"] for f in r["findings"]] == [1, 2, 3, 4, 5]
     assert all(isinstance(f["holds"], bool) and f["numbers"] for f in r["findings"])
     for path, value in _finite_numbers({k: v for k, v in r.items() if k != "theorem"}):

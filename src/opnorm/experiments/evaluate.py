@@ -41,19 +41,25 @@ def alignment_curve(
 ) -> dict:
     """Mean and std over points of |cos(delta_PGA, v_1)| for the logit (q = 2) and CE losses.
 
-    l_2 PGA, unconstrained by the pixel box (the claim is about the geometry of J(x)).
+    l_2 PGA, unconstrained by the pixel box (the claim is about the geometry of J(x)). The logit
+    loss is run twice: with the theorem's infinite step size (key ``logit``; PGA = the power
+    method inside the linear region) and with the usual 2.5 eps / steps (``logit_finite``), whose
+    damped iteration needs many more steps to reach v_1 when sigma_2 / sigma_1 is close to 1.
+    ``random`` is the same statistic for a Gaussian direction: the level that means no alignment.
     """
     v1 = top_singular_vector(model, x)
-    res: dict = {"eps": list(eps_grid), "p": 2, "q": 2}
-    for loss in ("logit", "ce"):
+    res: dict = {"eps": list(eps_grid), "p": 2, "q": 2, "steps": steps}
+    for key, loss, step_size in (("logit", "logit", math.inf), ("logit_finite", "logit", None), ("ce", "ce", None)):
         means, stds = [], []
         for e in eps_grid:
             gen = torch.Generator().manual_seed(seed)
-            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, clip=None, generator=gen)
+            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None, generator=gen)
             cos = alignment(xa - x, v1)
             means.append(float(cos.mean()))
             stds.append(float(cos.std()) if len(cos) > 1 else 0.0)
-        res[loss] = {"mean": means, "std": stds}
+        res[key] = {"mean": means, "std": stds}
+    rnd = alignment(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype), v1)
+    res["random"] = {"mean": float(rnd.mean()), "std": float(rnd.std()) if len(rnd) > 1 else 0.0}
     return res
 
 

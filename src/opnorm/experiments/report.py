@@ -58,9 +58,11 @@ def plot_alignment(results: dict, path: Path) -> None:
     plt = _plt()
     al = results["alignment"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for loss, style in (("logit", "-o"), ("ce", "-s")):
-        mean, std = al[loss]["mean"], al[loss]["std"]
-        ax.errorbar(al["eps"], mean, yerr=std, fmt=style, ms=3, capsize=2, label=f"PGA with {loss} loss")
+    for key, style, label in (("logit", "-o", "PGA, logit loss, infinite step"), ("logit_finite", "--o", "PGA, logit loss, finite step"),
+                              ("ce", "-s", "PGA, cross-entropy loss")):
+        mean, std = al[key]["mean"], al[key]["std"]
+        ax.errorbar(al["eps"], mean, yerr=std, fmt=style, ms=3, capsize=2, label=label)
+    ax.axhline(al["random"]["mean"], color="gray", ls=":", label="a random direction")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"eps (l_{al['p']})")
@@ -157,6 +159,16 @@ def _mark(holds: bool) -> str:
     return "holds" if holds else "**does not hold**"
 
 
+def _verdict(finding: dict) -> str:
+    """A finding with parts (one per loss or per method) names which parts hold."""
+    parts = finding.get("parts")
+    if not parts or all(q["holds"] == finding["holds"] for q in parts):
+        return _mark(finding["holds"])
+    held = [q["what"] for q in parts if q["holds"]]
+    failed = [f"{q['what']} ({q['detail']})" for q in parts if not q["holds"]]
+    return "**does not hold** as a whole; holds for " + (", ".join(held) or "none") + "; fails for " + ", ".join(failed)
+
+
 def render_markdown(results: dict) -> str:
     cfg = results["config"]
     lines: list[str] = []
@@ -173,7 +185,7 @@ def render_markdown(results: dict) -> str:
     lines.append("| # | claim | our numbers | verdict |")
     lines.append("|---|---|---|---|")
     for f in results["findings"]:
-        lines.append(f"| {f['id']} | {f['claim']} | {f['numbers']} | {_mark(f['holds'])} |")
+        lines.append(f"| {f['id']} | {f['claim']} | {f['numbers']} | {_verdict(f)} |")
     lines.append("")
     lines.append("## Sanity checks")
     lines.append("")
@@ -216,8 +228,9 @@ def render_markdown(results: dict) -> str:
     lines.append("")
     lines.append("| eps | " + " | ".join(f"{e:g}" for e in al["eps"]) + " |")
     lines.append("|---|" + "---|" * len(al["eps"]))
-    for loss in ("logit", "ce"):
-        lines.append(f"| {loss} loss | " + " | ".join(f"{m:.3f}" for m in al[loss]["mean"]) + " |")
+    for key, label in (("logit", "logit loss, infinite step"), ("logit_finite", f"logit loss, step 2.5 eps / {al['steps']}"), ("ce", "cross-entropy loss")):
+        lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in al[key]["mean"]) + " |")
+    lines.append(f"| a random direction | " + " | ".join(f"{al['random']['mean']:.3f}" for _ in al["eps"]) + " |")
     ag = results["agreement"]
     lines.append(f"| activation agreement (logit PGA) | " + " | ".join(f"{a:.3f}" for a in ag["pga"]) + " |")
     lines.append("")
