@@ -59,6 +59,7 @@ from opnorm.power import OperatorNormResult, power_iteration, random_unit
 __all__ = [
     "PENALTIES",
     "MODES",
+    "OUTPUTS",
     "AT_KINDS",
     "mixes_examples",
     "OperatorNormRegularizer",
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 PENALTIES = ("fd", "exact")
+OUTPUTS = ("logits", "kl")
 AT_KINDS = ("ce", "logit", "trades")
 
 
@@ -95,6 +97,20 @@ def _check_pos_int(value: int, name: str) -> int:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """Half-precision values (autocast) in float32 for the reduction; others unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _fisher(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``H w`` with ``H = diag(s) - s s^T``, s = softmax(logits): the Fisher information of the
+    softmax in logit space, i.e. the Hessian of ``KL(softmax(z) || softmax(z + w))`` at w = 0."""
+    prob = torch.softmax(_full(logits.detach()), dim=1).to(w.dtype)
+    return prob * w - prob * (prob * w).sum(dim=1, keepdim=True)
+
+
+def _kl_rows(logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
+    """Per-example ``KL(softmax(clean) || softmax(pert))`` (B,), differentiable in both."""
+    log_p = F.log_softmax(_full(logits_clean), dim=1)
+    log_q = F.log_softmax(_full(logits_pert), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- d.d. operator norm
@@ -178,6 +194,15 @@ class OperatorNormRegularizer(nn.Module):
             1; paper: ``iters``; at least 1 where the free update does not apply).
         penalty: ``"fd"`` (finite difference, the paper's code) or ``"exact"`` (``<u, J v>``
             by double backward). See the module docstring for what equals what.
+        output: how a change of the logits is measured. ``"logits"`` (default): its l_q norm,
+            the paper's (p, q) operator norm. ``"kl"``: the softmax's KL divergence, locally
+            the Fisher metric ``||w||_H = sqrt(w^T H w)``, ``H = diag(s) - s s^T``,
+            s = softmax(f(x)); the norm is then the (p, 2) operator norm of ``H^(1/2) J(x)``
+            (power step ``v' = psi_{p*}(J^T H J v)``), and the fd value is
+            ``s = sqrt(2 KL(softmax f(x) || softmax f(x + eps v))) / eps`` (squared: ``2 KL /
+            eps^2``, no square root; with scale_by_eps: ``2 KL``, the TRADES term at the power
+            method's point). It weighs the logit directions the prediction depends on, as the
+            cross-entropy of adversarial training does. Needs q = 2 and the fd penalty.
         squared: penalize ``sigma^2`` (the paper's d.d. SNR) instead of ``sigma``.
         lam: weight (>= 0).
         dynamic: the paper code's variant in which explicit power iteration k linearizes at
@@ -227,6 +252,7 @@ class OperatorNormRegularizer(nn.Module):
         iters: Optional[int] = None,
         warm_iters: Optional[int] = None,
         penalty: str = "fd",
+        output: str = "logits",
         squared: bool = True,
         lam: float = 1.0,
         dynamic: bool = False,
@@ -249,6 +275,14 @@ class OperatorNormRegularizer(nn.Module):
         if penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
         self.penalty = penalty
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if output == "kl" and (self.q != 2 or penalty != "fd"):
+            raise ValueError(
+                f"output='kl' measures logit changes in the softmax's Fisher metric, a 2-norm: it needs q=2 and "
+                f"penalty='fd', got q={q!r}, penalty={penalty!r}"
+            )
+        self.output = output
         if penalty == "fd" and self.eps == 0:
             raise ValueError("penalty='fd' divides by eps; use eps > 0 or penalty='exact'")
         self.lam = _check_nonneg(lam, "lam")
@@ -280,7 +314,7 @@ class OperatorNormRegularizer(nn.Module):
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
         return (
             f"mode={self.mode!r}, p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, iters={self.iters}, "
-            f"warm_iters={self.warm_iters}, penalty={self.penalty!r}, squared={self.squared}, lam={self.lam:g}, "
+            f"warm_iters={self.warm_iters}, penalty={self.penalty!r}, output={self.output!r}, squared={self.squared}, lam={self.lam:g}, "
             f"dynamic={self.dynamic}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
         )
 
@@ -367,36 +401,52 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- explicit power iterations -----------------------------------------------------------
 
+    def _dual(self, jv: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||J v||, u): the output norm of J v and its dual direction (``<u, J v> = ||J v||``):
+        ``psi_q(J v)`` for the l_q output, ``H J v / ||J v||_H`` for the KL output."""
+        if self.output == "logits":
+            return lp_norm(jv, self.q), duality_map(jv, self.q)
+        hjv = _fisher(logits, jv)
+        norm = (jv * hjv).sum(dim=1).clamp_min(0).sqrt()
+        return norm, hjv / norm.clamp_min(torch.finfo(jv.dtype).tiny).unsqueeze(1)
+
     def _iterate(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int, measure: bool = True):
         """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u).
         Without ``measure`` the last J v (only needed for sigma and u) is skipped: NaN sigma, u None."""
+        p_star = conjugate(self.p)
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
             if not self.dynamic and not measure:
                 lin = linearize(net, x, self.route)
-                p_star, v = conjugate(self.p), v0
+                v = v0
                 for _ in range(iters):
-                    v = duality_map(lin.rmatvec(duality_map(lin.matvec(v), self.q)), p_star)
+                    v = duality_map(lin.rmatvec(self._dual(lin.matvec(v), lin.logits)[1]), p_star)
                 return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
-            if not self.dynamic:
+            if not self.dynamic and self.output == "logits":
                 lin = linearize(net, x, self.route)
                 sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=iters)
+            elif not self.dynamic:
+                lin = linearize(net, x, self.route)
+                v = v0
+                for _ in range(iters):
+                    v = duality_map(lin.rmatvec(self._dual(lin.matvec(v), lin.logits)[1]), p_star)
+                sigma, u = self._dual(lin.matvec(v), lin.logits)
             else:
-                p_star = conjugate(self.p)
                 v = v0
                 for _ in range(iters):
                     moved = linearize(net, x + self.eps * v, self.route)  # linearize inside the eps-ball
-                    u = duality_map(moved.matvec(v), self.q)
+                    u = self._dual(moved.matvec(v), moved.logits)[1]
                     v = duality_map(moved.rmatvec(u), p_star)
                     del moved
-                jv = linearize(net, x, self.route).matvec(v)  # u and sigma at x itself
-                sigma, u = lp_norm(jv, self.q), duality_map(jv, self.q)
+                lin = linearize(net, x, self.route)  # u and sigma at x itself
+                sigma, u = self._dual(lin.matvec(v), lin.logits)
         return sigma.detach(), v.detach(), u.detach()
 
     def _measure(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor):
-        """(sigma, u) = (||J v||_q, psi_q(J v)) with no iteration."""
+        """(sigma, u) = (||J v||, its dual direction) with no iteration."""
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
-            jv = linearize(net, x, self.route).matvec(v).detach()
-        return lp_norm(jv, self.q), duality_map(jv, self.q)
+            lin = linearize(net, x, self.route)
+            jv = lin.matvec(v).detach()
+        return self._dual(jv, lin.logits)
 
     def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
         """Directions for the batch: (v, sigma, u, idx, iterations). Cold rows run ``iters``
@@ -486,20 +536,26 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- differentiable penalty ---------------------------------------------------------
 
-    def _reduce(self, s: torch.Tensor) -> torch.Tensor:
-        """Per-example s (B,) -> lam * mean(s or s^2), with the optional eps scale."""
-        if self.scale_by_eps:
-            s = s * self.eps
+    def _reduce(self, s: torch.Tensor, s_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-example s (B,) -> lam * mean(s or s^2), with the optional eps scale; ``s_sq``, when
+        given, is s^2 computed without the square root (whose gradient is infinite at 0)."""
         if self.squared:
-            s = s * s
-        return self.lam * s.mean()
+            value = s_sq if s_sq is not None else s * s
+            return self.lam * (value * self.eps**2 if self.scale_by_eps else value).mean()
+        return self.lam * (s * self.eps if self.scale_by_eps else s).mean()
 
-    def _fd_s(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
-        return lp_norm(_full(logits_pert - logits_clean), self.q) / self.eps
+    def _fd_terms(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(s, s^2 or None): the fd value per example, ``||f(x_p) - f(x)|| / eps`` in the output norm."""
+        if self.output == "logits":
+            return lp_norm(_full(logits_pert - logits_clean), self.q) / self.eps, None
+        s_sq = 2 * _kl_rows(logits_clean, logits_pert).clamp_min(0) / self.eps**2
+        if self.squared:  # the square root only for reporting sigma
+            return s_sq.detach().sqrt(), s_sq
+        return s_sq.clamp_min(torch.finfo(s_sq.dtype).tiny).sqrt(), None
 
     def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
-        """The fd penalty from f(x) and f(x + eps v): ``lam * mean(||diff||_q / eps)^(1|2)``."""
-        return self._reduce(self._fd_s(logits_clean, logits_pert))
+        """The fd penalty from f(x) and f(x + eps v): ``lam * mean(||diff|| / eps)^(1|2)``."""
+        return self._reduce(*self._fd_terms(logits_clean, logits_pert))
 
     def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: Optional[torch.Tensor]) -> None:
         if s is not None:  # rows without iterations: the fd value of this forward
@@ -544,9 +600,9 @@ class OperatorNormRegularizer(nn.Module):
         out = model(torch.cat([x, x_p]))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:
             raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
-        s = self._fd_s(out[:B], out[B:])
+        s, s_sq = self._fd_terms(out[:B], out[B:])
         self._finish(sigma, v, s)
-        return out[:B], self._reduce(s)
+        return out[:B], self._reduce(s, s_sq)
 
     def forward(
         self,
@@ -563,9 +619,9 @@ class OperatorNormRegularizer(nn.Module):
         free = self._free_ok(net, index)
         v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
         pert = forward(model, self._point(x, v, idx if free else None))
-        s = self._fd_s(logits, pert)
+        s, s_sq = self._fd_terms(logits, pert)
         self._finish(sigma, v, s)
-        return self._reduce(s)
+        return self._reduce(s, s_sq)
 
 
 # ----------------------------------------------------------------------------- global spectral norm

@@ -28,6 +28,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("cosine", "none")
 PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
+OPNORM_OUTPUTS = ("logits", "kl")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
 # with 17 gray levels, so its l_inf radius is large in pixel units.
@@ -93,6 +94,9 @@ class TrainConfig:
             one free power iteration per visit from the training backward; see
             ``OperatorNormRegularizer``) or "paper" (``iters`` power iterations from scratch per
             batch, nothing kept).
+        opnorm_output: how opnorm measures a logit change: "logits" (its l_q norm, the paper)
+            or "kl" (the softmax's KL divergence, locally the Fisher metric; needs q = 2; see
+            ``OperatorNormRegularizer``'s ``output``).
         warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
             ``iters`` in paper mode).
         opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
@@ -127,6 +131,7 @@ class TrainConfig:
     lam: Optional[float] = None
     iters: Optional[int] = None
     opnorm_mode: str = "fast"
+    opnorm_output: str = "logits"
     warm_iters: Optional[int] = None
     opnorm_clip: Optional[bool] = None
     free_update: bool = True
@@ -199,6 +204,7 @@ class TrainConfig:
         c.scheduler = _one_of(c.scheduler, SCHEDULERS, "scheduler")
         c.penalty = _one_of(c.penalty, PENALTIES, "penalty")
         c.opnorm_mode = _one_of(c.opnorm_mode, OPNORM_MODES, "opnorm_mode")
+        c.opnorm_output = _one_of(c.opnorm_output, OPNORM_OUTPUTS, "opnorm_output")
         c.p = norm_order(c.p, "p")
         c.q = norm_order(c.q, "q")
         if c.eps is None:
@@ -242,6 +248,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.progress is not None and not isinstance(c.progress, bool):
             raise TypeError(f"progress must be true, false or null, got {c.progress!r}")
+        if c.method == "opnorm" and c.opnorm_output == "kl" and (c.q != 2 or c.penalty != "fd"):
+            raise ValueError("opnorm_output 'kl' is a 2-norm (the softmax's Fisher metric): use q 2 and penalty fd")
         if c.method == "opnorm" and c.penalty == "fd" and c.eps == 0:
             raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --penalty exact")
         if c.method == "opnorm" and c.penalty == "exact" and c.compile is not False:

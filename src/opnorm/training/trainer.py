@@ -122,7 +122,7 @@ class Objective(nn.Module):
             # fast mode keeps a bank of directions by dataset index (in state_dict: checkpoints
             # resume exactly); the batch's index reaches it through joint()
             self.reg = OperatorNormRegularizer(
-                cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, iters=cfg.iters, warm_iters=cfg.warm_iters,
+                cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, output=cfg.opnorm_output, iters=cfg.iters, warm_iters=cfg.warm_iters,
                 penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic,
                 scale_by_eps=cfg.scale_by_eps, clip=(0.0, 1.0) if cfg.opnorm_clip else None,
                 free_update=cfg.free_update if cfg.opnorm_mode == "fast" else None,

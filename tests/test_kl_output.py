@@ -1,0 +1,139 @@
+"""OperatorNormRegularizer(output="kl"): logit changes measured in the softmax's Fisher metric.
+
+References are written out independently: H = diag(s) - s s^T from torch.softmax, exact
+(2, H) norms from an eigendecomposition of W^T H W, (inf, H) norms by brute force over the
+vertices of the cube, KL divergences from F.kl_div.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opnorm.norms import conjugate, duality_map
+from opnorm.regularizers import OperatorNormRegularizer
+
+DT = torch.float64
+INF = math.inf
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def affine(d=4, n=10, seed=0):
+    g = gen(seed)
+    W = torch.randn(d, n, generator=g, dtype=DT)
+    lin = nn.Linear(n, d).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(torch.randn(d, generator=g, dtype=DT))
+    return lin, W
+
+
+def fisher(model, x):
+    """(B, d, d) H(x) = diag(s) - s s^T with s = softmax(f(x))."""
+    s = torch.softmax(model(x), dim=1)
+    return torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
+
+
+X = torch.rand(3, 10, generator=gen(1), dtype=DT)
+
+
+def test_p2_norm_is_the_top_eigenvalue_of_WtHW():
+    model, W = affine()
+    reg = OperatorNormRegularizer(2, 2, 0.1, mode="paper", output="kl", iters=400, generator=gen(2))
+    res = reg.direction(model, X)
+    M = W.T @ fisher(model, X) @ W  # (B, n, n)
+    exact = torch.linalg.eigvalsh(M)[:, -1].sqrt()
+    torch.testing.assert_close(res.sigma, exact, rtol=1e-8, atol=0)
+    # u is the dual direction: <u, J v> = sigma
+    torch.testing.assert_close((res.u * (res.v @ W.T)).sum(1), res.sigma, rtol=1e-10, atol=0)
+
+
+def test_pinf_norm_matches_brute_force_over_the_cube_vertices():
+    model, W = affine()
+    x = X[:1].expand(48, -1)  # one point, 48 random starts
+    reg = OperatorNormRegularizer(INF, 2, 0.1, mode="paper", output="kl", iters=50, generator=gen(3))
+    res = reg.direction(model, x)
+    M = (W.T @ fisher(model, X[:1]) @ W)[0].detach()
+    best = max(float(torch.tensor(s, dtype=DT) @ M @ torch.tensor(s, dtype=DT)) for s in itertools.product((-1.0, 1.0), repeat=10))
+    assert float(res.sigma.max()) == pytest.approx(math.sqrt(best), rel=1e-10)
+    assert bool((res.sigma <= math.sqrt(best) * (1 + 1e-10)).all())  # every start gives a lower bound
+    assert bool((res.v.abs() == 1).all())
+
+
+def test_one_explicit_step_is_the_fisher_power_step():
+    model, W = affine()
+    v0 = duality_map(torch.randn(3, 10, generator=gen(4), dtype=DT), INF)
+    reg = OperatorNormRegularizer(INF, 2, 0.1, output="kl", iters=1, free_update=False)
+    v1 = reg._iterate(model, X, v0, 1, measure=False)[1]
+    H = fisher(model, X)
+    expected = duality_map(torch.einsum("nd,bde,ek,bk->bn", W.T, H, W, v0), 1.0)
+    torch.testing.assert_close(v1, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("squared,scale_by_eps", [(True, False), (True, True), (False, False), (False, True)])
+def test_fd_penalty_is_the_kl_divergence_at_the_power_point(squared, scale_by_eps):
+    model, _ = affine()
+    eps, lam = 0.3, 0.7
+    reg = OperatorNormRegularizer(2, 2, eps, output="kl", lam=lam, squared=squared, scale_by_eps=scale_by_eps, generator=gen(5))
+    pen = reg(model, X)
+    v = reg.last_v
+    kl = F.kl_div(F.log_softmax(model(X + eps * v), 1), F.log_softmax(model(X), 1), log_target=True, reduction="none").sum(1)
+    s = (2 * kl).sqrt() / eps * (eps if scale_by_eps else 1.0)
+    torch.testing.assert_close(pen, lam * (s**2 if squared else s).mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(reg.last_sigma, (2 * kl).sqrt() / eps, rtol=1e-10, atol=0)
+
+
+def test_fd_penalty_tends_to_the_fisher_quadratic_form_as_eps_shrinks():
+    model, W = affine()
+    H = fisher(model, X)
+    errs = []
+    for eps in (1e-2, 1e-3, 1e-4):
+        reg = OperatorNormRegularizer(2, 2, eps, output="kl", lam=1.0, generator=gen(6))
+        pen = reg(model, X)
+        Wv = reg.last_v @ W.T
+        quad = torch.einsum("bd,bde,be->b", Wv, H, Wv).mean()
+        errs.append(abs(float(pen / quad) - 1))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-3  # the secant error is O(eps)
+
+
+@pytest.mark.parametrize("p", [INF, 2.0])
+def test_free_update_is_psi_of_the_kl_gradient(p):
+    model, W = affine()
+    eps = 0.2
+    reg = OperatorNormRegularizer(p, 2, eps, output="kl", lam=0.5, generator=gen(7))
+    index = torch.tensor([4, 0, 7])
+    logits, pen = reg.joint(model, X, index)
+    (F.cross_entropy(logits, torch.tensor([0, 1, 2])) + pen).backward()
+    v = reg.last_v
+    diff = torch.softmax(model(X + eps * v), 1) - torch.softmax(model(X), 1)  # d KL / d f(x_p)
+    expected = duality_map(diff @ W, conjugate(p))
+    torch.testing.assert_close(reg.bank[index].to(DT), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_kl_output_validation_and_config():
+    from opnorm.cli import build_parser, train_config_from_args
+    from opnorm.training.config import TrainConfig
+    from opnorm.training.trainer import Objective
+
+    with pytest.raises(ValueError, match="output must be one of"):
+        OperatorNormRegularizer(output="softmax")
+    with pytest.raises(ValueError, match="q=2"):
+        OperatorNormRegularizer(INF, 1, output="kl")
+    with pytest.raises(ValueError, match="penalty='fd'"):
+        OperatorNormRegularizer(2, 2, output="kl", penalty="exact")
+    with pytest.raises(ValueError, match="opnorm_output 'kl'"):
+        TrainConfig(method="opnorm", q=1, opnorm_output="kl").resolved()
+    with pytest.raises(ValueError, match="unknown opnorm_output"):
+        TrainConfig(method="opnorm", opnorm_output="fisher").resolved()
+    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-output", "kl"])
+    cfg, _, _ = train_config_from_args(args)
+    assert cfg.opnorm_output == "kl"
+    assert Objective(cfg, nn.Linear(2, 2)).reg.output == "kl"
