@@ -5,6 +5,11 @@ load hit both alike; the per-step time is the median over repetitions of (call t
 Writes ``benchmarks/results/attacks.json`` and prints a table.
 
     python benchmarks/attacks.py [--reps 21] [--steps 10] [--batch 128] [--threads 2]
+
+Both attacks run the same tensor operations per step; what moves the ratio from run to run is
+mostly glibc returning freed activation buffers to the OS and page-faulting them back in
+(setting MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 removes that
+cost for both, about a quarter of the step time on this CNN) and the load of a shared machine.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ def main() -> None:
         "steps": args.steps,
         "reps": args.reps,
         "cpu_count": os.cpu_count(),
+        # glibc returns freed activation buffers to the OS and page-faults them back in, which
+        # costs ~25% per step here; MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ change that
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "cases": rows,

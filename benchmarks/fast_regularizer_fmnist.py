@@ -27,6 +27,10 @@ Phases:
   iteration on later visits: the floor-cost route), ``no-free-update``, ``no-clip``, the
   ``paper`` configuration (10 iterations from scratch) and PGD-10 AT, with training seconds.
   Writes ``variants.json``.
+* ``paper``: the paper configuration of the same regularizer (``opnorm_mode="paper"``: 10
+  power iterations per batch from random starts; otherwise the main run's settings and
+  lam), trained alone afterwards and evaluated like the others: does the fast solver lose
+  robustness against it? Writes ``paper.json``.
 * ``report``: rewrite README.md and the plots from results.json.
 
 Writes ``docs/results/fast-regularizer/{tuning.json, results.json, README.md,
@@ -117,9 +121,11 @@ def tune(args: argparse.Namespace, out: Path) -> float:
 VARIANTS = {
     "fast (default)": dict(method="opnorm"),
     "free-only (warm_iters=0)": dict(method="opnorm", warm_iters=0),
+    "2 explicit iterations per visit": dict(method="opnorm", warm_iters=2),
     "no free update": dict(method="opnorm", free_update=False),
     "no clip": dict(method="opnorm", opnorm_clip=False),
     "paper (10 iterations)": dict(method="opnorm", opnorm_mode="paper"),
+    "not squared (lam 0.1)": dict(method="opnorm", squared=False, lam=0.1),
     "pgd-at": dict(method="pgd-at"),
 }
 
@@ -132,7 +138,7 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
     for name, kw in VARIANTS.items():
         kw = dict(kw)
         method = kw.pop("method")
-        extra = dict(lam=lam) if method == "opnorm" else {}
+        extra = dict(lam=kw.pop("lam", lam)) if method == "opnorm" else {}
         cfg = TrainConfig(method=method, **extra, **common(args, limit_train=args.tune_train, epochs=args.tune_epochs,
                                                            eval_points=50, eval_steps=2, **kw))
         res = train(cfg)
@@ -140,7 +146,7 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
         gen = torch.Generator().manual_seed(1)
         clean = accuracy(res.model, held_x, held_y)
         rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
-        rows.append({"variant": name, "changes": kw, "clean": clean, "pgd20": rob, "train_seconds": seconds})
+        rows.append({"variant": name, "changes": {**kw, **extra}, "clean": clean, "pgd20": rob, "train_seconds": seconds})
         print(f"variant {name}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
     record = {"what": "held-out PGD-20 (l_inf 0.1) and training seconds of variants of the fast configuration",
               "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
@@ -270,6 +276,24 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
     return record
 
 
+def paper_phase(args: argparse.Namespace, out: Path, lam: float) -> None:
+    run = Path(args.runs) / "paper"
+    if run.exists():
+        shutil.rmtree(run)
+    res = train(TrainConfig(method="opnorm", opnorm_mode="paper", lam=lam, out=str(run), **common(args)))
+    splits = load_dataset("fashion-mnist")
+    x, y = splits.test.x[: args.points], splits.test.y[: args.points]
+    hist = res.history
+    cumulative = [sum(h["seconds"] for h in hist[: i + 1]) for i in range(len(hist))]
+    record = {"command": args.command, "config": res.config.to_dict(), "train_seconds": cumulative[-1],
+              "epochs": [{"epoch": h["epoch"], "cumulative_train_seconds": c, "accuracy": h["accuracy"],
+                          "pgd20": h["robust_accuracy"], "operator_norm": h["operator_norm"], "loss": h["loss"]}
+                         for h, c in zip(hist, cumulative)],
+              **evaluate(res.model, x, y, args)}
+    (out / "paper.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"paper: {json.dumps({k: v for k, v in record.items() if k in ('clean', 'pgd20_restarts', 'apgd_ce', 'apgd_dlr', 'train_seconds')})}", flush=True)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -382,6 +406,18 @@ def readme(record: dict, out: Path) -> None:
         for r in tuning["runs"]:
             lines.append(f"| {r['lam']:g} | {pct(r['clean'])} | {pct(r['pgd20'])} |")
         lines += ["", f"Chosen: lam = {tuning['chosen_lam']:g} (highest held-out PGD-20)."]
+    paper_path = out / "paper.json"
+    if paper_path.exists():
+        pp = json.loads(paper_path.read_text())
+        lines += ["", "## The paper configuration under the same settings", "",
+                  f"`opnorm_mode=\"paper\"` (10 power iterations per batch from random starts, nothing kept), "
+                  f"the main run's settings and lam, trained alone afterwards (its seconds were not measured "
+                  f"alternately with the others). Made by `{pp['command']}`.", "",
+                  "| | PGD-10 AT | fast | paper |", "|---|---|---|---|",
+                  f"| training seconds | {a['train_seconds']:.0f} | {f['train_seconds']:.0f} | {pp['train_seconds']:.0f} |"]
+        for key, label in (("clean", "clean"), ("pgd20_restarts", "PGD-20"), ("apgd_ce", "APGD-CE"),
+                           ("apgd_dlr", "APGD-DLR"), ("worst_case", "worst of the three")):
+            lines.append(f"| {label} (%) | {pct(a[key])} | {pct(f[key])} | {pct(pp[key])} |")
     var_path = out / "variants.json"
     if var_path.exists():
         var = json.loads(var_path.read_text())
@@ -402,7 +438,7 @@ def readme(record: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("tune", "main", "variants", "report", "all"), default="all")
+    ap.add_argument("--phase", choices=("tune", "main", "variants", "paper", "report", "all"), default="all")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--runs", default=str(HERE.parent / "runs" / "fast-regularizer"),
                     help="run directories (checkpoints; not committed)")
@@ -431,7 +467,7 @@ def main() -> None:
     lam = args.lam
     if args.phase in ("tune", "all") and lam is None:
         lam = tune(args, out)
-    if args.phase in ("main", "variants", "all"):
+    if args.phase in ("main", "variants", "paper", "all"):
         if lam is None:
             tuned = out / "tuning.json"
             if not tuned.exists():
@@ -441,6 +477,8 @@ def main() -> None:
         main_phase(args, out, lam)
     if args.phase == "variants":
         variants(args, out, lam)
+    if args.phase == "paper":
+        paper_phase(args, out, lam)
     if args.phase in ("main", "report", "all"):
         record = json.loads((out / "results.json").read_text())
         plots(record, out)
