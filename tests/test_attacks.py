@@ -401,3 +401,53 @@ def test_bad_input_raises_clear_errors():
         opnorm.pgd(MODEL, x, y, eps=0.1, loss="logit", targeted=True)
     with pytest.raises(ValueError, match="one value per example"):
         opnorm.pgd(MODEL, x, y, eps=0.1, loss=lambda a, c, t: a.sum())
+
+
+# --------------------------------------------------------------------------- best iterate
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "logit"])
+@pytest.mark.parametrize("p", [2, INF])
+def test_best_iterate_is_the_strongest_point_of_the_path(p, loss):
+    """Brute force over the path: the known start and every iterate of the history."""
+    model = _mlp(2)
+    x, y = _inputs(batch=24, seed=3)
+    start = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    # a large step overshoots, so later iterates are sometimes weaker than earlier ones
+    kw = dict(eps=0.5, p=p, loss=loss, steps=6, step_size=0.6, delta0=start, random_start=False)
+    last, hist = opnorm.pgd(model, x, y, return_history=True, **kw)
+    best = opnorm.pgd(model, x, y, best_iterate=True, **kw)
+    start_proj = (x + start.clamp(-0.5, 0.5) if p == INF else x + start).clamp(0, 1) - x
+    path = [start_proj] + hist
+    fn = losses.get_loss(loss).fn
+    with torch.no_grad():
+        clean = model(x)
+        logits = [model(x + d) for d in path]
+        value = torch.stack([fn(z, clean, y) for z in logits])  # (K, B)
+        fooled = torch.stack([z.argmax(1) != y for z in logits])
+        if loss == "logit":  # no notion of fooling: the highest loss wins
+            fooled = torch.zeros_like(fooled)
+        key = fooled.to(value.dtype) * 1e6 + value  # fooling first, then the loss (losses here are << 1e6)
+        pick = key.argmax(0)  # first maximum, as strict ">" keeps the earliest
+        expect = torch.stack([path[k][b] for b, k in enumerate(pick.tolist())])
+    torch.testing.assert_close(best, (x + expect).clamp(0, 1))
+    with torch.no_grad():
+        assert (value.amax(0) >= fn(model(last), clean, y) - 1e-12).all()
+    assert not torch.equal(best, last)  # the overshooting path makes the choice matter
+
+
+def test_best_iterate_never_weaker_and_costs_one_forward_per_run():
+    model = _mlp(1)
+    x, y = _inputs(batch=32, seed=7)
+    kw = dict(eps=0.3, p=INF, loss="ce", steps=5, step_size=0.4, restarts=2)
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        best = opnorm.pgd(model, x, y, best_iterate=True, generator=torch.Generator().manual_seed(0), **kw)
+        assert len(calls) == 2 * 6  # steps' forwards + one score of the final point per run
+    finally:
+        handle.remove()
+    last = opnorm.pgd(model, x, y, generator=torch.Generator().manual_seed(0), **kw)
+    with torch.no_grad():
+        f_best, f_last = model(best).argmax(1) != y, model(last).argmax(1) != y
+    assert (f_best >= f_last).all()

@@ -158,6 +158,7 @@ class _Attack:
         self.infinite_step = isinstance(step_size, float) and step_size == math.inf
         self.clip, self.targeted, self.l1_fraction, self.clean = clip, targeted, l1_fraction, clean
         self.checked = False
+        self.last_score: Optional[tuple[Optional[torch.Tensor], torch.Tensor]] = None  # of the point step() started from
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         out = self.spec.fn(logits, self.clean, self.y)
@@ -184,13 +185,17 @@ class _Attack:
             delta = delta.add_(self.x).clamp_(self.clip[0], self.clip[1]).sub_(self.x)
         return delta
 
-    def step(self, delta: torch.Tensor) -> torch.Tensor:
-        """One projected steepest-ascent step (one forward, one backward)."""
+    def step(self, delta: torch.Tensor, track: bool = False) -> torch.Tensor:
+        """One projected steepest-ascent step (one forward, one backward). ``track``: keep the
+        score of the starting point x + delta in ``last_score`` (from the same forward: free)."""
         with torch.enable_grad():
             delta = delta.detach().requires_grad_(True)
             x_adv = self.x + delta
-            obj = self.loss(self.net(x_adv) if self.checked else forward(self.net, x_adv))
+            logits = self.net(x_adv) if self.checked else forward(self.net, x_adv)
+            obj = self.loss(logits)
             (g,) = torch.autograd.grad(obj.sum(), delta, allow_unused=True)
+        if track:
+            self.last_score = self._score(logits.detach(), obj.detach())
         with torch.no_grad():
             delta = delta.detach()
             if g is None:  # the loss does not depend on the input
@@ -217,14 +222,43 @@ class _Attack:
         """(fooled (B,) bool or None, loss (B,) oriented so that larger is stronger) at x + delta."""
         with torch.no_grad():
             logits = forward(self.net, self.x + delta)
-            value = self.loss(logits)
-            if self.targeted:
-                value = -value
-            fooled = None
-            if self.spec.labelled_success and self.y is not None:
-                pred = logits.argmax(dim=1)
-                fooled = pred == self.y if self.targeted else pred != self.y
+            return self._score(logits, self.loss(logits))
+
+    def _score(self, logits: torch.Tensor, value: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        value = -value if self.targeted else value
+        fooled = None
+        if self.spec.labelled_success and self.y is not None:
+            pred = logits.argmax(dim=1)
+            fooled = pred == self.y if self.targeted else pred != self.y
         return fooled, value
+
+
+class _Best:
+    """Per example, the strongest of the candidates offered so far: one that fools the model
+    if any does (label losses), then the highest oriented loss. Used across restarts and,
+    with ``best_iterate``, across the steps of one run."""
+
+    def __init__(self) -> None:
+        self.delta: Optional[torch.Tensor] = None
+        self.fooled: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+        self.hist: list[torch.Tensor] = []
+
+    def offer(self, delta: torch.Tensor, score: tuple[Optional[torch.Tensor], torch.Tensor],
+              hist: Optional[list[torch.Tensor]] = None) -> None:
+        fooled, value = score
+        if self.delta is None:
+            self.delta, self.fooled, self.value, self.hist = delta, fooled, value, list(hist or [])
+            return
+        better = value > self.value
+        if fooled is not None:
+            better = (fooled & ~self.fooled) | ((fooled == self.fooled) & better)
+            self.fooled = torch.where(better, fooled, self.fooled)
+        self.value = torch.where(better, value, self.value)
+        mask = _view(better, delta)
+        self.delta = torch.where(mask, delta, self.delta)
+        if hist:
+            self.hist = [torch.where(mask, h, b) for h, b in zip(hist, self.hist)]
 
 
 def pgd(
@@ -246,6 +280,7 @@ def pgd(
     return_history: bool = False,
     generator: Optional[torch.Generator] = None,
     l1_fraction: float = 0.01,
+    best_iterate: bool = False,
 ):
     """Projected gradient ascent on a per-example loss inside the l_p ball of radius eps.
 
@@ -278,6 +313,12 @@ def pgd(
             after step k + 1 (for restarts > 1, the run kept for each example).
         generator: torch.Generator for the random starts (reproducible attacks).
         l1_fraction: for p = 1 and a finite step, the fraction of coordinates moved per step.
+        best_iterate: return, per example, the strongest point of the whole path (start and
+            every iterate; fooling points first, then the highest loss, as for restarts)
+            instead of the last iterate, as APGD does. For evaluating robustness: a step
+            that overshoots can leave a point that already fooled the model. Costs one
+            forward per run (the steps' own forwards score the other points). The history
+            is unchanged.
 
     Returns:
         x_adv (x's shape, detached), or ``(x_adv, deltas)`` with return_history=True.
@@ -329,8 +370,7 @@ def pgd(
                 clean = forward(net, x)
         attack = _Attack(net, x, y, eps_t, p, spec, step_size, clip, targeted, l1_fraction, clean)
 
-        best_delta = best_fooled = best_value = None
-        best_hist: list[torch.Tensor] = []
+        best = _Best()
         for r in range(restarts):
             if delta0 is not None:
                 start = delta0.detach().to(x.dtype)
@@ -346,25 +386,22 @@ def pgd(
                     "example, or random_start=True with eps > 0"
                 )
             hist = []
+            path = _Best() if best_iterate else None
             for _ in range(steps):
-                delta = attack.step(delta)
+                new = attack.step(delta, track=path is not None)
+                if path is not None:
+                    path.offer(delta, attack.last_score)
+                delta = new
                 if return_history:
                     hist.append(delta)
+            if path is not None:
+                path.offer(delta, attack.score(delta))
+                delta = path.delta
             if restarts == 1:
-                best_delta, best_hist = delta, hist
+                best.delta, best.hist = delta, hist
                 break
-            fooled, value = attack.score(delta)
-            if best_delta is None:
-                best_delta, best_fooled, best_value, best_hist = delta, fooled, value, hist
-                continue
-            better = value > best_value
-            if fooled is not None:
-                better = (fooled & ~best_fooled) | ((fooled == best_fooled) & better)
-                best_fooled = torch.where(better, fooled, best_fooled)
-            best_value = torch.where(better, value, best_value)
-            mask = _view(better, x)
-            best_delta = torch.where(mask, delta, best_delta)
-            best_hist = [torch.where(mask, h, b) for h, b in zip(hist, best_hist)]
+            best.offer(delta, (path.fooled, path.value) if path is not None else attack.score(delta), hist)
+        best_delta, best_hist = best.delta, best.hist
 
     x_adv = clip_box(x + best_delta, clip).detach()
     return (x_adv, best_hist) if return_history else x_adv

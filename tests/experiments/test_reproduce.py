@@ -43,7 +43,7 @@ def test_files_and_schema(quick_run):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     r = json.loads((out / "results.json").read_text())
     assert r["schema"] == SCHEMA
-    assert set(r) >= {"config", "environment", "methods", "alignment", "agreement", "theorem", "sanity", "findings", "seconds_total"}
+    assert set(r) >= {"config", "environment", "methods", "alignment", "agreement", "alignment_raw", "agreement_raw", "theorem", "sanity", "findings", "seconds_total"}
     assert set(r["methods"]) == {"clean", "pgd-at-linf", "pgd-at-l2", "logit-at", "opnorm", "opnorm-fast", "global-snr"}
     for key, m in r["methods"].items():
         assert 0.1 < m["clean_acc"] <= 1.0, key  # beats chance (10 classes)
@@ -70,6 +70,18 @@ def test_files_and_schema(quick_run):
         assert f["claim"] in report
         assert ("does not hold" in report) or all(x["holds"] for x in r["findings"])
     assert "report:" in proc.stdout
+
+
+def test_theorem_holds_at_jittered_points(quick_run):
+    """Digits images sit on region boundaries (max-pool ties); the jittered analysis points do not,
+    so at the smallest eps every point stays inside its region and the iterates agree to float error."""
+    out, _ = quick_run
+    r = json.loads((out / "results.json").read_text())
+    assert r["theorem"]["jitter"] > 0
+    small = [c for c in r["theorem"]["cases"] if c["eps"] <= 1e-5]
+    assert small and all(c["inside_fraction"] >= 0.9 for c in small)
+    assert max(max(c["iterate_gap_inside"]) for c in small) < 1e-8
+    assert next(f for f in r["findings"] if f["id"] == 2)["holds"]
 
 
 def test_sanity_checks_enforced(quick_run):

@@ -223,16 +223,27 @@ def render_markdown(results: dict) -> str:
         for m in methods.values():
             lines.append(f"| {m['label']} | " + " | ".join(_fmt_pct(a) for a in m["robust"][norm]["acc"]) + " |")
         lines.append("")
-    al = results["alignment"]
+    al, raw = results["alignment"], results["alignment_raw"]
     lines.append(f"### Alignment |cos(delta_PGA, v_1)| ({al['model']} model, l_{al['p']}, q = {al['q']})")
     lines.append("")
+    if al.get("jitter"):
+        lines.append(
+            f"Measured at the test points plus N(0, {al['jitter']:g}^2) pixel noise: images with constant backgrounds "
+            "hold exact ties in max-pool windows, so every such image lies on a boundary between linear regions and "
+            "no eps-ball around it is linear (see the unjittered rows: activations change even at the smallest eps)."
+        )
+        lines.append("")
     lines.append("| eps | " + " | ".join(f"{e:g}" for e in al["eps"]) + " |")
     lines.append("|---|" + "---|" * len(al["eps"]))
     for key, label in (("logit", "logit loss, infinite step"), ("logit_finite", f"logit loss, step 2.5 eps / {al['steps']}"), ("ce", "cross-entropy loss")):
         lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in al[key]["mean"]) + " |")
     lines.append(f"| a random direction | " + " | ".join(f"{al['random']['mean']:.3f}" for _ in al["eps"]) + " |")
-    ag = results["agreement"]
+    ag, ag_raw = results["agreement"], results["agreement_raw"]
     lines.append(f"| activation agreement (logit PGA) | " + " | ".join(f"{a:.3f}" for a in ag["pga"]) + " |")
+    if al.get("jitter"):
+        lines.append(f"| logit loss, infinite step, unjittered | " + " | ".join(f"{m:.3f}" for m in raw["logit"]["mean"]) + " |")
+        lines.append(f"| cross-entropy loss, unjittered | " + " | ".join(f"{m:.3f}" for m in raw["ce"]["mean"]) + " |")
+        lines.append(f"| activation agreement (logit PGA), unjittered | " + " | ".join(f"{a:.3f}" for a in ag_raw["pga"]) + " |")
     lines.append("")
     lines.append("### Theorem check: infinite-step PGA vs power method")
     lines.append("")
