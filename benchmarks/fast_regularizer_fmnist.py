@@ -48,6 +48,7 @@ import math
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ from opnorm.training.trainer import accuracy, robust_accuracy, train
 INF = math.inf
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "docs" / "results" / "fast-regularizer"
-LAMS = (0.01, 0.02, 0.04)
+# lam grids per output metric. kl: lam * 2 KL / eps^2, i.e. lam = 0.06 at eps 0.1 is the TRADES
+# term with beta = 12 (2 KL * lam / eps^2 = beta KL)
+LAMS = {"logits": (0.01, 0.02, 0.04), "kl": (0.03, 0.06, 0.12)}
 EPS_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2)
 
 
@@ -80,33 +83,56 @@ def common(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
 def method_config(name: str, args: argparse.Namespace, lam: float, **changes: Any) -> TrainConfig:
     if name == "pgd-at":
         return TrainConfig(method="pgd-at", **common(args, **changes))
-    return TrainConfig(method="opnorm", lam=lam, **common(args, **changes))  # the regularizer's defaults otherwise
+    # fast mode (the regularizer's defaults) in the chosen output metric
+    return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
 
 
 # ----------------------------------------------------------------------------- tune
 
 
-def tune(args: argparse.Namespace, out: Path) -> float:
+def tune_one(args: argparse.Namespace, lam: float) -> dict:
+    """Train the fast regularizer with ``lam`` on the tuning images; score it on the held-out ones."""
     full = load_dataset("fashion-mnist")
     n = full.train.x.shape[0]
     held_x, held_y = full.train.x[n - args.tune_heldout:], full.train.y[n - args.tune_heldout:]
-    rows = []
-    for lam in args.lams:
-        cfg = method_config("fast", args, lam, limit_train=args.tune_train, epochs=args.tune_epochs, eval_points=50,
-                            eval_steps=2)
-        t0 = time.perf_counter()
-        res = train(cfg)
-        seconds = sum(m["seconds"] for m in res.history)
-        gen = torch.Generator().manual_seed(1)
-        clean = accuracy(res.model, held_x, held_y)
-        rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
-        rows.append({"lam": lam, "clean": clean, "pgd20": rob, "train_seconds": seconds,
-                     "wall_seconds": time.perf_counter() - t0})
-        print(f"tune lam={lam:g}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
+    cfg = method_config("fast", args, lam, limit_train=args.tune_train, epochs=args.tune_epochs, eval_points=50,
+                        eval_steps=2)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    seconds = sum(m["seconds"] for m in res.history)
+    gen = torch.Generator().manual_seed(1)
+    clean = accuracy(res.model, held_x, held_y)
+    rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
+    row = {"lam": lam, "clean": clean, "pgd20": rob, "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0}
+    print(f"tune lam={lam:g}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
+    return row
+
+
+def tune(args: argparse.Namespace, out: Path) -> float:
+    if args.tune_train + args.tune_heldout > 60000:
+        raise SystemExit("--tune-train + --tune-heldout must leave the held-out images out of training (<= 60000)")
+    if args.jobs == 1:
+        rows = [tune_one(args, lam) for lam in args.lams]
+    else:  # args.jobs lams at a time, one process each
+        tmp = Path(args.runs) / "tune"
+        tmp.mkdir(parents=True, exist_ok=True)
+        job_args = ["--phase", "tune-one", "--output", args.output, "--tune-train", str(args.tune_train),
+                    "--tune-heldout", str(args.tune_heldout), "--tune-epochs", str(args.tune_epochs),
+                    "--seed", str(args.seed), "--threads", str(args.threads), "--runs", str(tmp)]
+        rows = []
+        for k in range(0, len(args.lams), args.jobs):
+            procs = [(lam, subprocess.Popen([sys.executable, __file__, *job_args, "--lam", repr(lam)]))
+                     for lam in args.lams[k:k + args.jobs]]
+            for lam, proc in procs:
+                if proc.wait() != 0:
+                    raise SystemExit(f"the tuning job for lam {lam:g} failed (exit {proc.returncode})")
+                rows.append(json.loads((tmp / f"lam-{lam!r}.json").read_text()))
     best = max(rows, key=lambda r: (round(r["pgd20"], 4), -r["lam"]))
     record = {
-        "what": "lam of the fast regularizer (method opnorm, defaults otherwise), chosen by PGD-20 robust accuracy "
-                "(l_inf eps 0.1) on held-out training images",
+        "what": f"lam of the fast regularizer (method opnorm, output {args.output!r}, defaults otherwise), chosen by "
+                "PGD-20 robust accuracy (l_inf eps 0.1) on held-out training images",
+        "output": args.output,
+        "command": args.command,
         "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
         "heldout_images": f"the last {args.tune_heldout} training images (not trained on in this phase; "
                           "the main runs train on the first --train images)",
@@ -207,40 +233,70 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: arg
     return res
 
 
+def summarize(name: str, res, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Training history and the evaluation of one finished run (JSON-ready)."""
+    hist = res.history
+    cumulative = [sum(h["seconds"] for h in hist[: i + 1]) for i in range(len(hist))]
+    summary = {
+        "config": res.config.to_dict(),
+        "train_seconds": cumulative[-1],
+        "epochs": [{"epoch": h["epoch"], "cumulative_train_seconds": c, "accuracy": h["accuracy"],
+                    "pgd20": h["robust_accuracy"], "operator_norm": h["operator_norm"], "loss": h["loss"]}
+                   for h, c in zip(hist, cumulative)],
+        **evaluate(res.model, x, y, args),
+    }
+    print(f"{name}: {json.dumps({k: v for k, v in summary.items() if k in ('clean', 'pgd20_restarts', 'apgd_ce', 'apgd_dlr', 'train_seconds')})}", flush=True)
+    return summary
+
+
+def one_phase(args: argparse.Namespace, lam: float) -> None:
+    """Train and evaluate one method (``--which``) and write its summary: a job of ``--jobs 2``."""
+    run = Path(args.runs) / args.which
+    if run.exists():
+        shutil.rmtree(run)
+    res = train(method_config(args.which, args, lam, out=str(run)))
+    splits = load_dataset("fashion-mnist")
+    summary = summarize(args.which, res, args, splits.test.x[: args.points], splits.test.y[: args.points])
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
     runs_dir = Path(args.runs)
     if runs_dir.exists():
         shutil.rmtree(runs_dir)
     names = ("pgd-at", "fast")
-    cfgs = {n: method_config(n, args, lam, out=str(runs_dir / n)) for n in names}
-    results: dict[str, Any] = {}
-    t_start = time.perf_counter()
-    for epoch in range(args.epochs):
-        order = names if epoch % 2 == 0 else names[::-1]  # alternate who goes first
-        for n in order:
-            results[n] = train(cfgs[n], resume=epoch > 0, stop_after=1)
-            m = results[n].history[-1]
-            print(f"{n:7} epoch {epoch + 1}/{args.epochs}: {m['seconds']:.1f} s, acc {m['accuracy']:.4f}, "
-                  f"PGD-20 {m['robust_accuracy']:.4f}", flush=True)
-    train_wall = time.perf_counter() - t_start
-
     splits = load_dataset("fashion-mnist")
     x, y = splits.test.x[: args.points], splits.test.y[: args.points]
-    methods = {}
-    for n in names:
-        res = results[n]
-        hist = res.history
-        ev = evaluate(res.model, x, y, args)
-        cumulative = [sum(h["seconds"] for h in hist[: i + 1]) for i in range(len(hist))]
-        methods[n] = {
-            "config": res.config.to_dict(),
-            "train_seconds": cumulative[-1],
-            "epochs": [{"epoch": h["epoch"], "cumulative_train_seconds": c, "accuracy": h["accuracy"],
-                        "pgd20": h["robust_accuracy"], "operator_norm": h["operator_norm"], "loss": h["loss"]}
-                       for h, c in zip(hist, cumulative)],
-            **ev,
-        }
-        print(f"{n}: {json.dumps({k: v for k, v in ev.items() if k != 'pgd20_vs_eps'})}", flush=True)
+    t_start = time.perf_counter()
+    methods: dict[str, Any] = {}
+    if args.jobs > 1:
+        # both methods at once, one process and args.threads threads each: they share the
+        # machine's load at every moment, as the alternating epochs of --jobs 1 do in turn
+        job_args = ["--phase", "one", "--lam", repr(lam), "--runs", str(runs_dir), "--epochs", str(args.epochs),
+                    "--points", str(args.points), "--restarts", str(args.restarts), "--apgd-steps", str(args.apgd_steps),
+                    "--seed", str(args.seed), "--threads", str(args.threads)]
+        if args.train is not None:
+            job_args += ["--train", str(args.train)]
+        procs = {n: subprocess.Popen([sys.executable, __file__, *job_args, "--which", n]) for n in names}
+        for n, proc in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"the {n} job failed (exit {proc.returncode})")
+        for n in names:
+            methods[n] = json.loads((runs_dir / n / "summary.json").read_text())
+        results = {n: train(method_config(n, args, lam, out=str(runs_dir / n)), resume=True) for n in names}
+    else:
+        cfgs = {n: method_config(n, args, lam, out=str(runs_dir / n)) for n in names}
+        results = {}
+        for epoch in range(args.epochs):
+            order = names if epoch % 2 == 0 else names[::-1]  # alternate who goes first
+            for n in order:
+                results[n] = train(cfgs[n], resume=epoch > 0, stop_after=1)
+                m = results[n].history[-1]
+                print(f"{n:7} epoch {epoch + 1}/{args.epochs}: {m['seconds']:.1f} s, acc {m['accuracy']:.4f}, "
+                      f"PGD-20 {m['robust_accuracy']:.4f}", flush=True)
+        for n in names:
+            methods[n] = summarize(n, results[n], args, x, y)
+    train_wall = time.perf_counter() - t_start
     # how good the banked directions of the fast run are at its final weights (training images)
     state = torch.load(runs_dir / "fast" / "checkpoint.pt", map_location="cpu", weights_only=True)
     n_q = min(512, splits.train.x.shape[0] if args.train is None else args.train)
@@ -257,9 +313,10 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
             "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
             "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
             "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-            "lam": lam, "torch": torch.__version__, "python": platform.python_version(),
+            "lam": lam, "output": args.output, "torch": torch.__version__, "python": platform.python_version(),
         },
-        "train_wall_seconds_both": train_wall,
+        "wall_seconds_both": train_wall,
+        "jobs": args.jobs,
         "methods": methods,
         "comparison": {
             "time_ratio_fast_over_at": f["train_seconds"] / a["train_seconds"],
@@ -282,14 +339,7 @@ def paper_phase(args: argparse.Namespace, out: Path, lam: float) -> None:
         shutil.rmtree(run)
     res = train(TrainConfig(method="opnorm", opnorm_mode="paper", lam=lam, out=str(run), **common(args)))
     splits = load_dataset("fashion-mnist")
-    x, y = splits.test.x[: args.points], splits.test.y[: args.points]
-    hist = res.history
-    cumulative = [sum(h["seconds"] for h in hist[: i + 1]) for i in range(len(hist))]
-    record = {"command": args.command, "config": res.config.to_dict(), "train_seconds": cumulative[-1],
-              "epochs": [{"epoch": h["epoch"], "cumulative_train_seconds": c, "accuracy": h["accuracy"],
-                          "pgd20": h["robust_accuracy"], "operator_norm": h["operator_norm"], "loss": h["loss"]}
-                         for h, c in zip(hist, cumulative)],
-              **evaluate(res.model, x, y, args)}
+    record = {"command": args.command, **summarize("paper", res, args, splits.test.x[: args.points], splits.test.y[: args.points])}
     (out / "paper.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"paper: {json.dumps({k: v for k, v in record.items() if k in ('clean', 'pgd20_restarts', 'apgd_ce', 'apgd_dlr', 'train_seconds')})}", flush=True)
 
@@ -351,8 +401,14 @@ def readme(record: dict, out: Path) -> None:
         "",
         f"Small CNN, {s['train_images']} training images, {s['epochs']} epochs, batch {s['batch_size']}, "
         f"{s['optimizer']}, seed {s['seed']}, {s['threads']} thread(s); {s['threat']}. Both runs share every "
-        f"setting; their epochs ran alternately in one process. Evaluation on the first {s['test_points']} "
-        f"test images; torch {s['torch']}.",
+        f"setting; " + ("they were trained and evaluated at the same time, in two processes on one machine"
+                        if record.get("jobs", 1) == 2 else "their epochs ran alternately in one process")
+        + f". Evaluation on the first {s['test_points']} test images; torch {s['torch']}.",
+        "",
+        f"The fast regularizer: `OperatorNormRegularizer('inf', 2, eps=0.1, lam={s['lam']:g}, "
+        f"output={s.get('output', 'logits')!r}, clip=(0, 1))` in its default fast mode"
+        + (" (the change of the softmax output measured by KL, locally the Fisher metric: the power method on "
+           "J^T H J, penalty lam * 2 KL(f(x) || f(x + eps v)) / eps^2)" if s.get("output") == "kl" else "") + ".",
         "",
         "| | PGD-10 AT | fast op-norm reg. | gap (points) |",
         "|---|---|---|---|",
@@ -438,7 +494,14 @@ def readme(record: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("tune", "main", "variants", "paper", "report", "all"), default="all")
+    ap.add_argument("--phase", choices=("tune", "main", "variants", "paper", "report", "all", "one", "tune-one"),
+                    default="all")
+    ap.add_argument("--output", choices=("kl", "logits"), default="kl",
+                    help="the fast regularizer's output metric: kl (the softmax's Fisher metric) or logits (l_2)")
+    ap.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                    help="main phase: 1 alternates the two methods' epochs in one process; 2 trains and "
+                         "evaluates them at the same time in two processes (half the wall time)")
+    ap.add_argument("--which", choices=("pgd-at", "fast"), help="--phase one: the method of this job")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--runs", default=str(HERE.parent / "runs" / "fast-regularizer"),
                     help="run directories (checkpoints; not committed)")
@@ -450,13 +513,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lam", type=float, default=None, help="skip tuning and use this lam")
-    ap.add_argument("--lams", type=float, nargs="+", default=list(LAMS))
+    ap.add_argument("--lams", type=float, nargs="+", default=None, help="default: LAMS[--output]")
     ap.add_argument("--tune-train", type=int, default=10000)
     ap.add_argument("--tune-heldout", type=int, default=1000)
     ap.add_argument("--tune-epochs", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")
     args = ap.parse_args()
     args.command = "python benchmarks/fast_regularizer_fmnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.lams is None:
+        args.lams = list(LAMS[args.output])
     if args.tiny:
         args.epochs, args.train, args.points, args.restarts, args.apgd_steps = 2, 512, 64, 1, 5
         args.tune_train, args.tune_heldout, args.tune_epochs, args.lams = 256, 64, 1, [0.01, 0.04]
@@ -467,12 +532,19 @@ def main() -> None:
     lam = args.lam
     if args.phase in ("tune", "all") and lam is None:
         lam = tune(args, out)
-    if args.phase in ("main", "variants", "paper", "all"):
+    if args.phase == "tune-one":
+        row = tune_one(args, args.lam)
+        (Path(args.runs) / f"lam-{args.lam!r}.json").write_text(json.dumps(row) + "\n")
+        return
+    if args.phase in ("main", "variants", "paper", "all", "one"):
         if lam is None:
             tuned = out / "tuning.json"
             if not tuned.exists():
                 raise SystemExit("no lam: run --phase tune first or pass --lam")
             lam = json.loads(tuned.read_text())["chosen_lam"]
+    if args.phase == "one":
+        one_phase(args, lam)
+        return
     if args.phase in ("main", "all"):
         main_phase(args, out, lam)
     if args.phase == "variants":
