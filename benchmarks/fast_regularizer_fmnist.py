@@ -1,14 +1,17 @@
 """Fashion-MNIST: the fast d.d. operator norm regularizer against PGD-10 adversarial training.
 
 Both methods train the small CNN with ``opnorm.train`` under the same settings (l_inf,
-eps = 0.1, SGD + momentum, cosine schedule, batch 128, seed, epochs, training examples);
-their epochs run alternately in one process (each run is resumed from its checkpoint for
-the next epoch; resume is exact), so drifts in machine load hit both alike. Training time
-is the trainer's per-epoch ``seconds`` (batches only: no evaluation, no checkpointing).
+eps = 0.1, SGD + momentum, cosine schedule, batch 128, seed, epochs, training examples).
+With ``--jobs 1`` their epochs run alternately in one process (each run is resumed from its
+checkpoint for the next epoch; resume is exact); with ``--jobs 2`` they train (and are
+evaluated) at the same time in two processes. Either way drifts in machine load hit both
+alike. Training time is the trainer's per-epoch ``seconds`` (batches only: no evaluation,
+no checkpointing).
 
 * ``pgd-at``: ``method="pgd-at"``, PGD-10 with the cross-entropy loss (Madry et al.).
-* ``fast``: ``method="opnorm"`` with its defaults: fast mode, (p, q) = (inf, 2), the fd
-  point clamped to [0, 1], lam chosen by the ``tune`` phase.
+* ``fast``: ``method="opnorm"`` in its default fast mode, (p, q) = (inf, 2), the fd point
+  clamped to [0, 1], the output metric ``--output`` (default ``kl``: the softmax's Fisher
+  metric; ``logits``: the l_2 norm of the logit change), lam chosen by the ``tune`` phase.
 
 Phases:
 
@@ -151,7 +154,10 @@ VARIANTS = {
     "no free update": dict(method="opnorm", free_update=False),
     "no clip": dict(method="opnorm", opnorm_clip=False),
     "paper (10 iterations)": dict(method="opnorm", opnorm_mode="paper"),
-    "not squared (lam 0.1)": dict(method="opnorm", squared=False, lam=0.1),
+    "l_2 logit output, lam 0.02": dict(method="opnorm", opnorm_output="logits", lam=0.02),
+    "l_2 logit output, lam 0.04": dict(method="opnorm", opnorm_output="logits", lam=0.04),
+    # 2 KL * 6 at any eps (lam = 0.06 at eps = 0.1, where the radii agree)
+    "training eps 0.125 (penalty 12 KL)": dict(method="opnorm", eps=0.125, scale_by_eps=True, lam=6.0),
     "pgd-at": dict(method="pgd-at"),
 }
 
@@ -164,7 +170,7 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
     for name, kw in VARIANTS.items():
         kw = dict(kw)
         method = kw.pop("method")
-        extra = dict(lam=kw.pop("lam", lam)) if method == "opnorm" else {}
+        extra = dict(lam=kw.pop("lam", lam), opnorm_output=kw.pop("opnorm_output", args.output)) if method == "opnorm" else {}
         cfg = TrainConfig(method=method, **extra, **common(args, limit_train=args.tune_train, epochs=args.tune_epochs,
                                                            eval_points=50, eval_steps=2, **kw))
         res = train(cfg)

@@ -62,6 +62,10 @@ def plot_alignment(results: dict, path: Path) -> None:
                               ("ce", "-s", "PGA, cross-entropy loss")):
         mean, std = al[key]["mean"], al[key]["std"]
         ax.errorbar(al["eps"], mean, yerr=std, fmt=style, ms=3, capsize=2, label=label)
+    raw = results.get("alignment_raw")
+    if al.get("jitter") and raw is not None:
+        ax.plot(raw["eps"], raw["logit"]["mean"], ":", color="black", marker="x", ms=4,
+                label="logit loss, infinite step, unjittered points")
     ax.axhline(al["random"]["mean"], color="gray", ls=":", label="a random direction")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
