@@ -359,7 +359,9 @@ def plots(record: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"pgd-at": "PGD-10 AT", "fast": "fast d.d. (inf, 2) op-norm reg."}
+    output = record["settings"].get("output", "logits")
+    metric = "Fisher metric (KL)" if output == "kl" else "l_2 logits"
+    labels = {"pgd-at": "PGD-10 AT", "fast": f"fast d.d. op-norm reg., l_inf, {metric}"}
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for n, m in record["methods"].items():
         eps = [float(e) for e in m["pgd20_vs_eps"]]
