@@ -181,6 +181,8 @@ def test_equivalence_on_a_relu_network_holds_while_activations_agree(kind, p, q)
         start_agree = opnorm.activation_agreement(model, x, x + delta0)
         agree = torch.cat([start_agree[None], res.agreement])  # (steps + 1, B): delta_0 .. delta_steps
         inside = torch.cumprod((agree == 1).double(), dim=0).bool()  # delta_0..delta_k all in x's region
+        torch.testing.assert_close(res.start_agreement, start_agree)
+        assert torch.equal(res.inside(), inside[-1])  # the start and every iterate
         # iterate k is computed at delta_{k-1}: exact while delta_0..delta_{k-1} share x's region
         assert (res.direction_gap[inside[:-1]] < 1e-6).all(), eps
         # its value L(delta_k) = eps * sigma_k needs delta_k in the region too

@@ -165,6 +165,8 @@ class EquivalenceResult:
         sigma: the power method's ``sigma_k = ||J(x) v_k||_q``.
         agreement: activation agreement between x and x + delta_k, or None when the model
             has no hookable ReLU / max-pool modules (e.g. an affine model).
+        start_agreement: (B,) the same between x and the start x + delta_0 (PGA's first
+            gradient is taken there), or None like ``agreement``.
     """
 
     direction_gap: torch.Tensor
@@ -172,6 +174,17 @@ class EquivalenceResult:
     pga_value: torch.Tensor
     sigma: torch.Tensor
     agreement: Optional[torch.Tensor]
+    start_agreement: Optional[torch.Tensor] = None
+
+    def inside(self) -> torch.Tensor:
+        """(B,) bool: every point PGA visited (start and iterates) has x's activation pattern,
+        where the theorem says the iterates are equal. All True without hookable activations."""
+        if self.agreement is None:
+            return torch.ones(self.direction_gap.shape[1], dtype=torch.bool, device=self.direction_gap.device)
+        inside = self.agreement.amin(dim=0) == 1.0
+        if self.start_agreement is not None:
+            inside &= self.start_agreement == 1.0
+        return inside
 
     def max_direction_gap(self) -> torch.Tensor:
         """(steps,) worst example per iteration."""
@@ -254,6 +267,7 @@ def verify_equivalence(
     sigma = torch.stack([h["sigma"] for h in history])
     try:
         agreement = torch.stack([activation_agreement(model, x, x + d) for d in deltas])
+        start_agreement = activation_agreement(model, x, x + delta0.to(x.dtype))
     except NoActivationsError:
-        agreement = None
-    return EquivalenceResult(direction_gap, (values - eps * sigma).abs(), values, sigma, agreement)
+        agreement = start_agreement = None
+    return EquivalenceResult(direction_gap, (values - eps * sigma).abs(), values, sigma, agreement, start_agreement)

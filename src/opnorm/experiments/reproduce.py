@@ -67,7 +67,7 @@ class StudyConfig:
     # eps-ball around it is linear. Alignment, agreement and the theorem are measured at the
     # test points plus N(0, jitter^2) pixel noise (inside a region almost surely); alignment and
     # agreement are also reported at the points as they are. 0 turns the jitter off.
-    analysis_jitter: float = 1e-3
+    analysis_jitter: float = 1e-2
     spectrum_k: int = 10
     noise_points: float = 1.0  # tolerance of the sanity checks, in accuracy points
     data_dir: Optional[str] = None
@@ -341,11 +341,12 @@ def findings(r: dict) -> list[dict]:
         "id": 2,
         "claim": "Infinite-step PGA iterates equal power-method iterates inside the linear region",
         "numbers": (
-            f"max iterate gap {gap:.1e} over points whose activation pattern never changed (float64"
+            f"max iterate gap {gap:.1e} (need <= 1e-6) over points whose activation pattern never changed on the PGA path (float64"
             + (f"; test points + N(0, {r['theorem']['jitter']:g}^2) noise" if r["theorem"].get("jitter") else "")
             + f"); {lgap}"
         ),
-        "holds": len(small) > 0 and gap <= 1e-8,
+        # float64 finite differences of logits at eps ~1e-5 leave ~1e-8; leaving the region gives ~1e-1 and more
+        "holds": len(small) > 0 and gap <= 1e-6,
     })
     m = r["methods"]
     ref = r["config"]["reference_eps"]
