@@ -442,7 +442,9 @@ def readme(record: dict, out: Path) -> None:
         lines += [
             f"* Step-time benchmark (`benchmarks/fast_regularizer.py`, {bench['threads']} threads, steady state): "
             f"fast step / PGD-10 AT step = **{bench['fast_over_pgd10_at']:.2f}** (goal <= 0.5), "
-            f"fast step / clean step = **{bench['fast_over_clean']:.2f}** (floor about 2).",
+            f"fast step / clean step = **{bench['fast_over_clean']:.2f}** (floor about 2)"
+            + (f"; with the KL output: **{bench['fast_kl_over_pgd10_at']:.2f}** and **{bench['fast_kl_over_clean']:.2f}**"
+               if "fast_kl_over_pgd10_at" in bench else "") + ".",
         ]
     lines += ["", "![robust accuracy vs eps](robust_vs_eps.png) ![robust accuracy vs training time](robust_vs_time.png)", ""]
     lines += ["## Per epoch (trainer's evaluation: PGD-20, 1 restart, same test points)", "",
