@@ -215,12 +215,15 @@ def run_reproduce(
     xa, ya = x_eval[: cfg.align_points], y_eval[: cfg.align_points]
     xj = jitter(xa, cfg.analysis_jitter, cfg.seed)
     curves = {}
-    for tag, pts in (("", xj), ("_raw", xa)):
+    # without jitter the unjittered curves are the same measurement: computed once
+    for tag, pts in (("", xj), ("_raw", xa)) if cfg.analysis_jitter else (("", xa),):
         alignment = E.alignment_curve(models["clean"], pts, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=cfg.seed)
         agreement = E.agreement_curve(models["clean"], pts, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=cfg.seed)
         for c in (alignment, agreement):
             c.update(model="clean", jitter=cfg.analysis_jitter if not tag else 0.0)
         curves["alignment" + tag], curves["agreement" + tag] = alignment, agreement
+    curves.setdefault("alignment_raw", curves["alignment"])
+    curves.setdefault("agreement_raw", curves["agreement"])
     cases = [(2.0, 2.0, e) for e in cfg.theorem_eps] + [(INF, 2.0, cfg.theorem_eps[0] / 10), (INF, 1.0, cfg.theorem_eps[0] / 10)]
     theorem = {"steps": cfg.theorem_steps, "jitter": cfg.analysis_jitter,
                "cases": E.theorem_cases(models["clean"], xj[:32], cases, cfg.theorem_steps, cfg.seed)}
