@@ -93,21 +93,27 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
 # ----------------------------------------------------------------------------- tune
 
 
-def tune_one(args: argparse.Namespace, lam: float) -> dict:
-    """Train the fast regularizer with ``lam`` on the tuning images; score it on the held-out ones."""
+def heldout_run(args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    """Train ``cfg`` on the tuning images; clean and PGD-20 accuracy on the held-out ones, training seconds."""
     full = load_dataset("fashion-mnist")
     n = full.train.x.shape[0]
     held_x, held_y = full.train.x[n - args.tune_heldout:], full.train.y[n - args.tune_heldout:]
+    res = train(cfg)
+    gen = torch.Generator().manual_seed(1)
+    return {"clean": accuracy(res.model, held_x, held_y),
+            "pgd20": robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen),
+            "train_seconds": sum(m["seconds"] for m in res.history)}
+
+
+def tune_one(args: argparse.Namespace, lam: float) -> dict:
+    """Train the fast regularizer with ``lam`` on the tuning images; score it on the held-out ones."""
     cfg = method_config("fast", args, lam, limit_train=args.tune_train, epochs=args.tune_epochs, eval_points=50,
                         eval_steps=2)
     t0 = time.perf_counter()
-    res = train(cfg)
-    seconds = sum(m["seconds"] for m in res.history)
-    gen = torch.Generator().manual_seed(1)
-    clean = accuracy(res.model, held_x, held_y)
-    rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
-    row = {"lam": lam, "clean": clean, "pgd20": rob, "train_seconds": seconds, "wall_seconds": time.perf_counter() - t0}
-    print(f"tune lam={lam:g}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
+    row = {"lam": lam, **heldout_run(args, cfg)}
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(f"tune lam={lam:g}: held-out clean {row['clean']:.4f} PGD-20 {row['pgd20']:.4f} "
+          f"({row['train_seconds']:.0f} s)", flush=True)
     return row
 
 
@@ -163,9 +169,6 @@ VARIANTS = {
 
 
 def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
-    full = load_dataset("fashion-mnist")
-    n = full.train.x.shape[0]
-    held_x, held_y = full.train.x[n - args.tune_heldout:], full.train.y[n - args.tune_heldout:]
     rows = []
     for name, kw in VARIANTS.items():
         kw = dict(kw)
@@ -173,13 +176,10 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
         extra = dict(lam=kw.pop("lam", lam), opnorm_output=kw.pop("opnorm_output", args.output)) if method == "opnorm" else {}
         cfg = TrainConfig(method=method, **extra, **common(args, limit_train=args.tune_train, epochs=args.tune_epochs,
                                                            eval_points=50, eval_steps=2, **kw))
-        res = train(cfg)
-        seconds = sum(m["seconds"] for m in res.history)
-        gen = torch.Generator().manual_seed(1)
-        clean = accuracy(res.model, held_x, held_y)
-        rob = robust_accuracy(res.model, held_x, held_y, eps=0.1, p=INF, steps=20, generator=gen)
-        rows.append({"variant": name, "changes": {**kw, **extra}, "clean": clean, "pgd20": rob, "train_seconds": seconds})
-        print(f"variant {name}: held-out clean {clean:.4f} PGD-20 {rob:.4f} ({seconds:.0f} s)", flush=True)
+        row = {"variant": name, "changes": {**kw, **extra}, **heldout_run(args, cfg)}
+        rows.append(row)
+        print(f"variant {name}: held-out clean {row['clean']:.4f} PGD-20 {row['pgd20']:.4f} "
+              f"({row['train_seconds']:.0f} s)", flush=True)
     record = {"what": "held-out PGD-20 (l_inf 0.1) and training seconds of variants of the fast configuration",
               "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
               "heldout_images": f"the last {args.tune_heldout} training images", "lam": lam,
