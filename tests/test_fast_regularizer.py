@@ -21,21 +21,13 @@ from opnorm.norms import conjugate, duality_map, lp_norm
 from opnorm.power import operator_norm, power_iteration, random_unit
 from opnorm.regularizers import OperatorNormRegularizer, mixes_examples
 
-DT = torch.float64
+from affine_models import DT, affine_layer, gen
+
 INF = math.inf
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def affine(d=5, n=12, seed=0):
-    g = gen(seed)
-    W = torch.randn(d, n, generator=g, dtype=DT)
-    lin = nn.Linear(n, d).double()
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(torch.randn(d, generator=g, dtype=DT))
+    lin, W = affine_layer(d, n, seed)
     return nn.Sequential(nn.Flatten(), lin), W
 
 

@@ -18,22 +18,13 @@ from torch import nn
 from opnorm.norms import conjugate, duality_map
 from opnorm.regularizers import OperatorNormRegularizer
 
-DT = torch.float64
+from affine_models import DT, affine_layer, gen
+
 INF = math.inf
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def affine(d=4, n=10, seed=0):
-    g = gen(seed)
-    W = torch.randn(d, n, generator=g, dtype=DT)
-    lin = nn.Linear(n, d).double()
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(torch.randn(d, generator=g, dtype=DT))
-    return lin, W
+    return affine_layer(d, n, seed)
 
 
 def fisher(model, x):
