@@ -13,6 +13,7 @@ from torch import nn
 
 import opnorm
 from opnorm import losses
+from opnorm.training.trainer import robust_accuracy
 
 INF = math.inf
 
@@ -451,3 +452,71 @@ def test_best_iterate_never_weaker_and_costs_one_forward_per_run():
     with torch.no_grad():
         f_best, f_last = model(best).argmax(1) != y, model(last).argmax(1) != y
     assert (f_best >= f_last).all()
+
+
+# --------------------------------------------------------------------------- step-size schedule
+
+
+@pytest.mark.parametrize("step_size", [0.6, None])
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+@pytest.mark.parametrize("p", [2, INF])
+def test_halving_schedule_halves_the_step_and_restarts_from_the_best_point(p, loss, step_size):
+    """Each iterate is one constant-step PGD step (tested above against torchattacks) of the
+    phase's length, taken from the previous iterate or, at a halving, from the strongest point
+    of the path so far (brute force over the path)."""
+    from opnorm.attacks import HALVING_PHASES
+
+    model = _mlp(2)
+    x, y = _inputs(batch=24, seed=3)
+    eps, steps = 0.5, 8
+    start = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    kw = dict(eps=eps, p=p, loss=loss, random_start=False)
+    _, hist = opnorm.pgd(model, x, y, steps=steps, step_size=step_size, delta0=start, schedule="halving",
+                         return_history=True, **kw)
+    first = opnorm.pgd(model, x, y, steps=1, step_size=0.0, delta0=start, **kw) - x  # the projected start
+    path = [first] + hist
+    fn = losses.get_loss(loss).fn
+    with torch.no_grad():
+        logits = [model(x + d) for d in path]
+        key = torch.stack([fn(z, None, y) + 1e6 * (z.argmax(1) != y) for z in logits])  # fooling first
+    s0 = eps if step_size is None else step_size
+    restarted = 0
+    for k in range(steps):
+        phase = HALVING_PHASES * k // steps
+        origin = path[k]
+        if k > 0 and phase != HALVING_PHASES * (k - 1) // steps:
+            pick = key[: k + 1].argmax(0)  # the first maximum, as the tracker keeps the earliest
+            origin = torch.stack([path[j][b] for b, j in enumerate(pick.tolist())])
+            restarted += int((pick != k).sum())
+        expect = opnorm.pgd(model, x, y, steps=1, step_size=s0 * 0.5**phase, delta0=origin, **kw)
+        torch.testing.assert_close(x + hist[k], expect, msg=f"iterate {k + 1}")
+    assert restarted > 0, "the overshooting steps should make some halvings go back to an earlier point"
+
+
+def test_halving_schedule_costs_one_forward_per_halving_and_is_at_least_as_strong(trained_digits_model):
+    model = _mlp(1)
+    x, y = _inputs(batch=8, seed=7)
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        opnorm.pgd(model, x, y, eps=0.3, p=INF, steps=8, schedule="halving")
+        assert len(calls) == 8 + 3  # the steps' forwards + one score before each of the 3 halvings
+    finally:
+        handle.remove()
+    # against the constant 2.5 eps / steps on a trained model: same steps, restarts and seeds
+    d = trained_digits_model
+    accs = {}
+    for schedule in ("constant", "halving"):
+        accs[schedule] = robust_accuracy(d.model, d.x_all, d.y_all, eps=0.1, p=INF, steps=20, schedule=schedule,
+                                                generator=torch.Generator().manual_seed(0))
+    print(f"\nrobust accuracy at l_inf 0.1: {accs}")
+    assert 0.2 <= accs["constant"] <= 0.8
+    assert accs["halving"] <= accs["constant"] + 0.005
+
+
+def test_bad_schedule_raises_clear_errors():
+    x, y = _inputs()
+    with pytest.raises(ValueError, match="schedule must be one of constant, halving"):
+        opnorm.pgd(MODEL, x, y, eps=0.1, schedule="cosine")
+    with pytest.raises(ValueError, match="infinite step has no schedule"):
+        opnorm.pgd(MODEL, x, y, eps=0.1, step_size=INF, schedule="halving")

@@ -39,9 +39,18 @@ from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import LossFn, LossSpec, get_loss
 from opnorm.norms import Order, clip_box, lp_norm, norm_order, project_lp_ball, steepest_ascent
 
-__all__ = ["pgd", "PGD", "random_in_ball", "default_step_size"]
+__all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES"]
 
 Clip = Optional[tuple[float, float]]
+
+
+SCHEDULES = ("constant", "halving")
+HALVING_PHASES = 4  # "halving": the step size is halved 3 times, at 1/4, 1/2 and 3/4 of the steps
+
+
+def _phase(k: int, steps: int) -> int:
+    """The phase of step k (0-based) of a "halving" run: 0 .. HALVING_PHASES - 1."""
+    return min(HALVING_PHASES - 1, HALVING_PHASES * k // steps)
 
 
 def default_step_size(eps: Union[float, torch.Tensor], steps: int) -> Union[float, torch.Tensor]:
@@ -281,6 +290,7 @@ def pgd(
     generator: Optional[torch.Generator] = None,
     l1_fraction: float = 0.01,
     best_iterate: bool = False,
+    schedule: str = "constant",
 ):
     """Projected gradient ascent on a per-example loss inside the l_p ball of radius eps.
 
@@ -298,7 +308,8 @@ def pgd(
             at delta = 0 and need a nonzero start (random_start or delta0), else ValueError.
         q: norm order of the "logit" loss ``||f(x + delta) - f(x)||_q``.
         steps: number of steps (>= 1); one forward and one backward each.
-        step_size: step length in l_p; None gives :func:`default_step_size` = 2.5 eps / steps;
+        step_size: step length in l_p; None gives :func:`default_step_size` = 2.5 eps / steps
+            (``schedule="halving"``: eps);
             ``float("inf")`` lands every iterate on the boundary, ``delta = eps psi_{p*}(grad)``
             (then box-clipped if clip is not None).
         random_start: start at a random point of the ball (see the module docstring);
@@ -319,6 +330,12 @@ def pgd(
             that overshoots can leave a point that already fooled the model. Costs one
             forward per run (the steps' own forwards score the other points). The history
             is unchanged.
+        schedule: ``"constant"`` step size, or ``"halving"``: the step starts at
+            ``step_size`` (default eps) and is halved at 1/4, 1/2 and 3/4 of the steps; each
+            halving restarts from the strongest point of the run so far (one forward each),
+            as APGD's step-size reductions do. Large early steps cross the ball, small late
+            ones refine: it finds points that a small constant step misses (for
+            evaluation; the constant step is the adversarial-training standard).
 
     Returns:
         x_adv (x's shape, detached), or ``(x_adv, deltas)`` with return_history=True.
@@ -336,13 +353,17 @@ def pgd(
     for name, value in (("steps", steps), ("restarts", restarts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if step_size is None:
-        step_size = default_step_size(eps_t, steps)
+        step_size = eps_t.clone() if schedule == "halving" else default_step_size(eps_t, steps)
         step_size = step_size[0].item() if bool((step_size == step_size[0]).all()) else _view(step_size, x)
     elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or math.isnan(step_size) or step_size < 0:
         raise ValueError(f"step_size must be a float >= 0 (float('inf') for the infinite step) or None, got {step_size!r}")
     else:
         step_size = float(step_size)
+    if schedule == "halving" and isinstance(step_size, float) and step_size == math.inf:
+        raise ValueError("schedule='halving' halves a finite step size; the infinite step has no schedule")
     if not 0 < l1_fraction <= 1:
         raise ValueError(f"l1_fraction must be in (0, 1], got {l1_fraction!r}")
     y = _check_labels(y, x, spec, targeted)
@@ -386,21 +407,28 @@ def pgd(
                     "example, or random_start=True with eps > 0"
                 )
             hist = []
-            path = _Best() if best_iterate else None
-            for _ in range(steps):
+            halving = schedule == "halving"
+            path = _Best() if best_iterate or halving else None
+            attack.step_size = step_size
+            for k in range(steps):
+                if halving and k > 0 and _phase(k, steps) != _phase(k - 1, steps):
+                    # halve, and go on from the strongest point so far
+                    path.offer(delta, attack.score(delta))
+                    delta = path.delta
+                    attack.step_size = step_size * 0.5 ** _phase(k, steps)
                 new = attack.step(delta, track=path is not None)
                 if path is not None:
                     path.offer(delta, attack.last_score)
                 delta = new
                 if return_history:
                     hist.append(delta)
-            if path is not None:
+            if best_iterate:
                 path.offer(delta, attack.score(delta))
                 delta = path.delta
             if restarts == 1:
                 best.delta, best.hist = delta, hist
                 break
-            best.offer(delta, (path.fooled, path.value) if path is not None else attack.score(delta), hist)
+            best.offer(delta, (path.fooled, path.value) if best_iterate else attack.score(delta), hist)
         best_delta, best_hist = best.delta, best.hist
 
     x_adv = clip_box(x + best_delta, clip).detach()

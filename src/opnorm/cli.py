@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", default=None, help="comma-separated radii (default: 0 and the run's eps)")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--restarts", type=int, default=1)
-    e.add_argument("--step-size", type=float, default=None)
+    e.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")
+    e.add_argument("--schedule", default="halving", choices=("constant", "halving"),
+                   help="step-size schedule: halving (default; large steps halved at 1/4, 1/2, 3/4 of the steps, "
+                        "each halving from the strongest point so far) | constant")
     e.add_argument("--loss", default="ce", help="attack loss: ce | cw | logit | kl")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N test points (default all)")
     e.add_argument("--batch-size", type=int, default=256)
@@ -266,11 +269,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         acc = clean if eps == 0 else robust_accuracy(
             model, x, y, eps=eps, p=p, steps=args.steps, restarts=args.restarts, loss=args.loss,
-            step_size=args.step_size, generator=gen, batch_size=args.batch_size, progress=sys.stderr.isatty())
+            step_size=args.step_size, schedule=args.schedule, generator=gen, batch_size=args.batch_size,
+            progress=sys.stderr.isatty())
         rows.append({"eps": eps, "robust_accuracy": acc, "seconds": time.perf_counter() - t0})
 
     print(f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; PGD-{args.steps} (l_{_fmt(p)}, loss {args.loss}, "
-          f"restarts {args.restarts}) on {n} test points; clean accuracy {clean:.4f}")
+          f"{args.schedule} step, restarts {args.restarts}) on {n} test points; clean accuracy {clean:.4f}")
     print(f"{'eps':>10}  {'robust accuracy':>15}")
     for r in rows:
         print(f"{r['eps']:>10g}  {r['robust_accuracy']:>15.4f}")
@@ -278,7 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
         "attack": args.attack, "p": _fmt(p), "steps": args.steps, "restarts": args.restarts, "loss": args.loss,
-        "step_size": args.step_size, "n": n, "seed": args.seed, "clean_accuracy": clean, "results": rows,
+        "step_size": args.step_size, "schedule": args.schedule, "n": n, "seed": args.seed, "clean_accuracy": clean, "results": rows,
     }
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")

@@ -55,6 +55,7 @@ def test_files_and_schema(quick_run):
         assert m["time_vs_clean"] > 0 and len(m["spectrum"]) == r["config"]["spectrum_k"]
         assert m["spectrum"] == sorted(m["spectrum"], reverse=True)
     assert r["config"]["eval_steps"] >= 20 and r["config"]["eval_restarts"] >= 2
+    assert r["config"]["eval_schedule"] == "halving"
     for loss in ("logit", "logit_finite", "ce"):
         assert all(0.0 <= c <= 1.0 + 1e-9 for c in r["alignment"][loss]["mean"])
     assert 0.0 <= r["alignment"]["random"]["mean"] <= 1.0

@@ -188,6 +188,7 @@ def test_eval_prints_a_table_and_writes_json_and_csv(run_dir, tmp_path, capsys):
     accs = [r["robust_accuracy"] for r in report["results"]]
     assert all(0 <= a <= 1 for a in accs) and accs[2] <= accs[0]
     assert report["n"] == 360 and report["method"] == "pgd-at" and report["p"] == "inf"
+    assert report["schedule"] == "halving" and "halving step" in out  # the default
     rows = list(csv.reader(prefix.with_suffix(".csv").open()))
     assert rows[0] == ["eps", "robust_accuracy"] and len(rows) == 4
 

@@ -24,10 +24,13 @@ from opnorm.training.trainer import accuracy, robust_accuracy
 NORMS = {"linf": math.inf, "l2": 2.0}
 
 
-def robust_curve(model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int) -> list[float]:
-    """Accuracy under PGD (cross-entropy, random start, restarts) at each eps; eps 0 is clean."""
+def robust_curve(model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int,
+                 schedule: str) -> list[float]:
+    """Accuracy under PGD (cross-entropy, random start, restarts, best iterate, step-size
+    ``schedule``) at each eps; eps 0 is clean."""
     return [
-        robust_accuracy(model, x, y, eps=e, p=p, steps=steps, restarts=restarts, generator=torch.Generator().manual_seed(seed))
+        robust_accuracy(model, x, y, eps=e, p=p, steps=steps, restarts=restarts, schedule=schedule,
+                        generator=torch.Generator().manual_seed(seed))
         for e in eps_grid
     ]
 

@@ -48,7 +48,8 @@ def plot_robust(results: dict, norm: str, path: Path) -> None:
         ax.plot(curve["eps"], [100 * a for a in curve["acc"]], marker="o", ms=3, label=m["label"])
     ax.set_xlabel(f"eps (l_{'inf' if norm == 'linf' else '2'})")
     ax.set_ylabel("robust accuracy (%)")
-    ax.set_title(f"PGD-{results['config']['eval_steps']} x{results['config']['eval_restarts']} restarts, l_{norm[1:]}")
+    cfg = results["config"]
+    ax.set_title(f"PGD-{cfg['eval_steps']} ({cfg.get('eval_schedule', 'constant')} step) x{cfg['eval_restarts']} restarts, l_{norm[1:]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
@@ -203,7 +204,8 @@ def render_markdown(results: dict) -> str:
     lines.append("## Methods")
     lines.append("")
     lines.append(
-        f"Robust accuracy under PGD-{cfg['eval_steps']} with {cfg['eval_restarts']} restarts on "
+        f"Robust accuracy under PGD-{cfg['eval_steps']} ({cfg.get('eval_schedule', 'constant')} step size, best iterate) "
+        f"with {cfg['eval_restarts']} restarts on "
         f"{cfg['eval_points']} test points, at the reference radii l_inf {ref['linf']:g} and l_2 {ref['l2']:g}."
     )
     lines.append("")

@@ -55,6 +55,9 @@ class StudyConfig:
     eval_points: int = 360
     eval_steps: int = 20
     eval_restarts: int = 2
+    # the evaluation PGD's step size: "halving" (eps, halved at 1/4, 1/2, 3/4 of the steps, from
+    # the best point so far) found points that 2.5 eps / steps missed, against APGD on Fashion-MNIST
+    eval_schedule: str = "halving"
     eps_grid_linf: list = field(default_factory=lambda: [0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
     eps_grid_l2: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     align_points: int = 100
@@ -191,7 +194,8 @@ def run_reproduce(
         m["clean_acc"] = E.accuracy(model, x_eval, y_eval)
         m["robust"] = {}
         for norm, grid in (("linf", cfg.eps_grid_linf), ("l2", cfg.eps_grid_l2)):
-            acc = E.robust_curve(model, x_eval, y_eval, p=E.NORMS[norm], eps_grid=grid, steps=cfg.eval_steps, restarts=cfg.eval_restarts, seed=cfg.seed)
+            acc = E.robust_curve(model, x_eval, y_eval, p=E.NORMS[norm], eps_grid=grid, steps=cfg.eval_steps,
+                                 restarts=cfg.eval_restarts, seed=cfg.seed, schedule=cfg.eval_schedule)
             m["robust"][norm] = {"eps": list(grid), "acc": acc}
         m["robust_at_reference"] = {}
         for norm in ("linf", "l2"):
@@ -200,7 +204,7 @@ def run_reproduce(
             m["robust_at_reference"][norm] = (
                 curve["acc"][curve["eps"].index(ref)] if ref in curve["eps"] else
                 E.robust_curve(model, x_eval, y_eval, p=E.NORMS[norm], eps_grid=[ref], steps=cfg.eval_steps,
-                               restarts=cfg.eval_restarts, seed=cfg.seed)[0]
+                               restarts=cfg.eval_restarts, seed=cfg.seed, schedule=cfg.eval_schedule)[0]
             )
         m["spectrum"] = E.mean_spectrum(model, x_eval[: cfg.align_points], cfg.spectrum_k)
         m["op_norm_22"] = m["spectrum"][0]
@@ -281,7 +285,8 @@ def sanity_checks(cfg: StudyConfig, methods: dict, models: dict, x, y) -> list[d
     rises = []
     for key, model in models.items():
         base = methods[key]["robust_at_reference"]["linf"]
-        stronger = E.robust_curve(model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps, restarts=2 * cfg.eval_restarts, seed=cfg.seed + 1)[0]
+        stronger = E.robust_curve(model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps,
+                                  restarts=2 * cfg.eval_restarts, seed=cfg.seed + 1, schedule=cfg.eval_schedule)[0]
         methods[key]["robust_stronger_linf"] = stronger
         rises.append((stronger - base, methods[key]["label"]))
     rise, who = max(rises)

@@ -189,11 +189,13 @@ def robust_accuracy(
     batch_size: int = 256,
     progress: bool = False,
     best_iterate: bool = True,
+    schedule: str = "constant",
 ) -> float:
     """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
 
     An example counts as robust only if no point of the attack's path fools the model
     (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
+    ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
     ``progress`` shows a bar over the batches (on stderr).
     """
     from opnorm.attacks import pgd
@@ -205,7 +207,8 @@ def robust_accuracy(
         xb, yb = x[s].to(device), y[s].to(device)
         if eps > 0:
             xb = pgd(net, xb, yb, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size,
-                     restarts=restarts, random_start=True, generator=generator, best_iterate=best_iterate)
+                     restarts=restarts, random_start=True, generator=generator, best_iterate=best_iterate,
+                     schedule=schedule)
         with torch.no_grad(), eval_mode(net):
             correct += int((net(xb).argmax(1) == yb).sum())
     return correct / max(1, x.shape[0])
