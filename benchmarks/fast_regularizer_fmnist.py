@@ -28,8 +28,9 @@ Phases:
 * ``variants``: on the tuning setup (same training and held-out images, the chosen lam),
   which parts of the fast configuration pay off: the default, ``free-only`` (no explicit
   iteration on later visits: the floor-cost route), ``no-free-update``, ``no-clip``, the
-  ``paper`` configuration (10 iterations from scratch) and PGD-10 AT, with training seconds.
-  Writes ``variants.json``.
+  ``paper`` configuration (10 iterations from scratch), the ``dynamic`` power method and
+  PGD-10 AT, with training seconds (``--only NAME ...``: some of them; two such jobs may run
+  side by side). Merges its rows into ``variants.json``.
 * ``paper``: the paper configuration of the same regularizer (``opnorm_mode="paper"``: 10
   power iterations per batch from random starts; otherwise the main run's settings and
   lam), trained alone afterwards and evaluated like the others: does the fast solver lose
@@ -46,8 +47,10 @@ robust_vs_eps.png, robust_vs_time.png}``; the run directories (checkpoints) go t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -164,27 +167,41 @@ VARIANTS = {
     "l_2 logit output, lam 0.04": dict(method="opnorm", opnorm_output="logits", lam=0.04),
     # 2 KL * 6 at any eps (lam = 0.06 at eps = 0.1, where the radii agree)
     "training eps 0.125 (penalty 12 KL)": dict(method="opnorm", eps=0.125, scale_by_eps=True, lam=6.0),
+    # explicit iterations linearize at x + eps v (the paper code's dynamic power method): the
+    # warm step is then a gradient step of the penalty at its own point, as PGA's second step
+    "dynamic (linearize at x + eps v)": dict(method="opnorm", dynamic=True),
+    "dynamic, lam 0.12": dict(method="opnorm", dynamic=True, lam=0.12),
     "pgd-at": dict(method="pgd-at"),
 }
 
 
 def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
-    rows = []
-    for name, kw in VARIANTS.items():
-        kw = dict(kw)
+    """Held-out runs of VARIANTS (``--only``: some of them); each row goes into variants.json as
+    soon as it is done, replacing an earlier row of the same name (jobs may run side by side)."""
+    for name in args.only or list(VARIANTS):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(map(repr, VARIANTS))}")
+    for name in args.only or list(VARIANTS):
+        kw = dict(VARIANTS[name])
         method = kw.pop("method")
         extra = dict(lam=kw.pop("lam", lam), opnorm_output=kw.pop("opnorm_output", args.output)) if method == "opnorm" else {}
         cfg = TrainConfig(method=method, **extra, **common(args, limit_train=args.tune_train, epochs=args.tune_epochs,
                                                            eval_points=50, eval_steps=2, **kw))
-        row = {"variant": name, "changes": {**kw, **extra}, **heldout_run(args, cfg)}
-        rows.append(row)
+        row = {"variant": name, "changes": {**kw, **extra}, "command": args.command, **heldout_run(args, cfg)}
         print(f"variant {name}: held-out clean {row['clean']:.4f} PGD-20 {row['pgd20']:.4f} "
               f"({row['train_seconds']:.0f} s)", flush=True)
-    record = {"what": "held-out PGD-20 (l_inf 0.1) and training seconds of variants of the fast configuration",
-              "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
-              "heldout_images": f"the last {args.tune_heldout} training images", "lam": lam,
-              "command": args.command, "runs": rows}
-    (out / "variants.json").write_text(json.dumps(record, indent=2) + "\n")
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.runs) / "variants.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another job may be merging its row
+            path = out / "variants.json"
+            record = json.loads(path.read_text()) if path.exists() else {
+                "what": "held-out PGD-20 (l_inf 0.1) and training seconds of variants of the fast configuration",
+                "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
+                "heldout_images": f"the last {args.tune_heldout} training images", "runs": []}
+            record["runs"] = [r for r in record["runs"] if r["variant"] != name] + [row]
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -487,12 +504,16 @@ def readme(record: dict, out: Path) -> None:
     var_path = out / "variants.json"
     if var_path.exists():
         var = json.loads(var_path.read_text())
+        commands = sorted({r["command"] for r in var["runs"]})
         lines += ["", "## Which parts pay off (held-out runs, the tuning setup)", "",
-                  f"{var['train_images']}, lam {var['lam']:g}; held out: {var['heldout_images']}; PGD-20 l_inf 0.1. "
-                  f"Made by `{var['command']}`.", "",
-                  "| variant | training s | held-out clean (%) | held-out PGD-20 (%) |", "|---|---|---|---|"]
+                  f"{var['train_images']}; held out: {var['heldout_images']}; PGD-20 l_inf 0.1, 1 restart. Jobs ran "
+                  "two at a time, one thread each: seconds compare roughly. Made by "
+                  + ", ".join(f"`{c}`" for c in commands) + ".", "",
+                  "| variant | lam | training s | held-out clean (%) | held-out PGD-20 (%) |", "|---|---|---|---|---|"]
         for r in var["runs"]:
-            lines.append(f"| {r['variant']} | {r['train_seconds']:.0f} | {pct(r['clean'])} | {pct(r['pgd20'])} |")
+            lam_r = r["changes"].get("lam")
+            lines.append(f"| {r['variant']} | {'' if lam_r is None else f'{lam_r:g}'} | {r['train_seconds']:.0f} | "
+                         f"{pct(r['clean'])} | {pct(r['pgd20'])} |")
     notes = out / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -527,6 +548,8 @@ def main() -> None:
     ap.add_argument("--tune-train", type=int, default=10000)
     ap.add_argument("--tune-heldout", type=int, default=1000)
     ap.add_argument("--tune-epochs", type=int, default=3)
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help="--phase variants: run only these (names of VARIANTS)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")
     args = ap.parse_args()
     args.command = "python benchmarks/fast_regularizer_fmnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

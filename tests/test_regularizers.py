@@ -249,6 +249,23 @@ def test_dynamic_linearizes_inside_the_ball(p, q):
     assert not torch.allclose(static.last_v, reg.last_v)
 
 
+@pytest.mark.parametrize("p,q", [(2, 2), (INF, 2)])
+def test_dynamic_fast_penalty_stores_the_dynamic_direction(p, q):
+    """The penalty's own solve (no sigma measured at x) finds the direction of direction()
+    (checked above against explicit Jacobians), cold and warm."""
+    model = relu_net(1)
+    x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
+    index = torch.tensor([2, 0, 1])
+    fast = OperatorNormRegularizer(p, q, 0.5, iters=4, dynamic=True, generator=gen(9))
+    ref = OperatorNormRegularizer(p, q, 0.5, iters=4, dynamic=True, generator=gen(9))
+    for _ in range(2):  # the first visit runs iters = 4 iterations, the second warm_iters = 1
+        ref.direction(model, x, index)
+        with torch.no_grad():  # no backward: the bank keeps what the explicit iterations found
+            fast(model, x, index)
+        torch.testing.assert_close(fast.initial_vectors(x, index), ref.last_v)
+        torch.testing.assert_close(fast.last_v, ref.last_v)
+
+
 def test_warm_start_reuses_directions_by_index():
     model = relu_net()
     x = torch.rand(4, 3, 4, generator=gen(10), dtype=DT)

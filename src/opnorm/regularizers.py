@@ -437,6 +437,8 @@ class OperatorNormRegularizer(nn.Module):
                     u = self._dual(moved.matvec(v), moved.logits)[1]
                     v = duality_map(moved.rmatvec(u), p_star)
                     del moved
+                if not measure:
+                    return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
                 lin = linearize(net, x, self.route)  # u and sigma at x itself
                 sigma, u = self._dual(lin.matvec(v), lin.logits)
         return sigma.detach(), v.detach(), u.detach()

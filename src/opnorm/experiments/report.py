@@ -156,6 +156,11 @@ def _max_or_na(values: list) -> str:
     return "n/a" if values[0] is None else f"{max(values):.2e}"
 
 
+def _cell(text: Any) -> str:
+    """Text for a markdown table cell: a literal "|" (as in |cos|) would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _fmt_pct(a: float) -> str:
     return f"{100 * a:.1f}"
 
@@ -190,7 +195,7 @@ def render_markdown(results: dict) -> str:
     lines.append("| # | claim | our numbers | verdict |")
     lines.append("|---|---|---|---|")
     for f in results["findings"]:
-        lines.append(f"| {f['id']} | {f['claim']} | {f['numbers']} | {_verdict(f)} |")
+        lines.append(f"| {f['id']} | {_cell(f['claim'])} | {_cell(f['numbers'])} | {_cell(_verdict(f))} |")
     lines.append("")
     lines.append("## Sanity checks")
     lines.append("")
@@ -198,7 +203,7 @@ def render_markdown(results: dict) -> str:
     lines.append("|---|---|---|")
     for s in results["sanity"]:
         verdict = "skipped" if s.get("skipped") else _mark(s["holds"])
-        lines.append(f"| {s['name']} | {s['detail']} | {verdict} |")
+        lines.append(f"| {_cell(s['name'])} | {_cell(s['detail'])} | {verdict} |")
     lines.append("")
     ref = cfg["reference_eps"]
     lines.append("## Methods")
