@@ -90,6 +90,7 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
     if name == "pgd-at":
         return TrainConfig(method="pgd-at", **common(args, **changes))
     # fast mode (the regularizer's defaults) in the chosen output metric
+    changes.setdefault("dynamic", args.dynamic)
     return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
 
 
@@ -131,6 +132,7 @@ def tune(args: argparse.Namespace, out: Path) -> float:
         job_args = ["--phase", "tune-one", "--output", args.output, "--tune-train", str(args.tune_train),
                     "--tune-heldout", str(args.tune_heldout), "--tune-epochs", str(args.tune_epochs),
                     "--seed", str(args.seed), "--threads", str(args.threads), "--runs", str(tmp)]
+        job_args += ["--dynamic"] if args.dynamic else []
         rows = []
         for k in range(0, len(args.lams), args.jobs):
             procs = [(lam, subprocess.Popen([sys.executable, __file__, *job_args, "--lam", repr(lam)]))
@@ -297,7 +299,9 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         # machine's load at every moment, as the alternating epochs of --jobs 1 do in turn
         job_args = ["--phase", "one", "--lam", repr(lam), "--runs", str(runs_dir), "--epochs", str(args.epochs),
                     "--points", str(args.points), "--restarts", str(args.restarts), "--apgd-steps", str(args.apgd_steps),
-                    "--seed", str(args.seed), "--threads", str(args.threads)]
+                    "--seed", str(args.seed), "--threads", str(args.threads), "--output", args.output]
+        if args.dynamic:
+            job_args.append("--dynamic")
         if args.train is not None:
             job_args += ["--train", str(args.train)]
         procs = {n: subprocess.Popen([sys.executable, __file__, *job_args, "--which", n]) for n in names}
@@ -336,7 +340,7 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
             "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
             "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
             "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-            "lam": lam, "output": args.output, "torch": torch.__version__, "python": platform.python_version(),
+            "lam": lam, "output": args.output, "dynamic": args.dynamic, "torch": torch.__version__, "python": platform.python_version(),
         },
         "wall_seconds_both": train_wall,
         "jobs": args.jobs,
@@ -431,9 +435,12 @@ def readme(record: dict, out: Path) -> None:
         + f". Evaluation on the first {s['test_points']} test images; torch {s['torch']}.",
         "",
         f"The fast regularizer: `OperatorNormRegularizer('inf', 2, eps=0.1, lam={s['lam']:g}, "
-        f"output={s.get('output', 'logits')!r}, clip=(0, 1))` in its default fast mode"
+        f"output={s.get('output', 'logits')!r}, clip=(0, 1)" + (", dynamic=True" if s.get("dynamic") else "")
+        + ")` in its default fast mode"
         + (" (the change of the softmax output measured by KL, locally the Fisher metric: the power method on "
-           "J^T H J, penalty lam * 2 KL(f(x) || f(x + eps v)) / eps^2)" if s.get("output") == "kl" else "") + ".",
+           "J^T H J, penalty lam * 2 KL(f(x) || f(x + eps v)) / eps^2)" if s.get("output") == "kl" else "")
+        + ("; its explicit iteration linearizes at x + eps v (the stored direction's point) instead of at x"
+           if s.get("dynamic") else "") + ".",
         "",
         "| | PGD-10 AT | fast op-norm reg. | gap (points) |",
         "|---|---|---|---|",
@@ -548,6 +555,8 @@ def main() -> None:
     ap.add_argument("--tune-train", type=int, default=10000)
     ap.add_argument("--tune-heldout", type=int, default=1000)
     ap.add_argument("--tune-epochs", type=int, default=3)
+    ap.add_argument("--dynamic", action="store_true",
+                    help="the fast regularizer's explicit iterations linearize at x + eps v (dynamic=True)")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="--phase variants: run only these (names of VARIANTS)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")
