@@ -143,6 +143,7 @@ def tune(args: argparse.Namespace, out: Path) -> float:
                 rows.append(json.loads((tmp / f"lam-{lam!r}.json").read_text()))
     best = max(rows, key=lambda r: (round(r["pgd20"], 4), -r["lam"]))
     record = {
+        "dynamic": args.dynamic,
         "what": f"lam of the fast regularizer (method opnorm, output {args.output!r}, defaults otherwise), chosen by "
                 "PGD-20 robust accuracy (l_inf eps 0.1) on held-out training images",
         "output": args.output,
@@ -468,7 +469,9 @@ def readme(record: dict, out: Path) -> None:
             f"fast step / PGD-10 AT step = **{bench['fast_over_pgd10_at']:.2f}** (goal <= 0.5), "
             f"fast step / clean step = **{bench['fast_over_clean']:.2f}** (floor about 2)"
             + (f"; with the KL output: **{bench['fast_kl_over_pgd10_at']:.2f}** and **{bench['fast_kl_over_clean']:.2f}**"
-               if "fast_kl_over_pgd10_at" in bench else "") + ".",
+               if "fast_kl_over_pgd10_at" in bench else "")
+            + (f"; with the KL output, dynamic: **{bench['fast_kl_dynamic_over_pgd10_at']:.2f}** and "
+               f"**{bench['fast_kl_dynamic_over_clean']:.2f}**" if "fast_kl_dynamic_over_pgd10_at" in bench else "") + ".",
         ]
     lines += ["", "![robust accuracy vs eps](robust_vs_eps.png) ![robust accuracy vs training time](robust_vs_time.png)", ""]
     lines += ["## Per epoch (trainer's evaluation: PGD-20, 1 restart, same test points)", "",
@@ -495,7 +498,9 @@ def readme(record: dict, out: Path) -> None:
                   "| lam | held-out clean (%) | held-out PGD-20 (%) |", "|---|---|---|"]
         for r in tuning["runs"]:
             lines.append(f"| {r['lam']:g} | {pct(r['clean'])} | {pct(r['pgd20'])} |")
-        lines += ["", f"Chosen: lam = {tuning['chosen_lam']:g} (highest held-out PGD-20)."]
+        lines += ["", f"Chosen: lam = {tuning['chosen_lam']:g} (highest held-out PGD-20)."
+                  + (" Tuned with the static solver (dynamic=False) and kept for the dynamic one, whose held-out runs "
+                     "at two lams are below." if s.get("dynamic") and not tuning.get("dynamic") else "")]
     paper_path = out / "paper.json"
     if paper_path.exists():
         pp = json.loads(paper_path.read_text())
