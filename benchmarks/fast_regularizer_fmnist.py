@@ -174,6 +174,8 @@ VARIANTS = {
     # warm step is then a gradient step of the penalty at its own point, as PGA's second step
     "dynamic (linearize at x + eps v)": dict(method="opnorm", dynamic=True),
     "dynamic, lam 0.12": dict(method="opnorm", dynamic=True, lam=0.12),
+    "dynamic, lam 0.03": dict(method="opnorm", dynamic=True, lam=0.03),
+    "dynamic, 2 explicit iterations per visit": dict(method="opnorm", dynamic=True, warm_iters=2),
     "pgd-at": dict(method="pgd-at"),
 }
 
