@@ -50,7 +50,6 @@ import argparse
 import fcntl
 import json
 import math
-import os
 import platform
 import shlex
 import shutil
@@ -66,7 +65,7 @@ import opnorm
 from opnorm.jacobian import eval_mode
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.trainer import accuracy, robust_accuracy, train
+from opnorm.training.trainer import accuracy, robust_accuracy, train, write_text_atomic
 
 INF = math.inf
 HERE = Path(__file__).resolve().parent
@@ -183,10 +182,11 @@ VARIANTS = {
 def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
     """Held-out runs of VARIANTS (``--only``: some of them); each row goes into variants.json as
     soon as it is done, replacing an earlier row of the same name (jobs may run side by side)."""
-    for name in args.only or list(VARIANTS):
+    names = args.only or list(VARIANTS)
+    for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(map(repr, VARIANTS))}")
-    for name in args.only or list(VARIANTS):
+    for name in names:
         kw = dict(VARIANTS[name])
         method = kw.pop("method")
         extra = dict(lam=kw.pop("lam", lam), opnorm_output=kw.pop("opnorm_output", args.output)) if method == "opnorm" else {}
@@ -204,9 +204,7 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
                 "train_images": f"the first {args.tune_train} training images, {args.tune_epochs} epochs",
                 "heldout_images": f"the last {args.tune_heldout} training images", "runs": []}
             record["runs"] = [r for r in record["runs"] if r["variant"] != name] + [row]
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- main

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from opnorm.attacks import SCHEDULES  # loaded with the package anyway
+
 __all__ = ["main", "build_parser"]
 
 PROG = "opnorm"
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--restarts", type=int, default=1)
     e.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")
-    e.add_argument("--schedule", default="halving", choices=("constant", "halving"),
+    e.add_argument("--schedule", default="halving", choices=SCHEDULES,
                    help="step-size schedule: halving (default; large steps halved at 1/4, 1/2, 3/4 of the steps, "
                         "each halving from the strongest point so far) | constant")
     e.add_argument("--loss", default="ce", help="attack loss: ce | cw | logit | kl")

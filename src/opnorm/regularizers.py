@@ -418,32 +418,20 @@ class OperatorNormRegularizer(nn.Module):
         Without ``measure`` the last J v (only needed for sigma and u) is skipped: NaN sigma, u None."""
         p_star = conjugate(self.p)
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
-            if not self.dynamic and not measure:
-                lin = linearize(net, x, self.route)
-                v = v0
-                for _ in range(iters):
-                    v = duality_map(lin.rmatvec(self._dual(lin.matvec(v), lin.logits)[1]), p_star)
-                return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
-            if not self.dynamic and self.output == "logits":
-                lin = linearize(net, x, self.route)
+            lin = None if self.dynamic else linearize(net, x, self.route)
+            if lin is not None and measure and self.output == "logits":
                 sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=iters)
-            elif not self.dynamic:
-                lin = linearize(net, x, self.route)
-                v = v0
-                for _ in range(iters):
-                    v = duality_map(lin.rmatvec(self._dual(lin.matvec(v), lin.logits)[1]), p_star)
-                sigma, u = self._dual(lin.matvec(v), lin.logits)
-            else:
-                v = v0
-                for _ in range(iters):
-                    moved = linearize(net, x + self.eps * v, self.route)  # linearize inside the eps-ball
-                    u = self._dual(moved.matvec(v), moved.logits)[1]
-                    v = duality_map(moved.rmatvec(u), p_star)
-                    del moved
-                if not measure:
-                    return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
-                lin = linearize(net, x, self.route)  # u and sigma at x itself
-                sigma, u = self._dual(lin.matvec(v), lin.logits)
+                return sigma.detach(), v.detach(), u.detach()
+            v = v0
+            for _ in range(iters):
+                # dynamic: linearize inside the eps-ball, at the current direction's point
+                at = lin if lin is not None else linearize(net, x + self.eps * v, self.route)
+                v = duality_map(at.rmatvec(self._dual(at.matvec(v), at.logits)[1]), p_star)
+                del at
+            if not measure:
+                return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
+            # u and sigma at x itself
+            sigma, u = self._dual(lin.matvec(v), lin.logits) if lin is not None else self._measure(net, x, v)
         return sigma.detach(), v.detach(), u.detach()
 
     def _measure(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor):
