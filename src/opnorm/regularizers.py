@@ -208,8 +208,8 @@ class OperatorNormRegularizer(nn.Module):
         dynamic: the paper code's variant in which explicit power iteration k linearizes at
             ``x + eps * v_{k-1}`` instead of at x. u, sigma are then taken at x. Same cost per
             iteration; in fast mode the warm iteration becomes a gradient step of the penalty
-            at its own point, which on Fashion-MNIST (KL output) came 2.3-3.3 points closer to
-            PGD-10 AT's robust accuracy (docs/results/fast-regularizer).
+            at its own point, which on Fashion-MNIST (KL output) came 2.2-3.3 points closer to
+            PGD-10 AT's robust accuracy (two runs on different machines: docs/results/fast-regularizer).
         scale_by_eps: multiply the per-example ``s`` by eps (the adversarial logit-loss scale).
         warm_start: keep each example's direction in the bank (fast: True, paper: False).
         free_update: update the bank from the training backward (fast: True, paper: False).
