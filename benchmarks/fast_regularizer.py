@@ -22,6 +22,9 @@ and the paper configuration, the other routes of the issue are measured as alter
   configuration of docs/results/fast-regularizer);
 * ``fast-kl-dynamic``: ``fast-kl`` with ``dynamic=True``: the explicit iteration linearizes
   at x + eps v (a gradient step of the penalty at its own point) instead of at x;
+* ``fast-kl-fd`` / ``fast-kl-fd2``: ``fast-kl`` whose explicit iterations take J v from the
+  finite difference f(x + eps v) - f(x) (``iteration="fd"``: a PGA step with infinite step
+  size on the penalty, one forward and one backward), one / two per visit;
 * ``fast-cold``: the same, every example cold (3 explicit iterations): a first-epoch step;
 * ``free-only``: warm bank, no explicit iteration, only the free update (``warm_iters=0``):
   the floor, one forward of 2B examples and one backward;
@@ -130,6 +133,10 @@ def main() -> None:
     fast_kl = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0))
     # the same with its explicit iteration linearized at x + eps v (dynamic): a gradient step of the penalty
     fast_kl_dynamic = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True)
+    # its explicit iterations by finite differences (PGA steps on the penalty), one and two per visit
+    fast_kl_fd = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd")
+    fast_kl_fd2 = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd",
+                                          warm_iters=2)
     paper = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
     paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam, route="autograd")
     exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
@@ -144,6 +151,8 @@ def main() -> None:
         "fast": lambda model, x, y, index: fast_objective(model, x, y, index)[0],
         "fast-kl": opnorm_loss(fast_kl),
         "fast-kl-dynamic": opnorm_loss(fast_kl_dynamic),
+        "fast-kl-fd": opnorm_loss(fast_kl_fd),
+        "fast-kl-fd2": opnorm_loss(fast_kl_fd2),
         "fast-cold": cold_loss,
         "free-only": opnorm_loss(free_only),
         "fast-no-free": opnorm_loss(no_free),
@@ -224,6 +233,8 @@ def main() -> None:
         "fast_kl_over_clean": rows["fast-kl"]["ratio_to_clean"],
         "fast_kl_dynamic_over_pgd10_at": rows["fast-kl-dynamic"]["ratio_to_pgd10_at"],
         "fast_kl_dynamic_over_clean": rows["fast-kl-dynamic"]["ratio_to_clean"],
+        "fast_kl_fd_over_pgd10_at": rows["fast-kl-fd"]["ratio_to_pgd10_at"],
+        "fast_kl_fd2_over_pgd10_at": rows["fast-kl-fd2"]["ratio_to_pgd10_at"],
         "cases": rows,
         "banked_direction_quality": {
             "what": "||f(clip(x + eps v_bank)) - f(x)||_2 over the same loss after k PGA steps with infinite step "

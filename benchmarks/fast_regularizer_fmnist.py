@@ -175,6 +175,14 @@ VARIANTS = {
     "dynamic, lam 0.12": dict(method="opnorm", dynamic=True, lam=0.12),
     "dynamic, lam 0.03": dict(method="opnorm", dynamic=True, lam=0.03),
     "dynamic, 2 explicit iterations per visit": dict(method="opnorm", dynamic=True, warm_iters=2),
+    # explicit iterations by finite differences: v <- psi(grad of the penalty at clip(x + eps v)),
+    # a PGA step with infinite step size on the penalty itself; one iteration on the first visit
+    # too (a random corner and one step, as FGSM with a random start), to stay within the time goal
+    "fd iteration, 1 per visit": dict(method="opnorm", opnorm_iteration="fd", iters=1),
+    "dynamic, 1 cold + 2 warm iterations": dict(method="opnorm", dynamic=True, iters=1, warm_iters=2),
+    # a training radius above the threat radius, with the dynamic solver (the static one collapsed)
+    "dynamic, training eps 0.11 (penalty 12 KL)": dict(method="opnorm", dynamic=True, eps=0.11, scale_by_eps=True, lam=6.0),
+    "dynamic, training eps 0.125 (penalty 12 KL)": dict(method="opnorm", dynamic=True, eps=0.125, scale_by_eps=True, lam=6.0),
     "pgd-at": dict(method="pgd-at"),
 }
 

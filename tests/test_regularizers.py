@@ -266,6 +266,92 @@ def test_dynamic_fast_penalty_stores_the_dynamic_direction(p, q):
         torch.testing.assert_close(fast.last_v, ref.last_v)
 
 
+@pytest.mark.parametrize("p,q", [(2, 2), (INF, 2), (2, 1), (INF, INF)])
+def test_fd_iteration_is_the_linear_iteration_on_affine_model(p, q):
+    """f(x + eps v) - f(x) = eps W v exactly: the fd iteration is the (p, q) power iteration."""
+    model, _ = affine()
+    kw = dict(iters=5, squared=False, lam=1.0)
+    fd = OperatorNormRegularizer(p, q, 0.7, iteration="fd", generator=gen(3), **kw)
+    lin = OperatorNormRegularizer(p, q, 0.7, generator=gen(3), **kw)
+    fd.direction(model, X)
+    lin.direction(model, X)
+    torch.testing.assert_close(fd.last_v, lin.last_v)
+    torch.testing.assert_close(fd.last_sigma, lin.last_sigma)
+
+
+@pytest.mark.parametrize("p,output", [(2, "kl"), (INF, "kl"), (2, "logits"), (INF, "logits")])
+def test_fd_iteration_is_a_pga_step_with_infinite_step_size(p, output):
+    """Against a hand-written loop: v <- psi_{p*}(grad of the output distance at clip(x + eps v))."""
+    from opnorm.norms import conjugate, duality_map
+
+    model = relu_net(1)
+    x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
+    eps, iters = 0.5, 3
+    reg = OperatorNormRegularizer(p, 2, eps, iters=iters, iteration="fd", output=output, clip=(0.0, 1.0), generator=gen(9))
+    reg.direction(model, x)
+    v = OperatorNormRegularizer(p, 2, eps, generator=gen(9)).initial_vectors(x)
+    clean = model(x).detach()
+    for _ in range(iters):
+        point = (x + eps * v).clamp(0, 1).requires_grad_(True)
+        out = model(point)
+        if output == "kl":
+            dist = (F.softmax(clean, 1) * (F.log_softmax(clean, 1) - F.log_softmax(out, 1))).sum()
+        else:
+            dist = torch.linalg.vector_norm(out - clean, dim=1).sum()
+        (g,) = torch.autograd.grad(dist, point)
+        v = duality_map(g, conjugate(p))
+    torch.testing.assert_close(reg.last_v, v)
+
+
+@pytest.mark.parametrize("p", [2, INF])
+def test_fd_iteration_with_kl_output_tends_to_the_dynamic_iteration(p):
+    """For small eps the fd gradient 2 J^T (s(x_p) - s(x)) / eps^2 is (2 / eps) J^T H J v to first order."""
+    model = relu_net(2)
+    x = torch.rand(4, 3, 4, generator=gen(4), dtype=DT)
+    fd = OperatorNormRegularizer(p, 2, 1e-5, iters=2, iteration="fd", output="kl", generator=gen(5))
+    lin = OperatorNormRegularizer(p, 2, 1e-5, iters=2, dynamic=True, output="kl", generator=gen(5))
+    fd.direction(model, x)
+    lin.direction(model, x)
+    torch.testing.assert_close(fd.last_v, lin.last_v, atol=1e-4, rtol=1e-4)
+    # at a radius that leaves the linear region they differ
+    far = [OperatorNormRegularizer(p, 2, 0.5, iters=2, output="kl", generator=gen(5), **kw) for kw in
+           (dict(iteration="fd"), dict(dynamic=True))]
+    for reg in far:
+        reg.direction(model, x)
+    assert not torch.allclose(far[0].last_v, far[1].last_v, atol=1e-3)
+
+
+def test_fd_iteration_fast_penalty_stores_its_direction():
+    """Cold (iters) and warm (warm_iters) visits of the penalty store what direction() finds."""
+    model = relu_net(1)
+    x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
+    index = torch.tensor([2, 0, 1])
+    fast = OperatorNormRegularizer(INF, 2, 0.3, iters=3, iteration="fd", output="kl", generator=gen(9))
+    ref = OperatorNormRegularizer(INF, 2, 0.3, iters=3, iteration="fd", output="kl", generator=gen(9))
+    for _ in range(2):
+        ref.direction(model, x, index)
+        with torch.no_grad():
+            fast(model, x, index)
+        torch.testing.assert_close(fast.last_v, ref.last_v)
+        torch.testing.assert_close(fast.initial_vectors(x, index), ref.last_v)
+
+
+def test_fd_iteration_config_and_cli():
+    from opnorm.cli import build_parser, train_config_from_args
+    from opnorm.training.config import TrainConfig
+    from opnorm.training.trainer import Objective
+
+    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-iteration", "fd"])
+    cfg, _, _ = train_config_from_args(args)
+    assert cfg.opnorm_iteration == "fd"
+    assert Objective(cfg, nn.Linear(2, 2)).reg.iteration == "fd"
+    assert TrainConfig(method="opnorm").resolved().opnorm_iteration == "linear"
+    with pytest.raises(ValueError, match="unknown opnorm_iteration"):
+        TrainConfig(method="opnorm", opnorm_iteration="secant").resolved()
+    with pytest.raises(ValueError, match="opnorm_iteration fd.*eps > 0"):
+        TrainConfig(method="opnorm", penalty="exact", eps=0.0, opnorm_iteration="fd").resolved()
+
+
 def test_warm_start_reuses_directions_by_index():
     model = relu_net()
     x = torch.rand(4, 3, 4, generator=gen(10), dtype=DT)
@@ -286,6 +372,8 @@ def test_warm_start_reuses_directions_by_index():
         (dict(penalty="secant"), "penalty"),
         (dict(lam=-1.0), "lam"),
         (dict(eps=0.0, penalty="fd"), "eps > 0"),
+        (dict(iteration="secant"), "iteration must be one of linear, fd"),
+        (dict(eps=0.0, penalty="exact", iteration="fd"), "iteration='fd'.*eps > 0"),
     ],
 )
 def test_operator_norm_regularizer_validates(kwargs, match):

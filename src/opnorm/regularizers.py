@@ -69,6 +69,7 @@ __all__ = [
 
 PENALTIES = ("fd", "exact")
 OUTPUTS = ("logits", "kl")
+ITERATIONS = ("linear", "fd")
 AT_KINDS = ("ce", "logit", "trades")
 
 
@@ -219,6 +220,15 @@ class OperatorNormRegularizer(nn.Module):
         route: how J is accessed by explicit iterations (:func:`opnorm.jacobian.linearize`):
             "auto" (the exact pattern replay for plain ReLU Sequentials, else autograd),
             "pattern", "autograd".
+        iteration: how an explicit power iteration gets ``J v``. ``"linear"`` (default): from
+            the linearization (at x; at ``x + eps v`` with ``dynamic``), a J v and a J^T u.
+            ``"fd"``: from the finite difference ``f(clip(x + eps v)) - f(x)``: the next
+            direction is ``psi_{p*}`` of the input gradient of the fd penalty at its own
+            point, i.e. one PGA step with infinite step size (PAPER.md section 4), the free
+            update made explicitly. Inside the linear region it is the linear iteration
+            (exactly for the l_q output; to first order in eps for KL). Costs one forward and
+            one backward per iteration (plus one gradient-free forward of x per call), about
+            half of a linear one. Needs eps > 0; ``dynamic`` does not apply.
         generator: seeds the random start vectors (default: the global RNG).
 
     Forward:
@@ -264,6 +274,7 @@ class OperatorNormRegularizer(nn.Module):
         free_update: Optional[bool] = None,
         clip: Optional[tuple[float, float]] = None,
         route: str = "auto",
+        iteration: str = "linear",
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
@@ -301,6 +312,11 @@ class OperatorNormRegularizer(nn.Module):
         if route not in ROUTES:
             raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
         self.route = route
+        if iteration not in ITERATIONS:
+            raise ValueError(f"iteration must be one of {', '.join(ITERATIONS)}, got {iteration!r}")
+        if iteration == "fd" and self.eps == 0:
+            raise ValueError("iteration='fd' takes finite differences of radius eps; use eps > 0 or iteration='linear'")
+        self.iteration = iteration
         self.generator = generator
         self.register_buffer("bank", torch.zeros(0))
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
@@ -318,7 +334,7 @@ class OperatorNormRegularizer(nn.Module):
         return (
             f"mode={self.mode!r}, p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, iters={self.iters}, "
             f"warm_iters={self.warm_iters}, penalty={self.penalty!r}, output={self.output!r}, squared={self.squared}, lam={self.lam:g}, "
-            f"dynamic={self.dynamic}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
+            f"dynamic={self.dynamic}, iteration={self.iteration!r}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
         )
 
     # -- the bank -------------------------------------------------------------------------
@@ -417,6 +433,12 @@ class OperatorNormRegularizer(nn.Module):
         """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u).
         Without ``measure`` the last J v (only needed for sigma and u) is skipped: NaN sigma, u None."""
         p_star = conjugate(self.p)
+        if self.iteration == "fd":
+            v = self._fd_iterate(net, x, v0, iters)
+            if not measure:
+                return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v, None
+            sigma, u = self._measure(net, x, v)
+            return sigma.detach(), v, u.detach()
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
             lin = None if self.dynamic else linearize(net, x, self.route)
             if lin is not None and measure and self.output == "logits":
@@ -433,6 +455,24 @@ class OperatorNormRegularizer(nn.Module):
             # u and sigma at x itself
             sigma, u = self._dual(lin.matvec(v), lin.logits) if lin is not None else self._measure(net, x, v)
         return sigma.detach(), v.detach(), u.detach()
+
+    def _fd_iterate(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor, iters: int) -> torch.Tensor:
+        """``iters`` fd iterations from v: ``v <- psi_{p*}(grad_{x_p} fd(f(x), f(x_p)))`` at
+        ``x_p = clip(x + eps v)`` (eval mode). A row whose gradient is zero or not finite keeps its v."""
+        p_star = conjugate(self.p)
+        with eval_mode(net), _no_autocast(x.device):
+            with torch.no_grad():
+                clean = net(x)
+            with torch.enable_grad():
+                for _ in range(iters):
+                    x_p = clip_box(x + self.eps * v, self.clip).requires_grad_(True)
+                    s, s_sq = self._fd_terms(clean, net(x_p))
+                    # rows are independent (eval mode): the sum's gradient is each row's own
+                    (g,) = torch.autograd.grad((s_sq if s_sq is not None else s).sum(), x_p)
+                    flat = g.reshape(g.shape[0], -1)
+                    ok = (torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)).view(-1, *[1] * (x.ndim - 1))
+                    v = torch.where(ok, duality_map(torch.nan_to_num(g), p_star), v)
+        return v.detach()
 
     def _measure(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor):
         """(sigma, u) = (||J v||, its dual direction) with no iteration."""

@@ -29,6 +29,7 @@ SCHEDULERS = ("cosine", "none")
 PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
 OPNORM_OUTPUTS = ("logits", "kl")
+OPNORM_ITERATIONS = ("linear", "fd")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
 # with 17 gray levels, so its l_inf radius is large in pixel units.
@@ -97,6 +98,10 @@ class TrainConfig:
         opnorm_output: how opnorm measures a logit change: "logits" (its l_q norm, the paper)
             or "kl" (the softmax's KL divergence, locally the Fisher metric; needs q = 2; see
             ``OperatorNormRegularizer``'s ``output``).
+        opnorm_iteration: how opnorm's explicit power iterations get J v: "linear" (default:
+            the linearization) or "fd" (the finite difference f(x + eps v) - f(x): a PGA step
+            with infinite step size on the penalty, about half the cost; see
+            ``OperatorNormRegularizer``'s ``iteration``).
         warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
             ``iters`` in paper mode).
         opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
@@ -132,6 +137,7 @@ class TrainConfig:
     iters: Optional[int] = None
     opnorm_mode: str = "fast"
     opnorm_output: str = "logits"
+    opnorm_iteration: str = "linear"
     warm_iters: Optional[int] = None
     opnorm_clip: Optional[bool] = None
     free_update: bool = True
@@ -205,6 +211,7 @@ class TrainConfig:
         c.penalty = _one_of(c.penalty, PENALTIES, "penalty")
         c.opnorm_mode = _one_of(c.opnorm_mode, OPNORM_MODES, "opnorm_mode")
         c.opnorm_output = _one_of(c.opnorm_output, OPNORM_OUTPUTS, "opnorm_output")
+        c.opnorm_iteration = _one_of(c.opnorm_iteration, OPNORM_ITERATIONS, "opnorm_iteration")
         c.p = norm_order(c.p, "p")
         c.q = norm_order(c.q, "q")
         if c.eps is None:
@@ -250,6 +257,8 @@ class TrainConfig:
             raise TypeError(f"progress must be true, false or null, got {c.progress!r}")
         if c.method == "opnorm" and c.opnorm_output == "kl" and (c.q != 2 or c.penalty != "fd"):
             raise ValueError("opnorm_output 'kl' is a 2-norm (the softmax's Fisher metric): use q 2 and penalty fd")
+        if c.method == "opnorm" and c.opnorm_iteration == "fd" and c.eps == 0:
+            raise ValueError("opnorm_iteration fd takes finite differences of radius eps: use eps > 0 or --opnorm-iteration linear")
         if c.method == "opnorm" and c.penalty == "fd" and c.eps == 0:
             raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --penalty exact")
         if c.method == "opnorm" and c.penalty == "exact" and c.compile is not False:
