@@ -421,6 +421,35 @@ def plots(record: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def seed_table(record: dict, out: Path) -> list[str]:
+    """Report lines comparing this run with the same comparison at other seeds (``out/seed-*/results.json``,
+    main runs with ``--seed K --out OUT/seed-K``): per-seed gaps, and their means."""
+    others = [json.loads(f.read_text()) for f in sorted(out.glob("seed-*/results.json"))]
+    if not others:
+        return []
+    records = sorted([record, *others], key=lambda r: r["settings"]["seed"])
+    keys = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["", "## Seeds", "",
+             "The same comparison (command above) at other seeds (`--seed K --out <this folder>/seed-K`): "
+             "the initialization and the batch order change; training settings, test points and attack seeds are the same. "
+             "Accuracies in %, "
+             "AT / fast; gaps in points.", "",
+             "| seed | clean | PGD-20 x restarts | APGD-CE | APGD-DLR | gaps PGD-20 / APGD-CE / APGD-DLR | time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        a, f, c = r["methods"]["pgd-at"], r["methods"]["fast"], r["comparison"]
+        lines.append(f"| {r['settings']['seed']} | " + " | ".join(f"{pct(a[k])} / {pct(f[k])}" for k in
+                                                                 ("clean", "pgd20_restarts", "apgd_ce", "apgd_dlr"))
+                     + " | " + " / ".join(f"{c[k]:.1f}" for k in keys) + f" | {c['time_ratio_fast_over_at']:.2f} |")
+    means = [sum(r["comparison"][k] for r in records) / len(records) for k in keys]
+    ratio = sum(r["comparison"]["time_ratio_fast_over_at"] for r in records) / len(records)
+    lines.append(f"| mean of {len(records)} | | | | | " + " / ".join(f"{m:.1f}" for m in means) + f" | {ratio:.2f} |")
+    lines += ["", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
+              f"on the mean of {len(records)} seeds)."]
+    return lines
+
+
 def readme(record: dict, out: Path) -> None:
     s, c, m = record["settings"], record["comparison"], record["methods"]
     a, f = m["pgd-at"], m["fast"]
@@ -493,6 +522,7 @@ def readme(record: dict, out: Path) -> None:
               "| eps | " + " | ".join(m) + " |", "|---|" + "---|" * len(m)]
     for e in a["pgd20_vs_eps"]:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
+    lines += seed_table(record, out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
