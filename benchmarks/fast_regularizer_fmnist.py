@@ -32,8 +32,8 @@ Phases:
   PGD-10 AT, with training seconds (``--only NAME ...``: some of them; two such jobs may run
   side by side). Merges its rows into ``variants.json``.
 * ``paper``: the paper configuration of the same regularizer (``opnorm_mode="paper"``: 10
-  power iterations per batch from random starts; otherwise the main run's settings and
-  lam), trained alone afterwards and evaluated like the others: does the fast solver lose
+  power iterations per batch from random starts; otherwise the main run's settings, output
+  metric, ``--dynamic``, clip and lam), trained alone afterwards and evaluated like the others: does the fast solver lose
   robustness against it? Writes ``paper.json``.
 * ``report``: rewrite README.md and the plots from results.json.
 
@@ -373,7 +373,8 @@ def paper_phase(args: argparse.Namespace, out: Path, lam: float) -> None:
     run = Path(args.runs) / "paper"
     if run.exists():
         shutil.rmtree(run)
-    res = train(TrainConfig(method="opnorm", opnorm_mode="paper", lam=lam, out=str(run), **common(args)))
+    # the same regularizer (output metric, dynamic, clip, lam) with the paper's solver
+    res = train(method_config("fast", args, lam, opnorm_mode="paper", opnorm_clip=True, out=str(run)))
     splits = load_dataset("fashion-mnist")
     record = {"command": args.command, **summarize("paper", res, args, splits.test.x[: args.points], splits.test.y[: args.points])}
     (out / "paper.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -538,14 +539,16 @@ def readme(record: dict, out: Path) -> None:
             lines.append(f"| {r['lam']:g} | {pct(r['clean'])} | {pct(r['pgd20'])} |")
         lines += ["", f"Chosen: lam = {tuning['chosen_lam']:g} (highest held-out PGD-20)."
                   + (" Tuned with the static solver (dynamic=False) and kept for the dynamic one, whose held-out runs "
-                     "at two lams are below." if s.get("dynamic") and not tuning.get("dynamic") else "")]
+                     "at other lams are below." if s.get("dynamic") and not tuning.get("dynamic") else "")]
     paper_path = out / "paper.json"
     if paper_path.exists():
         pp = json.loads(paper_path.read_text())
         lines += ["", "## The paper configuration under the same settings", "",
                   f"`opnorm_mode=\"paper\"` (10 power iterations per batch from random starts, nothing kept), "
-                  f"the main run's settings and lam, trained alone afterwards (its seconds were not measured "
-                  f"alternately with the others). Made by `{pp['command']}`.", "",
+                  f"the main run's settings, output metric, clip and lam"
+                  + (", dynamic" if pp["config"].get("dynamic") else "")
+                  + f", trained alone afterwards (its seconds were not measured side by side with the others). "
+                  f"Made by `{pp['command']}`.", "",
                   "| | PGD-10 AT | fast | paper |", "|---|---|---|---|",
                   f"| training seconds | {a['train_seconds']:.0f} | {f['train_seconds']:.0f} | {pp['train_seconds']:.0f} |"]
         for key, label in (("clean", "clean"), ("pgd20_restarts", "PGD-20"), ("apgd_ce", "APGD-CE"),
