@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("iters", int, "power iterations per batch (opnorm fast mode: on an example's first visit)"),
         ("opnorm-mode", str, "opnorm: fast (default; warm-started directions, free power iteration) | paper"),
         ("opnorm-output", str, "opnorm: logits (l_q norm of the logit change; default) | kl (softmax KL, Fisher metric; q=2)"),
-        ("opnorm-iteration", str, "opnorm: linear (J v of the linearization; default) | fd (f(x + eps v) - f(x): a PGA step, about half the cost)"),
+        ("opnorm-iteration", str, "opnorm: linear (J v of the linearization; default) | fd (f(x + eps v) - f(x): a PGA step on the penalty)"),
         ("warm-iters", int, "opnorm: explicit power iterations on later visits (fast default 1)"),
         ("steps", int, "PGD steps of training attacks"),
         ("step-size", float, "PGD step length (default 2.5 eps / steps)"),

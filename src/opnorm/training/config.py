@@ -100,7 +100,7 @@ class TrainConfig:
             ``OperatorNormRegularizer``'s ``output``).
         opnorm_iteration: how opnorm's explicit power iterations get J v: "linear" (default:
             the linearization) or "fd" (the finite difference f(x + eps v) - f(x): a PGA step
-            with infinite step size on the penalty, about half the cost; see
+            with infinite step size on the penalty, a forward and a backward per iteration; see
             ``OperatorNormRegularizer``'s ``iteration``).
         warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
             ``iters`` in paper mode).
