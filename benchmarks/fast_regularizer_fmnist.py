@@ -35,7 +35,11 @@ Phases:
   power iterations per batch from random starts; otherwise the main run's settings, output
   metric, ``--dynamic``, clip and lam), trained alone afterwards and evaluated like the others: does the fast solver lose
   robustness against it? Writes ``paper.json``.
-* ``report``: rewrite README.md and the plots from results.json.
+* ``one`` / ``combine``: one method's job of ``main`` (``--which``), and results.json from two such jobs
+  that finished in ``--runs`` at different times, when the machine could not run them side by side
+  (accuracies and gaps as in ``main``; the time ratio is marked as not comparable).
+* ``report``: rewrite README.md and the plots from results.json (with the ``seed-*/`` and
+  ``epochs-*/seed-*/`` comparisons found beside it).
 
 Writes ``docs/results/fast-regularizer/{tuning.json, results.json, README.md,
 robust_vs_eps.png, robust_vs_time.png}``; the run directories (checkpoints) go to ``--runs``.
@@ -291,6 +295,7 @@ def one_phase(args: argparse.Namespace, lam: float) -> None:
     res = train(method_config(args.which, args, lam, out=str(run)))
     splits = load_dataset("fashion-mnist")
     summary = summarize(args.which, res, args, splits.test.x[: args.points], splits.test.y[: args.points])
+    summary["threads"] = args.threads
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -333,6 +338,28 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         for n in names:
             methods[n] = summarize(n, results[n], args, x, y)
     train_wall = time.perf_counter() - t_start
+    return write_record(args, out, lam, methods, results, train_wall)
+
+
+def combine_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
+    """results.json from two ``--phase one`` jobs that finished in ``--runs`` at different times (when the
+    machine could not run them side by side): accuracies and gaps as in ``main``; the time ratio is marked
+    as not measured side by side."""
+    runs_dir = Path(args.runs)
+    names = ("pgd-at", "fast")
+    missing = [n for n in names if not (runs_dir / n / "summary.json").exists()]
+    if missing:
+        raise SystemExit(f"no finished job for {missing} in {runs_dir}: run --phase one --which NAME first")
+    methods = {n: json.loads((runs_dir / n / "summary.json").read_text()) for n in names}
+    results = {n: train(method_config(n, args, lam, out=str(runs_dir / n)), resume=True) for n in names}
+    return write_record(args, out, lam, methods, results, None)
+
+
+def write_record(args: argparse.Namespace, out: Path, lam: float, methods: dict[str, Any], results: dict[str, Any],
+                 train_wall: float | None) -> dict:
+    """Add the banked-direction check to the finished runs' summaries; write and return results.json."""
+    runs_dir = Path(args.runs)
+    splits = load_dataset("fashion-mnist")
     # how good the banked directions of the fast run are at its final weights (training images)
     state = torch.load(runs_dir / "fast" / "checkpoint.pt", map_location="cpu", weights_only=True)
     n_q = min(512, splits.train.x.shape[0] if args.train is None else args.train)
@@ -352,7 +379,7 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
             "lam": lam, "output": args.output, "dynamic": args.dynamic, "torch": torch.__version__, "python": platform.python_version(),
         },
         "wall_seconds_both": train_wall,
-        "jobs": args.jobs,
+        "jobs": args.jobs if train_wall is not None else "separate",
         "methods": methods,
         "comparison": {
             "time_ratio_fast_over_at": f["train_seconds"] / a["train_seconds"],
@@ -363,8 +390,9 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         },
     }
     c = record["comparison"]
+    c["time_side_by_side"] = train_wall is not None
     c["robustness_goal_met"] = max(c["gap_points_pgd20"], c["gap_points_apgd_ce"], c["gap_points_apgd_dlr"]) <= 2.0
-    c["time_goal_met"] = c["time_ratio_fast_over_at"] <= 0.5
+    c["time_goal_met"] = c["time_ratio_fast_over_at"] <= 0.5 if c["time_side_by_side"] else None
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -422,32 +450,65 @@ def plots(record: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def side_by_side(record: dict) -> bool:
+    """Whether both methods of a main-phase record trained at the same time (their time ratio is comparable)."""
+    return record["comparison"].get("time_side_by_side", True)
+
+
+def gap_rows(records: list[dict]) -> tuple[list[str], list[float]]:
+    """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio) and a row of
+    their means; returns the lines and the mean gaps (PGD-20, APGD-CE, APGD-DLR)."""
+    records = sorted(records, key=lambda r: r["settings"]["seed"])
+    keys = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| seed | clean | PGD-20 x restarts | APGD-CE | APGD-DLR | gaps PGD-20 / APGD-CE / APGD-DLR | time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        a, f, c = r["methods"]["pgd-at"], r["methods"]["fast"], r["comparison"]
+        lines.append(f"| {r['settings']['seed']} | " + " | ".join(f"{pct(a[k])} / {pct(f[k])}" for k in
+                                                                 ("clean", "pgd20_restarts", "apgd_ce", "apgd_dlr"))
+                     + " | " + " / ".join(f"{c[k]:.1f}" for k in keys)
+                     + (f" | {c['time_ratio_fast_over_at']:.2f} |" if side_by_side(r) else " | n/a (trained apart) |"))
+    means = [sum(r["comparison"][k] for r in records) / len(records) for k in keys]
+    timed = [r["comparison"]["time_ratio_fast_over_at"] for r in records if side_by_side(r)]
+    ratio = f"{sum(timed) / len(timed):.2f}" if timed else "n/a"
+    lines.append(f"| mean of {len(records)} | | | | | " + " / ".join(f"{m:.1f}" for m in means) + f" | {ratio} |")
+    return lines, means
+
+
 def seed_table(record: dict, out: Path) -> list[str]:
     """Report lines comparing this run with the same comparison at other seeds (``out/seed-*/results.json``,
     main runs with ``--seed K --out OUT/seed-K``): per-seed gaps, and their means."""
     others = [json.loads(f.read_text()) for f in sorted(out.glob("seed-*/results.json"))]
     if not others:
         return []
-    records = sorted([record, *others], key=lambda r: r["settings"]["seed"])
-    keys = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
-    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["", "## Seeds", "",
-             "The same comparison (command above) at other seeds (`--seed K --out <this folder>/seed-K`): "
-             "the initialization and the batch order change; training settings, test points and attack seeds are the same. "
-             "Accuracies in %, "
-             "AT / fast; gaps in points.", "",
-             "| seed | clean | PGD-20 x restarts | APGD-CE | APGD-DLR | gaps PGD-20 / APGD-CE / APGD-DLR | time ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for r in records:
-        a, f, c = r["methods"]["pgd-at"], r["methods"]["fast"], r["comparison"]
-        lines.append(f"| {r['settings']['seed']} | " + " | ".join(f"{pct(a[k])} / {pct(f[k])}" for k in
-                                                                 ("clean", "pgd20_restarts", "apgd_ce", "apgd_dlr"))
-                     + " | " + " / ".join(f"{c[k]:.1f}" for k in keys) + f" | {c['time_ratio_fast_over_at']:.2f} |")
-    means = [sum(r["comparison"][k] for r in records) / len(records) for k in keys]
-    ratio = sum(r["comparison"]["time_ratio_fast_over_at"] for r in records) / len(records)
-    lines.append(f"| mean of {len(records)} | | | | | " + " / ".join(f"{m:.1f}" for m in means) + f" | {ratio:.2f} |")
-    lines += ["", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
-              f"on the mean of {len(records)} seeds)."]
+    rows, means = gap_rows([record, *others])
+    return ["", "## Seeds", "",
+            "The same comparison (command above) at other seeds (`--seed K --out <this folder>/seed-K`): "
+            "the initialization and the batch order change; training settings, test points and attack seeds are "
+            "the same. Accuracies in %, AT / fast; gaps in points.", "", *rows,
+            "", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
+            f"on the mean of {len(others) + 1} seeds)."]
+
+
+def epochs_table(record: dict, out: Path) -> list[str]:
+    """Report lines for the same comparison trained longer (``out/epochs-E/seed-K/results.json``, main runs with
+    ``--epochs E --seed K --out OUT/epochs-E/seed-K``): per-seed gaps and their means, per number of epochs."""
+    found: dict[int, list[dict]] = {}
+    for f in sorted(out.glob("epochs-*/seed-*/results.json")):
+        r = json.loads(f.read_text())
+        found.setdefault(r["settings"]["epochs"], []).append(r)
+    if not found:
+        return []
+    lines = ["", "## Longer training", "",
+             "The same comparison with more epochs for both methods (the cosine schedule stretched to them; "
+             "`--epochs E --seed K --out <this folder>/epochs-E/seed-K`; everything else as above). "
+             "Accuracies in %, AT / fast; gaps in points."]
+    for epochs, records in sorted(found.items()):
+        rows, means = gap_rows(records)
+        lines += ["", f"### {epochs} epochs", "", *rows, "",
+                  f"Largest mean gap: {max(means):.1f} points (goal <= 2: "
+                  f"**{'met' if max(means) <= 2.0 else 'not met'}** on the mean of {len(records)} seed(s))."]
     return lines
 
 
@@ -470,7 +531,11 @@ def readme(record: dict, out: Path) -> None:
         f"Small CNN, {s['train_images']} training images, {s['epochs']} epochs, batch {s['batch_size']}, "
         f"{s['optimizer']}, seed {s['seed']}, {s['threads']} thread(s); {s['threat']}. Both runs share every "
         f"setting; " + ("they were trained and evaluated at the same time, in two processes on one machine"
-                        if record.get("jobs", 1) == 2 else "their epochs ran alternately in one process")
+                        if record.get("jobs", 1) == 2 else
+                        "they were trained one after the other (" + ", ".join(
+                            f"{n}: {mm.get('threads', s['threads'])} thread(s)" for n, mm in m.items())
+                        + "), so their seconds do not compare" if not side_by_side(record) else
+                        "their epochs ran alternately in one process")
         + f". Evaluation on the first {s['test_points']} test images; torch {s['torch']}.",
         "",
         f"The fast regularizer: `OperatorNormRegularizer('inf', 2, eps=0.1, lam={s['lam']:g}, "
@@ -484,7 +549,7 @@ def readme(record: dict, out: Path) -> None:
         "| | PGD-10 AT | fast op-norm reg. | gap (points) |",
         "|---|---|---|---|",
         f"| training seconds | {a['train_seconds']:.0f} | {f['train_seconds']:.0f} | "
-        f"ratio {c['time_ratio_fast_over_at']:.2f} |",
+        f"ratio {c['time_ratio_fast_over_at']:.2f}" + ("" if side_by_side(record) else " (trained apart)") + " |",
         f"| clean accuracy (%) | {pct(a['clean'])} | {pct(f['clean'])} | {c['gap_points_clean']:+.1f} |",
         f"| PGD-20, {s['pgd_restarts']} restarts (%) | {pct(a['pgd20_restarts'])} | {pct(f['pgd20_restarts'])} | "
         f"{c['gap_points_pgd20']:+.1f} |",
@@ -499,7 +564,8 @@ def readme(record: dict, out: Path) -> None:
         "",
         f"* Robustness goal (every gap <= 2 points): **{'met' if c['robustness_goal_met'] else 'not met'}**.",
         f"* Training-time goal (fast <= half of AT's): **{'met' if c['time_goal_met'] else 'not met'}** "
-        f"(ratio {c['time_ratio_fast_over_at']:.2f}).",
+        f"(ratio {c['time_ratio_fast_over_at']:.2f})." if side_by_side(record) else
+        "* Training-time goal: not measured by this run (the two methods trained apart).",
     ]
     if bench is not None:
         lines += [
@@ -524,6 +590,7 @@ def readme(record: dict, out: Path) -> None:
     for e in a["pgd20_vs_eps"]:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
     lines += seed_table(record, out)
+    lines += epochs_table(record, out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
@@ -578,7 +645,8 @@ def readme(record: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("tune", "main", "variants", "paper", "report", "all", "one", "tune-one"),
+    ap.add_argument("--phase", choices=("tune", "main", "variants", "paper", "report", "all", "one", "tune-one",
+                                       "combine"),
                     default="all")
     ap.add_argument("--output", choices=("kl", "logits"), default="kl",
                     help="the fast regularizer's output metric: kl (the softmax's Fisher metric) or logits (l_2)")
@@ -624,7 +692,7 @@ def main() -> None:
         row = tune_one(args, args.lam)
         (Path(args.runs) / f"lam-{args.lam!r}.json").write_text(json.dumps(row) + "\n")
         return
-    if args.phase in ("main", "variants", "paper", "all", "one"):
+    if args.phase in ("main", "variants", "paper", "all", "one", "combine"):
         if lam is None:
             tuned = out / "tuning.json"
             if not tuned.exists():
@@ -635,11 +703,13 @@ def main() -> None:
         return
     if args.phase in ("main", "all"):
         main_phase(args, out, lam)
+    if args.phase == "combine":
+        combine_phase(args, out, lam)
     if args.phase == "variants":
         variants(args, out, lam)
     if args.phase == "paper":
         paper_phase(args, out, lam)
-    if args.phase in ("main", "report", "all"):
+    if args.phase in ("main", "report", "all", "combine"):
         record = json.loads((out / "results.json").read_text())
         plots(record, out)
         readme(record, out)
