@@ -504,6 +504,9 @@ def epochs_table(record: dict, out: Path) -> list[str]:
              "The same comparison with more epochs for both methods (the cosine schedule stretched to them; "
              "`--epochs E --seed K --out <this folder>/epochs-E/seed-K`; everything else as above). "
              "Accuracies in %, AT / fast; gaps in points."]
+    if not all(side_by_side(r) for records in found.values() for r in records):
+        lines[-1] += (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
+                      "then `--phase combine`): their accuracies compare, their seconds do not.")
     for epochs, records in sorted(found.items()):
         rows, means = gap_rows(records)
         lines += ["", f"### {epochs} epochs", "", *rows, "",
@@ -532,7 +535,7 @@ def readme(record: dict, out: Path) -> None:
         f"{s['optimizer']}, seed {s['seed']}, {s['threads']} thread(s); {s['threat']}. Both runs share every "
         f"setting; " + ("they were trained and evaluated at the same time, in two processes on one machine"
                         if record.get("jobs", 1) == 2 else
-                        "they were trained one after the other (" + ", ".join(
+                        "they were trained apart, not side by side (" + ", ".join(
                             f"{n}: {mm.get('threads', s['threads'])} thread(s)" for n, mm in m.items())
                         + "), so their seconds do not compare" if not side_by_side(record) else
                         "their epochs ran alternately in one process")
