@@ -338,7 +338,7 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         for n in names:
             methods[n] = summarize(n, results[n], args, x, y)
     train_wall = time.perf_counter() - t_start
-    return write_record(args, out, lam, methods, results, train_wall)
+    return write_record(args, out, lam, splits, methods, results, train_wall)
 
 
 def combine_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
@@ -352,14 +352,13 @@ def combine_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         raise SystemExit(f"no finished job for {missing} in {runs_dir}: run --phase one --which NAME first")
     methods = {n: json.loads((runs_dir / n / "summary.json").read_text()) for n in names}
     results = {n: train(method_config(n, args, lam, out=str(runs_dir / n)), resume=True) for n in names}
-    return write_record(args, out, lam, methods, results, None)
+    return write_record(args, out, lam, load_dataset("fashion-mnist"), methods, results, None)
 
 
-def write_record(args: argparse.Namespace, out: Path, lam: float, methods: dict[str, Any], results: dict[str, Any],
-                 train_wall: float | None) -> dict:
+def write_record(args: argparse.Namespace, out: Path, lam: float, splits: Any, methods: dict[str, Any],
+                 results: dict[str, Any], train_wall: float | None) -> dict:
     """Add the banked-direction check to the finished runs' summaries; write and return results.json."""
     runs_dir = Path(args.runs)
-    splits = load_dataset("fashion-mnist")
     # how good the banked directions of the fast run are at its final weights (training images)
     state = torch.load(runs_dir / "fast" / "checkpoint.pt", map_location="cpu", weights_only=True)
     n_q = min(512, splits.train.x.shape[0] if args.train is None else args.train)
@@ -455,9 +454,20 @@ def side_by_side(record: dict) -> bool:
     return record["comparison"].get("time_side_by_side", True)
 
 
-def gap_rows(records: list[dict]) -> tuple[list[str], list[float]]:
-    """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio) and a row of
-    their means; returns the lines and the mean gaps (PGD-20, APGD-CE, APGD-DLR)."""
+def how_trained(record: dict) -> str:
+    """The report's words for how the two runs of a main-phase record shared the machine."""
+    if not side_by_side(record):
+        threads = ", ".join(f"{n}: {m.get('threads', record['settings']['threads'])} thread(s)"
+                            for n, m in record["methods"].items())
+        return f"they were trained apart, not side by side ({threads}), so their seconds do not compare"
+    if record.get("jobs", 1) == 2:
+        return "they were trained and evaluated at the same time, in two processes on one machine"
+    return "their epochs ran alternately in one process"
+
+
+def gap_rows(records: list[dict]) -> list[str]:
+    """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio), a row of
+    their means, and whether the largest mean gap meets the goal."""
     records = sorted(records, key=lambda r: r["settings"]["seed"])
     keys = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
@@ -473,7 +483,9 @@ def gap_rows(records: list[dict]) -> tuple[list[str], list[float]]:
     timed = [r["comparison"]["time_ratio_fast_over_at"] for r in records if side_by_side(r)]
     ratio = f"{sum(timed) / len(timed):.2f}" if timed else "n/a"
     lines.append(f"| mean of {len(records)} | | | | | " + " / ".join(f"{m:.1f}" for m in means) + f" | {ratio} |")
-    return lines, means
+    lines += ["", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
+              f"on the mean of {len(records)} seed(s))."]
+    return lines
 
 
 def seed_table(record: dict, out: Path) -> list[str]:
@@ -482,16 +494,13 @@ def seed_table(record: dict, out: Path) -> list[str]:
     others = [json.loads(f.read_text()) for f in sorted(out.glob("seed-*/results.json"))]
     if not others:
         return []
-    rows, means = gap_rows([record, *others])
     return ["", "## Seeds", "",
             "The same comparison (command above) at other seeds (`--seed K --out <this folder>/seed-K`): "
             "the initialization and the batch order change; training settings, test points and attack seeds are "
-            "the same. Accuracies in %, AT / fast; gaps in points.", "", *rows,
-            "", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
-            f"on the mean of {len(others) + 1} seeds)."]
+            "the same. Accuracies in %, AT / fast; gaps in points.", "", *gap_rows([record, *others])]
 
 
-def epochs_table(record: dict, out: Path) -> list[str]:
+def epochs_table(out: Path) -> list[str]:
     """Report lines for the same comparison trained longer (``out/epochs-E/seed-K/results.json``, main runs with
     ``--epochs E --seed K --out OUT/epochs-E/seed-K``): per-seed gaps and their means, per number of epochs."""
     found: dict[int, list[dict]] = {}
@@ -508,10 +517,7 @@ def epochs_table(record: dict, out: Path) -> list[str]:
         lines[-1] += (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
                       "then `--phase combine`): their accuracies compare, their seconds do not.")
     for epochs, records in sorted(found.items()):
-        rows, means = gap_rows(records)
-        lines += ["", f"### {epochs} epochs", "", *rows, "",
-                  f"Largest mean gap: {max(means):.1f} points (goal <= 2: "
-                  f"**{'met' if max(means) <= 2.0 else 'not met'}** on the mean of {len(records)} seed(s))."]
+        lines += ["", f"### {epochs} epochs", "", *gap_rows(records)]
     return lines
 
 
@@ -533,13 +539,7 @@ def readme(record: dict, out: Path) -> None:
         "",
         f"Small CNN, {s['train_images']} training images, {s['epochs']} epochs, batch {s['batch_size']}, "
         f"{s['optimizer']}, seed {s['seed']}, {s['threads']} thread(s); {s['threat']}. Both runs share every "
-        f"setting; " + ("they were trained and evaluated at the same time, in two processes on one machine"
-                        if record.get("jobs", 1) == 2 else
-                        "they were trained apart, not side by side (" + ", ".join(
-                            f"{n}: {mm.get('threads', s['threads'])} thread(s)" for n, mm in m.items())
-                        + "), so their seconds do not compare" if not side_by_side(record) else
-                        "their epochs ran alternately in one process")
-        + f". Evaluation on the first {s['test_points']} test images; torch {s['torch']}.",
+        f"setting; {how_trained(record)}. Evaluation on the first {s['test_points']} test images; torch {s['torch']}.",
         "",
         f"The fast regularizer: `OperatorNormRegularizer('inf', 2, eps=0.1, lam={s['lam']:g}, "
         f"output={s.get('output', 'logits')!r}, clip=(0, 1)" + (", dynamic=True" if s.get("dynamic") else "")
@@ -593,7 +593,7 @@ def readme(record: dict, out: Path) -> None:
     for e in a["pgd20_vs_eps"]:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
     lines += seed_table(record, out)
-    lines += epochs_table(record, out)
+    lines += epochs_table(out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
