@@ -94,6 +94,7 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
         return TrainConfig(method="pgd-at", **common(args, **changes))
     # fast mode (the regularizer's defaults) in the chosen output metric
     changes.setdefault("dynamic", args.dynamic)
+    changes.setdefault("opnorm_task", args.task)
     return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
 
 
@@ -135,7 +136,7 @@ def tune(args: argparse.Namespace, out: Path) -> float:
         job_args = ["--phase", "tune-one", "--output", args.output, "--tune-train", str(args.tune_train),
                     "--tune-heldout", str(args.tune_heldout), "--tune-epochs", str(args.tune_epochs),
                     "--seed", str(args.seed), "--threads", str(args.threads), "--runs", str(tmp)]
-        job_args += ["--dynamic"] if args.dynamic else []
+        job_args += (["--dynamic"] if args.dynamic else []) + ["--task", args.task]
         rows = []
         for k in range(0, len(args.lams), args.jobs):
             procs = [(lam, subprocess.Popen([sys.executable, __file__, *job_args, "--lam", repr(lam)]))
@@ -187,7 +188,14 @@ VARIANTS = {
     # a training radius above the threat radius, with the dynamic solver (the static one collapsed)
     "dynamic, training eps 0.11 (penalty 12 KL)": dict(method="opnorm", dynamic=True, eps=0.11, scale_by_eps=True, lam=6.0),
     "dynamic, training eps 0.125 (penalty 12 KL)": dict(method="opnorm", dynamic=True, eps=0.125, scale_by_eps=True, lam=6.0),
+    # a change of objective: the cross-entropy at the penalty's point x + eps v instead of at x
+    # (adversarial training with the power method's direction, plus the penalty; free)
+    "dynamic, CE at x + eps v": dict(method="opnorm", dynamic=True, opnorm_task="perturbed"),
     "pgd-at": dict(method="pgd-at"),
+    # the penalty's objective with a strong adversary: TRADES (clean CE + beta KL at PGD-10's point on
+    # the KL), beta 12 = the fast regularizer's 2 KL * lam / eps^2 at lam 0.06. Does the objective or
+    # the direction solver limit robustness?
+    "TRADES, PGD-10 on the KL, beta 12": dict(method="trades", beta=12.0),
 }
 
 
@@ -316,6 +324,7 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
                     "--seed", str(args.seed), "--threads", str(args.threads), "--output", args.output]
         if args.dynamic:
             job_args.append("--dynamic")
+        job_args += ["--task", args.task]
         if args.train is not None:
             job_args += ["--train", str(args.train)]
         procs = {n: subprocess.Popen([sys.executable, __file__, *job_args, "--which", n]) for n in names}
@@ -375,7 +384,7 @@ def write_record(args: argparse.Namespace, out: Path, lam: float, splits: Any, m
             "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
             "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
             "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-            "lam": lam, "output": args.output, "dynamic": args.dynamic, "torch": torch.__version__, "python": platform.python_version(),
+            "lam": lam, "output": args.output, "dynamic": args.dynamic, "task": args.task, "torch": torch.__version__, "python": platform.python_version(),
         },
         "wall_seconds_both": train_wall,
         "jobs": args.jobs if train_wall is not None else "separate",
@@ -465,6 +474,14 @@ def how_trained(record: dict) -> str:
     return "their epochs ran alternately in one process"
 
 
+def apart_note(records: list[dict]) -> str:
+    """A sentence for a table's intro when some of its records trained apart ('' when all ran side by side)."""
+    if all(side_by_side(r) for r in records):
+        return ""
+    return (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
+            "then `--phase combine`): their accuracies compare, their seconds do not.")
+
+
 def gap_rows(records: list[dict]) -> list[str]:
     """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio), a row of
     their means, and whether the largest mean gap meets the goal."""
@@ -513,12 +530,28 @@ def epochs_table(out: Path) -> list[str]:
              "The same comparison with more epochs for both methods (the cosine schedule stretched to them; "
              "`--epochs E --seed K --out <this folder>/epochs-E/seed-K`; everything else as above). "
              "Accuracies in %, AT / fast; gaps in points."]
-    if not all(side_by_side(r) for records in found.values() for r in records):
-        lines[-1] += (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
-                      "then `--phase combine`): their accuracies compare, their seconds do not.")
+    lines[-1] += apart_note([r for records in found.values() for r in records])
     for epochs, records in sorted(found.items()):
         lines += ["", f"### {epochs} epochs", "", *gap_rows(records)]
     return lines
+
+
+def task_table(out: Path) -> list[str]:
+    """Report lines for the fast run with its cross-entropy at the penalty's point (``out/task-perturbed/seed-K/
+    results.json``, runs with ``--task perturbed --seed K --out OUT/task-perturbed/seed-K``): per-seed gaps and means."""
+    records = [json.loads(f.read_text()) for f in sorted(out.glob("task-perturbed/seed-*/results.json"))]
+    if not records:
+        return []
+    lines = ["", "## Cross-entropy at the penalty's point (a change of objective)", "",
+             "The fast run with `opnorm_task=\"perturbed\"` (`--task perturbed`): its cross-entropy is taken at "
+             "x + eps v, the point the penalty already evaluates, instead of at x; the penalty and the direction "
+             "solver are unchanged, and so is the cost of a step (the same forward of [x; x + eps v] and one "
+             "backward). This is adversarial training with the power method's direction next to the operator norm "
+             "penalty: the theorem pairs the operator norm penalty with adversarial training on the logit loss, not "
+             "on the cross-entropy. Everything else as above (`--task perturbed --seed K --out "
+             "<this folder>/task-perturbed/seed-K`). Accuracies in %, AT / fast with CE at x + eps v; gaps in points."]
+    lines[-1] += apart_note(records)
+    return lines + ["", *gap_rows(records)]
 
 
 def readme(record: dict, out: Path) -> None:
@@ -594,6 +627,7 @@ def readme(record: dict, out: Path) -> None:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
     lines += seed_table(record, out)
     lines += epochs_table(out)
+    lines += task_table(out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
@@ -674,6 +708,10 @@ def main() -> None:
     ap.add_argument("--tune-epochs", type=int, default=3)
     ap.add_argument("--dynamic", action="store_true",
                     help="the fast regularizer's explicit iterations linearize at x + eps v (dynamic=True)")
+    ap.add_argument("--task", choices=("clean", "perturbed"), default="clean",
+                    help="where the fast run's cross-entropy is taken: clean (at x, the d.d. regularization) or "
+                         "perturbed (at x + eps v: adversarial training with the power method's direction plus the "
+                         "penalty; opnorm_task)")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="--phase variants: run only these (names of VARIANTS)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")

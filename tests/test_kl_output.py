@@ -128,3 +128,55 @@ def test_kl_output_validation_and_config():
     cfg, _, _ = train_config_from_args(args)
     assert cfg.opnorm_output == "kl"
     assert Objective(cfg, nn.Linear(2, 2)).reg.output == "kl"
+
+
+# ----------------------------------------------------------------------------- CE at the fd point
+
+
+@pytest.mark.parametrize("p", [INF, 2.0])
+def test_perturbed_task_returns_the_fd_point_logits_and_steers_the_free_update(p):
+    model, W = affine()
+    eps, lam = 0.2, 0.5
+    y = torch.tensor([0, 1, 2])
+    index = torch.tensor([4, 0, 7])
+    reg = OperatorNormRegularizer(p, 2, eps, output="kl", lam=lam, clip=(0.0, 1.0), generator=gen(7))
+    clean, pen, pert = reg.joint(model, X, index, perturbed=True)
+    x_p = (X + eps * reg.last_v).clamp(0, 1)
+    torch.testing.assert_close(clean, model(X), rtol=0, atol=0)
+    torch.testing.assert_close(pert, model(x_p), rtol=1e-14, atol=1e-14)
+    kl = F.kl_div(F.log_softmax(pert, 1), F.log_softmax(clean, 1), log_target=True, reduction="none").sum(1)
+    torch.testing.assert_close(pen, lam * (2 * kl / eps**2).mean(), rtol=1e-12, atol=0)
+    (F.cross_entropy(pert, y) + pen).backward()
+    # the next direction is psi_{p*} of the input gradient of the whole loss at x_p: for f = W x + b,
+    # W^T [(s_p - e_y) + 2 lam / eps^2 (s_p - s)] per row (the batch mean's 1/B drops out of psi)
+    s, s_p = torch.softmax(model(X), 1), torch.softmax(model(x_p), 1)
+    grad_f = (s_p - F.one_hot(y, 4).to(DT)) + 2 * lam / eps**2 * (s_p - s)
+    expected = duality_map(grad_f.detach() @ W, conjugate(p))
+    torch.testing.assert_close(reg.bank[index].to(DT), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_perturbed_task_in_the_trainer_and_its_validation():
+    from opnorm.cli import build_parser, train_config_from_args
+    from opnorm.training.config import TrainConfig
+    from opnorm.training.trainer import Objective
+
+    with pytest.raises(ValueError, match="penalty='exact' has none"):
+        OperatorNormRegularizer(2, 2, penalty="exact").joint(affine()[0], X, perturbed=True)
+    with pytest.raises(ValueError, match="unknown opnorm_task"):
+        TrainConfig(method="opnorm", opnorm_task="adversarial").resolved()
+    with pytest.raises(ValueError, match="opnorm_task perturbed"):
+        TrainConfig(method="opnorm", opnorm_task="perturbed", penalty="exact").resolved()
+    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-output", "kl", "--p", "inf",
+                                      "--eps", "0.2", "--lam", "0.5", "--opnorm-task", "perturbed"])
+    cfg, _, _ = train_config_from_args(args)
+    assert cfg.opnorm_task == "perturbed"
+    model, _ = affine()
+    y = torch.tensor([0, 1, 2])
+    for task in ("clean", "perturbed"):
+        obj = Objective(TrainConfig(**{**cfg.to_dict(), "opnorm_task": task}).resolved(), model)
+        torch.manual_seed(0)
+        loss, _ = obj(model, X, y, torch.tensor([4, 0, 7]))
+        x_p = (X + 0.2 * obj.reg.last_v).clamp(0, 1)
+        pen = obj.reg.fd_value(model(X), model(x_p))
+        ce = F.cross_entropy(model(x_p if task == "perturbed" else X), y)
+        torch.testing.assert_close(loss.double(), ce + pen, rtol=1e-6, atol=0)  # the trainer takes CE in float32

@@ -618,17 +618,24 @@ class OperatorNormRegularizer(nn.Module):
         return out, self._reduce(s)
 
     def joint(
-        self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None, *, perturbed: bool = False
+    ):
         """(clean logits f(x), penalty) from a single forward of ``model``.
 
         fd: one forward of the batch ``[x; clip(x + eps v)]`` (2B examples); exact: one
         forward of x with x requiring grad. The caller computes its task loss on the returned
         logits, so a DDP-wrapped model sees exactly one forward per backward.
+
+        ``perturbed=True`` (fd only) also returns the logits at the fd point,
+        ``(f(x), penalty, f(clip(x + eps v)))``, for a task loss taken there (adversarial
+        training with the power method's direction, at no extra forward). In fast mode the
+        free update then follows the input gradient of the whole loss at that point.
         """
         net = unwrap(model)
         free = self._free_ok(net, index)
         exact = self.penalty == "exact"
+        if perturbed and exact:
+            raise ValueError("perturbed=True returns f(x + eps v) of the fd penalty's forward; penalty='exact' has none: use penalty='fd'")
         v, sigma, u, idx, k = self._solve(net, x, index, free, complete=exact)
         if exact:
             self._finish(sigma, v, None)
@@ -641,6 +648,8 @@ class OperatorNormRegularizer(nn.Module):
             raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
         s, s_sq = self._fd_terms(out[:B], out[B:])
         self._finish(sigma, v, s)
+        if perturbed:
+            return out[:B], self._reduce(s, s_sq), out[B:]
         return out[:B], self._reduce(s, s_sq)
 
     def forward(

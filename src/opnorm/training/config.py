@@ -30,6 +30,7 @@ PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
 OPNORM_OUTPUTS = ("logits", "kl")
 OPNORM_ITERATIONS = ("linear", "fd")
+OPNORM_TASKS = ("clean", "perturbed")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
 # with 17 gray levels, so its l_inf radius is large in pixel units.
@@ -102,6 +103,11 @@ class TrainConfig:
             the linearization) or "fd" (the finite difference f(x + eps v) - f(x): a PGA step
             with infinite step size on the penalty, a forward and a backward per iteration; see
             ``OperatorNormRegularizer``'s ``iteration``).
+        opnorm_task: where opnorm's cross-entropy is taken: "clean" (default: ``CE(f(x), y)``
+            plus the penalty, the paper's d.d. regularization) or "perturbed" (``CE(f(x + eps v),
+            y)`` plus the penalty, at the point the penalty already evaluates, so at no extra
+            cost: adversarial training with the power method's direction next to the operator
+            norm penalty; not the theorem's pairing, which holds for the logit loss).
         warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
             ``iters`` in paper mode).
         opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
@@ -138,6 +144,7 @@ class TrainConfig:
     opnorm_mode: str = "fast"
     opnorm_output: str = "logits"
     opnorm_iteration: str = "linear"
+    opnorm_task: str = "clean"
     warm_iters: Optional[int] = None
     opnorm_clip: Optional[bool] = None
     free_update: bool = True
@@ -212,6 +219,7 @@ class TrainConfig:
         c.opnorm_mode = _one_of(c.opnorm_mode, OPNORM_MODES, "opnorm_mode")
         c.opnorm_output = _one_of(c.opnorm_output, OPNORM_OUTPUTS, "opnorm_output")
         c.opnorm_iteration = _one_of(c.opnorm_iteration, OPNORM_ITERATIONS, "opnorm_iteration")
+        c.opnorm_task = _one_of(c.opnorm_task, OPNORM_TASKS, "opnorm_task")
         c.p = norm_order(c.p, "p")
         c.q = norm_order(c.q, "q")
         if c.eps is None:
@@ -261,6 +269,8 @@ class TrainConfig:
             raise ValueError("opnorm_iteration fd takes finite differences of radius eps: use eps > 0 or --opnorm-iteration linear")
         if c.method == "opnorm" and c.penalty == "fd" and c.eps == 0:
             raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --penalty exact")
+        if c.method == "opnorm" and c.opnorm_task == "perturbed" and c.penalty != "fd":
+            raise ValueError("opnorm_task perturbed takes the cross-entropy at the fd point x + eps v: use penalty fd")
         if c.method == "opnorm" and c.penalty == "exact" and c.compile is not False:
             raise ValueError("penalty exact needs double backward, which torch.compile does not support; drop --compile or use --penalty fd")
         if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):

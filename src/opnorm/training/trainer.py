@@ -108,7 +108,8 @@ class Objective(nn.Module):
     * clean: ``CE(f(x), y)``;
     * opnorm: ``CE(f(x), y) + lam * mean sigma^(1|2)`` from one forward of ``[x; x + eps v]``
       (:meth:`OperatorNormRegularizer.joint`, given the batch's dataset ``index``: in fast mode
-      the backward of this loss also advances each example's stored direction);
+      the backward of this loss also advances each example's stored direction); with
+      ``opnorm_task="perturbed"`` the CE is taken at ``x + eps v`` instead;
     * global-snr: ``CE(f(x), y) + lam * sum_l sigma(W_l)^2``;
     * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades.
     """
@@ -118,6 +119,7 @@ class Objective(nn.Module):
         self.method = cfg.method
         self.reg: Optional[nn.Module] = None
         self.at: Optional[AdversarialTrainingLoss] = None
+        self.task = cfg.opnorm_task
         if cfg.method == "opnorm":
             # fast mode keeps a bank of directions by dataset index (in state_dict: checkpoints
             # resume exactly); the batch's index reaches it through joint()
@@ -141,7 +143,10 @@ class Objective(nn.Module):
         if self.at is not None:
             return self.at(net, x, y, index), logs
         if isinstance(self.reg, OperatorNormRegularizer):
-            logits, pen = self.reg.joint(net, x, index)
+            if self.task == "perturbed":  # CE where the penalty looks: f(x + eps v) from the same forward
+                _, pen, logits = self.reg.joint(net, x, index, perturbed=True)
+            else:
+                logits, pen = self.reg.joint(net, x, index)
             logs["penalty"] = float(pen.detach())
             logs["train_sigma"] = float(self.reg.last_sigma.mean())
             return F.cross_entropy(logits.float(), y) + pen, logs
