@@ -474,14 +474,6 @@ def how_trained(record: dict) -> str:
     return "their epochs ran alternately in one process"
 
 
-def apart_note(records: list[dict]) -> str:
-    """A sentence for a table's intro when some of its records trained apart ('' when all ran side by side)."""
-    if all(side_by_side(r) for r in records):
-        return ""
-    return (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
-            "then `--phase combine`): their accuracies compare, their seconds do not.")
-
-
 def gap_rows(records: list[dict]) -> list[str]:
     """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio), a row of
     their means, and whether the largest mean gap meets the goal."""
@@ -530,28 +522,12 @@ def epochs_table(out: Path) -> list[str]:
              "The same comparison with more epochs for both methods (the cosine schedule stretched to them; "
              "`--epochs E --seed K --out <this folder>/epochs-E/seed-K`; everything else as above). "
              "Accuracies in %, AT / fast; gaps in points."]
-    lines[-1] += apart_note([r for records in found.values() for r in records])
+    if not all(side_by_side(r) for records in found.values() for r in records):
+        lines[-1] += (" Rows whose time ratio reads n/a trained apart (`--phase one --which NAME` for each method, "
+                      "then `--phase combine`): their accuracies compare, their seconds do not.")
     for epochs, records in sorted(found.items()):
         lines += ["", f"### {epochs} epochs", "", *gap_rows(records)]
     return lines
-
-
-def task_table(out: Path) -> list[str]:
-    """Report lines for the fast run with its cross-entropy at the penalty's point (``out/task-perturbed/seed-K/
-    results.json``, runs with ``--task perturbed --seed K --out OUT/task-perturbed/seed-K``): per-seed gaps and means."""
-    records = [json.loads(f.read_text()) for f in sorted(out.glob("task-perturbed/seed-*/results.json"))]
-    if not records:
-        return []
-    lines = ["", "## Cross-entropy at the penalty's point (a change of objective)", "",
-             "The fast run with `opnorm_task=\"perturbed\"` (`--task perturbed`): its cross-entropy is taken at "
-             "x + eps v, the point the penalty already evaluates, instead of at x; the penalty and the direction "
-             "solver are unchanged, and so is the cost of a step (the same forward of [x; x + eps v] and one "
-             "backward). This is adversarial training with the power method's direction next to the operator norm "
-             "penalty: the theorem pairs the operator norm penalty with adversarial training on the logit loss, not "
-             "on the cross-entropy. Everything else as above (`--task perturbed --seed K --out "
-             "<this folder>/task-perturbed/seed-K`). Accuracies in %, AT / fast with CE at x + eps v; gaps in points."]
-    lines[-1] += apart_note(records)
-    return lines + ["", *gap_rows(records)]
 
 
 def readme(record: dict, out: Path) -> None:
@@ -580,7 +556,9 @@ def readme(record: dict, out: Path) -> None:
         + (" (the change of the softmax output measured by KL, locally the Fisher metric: the power method on "
            "J^T H J, penalty lam * 2 KL(f(x) || f(x + eps v)) / eps^2)" if s.get("output") == "kl" else "")
         + ("; its explicit iteration linearizes at x + eps v (the stored direction's point) instead of at x"
-           if s.get("dynamic") else "") + ".",
+           if s.get("dynamic") else "")
+        + ("; its cross-entropy is taken at x + eps v instead of at x (`opnorm_task=\"perturbed\"`)"
+           if s.get("task") == "perturbed" else "") + ".",
         "",
         "| | PGD-10 AT | fast op-norm reg. | gap (points) |",
         "|---|---|---|---|",
@@ -627,7 +605,6 @@ def readme(record: dict, out: Path) -> None:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
     lines += seed_table(record, out)
     lines += epochs_table(out)
-    lines += task_table(out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
