@@ -619,7 +619,7 @@ class OperatorNormRegularizer(nn.Module):
 
     def joint(
         self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None, *, perturbed: bool = False
-    ):
+    ) -> tuple[torch.Tensor, ...]:
         """(clean logits f(x), penalty) from a single forward of ``model``.
 
         fd: one forward of the batch ``[x; clip(x + eps v)]`` (2B examples); exact: one
