@@ -67,7 +67,7 @@ import torch
 
 import opnorm
 from opnorm.jacobian import eval_mode
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import OPNORM_TASKS, TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.trainer import accuracy, robust_accuracy, train, write_text_atomic
 
@@ -87,6 +87,11 @@ def common(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
                 steps=10, eval_points=args.points, eval_steps=20, limit_train=args.train, progress=False)
     base.update(changes)
     return base
+
+
+def fast_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that define the fast configuration, for the jobs a phase starts."""
+    return ["--output", args.output, "--task", args.task] + (["--dynamic"] if args.dynamic else [])
 
 
 def method_config(name: str, args: argparse.Namespace, lam: float, **changes: Any) -> TrainConfig:
@@ -133,10 +138,9 @@ def tune(args: argparse.Namespace, out: Path) -> float:
     else:  # args.jobs lams at a time, one process each
         tmp = Path(args.runs) / "tune"
         tmp.mkdir(parents=True, exist_ok=True)
-        job_args = ["--phase", "tune-one", "--output", args.output, "--tune-train", str(args.tune_train),
+        job_args = ["--phase", "tune-one", "--tune-train", str(args.tune_train),
                     "--tune-heldout", str(args.tune_heldout), "--tune-epochs", str(args.tune_epochs),
-                    "--seed", str(args.seed), "--threads", str(args.threads), "--runs", str(tmp)]
-        job_args += (["--dynamic"] if args.dynamic else []) + ["--task", args.task]
+                    "--seed", str(args.seed), "--threads", str(args.threads), "--runs", str(tmp), *fast_flags(args)]
         rows = []
         for k in range(0, len(args.lams), args.jobs):
             procs = [(lam, subprocess.Popen([sys.executable, __file__, *job_args, "--lam", repr(lam)]))
@@ -321,10 +325,7 @@ def main_phase(args: argparse.Namespace, out: Path, lam: float) -> dict:
         # machine's load at every moment, as the alternating epochs of --jobs 1 do in turn
         job_args = ["--phase", "one", "--lam", repr(lam), "--runs", str(runs_dir), "--epochs", str(args.epochs),
                     "--points", str(args.points), "--restarts", str(args.restarts), "--apgd-steps", str(args.apgd_steps),
-                    "--seed", str(args.seed), "--threads", str(args.threads), "--output", args.output]
-        if args.dynamic:
-            job_args.append("--dynamic")
-        job_args += ["--task", args.task]
+                    "--seed", str(args.seed), "--threads", str(args.threads), *fast_flags(args)]
         if args.train is not None:
             job_args += ["--train", str(args.train)]
         procs = {n: subprocess.Popen([sys.executable, __file__, *job_args, "--which", n]) for n in names}
@@ -685,7 +686,7 @@ def main() -> None:
     ap.add_argument("--tune-epochs", type=int, default=3)
     ap.add_argument("--dynamic", action="store_true",
                     help="the fast regularizer's explicit iterations linearize at x + eps v (dynamic=True)")
-    ap.add_argument("--task", choices=("clean", "perturbed"), default="clean",
+    ap.add_argument("--task", choices=OPNORM_TASKS, default="clean",
                     help="where the fast run's cross-entropy is taken: clean (at x, the d.d. regularization) or "
                          "perturbed (at x + eps v: adversarial training with the power method's direction plus the "
                          "penalty; opnorm_task)")
