@@ -91,7 +91,8 @@ def common(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
 
 def fast_flags(args: argparse.Namespace) -> list[str]:
     """The command-line flags that define the fast configuration, for the jobs a phase starts."""
-    return ["--output", args.output, "--task", args.task] + (["--dynamic"] if args.dynamic else [])
+    return (["--output", args.output, "--task", args.task] + (["--dynamic"] if args.dynamic else [])
+            + (["--step", repr(args.step)] if args.step is not None else []))
 
 
 def method_config(name: str, args: argparse.Namespace, lam: float, **changes: Any) -> TrainConfig:
@@ -100,6 +101,7 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
     # fast mode (the regularizer's defaults) in the chosen output metric
     changes.setdefault("dynamic", args.dynamic)
     changes.setdefault("opnorm_task", args.task)
+    changes.setdefault("opnorm_step", args.step)
     return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
 
 
@@ -195,6 +197,11 @@ VARIANTS = {
     # a change of objective: the cross-entropy at the penalty's point x + eps v instead of at x
     # (adversarial training with the power method's direction, plus the penalty; free)
     "dynamic, CE at x + eps v": dict(method="opnorm", dynamic=True, opnorm_task="perturbed"),
+    # finite PGA steps instead of the power method's infinite one: the bank carries the PGA
+    # iterate delta / eps from visit to visit (transferable perturbations), the CE taken there
+    "dynamic, PGA step eps/2, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.5),
+    "dynamic, PGA step eps/4, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.25),
+    "dynamic, PGA step eps/2": dict(method="opnorm", dynamic=True, opnorm_step=0.5),
     "pgd-at": dict(method="pgd-at"),
     # the penalty's objective with a strong adversary: TRADES (clean CE + beta KL at PGD-10's point on
     # the KL), beta 12 = the fast regularizer's 2 KL * lam / eps^2 at lam 0.06. Does the objective or
@@ -385,7 +392,7 @@ def write_record(args: argparse.Namespace, out: Path, lam: float, splits: Any, m
             "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
             "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
             "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-            "lam": lam, "output": args.output, "dynamic": args.dynamic, "task": args.task, "torch": torch.__version__, "python": platform.python_version(),
+            "lam": lam, "output": args.output, "dynamic": args.dynamic, "task": args.task, "step": args.step, "torch": torch.__version__, "python": platform.python_version(),
         },
         "wall_seconds_both": train_wall,
         "jobs": args.jobs if train_wall is not None else "separate",
@@ -690,6 +697,8 @@ def main() -> None:
                     help="where the fast run's cross-entropy is taken: clean (at x, the d.d. regularization) or "
                          "perturbed (at x + eps v: adversarial training with the power method's direction plus the "
                          "penalty; opnorm_task)")
+    ap.add_argument("--step", type=float, default=None,
+                    help="the fast run's PGA step as a fraction of eps (opnorm_step; default: infinite, the power method)")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="--phase variants: run only these (names of VARIANTS)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")

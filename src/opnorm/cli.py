@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("opnorm-output", str, "opnorm: logits (l_q norm of the logit change; default) | kl (softmax KL, Fisher metric; q=2)"),
         ("opnorm-iteration", str, "opnorm: linear (J v of the linearization; default) | fd (f(x + eps v) - f(x): a PGA step on the penalty)"),
         ("opnorm-task", str, "opnorm: clean (CE at x; default) | perturbed (CE at x + eps v: AT with the power method's direction)"),
+        ("opnorm-step", float, "opnorm: direction update step as a fraction of eps (default inf: the power method; finite: PGA steps kept between visits)"),
         ("warm-iters", int, "opnorm: explicit power iterations on later visits (fast default 1)"),
         ("steps", int, "PGD steps of training attacks"),
         ("step-size", float, "PGD step length (default 2.5 eps / steps)"),

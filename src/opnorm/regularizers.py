@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.jacobian import ROUTES, check_inputs, eval_mode, forward, linearize, unwrap
-from opnorm.norms import Order, clip_box, conjugate, duality_map, lp_norm, norm_order
+from opnorm.norms import Order, clip_box, conjugate, duality_map, lp_norm, norm_order, project_lp_ball
 from opnorm.power import OperatorNormResult, power_iteration, random_unit
 
 __all__ = [
@@ -126,6 +126,19 @@ def _usable_rows(g: torch.Tensor) -> torch.Tensor:
     """(B,) rows of an input gradient that give a direction: finite and not all zero."""
     flat = g.reshape(g.shape[0], -1)
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
+
+
+def _check_step(step: Optional[float], p: float) -> float:
+    """The PGA step as a fraction of eps: inf (None) for the power method, else > 0 with p in {1, 2, inf}."""
+    if step is None:
+        return math.inf
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step) or step <= 0:
+        raise ValueError(f"step must be a number > 0 (a fraction of eps) or None for the power method, got {step!r}")
+    step = float(step)
+    if step != math.inf and p not in (1.0, 2.0, math.inf):
+        raise ValueError(f"a finite step projects onto the l_p ball, which is implemented for p in 1, 2, inf; got p={p:g} "
+                         "(use step=None for the power method)")
+    return step
 
 
 def _check_nonneg_int(value: int, name: str) -> int:
@@ -237,6 +250,15 @@ class OperatorNormRegularizer(nn.Module):
             call); on the small CNN that is more than a pattern-replay linear iteration (a fast
             step 0.39 vs 0.35 of a PGD-10 AT step, benchmarks/results/fast_regularizer.json).
             Needs eps > 0; ``dynamic`` does not apply.
+        step: the step size of every direction update (explicit iterations and the free
+            update) as a fraction of eps, ``alpha / eps`` in PAPER.md section 4 (> 0). None or
+            inf (default): the power method, PGA with infinite step size, whose every iterate
+            is a unit vector. Finite: PGA with a finite step, ``v <- Proj(v + step *
+            psi_{p*}(g))`` onto the unit l_p ball (then, with ``clip``, onto the box: ``x + eps
+            v`` stays feasible), so the banked v is the PGA iterate ``delta / eps`` carried over
+            from visit to visit (adversarial training with transferable perturbations); the fd
+            value is then PGA's logit loss at its iterate over eps, at most ``sigma`` in the
+            linear region. Needs p in {1, 2, inf}; the bank then holds x's dtype for p = inf too.
         generator: seeds the random start vectors (default: the global RNG).
 
     Forward:
@@ -283,6 +305,7 @@ class OperatorNormRegularizer(nn.Module):
         clip: Optional[tuple[float, float]] = None,
         route: str = "auto",
         iteration: str = "linear",
+        step: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
@@ -325,6 +348,7 @@ class OperatorNormRegularizer(nn.Module):
         if iteration == "fd" and self.eps == 0:
             raise ValueError("iteration='fd' takes finite differences of radius eps; use eps > 0 or iteration='linear'")
         self.iteration = iteration
+        self.step = _check_step(step, self.p)
         self.generator = generator
         self.register_buffer("bank", torch.zeros(0))
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
@@ -342,7 +366,7 @@ class OperatorNormRegularizer(nn.Module):
         return (
             f"mode={self.mode!r}, p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, iters={self.iters}, "
             f"warm_iters={self.warm_iters}, penalty={self.penalty!r}, output={self.output!r}, squared={self.squared}, lam={self.lam:g}, "
-            f"dynamic={self.dynamic}, iteration={self.iteration!r}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
+            f"dynamic={self.dynamic}, iteration={self.iteration!r}, step={self.step:g}, warm_start={self.warm_start}, free_update={self.free_update}, clip={self.clip}"
         )
 
     # -- the bank -------------------------------------------------------------------------
@@ -367,7 +391,8 @@ class OperatorNormRegularizer(nn.Module):
     def _grow(self, x: torch.Tensor, needed: int) -> None:
         shape = tuple(x.shape[1:])
         if self.bank.shape[0] == 0:  # first use: the example shape and dtype are known now
-            dtype = torch.int8 if self.p == math.inf else x.dtype  # p = inf directions are signs: exact in int8
+            # p = inf power-method directions are signs: exact in int8 (finite PGA steps are not)
+            dtype = torch.int8 if self.p == math.inf and self.step == math.inf else x.dtype
             self.bank = torch.zeros(0, *shape, dtype=dtype, device=x.device)
             self.seen = torch.zeros(0, dtype=torch.bool, device=x.device)
         if tuple(self.bank.shape[1:]) != shape:
@@ -428,6 +453,18 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- explicit power iterations -----------------------------------------------------------
 
+    def _ascend(self, v: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One ascent step of the direction along the gradient g: ``psi_{p*}(g)`` (infinite step:
+        the power method), or PGA's ``Proj(v + step * psi_{p*}(g))`` onto the unit l_p ball and
+        (with ``clip``) the box, so that ``x + eps v`` is the feasible PGA point."""
+        ascent = duality_map(g, conjugate(self.p))
+        if self.step == math.inf:
+            return ascent
+        v = project_lp_ball(v.to(ascent.dtype) + self.step * ascent, self.p, 1.0)
+        if self.clip is None:
+            return v
+        return (clip_box(x + self.eps * v, self.clip) - x) / self.eps
+
     def _dual(self, jv: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(||J v||, u): the output norm of J v and its dual direction (``<u, J v> = ||J v||``):
         ``psi_q(J v)`` for the l_q output, ``H J v / ||J v||_H`` for the KL output."""
@@ -440,7 +477,6 @@ class OperatorNormRegularizer(nn.Module):
     def _iterate(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int, measure: bool = True):
         """``iters`` (p, q) power iterations from v0 (eval mode, unwrapped model): (sigma, v, u).
         Without ``measure`` the last J v (only needed for sigma and u) is skipped: NaN sigma, u None."""
-        p_star = conjugate(self.p)
         if self.iteration == "fd":
             v = self._fd_iterate(net, x, v0, iters)
             if not measure:
@@ -449,14 +485,14 @@ class OperatorNormRegularizer(nn.Module):
             return sigma.detach(), v, u.detach()
         with eval_mode(net), torch.enable_grad(), _no_autocast(x.device):
             lin = None if self.dynamic else linearize(net, x, self.route)
-            if lin is not None and measure and self.output == "logits":
+            if lin is not None and measure and self.output == "logits" and self.step == math.inf:
                 sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, self.p, self.q, iters=iters)
                 return sigma.detach(), v.detach(), u.detach()
             v = v0
             for _ in range(iters):
                 # dynamic: linearize inside the eps-ball, at the current direction's point
                 at = lin if lin is not None else linearize(net, x + self.eps * v, self.route)
-                v = duality_map(at.rmatvec(self._dual(at.matvec(v), at.logits)[1]), p_star)
+                v = self._ascend(v, at.rmatvec(self._dual(at.matvec(v), at.logits)[1]), x)
                 del at
             if not measure:
                 return torch.full((x.shape[0],), math.nan, dtype=x.dtype, device=x.device), v.detach(), None
@@ -466,8 +502,8 @@ class OperatorNormRegularizer(nn.Module):
 
     def _fd_iterate(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor, iters: int) -> torch.Tensor:
         """``iters`` fd iterations from v: ``v <- psi_{p*}(grad_{x_p} fd(f(x), f(x_p)))`` at
-        ``x_p = clip(x + eps v)`` (eval mode). A row whose gradient is zero or not finite keeps its v."""
-        p_star = conjugate(self.p)
+        ``x_p = clip(x + eps v)`` (eval mode; with a finite ``step``, PGA's step). A row whose
+        gradient is zero or not finite keeps its v."""
         with eval_mode(net), _no_autocast(x.device):
             with torch.no_grad():
                 clean = net(x)
@@ -478,7 +514,7 @@ class OperatorNormRegularizer(nn.Module):
                     # rows are independent (eval mode): the sum's gradient is each row's own
                     (g,) = torch.autograd.grad((s_sq if s_sq is not None else s).sum(), x_p)
                     ok = _usable_rows(g).view(-1, *[1] * (x.ndim - 1))
-                    v = torch.where(ok, duality_map(torch.nan_to_num(g), p_star), v)
+                    v = torch.where(ok, self._ascend(v, torch.nan_to_num(g), x), v)
         return v.detach()
 
     def _measure(self, net: nn.Module, x: torch.Tensor, v: torch.Tensor):
@@ -556,18 +592,20 @@ class OperatorNormRegularizer(nn.Module):
     def _point(self, x: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
         """The fd point ``clip(x + eps v)``; with ``idx`` a leaf requiring grad whose gradient
         (from the caller's backward) becomes the next stored direction."""
-        x_p = clip_box(x.detach() + self.eps * v.to(x.dtype), self.clip)
+        x = x.detach()
+        x_p = clip_box(x + self.eps * v.to(x.dtype), self.clip)
         if idx is not None and torch.is_grad_enabled():
             x_p = x_p.detach().requires_grad_(True)
-            x_p.register_hook(lambda g: self._absorb(idx, g))
+            x_p.register_hook(lambda g: self._absorb(idx, g, v, x))
         return x_p
 
-    def _absorb(self, idx: torch.Tensor, g: torch.Tensor) -> None:
-        """Hook on the fd point: ``psi_{p*}`` of the penalty's input gradient is the next
-        direction (one power iteration); examples with a zero or non-finite gradient keep theirs."""
+    def _absorb(self, idx: torch.Tensor, g: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        """Hook on the fd point: the ascent step of v along the penalty's input gradient is the
+        next direction (one power iteration, or PGA's finite step); examples with a zero or
+        non-finite gradient keep theirs."""
         with torch.no_grad():
             ok = _usable_rows(g)
-            v = duality_map(g, conjugate(self.p))
+            v = self._ascend(v, g, x)
             if bool(ok.all()):
                 self._store(idx, v)
             elif bool(ok.any()):

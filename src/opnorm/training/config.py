@@ -108,6 +108,9 @@ class TrainConfig:
             y)`` plus the penalty, at the point the penalty already evaluates, so at no extra
             cost: adversarial training with the power method's direction next to the operator
             norm penalty; not the theorem's pairing, which holds for the logit loss).
+        opnorm_step: the step size of opnorm's direction updates as a fraction of eps (None:
+            infinite, the power method; finite: PGA steps whose iterate is kept in the bank
+            between visits; see ``OperatorNormRegularizer``'s ``step``).
         warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
             ``iters`` in paper mode).
         opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
@@ -145,6 +148,7 @@ class TrainConfig:
     opnorm_output: str = "logits"
     opnorm_iteration: str = "linear"
     opnorm_task: str = "clean"
+    opnorm_step: Optional[float] = None
     warm_iters: Optional[int] = None
     opnorm_clip: Optional[bool] = None
     free_update: bool = True
@@ -250,6 +254,11 @@ class TrainConfig:
                 setattr(c, name, _integer(getattr(c, name), name, lo=1))
         if c.step_size is not None:
             c.step_size = _number(c.step_size, "step_size", lo=0.0, strict=True, finite=False)
+        if c.opnorm_step is not None:
+            c.opnorm_step = _number(c.opnorm_step, "opnorm_step", lo=0.0, strict=True, finite=False)
+            if c.method == "opnorm" and c.opnorm_step != math.inf and c.p not in (1.0, 2.0, math.inf):
+                raise ValueError(f"opnorm_step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
+                                 "(leave opnorm_step unset for the power method)")
         c.adv_fraction = _number(c.adv_fraction, "adv_fraction", lo=0.0)
         if c.adv_fraction > 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {c.adv_fraction:g}")

@@ -125,7 +125,7 @@ class Objective(nn.Module):
             # resume exactly); the batch's index reaches it through joint()
             self.reg = OperatorNormRegularizer(
                 cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, output=cfg.opnorm_output, iters=cfg.iters, warm_iters=cfg.warm_iters,
-                penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic, iteration=cfg.opnorm_iteration,
+                penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic, iteration=cfg.opnorm_iteration, step=cfg.opnorm_step,
                 scale_by_eps=cfg.scale_by_eps, clip=(0.0, 1.0) if cfg.opnorm_clip else None,
                 free_update=cfg.free_update if cfg.opnorm_mode == "fast" else None,
             )
