@@ -25,6 +25,8 @@ and the paper configuration, the other routes of the issue are measured as alter
 * ``fast-kl-fd`` / ``fast-kl-fd2``: ``fast-kl`` whose explicit iterations take J v from the
   finite difference f(x + eps v) - f(x) (``iteration="fd"``: a PGA step with infinite step
   size on the penalty, one forward and one backward), one / two per visit;
+* ``fast-kl-pga-perturbed``: ``fast-kl-dynamic`` with finite PGA steps of eps/4 (``step=0.25``,
+  the iterate kept in the bank) and the cross-entropy at the PGA point (``joint(perturbed=True)``);
 * ``fast-cold``: the same, every example cold (3 explicit iterations): a first-epoch step;
 * ``free-only``: warm bank, no explicit iteration, only the free update (``warm_iters=0``):
   the floor, one forward of 2B examples and one backward;
@@ -137,6 +139,13 @@ def main() -> None:
     fast_kl_fd = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd")
     fast_kl_fd2 = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd",
                                           warm_iters=2)
+    # finite PGA steps (eps/4) kept in the bank, the cross-entropy taken at the PGA point x + delta
+    fast_kl_pga = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True, step=0.25)
+
+    def perturbed_loss(model, x, y, index):
+        _, pen, logits = fast_kl_pga.joint(model, x, index, perturbed=True)
+        return F.cross_entropy(logits, y) + pen
+
     paper = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
     paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam, route="autograd")
     exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
@@ -153,6 +162,7 @@ def main() -> None:
         "fast-kl-dynamic": opnorm_loss(fast_kl_dynamic),
         "fast-kl-fd": opnorm_loss(fast_kl_fd),
         "fast-kl-fd2": opnorm_loss(fast_kl_fd2),
+        "fast-kl-pga-perturbed": perturbed_loss,
         "fast-cold": cold_loss,
         "free-only": opnorm_loss(free_only),
         "fast-no-free": opnorm_loss(no_free),
@@ -235,6 +245,9 @@ def main() -> None:
         "fast_kl_dynamic_over_clean": rows["fast-kl-dynamic"]["ratio_to_clean"],
         "fast_kl_fd_over_pgd10_at": rows["fast-kl-fd"]["ratio_to_pgd10_at"],
         "fast_kl_fd2_over_pgd10_at": rows["fast-kl-fd2"]["ratio_to_pgd10_at"],
+        "fast_kl_pga_perturbed": fast_kl_pga.extra_repr(),
+        "fast_kl_pga_perturbed_over_pgd10_at": rows["fast-kl-pga-perturbed"]["ratio_to_pgd10_at"],
+        "fast_kl_pga_perturbed_over_clean": rows["fast-kl-pga-perturbed"]["ratio_to_clean"],
         "cases": rows,
         "banked_direction_quality": {
             "what": "||f(clip(x + eps v_bank)) - f(x)||_2 over the same loss after k PGA steps with infinite step "

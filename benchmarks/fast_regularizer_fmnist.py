@@ -39,7 +39,8 @@ Phases:
   that finished in ``--runs`` at different times, when the machine could not run them side by side
   (accuracies and gaps as in ``main``; the time ratio is marked as not comparable).
 * ``report``: rewrite README.md and the plots from results.json (with the ``seed-*/`` and
-  ``epochs-*/seed-*/`` comparisons found beside it).
+  ``epochs-*/seed-*/`` comparisons found beside it, and ``NAME/seed-*/``: other fast
+  configurations, e.g. ``--task perturbed --step 0.25``, against the same seeds' AT runs).
 
 Writes ``docs/results/fast-regularizer/{tuning.json, results.json, README.md,
 robust_vs_eps.png, robust_vs_time.png}``; the run directories (checkpoints) go to ``--runs``.
@@ -55,6 +56,7 @@ import fcntl
 import json
 import math
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -201,7 +203,11 @@ VARIANTS = {
     # iterate delta / eps from visit to visit (transferable perturbations), the CE taken there
     "dynamic, PGA step eps/2, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.5),
     "dynamic, PGA step eps/4, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.25),
-    "dynamic, PGA step eps/2": dict(method="opnorm", dynamic=True, opnorm_step=0.5),
+    "dynamic, PGA step eps/4": dict(method="opnorm", dynamic=True, opnorm_step=0.25),
+    "dynamic, PGA step eps/4, CE at x + delta, lam 0.03": dict(method="opnorm", dynamic=True, opnorm_task="perturbed",
+                                                               opnorm_step=0.25, lam=0.03),
+    "dynamic, PGA step eps/4, CE at x + delta, lam 0.12": dict(method="opnorm", dynamic=True, opnorm_task="perturbed",
+                                                               opnorm_step=0.25, lam=0.12),
     "pgd-at": dict(method="pgd-at"),
     # the penalty's objective with a strong adversary: TRADES (clean CE + beta KL at PGD-10's point on
     # the KL), beta 12 = the fast regularizer's 2 KL * lam / eps^2 at lam 0.06. Does the objective or
@@ -538,6 +544,38 @@ def epochs_table(out: Path) -> list[str]:
     return lines
 
 
+def describe(s: dict) -> str:
+    """The fast configuration of a record's settings, in words."""
+    words = [f"output {s.get('output', 'logits')}", f"lam {s['lam']:g}"]
+    if s.get("dynamic"):
+        words.append("dynamic")
+    if s.get("step") is not None:
+        words.append(f"PGA steps of {s['step']:g} eps kept in the bank (step={s['step']:g})")
+    if s.get("task") == "perturbed":
+        words.append("cross-entropy at the penalty's point (opnorm_task=\"perturbed\")")
+    return ", ".join(words)
+
+
+def configuration_tables(out: Path) -> list[str]:
+    """Report lines for other fast configurations against the same AT runs (``out/NAME/seed-K/results.json``;
+    NAME neither ``seed-*`` nor ``epochs-*``): per-seed gaps and their means, per configuration."""
+    lines: list[str] = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("seed-", "epochs-"))):
+        records = [json.loads(f.read_text()) for f in sorted(folder.glob("seed-*/results.json"))]
+        if not records:
+            continue
+        if not lines:
+            lines = ["", "## Other fast configurations", "",
+                     "Other configurations of the fast run against the PGD-10 AT runs of the same seeds (the AT "
+                     "runs above, reused: the seed's `pgd-at` run folder copied into the `--runs` folder, then "
+                     "`--phase one --which fast` with the configuration's flags and `--phase combine`). Accuracies in %, AT / fast; gaps in points."]
+        combine = records[0]["command"]
+        one = re.sub(r" --out \S+", "", combine.replace("--phase combine", "--phase one --which fast"))
+        lines += ["", f"### `{folder.name}/`: {describe(records[0]['settings'])}", "",
+                  f"Made by `{one}`, then `{combine}` (and the same with the other seeds).", "", *gap_rows(records)]
+    return lines
+
+
 def readme(record: dict, out: Path) -> None:
     s, c, m = record["settings"], record["comparison"], record["methods"]
     a, f = m["pgd-at"], m["fast"]
@@ -597,7 +635,10 @@ def readme(record: dict, out: Path) -> None:
             + (f"; with the KL output: **{bench['fast_kl_over_pgd10_at']:.2f}** and **{bench['fast_kl_over_clean']:.2f}**"
                if "fast_kl_over_pgd10_at" in bench else "")
             + (f"; with the KL output, dynamic: **{bench['fast_kl_dynamic_over_pgd10_at']:.2f}** and "
-               f"**{bench['fast_kl_dynamic_over_clean']:.2f}**" if "fast_kl_dynamic_over_pgd10_at" in bench else "") + ".",
+               f"**{bench['fast_kl_dynamic_over_clean']:.2f}**" if "fast_kl_dynamic_over_pgd10_at" in bench else "")
+            + (f"; with finite PGA steps and the cross-entropy at the PGA point (`pga-step/` below): "
+               f"**{bench['fast_kl_pga_perturbed_over_pgd10_at']:.2f}** and **{bench['fast_kl_pga_perturbed_over_clean']:.2f}**"
+               if "fast_kl_pga_perturbed_over_pgd10_at" in bench else "") + ".",
         ]
     lines += ["", "![robust accuracy vs eps](robust_vs_eps.png) ![robust accuracy vs training time](robust_vs_time.png)", ""]
     lines += ["## Per epoch (trainer's evaluation: PGD-20, 1 restart, same test points)", "",
@@ -613,6 +654,7 @@ def readme(record: dict, out: Path) -> None:
         lines.append(f"| {e} | " + " | ".join(pct(mm["pgd20_vs_eps"][e]) for mm in m.values()) + " |")
     lines += seed_table(record, out)
     lines += epochs_table(out)
+    lines += configuration_tables(out)
     if "direction_quality" in f:
         dq = f["direction_quality"]
         lines += ["", "## Banked directions", "",
