@@ -569,10 +569,14 @@ def configuration_tables(out: Path) -> list[str]:
                      "Other configurations of the fast run against the PGD-10 AT runs of the same seeds (the AT "
                      "runs above, reused: the seed's `pgd-at` run folder copied into the `--runs` folder, then "
                      "`--phase one --which fast` with the configuration's flags and `--phase combine`). Accuracies in %, AT / fast; gaps in points."]
-        combine = records[0]["command"]
-        one = re.sub(r" --out \S+", "", combine.replace("--phase combine", "--phase one --which fast"))
+        command = records[0]["command"]
+        if "--phase combine" in command:  # the fast job that preceded it, with the same flags
+            one = re.sub(r" --out \S+", "", command.replace("--phase combine", "--phase one --which fast"))
+            made = f"`{one}`, then `{command}`"
+        else:
+            made = f"`{command}`"
         lines += ["", f"### `{folder.name}/`: {describe(records[0]['settings'])}", "",
-                  f"Made by `{one}`, then `{combine}` (and the same with the other seeds).", "", *gap_rows(records)]
+                  f"Made by {made} (and the same with the other seeds).", "", *gap_rows(records)]
     return lines
 
 

@@ -248,7 +248,7 @@ class OperatorNormRegularizer(nn.Module):
             (exactly for the l_q output; to first order in eps for KL). Costs one forward and
             one backward of the network per iteration (plus one gradient-free forward of x per
             call); on the small CNN that is more than a pattern-replay linear iteration (a fast
-            step 0.39 vs 0.35 of a PGD-10 AT step, benchmarks/results/fast_regularizer.json).
+            step 0.38 vs 0.33 of a PGD-10 AT step, benchmarks/results/fast_regularizer.json).
             Needs eps > 0; ``dynamic`` does not apply.
         step: the step size of every direction update (explicit iterations and the free
             update) as a fraction of eps, ``alpha / eps`` in PAPER.md section 4 (> 0). None or
