@@ -40,7 +40,8 @@ Phases:
   (accuracies and gaps as in ``main``; the time ratio is marked as not comparable).
 * ``report``: rewrite README.md and the plots from results.json (with the ``seed-*/`` and
   ``epochs-*/seed-*/`` comparisons found beside it, and ``NAME/seed-*/``: other fast
-  configurations, e.g. ``--task perturbed --step 0.25``, against the same seeds' AT runs).
+  configurations, e.g. ``--task perturbed --step 0.25 --cold-iters 1 --warm-iters 2``, against
+  the same seeds' AT runs).
 
 Writes ``docs/results/fast-regularizer/{tuning.json, results.json, README.md,
 robust_vs_eps.png, robust_vs_time.png}``; the run directories (checkpoints) go to ``--runs``.
@@ -94,7 +95,9 @@ def common(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
 def fast_flags(args: argparse.Namespace) -> list[str]:
     """The command-line flags that define the fast configuration, for the jobs a phase starts."""
     return (["--output", args.output, "--task", args.task] + (["--dynamic"] if args.dynamic else [])
-            + (["--step", repr(args.step)] if args.step is not None else []))
+            + (["--step", repr(args.step)] if args.step is not None else [])
+            + (["--cold-iters", str(args.cold_iters)] if args.cold_iters is not None else [])
+            + (["--warm-iters", str(args.warm_iters)] if args.warm_iters is not None else []))
 
 
 def method_config(name: str, args: argparse.Namespace, lam: float, **changes: Any) -> TrainConfig:
@@ -104,6 +107,10 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
     changes.setdefault("dynamic", args.dynamic)
     changes.setdefault("opnorm_task", args.task)
     changes.setdefault("opnorm_step", args.step)
+    if args.cold_iters is not None:
+        changes.setdefault("iters", args.cold_iters)
+    if args.warm_iters is not None:
+        changes.setdefault("warm_iters", args.warm_iters)
     return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
 
 
@@ -398,7 +405,8 @@ def write_record(args: argparse.Namespace, out: Path, lam: float, splits: Any, m
             "epochs": args.epochs, "batch_size": 128, "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
             "threat": "l_inf eps 0.1, pixels in [0, 1]", "seed": args.seed, "threads": args.threads,
             "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-            "lam": lam, "output": args.output, "dynamic": args.dynamic, "task": args.task, "step": args.step, "torch": torch.__version__, "python": platform.python_version(),
+            "lam": lam, "output": args.output, "dynamic": args.dynamic, "task": args.task, "step": args.step,
+            "cold_iters": args.cold_iters, "warm_iters": args.warm_iters, "torch": torch.__version__, "python": platform.python_version(),
         },
         "wall_seconds_both": train_wall,
         "jobs": args.jobs if train_wall is not None else "separate",
@@ -553,6 +561,9 @@ def describe(s: dict) -> str:
         words.append(f"PGA steps of {s['step']:g} eps kept in the bank (step={s['step']:g})")
     if s.get("task") == "perturbed":
         words.append("cross-entropy at the penalty's point (opnorm_task=\"perturbed\")")
+    if s.get("cold_iters") is not None or s.get("warm_iters") is not None:
+        words.append(f"{s.get('cold_iters') or 3} explicit iteration(s) on the first visit, "
+                     f"{s.get('warm_iters') if s.get('warm_iters') is not None else 1} on later ones")
     return ", ".join(words)
 
 
@@ -642,7 +653,11 @@ def readme(record: dict, out: Path) -> None:
                f"**{bench['fast_kl_dynamic_over_clean']:.2f}**" if "fast_kl_dynamic_over_pgd10_at" in bench else "")
             + (f"; with finite PGA steps and the cross-entropy at the PGA point (`pga-step/` below): "
                f"**{bench['fast_kl_pga_perturbed_over_pgd10_at']:.2f}** and **{bench['fast_kl_pga_perturbed_over_clean']:.2f}**"
-               if "fast_kl_pga_perturbed_over_pgd10_at" in bench else "") + ".",
+               if "fast_kl_pga_perturbed_over_pgd10_at" in bench else "")
+            + (f"; over a 3-epoch run (one cold visit, two warm), 3 + 1 explicit iterations: "
+               f"**{bench['fast_kl_pga_perturbed_3_epochs_over_pgd10_at']:.2f}**, 1 + 2 (`pga-c1w2/` below): "
+               f"**{bench['fast_kl_pga_perturbed_c1w2_3_epochs_over_pgd10_at']:.2f}**"
+               if "fast_kl_pga_perturbed_c1w2_3_epochs_over_pgd10_at" in bench else "") + ".",
         ]
     lines += ["", "![robust accuracy vs eps](robust_vs_eps.png) ![robust accuracy vs training time](robust_vs_time.png)", ""]
     lines += ["## Per epoch (trainer's evaluation: PGD-20, 1 restart, same test points)", "",
@@ -745,6 +760,10 @@ def main() -> None:
                          "penalty; opnorm_task)")
     ap.add_argument("--step", type=float, default=None,
                     help="the fast run's PGA step as a fraction of eps (opnorm_step; default: infinite, the power method)")
+    ap.add_argument("--cold-iters", type=int, default=None,
+                    help="the fast run's explicit iterations on an example's first visit (iters; default: the regularizer's, 3)")
+    ap.add_argument("--warm-iters", type=int, default=None,
+                    help="the fast run's explicit iterations on later visits (warm_iters; default: the regularizer's, 1)")
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="--phase variants: run only these (names of VARIANTS)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: few images, epochs and steps")
