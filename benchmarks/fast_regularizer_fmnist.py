@@ -496,11 +496,50 @@ def how_trained(record: dict) -> str:
     return "their epochs ran alternately in one process"
 
 
+GAP_KEYS = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
+
+
+def mean_gaps(records: list[dict]) -> tuple[list[float], str]:
+    """The mean gaps (PGD-20, APGD-CE, APGD-DLR) of records, and their mean side-by-side time ratio as text."""
+    means = [sum(r["comparison"][k] for r in records) / len(records) for k in GAP_KEYS]
+    timed = [r["comparison"]["time_ratio_fast_over_at"] for r in records if side_by_side(r)]
+    return means, (f"{sum(timed) / len(timed):.2f}" if timed else "n/a")
+
+
+def configuration_folders(out: Path) -> list[tuple[Path, list[dict]]]:
+    """(folder, its seeds' records) for other fast configurations: ``out/NAME/seed-K/results.json``, NAME
+    neither ``seed-*`` nor ``epochs-*``."""
+    found = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("seed-", "epochs-"))):
+        records = [json.loads(f.read_text()) for f in sorted(folder.glob("seed-*/results.json"))]
+        if records:
+            found.append((folder, records))
+    return found
+
+
+def standing_lines(record: dict, out: Path) -> list[str]:
+    """A table of every configuration's mean gaps over its seeds against the goal (the report's summary)."""
+    rows = [("this run (below)", [record, *[json.loads(f.read_text()) for f in sorted(out.glob("seed-*/results.json"))]])]
+    rows += [(f"`{folder.name}/`: {describe(records[0]['settings'])}", records) for folder, records in configuration_folders(out)]
+    if len(rows) == 1:
+        return []
+    lines = ["## Where the goal stands", "",
+             "Mean gaps (points, PGD-10 AT minus fast) over each configuration's seeds; the goal is <= 2 on all three "
+             "and a time ratio <= 0.5 (side by side). Per-seed tables are further down.", "",
+             "| fast configuration | seeds | PGD-20 x restarts | APGD-CE | APGD-DLR | time ratio (side by side) | goal on the mean |",
+             "|---|---|---|---|---|---|---|"]
+    for name, records in rows:
+        means, ratio = mean_gaps(records)
+        met = max(means) <= 2.0 and ratio != "n/a" and float(ratio) <= 0.5
+        lines.append(f"| {name} | {len(records)} | " + " | ".join(f"{v:.1f}" for v in means)
+                     + f" | {ratio} | {'met' if met else 'not met'} |")
+    return lines + [""]
+
+
 def gap_rows(records: list[dict]) -> list[str]:
     """Table rows of main-phase records (one per seed: AT / fast accuracies, gaps, time ratio), a row of
     their means, and whether the largest mean gap meets the goal."""
     records = sorted(records, key=lambda r: r["settings"]["seed"])
-    keys = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     lines = ["| seed | clean | PGD-20 x restarts | APGD-CE | APGD-DLR | gaps PGD-20 / APGD-CE / APGD-DLR | time ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -508,11 +547,9 @@ def gap_rows(records: list[dict]) -> list[str]:
         a, f, c = r["methods"]["pgd-at"], r["methods"]["fast"], r["comparison"]
         lines.append(f"| {r['settings']['seed']} | " + " | ".join(f"{pct(a[k])} / {pct(f[k])}" for k in
                                                                  ("clean", "pgd20_restarts", "apgd_ce", "apgd_dlr"))
-                     + " | " + " / ".join(f"{c[k]:.1f}" for k in keys)
+                     + " | " + " / ".join(f"{c[k]:.1f}" for k in GAP_KEYS)
                      + (f" | {c['time_ratio_fast_over_at']:.2f} |" if side_by_side(r) else " | n/a (trained apart) |"))
-    means = [sum(r["comparison"][k] for r in records) / len(records) for k in keys]
-    timed = [r["comparison"]["time_ratio_fast_over_at"] for r in records if side_by_side(r)]
-    ratio = f"{sum(timed) / len(timed):.2f}" if timed else "n/a"
+    means, ratio = mean_gaps(records)
     lines.append(f"| mean of {len(records)} | | | | | " + " / ".join(f"{m:.1f}" for m in means) + f" | {ratio} |")
     lines += ["", f"Largest mean gap: {max(means):.1f} points (goal <= 2: **{'met' if max(means) <= 2.0 else 'not met'}** "
               f"on the mean of {len(records)} seed(s))."]
@@ -571,23 +608,23 @@ def configuration_tables(out: Path) -> list[str]:
     """Report lines for other fast configurations against the same AT runs (``out/NAME/seed-K/results.json``;
     NAME neither ``seed-*`` nor ``epochs-*``): per-seed gaps and their means, per configuration."""
     lines: list[str] = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(("seed-", "epochs-"))):
-        records = [json.loads(f.read_text()) for f in sorted(folder.glob("seed-*/results.json"))]
-        if not records:
-            continue
+    for folder, records in configuration_folders(out):
         if not lines:
             lines = ["", "## Other fast configurations", "",
                      "Other configurations of the fast run against the PGD-10 AT runs of the same seeds (the AT "
                      "runs above, reused: the seed's `pgd-at` run folder copied into the `--runs` folder, then "
-                     "`--phase one --which fast` with the configuration's flags and `--phase combine`). Accuracies in %, AT / fast; gaps in points."]
-        command = records[0]["command"]
-        if "--phase combine" in command:  # the fast job that preceded it, with the same flags
-            one = re.sub(r" --out \S+", "", command.replace("--phase combine", "--phase one --which fast"))
-            made = f"`{one}`, then `{command}`"
-        else:
-            made = f"`{command}`"
-        lines += ["", f"### `{folder.name}/`: {describe(records[0]['settings'])}", "",
-                  f"Made by {made} (and the same with the other seeds).", "", *gap_rows(records)]
+                     "`--phase one --which fast` with the configuration's flags and `--phase combine`; a seed whose "
+                     "time ratio is given trained both methods side by side with `--phase main --jobs 2`). "
+                     "Accuracies in %, AT / fast; gaps in points."]
+        made = []
+        for r in sorted(records, key=lambda r: r["settings"]["seed"]):
+            command = r["command"]
+            if "--phase combine" in command:  # the fast job that preceded it, with the same flags
+                one = re.sub(r" --out \S+", "", command.replace("--phase combine", "--phase one --which fast"))
+                command = f"{one}`, then `{command}"
+            made.append(f"* seed {r['settings']['seed']}: `{command}`")
+        lines += ["", f"### `{folder.name}/`: {describe(records[0]['settings'])}", "", "Made by:", "", *made, "",
+                  *gap_rows(records)]
     return lines
 
 
@@ -601,6 +638,7 @@ def readme(record: dict, out: Path) -> None:
     lines = [
         "# Fast d.d. operator norm regularization vs PGD-10 adversarial training (Fashion-MNIST)",
         "",
+        *standing_lines(record, out),
         "Made by:",
         "",
         "```",

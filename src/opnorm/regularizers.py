@@ -20,7 +20,7 @@ How the (p, q) operator norm penalty is computed (PAPER.md section 4):
    v, and one more step for free after the penalty: the input gradient of the fd penalty,
    which the training backward computes along with the weight gradients, is
    ``J^T psi_q(J v)`` up to a positive factor (see :class:`OperatorNormRegularizer`). A
-   training step costs about 3 clean steps instead of 11 for PGD-10 adversarial training
+   training step costs about 3 clean steps instead of about 9 for PGD-10 adversarial training
    (``benchmarks/fast_regularizer.py``).
 2. **Differentiable penalty with u, v held fixed** (Danskin), through the model as passed
    (a DDP wrapper included, so that its gradients are all-reduced) in its current mode:
@@ -119,7 +119,7 @@ def _kl_rows(logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Ten
 MODES = ("fast", "paper")
 PAPER_ITERS = 10  # the paper: 10 power iterations per batch, from a random start
 FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit
-FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (more did not pay off on Fashion-MNIST)
+FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (for the power method, more did not pay off)
 
 
 def _usable_rows(g: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,10 @@ class OperatorNormRegularizer(nn.Module):
         iters: power iterations for an example without a stored direction (>= 1; fast: 3,
             paper: 10).
         warm_iters: explicit iterations for an example with a stored direction (>= 0; fast:
-            1; paper: ``iters``; at least 1 where the free update does not apply).
+            1; paper: ``iters``; at least 1 where the free update does not apply). With finite
+            PGA steps and the cross-entropy at the PGA point, ``iters=1, warm_iters=2`` (the
+            same 5 iterations per example over 3 epochs as 3 + 1 + 1, spent late) was 0.7-1.1
+            points more robust on Fashion-MNIST, six seeds (configs/fashion-mnist-fast-robust.json).
         penalty: ``"fd"`` (finite difference, the paper's code) or ``"exact"`` (``<u, J v>``
             by double backward). See the module docstring for what equals what.
         output: how a change of the logits is measured. ``"logits"`` (default): its l_q norm,
@@ -248,7 +251,7 @@ class OperatorNormRegularizer(nn.Module):
             (exactly for the l_q output; to first order in eps for KL). Costs one forward and
             one backward of the network per iteration (plus one gradient-free forward of x per
             call); on the small CNN that is more than a pattern-replay linear iteration (a fast
-            step 0.38 vs 0.33 of a PGD-10 AT step, benchmarks/results/fast_regularizer.json).
+            step 0.37 vs 0.33 of a PGD-10 AT step, benchmarks/results/fast_regularizer.json).
             Needs eps > 0; ``dynamic`` does not apply.
         step: the step size of every direction update (explicit iterations and the free
             update) as a fraction of eps, ``alpha / eps`` in PAPER.md section 4 (> 0). None or
