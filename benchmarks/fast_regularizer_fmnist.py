@@ -432,7 +432,9 @@ def paper_phase(args: argparse.Namespace, out: Path, lam: float) -> None:
     if run.exists():
         shutil.rmtree(run)
     # the same regularizer (output metric, dynamic, clip, lam) with the paper's solver
-    res = train(method_config("fast", args, lam, opnorm_mode="paper", opnorm_clip=True, out=str(run)))
+    # (iters / warm_iters None: the paper mode's own 10 iterations, whatever --cold-iters / --warm-iters say)
+    res = train(method_config("fast", args, lam, opnorm_mode="paper", opnorm_clip=True, iters=None,
+                              warm_iters=None, out=str(run)))
     splits = load_dataset("fashion-mnist")
     record = {"command": args.command, **summarize("paper", res, args, splits.test.x[: args.points], splits.test.y[: args.points])}
     (out / "paper.json").write_text(json.dumps(record, indent=2) + "\n")
