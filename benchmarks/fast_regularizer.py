@@ -118,9 +118,15 @@ def main() -> None:
     torch.manual_seed(0)
     base = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, mean=splits.mean, std=splits.std)
 
-    def opnorm_loss(reg: OperatorNormRegularizer, shared: bool = True) -> Callable:
+    def opnorm_loss(reg: OperatorNormRegularizer, shared: bool = True, perturbed: bool = False,
+                    wipe: bool = False) -> Callable:
+        """CE (at x, or at the penalty's point with ``perturbed``) + penalty; ``wipe``: every example cold."""
         def loss(model, x, y, index):
-            if shared:
+            if wipe:
+                reg.seen.zero_()
+            if perturbed:
+                _, pen, logits = reg.joint(model, x, index, perturbed=True)
+            elif shared:
                 logits, pen = reg.joint(model, x, index)
             else:
                 logits = model(x)
@@ -145,29 +151,16 @@ def main() -> None:
     fast_kl_fd2 = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd",
                                           warm_iters=2)
     # finite PGA steps (eps/4) kept in the bank, the cross-entropy taken at the PGA point x + delta
-    fast_kl_pga = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True, step=0.25)
-
+    pga_kw = dict(lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True, step=0.25)
+    fast_kl_pga = OperatorNormRegularizer(INF, 2, 0.1, **pga_kw)
     # its cost spread the other way: 1 explicit iteration on the first visit, 2 on later ones
-    fast_kl_pga_w2 = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True,
-                                             step=0.25, iters=1, warm_iters=2)
-    pga_cold = {k: OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True,
-                                           step=0.25, iters=k) for k in (1, 3)}  # banks wiped before every step
-
-    def perturbed(reg: OperatorNormRegularizer, wipe: bool = False) -> Callable:
-        def loss(model, x, y, index):
-            if wipe:
-                reg.seen.zero_()
-            _, pen, logits = reg.joint(model, x, index, perturbed=True)
-            return F.cross_entropy(logits, y) + pen
-        return loss
+    fast_kl_pga_w2 = OperatorNormRegularizer(INF, 2, 0.1, iters=1, warm_iters=2, **pga_kw)
+    # first visits of either spread (banks wiped before every step)
+    pga_cold = {k: OperatorNormRegularizer(INF, 2, 0.1, iters=k, **pga_kw) for k in (1, 3)}
 
     paper = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
     paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam, route="autograd")
     exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
-
-    def cold_loss(model, x, y, index):
-        cold.seen.zero_()
-        return opnorm_loss(cold)(model, x, y, index)
 
     losses: dict[str, Callable] = {
         "clean": lambda model, x, y, index: F.cross_entropy(model(x), y),
@@ -177,11 +170,11 @@ def main() -> None:
         "fast-kl-dynamic": opnorm_loss(fast_kl_dynamic),
         "fast-kl-fd": opnorm_loss(fast_kl_fd),
         "fast-kl-fd2": opnorm_loss(fast_kl_fd2),
-        "fast-kl-pga-perturbed": perturbed(fast_kl_pga),
-        "fast-kl-pga-perturbed-cold": perturbed(pga_cold[3], wipe=True),
-        "fast-kl-pga-perturbed-w2": perturbed(fast_kl_pga_w2),
-        "fast-kl-pga-perturbed-c1-cold": perturbed(pga_cold[1], wipe=True),
-        "fast-cold": cold_loss,
+        "fast-kl-pga-perturbed": opnorm_loss(fast_kl_pga, perturbed=True),
+        "fast-kl-pga-perturbed-cold": opnorm_loss(pga_cold[3], perturbed=True, wipe=True),
+        "fast-kl-pga-perturbed-w2": opnorm_loss(fast_kl_pga_w2, perturbed=True),
+        "fast-kl-pga-perturbed-c1-cold": opnorm_loss(pga_cold[1], perturbed=True, wipe=True),
+        "fast-cold": opnorm_loss(cold, wipe=True),
         "free-only": opnorm_loss(free_only),
         "fast-no-free": opnorm_loss(no_free),
         "fast-separate": opnorm_loss(separate, shared=False),

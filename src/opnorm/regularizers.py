@@ -577,8 +577,9 @@ class OperatorNormRegularizer(nn.Module):
         the penalty's backward: use :meth:`joint` or ``forward`` for that).
 
         Returns an :class:`~opnorm.power.OperatorNormResult` with ``sigma`` (B,), ``v``
-        (x's shape, unit l_p; in the unit ball with a finite ``step``), ``u`` (B, d) = psi_q(J(x) v) and ``iterations`` (the most any
-        example ran); sets ``last_sigma``/``last_v``.
+        (x's shape, unit l_p; in the unit ball with a finite ``step``), ``u`` (B, d) =
+        psi_q(J(x) v) and ``iterations`` (the most any example ran); sets
+        ``last_sigma``/``last_v``.
         """
         net = unwrap(model)
         v, sigma, u, _, k = self._solve(net, x, index, self._free_ok(net, index), complete=True)
