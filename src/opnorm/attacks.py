@@ -37,7 +37,7 @@ from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import LossFn, LossSpec, get_loss
-from opnorm.norms import Order, clip_box, lp_norm, norm_order, project_lp_ball, steepest_ascent
+from opnorm.norms import Order, clip_box, lp_norm, norm_order, pga_step, project_lp_ball
 
 __all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES"]
 
@@ -91,23 +91,6 @@ def random_in_ball(
     norm = lp_norm(d, p).clamp_min(torch.finfo(x.dtype).tiny)
     radius = torch.rand(x.shape[0], **kw) * eps_t
     return d * _view(radius / norm, x)
-
-
-def _sparse_l1_direction(
-    g: torch.Tensor, x_adv: torch.Tensor, clip: Clip, fraction: float
-) -> torch.Tensor:
-    """SLIDE step direction: equal weight on the top-|g| coordinates, unit l_1 norm."""
-    flat = g.reshape(g.shape[0], -1)
-    if clip is not None:  # a coordinate at the box edge cannot move outwards: don't spend l_1 budget on it
-        xa = x_adv.reshape(flat.shape)
-        blocked = ((xa <= clip[0]) & (flat < 0)) | ((xa >= clip[1]) & (flat > 0))
-        flat = flat.masked_fill(blocked, 0.0)
-    mag = flat.abs()
-    k = max(1, min(flat.shape[1], math.ceil(fraction * flat.shape[1])))
-    kth = mag.topk(k, dim=1).values[:, -1:]
-    mask = (mag >= kth) & (mag > 0)
-    out = torch.sign(flat) * mask / mask.sum(dim=1, keepdim=True).clamp_min(1)
-    return out.reshape(g.shape)
 
 
 def _check_eps(eps, x: torch.Tensor) -> torch.Tensor:
@@ -211,21 +194,8 @@ class _Attack:
                 g = torch.zeros_like(delta)
             if self.targeted:
                 g = g.neg_()  # descend toward the targets
-            if self.infinite_step:  # the theorem's limit: the iterate lands on the boundary
-                new = self.eps_view * steepest_ascent(g, self.p)
-                return new if self.clip is None else clip_box(self.x + new, self.clip) - self.x
-            if self.p == 1:
-                direction = _sparse_l1_direction(g, x_adv.detach(), self.clip, self.l1_fraction)
-            elif self.p == 2:  # = steepest_ascent(g, 2) = g / ||g||_2 (0 for g = 0), in place on the fresh gradient
-                norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-                direction = g.div_(_view(norm.clamp_min_(torch.finfo(g.dtype).tiny), g))
-            else:
-                direction = steepest_ascent(g, self.p)
-            if isinstance(self.step_size, float):
-                new = torch.add(delta, direction, alpha=self.step_size)
-            else:  # per-example step sizes
-                new = delta + self.step_size * direction
-            return self.project(new, fresh=True)
+            return pga_step(delta, g, self.p, self.eps, self.step_size, x=self.x, clip=self.clip,
+                            l1_fraction=self.l1_fraction)
 
     def score(self, delta: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(fooled (B,) bool or None, loss (B,) oriented so that larger is stronger) at x + delta."""

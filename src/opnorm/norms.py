@@ -11,7 +11,7 @@ or the string ``"inf"`` (any case). :func:`norm_order` turns each into a float, 
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -27,6 +27,9 @@ __all__ = [
     "project_lp_ball",
     "project_l1_ball",
     "clip_box",
+    "sparse_l1_direction",
+    "pga_step",
+    "into_box",
 ]
 
 
@@ -187,3 +190,88 @@ def clip_box(x: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor:
     if lo > hi:
         raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
     return x.clamp(lo, hi)
+
+
+def sparse_l1_direction(
+    g: torch.Tensor, x_adv: Optional[torch.Tensor] = None, clip: Optional[tuple[float, float]] = None,
+    fraction: float = 0.01,
+) -> torch.Tensor:
+    """The sparse l_1 ascent direction (SLIDE, Tramer & Boneh 2019), per example.
+
+    Equal weight ``1/k`` and the sign of g on the k = ceil(fraction * n) coordinates of largest
+    |g| (ties included), unit l_1 norm. With ``x_adv`` and ``clip``, a coordinate at the box edge
+    whose gradient points outwards is skipped (no l_1 budget is spent on it).
+    ``fraction -> 1/n`` gives the exact l_1 steepest ascent, a signed one-hot.
+    """
+    flat = _flat(g)
+    if clip is not None and x_adv is not None:
+        xa = x_adv.reshape(flat.shape)
+        blocked = ((xa <= clip[0]) & (flat < 0)) | ((xa >= clip[1]) & (flat > 0))
+        flat = flat.masked_fill(blocked, 0.0)
+    mag = flat.abs()
+    k = max(1, min(flat.shape[1], math.ceil(fraction * flat.shape[1])))
+    kth = mag.topk(k, dim=1).values[:, -1:]
+    mask = (mag >= kth) & (mag > 0)
+    out = torch.sign(flat) * mask / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return out.reshape(g.shape)
+
+
+def pga_step(
+    delta: torch.Tensor,
+    g: torch.Tensor,
+    p: Order,
+    eps: float | torch.Tensor,
+    step: float | torch.Tensor = math.inf,
+    *,
+    x: Optional[torch.Tensor] = None,
+    clip: Optional[tuple[float, float]] = None,
+    l1_fraction: float = 0.01,
+) -> torch.Tensor:
+    """One projected gradient ascent step on a perturbation, per example (docs/theory.md).
+
+    ``delta' = Proj_box(Proj_{||.||_p <= eps}(delta + step * d))`` with the ascent direction
+    ``d = psi_{p*}(g)`` (:func:`steepest_ascent`; for p = 1 and a finite step the sparse
+    :func:`sparse_l1_direction`). ``step = inf`` is the theorem's limit: the iterate lands on
+    the sphere, ``delta' = eps * psi_{p*}(g)`` (any p), i.e. a (p, q) power-method step when
+    g = J^T psi_q(J delta). A zero gradient row gives d = 0 (finite step: delta stays;
+    infinite step: delta' = 0).
+
+    Args:
+        delta: (B, *in) current perturbation (ignored for an infinite step).
+        g: (B, *in) gradient of the objective at ``x + delta``; may be overwritten.
+        p: the threat model's norm; a finite step needs p in {1, 2, inf}.
+        eps: radius, a float or a (B,) tensor.
+        step: step length in l_p (a float, a (B,) tensor, or inf).
+        x, clip: the clean input and the box (lo, hi) that ``x + delta'`` must stay in
+            (clip=None: no box).
+        l1_fraction: the share of coordinates a finite l_1 step moves.
+
+    Returns:
+        (B, *in) the next perturbation.
+
+    Example:
+        >>> delta = pga_step(delta, grad, "inf", eps=0.1, step=0.025, x=x, clip=(0, 1))
+    """
+    p = norm_order(p, "p")
+    if clip is not None and x is None:
+        raise ValueError("clip keeps x + delta in a box: pass the clean input x with it")
+    infinite = isinstance(step, (int, float)) and step == math.inf
+    if infinite:
+        new = steepest_ascent(g, p) * _per_example(eps, g).reshape((-1,) + (1,) * (g.ndim - 1))
+    else:
+        if p == 1:
+            x_adv = None if x is None else x + delta
+            d = sparse_l1_direction(g, x_adv, clip, l1_fraction)
+        else:
+            d = steepest_ascent(g, p)
+        if isinstance(step, torch.Tensor) and step.ndim == 1:
+            step = step.reshape((-1,) + (1,) * (g.ndim - 1))
+        new = project_lp_ball(delta + step * d, p, eps)
+    return into_box(new, x, clip)
+
+
+def into_box(delta: torch.Tensor, x: Optional[torch.Tensor], clip: Optional[tuple[float, float]]) -> torch.Tensor:
+    """``clip_box(x + delta) - x``: the part of delta that keeps x + delta in the box (clip=None: delta)."""
+    if clip is None:
+        return delta
+    return clip_box(x + delta, clip) - x

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, pattern_support, unwrap
-from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order
+from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order, pga_step
 
 __all__ = [
     "OperatorNormResult",
@@ -129,7 +129,6 @@ def power_iteration(
         (sigma, v, u, iterations, converged, history) with sigma = ||J v||_q, u = psi_q(J v).
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
-    p_star = conjugate(p)
     v = _normalize(v0, p)
     jv = matvec(v)
     sigma = lp_norm(jv, q)
@@ -138,7 +137,7 @@ def power_iteration(
     k = 0
     for k in range(1, iters + 1):
         u = duality_map(jv, q)
-        v = duality_map(rmatvec(u), p_star)
+        v = pga_step(v, rmatvec(u), p, 1.0)  # the infinite step: psi_{p*}(J^T u)
         jv = matvec(v)
         new_sigma = lp_norm(jv, q)
         converged = (new_sigma - sigma).abs() <= tol * new_sigma.abs()
