@@ -45,6 +45,7 @@ __all__ = [
     "cw_margin",
     "logit_distance",
     "kl_divergence",
+    "kl_rows",
     "get_loss",
 ]
 
@@ -78,11 +79,18 @@ def logit_distance(
     return torch.linalg.vector_norm(logits_adv - logits_clean.detach(), ord=norm_order(q, "q"), dim=1)
 
 
+def kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-example ``KL(softmax(logits_p) || softmax(logits_q))`` (B,), differentiable in both;
+    half-precision logits are reduced in float32."""
+    up = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
+    log_p = F.log_softmax(up(logits_p), dim=1)
+    log_q = F.log_softmax(up(logits_q), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
 def kl_divergence(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-example ``KL(softmax(clean) || softmax(adv))`` with the clean side detached: (B,)."""
-    log_p = F.log_softmax(logits_clean.detach(), dim=1)
-    log_q = F.log_softmax(logits_adv, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return kl_rows(logits_clean.detach(), logits_adv)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from opnorm.norms import norm_order
+from opnorm.validation import integer as _integer
+from opnorm.validation import number as _number
+from opnorm.validation import one_of
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "TrainConfig", "default_eps", "DEFAULT_LAM"]
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "TrainConfig", "OpnormConfig", "default_eps", "DEFAULT_LAM",
+           "migrate", "merge"]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades")
 OPTIMIZERS = ("sgd", "adam")
@@ -29,7 +33,6 @@ SCHEDULERS = ("cosine", "none")
 PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
 OPNORM_OUTPUTS = ("logits", "kl")
-OPNORM_ITERATIONS = ("linear", "fd")
 OPNORM_TASKS = ("clean", "perturbed")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
@@ -46,11 +49,9 @@ _EPS = {
 # logit-at multiplies the (squared) logit distance ||f(x + delta) - f(x)||_q^(2|1), which is
 # eps^(2|1) * sigma^(2|1) in the linear region (as opnorm with scale_by_eps).
 DEFAULT_LAM = {"opnorm": {True: 0.02, False: 0.3}, "global-snr": 0.01, "logit-at": {True: 0.1, False: 0.3}}
-DEFAULT_ITERS = {"opnorm": 10, "global-snr": 1}
-# opnorm's fast mode (the default): explicit power iterations only on an example's first visit
-# (later visits advance its stored direction by the free iteration of the training backward)
-FAST_COLD_ITERS = 3
-FAST_WARM_ITERS = 1
+PAPER_ITERS = 10  # the paper: 10 power iterations per batch, from random starts
+FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit
+FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (plus the free step)
 
 
 def default_eps(dataset: str, p: float) -> float:
@@ -66,127 +67,111 @@ def _fmt_order(p: float) -> Any:
     return "inf" if p == math.inf else p
 
 
-def _one_of(value: Any, valid: tuple[str, ...], what: str) -> str:
-    if not isinstance(value, str) or value.strip().lower() not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    return value.strip().lower()
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A config field whose help text is its CLI flag's (flags are derived from the fields)."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class OpnormConfig:
+    """The d.d. operator norm regularizer's options (``TrainConfig.opnorm``, ``--opnorm-*`` flags).
+
+    ``mode`` is a preset: ``resolved`` fills the unset iters, warm_iters, clip and free_update
+    from it (fast: 3, 1, true, true; paper: 10, 10, false, false) and config.json records them.
+    See :class:`opnorm.regularizers.OperatorNormRegularizer` for the parts they build.
+    """
+
+    mode: str = _f("fast", "fast (a store of directions, free step) | paper (10 iterations per batch, nothing kept)")
+    output: str = _f("logits", "logits (l_q norm of the logit change) | kl (softmax KL, Fisher metric; q = 2)")
+    iters: Optional[int] = _f(None, "iterations on an example's first visit (fast 3, paper 10)")
+    warm_iters: Optional[int] = _f(None, "iterations on later visits (fast 1, paper = iters)")
+    step: Optional[float] = _f(None, "direction step as a fraction of eps (default inf: the power method; finite: PGA)")
+    dynamic: bool = _f(False, "linearize each iteration at x + eps v instead of at x")
+    penalty: str = _f("fd", "fd (finite difference, the paper's) | exact (<u, J v> by double backward)")
+    scale_by_eps: bool = _f(False, "penalize (eps sigma)^(2|1), the logit-loss scale of logit-at")
+    clip: Optional[bool] = _f(None, "keep x + eps v in the pixel box [0, 1] (fast: on, paper: off)")
+    free_update: Optional[bool] = _f(None, "advance stored directions from the training backward (fast: on)")
+    task: str = _f("clean", "clean (CE at x) | perturbed (CE at x + eps v, the penalty's point)")
+
+    def resolved(self) -> "OpnormConfig":
+        c = dataclasses.replace(self)
+        c.mode = one_of(c.mode, OPNORM_MODES, "opnorm.mode")
+        c.output = one_of(c.output, OPNORM_OUTPUTS, "opnorm.output")
+        c.penalty = one_of(c.penalty, PENALTIES, "opnorm.penalty")
+        c.task = one_of(c.task, OPNORM_TASKS, "opnorm.task")
+        fast = c.mode == "fast"
+        c.iters = _integer(c.iters if c.iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "opnorm.iters", lo=1)
+        c.warm_iters = _integer(c.warm_iters if c.warm_iters is not None else (FAST_WARM_ITERS if fast else c.iters),
+                                "opnorm.warm_iters", lo=0)
+        c.clip = fast if c.clip is None else c.clip
+        c.free_update = fast if c.free_update is None else c.free_update
+        if c.step is not None:
+            c.step = _number(c.step, "opnorm.step", lo=0.0, strict=True, finite=False)
+        for name in ("dynamic", "scale_by_eps", "clip", "free_update"):
+            if not isinstance(getattr(c, name), bool):
+                raise TypeError(f"opnorm.{name} must be true or false, got {getattr(c, name)!r}")
+        if c.output == "kl" and c.penalty != "fd":
+            raise ValueError("opnorm.output kl is evaluated by finite differences: use opnorm.penalty fd")
+        if c.task == "perturbed" and c.penalty != "fd":
+            raise ValueError("opnorm.task perturbed takes the cross-entropy at the fd point x + eps v: use opnorm.penalty fd")
+        return c
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs. ``None`` fields are filled by :meth:`resolved`.
 
-    Data and model:
-        dataset: one of ``opnorm.training.data.DATASETS`` ("digits" default).
-        model: one of ``opnorm.training.models.MODELS`` ("cnn" default). width: model width
-            (None: the model's default). data_dir / download / limit_train / limit_test:
-            passed to ``load_dataset``.
-    Method:
-        method: clean, pgd-at (Madry, CE attack), logit-at (CE + lam * the l_q logit loss
-            ||f(x + delta) - f(x)||_q^(2|1) at its PGD maximizer: the theorem's AT objective),
-            opnorm (d.d. (p, q) operator norm regularization), global-snr (Yoshida & Miyato),
-            trades.
-        p, q: threat model l_p (attacks, opnorm's (p, q) pair, evaluation) and logit norm.
-        eps: radius (None: per dataset and p, see ``_EPS``).
-        lam: penalty weight for opnorm / global-snr (None: ``DEFAULT_LAM``).
-        iters: power iterations per batch (global-snr: 1; opnorm paper mode: 10; opnorm fast
-            mode: on an example's first visit only, 3).
-        opnorm_mode: "fast" (default: a per-example bank of directions by dataset index,
-            ``iters`` explicit iterations on the first visit, ``warm_iters`` on later ones, plus
-            one free power iteration per visit from the training backward; see
-            ``OperatorNormRegularizer``) or "paper" (``iters`` power iterations from scratch per
-            batch, nothing kept).
-        opnorm_output: how opnorm measures a logit change: "logits" (its l_q norm, the paper)
-            or "kl" (the softmax's KL divergence, locally the Fisher metric; needs q = 2; see
-            ``OperatorNormRegularizer``'s ``output``).
-        opnorm_iteration: how opnorm's explicit power iterations get J v: "linear" (default:
-            the linearization) or "fd" (the finite difference f(x + eps v) - f(x): a PGA step
-            with infinite step size on the penalty, a forward and a backward per iteration; see
-            ``OperatorNormRegularizer``'s ``iteration``).
-        opnorm_task: where opnorm's cross-entropy is taken: "clean" (default: ``CE(f(x), y)``
-            plus the penalty, the paper's d.d. regularization) or "perturbed" (``CE(f(x + eps v),
-            y)`` plus the penalty, at the point the penalty already evaluates, so at no extra
-            cost: adversarial training with the power method's direction next to the operator
-            norm penalty; not the theorem's pairing, which holds for the logit loss).
-        opnorm_step: the step size of opnorm's direction updates as a fraction of eps (None:
-            infinite, the power method; finite: PGA steps whose iterate is kept in the bank
-            between visits; see ``OperatorNormRegularizer``'s ``step``).
-        warm_iters: opnorm's explicit iterations on later visits (None: 1 in fast mode,
-            ``iters`` in paper mode).
-        opnorm_clip: clamp opnorm's fd point ``x + eps v`` into the pixel box [0, 1] as the
-            attacks do (None: true in fast mode, false in paper mode).
-        free_update: opnorm fast mode: advance each stored direction by the free power
-            iteration of the training backward (default true).
-        steps / step_size: PGD steps and step length for training attacks (None: 2.5 eps / steps).
-        adv_fraction: share of each batch replaced by adversarial examples (AT, TRADES).
-        beta: TRADES weight. penalty / squared / dynamic / scale_by_eps: opnorm's variants
-            (see ``OperatorNormRegularizer``; scale_by_eps=True penalizes (eps sigma)^(2|1),
-            matching logit-at's lam). squared also applies to logit-at.
-    Optimization:
-        epochs, batch_size (per process; the global batch is batch_size * world size under
-        torchrun), lr, optimizer (sgd with momentum / adam), momentum, weight_decay,
-        scheduler (cosine per epoch / none), seed.
-    Evaluation after each epoch (on the first ``eval_points`` test points):
-        eval_steps: PGD steps of the robustness check; norm_iters: power iterations of the
-        operator-norm metric (None: power's default).
-    System:
-        out: run directory (None: no files), device ("auto", "cpu", "cuda", "cuda:1"),
-        amp (bf16 autocast on CPU, fp16 + GradScaler on CUDA), compile (torch.compile: True for
-        the default backend, or a backend name such as "eager" / "aot_eager" for debugging),
-        num_workers, progress (None: when stderr is a terminal).
+    Each field's help text (its metadata) is also its ``opnorm train`` flag's: ``--batch-size``
+    for ``batch_size``, ``--opnorm-step`` for ``opnorm.step``. Methods: clean, pgd-at (Madry,
+    CE attack), logit-at (CE + lam * the l_q logit loss at its PGD maximizer: the theorem's AT
+    objective), opnorm (d.d. (p, q) operator norm regularization; options in :attr:`opnorm`),
+    global-snr (Yoshida & Miyato), trades. ``batch_size`` is per process (the global batch is
+    batch_size * world size under torchrun).
     """
 
-    dataset: str = "digits"
-    model: str = "cnn"
-    method: str = "clean"
-    p: Any = 2.0
-    q: Any = 2.0
-    eps: Optional[float] = None
-    lam: Optional[float] = None
-    iters: Optional[int] = None
-    opnorm_mode: str = "fast"
-    opnorm_output: str = "logits"
-    opnorm_iteration: str = "linear"
-    opnorm_task: str = "clean"
-    opnorm_step: Optional[float] = None
-    warm_iters: Optional[int] = None
-    opnorm_clip: Optional[bool] = None
-    free_update: bool = True
-    steps: int = 10
-    step_size: Optional[float] = None
-    adv_fraction: float = 1.0
-    beta: float = 6.0
-    penalty: str = "fd"
-    squared: bool = True
-    dynamic: bool = False
-    scale_by_eps: bool = False
-    epochs: int = 10
-    batch_size: int = 64
-    lr: Optional[float] = None
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"
-    seed: int = 0
-    eval_points: int = 200
-    eval_steps: int = 20
-    norm_iters: Optional[int] = None
-    out: Optional[str] = None
-    device: str = "auto"
-    data_dir: Optional[str] = None
-    download: bool = False
-    limit_train: Optional[int] = None
-    limit_test: Optional[int] = None
-    width: Optional[int] = None
-    amp: bool = False
-    compile: Any = False
-    num_workers: int = 0
-    progress: Optional[bool] = None
+    dataset: str = _f("digits", "digits | fashion-mnist | mnist | cifar10")
+    model: str = _f("cnn", "mlp | cnn | vgg | resnet18 | wrn-28-10")
+    method: str = _f("clean", "clean | pgd-at | logit-at | opnorm | global-snr | trades")
+    p: Any = _f(2.0, "threat model l_p (1, 2, inf; any real >= 1 for opnorm)")
+    q: Any = _f(2.0, "logit norm l_q of the (p, q) operator norm / logit loss")
+    eps: Optional[float] = _f(None, "radius (default: per dataset and p)")
+    lam: Optional[float] = _f(None, "penalty weight (opnorm, global-snr, logit-at)")
+    iters: Optional[int] = _f(None, "global-snr: power iterations per step (default 1)")
+    squared: bool = _f(True, "opnorm / logit-at: penalize sigma^2 / the squared logit distance")
+    opnorm: OpnormConfig = _f(OpnormConfig, "the d.d. operator norm regularizer's options")
+    steps: int = _f(10, "PGD steps of training attacks")
+    step_size: Optional[float] = _f(None, "PGD step length (default 2.5 eps / steps)")
+    adv_fraction: float = _f(1.0, "share of each batch replaced by adversarial examples")
+    beta: float = _f(6.0, "TRADES weight")
+    epochs: int = _f(10, "epochs")
+    batch_size: int = _f(64, "batch size per process")
+    lr: Optional[float] = _f(None, "learning rate (default: sgd 0.05, adam 1e-3)")
+    optimizer: str = _f("sgd", "sgd | adam")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    scheduler: str = _f("cosine", "cosine | none")
+    seed: int = _f(0, "seed")
+    eval_points: int = _f(200, "test points for the per-epoch PGD and operator-norm metrics")
+    eval_steps: int = _f(20, "PGD steps of the per-epoch robustness metric")
+    norm_iters: Optional[int] = _f(None, "power iterations of the per-epoch operator-norm metric")
+    out: Optional[str] = _f(None, "run directory")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    data_dir: Optional[str] = _f(None, "dataset directory")
+    download: bool = _f(False, "download missing datasets (needs torchvision)")
+    limit_train: Optional[int] = _f(None, "use only the first N training examples")
+    limit_test: Optional[int] = _f(None, "use only the first N test examples")
+    width: Optional[int] = _f(None, "model width (default: the model's)")
+    amp: bool = _f(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    compile: Any = _f(False, "torch.compile the model (true, or a backend name such as aot_eager)", flag="compile")
+    num_workers: int = _f(0, "data loader workers")
+    progress: Optional[bool] = _f(None, "progress bars (default: when stderr is a terminal)")
 
     # -- conversion ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (infinite orders as the string "inf")."""
+        """A JSON-able dict (infinite orders as the string "inf"; ``opnorm`` nested)."""
         d = dataclasses.asdict(self)
         for k in ("p", "q"):
             d[k] = _fmt_order(norm_order(d[k], k))
@@ -194,14 +179,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict (e.g. a parsed config.json); unknown keys are an error."""
+        """Build from a dict (e.g. a parsed config.json, nested or in the older flat form, see
+        :func:`migrate`); unknown keys are an error."""
         if not isinstance(d, dict):
             raise TypeError(f"config must be a dict of field: value, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
-        return cls(**d)
+        d = migrate(d)
+        _check_keys(d, cls, "")
+        section = d.get("opnorm", {})
+        if not isinstance(section, (dict, OpnormConfig)):
+            raise TypeError(f"config field opnorm must be an object of regularizer options, got {section!r}")
+        if isinstance(section, dict):
+            _check_keys(section, OpnormConfig, "opnorm.")
+            section = OpnormConfig(**section)
+        return cls(**{**d, "opnorm": section})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -210,22 +200,8 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A validated copy with every ``None`` default filled in; raises ValueError/TypeError."""
-        from opnorm.training.data import DATASETS
-        from opnorm.training.models import MODELS
-
         c = dataclasses.replace(self)
-        c.dataset = _one_of(str(c.dataset).replace("_", "-") if isinstance(c.dataset, str) else c.dataset, DATASETS, "dataset")
-        c.model = _one_of(c.model, MODELS, "model")
-        c.method = _one_of(c.method, METHODS, "method")
-        c.optimizer = _one_of(c.optimizer, OPTIMIZERS, "optimizer")
-        c.scheduler = _one_of(c.scheduler, SCHEDULERS, "scheduler")
-        c.penalty = _one_of(c.penalty, PENALTIES, "penalty")
-        c.opnorm_mode = _one_of(c.opnorm_mode, OPNORM_MODES, "opnorm_mode")
-        c.opnorm_output = _one_of(c.opnorm_output, OPNORM_OUTPUTS, "opnorm_output")
-        c.opnorm_iteration = _one_of(c.opnorm_iteration, OPNORM_ITERATIONS, "opnorm_iteration")
-        c.opnorm_task = _one_of(c.opnorm_task, OPNORM_TASKS, "opnorm_task")
-        c.p = norm_order(c.p, "p")
-        c.q = norm_order(c.q, "q")
+        _resolve_choices(c)
         if c.eps is None:
             c.eps = default_eps(c.dataset, c.p)
         c.eps = _number(c.eps, "eps", lo=0.0)
@@ -233,88 +209,128 @@ class TrainConfig:
             lam = DEFAULT_LAM.get(c.method, 0.0)
             c.lam = lam[bool(c.squared)] if isinstance(lam, dict) else lam
         c.lam = _number(c.lam, "lam", lo=0.0)
-        fast = c.opnorm_mode == "fast"
-        if c.iters is None:
-            c.iters = FAST_COLD_ITERS if c.method == "opnorm" and fast else DEFAULT_ITERS.get(c.method, 10)
-        c.iters = _integer(c.iters, "iters", lo=1)
-        if c.warm_iters is None:
-            c.warm_iters = FAST_WARM_ITERS if fast else c.iters
-        c.warm_iters = _integer(c.warm_iters, "warm_iters", lo=0)
-        if c.opnorm_clip is None:
-            c.opnorm_clip = fast
+        c.iters = _integer(1 if c.iters is None else c.iters, "iters", lo=1)
+        section = c.opnorm if isinstance(c.opnorm, OpnormConfig) else TrainConfig.from_dict({"opnorm": c.opnorm}).opnorm
+        c.opnorm = section.resolved()
         if c.lr is None:
             c.lr = 0.05 if c.optimizer == "sgd" else 1e-3
         c.lr = _number(c.lr, "lr", lo=0.0, strict=True)
-        for name in ("iters", "steps", "epochs", "batch_size", "eval_points", "eval_steps"):
-            setattr(c, name, _integer(getattr(c, name), name, lo=1))
-        c.seed = _integer(c.seed, "seed", lo=0)
-        c.num_workers = _integer(c.num_workers, "num_workers", lo=0)
-        for name in ("norm_iters", "limit_train", "limit_test", "width"):
-            if getattr(c, name) is not None:
-                setattr(c, name, _integer(getattr(c, name), name, lo=1))
-        if c.step_size is not None:
-            c.step_size = _number(c.step_size, "step_size", lo=0.0, strict=True, finite=False)
-        if c.opnorm_step is not None:
-            c.opnorm_step = _number(c.opnorm_step, "opnorm_step", lo=0.0, strict=True, finite=False)
-            if c.method == "opnorm" and c.opnorm_step != math.inf and c.p not in (1.0, 2.0, math.inf):
-                raise ValueError(f"opnorm_step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
-                                 "(leave opnorm_step unset for the power method)")
-        c.adv_fraction = _number(c.adv_fraction, "adv_fraction", lo=0.0)
-        if c.adv_fraction > 1:
-            raise ValueError(f"adv_fraction must be in [0, 1], got {c.adv_fraction:g}")
-        c.beta = _number(c.beta, "beta", lo=0.0)
-        c.momentum = _number(c.momentum, "momentum", lo=0.0)
-        c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
-        if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
-            raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
-        for name in ("squared", "dynamic", "scale_by_eps", "download", "amp", "opnorm_clip", "free_update"):
-            if not isinstance(getattr(c, name), bool):
-                raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
-        if c.progress is not None and not isinstance(c.progress, bool):
-            raise TypeError(f"progress must be true, false or null, got {c.progress!r}")
-        if c.method == "opnorm" and c.opnorm_output == "kl" and (c.q != 2 or c.penalty != "fd"):
-            raise ValueError("opnorm_output 'kl' is a 2-norm (the softmax's Fisher metric): use q 2 and penalty fd")
-        if c.method == "opnorm" and c.opnorm_iteration == "fd" and c.eps == 0:
-            raise ValueError("opnorm_iteration fd takes finite differences of radius eps: use eps > 0 or --opnorm-iteration linear")
-        if c.method == "opnorm" and c.penalty == "fd" and c.eps == 0:
-            raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --penalty exact")
-        if c.method == "opnorm" and c.opnorm_task == "perturbed" and c.penalty != "fd":
-            raise ValueError("opnorm_task perturbed takes the cross-entropy at the fd point x + eps v: use penalty fd")
-        if c.method == "opnorm" and c.penalty == "exact" and c.compile is not False:
-            raise ValueError("penalty exact needs double backward, which torch.compile does not support; drop --compile or use --penalty fd")
-        if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
-            raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")
-        if not isinstance(c.device, str) or not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-        for name in ("out", "data_dir"):
-            if getattr(c, name) is not None:
-                setattr(c, name, str(getattr(c, name)))
+        _resolve_numbers(c)
+        _check_method(c)
         return c
 
 
-def _number(value: Any, name: str, *, lo: float, strict: bool = False, finite: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(v) or (finite and math.isinf(v)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if v < lo or (strict and v == lo):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {lo:g}, got {v:g}")
-    return v
+def _check_keys(d: dict, cls: type, prefix: str) -> None:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        shown = ", ".join(prefix + k for k in unknown)
+        raise ValueError(f"unknown config field(s) {shown}; valid fields: {', '.join(prefix + n for n in sorted(names))}")
 
 
-def _integer(value: Any, name: str, *, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = int(value) if not isinstance(value, float) or value.is_integer() else None
-    except ValueError:
-        v = None
-    if v is None:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
+def _resolve_choices(c: TrainConfig) -> None:
+    from opnorm.training.data import DATASETS
+    from opnorm.training.models import MODELS
+
+    c.dataset = one_of(c.dataset, DATASETS, "dataset")
+    c.model = one_of(c.model, MODELS, "model")
+    c.method = one_of(c.method, METHODS, "method")
+    c.optimizer = one_of(c.optimizer, OPTIMIZERS, "optimizer")
+    c.scheduler = one_of(c.scheduler, SCHEDULERS, "scheduler")
+    c.p = norm_order(c.p, "p")
+    c.q = norm_order(c.q, "q")
+
+
+def _resolve_numbers(c: TrainConfig) -> None:
+    for name in ("steps", "epochs", "batch_size", "eval_points", "eval_steps"):
+        setattr(c, name, _integer(getattr(c, name), name, lo=1))
+    c.seed = _integer(c.seed, "seed", lo=0)
+    c.num_workers = _integer(c.num_workers, "num_workers", lo=0)
+    for name in ("norm_iters", "limit_train", "limit_test", "width"):
+        if getattr(c, name) is not None:
+            setattr(c, name, _integer(getattr(c, name), name, lo=1))
+    if c.step_size is not None:
+        c.step_size = _number(c.step_size, "step_size", lo=0.0, strict=True, finite=False)
+    c.adv_fraction = _number(c.adv_fraction, "adv_fraction", lo=0.0)
+    if c.adv_fraction > 1:
+        raise ValueError(f"adv_fraction must be in [0, 1], got {c.adv_fraction:g}")
+    c.beta = _number(c.beta, "beta", lo=0.0)
+    c.momentum = _number(c.momentum, "momentum", lo=0.0)
+    c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
+    if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
+        raise TypeError(f"compile must be true, false or a torch.compile backend name, got {c.compile!r}")
+    for name in ("squared", "download", "amp"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    if c.progress is not None and not isinstance(c.progress, bool):
+        raise TypeError(f"progress must be true, false or null, got {c.progress!r}")
+    if not isinstance(c.device, str) or not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    for name in ("out", "data_dir"):
+        if getattr(c, name) is not None:
+            setattr(c, name, str(getattr(c, name)))
+
+
+def _check_method(c: TrainConfig) -> None:
+    o = c.opnorm
+    if c.method == "opnorm":
+        if o.output == "kl" and c.q != 2:
+            raise ValueError("opnorm.output kl is a 2-norm (the softmax's Fisher metric): use q 2")
+        if o.penalty == "fd" and c.eps == 0:
+            raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --opnorm-penalty exact")
+        if o.step not in (None, math.inf) and c.p not in (1.0, 2.0, math.inf):
+            raise ValueError(f"opnorm.step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
+                             "(leave opnorm.step unset for the power method)")
+        if o.penalty == "exact" and c.compile is not False:
+            raise ValueError("penalty exact needs double backward, which torch.compile does not support; drop --compile "
+                             "or use --opnorm-penalty fd")
+    if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
+        raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")
+
+
+# -- the older flat form -------------------------------------------------------------------
+
+# flat key of configs written before the regularizer's options were nested -> opnorm.<name>
+FLAT_KEYS = {"opnorm_mode": "mode", "opnorm_output": "output", "opnorm_task": "task", "opnorm_step": "step",
+             "opnorm_clip": "clip", "warm_iters": "warm_iters", "free_update": "free_update", "penalty": "penalty",
+             "dynamic": "dynamic", "scale_by_eps": "scale_by_eps"}
+
+
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict in the nested form: the older flat keys (``opnorm_mode``, ``warm_iters``,
+    ``penalty``, ...; for method opnorm also ``iters``) move into the ``opnorm`` section.
+
+    Example:
+        >>> migrate({"method": "opnorm", "opnorm_mode": "paper", "iters": 5})
+        {'method': 'opnorm', 'opnorm': {'mode': 'paper', 'iters': 5}}
+    """
+    flat = [k for k in d if k in FLAT_KEYS or k == "opnorm_iteration"]
+    if not flat:
+        return dict(d)
+    out = {k: v for k, v in d.items() if k not in flat}
+    section = dict(out.get("opnorm") or {})
+    for k in flat:
+        if k == "opnorm_iteration":
+            if d[k] != "linear":
+                raise ValueError(f"opnorm_iteration {d[k]!r} was removed (it matched the linear iteration at a higher "
+                                 "cost); drop the key to use the linear iteration")
+            continue
+        section[FLAT_KEYS[k]] = d[k]
+    if d.get("method") == "opnorm" and "iters" in out:
+        section.setdefault("iters", out.pop("iters"))
+    out["opnorm"] = section
+    return out
+
+
+def merge(*dicts: dict[str, Any]) -> dict[str, Any]:
+    """Later dicts override earlier ones, the ``opnorm`` section key by key (each migrated first)."""
+    out: dict[str, Any] = {}
+    for d in dicts:
+        d = migrate(d)
+        section = {**(out.get("opnorm") or {}), **(d.get("opnorm") or {})}
+        out.update(d)
+        if section:
+            out["opnorm"] = section
+    return out
+
+

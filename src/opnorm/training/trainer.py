@@ -52,6 +52,7 @@ from opnorm.training.checkpoint import (
     set_rng_state,
 )
 from opnorm.training.config import TrainConfig
+from opnorm.training.objectives import opnorm_regularizer
 from opnorm.training.data import load_dataset, make_loader
 from opnorm.training.models import build_model
 
@@ -114,21 +115,16 @@ class Objective(nn.Module):
     * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, num_examples: Optional[int] = None) -> None:
         super().__init__()
         self.method = cfg.method
         self.reg: Optional[nn.Module] = None
         self.at: Optional[AdversarialTrainingLoss] = None
-        self.task = cfg.opnorm_task
+        self.task = cfg.opnorm.task
         if cfg.method == "opnorm":
-            # fast mode keeps a bank of directions by dataset index (in state_dict: checkpoints
+            # fast mode keeps a store of directions by dataset index (in state_dict: checkpoints
             # resume exactly); the batch's index reaches it through joint()
-            self.reg = OperatorNormRegularizer(
-                cfg.p, cfg.q, cfg.eps, mode=cfg.opnorm_mode, output=cfg.opnorm_output, iters=cfg.iters, warm_iters=cfg.warm_iters,
-                penalty=cfg.penalty, squared=cfg.squared, lam=cfg.lam, dynamic=cfg.dynamic, iteration=cfg.opnorm_iteration, step=cfg.opnorm_step,
-                scale_by_eps=cfg.scale_by_eps, clip=(0.0, 1.0) if cfg.opnorm_clip else None,
-                free_update=cfg.free_update if cfg.opnorm_mode == "fast" else None,
-            )
+            self.reg = opnorm_regularizer(cfg, num_examples)
         elif cfg.method == "global-snr":
             self.reg = GlobalSpectralNormRegularizer(model, iters=cfg.iters, lam=cfg.lam, seed=cfg.seed)
         elif cfg.method in ("pgd-at", "logit-at", "trades"):
@@ -137,6 +133,11 @@ class Objective(nn.Module):
                 kind, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size, q=cfg.q,
                 beta=cfg.beta, lam=cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
             )
+
+    def sync(self) -> None:
+        """Share state across DDP ranks (the regularizer's direction store); every rank calls it."""
+        if isinstance(self.reg, OperatorNormRegularizer):
+            self.reg.sync()
 
     def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None):
         logs: dict[str, float] = {}
@@ -392,7 +393,7 @@ def _run(
     _seed_everything(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
                         mean=splits.mean, std=splits.std, width=cfg.width).to(device)
-    objective = Objective(cfg, model).to(device)
+    objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
     optimizer, scheduler = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
@@ -457,6 +458,7 @@ def _run(
                 sums[k] = sums.get(k, 0.0) + v
             if show:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+        objective.sync()  # every rank: the store's last updates, before the checkpoint
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         keys = sorted(sums)

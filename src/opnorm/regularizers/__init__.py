@@ -1,0 +1,36 @@
+"""Training objectives: data-dependent operator norm regularization (composed from a metric,
+a direction solver, a store and a penalty), global spectral norm regularization, and
+adversarial training (PGD-AT, l_q-logit AT, TRADES). Every term is an ``nn.Module`` added to
+the task loss; see docs/theory.md for the math.
+
+Example::
+
+    >>> reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=0.02)
+    >>> logits, pen = reg.joint(model, x)
+    >>> (F.cross_entropy(logits, y) + pen).backward()
+"""
+
+from opnorm.regularizers.adversarial import AT_KINDS, AdversarialTrainingLoss
+from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
+from opnorm.regularizers.operator_norm import OperatorNormRegularizer, mixes_examples
+from opnorm.regularizers.penalty import ExactPenalty, FDPenalty, Penalty, paired_noise
+from opnorm.regularizers.solver import PGASolver
+from opnorm.regularizers.spectral import GlobalSpectralNormRegularizer
+from opnorm.regularizers.store import DirectionStore
+
+__all__ = [
+    "OperatorNormRegularizer",
+    "LogitNorm",
+    "FisherKL",
+    "OutputMetric",
+    "PGASolver",
+    "DirectionStore",
+    "FDPenalty",
+    "ExactPenalty",
+    "Penalty",
+    "paired_noise",
+    "mixes_examples",
+    "GlobalSpectralNormRegularizer",
+    "AdversarialTrainingLoss",
+    "AT_KINDS",
+]

@@ -1,0 +1,289 @@
+"""Data-dependent (p, q) operator norm regularization, composed from parts (docs/theory.md).
+
+``OperatorNormRegularizer`` = an output metric (:mod:`~opnorm.regularizers.metrics`) + a
+direction solver (:class:`~opnorm.regularizers.solver.PGASolver`) + an optional per-example
+:class:`~opnorm.regularizers.store.DirectionStore` + a penalty
+(:mod:`~opnorm.regularizers.penalty`). Three ready configurations:
+
+* :meth:`OperatorNormRegularizer.paper`: 10 power iterations per batch from random starts,
+  nothing kept, the fd penalty of ``sigma^2``: the paper's d.d. SNR;
+* :meth:`OperatorNormRegularizer.fast`: a store of directions; 3 iterations on an example's
+  first visit, 1 on later ones, plus the free step of the training backward;
+* :meth:`OperatorNormRegularizer.fast_robust`: the fast configuration with the KL metric,
+  the dynamic solver and finite PGA steps of eps/4 (1 iteration cold, 2 warm).
+
+Example::
+
+    >>> reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=0.02)
+    >>> logits, pen = reg.joint(model, x)           # one forward of [x; x + eps v]
+    >>> (F.cross_entropy(logits, y) + pen).backward()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import check_inputs, forward, unwrap
+from opnorm.norms import Order, norm_order
+from opnorm.power import OperatorNormResult
+from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
+from opnorm.regularizers.penalty import FDPenalty, Penalty
+from opnorm.regularizers.solver import PGASolver, fd_point
+from opnorm.regularizers.store import DirectionStore
+from opnorm.validation import box, number
+
+__all__ = ["OperatorNormRegularizer", "mixes_examples"]
+
+
+def mixes_examples(model: nn.Module) -> bool:
+    """True when one example's output depends on the others': BatchNorm using batch statistics
+    (training mode, or no running statistics). Input gradients of a batch loss are then not
+    per-example J^T u, so the free update is skipped."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in unwrap(model).modules())
+
+
+def _usable_rows(g: torch.Tensor) -> torch.Tensor:
+    """(B,) rows of an input gradient that give a direction: finite and not all zero."""
+    flat = g.reshape(g.shape[0], -1)
+    return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
+
+
+class OperatorNormRegularizer(nn.Module):
+    """Penalty ``lam * mean_b ||J(x_b)||_{p->q}^(1|2)`` from a direction solver and a penalty.
+
+    Args:
+        p, q: norm orders (1 <= p, q <= inf). q is the order of the default metric
+            ``LogitNorm(q)``; with another ``metric`` it must equal ``metric.q``.
+        eps: radius of the finite difference and of the dynamic solver (> 0 for the fd penalty).
+        lam: weight (>= 0).
+        metric: the output metric (default ``LogitNorm(q)``; ``FisherKL()`` needs q = 2).
+        solver: the direction solver (default ``PGASolver(iters=10)``, the paper's).
+        store: per-example directions between visits (needs ``index`` in the calls).
+        penalty: ``FDPenalty()`` (default) or ``ExactPenalty()``.
+        clip: ``(lo, hi)``: keep the penalty's point ``x + eps v`` in the input box.
+
+    Forward:
+        ``reg(model, x, index=None, logits=None) -> scalar``; ``x``: (B, *in); ``index``: (B,)
+        dataset indices (the store's rows); ``logits``: f(x) if the caller has it. Under DDP use
+        :meth:`joint`: a single forward through the wrapper. With ``solver.free_update`` the
+        next directions are stored during the caller's ``backward()``.
+
+    Attributes:
+        last_sigma: (B,) estimates of ``||J(x_b)||_{p->q}`` from the last call.
+        last_v: (B, *in) the directions the penalty used.
+    """
+
+    def __init__(self, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
+                 metric: Optional[OutputMetric] = None, solver: Optional[PGASolver] = None,
+                 store: Optional[DirectionStore] = None, penalty: Optional[Penalty] = None,
+                 clip: Optional[tuple[float, float]] = None) -> None:
+        super().__init__()
+        self.p, self.q = norm_order(p, "p"), norm_order(q, "q")
+        self.metric = LogitNorm(self.q) if metric is None else metric
+        if self.metric.q != self.q:
+            raise ValueError(f"{self.metric!r} measures logit changes in an l_{self.metric.q:g} norm, but q={q!r}: "
+                             "pass q equal to the metric's")
+        self.eps, self.lam = number(eps, "eps"), number(lam, "lam")
+        self.solver = PGASolver() if solver is None else solver
+        self.penalty = FDPenalty() if penalty is None else penalty
+        self.clip = box(clip)
+        self._check_parts()
+        self.store = store
+        if store is not None:
+            store.configure(self.p, signs=self.p == math.inf and self.solver.step == math.inf)
+        self.last_sigma: Optional[torch.Tensor] = None
+        self.last_v: Optional[torch.Tensor] = None
+
+    def _check_parts(self) -> None:
+        if self.penalty.uses_point and self.eps == 0:
+            raise ValueError("the fd penalty divides by eps; use eps > 0 or penalty=ExactPenalty()")
+        if isinstance(self.metric, FisherKL) and not self.penalty.uses_point:
+            raise ValueError("the KL metric is evaluated by finite differences: use penalty=FDPenalty()")
+        if self.solver.step != math.inf and self.p not in (1.0, 2.0, math.inf):
+            raise ValueError(f"a finite step projects onto the l_p ball, implemented for p in 1, 2, inf; got p={self.p:g}")
+
+    @classmethod
+    def paper(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, **parts) -> "OperatorNormRegularizer":
+        """The paper's configuration: 10 power iterations per batch from random starts, no store."""
+        return cls(p, q, eps, lam, **{"solver": PGASolver(iters=10), **parts})
+
+    @classmethod
+    def fast(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *, num_examples: int,
+             **parts) -> "OperatorNormRegularizer":
+        """Stored directions: 3 iterations on an example's first visit, 1 later, plus the free step."""
+        return cls(p, q, eps, lam, **{"solver": PGASolver(3, 1, free_update=True),
+                                      "store": DirectionStore(num_examples), **parts})
+
+    @classmethod
+    def fast_robust(cls, p: Order = math.inf, eps: float = 0.1, lam: float = 0.06, *, num_examples: int,
+                    **parts) -> "OperatorNormRegularizer":
+        """The fast configuration with the KL metric, the dynamic solver and PGA steps of eps/4
+        (1 iteration cold, 2 warm); pair it with the task loss at ``x + eps v``
+        (``joint(..., perturbed=True)``)."""
+        solver = PGASolver(1, 2, step=0.25, dynamic=True, free_update=True)
+        return cls(p, 2, eps, lam, **{"metric": FisherKL(), "solver": solver, "store": DirectionStore(num_examples),
+                                      "clip": (0.0, 1.0), **parts})
+
+    def extra_repr(self) -> str:
+        fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
+        return (f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, lam={self.lam:g}, metric={self.metric!r}, "
+                f"solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}")
+
+    # -- directions -----------------------------------------------------------------------
+
+    def _rows(self, index, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.store is None or index is None:
+            return None
+        self.store.sync()
+        return self.store.rows(index, x.shape[0], x.device)
+
+    def _start(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start vectors, warm mask): stored directions where seen, random unit ones elsewhere."""
+        if idx is None:
+            return self.solver.random_start(x.shape[0], x, self.p), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        stored, warm = self.store.lookup(idx, x)
+        if bool(warm.all()):
+            return stored, warm
+        cold = ~warm
+        v0 = stored.clone()
+        v0[cold] = self.solver.random_start(int(cold.sum()), x, self.p)
+        return v0, warm
+
+    def initial_vectors(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Start vectors (x's shape): stored ones where seen, random unit l_p ones elsewhere."""
+        return self._start(x, self._rows(index, x))[0]
+
+    def _iterations(self, idx, warm: torch.Tensor, free: bool) -> torch.Tensor:
+        iters = torch.full(warm.shape, self.solver.iters, dtype=torch.long, device=warm.device)
+        if idx is not None:
+            iters[warm] = self.solver.warm_iters if free else max(self.solver.warm_iters, 1)
+        return iters
+
+    def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
+        """(v, sigma, u, idx, most iterations). Rows are grouped by their iteration count.
+        Unless ``complete``, sigma / u stay NaN / None where they would cost one more J v."""
+        check_inputs(net, x)
+        x = x.detach()
+        idx = self._rows(index, x)
+        v0, warm = self._start(x, idx)
+        iters = self._iterations(idx, warm, free)
+        measure = complete or not self.solver.free_update  # the free step's fd forward measures sigma anyway
+        B = x.shape[0]
+        v, u, sigma = v0, None, torch.full((B,), math.nan, dtype=x.dtype, device=x.device)
+        for k in torch.unique(iters).tolist():
+            if k == 0 and not complete:
+                continue
+            rows = (iters == k).nonzero().squeeze(1)
+            whole = rows.numel() == B
+            xs, vs = (x, v0) if whole else (x[rows], v0[rows])
+            if k > 0:
+                s, vk, uk = self.solver.run(net, xs, vs, k, self.p, self.eps, self.metric, self.clip, measure)
+            else:
+                vk, (s, uk) = vs, self.solver.measure(net, xs, vs, self.metric)
+            if whole:
+                v, sigma, u = vk, s, uk
+                break
+            v = v0.clone() if v is v0 else v
+            v[rows], sigma[rows] = vk.to(v.dtype), s.to(sigma.dtype)
+            if uk is not None:
+                u = torch.full((B, uk.shape[1]), math.nan, dtype=uk.dtype, device=uk.device) if u is None else u
+                u[rows] = uk
+        if idx is not None and bool((iters > 0).any()):
+            ran = iters > 0
+            self.store.put(idx if bool(ran.all()) else idx[ran], v if bool(ran.all()) else v[ran])
+        return v.detach(), sigma, u, idx, int(iters.max())
+
+    def direction(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> OperatorNormResult:
+        """The explicit part of the solver (no weight gradients): an
+        :class:`~opnorm.power.OperatorNormResult` with sigma (B,), v (x's shape), u (B, d) and
+        ``iterations``; sets ``last_sigma`` / ``last_v``. The free step needs :meth:`joint`."""
+        net = unwrap(model)
+        v, sigma, u, _, k = self._solve(net, x, index, self._free_ok(net, index), complete=True)
+        self.last_sigma, self.last_v = sigma, v
+        flags = torch.zeros_like(sigma, dtype=torch.bool)
+        return OperatorNormResult(sigma, v, u, k, flags, "power", flags.clone())
+
+    # -- the free update ------------------------------------------------------------------
+
+    def _free_ok(self, net: nn.Module, index) -> bool:
+        return (self.solver.free_update and self.store is not None and index is not None
+                and self.penalty.uses_point and not mixes_examples(net))
+
+    def _point(self, x: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """``clip(x + eps v)``; with ``idx`` a leaf whose gradient (from the caller's backward)
+        gives the next stored directions: one more PGA step of v."""
+        x_p = fd_point(x, v, self.eps, self.clip)
+        if idx is not None and torch.is_grad_enabled():
+            x_p = x_p.detach().requires_grad_(True)
+            x_p.register_hook(lambda g: self._absorb(idx, g, v, x.detach()))
+        return x_p
+
+    def _absorb(self, idx: torch.Tensor, g: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            ok = _usable_rows(g)
+            v = self.solver.ascend(v, g, x, self.p, self.eps, self.clip)
+            if bool(ok.any()):
+                self.store.put(idx if bool(ok.all()) else idx[ok], v if bool(ok.all()) else v[ok])
+
+    # -- the penalty ----------------------------------------------------------------------
+
+    def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: Optional[torch.Tensor]) -> None:
+        if s is not None:  # rows without iterations: the fd value of this forward
+            sigma = torch.where(torch.isnan(sigma), s.detach().to(sigma.dtype), sigma)
+        self.last_sigma, self.last_v = sigma, v
+
+    def joint(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
+              perturbed: bool = False) -> tuple[torch.Tensor, ...]:
+        """(f(x), penalty) from a single forward of ``model``; with ``perturbed=True`` (fd only)
+        also f(clip(x + eps v)), for a task loss taken at the penalty's point."""
+        net = unwrap(model)
+        free = self._free_ok(net, index)
+        if perturbed and not self.penalty.uses_point:
+            raise ValueError("perturbed=True returns f(x + eps v) of the fd penalty's forward; the exact penalty has none")
+        v, sigma, u, idx, _ = self._solve(net, x, index, free, complete=not self.penalty.uses_point)
+        x_p = self._point(x, v, idx if free else None) if self.penalty.uses_point else None
+        clean, s, s_sq, pert = self.penalty.evaluate(model, net, x, x_p, v, u, self.metric, self.eps)
+        self._finish(sigma, v, s if self.penalty.uses_point else None)
+        value = self.penalty.reduce(s, s_sq, self.lam, self.eps)
+        return (clean, value, pert) if perturbed else (clean, value)
+
+    def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
+        """The penalty from f(x) and f(x + eps v) computed by the caller."""
+        return self.penalty.reduce(*self.metric.fd(logits_clean, logits_pert, self.eps), self.lam, self.eps)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None,
+                logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if logits is None or not self.penalty.uses_point:
+            return self.joint(model, x, index)[1]
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"logits must be f(x) of shape (B, d) with B = {x.shape[0]}, got {tuple(logits.shape)}")
+        net = unwrap(model)
+        free = self._free_ok(net, index)
+        v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
+        s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)
+        self._finish(sigma, v, s)
+        return self.penalty.reduce(s, s_sq, self.lam, self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # states saved before the store existed keep "bank" / "seen" (rows up to the largest index seen)
+        if prefix + "bank" in state_dict and self.store is not None:
+            bank, seen = state_dict.pop(prefix + "bank"), state_dict.pop(prefix + "seen")
+            n, total = seen.shape[0], self.store.num_examples
+            if n > total:
+                raise ValueError(f"the saved directions cover {n} examples, more than this store's {total}")
+            state_dict[prefix + "store.seen"] = torch.cat([seen, seen.new_zeros(total - n)])
+            pad = bank.new_zeros(total - n, *bank.shape[1:])
+            state_dict[prefix + "store.directions"] = torch.cat([bank, pad]) if bank.numel() else bank
+            state_dict[prefix + "store._extra_state"] = {"p": None, "signs": bank.dtype == torch.int8,
+                                                         "num_examples": total}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def sync(self) -> None:
+        """Share the store's updates across DDP ranks (call on every rank before a checkpoint)."""
+        if self.store is not None:
+            self.store.sync()

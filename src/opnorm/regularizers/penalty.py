@@ -1,0 +1,132 @@
+"""The differentiable penalty, with the direction v (and u) held fixed (Danskin).
+
+* :class:`FDPenalty` (the paper's code): ``s = ||f(x + eps v) - f(x)|| / eps`` in the output
+  metric, from one forward of ``[x; x + eps v]`` through the model as passed (a DDP wrapper
+  included). Inside the linear region of x it equals ``||J v|| = sigma`` and its weight
+  gradient is the exact one; beyond it, it is the secant version. Stochastic modules in
+  training mode (Dropout, stochastic depth) draw one noise sample for both halves
+  (:func:`paired_noise`), so that s measures J, not the difference of two random networks.
+* :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (double
+  backward). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
+
+Both reduce the per-example s to ``lam * mean_b(s_b)`` or ``lam * mean_b(s_b^2)``
+(``squared``, the paper's d.d. SNR), optionally scaled by eps (``scale_by_eps``: the fd
+penalty becomes the theorem's adversarial logit loss ``||f(x + eps v) - f(x)||``).
+
+Example::
+
+    >>> pen = FDPenalty(squared=True)
+    >>> clean, s, s_sq, pert = pen.evaluate(model, x, x_p, v, u, LogitNorm(2), eps)
+    >>> value = pen.reduce(s, s_sq, lam=0.02, eps=eps)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import forward
+from opnorm.regularizers.metrics import OutputMetric, full
+
+__all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "STOCHASTIC"]
+
+STOCHASTIC: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                nn.FeatureAlphaDropout)
+try:  # torchvision's stochastic depth (efficientnet, convnext, swin), when torchvision is installed
+    from torchvision.ops import StochasticDepth
+
+    STOCHASTIC = STOCHASTIC + (StochasticDepth,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _rng(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device), lambda s: torch.cuda.set_rng_state(s, device)
+    return torch.get_rng_state(), torch.set_rng_state
+
+
+def _paired(module_forward, batch: int):
+    """A forward that runs the module on the two halves with the same random state."""
+
+    def run(h: torch.Tensor, *args, **kwargs):
+        if not isinstance(h, torch.Tensor) or h.shape[0] != 2 * batch:
+            return module_forward(h, *args, **kwargs)
+        state, restore = _rng(h.device)
+        first = module_forward(h[:batch], *args, **kwargs)
+        restore(state)
+        return torch.cat([first, module_forward(h[batch:], *args, **kwargs)])
+
+    return run
+
+
+@contextlib.contextmanager
+def paired_noise(net: nn.Module, batch: int) -> Iterator[None]:
+    """Inside, every stochastic module (:data:`STOCHASTIC`) in training mode that sees a batch
+    of 2 * ``batch`` rows applies the same noise to rows i and batch + i. Functional dropout
+    inside a custom forward is not covered: put it in an ``nn.Dropout`` module."""
+    patched = [m for m in net.modules() if isinstance(m, STOCHASTIC) and m.training]
+    for m in patched:
+        m.forward = _paired(type(m).forward.__get__(m), batch)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+class Penalty:
+    """Base: the reduction shared by both penalties. ``uses_point``: needs ``x + eps v``."""
+
+    uses_point = True
+
+    def __init__(self, squared: bool = True, scale_by_eps: bool = False) -> None:
+        self.squared, self.scale_by_eps = bool(squared), bool(scale_by_eps)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(squared={self.squared}, scale_by_eps={self.scale_by_eps})"
+
+    def reduce(self, s: torch.Tensor, s_sq: Optional[torch.Tensor], lam: float, eps: float) -> torch.Tensor:
+        """Per-example s (B,) -> ``lam * mean(s or s^2)`` with the optional eps scale; ``s_sq``,
+        when given, is s^2 computed without a square root."""
+        if self.squared:
+            value = s_sq if s_sq is not None else s * s
+            return lam * (value * eps**2 if self.scale_by_eps else value).mean()
+        return lam * (s * eps if self.scale_by_eps else s).mean()
+
+
+class FDPenalty(Penalty):
+    """The finite-difference penalty (see the module docstring)."""
+
+    def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p: torch.Tensor, v, u,
+                 metric: OutputMetric, eps: float):
+        """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model``."""
+        B = x.shape[0]
+        with paired_noise(net, B):
+            out = model(torch.cat([x, x_p]))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:
+            raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
+        s, s_sq = metric.fd(out[:B], out[B:], eps)
+        return out[:B], s, s_sq, out[B:]
+
+
+class ExactPenalty(Penalty):
+    """The exact penalty ``<u, J(x) v>`` (see the module docstring)."""
+
+    uses_point = False
+
+    def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p, v: torch.Tensor,
+                 u: torch.Tensor, metric: OutputMetric, eps: float):
+        """(f(x), s, None, None): J v is differentiable w.r.t. the weights: with a dummy w,
+        ``g = J^T w`` is built with ``create_graph=True`` and ``J v = d<g, v>/dw``."""
+        xg = x.detach().requires_grad_(True)
+        out = forward(model, xg)
+        w = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad(out, xg, grad_outputs=w, create_graph=True)
+        (jv,) = torch.autograd.grad(g, w, grad_outputs=v.to(g.dtype), create_graph=True, allow_unused=True)
+        if jv is None:  # the model is constant in x
+            jv = torch.zeros_like(out) * out
+        return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None
