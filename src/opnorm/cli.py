@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import math
@@ -50,8 +51,34 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help)
+def _flag_type(f) -> Any:
+    """argparse type of a config field: its default's type, str for the orders p and q."""
+    text = str(f.type)
+    if "bool" in text:
+        return bool
+    for name, typ in (("int", int), ("float", float)):
+        if name in text:
+            return typ
+    return str
+
+
+def _config_flags(t: argparse.ArgumentParser, cls: Any = None, prefix: str = "") -> None:
+    """One flag per config field (``--batch-size``; ``--opnorm-step`` for the nested section),
+    with the field's help text; dest is the dotted field path."""
+    from opnorm.training.config import TrainConfig
+
+    for f in dataclasses.fields(cls or TrainConfig):
+        if f.name == "opnorm":
+            _config_flags(t, type(f.default_factory()), "opnorm.")
+            continue
+        flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
+        dest, help, metavar = prefix + f.name, f.metadata.get("help"), f.name.upper()
+        if f.name == "compile" and not prefix:
+            t.add_argument(flag, dest=dest, nargs="?", const=True, metavar="BACKEND", help=help)
+        elif _flag_type(f) is bool:
+            t.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            t.add_argument(flag, dest=dest, type=_flag_type(f), metavar=metavar, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,56 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (resume later)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    for name, typ, help in [
-        ("dataset", str, "digits | fashion-mnist | mnist | cifar10"),
-        ("model", str, "mlp | cnn | vgg | resnet18 | wrn-28-10"),
-        ("method", str, "clean | pgd-at | logit-at | opnorm | global-snr | trades"),
-        ("p", str, "threat model l_p (1, 2, inf, any real >= 1 for opnorm)"),
-        ("q", str, "logit norm l_q of the (p, q) operator norm / logit loss"),
-        ("eps", float, "radius (default: per dataset and p)"),
-        ("lam", float, "penalty weight (opnorm, global-snr)"),
-        ("iters", int, "power iterations per batch (opnorm fast mode: on an example's first visit)"),
-        ("opnorm-mode", str, "opnorm: fast (default; warm-started directions, free power iteration) | paper"),
-        ("opnorm-output", str, "opnorm: logits (l_q norm of the logit change; default) | kl (softmax KL, Fisher metric; q=2)"),
-        ("opnorm-iteration", str, "opnorm: linear (J v of the linearization; default) | fd (f(x + eps v) - f(x): a PGA step on the penalty)"),
-        ("opnorm-task", str, "opnorm: clean (CE at x; default) | perturbed (CE at x + eps v: AT with the power method's direction)"),
-        ("opnorm-step", float, "opnorm: direction update step as a fraction of eps (default inf: the power method; finite: PGA steps kept between visits)"),
-        ("warm-iters", int, "opnorm: explicit power iterations on later visits (fast default 1)"),
-        ("steps", int, "PGD steps of training attacks"),
-        ("step-size", float, "PGD step length (default 2.5 eps / steps)"),
-        ("adv-fraction", float, "share of each batch replaced by adversarial examples"),
-        ("beta", float, "TRADES weight"),
-        ("penalty", str, "opnorm penalty: fd | exact"),
-        ("epochs", int, "epochs"),
-        ("batch-size", int, "batch size per process"),
-        ("lr", float, "learning rate"),
-        ("optimizer", str, "sgd | adam"),
-        ("momentum", float, "SGD momentum"),
-        ("weight-decay", float, "weight decay"),
-        ("scheduler", str, "cosine | none"),
-        ("seed", int, "seed"),
-        ("out", str, "run directory"),
-        ("device", str, "auto | cpu | cuda | cuda:N"),
-        ("data-dir", str, "dataset directory"),
-        ("limit-train", int, "use only the first N training examples"),
-        ("limit-test", int, "use only the first N test examples"),
-        ("eval-points", int, "test points for the per-epoch PGD and operator-norm metrics"),
-        ("eval-steps", int, "PGD steps of the per-epoch robustness metric"),
-        ("norm-iters", int, "power iterations of the per-epoch operator-norm metric"),
-        ("width", int, "model width"),
-        ("num-workers", int, "data loader workers"),
-    ]:
-        t.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ, help=help)
-    _bool_flag(t, "squared", "opnorm / logit-at: penalize sigma^2 / the squared logit distance (default) or the plain value")
-    _bool_flag(t, "dynamic", "opnorm: power iterations linearize inside the eps-ball")
-    _bool_flag(t, "opnorm-clip", "opnorm: clamp x + eps v into [0, 1] (default: on in fast mode, off in paper mode)")
-    _bool_flag(t, "free-update", "opnorm fast mode: advance stored directions from the training backward (default on)")
-    _bool_flag(t, "scale-by-eps", "opnorm: penalize (eps sigma)^(2|1), the logit loss scale of logit-at (matched lam)")
-    _bool_flag(t, "download", "download missing datasets (needs torchvision)")
-    _bool_flag(t, "amp", "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
-    t.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
-                   help="torch.compile the model (optionally with a backend, e.g. aot_eager)")
-    _bool_flag(t, "progress", "progress bars (default: when stderr is a terminal)")
+    _config_flags(t)
 
     e = sub.add_parser("eval", help="robust accuracy of a checkpoint")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its run directory)")
@@ -176,13 +154,17 @@ def _read_json(path: Path, what: str) -> dict:
 
 def train_config_from_args(args: argparse.Namespace):
     """(TrainConfig, resume, stop_after): defaults < run's config.json (resume) < --config < flags."""
-    from opnorm.training.config import TrainConfig
+    from opnorm.training.config import TrainConfig, merge
     from opnorm.training.trainer import CONFIG
 
-    flags = {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
+    flags: dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if k not in _CLI_ONLY:
+            section, _, name = k.rpartition(".")
+            (flags.setdefault(section, {}) if section else flags)[name or k] = v
     from_file = _read_json(Path(args.config), "config file") if "config" in args else {}
     resume = bool(getattr(args, "resume", False))
-    merged: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = []
     if resume:
         out = flags.get("out", from_file.get("out"))
         if out is None:
@@ -190,10 +172,8 @@ def train_config_from_args(args: argparse.Namespace):
         run_config = Path(out) / CONFIG
         if not run_config.is_file():
             raise FileNotFoundError(f"no run to resume in {out} (no {CONFIG})")
-        merged.update(_read_json(run_config, "run config"))
-    merged.update(from_file)
-    merged.update(flags)
-    cfg = TrainConfig.from_dict(merged).resolved()
+        layers.append(_read_json(run_config, "run config"))
+    cfg = TrainConfig.from_dict(merge(*layers, from_file, flags)).resolved()
     return cfg, resume, getattr(args, "stop_after", None)
 
 

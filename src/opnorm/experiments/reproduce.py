@@ -1,6 +1,6 @@
 """``opnorm reproduce``: the paper's findings, measured on real data, as a report.
 
-One run trains every method of PAPER.md section 5 with the same model, data order and
+One run trains every method of docs/theory.md and the paper with the same model, data order and
 budget, then measures robust accuracy curves, alignment with the top singular vector,
 the theorem, spectra and linear regions, checks its own attacks, and writes
 ``report.md``, ``results.json`` and PNG plots (see :mod:`opnorm.experiments.report`).
@@ -321,7 +321,7 @@ def sanity_checks(cfg: StudyConfig, methods: dict, models: dict, x, y) -> list[d
 
 
 def findings(r: dict) -> list[dict]:
-    """One row per finding of PAPER.md section 6, each judged on the measured numbers."""
+    """One row per finding of the paper, each judged on the measured numbers."""
     out = []
     al, raw = r["alignment"], r["alignment_raw"]
     lg, lgf, ce, rnd = al["logit"]["mean"], al["logit_finite"]["mean"], al["ce"]["mean"], al["random"]["mean"]

@@ -209,7 +209,9 @@ class TrainConfig:
             lam = DEFAULT_LAM.get(c.method, 0.0)
             c.lam = lam[bool(c.squared)] if isinstance(lam, dict) else lam
         c.lam = _number(c.lam, "lam", lo=0.0)
-        c.iters = _integer(1 if c.iters is None else c.iters, "iters", lo=1)
+        if c.method == "opnorm" and c.iters is not None:
+            raise ValueError("iters sets global-snr's power iterations; for opnorm use opnorm.iters (--opnorm-iters)")
+        c.iters = _integer(1 if c.iters is None else c.iters, "iters", lo=1) if c.method == "global-snr" else None
         section = c.opnorm if isinstance(c.opnorm, OpnormConfig) else TrainConfig.from_dict({"opnorm": c.opnorm}).opnorm
         c.opnorm = section.resolved()
         if c.lr is None:
