@@ -37,6 +37,7 @@ from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import LossFn, LossSpec, get_loss
+from opnorm.validation import box
 from opnorm.norms import Order, clip_box, lp_norm, norm_order, pga_step, project_lp_ball
 
 __all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES"]
@@ -124,12 +125,7 @@ def _check_labels(y, x: torch.Tensor, spec: LossSpec, targeted: bool) -> Optiona
 def _check_clip(clip: Clip, x: torch.Tensor) -> Clip:
     if clip is None:
         return None
-    try:
-        lo, hi = (float(c) for c in clip)
-    except (TypeError, ValueError):
-        raise TypeError(f"clip must be None or a pair (lo, hi) of floats, got {clip!r}") from None
-    if not lo <= hi:
-        raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
+    lo, hi = box(clip)
     if x.min() < lo or x.max() > hi:
         raise ValueError(
             f"x lies outside clip=({lo:g}, {hi:g}) (min {x.min().item():g}, max {x.max().item():g}); "
@@ -238,6 +234,48 @@ class _Best:
         self.delta = torch.where(mask, delta, self.delta)
         if hist:
             self.hist = [torch.where(mask, h, b) for h, b in zip(hist, self.hist)]
+
+
+def _start(x: torch.Tensor, p: float, eps_t: torch.Tensor, delta0, random_start: bool, generator) -> torch.Tensor:
+    """The start perturbation of one run: delta0, a random point of the ball, or 0."""
+    if delta0 is not None:
+        return delta0.detach().to(x.dtype)
+    if random_start:
+        return random_in_ball(x, p, eps_t, generator)
+    return torch.zeros_like(x)
+
+
+def _run(attack: "_Attack", start: torch.Tensor, steps: int, step_size, schedule: str, best_iterate: bool,
+         return_history: bool) -> tuple[torch.Tensor, list[torch.Tensor], Optional["_Best"]]:
+    """One PGA run from start: (final or best delta, history, the path's best tracker or None)."""
+    delta = attack.project(start)
+    spec = attack.spec
+    if spec.zero_gradient_at_start and (lp_norm(delta, math.inf) == 0).any():
+        raise ValueError(
+            f"loss={spec.name!r} needs a nonzero start: its gradient at delta = 0 is "
+            f"{'undefined' if spec.name == 'logit' else 'zero'}; pass a delta0 that is nonzero for every "
+            "example, or random_start=True with eps > 0"
+        )
+    hist: list[torch.Tensor] = []
+    halving = schedule == "halving"
+    path = _Best() if best_iterate or halving else None
+    attack.step_size = step_size
+    for k in range(steps):
+        if halving and k > 0 and _phase(k, steps) != _phase(k - 1, steps):
+            # halve, and go on from the strongest point so far
+            path.offer(delta, attack.score(delta))
+            delta = path.delta
+            attack.step_size = step_size * 0.5 ** _phase(k, steps)
+        new = attack.step(delta, track=path is not None)
+        if path is not None:
+            path.offer(delta, attack.last_score)
+        delta = new
+        if return_history:
+            hist.append(delta)
+    if best_iterate:
+        path.offer(delta, attack.score(delta))
+        delta = path.delta
+    return delta, hist, path
 
 
 def pgd(
@@ -360,41 +398,10 @@ def pgd(
             with torch.no_grad():
                 clean = forward(net, x)
         attack = _Attack(net, x, y, eps_t, p, spec, step_size, clip, targeted, l1_fraction, clean)
-
         best = _Best()
-        for r in range(restarts):
-            if delta0 is not None:
-                start = delta0.detach().to(x.dtype)
-            elif random_start:
-                start = random_in_ball(x, p, eps_t, generator)
-            else:
-                start = torch.zeros_like(x)
-            delta = attack.project(start)
-            if spec.zero_gradient_at_start and (lp_norm(delta, math.inf) == 0).any():
-                raise ValueError(
-                    f"loss={spec.name!r} needs a nonzero start: its gradient at delta = 0 is "
-                    f"{'undefined' if spec.name == 'logit' else 'zero'}; pass a delta0 that is nonzero for every "
-                    "example, or random_start=True with eps > 0"
-                )
-            hist = []
-            halving = schedule == "halving"
-            path = _Best() if best_iterate or halving else None
-            attack.step_size = step_size
-            for k in range(steps):
-                if halving and k > 0 and _phase(k, steps) != _phase(k - 1, steps):
-                    # halve, and go on from the strongest point so far
-                    path.offer(delta, attack.score(delta))
-                    delta = path.delta
-                    attack.step_size = step_size * 0.5 ** _phase(k, steps)
-                new = attack.step(delta, track=path is not None)
-                if path is not None:
-                    path.offer(delta, attack.last_score)
-                delta = new
-                if return_history:
-                    hist.append(delta)
-            if best_iterate:
-                path.offer(delta, attack.score(delta))
-                delta = path.delta
+        for _ in range(restarts):
+            start = _start(x, p, eps_t, delta0, random_start, generator)
+            delta, hist, path = _run(attack, start, steps, step_size, schedule, best_iterate, return_history)
             if restarts == 1:
                 best.delta, best.hist = delta, hist
                 break

@@ -15,6 +15,8 @@ from typing import Optional, Union
 
 import torch
 
+from opnorm.validation import box
+
 Order = Union[float, int, str]
 
 __all__ = [
@@ -186,9 +188,7 @@ def clip_box(x: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor:
     """Clamp into the box [lo, hi]; ``clip=None`` leaves x unconstrained."""
     if clip is None:
         return x
-    lo, hi = clip
-    if lo > hi:
-        raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
+    lo, hi = box(clip)
     return x.clamp(lo, hi)
 
 
