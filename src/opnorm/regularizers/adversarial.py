@@ -40,8 +40,8 @@ class AdversarialTrainingLoss(nn.Module):
           over the attacked examples, delta from PGD on that same logit loss. With matched
           eps and lam it equals ``OperatorNormRegularizer(..., scale_by_eps=True)`` inside
           the linear region (``lam * (eps sigma)^(1|2)``).
-        * ``"trades"``: ``CE(f(x), y) + beta * mean KL(softmax f(x) || softmax f(x_adv))``
-          over the attacked examples, x_adv from PGD on the KL loss.
+        * ``"trades"``: ``CE(f(x), y) + lam * mean KL(softmax f(x) || softmax f(x_adv))``
+          over the attacked examples, x_adv from PGD on the KL loss (``lam`` is TRADES' beta).
 
     The attack (:func:`opnorm.attacks.pgd`) runs in eval mode on the unwrapped model
     without autocast; the training loss is one forward of the (possibly DDP-wrapped) model
@@ -52,12 +52,12 @@ class AdversarialTrainingLoss(nn.Module):
         eps: radius of the l_p ball (>= 0). p: its norm order.
         steps: PGD steps. step_size: per step (None: the attack's default, relative to eps).
         q: order of the logit loss (kind ``"logit"``).
-        beta: TRADES weight (>= 0).
-        lam: weight of the logit penalty (kind ``"logit"``, >= 0). squared: penalize the
-            squared logit distance (the paper's d.d. SNR pairing) instead of the distance.
+        lam: weight of the logit penalty (kind ``"logit"``) or of the KL term (``"trades"``,
+            TRADES' beta), >= 0; None: 1 (logit), 6 (trades). squared: penalize the squared
+            logit distance (the paper's d.d. SNR pairing) instead of the distance.
         adv_fraction: share of the batch that is attacked, in [0, 1] (1: Madry, 0.5: the
             paper's mix).
-        random_start: start PGD at a random point of the ball. clip: the input box.
+        clip: the input box. PGD starts at a random point of the ball (Madry et al.).
 
     Forward:
         ``loss_fn(model, x, y, index=None) -> scalar``.
@@ -76,11 +76,9 @@ class AdversarialTrainingLoss(nn.Module):
         steps: int = 10,
         step_size: Optional[float] = None,
         q: Order = 2,
-        beta: float = 6.0,
-        lam: float = 1.0,
+        lam: Optional[float] = None,
         squared: bool = True,
         adv_fraction: float = 1.0,
-        random_start: bool = True,
         clip: Optional[tuple[float, float]] = (0.0, 1.0),
     ) -> None:
         super().__init__()
@@ -92,14 +90,12 @@ class AdversarialTrainingLoss(nn.Module):
         self.q = norm_order(q, "q")
         self.steps = integer(steps, "steps", lo=1)
         self.step_size = None if step_size is None else number(step_size, "step_size")
-        self.beta = number(beta, "beta")
-        self.lam = number(lam, "lam")
+        self.lam = number((6.0 if kind == "trades" else 1.0) if lam is None else lam, "lam")
         self.squared = bool(squared)
         frac = number(adv_fraction, "adv_fraction")
         if frac > 1:
             raise ValueError(f"adv_fraction must be in [0, 1], got {adv_fraction!r}")
         self.adv_fraction = frac
-        self.random_start = bool(random_start)
         self.clip = box(clip)
 
     def extra_repr(self) -> str:
@@ -114,7 +110,7 @@ class AdversarialTrainingLoss(nn.Module):
         with no_autocast(x.device):
             x_adv = pgd(
                 model, x, y, eps=self.eps, p=self.p, loss=loss, q=self.q, steps=self.steps,
-                step_size=self.step_size, random_start=self.random_start, clip=self.clip,
+                step_size=self.step_size, random_start=True, clip=self.clip,
             )
         return x_adv.detach()
 
@@ -133,6 +129,6 @@ class AdversarialTrainingLoss(nn.Module):
             if self.kind == "logit":
                 dist = lp_norm(full(adv) - full(clean[:m]), self.q)
                 return F.cross_entropy(full(clean), y) + self.lam * (dist**2 if self.squared else dist).mean()
-            return F.cross_entropy(full(clean), y) + self.beta * kl_rows(clean[:m], adv).mean()
+            return F.cross_entropy(full(clean), y) + self.lam * kl_rows(clean[:m], adv).mean()
         out = forward(model, torch.cat([x_adv, x[m:]]))
         return F.cross_entropy(full(out), y)

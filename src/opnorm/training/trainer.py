@@ -131,7 +131,7 @@ class Objective(nn.Module):
             kind = {"pgd-at": "ce", "logit-at": "logit", "trades": "trades"}[cfg.method]
             self.at = AdversarialTrainingLoss(
                 kind, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size, q=cfg.q,
-                beta=cfg.beta, lam=cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
+                lam=cfg.beta if kind == "trades" else cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
             )
 
     def sync(self) -> None:
