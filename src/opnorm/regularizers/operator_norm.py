@@ -142,10 +142,8 @@ class OperatorNormRegularizer(nn.Module):
         self.store.sync()
         return self.store.rows(index, x.shape[0], x.device)
 
-    def _start(self, x: torch.Tensor, idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(start vectors, warm mask): stored directions where seen, random unit ones elsewhere."""
-        if idx is None:
-            return self.solver.random_start(x.shape[0], x, self.p), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stored, warm = self.store.lookup(idx, x)
         if bool(warm.all()):
             return stored, warm
@@ -156,22 +154,28 @@ class OperatorNormRegularizer(nn.Module):
 
     def initial_vectors(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Start vectors (x's shape): stored ones where seen, random unit l_p ones elsewhere."""
-        return self._start(x, self._rows(index, x))[0]
+        idx = self._rows(index, x)
+        return self.solver.random_start(x.shape[0], x, self.p) if idx is None else self._start(x, idx)[0]
 
-    def _iterations(self, idx, warm: torch.Tensor, free: bool) -> torch.Tensor:
+    def _iterations(self, warm: torch.Tensor, free: bool) -> torch.Tensor:
         iters = torch.full(warm.shape, self.solver.iters, dtype=torch.long, device=warm.device)
-        if idx is not None:
-            iters[warm] = self.solver.warm_iters if free else max(self.solver.warm_iters, 1)
+        iters[warm] = self.solver.warm_iters if free else max(self.solver.warm_iters, 1)
         return iters
 
     def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
-        """(v, sigma, u, idx, most iterations). Rows are grouped by their iteration count.
-        Unless ``complete``, sigma / u stay NaN / None where they would cost one more J v."""
+        """(v, sigma, u, idx, most iterations). With a store, rows are grouped by their iteration
+        count (cold / warm). Unless ``complete``, or without the free step, sigma / u stay NaN /
+        None where they would cost one more J v (the fd forward measures sigma anyway)."""
         check_inputs(net, x)
         x = x.detach()
         idx = self._rows(index, x)
+        if idx is None:  # nothing stored (the paper's configuration): iters iterations from random starts
+            v0 = self.solver.random_start(x.shape[0], x, self.p)
+            measure = complete or not self.solver.free_update
+            sigma, v, u = self.solver.run(net, x, v0, self.solver.iters, self.p, self.eps, self.metric, self.clip, measure)
+            return v, sigma, u, None, self.solver.iters
         v0, warm = self._start(x, idx)
-        iters = self._iterations(idx, warm, free)
+        iters = self._iterations(warm, free)
         measure = complete or not self.solver.free_update  # the free step's fd forward measures sigma anyway
         B = x.shape[0]
         v, u, sigma = v0, None, torch.full((B,), math.nan, dtype=x.dtype, device=x.device)
@@ -193,7 +197,7 @@ class OperatorNormRegularizer(nn.Module):
             if uk is not None:
                 u = torch.full((B, uk.shape[1]), math.nan, dtype=uk.dtype, device=uk.device) if u is None else u
                 u[rows] = uk
-        if idx is not None and bool((iters > 0).any()):
+        if bool((iters > 0).any()):
             ran = iters > 0
             self.store.put(idx if bool(ran.all()) else idx[ran], v if bool(ran.all()) else v[ran])
         return v.detach(), sigma, u, idx, int(iters.max())
