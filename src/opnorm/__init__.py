@@ -15,7 +15,17 @@ from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 from opnorm.attacks import PGD, pgd
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
-from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
+from opnorm.regularizers import (
+    AdversarialTrainingLoss,
+    DirectionStore,
+    ExactPenalty,
+    FDPenalty,
+    FisherKL,
+    GlobalSpectralNormRegularizer,
+    LogitNorm,
+    OperatorNormRegularizer,
+    PGASolver,
+)
 from opnorm.training.config import TrainConfig
 from opnorm.training.trainer import TrainResult, train
 
