@@ -56,7 +56,7 @@ TIME_GOAL = 0.3  # training time over PGD-10 AT's
 # the harness sets these for every method; a method's own config may set the rest
 SHARED = ("dataset", "model", "p", "eps", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
           "scheduler", "seed", "eval_points", "eval_steps", "limit_train", "out", "progress")
-OPNORM_DEFAULT = dict(method="opnorm", opnorm_output="kl", lam=0.06)
+OPNORM_DEFAULT = dict(method="opnorm", lam=0.06, opnorm={"output": "kl"})
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "pgd-at": ("PGD-10 AT", dict(method="pgd-at", steps=10)),
     "trades": ("TRADES (beta 6)", dict(method="trades", steps=10, beta=6.0)),
@@ -65,7 +65,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "n-fgsm": ("N-FGSM", dict(method="n-fgsm")),
     "opnorm-fast": ("op-norm reg., fast default", OPNORM_DEFAULT),
     "opnorm-fast-robust": ("op-norm reg., fast-robust", {}),  # from FAST_ROBUST
-    "opnorm-paper": ("op-norm reg., paper", dict(OPNORM_DEFAULT, opnorm_mode="paper")),
+    "opnorm-paper": ("op-norm reg., paper", dict(OPNORM_DEFAULT, opnorm={"output": "kl", "mode": "paper"})),
 }
 
 
@@ -79,7 +79,7 @@ def method_config(name: str, args: argparse.Namespace, eps: float, seed: int, ou
     shared = dict(dataset=args.dataset, model="cnn", p="inf", eps=eps, epochs=args.epochs, batch_size=128,
                   optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine", seed=seed,
                   eval_points=args.epoch_points, eval_steps=10, limit_train=args.train, out=str(out), progress=False)
-    return TrainConfig(**{**own, **shared})
+    return TrainConfig.from_dict({**own, **shared})  # from_dict: the config file's flat keys migrate
 
 
 def run_path(root: Path, eps: float, name: str, seed: int) -> Path:
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replays", type=int, default=3, help="free's replays per minibatch")
     ap.add_argument("--train", type=int, default=20000, help="train on the first N images")
     ap.add_argument("--points", type=int, default=1000, help="test points of the evaluation")
-    ap.add_argument("--epoch-points", type=int, default=200, help="test points of the trainer's per-epoch check")
+    ap.add_argument("--epoch-points", type=int, default=100, help="test points of the trainer's per-epoch check")
     ap.add_argument("--restarts", type=int, default=3, help="PGD-20 restarts")
     ap.add_argument("--apgd-steps", type=int, default=100)
     ap.add_argument("--square-queries", type=int, default=1000)
