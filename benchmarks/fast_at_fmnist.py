@@ -241,6 +241,29 @@ def pct(d: dict) -> str:
     return f"{100 * d['mean']:.1f}" + ("" if math.isnan(d["se"]) else f" ± {100 * d['se']:.1f}")
 
 
+def goal_lines(goals: dict) -> list[str]:
+    """The report's goal sections, one per radius."""
+    lines: list[str] = []
+    for eps, g in goals.items():
+        lines += [f"## Goal for the fast regularizer (fast-robust configuration), eps {eps}", ""]
+        if g["status"] != "measured":
+            lines += ["Not yet measured (no seed has both the fast-robust and the PGD-10 AT run).", ""]
+            continue
+        lines += [f"Within {GAP_GOAL:g} point of PGD-10 AT's worst case on every seed: "
+                  f"**{'met' if g['within_gap_every_seed'] else 'not met'}**; at <= {TIME_GOAL:g}x its training "
+                  f"time: **{'met' if g['time_ratio_met_every_seed'] else 'not met'}** "
+                  f"({len(g['seeds'])} seed(s)).", "",
+                  "| seed | AT minus fast-robust (points) | time / AT's | minus FGSM-RS (points) | time / FGSM-RS's "
+                  "| minus free (points) | time / free's |", "|---|---|---|---|---|---|---|"]
+        f = lambda r, k, fmt: fmt.format(r[k]) if k in r else "-"  # noqa: E731
+        for r in g["per_seed"]:
+            lines.append(f"| {r['seed']} | {r['gap_points']:+.1f} | {r['time_ratio']:.2f} | "
+                         f"{f(r, 'over_fgsm-rs_points', '{:+.1f}')} | {f(r, 'time_ratio_over_fgsm-rs', '{:.2f}')} | "
+                         f"{f(r, 'over_free_points', '{:+.1f}')} | {f(r, 'time_ratio_over_free', '{:.2f}')} |")
+        lines.append("")
+    return lines
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     runs = collect(out)
@@ -283,23 +306,7 @@ def report(args: argparse.Namespace) -> None:
         f"({args.apgd_steps} steps), Square ({args.square_queries} queries); worst case = robust under all four, "
         "per example. Mean ± standard error over seeds (no ± with one seed).", "",
     ]
-    for eps, g in goals.items():
-        lines += [f"## Goal for the fast regularizer (fast-robust configuration), eps {eps}", ""]
-        if g["status"] != "measured":
-            lines += ["Not yet measured (no seed has both the fast-robust and the PGD-10 AT run).", ""]
-            continue
-        lines += [f"Within {GAP_GOAL:g} point of PGD-10 AT's worst case on every seed: "
-                  f"**{'met' if g['within_gap_every_seed'] else 'not met'}**; at <= {TIME_GOAL:g}x its training "
-                  f"time: **{'met' if g['time_ratio_met_every_seed'] else 'not met'}** "
-                  f"({len(g['seeds'])} seed(s)).", "",
-                  "| seed | AT minus fast-robust (points) | time / AT's | minus FGSM-RS (points) | time / FGSM-RS's "
-                  "| minus free (points) | time / free's |", "|---|---|---|---|---|---|---|"]
-        f = lambda r, k, fmt: fmt.format(r[k]) if k in r else "-"  # noqa: E731
-        for r in g["per_seed"]:
-            lines.append(f"| {r['seed']} | {r['gap_points']:+.1f} | {r['time_ratio']:.2f} | "
-                         f"{f(r, 'over_fgsm-rs_points', '{:+.1f}')} | {f(r, 'time_ratio_over_fgsm-rs', '{:.2f}')} | "
-                         f"{f(r, 'over_free_points', '{:+.1f}')} | {f(r, 'time_ratio_over_free', '{:.2f}')} |")
-        lines.append("")
+    lines += goal_lines(goals)
     for eps, by_method in agg.items():
         lines += [f"## eps {eps}", "", "| method | seeds | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | "
                   "APGD-DLR (%) | Square (%) | worst case (%) |", "|---|---|---|---|---|---|---|---|---|"]
