@@ -69,6 +69,7 @@ from typing import Any, Optional
 import torch
 
 import opnorm
+from opnorm.experiments.evaluate import torchattacks_correct
 from opnorm.jacobian import eval_mode
 from opnorm.regularizers import FAST_COLD_ITERS, FAST_WARM_ITERS
 from opnorm.training.config import OPNORM_TASKS, TrainConfig
@@ -261,17 +262,8 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
 
 def apgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, steps: int,
                   batch: int = 250) -> float:
-    import torchattacks
-
-    correct = 0
-    with eval_mode(model):
-        attack = torchattacks.APGD(model, norm="Linf", eps=0.1, steps=steps, n_restarts=1, seed=0, loss=loss)
-        for s in range(0, x.shape[0], batch):
-            xb, yb = x[s:s + batch], y[s:s + batch]
-            adv = attack(xb, yb)
-            with torch.no_grad():
-                correct += int((model(adv).argmax(1) == yb).sum())
-    return correct / x.shape[0]
+    correct = torchattacks_correct(model, x, y, f"apgd-{loss}", eps=0.1, steps=steps, seed=0, batch_size=batch)
+    return float(correct.double().mean())
 
 
 def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, index: torch.Tensor) -> dict:

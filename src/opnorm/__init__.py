@@ -26,6 +26,7 @@ from opnorm.regularizers import (
     OperatorNormRegularizer,
     PGASolver,
 )
+from opnorm.fast_at import FreeATLoss, SingleStepATLoss
 from opnorm.training.config import TrainConfig
 from opnorm.training.trainer import TrainResult, train
 

@@ -168,7 +168,8 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "opnorm: error: unknown method 'nope'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades"
+        "opnorm: error: unknown method 'nope'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades, fgsm-rs, free, "
+        "n-fgsm"
     ]
     assert not (tmp_path / "x").exists()
 

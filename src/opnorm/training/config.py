@@ -27,7 +27,7 @@ from opnorm.validation import one_of
 __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "TrainConfig", "OpnormConfig", "default_eps", "DEFAULT_LAM",
            "migrate", "merge"]
 
-METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades")
+METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("cosine", "none")
 PENALTIES = ("fd", "exact")
@@ -127,7 +127,11 @@ class TrainConfig:
     for ``batch_size``, ``--opnorm-step`` for ``opnorm.step``. Methods: clean, pgd-at (Madry,
     CE attack), logit-at (CE + lam * the l_q logit loss at its PGD maximizer: the theorem's AT
     objective), opnorm (d.d. (p, q) operator norm regularization; options in :attr:`opnorm`),
-    global-snr (Yoshida & Miyato), trades. ``batch_size`` is per process (the global batch is
+    global-snr (Yoshida & Miyato), trades, and the single-step methods of :mod:`opnorm.fast_at`:
+    fgsm-rs (random start, one FGSM step), free (minibatch replays), n-fgsm (noise, unprojected
+    step). For free, ``epochs`` counts optimizer steps in epochs as for every other method: it
+    makes ``epochs / replays`` passes over the data (a multiple is required; the run's metrics
+    have one line per pass). ``batch_size`` is per process (the global batch is
     batch_size * world size under torchrun).
     """
 
@@ -145,6 +149,9 @@ class TrainConfig:
     step_size: Optional[float] = _f(None, "PGD step length (default 2.5 eps / steps)")
     adv_fraction: float = _f(1.0, "share of each batch replaced by adversarial examples")
     beta: float = _f(6.0, "TRADES weight")
+    fgsm_step: Optional[float] = _f(None, "fgsm-rs / n-fgsm / free: attack step as a fraction of eps (default 1.25 / 1 / 1)")
+    fgsm_start: Optional[float] = _f(None, "fgsm-rs / n-fgsm: random start radius as a fraction of eps (default 1 / 2)")
+    replays: Optional[int] = _f(None, "free: optimizer steps per minibatch (default 4); free makes epochs / replays passes")
     epochs: int = _f(10, "epochs")
     batch_size: int = _f(64, "batch size per process")
     lr: Optional[float] = _f(None, "learning rate (default: sgd 0.05, adam 1e-3)")
@@ -219,6 +226,7 @@ class TrainConfig:
         c.lr = _number(c.lr, "lr", lo=0.0, strict=True)
         _resolve_numbers(c)
         _check_method(c)
+        _resolve_fast_at(c)
         return c
 
 
@@ -288,6 +296,41 @@ def _check_method(c: TrainConfig) -> None:
                              "or use --opnorm-penalty fd")
     if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
         raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")
+
+
+def _resolve_fast_at(c: TrainConfig) -> None:
+    """Validate fgsm_step / fgsm_start / replays and fill the fast methods' defaults (opnorm.fast_at)."""
+    from opnorm.fast_at import FAST_AT_METHODS, FREE_DEFAULT_REPLAYS, FREE_DEFAULT_STEP, SINGLE_STEP_DEFAULTS
+
+    if c.fgsm_step is not None:
+        c.fgsm_step = _number(c.fgsm_step, "fgsm_step", lo=0.0, strict=True)
+    if c.fgsm_start is not None:
+        c.fgsm_start = _number(c.fgsm_start, "fgsm_start", lo=0.0)
+    if c.replays is not None:
+        c.replays = _integer(c.replays, "replays", lo=1)
+    if c.method not in FAST_AT_METHODS:
+        return
+    if c.p not in (1.0, 2.0, math.inf):
+        raise ValueError(f"method {c.method} takes l_p steps for p in 1, 2, inf, got p {c.p:g}")
+    if c.eps == 0:
+        raise ValueError(f"method {c.method} needs eps > 0 (its steps are fractions of eps)")
+    if c.adv_fraction != 1:
+        raise ValueError(f"method {c.method} attacks the whole batch: adv_fraction applies to pgd-at, logit-at and trades only")
+    if c.method == "free":
+        if c.fgsm_start is not None:
+            raise ValueError("method free has no random start (its perturbation carries over between replays): drop fgsm_start")
+        c.fgsm_step = FREE_DEFAULT_STEP if c.fgsm_step is None else c.fgsm_step
+        c.replays = FREE_DEFAULT_REPLAYS if c.replays is None else c.replays
+        if c.epochs % c.replays:
+            lo, hi = (c.epochs // c.replays) * c.replays, (c.epochs // c.replays + 1) * c.replays
+            raise ValueError(f"method free makes epochs / replays passes over the data: epochs ({c.epochs}) must be a "
+                             f"multiple of replays ({c.replays}), e.g. {f'{lo} or {hi}' if lo else hi}")
+        return
+    if c.replays is not None:
+        raise ValueError(f"replays applies to method free only, not {c.method}: drop it")
+    start, step, _ = SINGLE_STEP_DEFAULTS[c.method]
+    c.fgsm_start = start if c.fgsm_start is None else c.fgsm_start
+    c.fgsm_step = step if c.fgsm_step is None else c.fgsm_step
 
 
 # -- the older flat form -------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
 from opnorm.jacobian import eval_mode, forward, unwrap
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
 from opnorm.training import distributed as D
@@ -112,14 +113,16 @@ class Objective(nn.Module):
       the backward of this loss also advances each example's stored direction); with
       ``opnorm_task="perturbed"`` the CE is taken at ``x + eps v`` instead;
     * global-snr: ``CE(f(x), y) + lam * sum_l sigma(W_l)^2``;
-    * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades.
+    * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades;
+    * fgsm-rs / n-fgsm / free: the single-step losses of :mod:`opnorm.fast_at` (free: the loop
+      replays each batch ``cfg.replays`` times).
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, num_examples: Optional[int] = None) -> None:
         super().__init__()
         self.method = cfg.method
         self.reg: Optional[nn.Module] = None
-        self.at: Optional[AdversarialTrainingLoss] = None
+        self.at: Optional[nn.Module] = None
         self.task = cfg.opnorm.task
         if cfg.method == "opnorm":
             # fast mode keeps a store of directions by dataset index (in state_dict: checkpoints
@@ -133,6 +136,8 @@ class Objective(nn.Module):
                 kind, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size, q=cfg.q,
                 lam=cfg.beta if kind == "trades" else cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
             )
+        elif cfg.method in FAST_AT_METHODS:
+            self.at = fast_at_loss(cfg)
 
     def sync(self) -> None:
         """Share state across DDP ranks (the regularizer's direction store); every rank calls it."""
@@ -299,7 +304,7 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=data_passes(cfg))
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
     return opt, sched
@@ -428,7 +433,8 @@ def _run(
     show = _progress(cfg, ctx)
     sampler = D.sampler(splits.train, ctx, seed=cfg.seed)
     done_now = 0
-    for epoch in range(start_epoch, cfg.epochs):
+    passes = data_passes(cfg)  # cfg.epochs, except free: epochs / replays (see opnorm.fast_at)
+    for epoch in range(start_epoch, passes):
         t0 = time.perf_counter()
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -440,7 +446,7 @@ def _run(
         model.train()
         sums: dict[str, float] = {}
         steps = 0
-        bar = _bar(loader, show, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _bar(Replayed(loader, replays_per_batch(cfg)), show, f"epoch {epoch + 1}/{passes}")
         for x, y, index in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
@@ -483,7 +489,7 @@ def _run(
                 say(_epoch_line(metrics, cfg))
         D.barrier(ctx)
         done_now += 1
-        if stop_after is not None and done_now >= stop_after and epoch + 1 < cfg.epochs:
+        if stop_after is not None and done_now >= stop_after and epoch + 1 < passes:
             return TrainResult(model, history[-1], history, cfg, run_dir, completed=False)
 
     if run_dir is not None and ctx.is_main:
@@ -504,7 +510,7 @@ def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:
     p = "inf" if cfg.p == math.inf else f"{cfg.p:g}"
     q = "inf" if cfg.q == math.inf else f"{cfg.q:g}"
     return (
-        f"epoch {m['epoch']}/{cfg.epochs}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
+        f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
         f"robust(l{p}, eps={cfg.eps:g}) {m['robust_accuracy']:.4f}  ||J||_({p},{q}) {m['operator_norm']:.3f}  "
         f"{m['seconds']:.1f}s"
     )

@@ -1,0 +1,62 @@
+"""The fast adversarial training study's harness (benchmarks/fast_at_fmnist.py) in its --tiny
+mode on digits: per-run records, resume, per-example worst case, report and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_at_fmnist.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("fast_at_fmnist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_study_writes_records_resumes_and_reports(study, tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--tiny", "--out", str(out), "--runs", str(runs), "--radii", "0.1", "--methods", "fgsm-rs", "free",
+            "--seeds", "0", "1"]
+    study.main(argv[:-1])  # seed 0 only
+    recs = sorted((out / "runs").glob("eps-0.1/*/seed-*/results.json"))
+    assert [p.parent.parent.name for p in recs] == ["fgsm-rs", "free"]
+    first = {p: p.read_text() for p in recs}
+    capsys.readouterr()
+    study.main(argv)  # seed 1 is new; seed 0's records are reused as they are
+    assert all(p.read_text() == text for p, text in first.items())
+    printed = capsys.readouterr().out
+    assert "fgsm-rs seed 1" in printed and "seed 0" not in printed
+    rec = json.loads(recs[1].read_text())
+    assert rec["config"]["method"] == "free" and rec["config"]["replays"] == 2 and len(rec["epochs"]) == 1
+    masks = rec["robust_masks"]
+    n = rec["test_points"]
+    worst = [all(masks[k][i] == "1" for k in study.ATTACKS) for i in range(n)]
+    assert masks["worst_case"] == "".join("1" if w else "0" for w in worst)
+    assert rec["worst_case"] == pytest.approx(sum(worst) / n)
+    assert rec["worst_case"] <= min(rec[k] for k in study.ATTACKS)
+
+    record = json.loads((out / "results.json").read_text())
+    assert record["finished_runs"] == record["planned_runs"] == 4 and not record["pending"]
+    agg = record["aggregate"]["0.1"]["fgsm-rs"]
+    assert agg["seeds"] == [0, 1] and agg["worst_case"]["se"] >= 0
+    assert (out / "robust_vs_time_eps-0.1.png").stat().st_size > 0
+    # a report over more methods than were run lists the rest as pending
+    study.main(["--phase", "report", *argv[:7], "--methods", "fgsm-rs", "free", "n-fgsm", "--seeds", "0", "1"])
+    text = (out / "report.md").read_text()
+    assert "4 of 6 planned runs finished" in text and "n-fgsm seed 0, n-fgsm seed 1" in text
+    assert "--phase report" in text
