@@ -49,8 +49,9 @@ from torch import nn
 
 from opnorm.attacks import random_in_ball
 from opnorm.jacobian import eval_mode, forward, unwrap
-from opnorm.losses import cross_entropy
+from opnorm.losses import cross_entropy, full
 from opnorm.norms import Order, into_box, norm_order, pga_step
+from opnorm.validation import number
 
 __all__ = ["FAST_AT_METHODS", "SINGLE_STEP_DEFAULTS", "FREE_DEFAULT_STEP", "FREE_DEFAULT_REPLAYS",
            "SingleStepATLoss", "FreeATLoss", "fast_at_loss", "data_passes", "replays_per_batch", "Replayed"]
@@ -61,19 +62,6 @@ SINGLE_STEP_DEFAULTS = {"fgsm-rs": (1.0, 1.25, True), "n-fgsm": (2.0, 1.0, False
 FREE_DEFAULT_STEP = 1.0
 FREE_DEFAULT_REPLAYS = 4
 Clip = Optional[tuple[float, float]]
-
-
-def _positive(value: Any, name: str, *, zero_ok: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0, got {value!r}")
-    return float(value)
-
-
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (autocast) in float32 for the loss; other dtypes as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _order(p: Order) -> float:
@@ -114,10 +102,10 @@ class SingleStepATLoss(nn.Module):
             raise ValueError(f"kind must be one of {', '.join(SINGLE_STEP_DEFAULTS)}, got {kind!r}")
         d_start, d_step, d_project = SINGLE_STEP_DEFAULTS[kind]
         self.kind = kind
-        self.eps = _positive(eps, "eps")
+        self.eps = number(eps, "eps", strict=True)
         self.p = _order(p)
-        self.step = _positive(d_step if step is None else step, "step")
-        self.start = _positive(d_start if start is None else start, "start", zero_ok=True)
+        self.step = number(d_step if step is None else step, "step", strict=True)
+        self.start = number(d_start if start is None else start, "start")
         self.project = d_project if project is None else bool(project)
         self.clip = clip
 
@@ -140,7 +128,7 @@ class SingleStepATLoss(nn.Module):
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         delta = self.perturb(model, x, y)
-        return cross_entropy(_full(forward(model, x + delta)), None, y).mean()
+        return cross_entropy(full(forward(model, x + delta)), None, y).mean()
 
 
 class FreeATLoss(nn.Module):
@@ -168,9 +156,9 @@ class FreeATLoss(nn.Module):
     def __init__(self, eps: float = 0.1, p: Order = math.inf, *, step: float = FREE_DEFAULT_STEP,
                  clip: Clip = (0.0, 1.0)) -> None:
         super().__init__()
-        self.eps = _positive(eps, "eps")
+        self.eps = number(eps, "eps", strict=True)
         self.p = _order(p)
-        self.step = _positive(step, "step")
+        self.step = number(step, "step", strict=True)
         self.clip = clip
         self.delta: Optional[torch.Tensor] = None
 
@@ -205,7 +193,7 @@ class FreeATLoss(nn.Module):
         if torch.is_grad_enabled():
             delta.register_hook(lambda g: self._update(delta, g))
         x_adv = x + delta if self.clip is None else (x + delta).clamp(*self.clip)
-        return cross_entropy(_full(forward(model, x_adv)), None, y).mean()
+        return cross_entropy(full(forward(model, x_adv)), None, y).mean()
 
 
 # ----------------------------------------------------------------------------- the trainer's side

@@ -46,6 +46,7 @@ __all__ = [
     "logit_distance",
     "kl_divergence",
     "kl_rows",
+    "full",
     "get_loss",
 ]
 
@@ -79,12 +80,16 @@ def logit_distance(
     return torch.linalg.vector_norm(logits_adv - logits_clean.detach(), ord=norm_order(q, "q"), dim=1)
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision values (autocast) in float32 for a loss or reduction; other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Per-example ``KL(softmax(logits_p) || softmax(logits_q))`` (B,), differentiable in both;
     half-precision logits are reduced in float32."""
-    up = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
-    log_p = F.log_softmax(up(logits_p), dim=1)
-    log_q = F.log_softmax(up(logits_q), dim=1)
+    log_p = F.log_softmax(full(logits_p), dim=1)
+    log_q = F.log_softmax(full(logits_q), dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 

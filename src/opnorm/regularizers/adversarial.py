@@ -18,7 +18,7 @@ from torch import nn
 from opnorm.jacobian import forward
 from opnorm.losses import kl_rows
 from opnorm.norms import Order, lp_norm, norm_order
-from opnorm.regularizers.metrics import full
+from opnorm.losses import full
 from opnorm.regularizers.solver import no_autocast
 from opnorm.validation import box, integer, number
 

@@ -25,15 +25,10 @@ from typing import Optional
 
 import torch
 
-from opnorm.losses import kl_rows
+from opnorm.losses import full, kl_rows
 from opnorm.norms import Order, duality_map, lp_norm, norm_order
 
-__all__ = ["OutputMetric", "LogitNorm", "FisherKL", "full"]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision values (autocast) in float32 for a reduction; others unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+__all__ = ["OutputMetric", "LogitNorm", "FisherKL"]
 
 
 class OutputMetric:

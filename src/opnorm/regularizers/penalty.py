@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import forward
-from opnorm.regularizers.metrics import OutputMetric, full
+from opnorm.losses import full
+from opnorm.regularizers.metrics import OutputMetric
 
 __all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "STOCHASTIC"]
 

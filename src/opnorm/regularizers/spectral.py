@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.jacobian import unwrap
-from opnorm.regularizers.metrics import full
+from opnorm.losses import full
 from opnorm.validation import integer, number
 
 __all__ = ["GlobalSpectralNormRegularizer"]
