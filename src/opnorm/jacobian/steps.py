@@ -336,7 +336,7 @@ class _Autograd(_Step):
                 return torch.stack([self._forward_mode(ti) for ti in t])
         except (RuntimeError, NotImplementedError) as e:
             errors["forward"] = e
-        raise unsupported(self.m, self.hin.detach(), errors) from e
+        raise unsupported(self.m, self.hin.detach(), errors) from errors["forward"]
 
     def _forward_mode(self, t: torch.Tensor) -> torch.Tensor:
         with fwAD.dual_level():
