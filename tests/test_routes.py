@@ -76,6 +76,7 @@ class Net(nn.Module):
         self.a, self.act, self.b = nn.Linear(5, 6), act, nn.Linear(6, 3)
 
     def forward(self, x):
+        x = x.view(x.shape[0], -1)  # a view by sizes: not a graph the pattern route replays
         return self.b(self.act(self.a(x)))
 
 
@@ -185,3 +186,10 @@ def test_bad_route_and_shapes():
         differentiable_jvp(net, x, x[:1])
     with pytest.raises(ValueError, match="route='pattern' needs a plain nn.Sequential"):
         linearize(lambda z: net(z), x, "pattern")
+
+
+def test_pattern_route_names_the_module_no_route_supports():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), Opaque(), nn.Linear(6, 3)).to(DT)
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(Opaque\)"):
+        opnorm.operator_norm(net, torch.randn(4, 5, dtype=DT), method="power", iters=2)

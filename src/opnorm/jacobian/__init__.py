@@ -13,9 +13,10 @@ because with a per-example model ``sum_b f(x_b)`` has gradient ``J(x_b)^T u_b`` 
 
 Routes to J as a linear operator (:func:`linearize`; ``lin.route`` names the one used):
 
-* ``"pattern"`` (:class:`PatternLinearization`): replays the linear pieces of a ReLU /
-  max-pool / BatchNorm ``nn.Sequential`` with the activation pattern of x fixed; exact and
-  several times cheaper; unrecognized modules inside it are differentiated by autograd
+* ``"pattern"`` (:class:`PatternLinearization`, :class:`GraphLinearization`): replays the
+  linear pieces of a ReLU / max-pool / BatchNorm network (an ``nn.Sequential``, or modules
+  joined by sums such as ResNet / WRN blocks) with the activation pattern of x fixed; exact
+  and several times cheaper; unrecognized modules inside it are differentiated by autograd
   (:func:`pattern_support` says which and why).
 * ``"forward"`` (:class:`Linearization`): J^T u by a backward on one retained graph, J v by
   forward-mode AD (dual tensors, ``torch.autograd.forward_ad``).
@@ -38,6 +39,7 @@ Example:
 
 from opnorm.jacobian.autograd import JV_ROUTES, Linearization, differentiable_jvp, jvp, vjp
 from opnorm.jacobian.core import check_inputs, check_output, eval_mode, forward, linearizable, unwrap
+from opnorm.jacobian.graph import GraphLinearization, graph_support
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.routes import ROUTES, LinearOperator, jacobian, jacobian_of, linearize
 from opnorm.jacobian.support import UnsupportedModelError
@@ -57,6 +59,8 @@ __all__ = [
     "jacobian_of",
     "Linearization",
     "PatternLinearization",
+    "GraphLinearization",
+    "graph_support",
     "pattern_support",
     "LinearOperator",
     "ROUTES",

@@ -94,9 +94,9 @@ class Linearization:
         if not self.out.requires_grad:  # the model is constant in x
             return torch.zeros(V.shape[0], *self.out.shape, dtype=self.out.dtype, device=self.out.device)
         u, jt = self._double_backward()
-        if jt.grad_fn is None:  # J^T u does not depend on u: J = 0
+        if not jt.requires_grad:  # J^T u does not depend on u: J = 0 (an identity map gives jt = u itself)
             return torch.zeros(V.shape[0], *self.out.shape, dtype=self.out.dtype, device=self.out.device)
-        return batched_grad(jt, u, V).detach()
+        return batched_grad(jt, u, V, strict=True).detach()
 
     def _adjoint_check(self, route: str, v: torch.Tensor, jv: torch.Tensor) -> None:
         """The dot-product test ``<J v, u> = <v, J^T u>`` for a random u, once per route: an op

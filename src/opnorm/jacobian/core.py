@@ -77,20 +77,25 @@ def forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> t
     return check_output(model(x), x.shape[0])
 
 
-def batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """d<out, g_i>/d inp for every g_i in grads (k, *out.shape), keeping the graph."""
+def batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """d<out, g_i>/d inp for every g_i in grads (k, *out.shape), keeping the graph.
+
+    With ``strict``, an ``out`` that requires grad but whose graph does not reach ``inp``
+    raises instead of giving zeros: for a graph built by differentiation (J^T u as a
+    function of u), that means a backward that is not differentiable, not J = 0.
+    """
     zeros = torch.zeros(grads.shape[0], *inp.shape, dtype=grads.dtype, device=grads.device)
     if not out.requires_grad:  # out does not depend on inp
         return zeros
     try:
         (res,) = torch.autograd.grad(out, inp, grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        return zeros if res is None else res
+        rows = [res]
     except RuntimeError:  # an op without a batching rule: one backward per vector
-        for i, g in enumerate(grads):
-            (row,) = torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True, allow_unused=True)
-            if row is not None:
-                zeros[i] = row
-        return zeros
+        rows = [torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True, allow_unused=True)[0] for g in grads]
+        res = None if any(r is None for r in rows) else torch.stack(rows)
+    if res is None and strict:
+        raise RuntimeError("the differentiated graph does not reach its input: a backward in it is not differentiable")
+    return zeros if res is None else res
 
 
 def basis(out: torch.Tensor) -> torch.Tensor:

@@ -54,12 +54,14 @@ def _recognize(m: nn.Module, name: str) -> Union[_Step, str]:
 
 
 def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
-    """Whether :class:`PatternLinearization` applies to model, and the modules it hands to autograd.
+    """Whether the pattern route applies to model, and the modules it hands to autograd.
 
     Returns ``(applies, fallbacks)``: ``applies`` is True when the unwrapped model is a plain
-    ``nn.Sequential`` (forward not overridden) and no global module hooks are set;
-    ``fallbacks`` lists ``"name: reason"`` for every module differentiated by autograd
-    (exact, but without the speed-up).
+    ``nn.Sequential`` (forward not overridden; :class:`PatternLinearization`) or a graph of
+    modules joined by sums, relu and flatten calls that ``torch.fx`` traces
+    (:class:`~opnorm.jacobian.graph.GraphLinearization`: ResNet / WRN), and no module
+    hooks are set; ``fallbacks`` lists ``"name: reason"`` for every module differentiated by
+    autograd (exact, but without the speed-up), or why the route does not apply.
 
     Example:
         >>> pattern_support(nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
@@ -69,7 +71,12 @@ def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
     if _global_hooks():
         return False, ["<global>: global module hooks are set"]
     if not _plain(model, nn.Sequential) or _has_hooks(model):
-        return False, [f"<model>: {type(model).__name__} is not a plain nn.Sequential without hooks"]
+        from opnorm.jacobian.graph import graph_support
+
+        graph, reasons = graph_support(model)
+        if graph is not None:
+            return True, reasons
+        return False, [f"<model>: {type(model).__name__} is not a plain nn.Sequential without hooks", *reasons]
     steps = _build_steps(model, "")
     return True, [f"{s.name}: {s.reason}" for s in steps if isinstance(s, _Autograd)]
 

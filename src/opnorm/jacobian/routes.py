@@ -9,9 +9,11 @@ from torch import nn
 
 from opnorm.jacobian.autograd import Linearization
 from opnorm.jacobian.core import basis, batched_grad, check_inputs, eval_mode, forward, unwrap
+from opnorm.jacobian.graph import GraphLinearization
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
+from opnorm.jacobian.steps import _has_hooks, _plain
 
-LinearOperator = Union[Linearization, PatternLinearization]
+LinearOperator = Union[Linearization, PatternLinearization, GraphLinearization]
 ROUTES = ("auto", "pattern", "forward", "autograd")
 
 
@@ -22,7 +24,9 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
     Args:
         model: the model, already in the mode to analyse (see :func:`eval_mode`).
         x: (B, *in) inputs.
-        route: "pattern" (:class:`PatternLinearization`: needs a plain ``nn.Sequential``),
+        route: "pattern" (:class:`PatternLinearization` for a plain ``nn.Sequential``,
+            :class:`~opnorm.jacobian.graph.GraphLinearization` for residual networks; see
+            :func:`pattern_support`),
             "forward" (:class:`Linearization` with J v by forward-mode AD), "autograd"
             (:class:`Linearization` with J v by double backward), or "auto": pattern
             whenever :func:`pattern_support` says it applies (it is exact either way;
@@ -49,7 +53,7 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
     if route == "pattern" and not applies:
         raise ValueError(f"route='pattern' does not apply: {'; '.join(reasons)}; use route='auto', 'forward' or 'autograd'")
     if applies:
-        return PatternLinearization(unwrap(model), x)
+        return _pattern(unwrap(model), x)
     lin = Linearization(model, x, "auto")
     lin.fallbacks = reasons  # why the pattern route was not taken
     return lin
@@ -77,11 +81,18 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: O
     net = unwrap(model)
     with eval_mode(net), torch.enable_grad():
         if route == "pattern" or (route == "auto" and pattern_support(net)[0]):
-            return jacobian_of(linearize(net, x, "pattern"), chunk=chunk)
+            return jacobian_of(_pattern(net, x), chunk=chunk)
         xg = x.detach().requires_grad_(True)
         out = forward(net, xg)
         rows = batched_grad(out, xg, basis(out))  # no double-backward graph needed here
     return rows.transpose(0, 1).contiguous()  # (B, d, *in)
+
+
+def _pattern(net: nn.Module, x: torch.Tensor) -> Union[PatternLinearization, GraphLinearization]:
+    """The pattern-route operator: the chain replay for a plain Sequential, else the graph replay."""
+    if _plain(net, nn.Sequential) and not _has_hooks(net):
+        return PatternLinearization(net, x)
+    return GraphLinearization(net, x)
 
 
 def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tensor:

@@ -325,10 +325,10 @@ class _Autograd(_Step):
         return step
 
     def jvp(self, t, owned):
-        if self.jt is None or self.jt.grad_fn is None:
+        if self.jt is None or not self.jt.requires_grad:  # J^T u constant in u: J = 0
             return torch.zeros(t.shape[0], *self.out.shape, dtype=t.dtype, device=t.device)
         try:
-            return batched_grad(self.jt, self.u, t)
+            return batched_grad(self.jt, self.u, t, strict=True)
         except (RuntimeError, NotImplementedError) as e:  # no double backward: forward mode
             errors: dict[str, BaseException] = {"autograd": e}
         try:
@@ -336,7 +336,7 @@ class _Autograd(_Step):
                 return torch.stack([self._forward_mode(ti) for ti in t])
         except (RuntimeError, NotImplementedError) as e:
             errors["forward"] = e
-        raise unsupported(self.m, self.hin.detach(), errors) from errors["forward"]
+        raise unsupported(self.m, self.hin.detach(), errors, self.name) from errors["forward"]
 
     def _forward_mode(self, t: torch.Tensor) -> torch.Tensor:
         with fwAD.dual_level():

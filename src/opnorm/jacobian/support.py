@@ -69,20 +69,22 @@ def _blocked(m: nn.Module, h: torch.Tensor) -> tuple[str, str] | None:
     return errors[0], errors[1]
 
 
-def unsupported(model: Callable, x: torch.Tensor, errors: dict[str, BaseException]) -> UnsupportedModelError:
+def unsupported(model: Callable, x: torch.Tensor, errors: dict[str, BaseException], name: str = "") -> UnsupportedModelError:
     """The error to raise when every J v route failed on model at x.
 
     Args:
-        model: the model. x: the inputs it failed on.
+        model: the model (or the submodule that failed). x: the inputs it failed on.
         errors: route name -> the exception that route raised.
+        name: the submodule's name in the whole model ("" for the model itself).
     """
     found = []
     if isinstance(model, nn.Module):
         try:
-            for name, m, h in _leaf_calls(model, x):
+            for leaf, m, h in _leaf_calls(model, x):
                 blocked = _blocked(m, h)
                 if blocked is not None:
-                    found.append(f"module {name!r} ({type(m).__name__}): forward-mode AD fails at {blocked[0]}, "
+                    full = ".".join(p for p in (name, "" if leaf == "<model>" else leaf) if p) or leaf
+                    found.append(f"module {full!r} ({type(m).__name__}): forward-mode AD fails at {blocked[0]}, "
                                  f"double backward at {blocked[1]}")
         except Exception as e:  # the diagnosis itself failed: report the routes' errors alone
             found.append(f"(could not test modules one by one: {_op(e)})")
