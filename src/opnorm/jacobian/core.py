@@ -1,0 +1,142 @@
+"""Shared pieces of the Jacobian routes: model unwrapping, eval mode, input and output
+checks, batched gradients, and the context in which every route runs the model."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own flag on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    """Raise a clear error if x cannot be fed to model for per-example analysis."""
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
+    if isinstance(model, nn.Module):
+        param = next(iter(model.parameters()), None)
+        if param is not None:
+            if param.device != x.device:
+                raise ValueError(
+                    f"{name} is on device {x.device} but the model is on device {param.device}; move one of them, e.g. x.to({str(param.device)!r})"
+                )
+            if param.is_floating_point() and param.dtype != x.dtype:
+                raise TypeError(
+                    f"{name} has dtype {x.dtype} but the model's parameters have dtype {param.dtype}; "
+                    f"use x.to({param.dtype}) or model.to({x.dtype})"
+                )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; clean the inputs before computing norms or attacks")
+
+
+def check_output(out: torch.Tensor, batch: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor of logits of shape (B, d), got {type(out).__name__}")
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise ValueError(
+            f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), got shape {tuple(out.shape)}"
+        )
+    return out
+
+
+def forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """model(x) with the output shape checked to be (B, d)."""
+    return check_output(model(x), x.shape[0])
+
+
+def batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """d<out, g_i>/d inp for every g_i in grads (k, *out.shape), keeping the graph.
+
+    With ``strict``, an ``out`` that requires grad but whose graph does not reach ``inp``
+    raises instead of giving zeros: for a graph built by differentiation (J^T u as a
+    function of u), that means a backward that is not differentiable, not J = 0.
+    """
+    zeros = torch.zeros(grads.shape[0], *inp.shape, dtype=grads.dtype, device=grads.device)
+    if not out.requires_grad:  # out does not depend on inp
+        return zeros
+    try:
+        (res,) = torch.autograd.grad(out, inp, grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        rows = [res]
+    except RuntimeError:  # an op without a batching rule: one backward per vector
+        rows = [torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True, allow_unused=True)[0] for g in grads]
+        res = None if any(r is None for r in rows) else torch.stack(rows)
+    if res is None and strict:
+        raise RuntimeError("the differentiated graph does not reach its input: a backward in it is not differentiable")
+    return zeros if res is None else res
+
+
+def basis(out: torch.Tensor) -> torch.Tensor:
+    """(d, B, d) stack: entry i is e_i for every example."""
+    B, d = out.shape
+    return torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1).expand(d, B, d)
+
+
+
+def _hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return torch.clamp(x + 3, 0, 6) / 6
+
+
+def _hardswish(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return x * (torch.clamp(x + 3, 0, 6) / 6)
+
+
+# Functions whose backward has no derivative in torch (so neither double backward nor
+# reverse-over-forward works through them), replaced by equal compositions of ops that are
+# differentiable to any order.
+_COMPOSITES: dict[Callable, Callable] = {F.hardsigmoid: _hardsigmoid, F.hardswish: _hardswish}
+
+
+class _Composites(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return _COMPOSITES.get(func, func)(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def linearizable() -> Iterator[None]:
+    """Run a model so that its graph supports J v by every route.
+
+    Inside the context, ``F.hardsigmoid`` / ``F.hardswish`` (whose backward has no
+    derivative in torch) run as equal compositions of clamp, add and multiply, and
+    ``scaled_dot_product_attention`` uses the math kernel (the fused kernels have neither a
+    forward-mode derivative nor a double backward). Values agree with the plain model up
+    to float rounding; the gradients are the same almost everywhere.
+
+    Example:
+        >>> with linearizable():
+        ...     out = model(x)    # now twice differentiable and forward-mode differentiable
+    """
+    with _Composites(), sdpa_kernel(SDPBackend.MATH):
+        yield

@@ -1,0 +1,220 @@
+"""The batched (p, q) power method and Golub-Kahan-Lanczos on any linear operator."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from opnorm.norms import Order, duality_map, lp_norm, norm_order, pga_step
+
+
+def _check_iters(iters: int, name: str = "iters") -> int:
+    if isinstance(iters, bool) or not isinstance(iters, int):
+        raise TypeError(f"{name} must be an int >= 1, got {iters!r}")
+    if iters < 1:
+        raise ValueError(f"{name} must be >= 1, got {iters}")
+    return iters
+
+
+def _check_tol(tol: float) -> float:
+    tol = float(tol)
+    if math.isnan(tol) or tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return tol
+
+
+def random_unit(shape: tuple[int, ...], p: Order, *, dtype=None, device=None, generator=None) -> torch.Tensor:
+    """Random vectors of unit l_p norm per example (Gaussian direction; signs for p = inf)."""
+    z = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    if norm_order(p) == math.inf:
+        return torch.sign(z)
+    return z / lp_norm(z, p).reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def _normalize(v: torch.Tensor, p: float) -> torch.Tensor:
+    n = lp_norm(v, p)
+    if (n == 0).any():
+        raise ValueError("v0 has an example with zero norm; every start vector must be nonzero")
+    return v / n.reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def power_iteration(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rmatvec: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    p: Order,
+    q: Order,
+    *,
+    iters: int,
+    tol: float = 0.0,
+    history: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[list[dict]]]:
+    """The batched (p, q) power method on any linear operator.
+
+    Args:
+        matvec: v (B, *in) -> J v (B, d).
+        rmatvec: u (B, d) -> J^T u (B, *in).
+        v0: (B, *in) start, normalized here to unit l_p norm.
+        iters: maximum number of iterations (each one matvec and one rmatvec).
+        tol: stop when every example's sigma changed by at most tol * sigma (0: run all).
+        history: record {"v", "u", "sigma"} after each iteration.
+
+    Returns:
+        (sigma, v, u, iterations, converged, history) with sigma = ||J v||_q, u = psi_q(J v).
+    """
+    p, q = norm_order(p, "p"), norm_order(q, "q")
+    v = _normalize(v0, p)
+    jv = matvec(v)
+    sigma = lp_norm(jv, q)
+    converged = torch.zeros_like(sigma, dtype=torch.bool)
+    records: Optional[list[dict]] = [] if history else None
+    k = 0
+    for k in range(1, iters + 1):
+        u = duality_map(jv, q)
+        v = pga_step(v, rmatvec(u), p, 1.0)  # the infinite step: psi_{p*}(J^T u)
+        jv = matvec(v)
+        new_sigma = lp_norm(jv, q)
+        converged = (new_sigma - sigma).abs() <= tol * new_sigma.abs()
+        sigma = new_sigma
+        if records is not None:
+            records.append({"v": v.detach().clone(), "u": u.detach().clone(), "sigma": sigma.detach().clone()})
+        if tol > 0 and bool(converged.all()):
+            break
+    return sigma, v, duality_map(jv, q), k, converged, records
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """w (B, m) minus its projection on the orthonormal rows of basis (B, j, m), twice (CGS2)."""
+    w = w.unsqueeze(2)
+    for _ in range(2):
+        w = torch.baddbmm(w, basis.transpose(1, 2), torch.bmm(basis, w), alpha=-1)
+    return w.squeeze(2)
+
+
+def _unit(w: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / ||w||, ||w||) per row; rows with norm <= floor (an exhausted Krylov space) give (0, 0)."""
+    norm = torch.linalg.vector_norm(w, dim=1)
+    live = norm > floor
+    safe = torch.where(live, norm, torch.ones_like(norm))
+    return w * (live / safe)[:, None], norm * live
+
+
+def _restricted(ops: tuple[Callable, Callable], pos: torch.Tensor, size: int) -> tuple[Callable, Callable]:
+    """(matvec, rmatvec) of a batch of ``size`` examples applied to the examples at ``pos`` only
+    (the others get zeros): for operators that cannot shrink their batch."""
+    matvec, rmatvec = ops
+
+    def pad(z: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(size, *z.shape[1:], dtype=z.dtype, device=z.device)
+        full[pos] = z
+        return full
+
+    return (lambda v: matvec(pad(v))[pos]), (lambda u: rmatvec(pad(u))[pos])
+
+
+def lanczos_iteration(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rmatvec: Callable[[torch.Tensor], torch.Tensor],
+    u0: torch.Tensor,
+    *,
+    iters: int,
+    tol: float = 0.0,
+    select: Optional[Callable[[torch.Tensor], tuple[Callable, Callable]]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Top singular triplet of J by Golub-Kahan-Lanczos bidiagonalization, batched.
+
+    Started in the d-dimensional output space at ``u0``, each iteration is one ``rmatvec``
+    (J^T u) and one ``matvec`` (J v) with full reorthogonalization of both bases; the top
+    singular value of the small lower-bidiagonal ``B_k`` ((k+1) x k, ``J V_k = U_{k+1} B_k``)
+    is the estimate: a lower bound on ||J||_2, the best one in the Krylov spaces built (the
+    power method's k-th iterate lies in the same spaces). After d iterations the output
+    space is exhausted and the result is exact up to rounding.
+
+    Each example stops on its own once its estimate changes by at most ``tol`` (relative)
+    in one iteration, and its result is frozen there; with ``select`` the later products
+    run on a batch of the unconverged examples only, so a few slow examples cost little.
+
+    Args:
+        matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
+        u0: (B, d) start (normalized here; a zero row starts at e_1).
+        iters: maximum iterations. tol: per-example relative stopping tolerance (0: run all
+            ``iters``, or until the space is exhausted).
+        select: optional ``rows -> (matvec, rmatvec)`` of the same J restricted to the
+            examples ``rows`` (e.g. ``PatternLinearization.select``).
+
+    Returns:
+        (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations (the most any example ran),
+        converged (B,)) with ``J v = sigma u`` up to rounding, so v attains sigma.
+
+    Example:
+        >>> lin = opnorm.jacobian.linearize(model, x)
+        >>> sigma, v, u, k, conv = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=3)
+    """
+    B, d = u0.shape
+    dtype, device = u0.dtype, u0.device
+    eps = torch.finfo(dtype).eps
+    e1 = torch.zeros_like(u0)
+    e1[:, 0] = 1
+    rows = torch.arange(B, device=device)  # the examples still iterating (global indices)
+    # rows of Us / Vs are read only once written: no need to zero them
+    Us = torch.empty(B, iters + 1, d, dtype=dtype, device=device)  # orthonormal rows: the output-space basis
+    Us[:, 0], _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), torch.zeros(B, dtype=dtype, device=device))
+    Vs: Optional[torch.Tensor] = None  # (A, iters, n), allocated once n is known
+    Bk = torch.zeros(B, iters + 1, iters, dtype=dtype, device=device)  # alphas on the diagonal, betas below
+    sigma = torch.zeros(B, dtype=dtype, device=device)
+    converged = torch.zeros(B, dtype=torch.bool, device=device)
+    out_sigma, out_conv = torch.zeros_like(sigma), torch.zeros_like(converged)
+    out_u = torch.zeros_like(u0)
+    out_v: Optional[torch.Tensor] = None
+    shape = None
+
+    def finish(keep: torch.Tensor, k: int) -> None:
+        """Write the results of the active examples not in ``keep`` (a bool mask)."""
+        nonlocal out_v
+        done = ~keep
+        P, S, Qh = torch.linalg.svd(Bk[done, : k + 1, :k], full_matrices=False)
+        v = torch.bmm(Qh[:, :1, :], Vs[done, :k]).squeeze(1)  # V_k q_1
+        if out_v is None:
+            out_v = torch.zeros(B, v.shape[1], dtype=dtype, device=device)
+        ids = rows[done]
+        out_v[ids] = v
+        out_u[ids] = torch.bmm(P[:, :, :1].transpose(1, 2), Us[done, : k + 1]).squeeze(1)  # U_{k+1} p_1
+        out_sigma[ids], out_conv[ids] = S[:, 0], converged[done]
+
+    ops, op_rows = (matvec, rmatvec), rows  # the operator and the examples it was built for
+    k = 0
+    for k in range(1, iters + 1):
+        j = k - 1
+        p = rmatvec(Us[:, j])
+        shape = p.shape[1:]
+        p = p.reshape(len(rows), -1)
+        if Vs is None:
+            Vs = torch.empty(B, iters, p.shape[1], dtype=dtype, device=device)
+        else:
+            p = _orthogonalize(p - Bk[:, j, j - 1, None] * Vs[:, j - 1], Vs[:, :j])
+        # below these floors the new direction is rounding noise: that example's Krylov space is exhausted
+        Vs[:, j], alpha = _unit(p, 8 * d * eps * sigma)
+        q = matvec(Vs[:, j].reshape(len(rows), *shape)).reshape(len(rows), d) - alpha[:, None] * Us[:, j]
+        Us[:, k], beta = _unit(_orthogonalize(q, Us[:, :k]), 8 * d * eps * torch.maximum(sigma, alpha))
+        Bk[:, j, j], Bk[:, k, j] = alpha, beta
+        exhausted = (alpha == 0) | (beta == 0)
+        if tol > 0 or k == iters or bool(exhausted.all()):
+            new = torch.linalg.svdvals(Bk[:, : k + 1, :k])[:, 0]
+            converged = converged | exhausted | ((new - sigma).abs() <= tol * new)
+            sigma = new
+        keep = ~converged
+        if k == iters or not bool(keep.any()):
+            break
+        if not bool(keep.all()):  # freeze the converged examples and go on with the rest
+            finish(keep, k)
+            rows, Us, Vs, Bk, sigma, converged = rows[keep], Us[keep], Vs[keep], Bk[keep], sigma[keep], converged[keep]
+            if select is not None and len(rows) <= 0.9 * len(op_rows):  # shrinking pays: a smaller batch
+                ops, op_rows = select(rows), rows
+            pos = torch.searchsorted(op_rows, rows)  # rows stay sorted
+            matvec, rmatvec = ops if len(pos) == len(op_rows) else _restricted(ops, pos, len(op_rows))
+    assert shape is not None and Vs is not None
+    finish(torch.zeros(len(rows), dtype=torch.bool, device=device), k)
+    assert out_v is not None
+    return out_sigma, out_v.reshape(B, *shape), out_u, k, out_conv

@@ -1,0 +1,220 @@
+"""Per-example (p, q) operator norms of J(x): :func:`operator_norm` and its choice of method.
+
+``||J||_{p->q} = max_{||v||_p <= 1} ||J v||_q``. The (p, q) power method (Boyd 1974)
+iterates ``u_k = psi_q(J v_{k-1})``, ``v_k = psi_{p*}(J^T u_k)``; each iterate is a
+lower bound attained by ``v_k``, exact at convergence for p = q = 2.
+
+Exact routes form J with d VJPs (d = number of logits) and use:
+  * (2, 2): the top singular value (SVD);
+  * (1, q): the largest column q-norm;  (p, inf): the largest row p*-norm;
+  * (inf, q) with n <= ``max_enumerate``: all 2^(n-1) sign vectors (the maximum of a
+    convex function over the cube sits at a vertex);
+  * (p, 1) with d <= ``max_enumerate``: ``||J||_{p->1} = max_{s in {+-1}^d} ||J^T s||_{p*}``;
+  * any other pair (NP-hard in general): the best of many power-method restarts on the
+    formed J, a documented lower bound (``result.exact`` is False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, unwrap
+from opnorm.norms import Order, duality_map, norm_order
+from opnorm.power.exact import DEFAULT_RESTARTS, _has_exact_form, _top_pair_gram, operator_norm_of_matrix
+from opnorm.power.iteration import _check_iters, _check_tol, lanczos_iteration, power_iteration, random_unit
+
+METHODS = ("auto", "power", "lanczos", "exact")
+DEFAULT_ITERS = 20
+DEFAULT_TOL = 1e-6
+
+
+@dataclass
+class OperatorNormResult:
+    """Per-example (p, q) operator norms of J(x).
+
+    Attributes:
+        sigma: (B,) the norm (exact, or a lower bound attained by ``v``; see ``exact``).
+        v: x's shape, unit l_p norm, with ``||J v||_q == sigma``.
+        u: (B, d), ``psi_q(J v)``.
+        iterations: power or Lanczos iterations run (0 for closed forms).
+        converged: (B,) bool; True for exact results.
+        method: "power", "lanczos" or "exact".
+        exact: (B,) bool, True where sigma is the exact norm (not only a lower bound).
+        history: with ``return_history=True`` and the power method, one dict per iteration
+            k = 1..iterations: {"v": v_k, "u": u_k, "sigma": ||J v_k||_q}.
+        route: how J was accessed: "pattern" (:class:`~opnorm.jacobian.PatternLinearization`),
+            or :class:`~opnorm.jacobian.Linearization` with J v by "autograd" (double
+            backward) or "forward" (forward-mode AD); ``fallbacks`` lists modules the pattern
+            route left to autograd and J v routes that failed before the one used.
+    """
+
+    sigma: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor
+    iterations: int
+    converged: torch.Tensor
+    method: str
+    exact: torch.Tensor
+    history: Optional[list[dict]] = field(default=None, repr=False)
+    route: str = "autograd"
+    fallbacks: list[str] = field(default_factory=list, repr=False)
+
+
+
+
+def _check_v0(v0: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    if v0 is None:
+        return None
+    if not isinstance(v0, torch.Tensor):
+        raise TypeError(f"v0 must be a tensor with the shape of x, got {type(v0).__name__}")
+    if v0.shape != x.shape:
+        raise ValueError(f"v0 must have the shape of x {tuple(x.shape)}, got {tuple(v0.shape)}")
+    if not torch.isfinite(v0).all():
+        raise ValueError("v0 contains NaN or inf values")
+    return v0.detach().to(dtype=x.dtype, device=x.device)
+
+
+def operator_norm(
+    model: nn.Module,
+    x: torch.Tensor,
+    p: Order = 2,
+    q: Order = 2,
+    *,
+    method: str = "auto",
+    iters: Optional[int] = None,
+    tol: Optional[float] = None,
+    v0: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    return_history: bool = False,
+    max_enumerate: int = 20,
+    restarts: int = DEFAULT_RESTARTS,
+    route: str = "auto",
+) -> OperatorNormResult:
+    """Per-example (p, q) operator norm of the input-output Jacobian J(x) of ``model``.
+
+    The model is evaluated in eval mode (BatchNorm uses running statistics; see
+    :mod:`opnorm.jacobian`) and its mode restored; parameter gradients are not touched.
+
+    Args:
+        model: f: (B, *in) -> (B, d), a module that does not mix examples in eval mode.
+        x: (B, *in) inputs.
+        p, q: norm orders, 1 <= p, q <= inf (float, int, or "inf").
+        method: "power" (the (p, q) power method, matrix-free, batched), "lanczos"
+            (p = q = 2 only: Golub-Kahan-Lanczos, see :func:`lanczos_iteration`; exact after
+            d iterations), "exact" (form J with d VJPs; for (2, 2) the top eigenpair of the
+            d x d Gram matrix J J^T; closed forms, enumeration, or a restart lower bound for
+            NP-hard pairs), or "auto", which picks by cost:
+
+            * (2, 2): "exact" when ``d <= ITERATION_COST * min(iters, d)`` (forming J costs d
+              VJPs, batched; one Lanczos iteration costs a VJP and a JVP, about
+              ``ITERATION_COST`` VJPs of the exact route), else "lanczos". With the default
+              ``iters`` (20) and d <= 40 that is "exact"; ask for ``iters=3`` on a 10-class
+              model and it is "lanczos" (on the benchmark's trained CNN: median relative
+              error 2e-5 at 1.8x the time of a training step, against 2.9x for "exact"; see
+              ``benchmarks/results/operator_norm.md``). ``method="lanczos"`` with
+              ``tol=1e-3`` stops each example on its own (max error 5e-4 there, 2.2x).
+            * other pairs with an exact form: "exact"; without one: "exact" (restarts on
+              the formed J) when ``d <= 4 * iters``, else "power".
+        iters: power / Lanczos iterations (default 20). tol: relative stopping tolerance on
+            sigma (default 1e-6; 0 runs exactly ``iters``). v0: start vector, x's shape
+            (Lanczos starts from J v0; by default from the centered logits plus a little noise).
+        generator: seeds the random start / restarts.
+        return_history: keep every power iterate (method "power" only).
+        max_enumerate: largest n (for p = inf) or d (for q = 1) enumerated exactly.
+        restarts: power-method restarts on the formed J for pairs without an exact form.
+        route: how J is accessed (:func:`opnorm.jacobian.linearize`): "auto" (the exact
+            pattern replay for plain ``nn.Sequential`` ReLU / max-pool / BatchNorm nets,
+            several times cheaper than autograd; otherwise autograd, with J v by double
+            backward or, for ops without one, forward-mode AD), "pattern", "autograd",
+            "forward". A model whose ops support no route raises
+            :class:`~opnorm.jacobian.UnsupportedModelError` naming the module and op.
+
+    Returns:
+        :class:`OperatorNormResult` with ``sigma`` (B,), ``v`` (x's shape), ``u`` (B, d).
+
+    Example:
+        >>> res = opnorm.operator_norm(model, x, p="inf", q=2)
+        >>> res.sigma.shape, res.v.shape  # (B,), x.shape
+        >>> fast = opnorm.operator_norm(model, x, iters=3)   # (2, 2) by 3 Lanczos steps
+    """
+    p, q = norm_order(p, "p"), norm_order(q, "q")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if method == "lanczos" and not (p == 2 and q == 2):
+        raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
+    iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
+    tol = DEFAULT_TOL if tol is None else _check_tol(tol)
+    check_inputs(model, x)
+    v0 = _check_v0(v0, x)
+    if return_history and method != "power":
+        raise ValueError("return_history=True needs method='power' (closed forms have no iterates)")
+
+    net = unwrap(model)
+    with eval_mode(net), torch.enable_grad():
+        lin = linearize(net, x, route)  # the one forward pass every method shares
+        d, n = lin.logits.shape[1], x[0].numel()
+        if method == "auto":
+            method = _choose_method(p, q, d, n, iters, max_enumerate)
+        if method == "exact":
+            res = _exact(lin, x, p, q, max_enumerate, restarts, generator)
+        elif method == "lanczos":
+            u0 = lin.matvec(v0) if v0 is not None else _logit_start(lin.logits, generator)
+            select = None
+            if hasattr(lin, "select"):
+                select = lambda rows: (lambda sub: (sub.matvec, sub.rmatvec))(lin.select(rows))  # noqa: E731
+            sigma, v, u, k, converged = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, tol=tol, select=select)
+            res = OperatorNormResult(sigma, v.detach(), u, k, converged, "lanczos", torch.zeros_like(converged))
+        else:
+            if v0 is None:
+                v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
+            sigma, v, u, k, converged, hist = power_iteration(
+                lin.matvec, lin.rmatvec, v0, p, q, iters=iters, tol=tol, history=return_history
+            )
+            exact = torch.zeros_like(converged)  # a converged iterate is not a proof of the maximum
+            res = OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, converged, "power", exact, hist)
+    res.route, res.fallbacks = lin.route, list(lin.fallbacks)
+    return res
+
+
+# One Lanczos / power iteration (a VJP and a JVP) in units of one VJP of the exact route,
+# measured on the benchmark CNN by benchmarks/operator_norm.py (see its results).
+ITERATION_COST = 2.0
+
+
+def _choose_method(p: float, q: float, d: int, n: int, iters: int, max_enumerate: int) -> str:
+    if not _has_exact_form(p, q, d, n, max_enumerate):
+        # restarts on a formed J beat one matrix-free run when forming J is cheap
+        return "exact" if d <= 4 * iters else "power"
+    if p == 2 and q == 2:
+        # Lanczos is exact after d iterations, so never pay more than forming J
+        return "exact" if d <= ITERATION_COST * min(iters, d) else "lanczos"
+    return "exact"
+
+
+def _logit_start(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Lanczos start: the centered logits (close to the top left singular vector of a
+    trained classifier's J) plus 10% noise, so no example starts orthogonal to it."""
+    c = logits - logits.mean(dim=1, keepdim=True)
+    norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    c = c / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return c + 0.1 * random_unit(tuple(logits.shape), 2, dtype=logits.dtype, device=logits.device, generator=generator)
+
+
+def _exact(lin: LinearOperator, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
+    J = jacobian_of(lin)
+    B, d = J.shape[:2]
+    flat = J.reshape(B, d, -1)
+    if p == 2 and q == 2 and d <= flat.shape[2]:
+        v = _top_pair_gram(flat)
+        sigma = torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", flat, v), dim=1)
+        exact = torch.ones(B, dtype=torch.bool, device=x.device)
+    else:
+        sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
+    u = duality_map(torch.einsum("bdn,bn->bd", flat, v), q)
+    return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, exact.clone(), "exact", exact)
