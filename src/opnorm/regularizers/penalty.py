@@ -6,8 +6,8 @@
   gradient is the exact one; beyond it, it is the secant version. Stochastic modules in
   training mode (Dropout, stochastic depth) draw one noise sample for both halves
   (:func:`paired_noise`), so that s measures J, not the difference of two random networks.
-* :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (double
-  backward). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
+* :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (forward-mode
+  AD, or double backward where an op lacks a forward derivative). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
 
 Both reduce the per-example s to ``lam * mean_b(s_b)`` or ``lam * mean_b(s_b^2)``
 (``squared``, the paper's d.d. SNR), optionally scaled by eps (``scale_by_eps``: the fd
@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from opnorm.jacobian import forward
+from opnorm.jacobian import differentiable_jvp
 from opnorm.losses import full
 from opnorm.regularizers.metrics import OutputMetric
 
@@ -121,13 +121,7 @@ class ExactPenalty(Penalty):
 
     def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p, v: torch.Tensor,
                  u: torch.Tensor, metric: OutputMetric, eps: float):
-        """(f(x), s, None, None): J v is differentiable w.r.t. the weights: with a dummy w,
-        ``g = J^T w`` is built with ``create_graph=True`` and ``J v = d<g, v>/dw``."""
-        xg = x.detach().requires_grad_(True)
-        out = forward(model, xg)
-        w = torch.zeros_like(out, requires_grad=True)
-        (g,) = torch.autograd.grad(out, xg, grad_outputs=w, create_graph=True)
-        (jv,) = torch.autograd.grad(g, w, grad_outputs=v.to(g.dtype), create_graph=True, allow_unused=True)
-        if jv is None:  # the model is constant in x
-            jv = torch.zeros_like(out) * out
+        """(f(x), s, None, None) from one forward of ``model``: J v differentiable w.r.t. the
+        weights by forward-mode AD or double backward (:func:`opnorm.jacobian.differentiable_jvp`)."""
+        out, jv = differentiable_jvp(model, x, v)
         return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None
