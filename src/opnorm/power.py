@@ -82,6 +82,19 @@ def _check_iters(iters: int, name: str = "iters") -> int:
     return iters
 
 
+# enumeration forms all 2^(n-1) sign vectors: 2^21 of them are the most it will hold in memory
+MAX_ENUMERATE_LIMIT = 22
+
+
+def _check_max_enumerate(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_enumerate must be an int in [0, {MAX_ENUMERATE_LIMIT}], got {value!r}")
+    if not 0 <= value <= MAX_ENUMERATE_LIMIT:
+        raise ValueError(f"max_enumerate must be in [0, {MAX_ENUMERATE_LIMIT}] (it enumerates 2^(n-1) sign vectors), "
+                         f"got {value}")
+    return value
+
+
 def _check_tol(tol: float) -> float:
     tol = float(tol)
     if math.isnan(tol) or tol < 0:
@@ -325,6 +338,7 @@ def operator_norm_of_matrix(
     Returns (sigma (B,), v (B, n) unit l_p attaining ||J v||_q = sigma, exact (B,) bool).
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
+    max_enumerate = _check_max_enumerate(max_enumerate)
     if J.ndim != 3:
         raise ValueError(f"J must have shape (B, d, n), got {tuple(J.shape)}")
     B, d, n = J.shape
@@ -458,6 +472,7 @@ def operator_norm(
         raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
     iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
     tol = DEFAULT_TOL if tol is None else _check_tol(tol)
+    max_enumerate = _check_max_enumerate(max_enumerate)
     check_inputs(model, x)
     v0 = _check_v0(v0, x)
     if return_history and method != "power":
