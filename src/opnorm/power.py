@@ -26,6 +26,7 @@ from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, pattern_support, unwrap
 from opnorm.norms import Order, conjugate, duality_map, lp_norm, norm_order, pga_step
+from opnorm.validation import integer
 
 __all__ = [
     "OperatorNormResult",
@@ -87,12 +88,8 @@ MAX_ENUMERATE_LIMIT = 22
 
 
 def _check_max_enumerate(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"max_enumerate must be an int in [0, {MAX_ENUMERATE_LIMIT}], got {value!r}")
-    if not 0 <= value <= MAX_ENUMERATE_LIMIT:
-        raise ValueError(f"max_enumerate must be in [0, {MAX_ENUMERATE_LIMIT}] (it enumerates 2^(n-1) sign vectors), "
-                         f"got {value}")
-    return value
+    # the limit keeps the sign vectors in memory (2^(n-1) of them)
+    return integer(value, "max_enumerate", lo=0, hi=MAX_ENUMERATE_LIMIT)
 
 
 def _check_tol(tol: float) -> float:

@@ -371,7 +371,7 @@ def test_inputs_without_a_batch_dimension_and_labels_past_the_logits_are_refused
 
     with pytest.raises(ValueError, match="3 logits"):
         accuracy(net, x, torch.tensor([0, 7]))
-    for bad, err in ((-1, ValueError), (40, ValueError), (2.5, TypeError), (True, TypeError)):
+    for bad, err in ((-1, ValueError), (40, ValueError), (2.5, ValueError), (True, TypeError), ("x", ValueError)):
         with pytest.raises(err, match="max_enumerate"):
             opnorm.operator_norm(net, x, "inf", 2, max_enumerate=bad)
         with pytest.raises(err, match="max_enumerate"):
