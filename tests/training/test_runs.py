@@ -140,7 +140,7 @@ def test_extending_needs_more_epochs_than_done(run2, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value,key", [
     ("--lr", "0.5", "lr"), ("--seed", "1", "seed"), ("--batch-size", "16", "batch_size"), ("--eps", "0.2", "eps"),
     ("--steps", "2", "steps"), ("--p", "inf", "p"), ("--method", "opnorm", "method"), ("--scheduler", "none", "scheduler"),
-    ("--limit-train", "64", "limit_train"), ("--iters", "7", "iters"),
+    ("--limit-train", "64", "limit_train"), ("--opnorm-step", "0.5", "opnorm.step"),
 ])
 def test_resume_refuses_a_changed_trajectory_setting(run2, tmp_path, capsys, flag, value, key):
     run = copy_of(run2, tmp_path)
