@@ -230,6 +230,12 @@ def test_non_finite_weights_stop_the_run(tmp_path, monkeypatch):
         train(TrainConfig(method="clean", epochs=1, **SMALL_CFG))
 
 
+def test_the_finite_check_reads_the_regularizers_state(tmp_path):
+    # the opnorm objective's state holds more than tensors (the direction store's records)
+    res = train(TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=1, out=str(tmp_path / "r"), **SMALL_CFG))
+    assert res.completed and load_checkpoint(tmp_path / "r" / CHECKPOINT)["objective"]
+
+
 def test_on_nan_skip_skips_the_batch_and_counts_it(tmp_path, monkeypatch):
     _poison(monkeypatch, {2, 4})
     res = train(TrainConfig(method="clean", epochs=2, on_nan="skip", **SMALL_CFG))

@@ -151,7 +151,7 @@ def _read_digests(path: Path) -> list[str]:
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} has no checksum file {side.name}, so its integrity cannot be checked; if you trust the file, "
-            f"create one with opnorm.training.checkpoint.write_digest({str(path)!r})"
+            f"create one: cd {path.parent} && sha256sum {path.name} > {side.name}"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checksum file {side} is unreadable ({_one_line(err)})") from None

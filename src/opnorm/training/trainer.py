@@ -199,7 +199,7 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
 
 
 def _all_finite(tensors) -> bool:
-    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    flags = [torch.isfinite(t).all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
