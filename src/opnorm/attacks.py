@@ -35,7 +35,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
+from opnorm.jacobian import check_inputs, check_label_range, eval_mode, forward, unwrap
 from opnorm.losses import LossFn, LossSpec, get_loss
 from opnorm.validation import box
 from opnorm.norms import Order, clip_box, lp_norm, norm_order, pga_step, project_lp_ball
@@ -149,6 +149,8 @@ class _Attack:
         self.last_score: Optional[tuple[Optional[torch.Tensor], torch.Tensor]] = None  # of the point step() started from
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.checked and self.y is not None and self.spec.needs_labels:
+            check_label_range(self.y, logits.shape[1])
         out = self.spec.fn(logits, self.clean, self.y)
         if not self.checked:
             if not isinstance(out, torch.Tensor) or out.shape != (self.x.shape[0],):

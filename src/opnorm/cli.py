@@ -1,15 +1,15 @@
 """Command line: ``opnorm train | eval | demo | reproduce``.
 
 The CLI only parses arguments into a :class:`~opnorm.training.config.TrainConfig` (or
-evaluation settings) and calls the library. Errors the library reports for bad input
-(ValueError, TypeError, FileNotFoundError, CheckpointError) end the program with one line
-``opnorm: error: ...`` on stderr and exit status 1 (2 for malformed command lines).
+evaluation settings) and calls the library. Every error ends the program with one line
+``opnorm: error: ...`` on stderr and exit status 1 (2 for malformed command lines, 130 on
+Ctrl-C); ``--debug`` (or the environment variable ``OPNORM_DEBUG=1``) shows the traceback.
 
 Examples::
 
     opnorm demo
     opnorm train --dataset digits --model cnn --method opnorm --p inf --q 2 --eps 0.1 --epochs 5 --out runs/dd
-    opnorm train --out runs/dd --resume --epochs 10          # continue (and extend) a run
+    opnorm train --out runs/dd --resume --epochs 10          # continue a run, extended to 10 epochs
     opnorm train --config runs/dd/config.json --seed 1 --out runs/dd-seed1
     opnorm eval --checkpoint runs/dd/checkpoint.pt --attack pgd --p inf --eps 0,0.05,0.1,0.2
     torchrun --nproc_per_node=2 -m opnorm train --method pgd-at --out runs/ddp
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import csv
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from opnorm.attacks import SCHEDULES  # loaded with the package anyway
 __all__ = ["main", "build_parser"]
 
 PROG = "opnorm"
+DEBUG_ENV = "OPNORM_DEBUG"
 
 
 class CLIError(Exception):
@@ -71,6 +73,8 @@ def _config_flags(t: argparse.ArgumentParser, cls: Any = None, prefix: str = "")
         if f.name == "opnorm":
             _config_flags(t, type(f.default_factory()), "opnorm.")
             continue
+        if f.metadata.get("flag") is False:  # written by opnorm itself (e.g. schedule_extensions)
+            continue
         flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
         dest, help, metavar = prefix + f.name, f.metadata.get("help"), f.name.upper()
         if f.name == "compile" and not prefix:
@@ -84,13 +88,17 @@ def _config_flags(t: argparse.ArgumentParser, cls: Any = None, prefix: str = "")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog=PROG, description="Data-dependent operator norms, attacks and robust training.")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks of errors (or set {DEBUG_ENV}=1)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,eval,demo,reproduce}")
     sub.required = True
 
     # train: every option defaults to "absent" so config files can fill what flags do not set
-    t = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS,
-                       description="Train a model; flags override values from --config (and from the run's "
-                                   "config.json with --resume). --batch-size is per process: under torchrun "
+    t = sub.add_parser("train", help="train a model", parents=[common], argument_default=argparse.SUPPRESS,
+                       description="Train a model; flags override values from --config (with --resume: the "
+                                   "run's own settings, of which only those that do not shape training may change). "
+                                   "--batch-size is per process: under torchrun "
                                    "the global batch is batch size * number of processes.")
     t.add_argument("--config", help="JSON config (e.g. a run's config.json); flags override its values")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     _config_flags(t)
 
-    e = sub.add_parser("eval", help="robust accuracy of a checkpoint")
+    e = sub.add_parser("eval", help="robust accuracy of a checkpoint", parents=[common])
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its run directory)")
     e.add_argument("--attack", default="pgd", help="attack: pgd")
     e.add_argument("--p", default=None, help="threat model (default: the run's p)")
@@ -117,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default=None, help="output prefix (default: <run dir>/eval-<attack>-p<p>); writes .json and .csv")
 
-    d = sub.add_parser("demo", help="train a small CNN on digits and print per-example operator norms")
+    d = sub.add_parser("demo", help="train a small CNN on digits and print per-example operator norms", parents=[common])
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epochs", type=int, default=3)
 
-    r = sub.add_parser("reproduce", help="run the paper's study on a dataset")
+    r = sub.add_parser("reproduce", help="run the paper's study on a dataset", parents=[common])
     r.add_argument("--dataset", default="digits")
     r.add_argument("--quick", action="store_true", help="a small, fast version")
     r.add_argument("--out", default=None, help="report directory (default reports/<dataset>)")
@@ -133,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- train
 
 
-_CLI_ONLY = ("config", "resume", "stop_after", "quiet", "command")
+_CLI_ONLY = ("config", "resume", "stop_after", "quiet", "command", "debug")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -153,9 +161,10 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """(TrainConfig, resume, stop_after): defaults < run's config.json (resume) < --config < flags."""
+    """(config, resume, stop_after): for a new run a resolved TrainConfig (defaults < --config <
+    flags); with --resume the dict of the settings given (--config < flags), which the trainer
+    applies to the run's own config from its checkpoint (refusing trajectory changes)."""
     from opnorm.training.config import TrainConfig, merge
-    from opnorm.training.trainer import CONFIG
 
     flags: dict[str, Any] = {}
     for k, v in vars(args).items():
@@ -163,26 +172,21 @@ def train_config_from_args(args: argparse.Namespace):
             section, _, name = k.rpartition(".")
             (flags.setdefault(section, {}) if section else flags)[name or k] = v
     from_file = _read_json(Path(args.config), "config file") if "config" in args else {}
-    resume = bool(getattr(args, "resume", False))
-    layers: list[dict[str, Any]] = []
-    if resume:
-        out = flags.get("out", from_file.get("out"))
-        if out is None:
+    settings = merge(from_file, flags)
+    stop_after = getattr(args, "stop_after", None)
+    if getattr(args, "resume", False):
+        if settings.get("out") is None:
             raise CLIError("--resume needs the run directory: pass --out DIR")
-        run_config = Path(out) / CONFIG
-        if not run_config.is_file():
-            raise FileNotFoundError(f"no run to resume in {out} (no {CONFIG})")
-        layers.append(_read_json(run_config, "run config"))
-    cfg = TrainConfig.from_dict(merge(*layers, from_file, flags)).resolved()
-    return cfg, resume, getattr(args, "stop_after", None)
+        return settings, True, stop_after
+    return TrainConfig.from_dict(settings).resolved(), False, stop_after
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from opnorm.training.trainer import train
 
-    cfg, resume, stop_after = train_config_from_args(args)
+    config, resume, stop_after = train_config_from_args(args)
     quiet = bool(getattr(args, "quiet", False))
-    result = train(cfg, resume=resume, stop_after=stop_after, verbose=not quiet)
+    result = train(config, resume=resume, stop_after=stop_after, verbose=not quiet)
     if int(os.environ.get("RANK", "0")) == 0 and not quiet:
         state = "finished" if result.completed else f"stopped after epoch {result.metrics.get('epoch')}"
         where = f"; run directory {result.run_dir}" if result.run_dir is not None else ""
@@ -217,6 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from opnorm.training.config import TrainConfig
     from opnorm.training.data import load_dataset
     from opnorm.training.distributed import resolve_device
+    from opnorm.training.files import write_text_atomic
     from opnorm.training.models import build_model
     from opnorm.training.trainer import CHECKPOINT, accuracy, robust_accuracy
 
@@ -269,14 +274,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "attack": args.attack, "p": _fmt(p), "steps": args.steps, "restarts": args.restarts, "loss": args.loss,
         "step_size": args.step_size, "schedule": args.schedule, "n": n, "seed": args.seed, "clean_accuracy": clean, "results": rows,
     }
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["eps", "robust_accuracy"])
-        for r in rows:
-            w.writerow([r["eps"], r["robust_accuracy"]])
+    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["eps", "robust_accuracy"])
+    for r in rows:
+        w.writerow([r["eps"], r["robust_accuracy"]])
+    write_text_atomic(csv_path, table.getvalue())
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
@@ -329,8 +334,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from opnorm.experiments.reproduce import run_reproduce
     except ImportError as err:
         raise CLIError(f"the reproduce study is not available ({_one_line(err)})") from None
-    out = args.out if args.out is not None else str(Path("reports") / args.dataset)
-    run_reproduce(dataset=args.dataset, quick=args.quick, out=out, seed=args.seed, data_dir=args.data_dir)
+    from opnorm.training.data import canonical_dataset
+
+    dataset = canonical_dataset(args.dataset)  # the spelling train and eval accept
+    out = args.out if args.out is not None else str(Path("reports") / dataset)
+    run_reproduce(dataset=dataset, quick=args.quick, out=out, seed=args.seed, data_dir=args.data_dir)
     return 0
 
 
@@ -339,18 +347,35 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (``opnorm`` exits with it)."""
-    from opnorm.training.checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}[args.command]
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return handler(args)
-    except (CLIError, CheckpointError, ValueError, TypeError, FileNotFoundError) as err:
-        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            raise
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except Exception as err:  # every error is one line; the traceback only on request
+        if debug:
+            raise
+        sys.stderr.write(f"{PROG}: error: {_error_line(err)}\n")
+        return 1
+
+
+def _error_line(err: Exception) -> str:
+    from opnorm.training.checkpoint import CheckpointError
+    from opnorm.training.files import RunLockedError
+    from opnorm.training.trainer import TrainingDiverged
+
+    expected = (CLIError, CheckpointError, ValueError, TypeError, OSError, RunLockedError, TrainingDiverged)
+    if isinstance(err, expected):
+        text = _one_line(err) if str(err) else type(err).__name__
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+            text = f"{text}: {err.filename}"
+        return text
+    return f"{type(err).__name__}: {_one_line(err)} (unexpected; rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

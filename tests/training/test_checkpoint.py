@@ -20,6 +20,7 @@ from opnorm.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_digest,
 )
 from opnorm.training.models import build_model
 
@@ -143,7 +144,7 @@ def test_atomic_save_failure_leaves_previous_checkpoint(tmp_path, monkeypatch, e
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", real_save)
     assert os.path.dirname(temp_names[0]) == str(tmp_path)  # the temp file lived beside the target
-    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]  # no temp file left
     assert path.read_bytes() == before
     assert load_checkpoint(path)["epoch"] == 1
 
@@ -151,7 +152,7 @@ def test_atomic_save_failure_leaves_previous_checkpoint(tmp_path, monkeypatch, e
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(type(exc)):
         save_checkpoint(fresh, {"epoch": 0})
-    assert not fresh.exists() and os.listdir(tmp_path) == ["last.pt"]
+    assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]
 
 
 def test_missing_checkpoint(tmp_path):
@@ -168,6 +169,10 @@ def test_truncated_checkpoint(tmp_path, keep):
     data = path.read_bytes()
     n = int(len(data) * keep) if isinstance(keep, float) else keep
     path.write_bytes(data[:n])
+    with pytest.raises(CheckpointError, match="corrupt or truncated.*sha256 does not match") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    write_digest(path)  # vouched for: the damage is still found by the reader itself
     with pytest.raises(CheckpointError, match="corrupt or truncated.*delete it or resume from another") as info:
         load_checkpoint(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
@@ -176,9 +181,13 @@ def test_truncated_checkpoint(tmp_path, keep):
 def test_random_bytes(tmp_path):
     path = tmp_path / "noise.pt"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match="no checksum file noise.pt.sha256"):
+        load_checkpoint(path)
+    write_digest(path)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(path)
     path.write_bytes(b"PK\x03\x04" + bytes(100))  # a broken zip header
+    write_digest(path)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(path)
 
@@ -186,6 +195,7 @@ def test_random_bytes(tmp_path):
 def test_not_a_dict(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.ones(2)], path)
+    write_digest(path)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_checkpoint(path)
 
@@ -198,6 +208,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, container):
         torch.save({"model": {"w": torch.ones(2)}, "epoch": Evil(marker)}, path)
     else:  # protocol 2, which the weights-only unpickler reads up to the global
         path.write_bytes(pickle.dumps({"epoch": 1, "hook": Evil(marker)}, protocol=2))
+    with pytest.raises(CheckpointError, match="no checksum file"):  # refused before unpickling
+        load_checkpoint(path)
+    write_digest(path)
     with pytest.raises(CheckpointError, match=r"refused to load .*references \w+\.system.*nothing was executed"):
         load_checkpoint(path)
     assert not marker.exists()
@@ -242,6 +255,9 @@ def test_load_weights_mismatch_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no weights file"):
         load_weights(wider, tmp_path / "none.safetensors")
     path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="weights file .* is corrupt or truncated: its sha256 does not match"):
+        load_weights(wider, path)
+    path.with_name(path.name + ".sha256").unlink()  # a file from elsewhere: read as it is
     with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
         load_weights(wider, path)
 

@@ -54,7 +54,8 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def test_train_writes_the_run_directory(run_dir):
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([CHECKPOINT, CONFIG, METRICS, WEIGHTS])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"])
     cfg = json.loads((run_dir / CONFIG).read_text())
     assert cfg["method"] == "pgd-at" and cfg["p"] == "inf" and cfg["eps"] == 0.1 and cfg["epochs"] == 2
     assert cfg["out"] == str(run_dir)

@@ -129,7 +129,7 @@ def test_resume_errors(tmp_path):
     train(cfg, stop_after=1)
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg)
-    with pytest.raises(ValueError, match="trained with model='cnn'"):
+    with pytest.raises(ValueError, match="cannot resume .* with model='mlp': the run was trained with model='cnn'"):
         train(cfg.replace(model="mlp"), resume=True)
     ckpt = tmp_path / "run" / CHECKPOINT
     good = ckpt.read_bytes()
@@ -157,7 +157,7 @@ def test_interrupted_epoch_leaves_the_last_checkpoint_intact(tmp_path, monkeypat
         train(cfg)
     monkeypatch.setattr(T.Objective, "forward", original)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == [CHECKPOINT, CONFIG, METRICS]  # no temporary or half-written files
+    assert files == [".lock", CHECKPOINT, CHECKPOINT + ".sha256", CONFIG, METRICS]  # no temporary or half-written files
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["epoch"] == 1
     resumed = train(cfg, resume=True)
     full = train(cfg.replace(out=None))
@@ -216,7 +216,7 @@ def test_config_round_trip_and_defaults():
     [
         (dict(method="mart"), r"unknown method 'mart'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades"),
         (dict(model="lenet"), r"unknown model 'lenet'; valid: mlp, cnn"),
-        (dict(dataset="svhn"), r"unknown dataset 'svhn'; valid: digits"),
+        (dict(dataset="svhn"), r"unknown dataset 'svhn'; valid names: digits"),
         (dict(eps=-0.1), r"eps must be >= 0"),
         (dict(p=0.5), r"p must satisfy 1 <= p"),
         (dict(q="x"), r"q must be a number"),

@@ -48,6 +48,7 @@ __all__ = [
     "eval_mode",
     "unwrap",
     "check_inputs",
+    "check_label_range",
     "check_output",
     "forward",
     "jvp",

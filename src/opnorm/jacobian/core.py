@@ -42,8 +42,9 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1 and at least one dimension per "
+                         f"example, got shape {tuple(x.shape)}" + (f"; for a single example use {name}[None]" if x.ndim == 1 else ""))
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
     if isinstance(model, nn.Module):
@@ -60,6 +61,13 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
                 )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf values; clean the inputs before computing norms or attacks")
+
+
+def check_label_range(y: torch.Tensor, num_logits: int, name: str = "y") -> None:
+    """Raise a clear error unless every label indexes one of ``num_logits`` logits."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_logits):
+        raise ValueError(f"{name} holds labels in [{int(y.min())}, {int(y.max())}] but the model has {num_logits} logits; "
+                         f"labels must be in [0, {num_logits - 1}]")
 
 
 def check_output(out: torch.Tensor, batch: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from opnorm.norms import Order, conjugate, duality_map, norm_order
 from opnorm.power.iteration import power_iteration, random_unit
+from opnorm.validation import integer
 
 DEFAULT_RESTARTS = 64
 
@@ -39,6 +40,15 @@ def _max_over_signs(A: torch.Tensor, r: float, chunk: int = 1 << 14) -> tuple[to
     return best, best_s
 
 
+# enumeration forms all 2^(n-1) sign vectors: 2^21 of them are the most it will hold in memory
+MAX_ENUMERATE_LIMIT = 22
+
+
+def check_max_enumerate(value: int) -> int:
+    """max_enumerate as an int in [0, MAX_ENUMERATE_LIMIT] (the sign vectors must fit in memory)."""
+    return integer(value, "max_enumerate", lo=0, hi=MAX_ENUMERATE_LIMIT)
+
+
 def operator_norm_of_matrix(
     J: torch.Tensor,
     p: Order = 2,
@@ -54,6 +64,7 @@ def operator_norm_of_matrix(
     Returns (sigma (B,), v (B, n) unit l_p attaining ||J v||_q = sigma, exact (B,) bool).
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
+    max_enumerate = check_max_enumerate(max_enumerate)
     if J.ndim != 3:
         raise ValueError(f"J must have shape (B, d, n), got {tuple(J.shape)}")
     B, d, n = J.shape

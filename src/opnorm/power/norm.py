@@ -24,7 +24,7 @@ from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, unwrap
 from opnorm.norms import Order, duality_map, norm_order
-from opnorm.power.exact import DEFAULT_RESTARTS, _has_exact_form, _top_pair_gram, operator_norm_of_matrix
+from opnorm.power.exact import DEFAULT_RESTARTS, check_max_enumerate, _has_exact_form, _top_pair_gram, operator_norm_of_matrix
 from opnorm.power.iteration import _check_iters, _check_tol, lanczos_iteration, power_iteration, random_unit
 
 METHODS = ("auto", "power", "lanczos", "exact")
@@ -148,6 +148,7 @@ def operator_norm(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if method == "lanczos" and not (p == 2 and q == 2):
         raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
+    max_enumerate = check_max_enumerate(max_enumerate)
     iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
     tol = DEFAULT_TOL if tol is None else _check_tol(tol)
     check_inputs(model, x)

@@ -25,7 +25,9 @@ from opnorm.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_digest,
 )
+from opnorm.training.files import RunLock, RunLockedError
 
 __all__ = [
     "DATASETS",
@@ -44,4 +46,7 @@ __all__ = [
     "load_weights",
     "rng_state",
     "set_rng_state",
+    "write_digest",
+    "RunLock",
+    "RunLockedError",
 ]

@@ -2,11 +2,18 @@
 
 * ``save_checkpoint`` writes to a temporary file in the target directory, fsyncs it and
   renames it over the target, so ``path`` always holds either the previous checkpoint or
-  the complete new one, never a half-written file.
+  the complete new one, never a half-written file. Files get the mode a plain ``open``
+  would give them (the user's umask).
+* Integrity: every file saved here gets a sidecar ``<file>.sha256`` in ``sha256sum`` format
+  (``sha256sum -c checkpoint.pt.sha256`` checks it by hand). ``load_checkpoint`` refuses a
+  file whose bytes do not match it (``torch.load`` itself ignores damage inside the archive)
+  or that has none; ``write_digest`` vouches for a file obtained elsewhere.
 * ``load_checkpoint`` uses ``torch.load(weights_only=True)``: a checkpoint is data
   (tensors, numbers, strings, containers), never code. Every failure is a one-line
   ``CheckpointError``.
-* ``export_weights`` / ``load_weights`` share a model's ``state_dict`` as safetensors.
+* ``export_weights`` / ``load_weights`` share a model's ``state_dict`` as safetensors; the
+  bytes depend only on the tensors and the metadata (sorted header, no timestamps), so
+  equal weights give equal files and equal hashes.
 * ``rng_state`` / ``set_rng_state`` capture every RNG a training run draws from, as
   tensors and ints, for bit-identical resume.
 
@@ -20,23 +27,39 @@ Example::
 from __future__ import annotations
 
 import collections
+import json
 import os
 import pickle
 import random
 import re
-import tempfile
+import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from opnorm.jacobian import unwrap
+from opnorm.training.files import (
+    DIGEST_SUFFIX,
+    CheckpointError,
+    atomic_write,
+    save_with_digest,
+    sidecar,
+    verify_digest,
+    write_digest,
+    write_text_atomic,
+)
 
 __all__ = [
     "CheckpointError",
+    "DIGEST_SUFFIX",
+    "atomic_write",
+    "write_text_atomic",
+    "write_digest",
+    "verify_digest",
     "save_checkpoint",
     "load_checkpoint",
     "export_weights",
@@ -44,56 +67,6 @@ __all__ = [
     "rng_state",
     "set_rng_state",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file is missing, corrupt, unsafe, or does not fit the model."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a same-directory temp file + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        # mkstemp creates 0600 files; give the result the mode a plain open() would.
-        os.chmod(tmp.name, 0o666 & ~_umask())
-        os.replace(tmp.name, path)
-    except BaseException:
-        # Whatever went wrong (including KeyboardInterrupt), leave no temp file behind.
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # Exact types: subclasses such as numpy.float64 (a float) pickle as globals weights_only refuses.
@@ -142,7 +115,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     _check_state(state, "state")
-    _atomic_write(path, lambda f: torch.save(state, f))
+    save_with_digest(path, lambda f: torch.save(state, f))
 
 
 def _one_line(err: BaseException, limit: int = 160) -> str:
@@ -154,15 +127,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by ``save_checkpoint``, safely (``weights_only=True``).
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (its ``<path>.sha256`` sidecar must match it).
         map_location: where tensors go, as in ``torch.load`` (default "cpu").
 
     Returns:
         the saved dict.
 
     Raises:
-        CheckpointError: no file at path; truncated / corrupt / not a checkpoint; or the file
-            holds objects other than tensors and plain data (refused, nothing is executed).
+        CheckpointError: no file at path; no or a damaged sidecar; bytes that do not match the
+            sidecar; truncated / corrupt / not a checkpoint; or the file holds objects other
+            than tensors and plain data (refused, nothing is executed).
 
     Example::
 
@@ -173,6 +147,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    verify_digest(path, "checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -219,14 +194,26 @@ def export_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
-    data = save(tensors, metadata=metadata)
-    _atomic_write(path, lambda f: f.write(data))
+    data = _sorted_header(save(tensors, metadata=metadata))
+    save_with_digest(path, lambda f: f.write(data))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted (the library emits the metadata in
+    hash order, which differs between processes), padded to 8 bytes as the format asks."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a safetensors file written by ``export_weights`` into ``model`` (in place).
 
     Keys and shapes must match exactly; values are cast to the model's dtypes and devices.
+    When the file has a ``<path>.sha256`` sidecar (``export_weights`` writes one) its bytes
+    must match it; files from elsewhere have none and are read as they are.
 
     Returns:
         the model.
@@ -244,6 +231,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")
+    if sidecar(path).exists():
+        verify_digest(path, "weights file")
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types for bad headers

@@ -24,12 +24,13 @@ from opnorm.validation import integer as _integer
 from opnorm.validation import number as _number
 from opnorm.validation import one_of
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "TrainConfig", "OpnormConfig", "default_eps", "DEFAULT_LAM",
-           "migrate", "merge"]
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "ON_NAN", "RESUMABLE", "TrainConfig", "OpnormConfig", "default_eps",
+           "DEFAULT_LAM", "migrate", "merge", "check_resume"]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("cosine", "none")
+ON_NAN = ("stop", "skip")
 PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
 OPNORM_OUTPUTS = ("logits", "kl")
@@ -160,6 +161,11 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "weight decay")
     scheduler: str = _f("cosine", "cosine | none")
     seed: int = _f(0, "seed")
+    # written by a resume that changed epochs, one {"epoch": E, "replaced_epochs": H} each (E: epochs done then,
+    # H: the horizon replaced); from epoch E the learning rate falls on from its last value (training.schedule)
+    schedule_extensions: list = dataclasses.field(default_factory=list, metadata={"flag": False})
+    on_nan: str = _f("stop", "a non-finite loss or gradients: stop the run at once | skip the batch (counted in the "
+                     "metrics; non-finite weights still stop it)")
     eval_points: int = _f(200, "test points for the per-epoch PGD and operator-norm metrics")
     eval_steps: int = _f(20, "PGD steps of the per-epoch robustness metric")
     norm_iters: Optional[int] = _f(None, "power iterations of the per-epoch operator-norm metric")
@@ -239,14 +245,15 @@ def _check_keys(d: dict, cls: type, prefix: str) -> None:
 
 
 def _resolve_choices(c: TrainConfig) -> None:
-    from opnorm.training.data import DATASETS
+    from opnorm.training.data import canonical_dataset
     from opnorm.training.models import MODELS
 
-    c.dataset = one_of(c.dataset, DATASETS, "dataset")
+    c.dataset = canonical_dataset(c.dataset)
     c.model = one_of(c.model, MODELS, "model")
     c.method = one_of(c.method, METHODS, "method")
     c.optimizer = one_of(c.optimizer, OPTIMIZERS, "optimizer")
     c.scheduler = one_of(c.scheduler, SCHEDULERS, "scheduler")
+    c.on_nan = one_of(c.on_nan, ON_NAN, "on_nan")
     c.p = norm_order(c.p, "p")
     c.q = norm_order(c.q, "q")
 
@@ -255,6 +262,7 @@ def _resolve_numbers(c: TrainConfig) -> None:
     for name in ("steps", "epochs", "batch_size", "eval_points", "eval_steps"):
         setattr(c, name, _integer(getattr(c, name), name, lo=1))
     c.seed = _integer(c.seed, "seed", lo=0)
+    c.schedule_extensions = _extensions(c.schedule_extensions, c.epochs)
     c.num_workers = _integer(c.num_workers, "num_workers", lo=0)
     for name in ("norm_iters", "limit_train", "limit_test", "width"):
         if getattr(c, name) is not None:
@@ -379,3 +387,78 @@ def merge(*dicts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _extensions(value: Any, epochs: int) -> list[dict[str, int]]:
+    """Validate schedule_extensions: E strictly increasing, each E <= the horizon it replaced,
+    the last E < epochs (the last horizon)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"schedule_extensions must be a list, got {value!r}")
+    out: list[dict[str, int]] = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"epoch", "replaced_epochs"}:
+            raise ValueError(f"each schedule_extensions entry is {{\"epoch\": E, \"replaced_epochs\": H}}, got {item!r}")
+        e = _integer(item["epoch"], "schedule_extensions epoch", lo=1)
+        h = _integer(item["replaced_epochs"], "schedule_extensions replaced_epochs", lo=e)
+        if out and e <= out[-1]["epoch"]:
+            raise ValueError(f"schedule_extensions epochs must increase, got {value!r}")
+        out.append({"epoch": e, "replaced_epochs": h})
+    if out and out[-1]["epoch"] >= epochs:
+        raise ValueError(f"schedule_extensions end at epoch {out[-1]['epoch']} but epochs is {epochs}; "
+                         "drop schedule_extensions for a fresh schedule")
+    return out
+
+
+# Settings a resumed run may change: where and how it runs and what it measures, never what it
+# trains. epochs is special: a change extends (or shortens) the run, recorded in
+# schedule_extensions. Every other key (dotted inside nested sections) defines the trajectory.
+RESUMABLE = frozenset({
+    "epochs", "out", "device", "progress", "num_workers", "data_dir", "download",
+    "eval_points", "eval_steps", "norm_iters", "limit_test", "on_nan",
+})
+
+_ABSENT = object()
+
+
+def _first_difference(old: Any, new: Any, key: str = "") -> Optional[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            dotted = f"{key}.{k}" if key else str(k)
+            if dotted in RESUMABLE:
+                continue
+            found = _first_difference(old.get(k, _ABSENT), new.get(k, _ABSENT), dotted)
+            if found:
+                return found
+        return None
+    return None if old == new else (key, old, new)
+
+
+def check_resume(old: dict[str, Any], new: dict[str, Any], run: str) -> None:
+    """Refuse a resume whose resolved config changes a setting that shapes the trajectory.
+
+    Args:
+        old: the run's resolved config (``TrainConfig.to_dict()``, as in its checkpoint).
+        new: the resolved config of the resuming call.
+        run: the run directory, for the message.
+
+    Every key is compared, recursing into nested dicts, except those in ``RESUMABLE``.
+
+    Raises:
+        ValueError: one line naming the first differing setting (dotted for nested keys)
+            and the two ways on: a new run, or ``--config <run>/config.json`` with a new --out.
+
+    Example::
+
+        >>> check_resume({"lr": 0.05, "epochs": 2}, {"lr": 0.05, "epochs": 4}, "runs/a")   # fine
+        >>> check_resume({"opnorm": {"step": None}}, {"opnorm": {"step": 0.5}}, "runs/a")
+        Traceback (most recent call last):
+        ValueError: cannot resume runs/a with opnorm.step=0.5: the run was trained with opnorm.step=None, ...
+    """
+    found = _first_difference(old, new)
+    if found is None:
+        return
+    key, was, now = found
+    show = lambda v: "(not set)" if v is _ABSENT else repr(v)  # noqa: E731
+    raise ValueError(
+        f"cannot resume {run} with {key}={show(now)}: the run was trained with {key}={show(was)}, and settings that "
+        f"shape the training cannot change on resume (only {', '.join(sorted(RESUMABLE))} can); start a new run "
+        f"with the new setting instead: opnorm train --config {run}/config.json --out NEW_DIR plus the changed flag"
+    )

@@ -40,6 +40,7 @@ from opnorm.training.formats import RestrictedUnpickler, _check_labels, load_cif
 
 __all__ = [
     "DATASETS",
+    "canonical_dataset",
     "DatasetNotFoundError",
     "IndexedTensorDataset",
     "DatasetSplits",
@@ -167,7 +168,7 @@ def load_dataset(
         >>> s.train.x.shape, s.input_shape
         (torch.Size([1000, 1, 28, 28]), (1, 28, 28))
     """
-    key = _canonical_name(name)
+    key = canonical_dataset(name)
     for arg, value in (("limit_train", limit_train), ("limit_test", limit_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{arg} must be a positive int or None, got {value!r}")
@@ -269,7 +270,7 @@ def _seed_worker(worker_id: int) -> None:
 
 def default_data_dirs(name: str) -> list[Path]:
     """Directories searched for ``name`` when no ``data_dir`` is given, in order."""
-    key = _canonical_name(name)
+    key = canonical_dataset(name)
     dirs = []
     if os.environ.get("OPNORM_DATA"):
         dirs.append(Path(os.environ["OPNORM_DATA"]).expanduser() / key)
@@ -279,7 +280,9 @@ def default_data_dirs(name: str) -> list[Path]:
     return dirs
 
 
-def _canonical_name(name: str) -> str:
+def canonical_dataset(name: str) -> str:
+    """The one spelling of a dataset name: case-insensitive, ``_`` for ``-`` ("Fashion_MNIST" ->
+    "fashion-mnist"); ValueError for unknown names. Every entry point goes through it."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, one of {', '.join(DATASETS)}; got {type(name).__name__}")
     key = name.strip().lower().replace("_", "-")

@@ -1,18 +1,22 @@
 """The training loop behind ``opnorm train`` and ``opnorm.train(config)``.
 
 One epoch: a loader seeded by ``(seed, epoch)`` (so a resumed run sees the same batches),
-one objective per method (see :class:`Objective`), then evaluation on rank 0 and an
-atomic checkpoint. The run directory (``config.out``) holds:
+the learning rate of :mod:`opnorm.training.schedule`, one objective per method (see
+:class:`Objective`), a check that loss and weights are finite (``on_nan``), then evaluation
+on rank 0 and a checkpoint. The run directory (``config.out``, see
+:mod:`opnorm.training.run_dir`) holds:
 
 * ``config.json``: the resolved :class:`~opnorm.training.config.TrainConfig`
   (re-run with ``opnorm train --config config.json``);
-* ``metrics.jsonl``: one line per epoch: ``epoch, loss, lr, accuracy`` (clean, whole test
-  split), ``robust_accuracy`` (PGD at the training eps and p, first ``eval_points`` test
-  points), ``operator_norm`` (mean ``||J(x)||_{p->q}`` on those points, via
-  :func:`opnorm.power.operator_norm`), ``seconds`` (training) and ``eval_seconds``;
-* ``checkpoint.pt``: model, optimizer, scheduler, objective (e.g. spectral-norm vectors),
-  AMP scaler, completed epochs, RNG states, config and history, rewritten atomically
-  after every epoch; ``model.safetensors``: the final weights.
+* ``metrics.jsonl``: one line per epoch: ``epoch, loss, lr, lr_schedule, accuracy`` (clean,
+  whole test split), ``robust_accuracy`` (PGD at the training eps and p, first
+  ``eval_points`` test points), ``operator_norm`` (mean ``||J(x)||_{p->q}`` on those points,
+  via :func:`opnorm.power.operator_norm`), ``seconds`` (training), ``eval_seconds`` and, with
+  ``on_nan="skip"``, ``skipped_batches``;
+* ``checkpoint.pt`` (+ ``.sha256``): model, optimizer, objective (e.g. spectral-norm
+  vectors), AMP scaler, completed epochs, RNG states, config and history, rewritten
+  atomically after every epoch, before the epoch's metrics line; ``model.safetensors``
+  (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
 
 Example::
 
@@ -24,12 +28,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,24 +44,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
-from opnorm.jacobian import eval_mode, forward, unwrap
+from opnorm.jacobian import forward
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
 from opnorm.training import distributed as D
-from opnorm.training.checkpoint import (
-    CheckpointError,
-    export_weights,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from opnorm.training.config import TrainConfig
-from opnorm.training.objectives import opnorm_regularizer
+from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
+from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import load_dataset, make_loader
+from opnorm.training.evaluation import _bar, _evaluate, accuracy, mean_operator_norm, robust_accuracy
+from opnorm.training.files import write_text_atomic  # noqa: F401  (re-exported: reports write through it)
 from opnorm.training.models import build_model
+from opnorm.training.objectives import opnorm_regularizer
+from opnorm.training.run_dir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunDir
+from opnorm.training.schedule import describe, extended, learning_rate
 
 __all__ = [
     "TrainResult",
+    "TrainingDiverged",
     "Objective",
     "train",
     "accuracy",
@@ -69,12 +70,6 @@ __all__ = [
     "CONFIG",
     "WEIGHTS",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-
 
 @dataclass
 class TrainResult:
@@ -165,123 +160,21 @@ class Objective(nn.Module):
         return loss, logs
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
-    """Fraction of (x, y) classified correctly, in eval mode (x, y on any device; moved to the model's)."""
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    correct = 0
-    with eval_mode(net):
-        for s in _batches(x.shape[0], batch_size):
-            correct += int((net(x[s].to(device)).argmax(1) == y[s].to(device)).sum())
-    return correct / max(1, x.shape[0])
-
-
-def robust_accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    p: Any,
-    steps: int = 20,
-    restarts: int = 1,
-    loss: str = "ce",
-    step_size: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    batch_size: int = 256,
-    progress: bool = False,
-    best_iterate: bool = True,
-    schedule: str = "constant",
-) -> float:
-    """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
-
-    An example counts as robust only if no point of the attack's path fools the model
-    (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
-    ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
-    ``progress`` shows a bar over the batches (on stderr).
-    """
-    from opnorm.attacks import pgd
-
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    correct = 0
-    for s in _bar(list(_batches(x.shape[0], batch_size)), progress, f"PGD eps={eps:g}"):
-        xb, yb = x[s].to(device), y[s].to(device)
-        if eps > 0:
-            xb = pgd(net, xb, yb, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size,
-                     restarts=restarts, random_start=True, generator=generator, best_iterate=best_iterate,
-                     schedule=schedule)
-        with torch.no_grad(), eval_mode(net):
-            correct += int((net(xb).argmax(1) == yb).sum())
-    return correct / max(1, x.shape[0])
-
-
-def mean_operator_norm(
-    model: nn.Module, x: torch.Tensor, p: Any, q: Any, *, iters: Optional[int] = None,
-    generator: Optional[torch.Generator] = None, batch_size: int = 256,
-) -> float:
-    """Mean over x of ``||J(x)||_{p->q}`` (:func:`opnorm.power.operator_norm`, method "auto")."""
-    from opnorm.power import operator_norm
-
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    total = 0.0
-    for s in _batches(x.shape[0], batch_size):
-        res = operator_norm(net, x[s].to(device), p, q, iters=iters, generator=generator)
-        total += float(res.sigma.sum())
-    return total / max(1, x.shape[0])
-
-
-def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False) -> dict[str, float]:
-    # Own generators: evaluation never draws from the training RNG streams.
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
-    xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]
-    out = {"accuracy": accuracy(model, splits.test.x, splits.test.y)}
-    out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen,
-                                             progress=show)
-    out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
-    return out
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same directory and os.replace: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
-
-
-def _save_config(run_dir: Path, cfg: TrainConfig) -> None:
-    write_text_atomic(run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-def _save_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    write_text_atomic(run_dir / METRICS, "".join(json.dumps(_jsonable(m)) + "\n" for m in history))
-
-
 # ----------------------------------------------------------------------------- the loop
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or the weights became non-finite (NaN / inf); the run stopped at once.
+
+    The message names the epoch, the step and what was non-finite; the run directory keeps
+    its last good checkpoint.
+    """
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(what)
+        self.step, self.what = step, what
 
 
 def _seed_everything(seed: int) -> None:
@@ -299,26 +192,46 @@ def _progress(cfg: TrainConfig, ctx: D.DistContext) -> bool:
 
 
 def _build_optimizer(cfg: TrainConfig, model: nn.Module):
+    # the learning rate of each epoch is set from opnorm.training.schedule: no torch scheduler state
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=data_passes(cfg))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
-    return opt, sched
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-_RESUME_KEYS = ("dataset", "model", "width", "method", "optimizer", "limit_train")
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    for key in _RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ValueError(
-                f"cannot resume {path}: it was trained with {key}={saved[key]!r} but the config says {getattr(cfg, key)!r}"
-            )
+def _as_settings(config: Union[TrainConfig, dict, None], overrides: dict[str, Any]) -> Union[TrainConfig, dict]:
+    """A complete TrainConfig, or a dict of the settings given (the rest: defaults, or on resume the run's)."""
+    if config is None:
+        config = {}
+    if isinstance(config, dict):
+        return {**config, **overrides}
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, a dict or None, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def _resume_config(given: Union[TrainConfig, dict], state: dict, run: RunDir) -> TrainConfig:
+    """The resumed run's config: the checkpoint's, changed only where RESUMABLE allows."""
+    try:
+        saved = TrainConfig.from_dict(state["config"]).resolved()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {run.checkpoint} holds a config this version cannot use ({err})") from None
+    completed = int(state["epoch"])
+    settings = dataclasses.asdict(given) if isinstance(given, TrainConfig) else dict(given)
+    if not settings.get("schedule_extensions"):
+        settings.pop("schedule_extensions", None)  # the run's record, whoever omits it
+    merged = merge(saved.to_dict(), settings)  # the opnorm section key by key
+    epochs = merged.get("epochs")
+    if isinstance(epochs, int) and epochs != saved.epochs and epochs <= completed:
+        raise ValueError(f"{run.path} has completed {completed} epochs; to extend it pass --epochs larger than that "
+                         f"(got {epochs})")
+    cfg = TrainConfig.from_dict(merged).resolved()
+    check_resume(saved.to_dict(), cfg.to_dict(), str(run.path))
+    return extended(cfg, saved, completed)
 
 
 def train(
@@ -333,10 +246,13 @@ def train(
     """Train a model as configured; the Python face of ``opnorm train``.
 
     Args:
-        config: a :class:`TrainConfig`, a dict of its fields, or None (defaults).
+        config: a :class:`TrainConfig` (complete), a dict of some of its fields (the others:
+            defaults, or with ``resume`` the run's own), or None.
         resume: continue the run in ``config.out`` from its ``checkpoint.pt`` (same batches,
             RNG states and optimizer state: on CPU the result is bit-identical to an
-            uninterrupted run).
+            uninterrupted run). Only the settings in ``config.RESUMABLE`` may differ from the
+            run's; a larger ``epochs`` extends the run with a learning rate that goes on
+            falling (see :mod:`opnorm.training.schedule`).
         stop_after: return after this many epochs of this call (e.g. to split a run
             across jobs; resume it later). None: run to ``config.epochs``.
         verbose: print one line per epoch (rank 0) through ``log`` (default: print).
@@ -346,164 +262,208 @@ def train(
         :class:`TrainResult` (model, final metrics, history, resolved config, run_dir).
 
     Raises:
-        ValueError / TypeError: invalid config (one-line messages).
+        ValueError / TypeError: invalid config, a changed trajectory setting on resume, or an
+            occupied run directory (one-line messages).
         DatasetNotFoundError: the dataset files are missing.
-        FileNotFoundError / CheckpointError: ``resume`` without a readable checkpoint.
+        FileNotFoundError / CheckpointError: ``resume`` without a readable, intact checkpoint.
+        RunLockedError: another process is writing the run directory.
+        TrainingDiverged: a non-finite loss or weights (``on_nan="stop"``).
 
     Example:
         >>> res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf")
         >>> res.metrics["accuracy"], res.metrics["robust_accuracy"]
+        >>> train(out="runs/a", epochs=4, resume=True)   # the run of runs/a, extended to 4 epochs
     """
-    if config is None:
-        config = TrainConfig()
-    elif isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    elif not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, a dict or None, got {type(config).__name__}")
-    cfg = (config.replace(**overrides) if overrides else config).resolved()
+    given = _as_settings(config, overrides)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     say = log or print
+    out = given.out if isinstance(given, TrainConfig) else given.get("out")
+    run = RunDir(out) if out is not None else None
+    writer = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone writes (and locks) the run
+    with contextlib.ExitStack() as stack:
+        state = None
+        if resume:
+            if run is None:
+                raise ValueError("resume needs the run directory: pass out (--out DIR)")
+            run.exists_for_resume()
+            if writer:
+                stack.enter_context(run.lock())
+            state = run.load_for_resume()
+            cfg = _resume_config(given, state, run)
+            if verbose and len(cfg.schedule_extensions) > len(state["config"].get("schedule_extensions", [])):
+                say(f"extending the run from {state['config']['epochs']} to {cfg.epochs} epochs: the learning rate "
+                    f"goes on falling from epoch {state['epoch']} on (recorded in {CONFIG} as schedule_extensions)")
+        else:
+            cfg = (given if isinstance(given, TrainConfig) else TrainConfig.from_dict(given)).resolved()
+            if run is not None:
+                run.refuse_existing()
+        ctx = D.setup(cfg.device)
+        try:
+            splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                  limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+            if run is not None and writer:
+                if not resume:  # locked only now, so that a config or data error leaves no directory
+                    stack.enter_context(run.lock())
+                    run.refuse_existing()
+                run.remove_stale_files()
+            return _run(cfg, ctx, splits, state, run if writer else None, stop_after, verbose, say)
+        finally:
+            D.cleanup(ctx)
 
-    run_dir = Path(cfg.out) if cfg.out is not None else None
-    ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
-    state = None
-    if resume:
-        if ckpt_path is None:
-            raise ValueError("resume needs the run directory: pass out (--out DIR)")
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"no run to resume in {run_dir} (no {CHECKPOINT})")
-        state = load_checkpoint(ckpt_path)  # before anything is written: a bad file changes nothing
-        for key in ("model", "optimizer", "scheduler", "epoch", "rng", "history"):
-            if key not in state:
-                raise CheckpointError(f"checkpoint {ckpt_path} lacks {key!r}; it was not written by opnorm train")
-        _check_resumable(state.get("config", {}), cfg, ckpt_path)
-    elif ckpt_path is not None and ckpt_path.exists():
-        raise ValueError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
 
-    ctx = D.setup(cfg.device)
-    try:
-        return _run(cfg, ctx, state, run_dir, stop_after, verbose, say)
-    finally:
-        D.cleanup(ctx)
+def _restore(state: dict, model, optimizer, objective, scaler) -> tuple[int, list]:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "objective" in state:
+        objective.load_state_dict(state["objective"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])
 
 
 def _run(
-    cfg: TrainConfig, ctx: D.DistContext, state: Optional[dict], run_dir: Optional[Path],
+    cfg: TrainConfig, ctx: D.DistContext, splits, state: Optional[dict], run: Optional[RunDir],
     stop_after: Optional[int], verbose: bool, say: Callable[[str], None],
 ) -> TrainResult:
     device = ctx.device
-    splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                          limit_train=cfg.limit_train, limit_test=cfg.limit_test)
     _seed_everything(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
                         mean=splits.mean, std=splits.std, width=cfg.width).to(device)
     objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
-    optimizer, scheduler = _build_optimizer(cfg, model)
+    optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-
-    start_epoch, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "objective" in state:
-            objective.load_state_dict(state["objective"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        set_rng_state(state["rng"])
-    if ctx.distributed:
+    start_epoch, history = _restore(state, model, optimizer, objective, scaler) if state is not None else (0, [])
+    if ctx.distributed and ctx.rank > 0:
         # per-rank streams for random starts; rank 0 keeps the single-process stream
-        if ctx.rank > 0:
-            torch.manual_seed(cfg.seed * 7919 + ctx.rank + start_epoch * 104729)
+        torch.manual_seed(cfg.seed * 7919 + ctx.rank + start_epoch * 104729)
     net = D.wrap(model, ctx)
     if cfg.compile is not False:  # attacks and power iterations use the plain module (unwrap)
         net = torch.compile(net) if cfg.compile is True else torch.compile(net, backend=cfg.compile)
-
-    if run_dir is not None and ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _save_config(run_dir, cfg)
-        _save_metrics(run_dir, history)  # drops lines of epochs past the checkpoint
+    if run is not None:
+        run.write_config(cfg)
+        run.write_metrics(history)  # drops lines of epochs past the checkpoint
     D.barrier(ctx)
 
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
-    show = _progress(cfg, ctx)
+    step = _Stepper(cfg, ctx, net, model, objective, optimizer, scaler)
     sampler = D.sampler(splits.train, ctx, seed=cfg.seed)
-    done_now = 0
     passes = data_passes(cfg)  # cfg.epochs, except free: epochs / replays (see opnorm.fast_at)
-    for epoch in range(start_epoch, passes):
+    for done_now, epoch in enumerate(range(start_epoch, passes), 1):
         t0 = time.perf_counter()
         if sampler is not None:
             sampler.set_epoch(epoch)
-            loader = make_loader(splits.train, cfg.batch_size, shuffle=False, sampler=sampler, seed=cfg.seed,
-                                 epoch=epoch, num_workers=cfg.num_workers)
-        else:
-            loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                 num_workers=cfg.num_workers)
-        model.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        bar = _bar(Replayed(loader, replays_per_batch(cfg)), show, f"epoch {epoch + 1}/{passes}")
-        for x, y, index in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                loss, logs = objective(net, x, y, index)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            steps += 1
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if show:
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
-        objective.sync()  # every rank: the store's last updates, before the checkpoint
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        loader = make_loader(splits.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler, seed=cfg.seed,
+                             epoch=epoch, num_workers=cfg.num_workers)
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            sums, steps, skipped = step.epoch(loader, epoch)
+            objective.sync()  # every rank: the store's last updates, before the checkpoint
+            if not _all_finite([*model.state_dict().values(), *objective.state_dict().values()]):
+                raise _NonFinite(steps + skipped, "the model's or the regularizer's state")
+        except _NonFinite as err:
+            raise TrainingDiverged(_diverged(cfg, epoch, err, start_epoch + done_now - 1, run)) from None
         keys = sorted(sums)
         means = D.all_reduce_mean([sums[k] / max(1, steps) for k in keys], ctx)
         metrics: dict[str, Any] = {"epoch": epoch + 1, **dict(zip(keys, means)), "lr": lr,
-                                   "seconds": time.perf_counter() - t0}
+                                   "lr_schedule": describe(cfg, epoch), "seconds": time.perf_counter() - t0}
+        if cfg.on_nan == "skip":
+            metrics["skipped_batches"] = skipped
         if ctx.is_main:
             t1 = time.perf_counter()
-            metrics.update(_evaluate(model, splits, cfg, epoch, device, show))
+            metrics.update(_evaluate(model, splits, cfg, epoch, device, step.show))
             metrics["eval_seconds"] = time.perf_counter() - t1
         history.append(metrics)
-        if ctx.is_main:
-            if run_dir is not None:
-                _save_metrics(run_dir, history)
-                save_checkpoint(run_dir / CHECKPOINT, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
-                    "rng": rng_state(), "config": cfg.to_dict(), "history": history,
-                })
-            if verbose:
-                say(_epoch_line(metrics, cfg))
+        if run is not None:
+            run.write_epoch({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
+                "rng": rng_state(), "config": cfg.to_dict(), "history": history,
+            }, history)
+        if verbose and ctx.is_main:
+            say(_epoch_line(metrics, cfg))
         D.barrier(ctx)
-        done_now += 1
         if stop_after is not None and done_now >= stop_after and epoch + 1 < passes:
-            return TrainResult(model, history[-1], history, cfg, run_dir, completed=False)
+            return TrainResult(model, history[-1], history, cfg, run.path if run else _out(cfg), completed=False)
 
-    if run_dir is not None and ctx.is_main:
-        export_weights(model, run_dir / WEIGHTS, {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method})
+    if run is not None:
+        run.export(model, cfg)
     D.barrier(ctx)
-    return TrainResult(model, history[-1] if history else {}, history, cfg, run_dir, completed=True)
+    return TrainResult(model, history[-1] if history else {}, history, cfg, run.path if run else _out(cfg), completed=True)
 
 
-def _bar(loader, show: bool, desc: str):
-    if not show:
-        return loader
-    from tqdm.auto import tqdm
+def _out(cfg: TrainConfig) -> Optional[Path]:
+    return Path(cfg.out) if cfg.out is not None else None
 
-    return tqdm(loader, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, run: Optional[RunDir]) -> str:
+    if run is None:
+        kept = "no run directory was written"
+    elif last_saved > 0:
+        kept = f"{run.checkpoint} still holds epoch {last_saved}"
+    else:
+        kept = f"no checkpoint was written to {run.path}"
+    hint = "lower --lr" + ("" if cfg.on_nan == "skip" else ", or pass --on-nan skip to skip such batches")
+    return (f"training diverged (NaN/inf) at epoch {epoch + 1}, step {err.step}: {err.what} became non-finite; "
+            f"{kept}; {hint}")
+
+
+class _Stepper:
+    """One epoch of optimizer steps, with the non-finite checks of ``cfg.on_nan``."""
+
+    def __init__(self, cfg: TrainConfig, ctx: D.DistContext, net, model, objective, optimizer, scaler) -> None:
+        self.cfg, self.ctx, self.net, self.model = cfg, ctx, net, model
+        self.objective, self.optimizer, self.scaler = objective, optimizer, scaler
+        self.show = _progress(cfg, ctx)
+        amp_dtype = torch.bfloat16 if ctx.device.type == "cpu" else torch.float16
+        self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
+
+    def _agreed(self, bad: bool) -> bool:
+        # every rank must take the same branch (a skipped backward skips DDP's all-reduce)
+        if not self.ctx.distributed:
+            return bad
+        return D.all_reduce_mean([float(bad)], self.ctx)[0] > 0
+
+    def epoch(self, loader, epoch: int) -> tuple[dict[str, float], int, int]:
+        """(sums of the logged values, steps taken, batches skipped); raises _NonFinite."""
+        device, opt, scaler = self.ctx.device, self.optimizer, self.scaler
+        sums: dict[str, float] = {}
+        steps = skipped = 0
+        bar = _bar(Replayed(loader, replays_per_batch(self.cfg)), self.show, f"epoch {epoch + 1}/{data_passes(self.cfg)}")
+        for n, (x, y, index) in enumerate(bar, 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with self.autocast():
+                loss, logs = self.objective(self.net, x, y, index)
+            value = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            if self._agreed(not math.isfinite(value)):
+                if self.cfg.on_nan == "stop":
+                    raise _NonFinite(n, f"the loss ({value})")
+                skipped += 1
+                continue
+            if scaler is not None:  # the scaler skips steps with non-finite gradients itself
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                if self.cfg.on_nan == "skip" and not _all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
+                    skipped += 1
+                    continue
+                opt.step()
+            if not _all_finite(list(self.model.parameters())):
+                raise _NonFinite(n, "the weights")
+            steps += 1
+            for k, v in {"loss": value, **logs}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if self.show:
+                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+        if steps == 0 and skipped:
+            raise _NonFinite(skipped, f"every one of the epoch's {skipped} batches")
+        return sums, steps, skipped
 
 
 def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:

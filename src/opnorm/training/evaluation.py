@@ -1,0 +1,114 @@
+"""Evaluation of a model during and after training: clean and robust accuracy, operator norms.
+
+Example::
+
+    >>> accuracy(model, x, y), robust_accuracy(model, x, y, eps=0.1, p="inf")
+    >>> mean_operator_norm(model, x, p="inf", q=2)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import check_label_range, eval_mode, unwrap
+from opnorm.training.config import TrainConfig
+
+__all__ = ["accuracy", "robust_accuracy", "mean_operator_norm"]
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
+    """Fraction of (x, y) classified correctly, in eval mode (x, y on any device; moved to the model's)."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    correct = 0
+    with eval_mode(net):
+        for s in _batches(x.shape[0], batch_size):
+            logits = net(x[s].to(device))
+            check_label_range(y[s], logits.shape[1])  # a label no logit can match is an error, not a miss
+            correct += int((logits.argmax(1) == y[s].to(device)).sum())
+    return correct / max(1, x.shape[0])
+
+
+def robust_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    p: Any,
+    steps: int = 20,
+    restarts: int = 1,
+    loss: str = "ce",
+    step_size: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    best_iterate: bool = True,
+    schedule: str = "constant",
+) -> float:
+    """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
+
+    An example counts as robust only if no point of the attack's path fools the model
+    (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
+    ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
+    ``progress`` shows a bar over the batches (on stderr).
+    """
+    from opnorm.attacks import pgd
+
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    correct = 0
+    for s in _bar(list(_batches(x.shape[0], batch_size)), progress, f"PGD eps={eps:g}"):
+        xb, yb = x[s].to(device), y[s].to(device)
+        if eps > 0:
+            xb = pgd(net, xb, yb, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size,
+                     restarts=restarts, random_start=True, generator=generator, best_iterate=best_iterate,
+                     schedule=schedule)
+        with torch.no_grad(), eval_mode(net):
+            correct += int((net(xb).argmax(1) == yb).sum())
+    return correct / max(1, x.shape[0])
+
+
+def mean_operator_norm(
+    model: nn.Module, x: torch.Tensor, p: Any, q: Any, *, iters: Optional[int] = None,
+    generator: Optional[torch.Generator] = None, batch_size: int = 256,
+) -> float:
+    """Mean over x of ``||J(x)||_{p->q}`` (:func:`opnorm.power.operator_norm`, method "auto")."""
+    from opnorm.power import operator_norm
+
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    total = 0.0
+    for s in _batches(x.shape[0], batch_size):
+        res = operator_norm(net, x[s].to(device), p, q, iters=iters, generator=generator)
+        total += float(res.sigma.sum())
+    return total / max(1, x.shape[0])
+
+
+def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False) -> dict[str, float]:
+    # Own generators: evaluation never draws from the training RNG streams.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
+    xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]
+    out = {"accuracy": accuracy(model, splits.test.x, splits.test.y)}
+    out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen,
+                                             progress=show)
+    out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
+    return out
+
+
+def _bar(loader, show: bool, desc: str):
+    if not show:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)

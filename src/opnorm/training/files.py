@@ -1,0 +1,335 @@
+"""Files of a run: atomic writes, sha256 sidecars, the run directory's lock, stale temp files.
+
+* :func:`atomic_write` / :func:`write_text_atomic`: a same-directory temp file, fsync, rename;
+  the result has the mode a plain ``open`` gives (the user's umask), never half-written.
+* :func:`save_with_digest` writes a file and its ``<file>.sha256`` sidecar (``sha256sum``
+  format, so ``sha256sum -c`` checks it); :func:`verify_digest` refuses a file that does not
+  match; :func:`write_digest` vouches for a file obtained elsewhere.
+* :class:`RunLock`: an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` held by the one
+  process that writes the run; the kernel releases it when the process exits or dies.
+* :func:`remove_stale_temp_files`: the ``.<name>.*.tmp`` files a killed writer left behind.
+
+Example::
+
+    >>> save_with_digest("run/w.bin", lambda f: f.write(b"abc"))
+    >>> verify_digest("run/w.bin")          # raises CheckpointError when the bytes changed
+    >>> with RunLock("run"):
+    ...     remove_stale_temp_files("run")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Optional
+
+__all__ = [
+    "CheckpointError",
+    "RunLockedError",
+    "DIGEST_SUFFIX",
+    "atomic_write",
+    "write_text_atomic",
+    "save_with_digest",
+    "sidecar",
+    "write_digest",
+    "verify_digest",
+    "RunLock",
+    "remove_stale_temp_files",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file is missing, corrupt, unsafe, or does not fit the model."""
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a same-directory temp file + fsync + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_for(path)
+    try:
+        with tmp:
+            write(tmp)
+        _replace(tmp.name, path)
+    except BaseException:
+        _discard(tmp.name)
+        raise
+
+
+def _temp_for(path: Path):
+    # the ".<name>.*.tmp" pattern is what remove_stale_temp_files() recognizes after a crash
+    return tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """fsync the closed temp file, give it a plain open()'s mode (mkstemp makes 0600), rename it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _discard(tmp: str) -> None:
+    # whatever went wrong (including KeyboardInterrupt), leave no temp file behind
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename; the umask's mode).
+
+    Example::
+
+        >>> atomic_write("runs/a/notes.bin", b"...")
+    """
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (see :func:`atomic_write`): never half-written, synced to disk."""
+    atomic_write(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- integrity
+
+DIGEST_SUFFIX = ".sha256"
+
+
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through (no second read of the file)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name: str):  # name, tell, ...: those of the file
+        return getattr(self.f, name)
+
+
+def _digest_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _digest_lines(digests: list[str], name: str) -> bytes:
+    return "".join(f"{d}  {name}\n" for d in digests).encode()
+
+
+def _read_digests(path: Path) -> list[str]:
+    side = sidecar(path)
+    try:
+        lines = side.read_text().splitlines()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no checksum file {side.name}, so its integrity cannot be checked; if you trust the file, "
+            f"create one: cd {path.parent} && sha256sum {path.name} > {side.name}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checksum file {side} is unreadable ({_one_line(err)})") from None
+    digests = [line.split()[0].lower() for line in lines if line.strip()]
+    if not digests or not all(len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
+        raise CheckpointError(f"checksum file {side} is damaged (expected lines '<sha256>  {path.name}')")
+    return digests
+
+
+def save_with_digest(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Atomically write ``path`` and its sidecar so that, whenever the process dies, the file
+    on disk matches one of the sidecar's digests: the sidecar first lists the new and the old
+    digest, then the file is replaced, then the sidecar lists the new digest alone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_for(path)
+    try:
+        with tmp:
+            hashing = _Hashing(tmp)
+            write(hashing)
+        new = hashing.sha.hexdigest()
+        old = _listed_digests(path) if path.is_file() else []
+        atomic_write(sidecar(path), _digest_lines([new, *old], path.name))
+        _replace(tmp.name, path)
+    except BaseException:
+        _discard(tmp.name)
+        raise
+    if old:
+        atomic_write(sidecar(path), _digest_lines([new], path.name))
+
+
+def _listed_digests(path: Path) -> list[str]:
+    # the digests the current sidecar vouches for (reading it is cheaper than hashing the file)
+    try:
+        return _read_digests(path)[:1]
+    except CheckpointError:
+        return []
+
+
+def write_digest(path: str | os.PathLike) -> str:
+    """Write ``<path>.sha256`` for an existing file (e.g. a checkpoint copied without its
+    sidecar, after checking it by other means); returns the hex digest.
+
+    Example::
+
+        >>> write_digest("downloaded/checkpoint.pt")
+        'e3b0c442...'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no file at {path}")
+    digest = _digest_of(path)
+    atomic_write(sidecar(path), _digest_lines([digest], path.name))
+    return digest
+
+
+def verify_digest(path: str | os.PathLike, what: str = "file") -> None:
+    """Check ``path`` against its ``<path>.sha256`` sidecar.
+
+    Raises:
+        CheckpointError: the sidecar is missing or damaged, or the bytes do not match it
+            (one line naming the file).
+    """
+    path = Path(path)
+    expected = _read_digests(path)
+    if _digest_of(path) not in expected:
+        raise CheckpointError(
+            f"{what} {path} is corrupt or truncated: its sha256 does not match {sidecar(path).name}; "
+            f"restore it from a copy or start a new run"
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``<run_dir>/.lock``, with the holder's PID inside.
+
+    The kernel drops the lock when its file is closed, including when the process is
+    killed, so a crashed run never leaves the directory locked. On platforms without
+    ``fcntl`` the lock is a no-op.
+
+    Raises (on enter):
+        RunLockedError: another process holds it (the message names its PID).
+
+    Example::
+
+        >>> with RunLock("runs/a"):
+        ...     ...  # the only writer of runs/a
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.path.parent} is in use by process {holder} (another opnorm train); "
+                f"wait for it to finish, stop it, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files of ``names`` (and their sidecars) in ``run_dir``,
+    which a writer killed mid-save leaves behind; call it holding the :class:`RunLock`.
+    Returns the removed paths."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in names:
+        for stem in (name, name + DIGEST_SUFFIX):
+            for tmp in run_dir.glob(f".{stem}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
