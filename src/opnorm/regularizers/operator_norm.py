@@ -55,7 +55,7 @@ def _usable_rows(g: torch.Tensor) -> torch.Tensor:
 
 def _check_part(part, kind: type, name: str, example: str) -> None:
     if part is not None and not isinstance(part, kind):
-        raise TypeError(f"{name} must be a {kind.__name__} object such as {example}, got {part!r}")
+        raise TypeError(f"{name} must be an instance of {kind.__name__} (e.g. {example}), got {part!r}")
 
 
 class OperatorNormRegularizer(nn.Module):
