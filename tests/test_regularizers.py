@@ -456,7 +456,7 @@ def test_logit_at_matches_opnorm_with_matched_eps_and_lam_on_affine_model(square
 
 def test_trades_loss():
     model = small_classifier()
-    at = AdversarialTrainingLoss("trades", eps=0.3, p=2, steps=3, beta=4.0, adv_fraction=0.5)
+    at = AdversarialTrainingLoss("trades", eps=0.3, p=2, steps=3, lam=4.0, adv_fraction=0.5)  # lam: TRADES' beta
     torch.manual_seed(6)
     loss = at(model, XB, YB)
     torch.manual_seed(6)
