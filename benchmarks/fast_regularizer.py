@@ -9,40 +9,37 @@ training step (``AdversarialTrainingLoss("ce", eps=0.1, p=inf, steps=10)``, whic
 
 Every case has its own copy of the same initial model and its own SGD optimizer; all cases
 cycle over the same fixed ``--batches`` batches with their dataset indices, after warm-up
-cycles, so the warm-start bank is warm and the measured steps are steady state (in a real
+cycles, so the direction stores are warm and the measured steps are steady state (in a real
 epoch each example is visited once; the first epoch's cold visits are timed separately as
 ``fast-cold``). Steps run interleaved (one of each case per repetition, rotating order),
 so drifts in machine load hit all alike; times are medians. Besides the default (fast)
 and the paper configuration, the other routes of the issue are measured as alternatives:
 
-* ``fast``: the default: warm bank, one explicit eval-mode iteration (pattern route) from
+* ``fast``: the default: warm store, one explicit eval-mode iteration (pattern route) from
   the stored direction, one forward of ``[x; x + eps v]`` (the shared clean forward), and
   the free power iteration from the training backward;
-* ``fast-kl``: the default solver with ``output="kl"`` (the softmax's Fisher metric; the
+* ``fast-kl``: the default solver with ``metric=FisherKL()`` (the softmax's Fisher metric; the
   configuration of docs/results/fast-regularizer);
-* ``fast-kl-dynamic``: ``fast-kl`` with ``dynamic=True``: the explicit iteration linearizes
-  at x + eps v (a gradient step of the penalty at its own point) instead of at x;
-* ``fast-kl-fd`` / ``fast-kl-fd2``: ``fast-kl`` whose explicit iterations take J v from the
-  finite difference f(x + eps v) - f(x) (``iteration="fd"``: a PGA step with infinite step
-  size on the penalty, one forward and one backward), one / two per visit;
+* ``fast-kl-dynamic``: ``fast-kl`` with ``PGASolver(dynamic=True)``: the explicit iteration
+  linearizes at x + eps v (a gradient step of the penalty at its own point) instead of at x;
 * ``fast-kl-pga-perturbed``: ``fast-kl-dynamic`` with finite PGA steps of eps/4 (``step=0.25``,
-  the iterate kept in the bank) and the cross-entropy at the PGA point (``joint(perturbed=True)``);
+  the iterate kept in the store) and the cross-entropy at the PGA point (``joint(perturbed=True)``);
 * ``fast-kl-pga-perturbed-cold``: the same, every example cold (3 explicit iterations, a
   first-epoch step); ``fast-kl-pga-perturbed-w2`` / ``-c1-cold``: the same with 2 explicit
   iterations on later visits and 1 on the first (``iters=1, warm_iters=2``), warm / cold. A
   3-epoch run takes one cold and two warm steps per batch; their mean over a PGD-10 AT step
   is reported for both spreads;
 * ``fast-cold``: the default, every example cold (3 explicit iterations): a first-epoch step;
-* ``free-only``: warm bank, no explicit iteration, only the free update (``warm_iters=0``):
+* ``free-only``: warm store, no explicit iteration, only the free update (``warm_iters=0``):
   the floor, one forward of 2B examples and one backward;
 * ``fast-no-free``: the default without the free update (the BatchNorm fallback);
 * ``fast-separate``: the default with separate forwards of x and x + eps v (no sharing);
 * ``exact-jacobian``: J formed with d = 10 VJPs (batched, ``opnorm.jacobian``), 10 power
   iterations on the explicit J, then the fd step;
-* ``paper``: 10 power iterations from random starts per step (``mode="paper"``; pattern
+* ``paper``: 10 power iterations from random starts per step (``OperatorNormRegularizer.paper``; pattern
   route); ``paper-autograd``: the same on the autograd route (the previous implementation).
 
-Also measured, on the warm batches at the end: how good the default's banked directions
+Also measured, on the warm batches at the end: how good the default's stored directions
 are, as the logit loss ``||f(clip(x + eps v)) - f(x)||_2`` they reach over that of PGA on
 the same loss (``opnorm.pgd``, infinite step size: the box-constrained (inf, 2) power
 method) with 1 and 10 steps from random starts.
@@ -69,7 +66,7 @@ from opnorm.attacks import pgd
 from opnorm.jacobian import eval_mode, jacobian
 from opnorm.norms import lp_norm
 from opnorm.power import power_iteration
-from opnorm.regularizers import AdversarialTrainingLoss, OperatorNormRegularizer
+from opnorm.regularizers import AdversarialTrainingLoss, FisherKL, LogitNorm, OperatorNormRegularizer, PGASolver
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.models import build_model
@@ -101,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--batches", type=int, default=4, help="fixed batches cycled over (steady-state bank)")
+    ap.add_argument("--batches", type=int, default=4, help="fixed batches cycled over (steady-state stores)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup-cycles", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fast_regularizer.json"))
@@ -123,7 +120,7 @@ def main() -> None:
         """CE (at x, or at the penalty's point with ``perturbed``) + penalty; ``wipe``: every example cold."""
         def loss(model, x, y, index):
             if wipe:
-                reg.seen.zero_()
+                reg.store.seen.zero_()
             if perturbed:
                 _, pen, logits = reg.joint(model, x, index, perturbed=True)
             elif shared:
@@ -135,32 +132,35 @@ def main() -> None:
         return loss
 
     at = AdversarialTrainingLoss("ce", eps=0.1, p=INF, steps=10)
-    fast_objective = Objective(cfg, base)  # the trainer's default regularizer
+    n = splits.train.x.shape[0]  # the stores hold one direction per training example
+    fast_objective = Objective(cfg, base, num_examples=n)  # the trainer's default regularizer
     fast = fast_objective.reg
-    kw = dict(lam=cfg.lam, clip=(0.0, 1.0))
-    cold = OperatorNormRegularizer(INF, 2, 0.1, **kw)  # its bank is wiped before every step
-    free_only = OperatorNormRegularizer(INF, 2, 0.1, warm_iters=0, **kw)
-    no_free = OperatorNormRegularizer(INF, 2, 0.1, free_update=False, **kw)
-    separate = OperatorNormRegularizer(INF, 2, 0.1, **kw)
-    # the Fisher-metric output that reached PGD-10 AT's robustness (docs/results/fast-regularizer)
-    fast_kl = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0))
-    # the same with its explicit iteration linearized at x + eps v (dynamic): a gradient step of the penalty
-    fast_kl_dynamic = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True)
-    # its explicit iterations by finite differences (PGA steps on the penalty), one and two per visit
-    fast_kl_fd = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd")
-    fast_kl_fd2 = OperatorNormRegularizer(INF, 2, 0.1, lam=KL_LAM, output="kl", clip=(0.0, 1.0), iteration="fd",
-                                          warm_iters=2)
-    # finite PGA steps (eps/4) kept in the bank, the cross-entropy taken at the PGA point x + delta
-    pga_kw = dict(lam=KL_LAM, output="kl", clip=(0.0, 1.0), dynamic=True, step=0.25)
-    fast_kl_pga = OperatorNormRegularizer(INF, 2, 0.1, **pga_kw)
-    # its cost spread the other way: 1 explicit iteration on the first visit, 2 on later ones
-    fast_kl_pga_w2 = OperatorNormRegularizer(INF, 2, 0.1, iters=1, warm_iters=2, **pga_kw)
-    # first visits of either spread (banks wiped before every step)
-    pga_cold = {k: OperatorNormRegularizer(INF, 2, 0.1, iters=k, **pga_kw) for k in (1, 3)}
 
-    paper = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
-    paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam, route="autograd")
-    exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, lam=cfg.lam)
+    def fast_reg(iters: int = 3, warm_iters: int = 1, *, kl: bool = False, **solver) -> OperatorNormRegularizer:
+        """The fast configuration in the box: a store, ``iters`` / ``warm_iters`` explicit iterations."""
+        return OperatorNormRegularizer.fast(INF, 2, 0.1, KL_LAM if kl else cfg.lam, num_examples=n, clip=(0.0, 1.0),
+                                            metric=FisherKL() if kl else LogitNorm(2),
+                                            solver=PGASolver(iters, warm_iters, **{"free_update": True, **solver}))
+
+    cold = fast_reg()  # its store is wiped before every step
+    free_only = fast_reg(warm_iters=0)
+    no_free = fast_reg(free_update=False)
+    separate = fast_reg()
+    # the Fisher-metric output that reached PGD-10 AT's robustness (docs/results/fast-regularizer)
+    fast_kl = fast_reg(kl=True)
+    # the same with its explicit iteration linearized at x + eps v (dynamic): a gradient step of the penalty
+    fast_kl_dynamic = fast_reg(kl=True, dynamic=True)
+    # finite PGA steps (eps/4) kept in the store, the cross-entropy taken at the PGA point x + delta
+    pga_kw = dict(kl=True, dynamic=True, step=0.25)
+    fast_kl_pga = fast_reg(**pga_kw)
+    # its cost spread the other way: 1 explicit iteration on the first visit, 2 on later ones
+    fast_kl_pga_w2 = fast_reg(1, 2, **pga_kw)
+    # first visits of either spread (stores wiped before every step)
+    pga_cold = {k: fast_reg(k, **pga_kw) for k in (1, 3)}
+
+    paper = OperatorNormRegularizer.paper(INF, 2, 0.1, cfg.lam)
+    paper_ag = OperatorNormRegularizer.paper(INF, 2, 0.1, cfg.lam, solver=PGASolver(10, route="autograd"))
+    exact_reg = OperatorNormRegularizer.paper(INF, 2, 0.1, cfg.lam)
 
     losses: dict[str, Callable] = {
         "clean": lambda model, x, y, index: F.cross_entropy(model(x), y),
@@ -168,8 +168,6 @@ def main() -> None:
         "fast": lambda model, x, y, index: fast_objective(model, x, y, index)[0],
         "fast-kl": opnorm_loss(fast_kl),
         "fast-kl-dynamic": opnorm_loss(fast_kl_dynamic),
-        "fast-kl-fd": opnorm_loss(fast_kl_fd),
-        "fast-kl-fd2": opnorm_loss(fast_kl_fd2),
         "fast-kl-pga-perturbed": opnorm_loss(fast_kl_pga, perturbed=True),
         "fast-kl-pga-perturbed-cold": opnorm_loss(pga_cold[3], perturbed=True, wipe=True),
         "fast-kl-pga-perturbed-w2": opnorm_loss(fast_kl_pga_w2, perturbed=True),
@@ -200,7 +198,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     names = list(losses)
-    for _ in range(args.warmup_cycles * len(batches)):  # warm-up: the banks see every batch
+    for _ in range(args.warmup_cycles * len(batches)):  # warm-up: the stores see every batch
         for name in names:
             step(name)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -221,7 +219,7 @@ def main() -> None:
         for n in names
     }
 
-    # quality of the banked directions of the default regularizer, at its current weights
+    # quality of the stored directions of the default regularizer, at its current weights
     model = cases["fast"][0]
     ratios = {1: [], 10: []}
     for x, _, index in batches:
@@ -239,7 +237,7 @@ def main() -> None:
     result = {
         "benchmark": "seconds per training step (loss + backward + SGD step), median over interleaved repetitions",
         "model": "build_model('cnn', input_shape=(1, 28, 28), num_classes=10)",
-        "data": f"fashion-mnist train, {args.batches} fixed batches of {args.batch} cycled (steady-state bank)",
+        "data": f"fashion-mnist train, {args.batches} fixed batches of {args.batch} cycled (steady-state stores)",
         "default_regularizer": fast.extra_repr(),
         "pgd10_at": at.extra_repr(),
         "threads": args.threads,
@@ -254,8 +252,6 @@ def main() -> None:
         "fast_kl_over_clean": rows["fast-kl"]["ratio_to_clean"],
         "fast_kl_dynamic_over_pgd10_at": rows["fast-kl-dynamic"]["ratio_to_pgd10_at"],
         "fast_kl_dynamic_over_clean": rows["fast-kl-dynamic"]["ratio_to_clean"],
-        "fast_kl_fd_over_pgd10_at": rows["fast-kl-fd"]["ratio_to_pgd10_at"],
-        "fast_kl_fd2_over_pgd10_at": rows["fast-kl-fd2"]["ratio_to_pgd10_at"],
         "fast_kl_pga_perturbed": fast_kl_pga.extra_repr(),
         "fast_kl_pga_perturbed_over_pgd10_at": rows["fast-kl-pga-perturbed"]["ratio_to_pgd10_at"],
         "fast_kl_pga_perturbed_over_clean": rows["fast-kl-pga-perturbed"]["ratio_to_clean"],

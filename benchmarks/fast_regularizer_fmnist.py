@@ -31,7 +31,7 @@ Phases:
   ``paper`` configuration (10 iterations from scratch), the ``dynamic`` power method and
   PGD-10 AT, with training seconds (``--only NAME ...``: some of them; two such jobs may run
   side by side). Merges its rows into ``variants.json``.
-* ``paper``: the paper configuration of the same regularizer (``opnorm_mode="paper"``: 10
+* ``paper``: the paper configuration of the same regularizer (``opnorm.mode = "paper"``: 10
   power iterations per batch from random starts; otherwise the main run's settings, output
   metric, ``--dynamic``, clip and lam), trained alone afterwards and evaluated like the others: does the fast solver lose
   robustness against it? Writes ``paper.json``.
@@ -71,8 +71,7 @@ import torch
 import opnorm
 from opnorm.experiments.evaluate import torchattacks_correct
 from opnorm.jacobian import eval_mode
-from opnorm.regularizers import FAST_COLD_ITERS, FAST_WARM_ITERS
-from opnorm.training.config import OPNORM_TASKS, TrainConfig
+from opnorm.training.config import FAST_COLD_ITERS, FAST_WARM_ITERS, OPNORM_TASKS, TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.trainer import accuracy, robust_accuracy, train, write_text_atomic
 
@@ -117,7 +116,8 @@ def method_config(name: str, args: argparse.Namespace, lam: float, **changes: An
             changes.setdefault("iters", args.cold_iters)
         if args.warm_iters is not None:
             changes.setdefault("warm_iters", args.warm_iters)
-    return TrainConfig(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes))
+    # the flat opnorm_* / iters keys move into TrainConfig.opnorm (migrate)
+    return TrainConfig.from_dict(dict(method="opnorm", lam=lam, opnorm_output=args.output, **common(args, **changes)))
 
 
 # ----------------------------------------------------------------------------- tune
@@ -201,10 +201,6 @@ VARIANTS = {
     "dynamic, lam 0.12": dict(method="opnorm", dynamic=True, lam=0.12),
     "dynamic, lam 0.03": dict(method="opnorm", dynamic=True, lam=0.03),
     "dynamic, 2 explicit iterations per visit": dict(method="opnorm", dynamic=True, warm_iters=2),
-    # explicit iterations by finite differences: v <- psi(grad of the penalty at clip(x + eps v)),
-    # a PGA step with infinite step size on the penalty itself; one iteration on the first visit
-    # too (a random corner and one step, as FGSM with a random start), to stay within the time goal
-    "fd iteration, 1 per visit": dict(method="opnorm", opnorm_iteration="fd", iters=1),
     "dynamic, 1 cold + 2 warm iterations": dict(method="opnorm", dynamic=True, iters=1, warm_iters=2),
     # a training radius above the threat radius, with the dynamic solver (the static one collapsed)
     "dynamic, training eps 0.11 (penalty 12 KL)": dict(method="opnorm", dynamic=True, eps=0.11, scale_by_eps=True, lam=6.0),
@@ -212,7 +208,7 @@ VARIANTS = {
     # a change of objective: the cross-entropy at the penalty's point x + eps v instead of at x
     # (adversarial training with the power method's direction, plus the penalty; free)
     "dynamic, CE at x + eps v": dict(method="opnorm", dynamic=True, opnorm_task="perturbed"),
-    # finite PGA steps instead of the power method's infinite one: the bank carries the PGA
+    # finite PGA steps instead of the power method's infinite one: the store carries the PGA
     # iterate delta / eps from visit to visit (transferable perturbations), the CE taken there
     "dynamic, PGA step eps/2, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.5),
     "dynamic, PGA step eps/4, CE at x + delta": dict(method="opnorm", dynamic=True, opnorm_task="perturbed", opnorm_step=0.25),
@@ -240,8 +236,9 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
         kw = dict(VARIANTS[name])
         method = kw.pop("method")
         extra = dict(lam=kw.pop("lam", lam), opnorm_output=kw.pop("opnorm_output", args.output)) if method == "opnorm" else {}
-        cfg = TrainConfig(method=method, **extra, **common(args, limit_train=args.tune_train, epochs=args.tune_epochs,
-                                                           eval_points=50, eval_steps=2, **kw))
+        cfg = TrainConfig.from_dict(dict(method=method, **extra, **common(args, limit_train=args.tune_train,
+                                                                          epochs=args.tune_epochs, eval_points=50,
+                                                                          eval_steps=2, **kw)))
         row = {"variant": name, "changes": {**kw, **extra}, "command": args.command, **heldout_run(args, cfg)}
         print(f"variant {name}: held-out clean {row['clean']:.4f} PGD-20 {row['pgd20']:.4f} "
               f"({row['train_seconds']:.0f} s)", flush=True)
@@ -267,9 +264,9 @@ def apgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss
 
 
 def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, index: torch.Tensor) -> dict:
-    """The banked directions against PGA on the same logit loss ||f(clip(x + eps v)) - f(x)||_2."""
-    bank = reg_state["reg.bank"]
-    seen = reg_state["reg.seen"]
+    """The stored directions against PGA on the same logit loss ||f(clip(x + eps v)) - f(x)||_2."""
+    bank = reg_state["reg.store.directions"]
+    seen = reg_state["reg.store.seen"]
     v = bank[index].to(x.dtype)
     with torch.no_grad(), eval_mode(model):
         clean = model(x)

@@ -21,10 +21,12 @@ from torch import nn
 from torch.autograd.functional import jacobian as autograd_jacobian
 
 from opnorm.attacks import pgd
-from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
+from opnorm.regularizers import (AdversarialTrainingLoss, DirectionStore, ExactPenalty, FDPenalty, FisherKL,
+                                 GlobalSpectralNormRegularizer, OperatorNormRegularizer, PGASolver)
 
 DT = torch.float64
 INF = math.inf
+PENALTY = {"fd": FDPenalty, "exact": ExactPenalty}
 
 
 def affine(d=5, n=12, seed=0):
@@ -68,8 +70,8 @@ X = torch.rand(4, 3, 4, generator=gen(1), dtype=DT)
 def test_penalty_equals_lam_sigma_on_affine_model(penalty, squared, scale_by_eps):
     model, W = affine()
     lam, eps = 0.7, 0.3
-    reg = OperatorNormRegularizer(2, 2, eps, iters=100, penalty=penalty, squared=squared, lam=lam,
-                                  scale_by_eps=scale_by_eps, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, eps, lam, solver=PGASolver(100, generator=gen()),
+                                  penalty=PENALTY[penalty](squared=squared, scale_by_eps=scale_by_eps))
     value = reg(model, X)
     sigma = torch.linalg.matrix_norm(W, 2)
     s = sigma * eps if scale_by_eps else sigma
@@ -83,7 +85,8 @@ def test_penalty_equals_lam_sigma_on_affine_model(penalty, squared, scale_by_eps
 def test_penalty_equals_norm_of_W_v_for_other_pairs(p, q, penalty):
     """For any (p, q), the penalty is lam * ||W v||_q^2 with v the returned unit-l_p direction."""
     model, W = affine()
-    reg = OperatorNormRegularizer(p, q, 0.2, iters=20, penalty=penalty, squared=True, lam=0.5, generator=gen())
+    reg = OperatorNormRegularizer(p, q, 0.2, 0.5, solver=PGASolver(20, generator=gen()),
+                                  penalty=PENALTY[penalty](squared=True))
     value = reg(model, X)
     v = reg.last_v.reshape(4, -1)
     torch.testing.assert_close(torch.linalg.vector_norm(v, ord=p, dim=1), torch.ones(4, dtype=DT))
@@ -107,8 +110,10 @@ def _weight_grad(model, reg, x):
 
 def test_fd_and_exact_give_the_same_weight_gradient_on_affine_model():
     model, _ = affine()
-    g_fd = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, iters=30, penalty="fd", lam=0.3, generator=gen()), X)
-    g_ex = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, iters=30, penalty="exact", lam=0.3, generator=gen()), X)
+    g_fd = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()),
+                                                       penalty=FDPenalty()), X)
+    g_ex = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()),
+                                                       penalty=ExactPenalty()), X)
     for a, b in zip(g_fd, g_ex):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # d/dW lam * ||W v||^2 = 2 lam (W v) v^T (mean over the batch); the bias gets nothing
@@ -120,9 +125,8 @@ def test_fd_and_exact_agree_on_relu_net_inside_linear_region(p, q, squared):
     model = relu_net()
     x = torch.rand(6, 3, 4, generator=gen(2), dtype=DT)
     eps = 1e-7  # the ball stays inside every example's linear region
-    kw = dict(iters=10, squared=squared, lam=0.2)
-    fd = OperatorNormRegularizer(p, q, eps, penalty="fd", generator=gen(3), **kw)
-    ex = OperatorNormRegularizer(p, q, eps, penalty="exact", generator=gen(3), **kw)
+    fd = OperatorNormRegularizer(p, q, eps, 0.2, solver=PGASolver(10, generator=gen(3)), penalty=FDPenalty(squared))
+    ex = OperatorNormRegularizer(p, q, eps, 0.2, solver=PGASolver(10, generator=gen(3)), penalty=ExactPenalty(squared))
     g_fd, g_ex = _weight_grad(model, fd, x), _weight_grad(model, ex, x)
     torch.testing.assert_close(fd.last_v, ex.last_v)
     for a, b in zip(g_fd, g_ex):
@@ -134,7 +138,7 @@ def test_no_gradient_flows_through_v():
     model = relu_net()
     x = torch.rand(5, 3, 4, generator=gen(4), dtype=DT)
     eps, lam = 0.05, 0.4
-    reg = OperatorNormRegularizer(2, 2, eps, iters=5, penalty="fd", lam=lam, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, eps, lam, solver=PGASolver(5, generator=gen()), penalty=FDPenalty())
     zero(model)
     pen = reg(model, x)
     assert all(p.grad is None for p in model.parameters()), "the power method must not touch parameter grads"
@@ -153,7 +157,7 @@ def test_exact_penalty_gradient_is_danskins():
     """exact: grad_theta lam * <u, J v>^2 with u, v fixed, J from an explicit Jacobian (create_graph)."""
     model = relu_net()
     x = torch.rand(3, 3, 4, generator=gen(5), dtype=DT)
-    reg = OperatorNormRegularizer(2, 2, 0.0, iters=15, penalty="exact", lam=0.6, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, 0.0, 0.6, solver=PGASolver(15, generator=gen()), penalty=ExactPenalty())
     zero(model)
     reg(model, x).backward()
     got = grads(model)
@@ -172,10 +176,10 @@ def test_exact_penalty_gradient_is_danskins():
 def test_logits_argument_shares_the_clean_forward():
     model = relu_net()
     x = torch.rand(5, 3, 4, generator=gen(6), dtype=DT)
-    a = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())(model, x)
-    b = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())(model, x, logits=model(x))
+    a = OperatorNormRegularizer(2, 2, 0.1, 0.3, solver=PGASolver(3, generator=gen()))(model, x)
+    b = OperatorNormRegularizer(2, 2, 0.1, 0.3, solver=PGASolver(3, generator=gen()))(model, x, logits=model(x))
     torch.testing.assert_close(a, b)
-    reg = OperatorNormRegularizer(2, 2, 0.1, lam=0.3, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, 0.1, 0.3, solver=PGASolver(3, generator=gen()))
     logits, pen = reg.joint(model, x)
     torch.testing.assert_close(logits, model(x))
     torch.testing.assert_close(pen, a)
@@ -204,7 +208,7 @@ def test_model_mode_restored_and_power_method_in_eval_mode(training):
     net[3].train(not training)  # a submodule with its own flag
     before = {name: m.training for name, m in net.named_modules()}
     x = torch.rand(4, 1, 6, 6, generator=gen(7), dtype=DT)
-    reg = OperatorNormRegularizer(2, 2, 0.1, iters=60, penalty="fd", lam=1.0, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, 0.1, 1.0, solver=PGASolver(60, generator=gen()), penalty=FDPenalty())
     running = net[1].running_mean.clone()
     res = reg.direction(net, x)
     assert {name: m.training for name, m in net.named_modules()} == before
@@ -217,8 +221,8 @@ def test_model_mode_restored_and_power_method_in_eval_mode(training):
 
 def test_dynamic_equals_static_on_affine_model():
     model, W = affine()
-    a = OperatorNormRegularizer(2, 2, 0.4, iters=8, dynamic=False, generator=gen())(model, X)
-    b = OperatorNormRegularizer(2, 2, 0.4, iters=8, dynamic=True, generator=gen())(model, X)
+    a = OperatorNormRegularizer(2, 2, 0.4, solver=PGASolver(8, dynamic=False, generator=gen()))(model, X)
+    b = OperatorNormRegularizer(2, 2, 0.4, solver=PGASolver(8, dynamic=True, generator=gen()))(model, X)
     torch.testing.assert_close(a, b)
 
 
@@ -230,9 +234,10 @@ def test_dynamic_linearizes_inside_the_ball(p, q):
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     eps, iters = 0.5, 4
-    reg = OperatorNormRegularizer(p, q, eps, iters=iters, dynamic=True, squared=False, lam=1.0, generator=gen(9))
+    reg = OperatorNormRegularizer(p, q, eps, 1.0, solver=PGASolver(iters, dynamic=True, generator=gen(9)),
+                                  penalty=FDPenalty(squared=False))
     reg.direction(model, x)
-    v = OperatorNormRegularizer(p, q, eps, generator=gen(9)).initial_vectors(x).reshape(3, -1)
+    v = OperatorNormRegularizer(p, q, eps, solver=PGASolver(generator=gen(9))).initial_vectors(x).reshape(3, -1)
     for b in range(3):
         vb = v[b]
         for _ in range(iters):
@@ -244,7 +249,7 @@ def test_dynamic_linearizes_inside_the_ball(p, q):
         J0 = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(5, -1)
         torch.testing.assert_close(reg.last_sigma[b], torch.linalg.vector_norm(J0 @ vb, ord=q))
     # and it differs from the static method here (the ball leaves the linear region)
-    static = OperatorNormRegularizer(p, q, eps, iters=iters, generator=gen(9))
+    static = OperatorNormRegularizer(p, q, eps, solver=PGASolver(iters, generator=gen(9)))
     static.direction(model, x)
     assert not torch.allclose(static.last_v, reg.last_v)
 
@@ -256,78 +261,26 @@ def test_dynamic_fast_penalty_stores_the_dynamic_direction(p, q):
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     index = torch.tensor([2, 0, 1])
-    fast = OperatorNormRegularizer(p, q, 0.5, iters=4, dynamic=True, generator=gen(9))
-    ref = OperatorNormRegularizer(p, q, 0.5, iters=4, dynamic=True, generator=gen(9))
+    fast, ref = (OperatorNormRegularizer.fast(p, q, 0.5, num_examples=3,
+                                              solver=PGASolver(4, 1, dynamic=True, free_update=True, generator=gen(9)))
+                 for _ in range(2))
     for _ in range(2):  # the first visit runs iters = 4 iterations, the second warm_iters = 1
         ref.direction(model, x, index)
-        with torch.no_grad():  # no backward: the bank keeps what the explicit iterations found
+        with torch.no_grad():  # no backward: the store keeps what the explicit iterations found
             fast(model, x, index)
         torch.testing.assert_close(fast.initial_vectors(x, index), ref.last_v)
         torch.testing.assert_close(fast.last_v, ref.last_v)
 
 
-@pytest.mark.parametrize("p,q", [(2, 2), (INF, 2), (2, 1), (INF, INF)])
-def test_fd_iteration_is_the_linear_iteration_on_affine_model(p, q):
-    """f(x + eps v) - f(x) = eps W v exactly: the fd iteration is the (p, q) power iteration."""
-    model, _ = affine()
-    kw = dict(iters=5, squared=False, lam=1.0)
-    fd = OperatorNormRegularizer(p, q, 0.7, iteration="fd", generator=gen(3), **kw)
-    lin = OperatorNormRegularizer(p, q, 0.7, generator=gen(3), **kw)
-    fd.direction(model, X)
-    lin.direction(model, X)
-    torch.testing.assert_close(fd.last_v, lin.last_v)
-    torch.testing.assert_close(fd.last_sigma, lin.last_sigma)
-
-
-@pytest.mark.parametrize("p,output", [(2, "kl"), (INF, "kl"), (2, "logits"), (INF, "logits")])
-def test_fd_iteration_is_a_pga_step_with_infinite_step_size(p, output):
-    """Against a hand-written loop: v <- psi_{p*}(grad of the output distance at clip(x + eps v))."""
-    from opnorm.norms import conjugate, duality_map
-
-    model = relu_net(1)
-    x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
-    eps, iters = 0.5, 3
-    reg = OperatorNormRegularizer(p, 2, eps, iters=iters, iteration="fd", output=output, clip=(0.0, 1.0), generator=gen(9))
-    reg.direction(model, x)
-    v = OperatorNormRegularizer(p, 2, eps, generator=gen(9)).initial_vectors(x)
-    clean = model(x).detach()
-    for _ in range(iters):
-        point = (x + eps * v).clamp(0, 1).requires_grad_(True)
-        out = model(point)
-        if output == "kl":
-            dist = (F.softmax(clean, 1) * (F.log_softmax(clean, 1) - F.log_softmax(out, 1))).sum()
-        else:
-            dist = torch.linalg.vector_norm(out - clean, dim=1).sum()
-        (g,) = torch.autograd.grad(dist, point)
-        v = duality_map(g, conjugate(p))
-    torch.testing.assert_close(reg.last_v, v)
-
-
-@pytest.mark.parametrize("p", [2, INF])
-def test_fd_iteration_with_kl_output_tends_to_the_dynamic_iteration(p):
-    """For small eps the fd gradient 2 J^T (s(x_p) - s(x)) / eps^2 is (2 / eps) J^T H J v to first order."""
-    model = relu_net(2)
-    x = torch.rand(4, 3, 4, generator=gen(4), dtype=DT)
-    fd = OperatorNormRegularizer(p, 2, 1e-5, iters=2, iteration="fd", output="kl", generator=gen(5))
-    lin = OperatorNormRegularizer(p, 2, 1e-5, iters=2, dynamic=True, output="kl", generator=gen(5))
-    fd.direction(model, x)
-    lin.direction(model, x)
-    torch.testing.assert_close(fd.last_v, lin.last_v, atol=1e-4, rtol=1e-4)
-    # at a radius that leaves the linear region they differ
-    far = [OperatorNormRegularizer(p, 2, 0.5, iters=2, output="kl", generator=gen(5), **kw) for kw in
-           (dict(iteration="fd"), dict(dynamic=True))]
-    for reg in far:
-        reg.direction(model, x)
-    assert not torch.allclose(far[0].last_v, far[1].last_v, atol=1e-3)
-
-
-def test_fd_iteration_fast_penalty_stores_its_direction():
-    """Cold (iters) and warm (warm_iters) visits of the penalty store what direction() finds."""
+def test_kl_dynamic_fast_penalty_stores_its_direction():
+    """With the KL metric (the solver's explicit loop, not the power method), cold (iters) and
+    warm (warm_iters) visits of the penalty store what direction() finds."""
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     index = torch.tensor([2, 0, 1])
-    fast = OperatorNormRegularizer(INF, 2, 0.3, iters=3, iteration="fd", output="kl", generator=gen(9))
-    ref = OperatorNormRegularizer(INF, 2, 0.3, iters=3, iteration="fd", output="kl", generator=gen(9))
+    fast, ref = (OperatorNormRegularizer.fast(INF, 2, 0.3, num_examples=3, metric=FisherKL(),
+                                              solver=PGASolver(3, 1, dynamic=True, free_update=True, generator=gen(9)))
+                 for _ in range(2))
     for _ in range(2):
         ref.direction(model, x, index)
         with torch.no_grad():
@@ -336,26 +289,24 @@ def test_fd_iteration_fast_penalty_stores_its_direction():
         torch.testing.assert_close(fast.initial_vectors(x, index), ref.last_v)
 
 
-def test_fd_iteration_config_and_cli():
-    from opnorm.cli import build_parser, train_config_from_args
+def test_removed_fd_iteration_is_refused_by_configs_and_cli():
+    """opnorm_iteration was removed: an older config with "linear" loads, one with "fd" is an
+    error (never silently the linear iteration), and the flag is gone."""
+    from opnorm.cli import build_parser
     from opnorm.training.config import TrainConfig
-    from opnorm.training.trainer import Objective
 
-    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-iteration", "fd"])
-    cfg, _, _ = train_config_from_args(args)
-    assert cfg.opnorm_iteration == "fd"
-    assert Objective(cfg, nn.Linear(2, 2)).reg.iteration == "fd"
-    assert TrainConfig(method="opnorm").resolved().opnorm_iteration == "linear"
-    with pytest.raises(ValueError, match="unknown opnorm_iteration"):
-        TrainConfig(method="opnorm", opnorm_iteration="secant").resolved()
-    with pytest.raises(ValueError, match="opnorm_iteration fd.*eps > 0"):
-        TrainConfig(method="opnorm", penalty="exact", eps=0.0, opnorm_iteration="fd").resolved()
+    old = {"method": "opnorm", "opnorm_iteration": "linear", "opnorm_mode": "paper"}
+    assert TrainConfig.from_dict(old).resolved().opnorm.mode == "paper"
+    with pytest.raises(ValueError, match="opnorm_iteration 'fd' was removed"):
+        TrainConfig.from_dict({**old, "opnorm_iteration": "fd"})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-iteration", "fd"])
 
 
 def test_warm_start_reuses_directions_by_index():
     model = relu_net()
     x = torch.rand(4, 3, 4, generator=gen(10), dtype=DT)
-    reg = OperatorNormRegularizer(2, 2, 0.1, iters=3, warm_start=True, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, 0.1, solver=PGASolver(3, generator=gen()), store=DirectionStore(12))
     index = torch.tensor([7, 3, 11, 5])
     reg.direction(model, x, index)
     v0 = reg.initial_vectors(x[[1, 0]], torch.tensor([3, 7]))
@@ -368,17 +319,26 @@ def test_warm_start_reuses_directions_by_index():
         (dict(p=0.5), "p must"),
         (dict(q="two"), "q must"),
         (dict(eps=-0.1), "eps"),
-        (dict(iters=0), "iters"),
+        (dict(solver=PGASolver), "solver"),
         (dict(penalty="secant"), "penalty"),
+        (dict(metric="kl"), "metric"),
+        (dict(store=12), "store"),
         (dict(lam=-1.0), "lam"),
-        (dict(eps=0.0, penalty="fd"), "eps > 0"),
-        (dict(iteration="secant"), "iteration must be one of linear, fd"),
-        (dict(eps=0.0, penalty="exact", iteration="fd"), "iteration='fd'.*eps > 0"),
+        (dict(eps=0.0, penalty=FDPenalty()), "eps > 0"),
+        (dict(q=1, metric=FisherKL()), "q equal to the metric's"),
+        (dict(metric=FisherKL(), penalty=ExactPenalty()), "penalty=FDPenalty"),
     ],
 )
 def test_operator_norm_regularizer_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         OperatorNormRegularizer(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(iters=0), "iters"), (dict(warm_iters=-1), "warm_iters"),
+                                          (dict(step=0.0), "step"), (dict(route="fast"), "route")])
+def test_pga_solver_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PGASolver(**kwargs)
 
 
 # ----------------------------------------------------------------------------- global spectral norm
@@ -484,7 +444,8 @@ def test_logit_at_matches_opnorm_with_matched_eps_and_lam_on_affine_model(square
     sigma = torch.linalg.matrix_norm(W, 2)
     eps, lam = 0.3, 0.5
     at = AdversarialTrainingLoss("logit", eps=eps, p=2, q=2, steps=60, step_size=10 * eps, lam=lam, squared=squared, clip=None)
-    reg = OperatorNormRegularizer(2, 2, eps, iters=200, lam=lam, squared=squared, scale_by_eps=True, generator=gen())
+    reg = OperatorNormRegularizer(2, 2, eps, lam, solver=PGASolver(200, generator=gen()),
+                                  penalty=FDPenalty(squared=squared, scale_by_eps=True))
     ce = F.cross_entropy(model(x), y)
     want = lam * ((eps * sigma) ** 2 if squared else eps * sigma)
     torch.testing.assert_close(reg(model, x), want, rtol=1e-6, atol=0)
@@ -495,7 +456,7 @@ def test_logit_at_matches_opnorm_with_matched_eps_and_lam_on_affine_model(square
 
 def test_trades_loss():
     model = small_classifier()
-    at = AdversarialTrainingLoss("trades", eps=0.3, p=2, steps=3, beta=4.0, adv_fraction=0.5)
+    at = AdversarialTrainingLoss("trades", eps=0.3, p=2, steps=3, lam=4.0, adv_fraction=0.5)  # lam: TRADES' beta
     torch.manual_seed(6)
     loss = at(model, XB, YB)
     torch.manual_seed(6)
@@ -526,7 +487,8 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import copy, json, os, sys, torch, torch.distributed as dist, torch.nn.functional as F
     from torch import nn
-    from opnorm.regularizers import OperatorNormRegularizer, GlobalSpectralNormRegularizer, AdversarialTrainingLoss
+    from opnorm.regularizers import (OperatorNormRegularizer, GlobalSpectralNormRegularizer, AdversarialTrainingLoss,
+                                     ExactPenalty, FDPenalty, PGASolver)
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -537,8 +499,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     def loss_of(kind, model, x, y, r):
         if kind in ("fd", "exact"):
-            reg = OperatorNormRegularizer(2, 2, 0.05, iters=5, penalty=kind, lam=0.5,
-                                          generator=torch.Generator().manual_seed(r))
+            reg = OperatorNormRegularizer(2, 2, 0.05, 0.5, solver=PGASolver(5, generator=torch.Generator().manual_seed(r)),
+                                          penalty=FDPenalty() if kind == "fd" else ExactPenalty())
             logits, pen = reg.joint(model, x)
             return F.cross_entropy(logits, y) + pen
         if kind == "snr":

@@ -127,3 +127,16 @@ def test_rerun_with_same_seed_gives_same_numbers(tmp_path):
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), seed=3, log=lambda s: None, **tiny)
     b = run_reproduce(quick=True, out=str(tmp_path / "b"), seed=3, log=lambda s: None, **tiny)
     assert _strip(a) == _strip(b)
+
+
+def test_method_table_builds_the_intended_training_configs():
+    """Every method of the study is a valid TrainConfig; the two opnorm rows are the paper
+    configuration (power_iters iterations) and the fast one, both at the logit-loss scale."""
+    from opnorm.experiments.reproduce import method_table, study_config
+    from opnorm.training.config import TrainConfig
+
+    study = study_config("digits", quick=True)
+    cfgs = {key: TrainConfig(dataset="digits").replace(**kw).resolved() for key, _, _, kw in method_table(study)}
+    paper, fast = cfgs["opnorm"].opnorm, cfgs["opnorm-fast"].opnorm
+    assert (paper.mode, paper.iters, paper.scale_by_eps) == ("paper", study.power_iters, True)
+    assert (fast.mode, fast.iters, fast.warm_iters, fast.scale_by_eps) == ("fast", 3, 1, True)

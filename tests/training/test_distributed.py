@@ -49,8 +49,11 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 
 def test_torchrun_two_processes_matches_one_process(tmp_path):
     out = tmp_path / "ddp"
+    # p through a config file: torchrun's own parser refuses "--p" as an ambiguous prefix of its --print-completion
+    (tmp_path / "p.json").write_text(json.dumps({"p": "inf"}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "opnorm",
-           "train", "--dataset", "digits", "--model", "cnn", "--method", "opnorm", "--p", "inf", "--q", "2",
+           "train", "--config", str(tmp_path / "p.json"), "--dataset", "digits", "--model", "cnn", "--method", "opnorm",
+           "--q", "2",
            "--eps", "0.1", "--epochs", "3", "--batch-size", "32", "--seed", "0", "--eval-points", "200",
            "--eval-steps", "10", "--steps", "5", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

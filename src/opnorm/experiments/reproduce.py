@@ -123,8 +123,8 @@ def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
         ("pgd-at-linf", "PGD-AT l_inf (CE)", f"eps={cfg.eps_linf:g}, {cfg.train_steps} steps", dict(method="pgd-at", p=INF, eps=cfg.eps_linf, **at)),
         ("pgd-at-l2", "PGD-AT l_2 (CE)", f"eps={cfg.eps_l2:g}, {cfg.train_steps} steps", dict(method="pgd-at", p=2, eps=cfg.eps_l2, **at)),
         ("logit-at", "l_2-logit AT", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.train_steps} steps", dict(method="logit-at", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, **at)),
-        ("opnorm", "d.d. (2,2) op-norm reg.", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.power_iters} iters", dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, iters=cfg.power_iters, scale_by_eps=True, opnorm_mode="paper")),
-        ("opnorm-fast", "d.d. (2,2) op-norm reg., fast", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, warm-started", dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, scale_by_eps=True, opnorm_mode="fast")),
+        ("opnorm", "d.d. (2,2) op-norm reg.", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.power_iters} iters", dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, opnorm=dict(mode="paper", iters=cfg.power_iters, scale_by_eps=True))),
+        ("opnorm-fast", "d.d. (2,2) op-norm reg., fast", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, warm-started", dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, opnorm=dict(mode="fast", scale_by_eps=True))),
         ("global-snr", "Global SNR", f"lam={cfg.lam_snr:g}", dict(method="global-snr", lam=cfg.lam_snr)),
     ]
 

@@ -53,6 +53,11 @@ def _usable_rows(g: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
 
 
+def _check_part(part, kind: type, name: str, example: str) -> None:
+    if part is not None and not isinstance(part, kind):
+        raise TypeError(f"{name} must be an instance of {kind.__name__} (e.g. {example}), got {part!r}")
+
+
 class OperatorNormRegularizer(nn.Module):
     """Penalty ``lam * mean_b ||J(x_b)||_{p->q}^(1|2)`` from a direction solver and a penalty.
 
@@ -83,6 +88,10 @@ class OperatorNormRegularizer(nn.Module):
                  store: Optional[DirectionStore] = None, penalty: Optional[Penalty] = None,
                  clip: Optional[tuple[float, float]] = None) -> None:
         super().__init__()
+        _check_part(metric, OutputMetric, "metric", "LogitNorm(q) or FisherKL()")
+        _check_part(solver, PGASolver, "solver", "PGASolver(iters=10)")
+        _check_part(store, DirectionStore, "store", "DirectionStore(len(train_set))")
+        _check_part(penalty, Penalty, "penalty", "FDPenalty() or ExactPenalty()")
         self.p, self.q = norm_order(p, "p"), norm_order(q, "q")
         self.metric = LogitNorm(self.q) if metric is None else metric
         if self.metric.q != self.q:

@@ -92,6 +92,7 @@ class DirectionStore(nn.Module):
         warm = self.seen[idx]
         if self.directions.numel() == 0:
             return torch.zeros_like(like), warm
+        self._check_shape(tuple(like.shape[1:]))
         return self.directions[idx].to(like.dtype), warm
 
     def put(self, idx: torch.Tensor, v: torch.Tensor) -> None:
@@ -117,7 +118,10 @@ class DirectionStore(nn.Module):
         if self.directions.numel() == 0:
             dtype = torch.int8 if self.signs else v.dtype
             self.directions = torch.zeros(self.num_examples, *shape, dtype=dtype, device=v.device)
-        elif tuple(self.directions.shape[1:]) != shape:
+        self._check_shape(shape)
+
+    def _check_shape(self, shape: tuple) -> None:
+        if tuple(self.directions.shape[1:]) != shape:
             raise ValueError(f"examples of shape {shape} do not fit a store of {tuple(self.directions.shape[1:])}; "
                              "use one store per dataset")
 
