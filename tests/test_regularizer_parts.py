@@ -171,3 +171,15 @@ def test_ddp_ranks_share_one_store_and_resume_restores_all(tmp_path):
     fresh = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.1, num_examples=24, clip=(0.0, 1.0))
     fresh.load_state_dict(s0)
     assert bool(fresh.store.seen.all()) and torch.equal(fresh.store.directions, s0["store.directions"])
+
+
+def test_flat_form_of_the_shipped_config_resolves_to_the_nested_one():
+    import json
+    from pathlib import Path
+
+    nested = json.loads((Path(__file__).parents[1] / "configs" / "fashion-mnist-fast-robust.json").read_text())
+    flat = {k: v for k, v in nested.items() if k != "opnorm"}
+    names = {"mode": "opnorm_mode", "output": "opnorm_output", "task": "opnorm_task", "step": "opnorm_step",
+             "clip": "opnorm_clip", "iters": "iters", "warm_iters": "warm_iters", "dynamic": "dynamic"}
+    flat.update({names[k]: v for k, v in nested["opnorm"].items()})
+    assert TrainConfig.from_dict(flat).resolved() == TrainConfig.from_dict(nested).resolved()
