@@ -60,11 +60,14 @@ def test_torchrun_two_processes_matches_one_process(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("epoch 3/3") == 1  # rank 0 logs alone
-    assert sorted(p.name for p in out.iterdir()) == sorted([CHECKPOINT, CONFIG, METRICS, WEIGHTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"])
     lines = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     state = load_checkpoint(out / CHECKPOINT)
     assert state["epoch"] == 3 and not any(k.startswith("module.") for k in state["model"])
+    # the checkpoint holds a direction for every training example, from both ranks
+    assert bool(state["objective"]["reg.store.seen"].all()) and state["objective"]["reg.store.seen"].numel() == 1437
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # like each torchrun process
