@@ -25,24 +25,11 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RELUS = (F.relu, torch.relu)
 
 
-class _View(_Step):
+class _View(_Reshape):
     """``torch.flatten(h, start)`` / ``h.flatten(start)``: a reshape."""
 
-    fresh = False
-
     def __init__(self, start: int, name: str):
-        self.start, self.name = start, name
-
-    def forward(self, h):
-        out = torch.flatten(h, self.start)
-        self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
-        return out
-
-    def jvp(self, t, owned):
-        return t.reshape(*t.shape[:2], *self.out_shape)
-
-    def vjp(self, g, owned):
-        return g.reshape(*g.shape[:2], *self.in_shape)
+        super().__init__(lambda h: torch.flatten(h, start), name)
 
 
 class _Tracer(fx.Tracer):
