@@ -36,7 +36,8 @@ def test_config_holds_the_papers_settings():
     # l_2 eps 1.75 on [-1, 1] inputs is 0.875 on [0, 1] pixels; PGA step 2 eps / 10
     assert cfg.eps * (cfg.input_range[1] - cfg.input_range[0]) == pytest.approx(1.75)
     assert cfg.step_size == pytest.approx(2 * cfg.eps / 10) and cfg.steps == 10
-    assert (cfg.method, cfg.opnorm_mode, cfg.lam, cfg.iters, cfg.p, cfg.q) == ("opnorm", "paper", 0.02, 10, 2.0, 2.0)
+    assert (cfg.method, cfg.opnorm.mode, cfg.lam, cfg.opnorm.iters, cfg.p, cfg.q) == ("opnorm", "paper", 0.02, 10, 2.0, 2.0)
+    assert cfg.opnorm.scale_by_eps and cfg.squared and cfg.opnorm.penalty == "fd"  # lam ||f(x + eps v) - f(x)||^2
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.adv_append, cfg.train_loss) == ("rmsprop", 1e-4, 32, 0.75, "multi-margin")
 
 

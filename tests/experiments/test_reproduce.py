@@ -143,8 +143,9 @@ def test_seeds_and_config_errors(tmp_path):
         study_config("digits", seeds=[0, 0])
     with pytest.raises(ValueError, match="p 2 and q 2"):
         study_config(train_config={"dataset": "digits", "p": "inf"})
-    cfg = study_config(train_config={"dataset": "digits", "eps": 0.7, "lam": 0.3, "optimizer": "rmsprop", "lr": 1e-3})
-    assert (cfg.eps_l2, cfg.lam, cfg.lr, cfg.train) == (0.7, 0.3, 1e-3, {"optimizer": "rmsprop"})
+    cfg = study_config(train_config={"dataset": "digits", "eps": 0.7, "lam": 0.3, "optimizer": "rmsprop", "lr": 1e-3,
+                                     "method": "opnorm", "opnorm": {"iters": 4}})
+    assert (cfg.eps_l2, cfg.lam, cfg.lr, cfg.train, cfg.power_iters) == (0.7, 0.3, 1e-3, {"optimizer": "rmsprop"}, 4)
     Runs(tmp_path / "r", {"x": 1})
     with pytest.raises(ValueError, match="differs in x"):
         Runs(tmp_path / "r", {"x": 2})

@@ -112,11 +112,10 @@ QUICK = dict(
 
 # fields a training config file (opnorm reproduce --config) sets on the study, by TrainConfig name
 _FROM_TRAIN = {"dataset": "dataset", "model": "model", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-               "limit_train": "limit_train", "eps": "eps_l2", "lam": "lam", "iters": "power_iters",
+               "limit_train": "limit_train", "eps": "eps_l2", "lam": "lam",
                "steps": "train_steps", "step_size": "step_size", "data_dir": "data_dir"}
 # TrainConfig fields the study sets per method: a config file's values of these are not shared
-_PER_METHOD = ("method", "p", "q", "eps", "lam", "iters", "opnorm_mode", "scale_by_eps", "out", "seed", "progress",
-               "eval_points", "eval_steps")
+_PER_METHOD = ("method", "p", "q", "eps", "lam", "iters", "opnorm", "out", "seed", "progress", "eval_points", "eval_steps")
 
 
 def study_config(dataset: str = "digits", quick: bool = False, train_config: Optional[dict] = None,
@@ -125,9 +124,10 @@ def study_config(dataset: str = "digits", quick: bool = False, train_config: Opt
     then ``overrides``; None values are ignored).
 
     ``train_config``: TrainConfig fields (e.g. configs/paper-cifar10.json). Its dataset, model,
-    epochs, batch size, lr, eps (the l_2 radius; p must be 2), lam (d.d.), iters (power
+    epochs, batch size, lr, eps (the l_2 radius; p must be 2), lam (d.d.), opnorm.iters (power
     iterations), steps and step_size set the study's; every other field is shared by all
-    methods (optimizer, train_loss, adv_append, input_range, width, ...).
+    methods (optimizer, train_loss, adv_append, input_range, width, ...); the rest of the
+    regularizer's section is the study's own (paper mode for d.d., fast mode for the fast one).
     """
     if train_config is not None:
         dataset = str(train_config.get("dataset", dataset))
@@ -144,13 +144,16 @@ def study_config(dataset: str = "digits", quick: bool = False, train_config: Opt
 
 
 def _with_train_config(cfg: StudyConfig, tc: dict) -> StudyConfig:
-    from opnorm.training.config import TrainConfig
+    from opnorm.training.config import TrainConfig, migrate
 
-    resolved = TrainConfig.from_dict(dict(tc)).resolved()  # one-line errors for a bad file
+    tc = migrate(dict(tc))  # the nested form: the regularizer's options in tc["opnorm"]
+    resolved = TrainConfig.from_dict(tc).resolved()  # one-line errors for a bad file
     if resolved.p != 2.0 or resolved.q != 2.0:
         raise ValueError("opnorm reproduce --config needs p 2 and q 2: the study's d.d. regularizer and its matched "
                          f"AT are l_2 with the (2, 2) norm, got p {tc.get('p')} q {tc.get('q')}")
     study = {name: getattr(resolved, key) for key, name in _FROM_TRAIN.items() if key in tc}
+    if "iters" in tc.get("opnorm", {}):
+        study["power_iters"] = resolved.opnorm.iters
     shared = {k: v for k, v in tc.items() if k not in _FROM_TRAIN and k not in _PER_METHOD}
     return replace(cfg, **study, train=shared)
 
@@ -181,8 +184,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _dd(cfg: StudyConfig, lam: float) -> dict:
-    return dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=lam, iters=cfg.power_iters, scale_by_eps=True,
-                opnorm_mode="paper")
+    return dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=lam,
+                opnorm=dict(mode="paper", iters=cfg.power_iters, scale_by_eps=True))
 
 
 def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
@@ -197,7 +200,7 @@ def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
          dict(method="logit-at", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, **at)),
         ("opnorm", "d.d. (2,2) op-norm reg.", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.power_iters} iters", _dd(cfg, cfg.lam)),
         ("opnorm-fast", "d.d. (2,2) op-norm reg., fast", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, warm-started",
-         dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, scale_by_eps=True, opnorm_mode="fast")),
+         dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, opnorm=dict(mode="fast", scale_by_eps=True))),
         ("global-snr", "Global SNR", f"lam={cfg.lam_snr:g}", dict(method="global-snr", lam=cfg.lam_snr)),
     ]
     if cfg.train.get("train_loss", "ce") != "ce":  # logit AT's loss is the cross-entropy only
