@@ -107,3 +107,20 @@ def test_task_loss_and_input_range_against_torch():
 def test_bad_paper_options_are_one_line_errors(change, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**change).resolved()
+
+
+def test_reproduce_with_the_config_on_generated_cifar_files(cifar_dir, tmp_path):
+    """opnorm reproduce --config: the file's model, radius, lambda, loss and input range define the
+    study (a width-2 copy of the file, one seed, a handful of points: the path, not the numbers)."""
+    from opnorm.experiments.reproduce import run_reproduce
+
+    small = {**json.loads(CONFIG.read_text()), "width": 2, "epochs": 1, "limit_train": 8, "batch_size": 8}
+    path = tmp_path / "paper-small.json"
+    path.write_text(json.dumps(small))
+    r = run_reproduce(config=str(path), quick=True, data_dir=str(cifar_dir), out=str(tmp_path / "out"), seeds=[0],
+                      log=lambda s: None, eval_points=4, align_points=4, spectrum_k=2, rank_k=2, eval_steps=2,
+                      eps_grid_l2=[0.0, 0.875], linearity_radii=[0.5], align_eps=[0.1], theorem_steps=2)
+    c = r["config"]
+    assert (c["model"], c["eps_l2"], c["lam"], c["power_iters"], c["lam_snr"]) == ("cnn7", 0.875, 0.02, 10, 3e-4)
+    assert c["train"]["train_loss"] == "multi-margin" and c["train"]["input_range"] == [-1, 1]
+    assert "logit-at" not in r["methods"] and (tmp_path / "out" / "report.md").is_file()

@@ -21,7 +21,8 @@ SECTIONS = ["Alignment vs singular-vector rank", "Alignment vs eps per trained m
             "Robustness at matched clean accuracy", "Theorem check", "Sanity checks"]
 # two seeds (standard errors exist), every section, as small as the measurements allow
 TINY = dict(seeds=[0, 1], epochs=1, limit_train=200, eval_points=16, align_points=8, spectrum_k=3, rank_k=3, theorem_steps=2,
-            eps_grid_linf=[0.0, 0.1], eps_grid_l2=[0.0, 0.5], align_eps=[0.1, 1.0], linearity_radii=[0.1, 1.0], eval_steps=20)
+            eps_grid_linf=[0.0, 0.1], eps_grid_l2=[0.0, 0.5], align_eps=[0.1, 1.0], linearity_radii=[0.1, 1.0], eval_steps=20,
+            sweep_dd=[1.0, 10.0], sweep_snr=[1.0])
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,7 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **TINY)
     assert a["seeds"] == [0, 1] and any("training" in line for line in logs)
+    assert [p["lam"] for p in a["matched"]["sweeps"]["opnorm"]] == pytest.approx([0.1, 1.0])  # the sweep, main lambda 0.1
     m = a["methods"]["clean"]["clean_acc"]
     assert m["n"] == 2 and m["se"] == pytest.approx(np.std(m["values"], ddof=1) / np.sqrt(2))
     logs.clear()

@@ -107,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 QUICK = dict(
     seeds=[0], epochs=2, limit_train=400, eval_points=48, eval_steps=20, eval_restarts=2, align_points=16,
     align_eps=[0.03, 0.3], eps_grid_linf=[0.0, 0.1], eps_grid_l2=[0.0, 0.5], theorem_steps=4, spectrum_k=4, rank_k=4,
-    linearity_radii=[0.1, 1.0], sweep_dd=[1.0, 10.0], sweep_snr=[1.0, 100.0], fast_method=False,
+    linearity_radii=[0.1, 1.0], sweep_dd=[1.0], sweep_snr=[1.0], fast_method=False,  # no sweep: the main lambdas
 )
 
 # fields a training config file (opnorm reproduce --config) sets on the study, by TrainConfig name
