@@ -42,7 +42,7 @@ def _setup(change: dict):
     mean, std = input_normalization(cfg.input_range, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     model = build_model(cfg.model, input_shape=(3, 32, 32), num_classes=10, mean=mean, std=std, width=cfg.width)
-    return cfg, model, Objective(cfg, model), _build_optimizer(cfg, model)[0]
+    return cfg, model, Objective(cfg, model), _build_optimizer(cfg, model)
 
 
 def _step(model, objective, opt, x, y) -> None:
