@@ -133,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default="digits")
     r.add_argument("--quick", action="store_true", help="a small, fast version")
     r.add_argument("--out", default=None, help="report directory (default reports/<dataset>)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
+    r.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    r.add_argument("--config", default=None, help="a training config file (e.g. configs/paper-cifar10.json) defining the study")
+    r.add_argument("--runs", default=None, help="runs directory: trained models and measurements, reused by a rerun (default <out>/runs)")
     r.add_argument("--data-dir", default=None)
+    r.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+    r.add_argument("--eval-points", type=int, default=None, help="test points of the measurements")
     return parser
 
 
@@ -334,11 +339,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from opnorm.experiments.reproduce import run_reproduce
     except ImportError as err:
         raise CLIError(f"the reproduce study is not available ({_one_line(err)})") from None
+    from opnorm.experiments.study import parse_seeds
     from opnorm.training.data import canonical_dataset
 
+    if args.seeds is not None and args.seed is not None:
+        raise CLIError("give --seeds or --seed, not both")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else ([args.seed] if args.seed is not None else None)
     dataset = canonical_dataset(args.dataset)  # the spelling train and eval accept
     out = args.out if args.out is not None else str(Path("reports") / dataset)
-    run_reproduce(dataset=dataset, quick=args.quick, out=out, seed=args.seed, data_dir=args.data_dir)
+    kw = {k: v for k, v in (("limit_train", args.limit_train), ("eval_points", args.eval_points)) if v is not None}
+    run_reproduce(dataset=dataset, quick=args.quick, out=out, seeds=seeds, data_dir=args.data_dir, config=args.config,
+                  runs=args.runs, **kw)
     return 0
 
 

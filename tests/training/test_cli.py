@@ -230,7 +230,12 @@ def test_reproduce_calls_the_experiments_layer(monkeypatch, capsys):
     fake.run_reproduce = lambda **kw: calls.append(kw)
     monkeypatch.setitem(sys.modules, "opnorm.experiments.reproduce", fake)
     assert main(["reproduce", "--quick", "--seed", "3"]) == 0
-    assert calls == [dict(dataset="digits", quick=True, out="reports/digits", seed=3, data_dir=None)]
+    assert calls == [dict(dataset="digits", quick=True, out="reports/digits", seeds=[3], data_dir=None, config=None, runs=None)]
+    calls.clear()
+    assert main(["reproduce", "--seeds", "0,1,2", "--limit-train", "50"]) == 0
+    assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["limit_train"] == 50
+    code, _, err = run_main(["reproduce", "--seeds", "0,x"], capsys)
+    assert_one_line_error(code, err, "--seeds must be comma-separated")
     monkeypatch.setitem(sys.modules, "opnorm.experiments.reproduce", None)  # import fails
     code, _, err = run_main(["reproduce"], capsys)
     assert_one_line_error(code, err, "reproduce study is not available")

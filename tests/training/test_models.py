@@ -12,7 +12,7 @@ from opnorm.training.models import MODELS, Normalize, ResNet18, VGG, WideResNet,
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 # Small widths keep every forward cheap; wrn-28-10's width is its widen factor.
-SMALL = {"mlp": 16, "cnn": 4, "vgg": 4, "resnet18": 4, "wrn-28-10": 1}
+SMALL = {"mlp": 16, "cnn": 4, "vgg": 4, "cnn7": 2, "resnet18": 4, "wrn-28-10": 1}
 
 
 def small(name, shape, num_classes=7, **kw):
@@ -70,6 +70,23 @@ def test_vgg_layout_and_batchnorm_without_affine(shape, pools, side):
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == pools
     assert model.classifier.in_features == 32 * side * side
     assert build_model("vgg", input_shape=shape, num_classes=10).conv1.out_channels == 16
+
+
+def test_cnn7_is_the_papers_cifar_network():
+    """Widths 128..1024, biased 3x3 convs, BatchNorm without affine, unpadded last conv:
+    32x32 inputs reach the classifier as 1024 x 1 x 1 (the parameter count follows by hand)."""
+    with torch.device("meta"):
+        model = build_model("cnn7", input_shape=(3, 32, 32), num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [128, 128, 256, 256, 512, 512, 1024]
+    assert [m.padding for m in convs] == [(1, 1)] * 6 + [(0, 0)] and all(m.bias is not None for m in convs)
+    assert all(not bn.affine for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4 and model.classifier.in_features == 1024
+    widths = [3, 128, 128, 256, 256, 512, 512, 1024]
+    expected = sum(9 * a * b + b for a, b in zip(widths, widths[1:])) + 1024 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == expected
+    small_side = build_model("cnn7", input_shape=(1, 8, 8), num_classes=10, width=2)
+    assert small_side(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -17,6 +17,7 @@ from torch import nn
 from opnorm.analysis import activation_agreement, alignment, verify_equivalence
 from opnorm.attacks import pgd
 from opnorm.jacobian import eval_mode, unwrap
+from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
 from opnorm.norms import lp_norm
 from opnorm.power import operator_norm, singular_values
 from opnorm.training.trainer import accuracy, robust_accuracy
@@ -64,6 +65,83 @@ def alignment_curve(
     rnd = alignment(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype), v1)
     res["random"] = {"mean": float(rnd.mean()), "std": float(rnd.std()) if len(rnd) > 1 else 0.0}
     return res
+
+
+def _mean(t: torch.Tensor) -> float:
+    return float(t.double().mean())
+
+
+def model_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int,
+                    seed: int) -> dict:
+    """Alignment against eps of one trained model: mean over points of |cos| and |Pearson corr|
+    between v_1 of J(x) and the l_2 PGA perturbation of the cross-entropy (true label, step
+    2.5 eps / steps) and of the logit loss (the theorem's infinite step); ``random``: a Gaussian
+    direction. Unconstrained by the pixel box."""
+    v1 = top_singular_vector(model, x)
+    res: dict = {"eps": list(eps_grid)}
+    for key, loss, step_size in (("ce", "ce", None), ("logit", "logit", math.inf)):
+        cos, corr = [], []
+        for e in eps_grid:
+            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None,
+                     generator=torch.Generator().manual_seed(seed))
+            cos.append(_mean(alignment(xa - x, v1)))
+            corr.append(_mean(pearson_alignment(xa - x, v1)))
+        res[key], res[key + "_pearson"] = cos, corr
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    res["random"], res["random_pearson"] = _mean(alignment(g, v1)), _mean(pearson_alignment(g, v1))
+    return res
+
+
+def rank_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, k: int, steps: int, seed: int) -> dict:
+    """Alignment by singular-vector rank (v_1..v_k of J(x)) at radius eps: mean |cos| and
+    |Pearson corr| per rank of the l_2 PGA perturbation of the cross-entropy with the true label
+    (``ce``) and with the predicted label (``ce_predicted``, the paper's code's convention), of
+    the logit loss (infinite step) and of a Gaussian direction (``random``)."""
+    k = min(k, int(model(x[:1]).shape[1]), x[0].numel())
+    V = singular_values(model, x, k, return_vectors=True, method="exact").V
+    with torch.no_grad(), eval_mode(unwrap(model)):
+        pred = model(x).argmax(1)
+    deltas = {}
+    for key, loss, labels, step_size in (("ce", "ce", y, None), ("ce_predicted", "ce", pred, None), ("logit", "logit", y, math.inf)):
+        xa = pgd(model, x, labels, eps=eps, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None,
+                 generator=torch.Generator().manual_seed(seed))
+        deltas[key] = xa - x
+    deltas["random"] = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
+    out: dict = {"eps": eps, "k": k}
+    for key, d in deltas.items():
+        out[key] = [float(a) for a in alignment_by_rank(d, V).double().mean(dim=0)]
+        out[key + "_pearson"] = [_mean(pearson_alignment(d, V[..., j])) for j in range(k)]
+    return out
+
+
+def linearity_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radii: Sequence[float], steps: int, seed: int) -> dict:
+    """Deviation from linearity and sigma_1(J(x + z)) against ||z||_2 = r, mean over points.
+
+    ``random``: z = r u for one Gaussian unit direction u per point (a ray); ``adversarial``:
+    z the l_2 PGA perturbation of the cross-entropy (true label) of radius r. Per direction:
+    ``relative`` ||f(x+z) - f(x) - J(x) z|| / ||f(x+z) - f(x)||, ``absolute`` the numerator,
+    ``norm`` the mean ||z|| reached, ``sigma1`` sigma_1(J(x + z)). ``sigma1_at_x``: sigma_1(J(x)).
+    """
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
+    u = g / lp_norm(g, 2).reshape(-1, *([1] * (x.ndim - 1)))
+    out: dict = {"radii": list(radii), "sigma1_at_x": _mean(top_singular_value(model, x))}
+    for key in ("random", "adversarial"):
+        rows: dict = {"relative": [], "absolute": [], "norm": [], "sigma1": []}
+        for r in radii:
+            if key == "random":
+                z = r * u
+            else:
+                z = pgd(model, x, y, eps=r, p=2, loss="ce", steps=steps, clip=None,
+                        generator=torch.Generator().manual_seed(seed)) - x
+            dev = linearity_deviation(model, x, z)
+            # a point where f did not change at all (relative inf) would swamp the mean: left out, counted
+            finite = torch.isfinite(dev.relative)
+            rows["relative"].append(_mean(dev.relative[finite]) if finite.any() else float("nan"))
+            rows["absolute"].append(_mean(dev.absolute))
+            rows["norm"].append(_mean(lp_norm(z, 2)))
+            rows["sigma1"].append(_mean(top_singular_value(model, x + z)))
+        out[key] = rows
+    return out
 
 
 def agreement_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int) -> dict:

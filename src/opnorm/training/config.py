@@ -28,13 +28,14 @@ __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "ON_NAN", "RESUMABLE", "TrainC
            "DEFAULT_LAM", "migrate", "merge", "check_resume"]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULERS = ("cosine", "none")
 ON_NAN = ("stop", "skip")
 PENALTIES = ("fd", "exact")
 OPNORM_MODES = ("fast", "paper")
 OPNORM_OUTPUTS = ("logits", "kl")
 OPNORM_TASKS = ("clean", "perturbed")
+TRAIN_LOSSES = ("ce", "multi-margin")
 
 # Radius of the threat model per (dataset, p) for pixels in [0, 1]. Digits has 8x8 pixels
 # with 17 gray levels, so its l_inf radius is large in pixel units.
@@ -134,6 +135,16 @@ class TrainConfig:
     makes ``epochs / replays`` passes over the data (a multiple is required; the run's metrics
     have one line per pass). ``batch_size`` is per process (the global batch is
     batch_size * world size under torchrun).
+
+    The paper's own training setup (defaults leave every other run unchanged): ``train_loss``
+    "multi-margin" (``nn.MultiMarginLoss``, margin 1, as the paper's code) is the task term of
+    clean, opnorm, global-snr and pgd-at with ``adv_append`` (attacks keep the cross-entropy);
+    ``adv_append`` (used by pgd-at, ignored by the other methods so that one config serves
+    every method) appends the PGD-CE versions of a share of each batch to it, as the paper's
+    code does with 0.75, instead of replacing examples (``adv_fraction``); ``input_range``
+    [lo, hi] makes the model's first layer map pixels in [0, 1] onto [lo, hi] instead of
+    standardizing with the data's statistics. Radii stay in pixel units: an l_p ball of
+    radius eps on [0, 1] is the ball of radius (hi - lo) eps on [lo, hi].
     """
 
     dataset: str = _f("digits", "digits | fashion-mnist | mnist | cifar10")
@@ -156,7 +167,7 @@ class TrainConfig:
     epochs: int = _f(10, "epochs")
     batch_size: int = _f(64, "batch size per process")
     lr: Optional[float] = _f(None, "learning rate (default: sgd 0.05, adam 1e-3)")
-    optimizer: str = _f("sgd", "sgd | adam")
+    optimizer: str = _f("sgd", "sgd | adam | rmsprop (torch's defaults: alpha 0.99, no momentum)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay")
     scheduler: str = _f("cosine", "cosine | none")
@@ -180,6 +191,10 @@ class TrainConfig:
     compile: Any = _f(False, "torch.compile the model (true, or a backend name such as aot_eager)", flag="compile")
     num_workers: int = _f(0, "data loader workers")
     progress: Optional[bool] = _f(None, "progress bars (default: when stderr is a terminal)")
+    # the paper's own training setup (see the class docstring); checked by _resolve_paper_setup
+    train_loss: str = _f("ce", "ce | multi-margin (nn.MultiMarginLoss, the paper's code)")
+    adv_append: float = _f(0.0, "pgd-at: share of the batch whose adversarial versions are appended (paper: 0.75)")
+    input_range: Optional[list] = _f(None, "lo,hi: the model maps pixels [0, 1] onto [lo, hi] (paper: -1,1)")
 
     # -- conversion ---------------------------------------------------------------------
 
@@ -233,6 +248,7 @@ class TrainConfig:
         _resolve_numbers(c)
         _check_method(c)
         _resolve_fast_at(c)
+        _resolve_paper_setup(c)
         return c
 
 
@@ -339,6 +355,24 @@ def _resolve_fast_at(c: TrainConfig) -> None:
     start, step, _ = SINGLE_STEP_DEFAULTS[c.method]
     c.fgsm_start = start if c.fgsm_start is None else c.fgsm_start
     c.fgsm_step = step if c.fgsm_step is None else c.fgsm_step
+def _resolve_paper_setup(c: TrainConfig) -> None:
+    """Validate train_loss, adv_append and input_range in place (see TrainConfig)."""
+    c.train_loss = one_of(c.train_loss, TRAIN_LOSSES, "train_loss")
+    c.adv_append = _number(c.adv_append, "adv_append", lo=0.0)
+    if c.adv_append > 1:
+        raise ValueError(f"adv_append must be in [0, 1], got {c.adv_append:g}")
+    if c.train_loss != "ce" and c.method not in ("clean", "opnorm", "global-snr", "pgd-at"):
+        raise ValueError(f"train_loss {c.train_loss} is not implemented for {c.method}; use train_loss ce")
+    if c.train_loss != "ce" and c.method == "pgd-at" and c.adv_append == 0:
+        raise ValueError(f"train_loss {c.train_loss} with pgd-at needs adv_append > 0 (the paper's appended batch)")
+    if c.input_range is not None:
+        r = c.input_range.split(",") if isinstance(c.input_range, str) else c.input_range
+        if not isinstance(r, (list, tuple)) or len(r) != 2:
+            raise ValueError(f"input_range must be [lo, hi] (flag: --input-range=lo,hi), got {c.input_range!r}")
+        lo, hi = (_number(v, "input_range", lo=-math.inf) for v in r)
+        if not hi > lo:
+            raise ValueError(f"input_range must be [lo, hi] with hi > lo, got {c.input_range!r}")
+        c.input_range = [lo, hi]
 
 
 # -- the older flat form -------------------------------------------------------------------

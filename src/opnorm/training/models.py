@@ -28,13 +28,14 @@ __all__ = [
     "MLP",
     "SmallCNN",
     "VGG",
+    "PaperCNN",
     "BasicBlock",
     "ResNet18",
     "WideBasicBlock",
     "WideResNet",
 ]
 
-MODELS = ("mlp", "cnn", "vgg", "resnet18", "wrn-28-10")
+MODELS = ("mlp", "cnn", "vgg", "cnn7", "resnet18", "wrn-28-10")
 
 
 class Normalize(nn.Module):
@@ -164,6 +165,49 @@ class VGG(nn.Sequential):
             layers[f"conv{k}"] = _conv3x3(c, cout)
             layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
             layers[f"relu{k}"] = nn.ReLU()
+            c = cout
+        layers["flatten"] = nn.Flatten()
+        layers["classifier"] = nn.Linear(c * h * w, num_classes)
+        super().__init__(layers)
+
+
+class PaperCNN(nn.Sequential):
+    """The 7-layer CIFAR-10 network of Roth, Kilcher & Hofmann (NeurIPS 2020):
+    conv widths n, n, pool, 2n, 2n, pool, 4n, 4n, pool, 8n (no padding), pool, linear.
+
+    Every conv is 3x3 with a bias, followed by ``BatchNorm2d(affine=False)`` and ReLU; the
+    first six convs are padded by 1, the last is not. At the paper's width n = 128 the widths
+    run from 128 to 1024 and a 32x32 input reaches the classifier as 1024 x 1 x 1. For small
+    test images (a map under 3x3 before the last conv) the last conv is padded too, and pools
+    that would shrink a side below 1 are skipped, as in :class:`VGG`.
+
+    Args:
+        input_shape: (C, H, W). num_classes: outputs. width: n (default 128).
+        mean, std: Normalize statistics.
+    """
+
+    PLAN = (1, 1, "M", 2, 2, "M", 4, 4, "M", 8, "M")
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 128, mean=None, std=None):
+        c, h, w = input_shape
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["normalize"] = Normalize(mean, std, num_channels=c)
+        k = p = 0
+        for i, item in enumerate(self.PLAN):
+            if item == "M":
+                p += 1
+                if _pool_or_skip(min(h, w)):
+                    layers[f"pool{p}"] = nn.MaxPool2d(2)
+                    h, w = h // 2, w // 2
+                continue
+            k += 1
+            cout = int(item) * width
+            unpadded = i == len(self.PLAN) - 2 and min(h, w) >= 3
+            layers[f"conv{k}"] = nn.Conv2d(c, cout, kernel_size=3, padding=0 if unpadded else 1)
+            layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
+            layers[f"relu{k}"] = nn.ReLU()
+            if unpadded:
+                h, w = h - 2, w - 2
             c = cout
         layers["flatten"] = nn.Flatten()
         layers["classifier"] = nn.Linear(c * h * w, num_classes)
@@ -307,7 +351,8 @@ def build_model(
 
     Args:
         name: one of ``MODELS``: "mlp" (width = hidden size, default 128), "cnn" (width =
-            first conv channels, default 32), "vgg" (n, default 16), "resnet18" (stem width,
+            first conv channels, default 32), "vgg" (n, default 16), "cnn7" (the paper's CIFAR-10
+            network, n, default 128), "resnet18" (stem width,
             default 64), "wrn-28-10" (widen factor, default 10).
         input_shape: (C, H, W) of the pixel inputs, e.g. ``DatasetSplits.input_shape``.
         num_classes: number of logits (>= 2).
@@ -346,6 +391,8 @@ def build_model(
         model = SmallCNN(width=width or 32, **kw)
     elif key == "vgg":
         model = VGG(width=width or 16, **kw)
+    elif key == "cnn7":
+        model = PaperCNN(width=width or 128, **kw)
     elif key == "resnet18":
         model = ResNet18(width=width or 64, **kw)
     else:

@@ -54,6 +54,7 @@ from opnorm.training.evaluation import _bar, _evaluate, accuracy, mean_operator_
 from opnorm.training.files import write_text_atomic  # noqa: F401  (re-exported: reports write through it)
 from opnorm.training.models import build_model
 from opnorm.training.objectives import opnorm_regularizer
+from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
 from opnorm.training.run_dir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunDir
 from opnorm.training.schedule import describe, extended, learning_rate
 
@@ -119,7 +120,12 @@ class Objective(nn.Module):
         self.reg: Optional[nn.Module] = None
         self.at: Optional[nn.Module] = None
         self.task = cfg.opnorm.task
-        if cfg.method == "opnorm":
+        self.loss_fn = task_loss(cfg.train_loss)  # cross-entropy unless the paper's multi-margin loss
+        self.appended: Optional[AppendedAdversarialLoss] = None
+        if cfg.method == "pgd-at" and cfg.adv_append > 0:  # the paper's batch: adversarial examples appended
+            self.appended = AppendedAdversarialLoss(self.loss_fn, cfg.adv_append, cfg.eps, cfg.p, steps=cfg.steps,
+                                                    step_size=cfg.step_size)
+        elif cfg.method == "opnorm":
             # fast mode keeps a store of directions by dataset index (in state_dict: checkpoints
             # resume exactly); the batch's index reaches it through joint()
             self.reg = opnorm_regularizer(cfg, num_examples)
@@ -141,6 +147,8 @@ class Objective(nn.Module):
 
     def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None):
         logs: dict[str, float] = {}
+        if self.appended is not None:
+            return self.appended(net, x, y, index), logs
         if self.at is not None:
             return self.at(net, x, y, index), logs
         if isinstance(self.reg, OperatorNormRegularizer):
@@ -150,9 +158,9 @@ class Objective(nn.Module):
                 logits, pen = self.reg.joint(net, x, index)
             logs["penalty"] = float(pen.detach())
             logs["train_sigma"] = float(self.reg.last_sigma.mean())
-            return F.cross_entropy(logits.float(), y) + pen, logs
+            return self.loss_fn(logits.float(), y) + pen, logs
         logits = forward(net, x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = self.loss_fn(logits.float(), y)
         if isinstance(self.reg, GlobalSpectralNormRegularizer):
             pen = self.reg()
             logs["penalty"] = float(pen.detach())
@@ -195,6 +203,8 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
     # the learning rate of each epoch is set from opnorm.training.schedule: no torch scheduler state
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":  # torch's defaults (alpha 0.99, no momentum), as the paper's code
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -329,8 +339,9 @@ def _run(
 ) -> TrainResult:
     device = ctx.device
     _seed_everything(cfg.seed)  # identical initial weights on every rank
+    mean, std = input_normalization(cfg.input_range, splits.mean, splits.std)
     model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                        mean=splits.mean, std=splits.std, width=cfg.width).to(device)
+                        mean=mean, std=std, width=cfg.width).to(device)
     objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
     optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"

@@ -1,0 +1,131 @@
+"""The study's measurements of one seed's models, as plain numbers ready for JSON.
+
+* :func:`screen`: clean accuracy and robust accuracy at the reference radii (every model,
+  sweep points included: enough to pick the matched-clean-accuracy lambda);
+* :func:`full`: robust accuracy curves, spectrum, alignment against eps, linearity;
+* :func:`clean_extras`: alignment by singular-vector rank of the clean model and of a
+  randomly initialized network;
+* :func:`first_seed_checks`: the theorem, linear regions (activation agreement) and the
+  alignment curve at unjittered points, on the first seed's clean model;
+* :func:`sanity_checks`: monotone curves, stronger attacks, torchattacks' APGD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from opnorm.experiments import evaluate as E
+from opnorm.experiments.study import StudyConfig
+
+INF = math.inf
+
+
+def jitter(x: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+    """``x + scale * N(0, 1)`` per pixel, seeded (not clipped: the analysis is about J(x), not the box)."""
+    if scale == 0:
+        return x
+    return x + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 7919), dtype=x.dtype)
+
+
+def _robust(cfg: StudyConfig, model, x, y, norm: str, grid, seed: int) -> list[float]:
+    return E.robust_curve(model, x, y, p=E.NORMS[norm], eps_grid=grid, steps=cfg.eval_steps,
+                          restarts=cfg.eval_restarts, seed=seed, schedule=cfg.eval_schedule)
+
+
+def screen(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
+    """Clean accuracy and robust accuracy at the reference radii (l_inf, l_2)."""
+    ref = cfg.reference_eps
+    return {"clean_acc": E.accuracy(model, x, y),
+            "robust_at_reference": {n: _robust(cfg, model, x, y, n, [ref[n]], seed)[0] for n in ("linf", "l2")}}
+
+
+def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
+    """Every per-model measurement of the report (test points x, y; analysis at jittered points)."""
+    m: dict = {"clean_acc": E.accuracy(model, x, y), "robust": {}, "robust_at_reference": {}}
+    for norm, grid in (("linf", cfg.eps_grid_linf), ("l2", cfg.eps_grid_l2)):
+        ref = cfg.reference_eps[norm]
+        grid = list(grid) if ref in grid else sorted(set(grid) | {ref})
+        acc = _robust(cfg, model, x, y, norm, grid, seed)
+        m["robust"][norm] = {"eps": grid, "acc": acc}
+        m["robust_at_reference"][norm] = acc[grid.index(ref)]
+    xa, ya = x[: cfg.align_points], y[: cfg.align_points]
+    xj = jitter(xa, cfg.analysis_jitter, seed)
+    k = min(cfg.spectrum_k, int(model(xa[:1]).shape[1]))
+    m["spectrum"] = E.mean_spectrum(model, xa, k)
+    m["alignment"] = E.model_alignment(model, xj, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=seed)
+    m["linearity"] = E.linearity_curve(model, xj, ya, radii=cfg.linearity_radii, steps=cfg.align_steps, seed=seed)
+    return m
+
+
+def clean_extras(cfg: StudyConfig, clean: nn.Module, random_net: nn.Module, x, y, seed: int) -> dict:
+    """Alignment by rank (at the l_2 reference radius) of the clean model and a random network."""
+    xa, ya = x[: cfg.align_points], y[: cfg.align_points]
+    xj = jitter(xa, cfg.analysis_jitter, seed)
+    kw = dict(eps=cfg.eps_l2, k=cfg.rank_k, steps=cfg.align_steps, seed=seed)
+    return {"clean": E.rank_alignment(clean, xj, ya, **kw), "random-init": E.rank_alignment(random_net, xj, ya, **kw)}
+
+
+def first_seed_checks(cfg: StudyConfig, clean: nn.Module, x, y, seed: int) -> dict:
+    """The theorem, linear regions and the clean model's alignment curve (jittered and raw points)."""
+    xa, ya = x[: cfg.align_points], y[: cfg.align_points]
+    xj = jitter(xa, cfg.analysis_jitter, seed)
+    out: dict = {}
+    for tag, pts in (("", xj), ("_raw", xa)) if cfg.analysis_jitter else (("", xa),):
+        alignment = E.alignment_curve(clean, pts, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=seed)
+        agreement = E.agreement_curve(clean, pts, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=seed)
+        for c in (alignment, agreement):
+            c.update(model="clean", jitter=cfg.analysis_jitter if not tag else 0.0)
+        out["alignment" + tag], out["agreement" + tag] = alignment, agreement
+    out.setdefault("alignment_raw", out["alignment"])
+    out.setdefault("agreement_raw", out["agreement"])
+    e0 = cfg.theorem_eps[0]
+    cases = [(2.0, 2.0, e) for e in cfg.theorem_eps] + [(INF, 2.0, e0 / 10), (INF, 1.0, e0 / 10)]
+    out["theorem"] = {"steps": cfg.theorem_steps, "jitter": cfg.analysis_jitter,
+                      "cases": E.theorem_cases(clean, xj[:32], cases, cfg.theorem_steps, seed)}
+    return out
+
+
+def _check(name: str, holds: bool, detail: str) -> dict:
+    return {"name": name, "holds": bool(holds), "detail": detail}
+
+
+def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, x, y, seed: int) -> list[dict]:
+    """Checks that guard against weak attacks, on one seed's models and curves (``measured``:
+    key -> :func:`full` result; ``labels``: key -> label)."""
+    one = 1.0 / len(x)
+    tol = max(cfg.noise_points / 100, one)  # noise: the configured points, never less than one test point
+    worst_rise, where = 0.0, ""
+    for key, m in measured.items():
+        for norm in ("linf", "l2"):
+            acc, eps = m["robust"][norm]["acc"], m["robust"][norm]["eps"]
+            for a, b, e in zip(acc, acc[1:], eps[1:]):
+                if b - a > worst_rise:
+                    worst_rise, where = b - a, f"{labels[key]}, l_{norm[1:]} at eps {e:g}"
+    checks = [_check("robust accuracy does not increase with eps", worst_rise <= tol + 1e-6,
+                     f"largest rise {100 * worst_rise:.1f} points" + (f" ({where})" if where else "") + f"; tolerance {100 * tol:.2g} points")]
+    worst = min(m["clean_acc"] - max(m["robust"][n]["acc"][1:] or [0.0]) for m in measured.values() for n in ("linf", "l2"))
+    checks.append(_check("clean accuracy >= robust accuracy", worst >= -1e-12, f"smallest clean - robust gap {100 * worst:.1f} points"))
+    rises = []
+    for key, model in models.items():  # stronger attacks never make a model look more robust (beyond noise)
+        stronger = E.robust_curve(model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps,
+                                  restarts=2 * cfg.eval_restarts, seed=seed + 1, schedule=cfg.eval_schedule)[0]
+        rises.append((stronger - measured[key]["robust_at_reference"]["linf"], labels[key]))
+    rise, who = max(rises)
+    checks.append(_check(f"{3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts do not raise robust accuracy",
+                         rise <= tol + 1e-6, f"largest change {100 * rise:+.1f} points ({who}), l_inf eps {cfg.eps_linf:g}; tolerance {100 * tol:.2g} points"))
+    name = "torchattacks APGD-CE agrees with our PGD within 2 points"
+    diffs = []
+    for key, model in models.items():  # an independent attack (gradient masking check)
+        for norm in ("linf", "l2"):
+            apgd = E.apgd_robust_accuracy(model, x, y, norm=norm, eps=cfg.reference_eps[norm], steps=cfg.eval_steps, seed=seed)
+            if apgd is None:
+                return checks + [{**_check(name, True, "torchattacks not installed"), "skipped": True}]
+            ours = measured[key]["robust_at_reference"][norm]
+            diffs.append((abs(apgd - ours), f"{labels[key]}, l_{norm[1:]}: PGD {100 * ours:.1f} vs APGD {100 * apgd:.1f}"))
+    d, who = max(diffs)
+    agree_tol = max(0.02, one)  # 2 points, or one test point when there are fewer than 50
+    checks.append(_check(name, d <= agree_tol + 1e-6, f"largest gap {100 * d:.1f} points ({who}); tolerance {100 * agree_tol:.2g} points"))
+    return checks

@@ -1,0 +1,98 @@
+"""Training the study's models, kept on disk so that a study resumes where it stopped.
+
+A runs directory holds ``study.json`` (the study's fingerprint: a directory made for another
+study is refused, never silently reused) and per seed ``seed-S/<key>.pt`` (the trained
+weights), ``seed-S/<key>.json`` (training seconds) and ``seed-S/<phase>.json`` (measurements).
+
+Example::
+
+    >>> runs = Runs("runs/digits-study", fingerprint(cfg))
+    >>> model, seconds = runs.model(base_config, "opnorm", overrides, seed=0, log=print)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from opnorm.training.trainer import write_text_atomic
+
+__all__ = ["Runs"]
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Runs:
+    """Trained models and measurements of one study, by seed and method key, on disk.
+
+    Args:
+        root: the directory (created). fingerprint: what defines the study (see
+            :func:`opnorm.experiments.study.fingerprint`); a directory holding another
+            study's fingerprint raises ValueError.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: dict) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        stamp = self.root / "study.json"
+        want = _jsonable(fingerprint)
+        if stamp.is_file():
+            have = json.loads(stamp.read_text())
+            if have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise ValueError(f"runs directory {self.root} holds another study (differs in {', '.join(diff)}); "
+                                 "choose another --runs directory or delete it")
+        else:
+            write_text_atomic(stamp, json.dumps(want, indent=2) + "\n")
+
+    def _dir(self, seed: int) -> Path:
+        d = self.root / f"seed-{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def model(self, base, key: str, overrides: dict, seed: int, splits, log: Callable[[str], None]) -> tuple[nn.Module, float]:
+        """The trained model (eval mode, CPU) and its training seconds: loaded when on disk, else
+        trained (``base.replace(seed=seed, **overrides)``) and saved. ``splits``: the loaded
+        dataset (its shapes build the model to load into)."""
+        from opnorm.training.models import build_model
+        from opnorm.training.paper_setup import input_normalization
+        from opnorm.training.trainer import train
+
+        cfg = base.replace(seed=seed, **overrides)
+        weights, meta = self._dir(seed) / f"{key}.pt", self._dir(seed) / f"{key}.json"
+        if weights.is_file() and meta.is_file():
+            r = cfg.resolved()
+            mean, std = input_normalization(r.input_range, splits.mean, splits.std)
+            model = build_model(r.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                                mean=mean, std=std, width=r.width)
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return model.eval(), float(json.loads(meta.read_text())["train_seconds"])
+        log(f"[reproduce] seed {seed}: training {key} ({cfg.epochs} epochs)")
+        t0 = time.perf_counter()
+        res = train(cfg)
+        seconds = time.perf_counter() - t0 - sum(h.get("eval_seconds", 0.0) for h in res.history)
+        model = res.model.cpu().eval()
+        tmp = weights.with_suffix(".pt.tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(weights)
+        write_text_atomic(meta, json.dumps({"train_seconds": max(seconds, 1e-9)}) + "\n")
+        return model, max(seconds, 1e-9)
+
+    def measured(self, seed: int, phase: str, compute: Callable[[], dict]) -> dict:
+        """``compute()``'s result for (seed, phase), computed once and then read from disk."""
+        path = self._dir(seed) / f"{phase}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        write_text_atomic(path, json.dumps(value) + "\n")
+        return json.loads(json.dumps(value))
+
+    def has(self, seed: int, phase: str) -> bool:
+        return (self._dir(seed) / f"{phase}.json").is_file()

@@ -1,0 +1,139 @@
+"""How linear a network is around a point, and how perturbations align with J(x)'s singular vectors.
+
+* :func:`linearity_deviation`: per example ``||f(x + z) - f(x) - J(x) z||_2``, absolute and
+  relative to ``||f(x + z) - f(x)||_2``: 0 for an affine model, and 0 inside x's linear region
+  of a ReLU network.
+* :func:`top_singular_value`: ``sigma_1(J(x))`` per example (exact: J formed, then its SVD);
+  evaluated at ``x + z`` it shows how the local operator changes along a direction.
+* :func:`alignment_by_rank`: ``|cos(delta, v_k)|`` for each of the top-k right singular vectors.
+* :func:`pearson_alignment`: ``|corr(delta, v)|``, the Pearson correlation of the entries of
+  two vectors (the cosine of the mean-centred vectors).
+
+Example::
+
+    >>> dev = linearity_deviation(model, x, 0.1 * torch.randn_like(x))
+    >>> dev.relative            # (B,), 0 inside the linear region
+    >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V
+    >>> alignment_by_rank(x_adv - x, V)   # (B, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opnorm.jacobian import check_inputs, eval_mode, forward, jvp, unwrap
+
+__all__ = ["LinearityDeviation", "linearity_deviation", "top_singular_value", "alignment_by_rank", "pearson_alignment"]
+
+
+@dataclass
+class LinearityDeviation:
+    """Per-example deviation from linearity, each (B,).
+
+    Attributes:
+        absolute: ``||f(x + z) - f(x) - J(x) z||_2``.
+        relative: ``absolute / ||f(x + z) - f(x)||_2`` (0 where both are 0, inf where only
+            the change is 0).
+        change: ``||f(x + z) - f(x)||_2``.
+    """
+
+    absolute: torch.Tensor
+    relative: torch.Tensor
+    change: torch.Tensor
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> LinearityDeviation:
+    """How far f is from its linearization at x, at the point x + z (eval mode, mode restored).
+
+    Args:
+        model: classifier ``(B, *in) -> (B, d)``.
+        x: (B, *in) points. z: (B, *in) displacements (not box-clipped: the measurement is
+            about f, not about valid images).
+
+    Returns:
+        :class:`LinearityDeviation` with (B,) tensors.
+
+    Example::
+
+        >>> linearity_deviation(model, x, z).relative.mean()
+    """
+    check_inputs(model, x)
+    if not isinstance(z, torch.Tensor) or z.shape != x.shape:
+        raise ValueError(f"z must be a tensor of x's shape {tuple(x.shape)}, got {getattr(z, 'shape', type(z).__name__)}")
+    net = unwrap(model)
+    with eval_mode(net):
+        fx, jz = jvp(net, x, z)
+        with torch.no_grad():
+            change = forward(net, x + z.to(x.dtype)) - fx
+    absolute = torch.linalg.vector_norm(_flat(change - jz), dim=1)
+    size = torch.linalg.vector_norm(_flat(change), dim=1)
+    ratio = absolute / torch.where(size > 0, size, torch.ones_like(size))
+    relative = torch.where(size > 0, ratio, torch.where(absolute > 0, torch.full_like(ratio, float("inf")), torch.zeros_like(ratio)))
+    return LinearityDeviation(absolute, relative, size)
+
+
+def top_singular_value(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``sigma_1(J(x))`` per example, (B,), from the exact J (d VJPs) and its SVD.
+
+    Example::
+
+        >>> top_singular_value(model, x + z)   # the local operator norm after a step z
+    """
+    from opnorm.power import singular_values
+
+    return singular_values(model, x, 1, method="exact")[:, 0]
+
+
+def alignment_by_rank(delta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``|cos(delta, v_k)|`` per example and rank: (B, k).
+
+    Args:
+        delta: (B, *in) perturbations. V: (B, *in, k) vectors by rank, e.g.
+            ``singular_values(model, x, k, return_vectors=True).V``.
+
+    An example whose delta or v_k is zero gets 0.
+
+    Example::
+
+        >>> alignment_by_rank(V[..., 0], V)[:, 0]   # 1: v_1 is aligned with itself
+    """
+    if not isinstance(delta, torch.Tensor) or not isinstance(V, torch.Tensor):
+        raise TypeError("delta and V must be tensors of shapes (B, *in) and (B, *in, k)")
+    if V.ndim != delta.ndim + 1 or V.shape[:-1] != delta.shape:
+        raise ValueError(f"V must have delta's shape plus a rank axis, got {tuple(V.shape)} for delta {tuple(delta.shape)}")
+    a = _flat(delta)
+    M = V.reshape(V.shape[0], -1, V.shape[-1]).to(a.dtype)
+    dots = torch.einsum("bn,bnk->bk", a, M).abs()
+    denom = torch.linalg.vector_norm(a, dim=1, keepdim=True) * torch.linalg.vector_norm(M, dim=1)
+    return torch.where(denom > 0, dots / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(dots))
+
+
+def pearson_alignment(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``|Pearson correlation|`` between the entries of delta and v, per example: (B,).
+
+    The cosine of the mean-centred vectors; 0 where either is constant. (Alignment
+    measured this way treats a constant shift of every pixel as no signal.)
+
+    Example::
+
+        >>> pearson_alignment(x_adv - x, v1)
+    """
+    if not isinstance(delta, torch.Tensor) or not isinstance(v, torch.Tensor):
+        raise TypeError("delta and v must be tensors of shape (B, ...)")
+    if delta.shape[0] != v.shape[0] or delta[0].numel() != v[0].numel():
+        raise ValueError(f"delta and v must hold the same number of examples and entries per example, "
+                         f"got shapes {tuple(delta.shape)} and {tuple(v.shape)}")
+    a = _flat(delta)
+    b = _flat(v).to(a.dtype)
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    dot = (a * b).sum(dim=1).abs()
+    return torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(dot))
