@@ -183,3 +183,13 @@ def test_flat_form_of_the_shipped_config_resolves_to_the_nested_one():
              "clip": "opnorm_clip", "iters": "iters", "warm_iters": "warm_iters", "dynamic": "dynamic"}
     flat.update({names[k]: v for k, v in nested["opnorm"].items()})
     assert TrainConfig.from_dict(flat).resolved() == TrainConfig.from_dict(nested).resolved()
+
+
+def test_stochastic_depth_is_paired_too():
+    from torchvision.ops import StochasticDepth
+
+    depth = StochasticDepth(0.5, "row").train()
+    h = torch.ones(16, 3)
+    with paired_noise(depth, 8):
+        out = depth(h)
+    assert torch.equal(out[:8], out[8:]) and bool((out == 0).any())

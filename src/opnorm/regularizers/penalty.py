@@ -36,12 +36,13 @@ __all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "STOCHASTIC"]
 
 STOCHASTIC: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                                 nn.FeatureAlphaDropout)
-try:  # torchvision's stochastic depth (efficientnet, convnext, swin), when torchvision is installed
-    from torchvision.ops import StochasticDepth
 
-    STOCHASTIC = STOCHASTIC + (StochasticDepth,)
-except ImportError:  # pragma: no cover
-    pass
+
+def _stochastic(m: nn.Module) -> bool:
+    """A module that draws noise in training mode: dropout, or torchvision's stochastic depth
+    (recognized by name, so that torchvision need not be imported)."""
+    kind = type(m)
+    return isinstance(m, STOCHASTIC) or (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision"))
 
 
 def _rng(device: torch.device):
@@ -66,10 +67,10 @@ def _paired(module_forward, batch: int):
 
 @contextlib.contextmanager
 def paired_noise(net: nn.Module, batch: int) -> Iterator[None]:
-    """Inside, every stochastic module (:data:`STOCHASTIC`) in training mode that sees a batch
+    """Inside, every stochastic module (:func:`_stochastic`) in training mode that sees a batch
     of 2 * ``batch`` rows applies the same noise to rows i and batch + i. Functional dropout
     inside a custom forward is not covered: put it in an ``nn.Dropout`` module."""
-    patched = [m for m in net.modules() if isinstance(m, STOCHASTIC) and m.training]
+    patched = [m for m in net.modules() if _stochastic(m) and m.training]
     for m in patched:
         m.forward = _paired(type(m).forward.__get__(m), batch)
     try:
