@@ -113,10 +113,9 @@ def operator_norm(
               VJPs, batched; one Lanczos iteration costs a VJP and a JVP, about
               ``ITERATION_COST`` VJPs of the exact route), else "lanczos". With the default
               ``iters`` (20) and d <= 40 that is "exact"; ask for ``iters=3`` on a 10-class
-              model and it is "lanczos" (on the benchmark's trained CNN: median relative
-              error 2e-5 at 1.8x the time of a training step, against 2.9x for "exact"; see
-              ``benchmarks/results/operator_norm.md``). ``method="lanczos"`` with
-              ``tol=1e-3`` stops each example on its own (max error 5e-4 there, 2.2x).
+              model and it is "lanczos" (its error and cost against "exact" are measured in
+              ``benchmarks/results/operator_norm.md``). ``method="lanczos"`` with ``tol``
+              stops each example on its own.
             * other pairs with an exact form: "exact"; without one: "exact" (restarts on
               the formed J) when ``d <= 4 * iters``, else "power".
         iters: power / Lanczos iterations (default 20). tol: relative stopping tolerance on
