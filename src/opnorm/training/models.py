@@ -148,27 +148,35 @@ class VGG(nn.Sequential):
     PLAN = (1, 1, "M", 2, 2, "M", 4, 4, "M", 8, "M")
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16, mean=None, std=None):
-        c, h, w = input_shape
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["normalize"] = Normalize(mean, std, num_channels=c)
-        k = p = 0
-        for item in self.PLAN:
-            if item == "M":
-                p += 1
-                if _pool_or_skip(min(h, w)):
-                    layers[f"pool{p}"] = nn.MaxPool2d(2)
-                    h, w = h // 2, w // 2
-                continue
-            k += 1
-            cout = int(item) * width
-            # No conv bias: BatchNorm subtracts the mean right after, which cancels it.
-            layers[f"conv{k}"] = _conv3x3(c, cout)
-            layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
-            layers[f"relu{k}"] = nn.ReLU()
-            c = cout
-        layers["flatten"] = nn.Flatten()
-        layers["classifier"] = nn.Linear(c * h * w, num_classes)
-        super().__init__(layers)
+        # No conv bias: BatchNorm subtracts the mean right after, which cancels it.
+        conv = lambda c, cout, last, h, w: (_conv3x3(c, cout), h, w)  # noqa: E731
+        super().__init__(_plan_layers(self.PLAN, input_shape, num_classes, width, mean, std, conv))
+
+
+def _plan_layers(plan, input_shape, num_classes, width, mean, std, conv) -> "OrderedDict[str, nn.Module]":
+    """Normalize, then per plan item a conv (``conv(c_in, c_out, last, h, w) -> (module, h, w)``)
+    with ``BatchNorm2d(affine=False)`` and ReLU, or "M": a 2x2 max-pool (skipped where a side
+    would fall below 1); then flatten and a linear classifier."""
+    c, h, w = input_shape
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    layers["normalize"] = Normalize(mean, std, num_channels=c)
+    k = p = 0
+    for i, item in enumerate(plan):
+        if item == "M":
+            p += 1
+            if _pool_or_skip(min(h, w)):
+                layers[f"pool{p}"] = nn.MaxPool2d(2)
+                h, w = h // 2, w // 2
+            continue
+        k += 1
+        cout = int(item) * width
+        layers[f"conv{k}"], h, w = conv(c, cout, i == len(plan) - 2, h, w)
+        layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
+        layers[f"relu{k}"] = nn.ReLU()
+        c = cout
+    layers["flatten"] = nn.Flatten()
+    layers["classifier"] = nn.Linear(c * h * w, num_classes)
+    return layers
 
 
 class PaperCNN(nn.Sequential):
@@ -189,29 +197,12 @@ class PaperCNN(nn.Sequential):
     PLAN = (1, 1, "M", 2, 2, "M", 4, 4, "M", 8, "M")
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 128, mean=None, std=None):
-        c, h, w = input_shape
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["normalize"] = Normalize(mean, std, num_channels=c)
-        k = p = 0
-        for i, item in enumerate(self.PLAN):
-            if item == "M":
-                p += 1
-                if _pool_or_skip(min(h, w)):
-                    layers[f"pool{p}"] = nn.MaxPool2d(2)
-                    h, w = h // 2, w // 2
-                continue
-            k += 1
-            cout = int(item) * width
-            unpadded = i == len(self.PLAN) - 2 and min(h, w) >= 3
-            layers[f"conv{k}"] = nn.Conv2d(c, cout, kernel_size=3, padding=0 if unpadded else 1)
-            layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
-            layers[f"relu{k}"] = nn.ReLU()
-            if unpadded:
-                h, w = h - 2, w - 2
-            c = cout
-        layers["flatten"] = nn.Flatten()
-        layers["classifier"] = nn.Linear(c * h * w, num_classes)
-        super().__init__(layers)
+        def conv(c: int, cout: int, last: bool, h: int, w: int):
+            unpadded = last and min(h, w) >= 3
+            module = nn.Conv2d(c, cout, kernel_size=3, padding=0 if unpadded else 1)
+            return (module, h - 2, w - 2) if unpadded else (module, h, w)
+
+        super().__init__(_plan_layers(self.PLAN, input_shape, num_classes, width, mean, std, conv))
 
 
 class BasicBlock(nn.Module):
