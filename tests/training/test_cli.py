@@ -15,16 +15,10 @@ from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS
 
+from .cli_helpers import one_thread, run_main, one_line_error  # noqa: F401 (one_thread is an autouse fixture)
+
 SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "128", "--limit-test", "60", "--eval-points", "20",
          "--eval-steps", "3", "--steps", "3", "--batch-size", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +27,6 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main(["train", "--method", "pgd-at", "--p", "inf", "--eps", "0.1", "--epochs", "2", "--out", str(out), *SMALL]) == 0
     return out
-
-
-def run_main(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("opnorm: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # ----------------------------------------------------------------------------- train
@@ -118,7 +97,7 @@ def test_stop_after_then_resume(tmp_path, capsys):
 def test_bad_train_configs_fail_with_one_line(extra, fragments, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_main(["train", "--out", str(out), *extra], capsys)
-    assert_one_line_error(code, err, *fragments)
+    one_line_error(code, err, *fragments)
     assert not out.exists()  # nothing written, no half-written checkpoint
 
 
@@ -126,17 +105,17 @@ def test_malformed_command_lines_fail_with_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--epochs", "three"])
     assert info.value.code == 2
-    assert_one_line_error(info.value.code, capsys.readouterr().err, "--epochs")
+    one_line_error(info.value.code, capsys.readouterr().err, "--epochs")
     with pytest.raises(SystemExit):
         main(["fly"])
-    assert_one_line_error(2, capsys.readouterr().err, "invalid choice")
+    one_line_error(2, capsys.readouterr().err, "invalid choice")
 
 
 def test_resume_without_a_run(tmp_path, capsys):
     code, _, err = run_main(["train", "--out", str(tmp_path / "none"), "--resume"], capsys)
-    assert_one_line_error(code, err, "no run to resume")
+    one_line_error(code, err, "no run to resume")
     code, _, err = run_main(["train", "--resume"], capsys)
-    assert_one_line_error(code, err, "--resume needs the run directory")
+    one_line_error(code, err, "--resume needs the run directory")
     assert not (tmp_path / "none").exists()
 
 
@@ -151,16 +130,16 @@ def test_corrupt_checkpoints_fail_with_one_line_and_stay_untouched(run_dir, tmp_
     (copy / CHECKPOINT).write_bytes(bad)
     before = sorted(p.name for p in copy.iterdir())
     code, _, err = run_main(["train", "--out", str(copy), "--resume"], capsys)
-    assert_one_line_error(code, err, "corrupt or truncated")
+    one_line_error(code, err, "corrupt or truncated")
     assert (copy / CHECKPOINT).read_bytes() == bad and sorted(p.name for p in copy.iterdir()) == before
     code, _, err = run_main(["eval", "--checkpoint", str(copy / CHECKPOINT)], capsys)
-    assert_one_line_error(code, err, "corrupt or truncated")
+    one_line_error(code, err, "corrupt or truncated")
 
 
 def test_existing_run_is_not_overwritten(run_dir, capsys):
     before = (run_dir / CHECKPOINT).read_bytes()
     code, _, err = run_main(["train", "--out", str(run_dir), "--quiet"], capsys)
-    assert_one_line_error(code, err, "already holds a run", "--resume")
+    one_line_error(code, err, "already holds a run", "--resume")
     assert (run_dir / CHECKPOINT).read_bytes() == before
 
 
@@ -206,9 +185,9 @@ def test_eval_default_output_and_bad_arguments(run_dir, capsys):
         (["--p", "0"], "p must satisfy"),
     ]:
         code, _, err = run_main(["eval", "--checkpoint", str(run_dir), *argv], capsys)
-        assert_one_line_error(code, err, fragment)
+        one_line_error(code, err, fragment)
     code, _, err = run_main(["eval", "--checkpoint", "/nonexistent/checkpoint.pt"], capsys)
-    assert_one_line_error(code, err, "no checkpoint at")
+    one_line_error(code, err, "no checkpoint at")
 
 
 # ----------------------------------------------------------------------------- demo, reproduce, entry points
@@ -235,10 +214,10 @@ def test_reproduce_calls_the_experiments_layer(monkeypatch, capsys):
     assert main(["reproduce", "--seeds", "0,1,2", "--limit-train", "50"]) == 0
     assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["limit_train"] == 50
     code, _, err = run_main(["reproduce", "--seeds", "0,x"], capsys)
-    assert_one_line_error(code, err, "--seeds must be comma-separated")
+    one_line_error(code, err, "--seeds must be comma-separated")
     monkeypatch.setitem(sys.modules, "opnorm.experiments.reproduce", None)  # import fails
     code, _, err = run_main(["reproduce"], capsys)
-    assert_one_line_error(code, err, "reproduce study is not available")
+    one_line_error(code, err, "reproduce study is not available")
 
 
 def test_python_dash_m_and_help():

@@ -18,15 +18,9 @@ from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS
 
 from affine_models import DT, affine_layer, gen
 
+from .cli_helpers import one_thread  # noqa: F401 (one_thread is an autouse fixture)
+
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def affine(d: int = 5, n: int = 12, seed: int = 0, zero: bool = False):

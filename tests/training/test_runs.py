@@ -31,19 +31,13 @@ from opnorm.training.models import build_model
 from opnorm.training.schedule import learning_rate
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, TrainingDiverged, train
 
+from .cli_helpers import one_thread, run_main, one_line_error  # noqa: F401 (one_thread is an autouse fixture)
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "96", "--limit-test", "40", "--eval-points", "10",
          "--eval-steps", "2", "--batch-size", "32", "--device", "cpu", "--quiet"]
 SMALL_CFG = dict(dataset="digits", model="cnn", limit_train=96, limit_test=40, eval_points=10, eval_steps=2,
                  batch_size=32, device="cpu", progress=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +52,6 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(run, dst)
     return dst
-
-
-def run_main(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code, err, *fragments):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("opnorm: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def lrs(run: Path) -> list[float]:
