@@ -48,3 +48,13 @@ def trained_digits_model():
     with torch.no_grad():
         clean_acc = (model(x).argmax(1) == y).float().mean().item() * 100
     return SimpleNamespace(model=model, x=x, y=y, clean_acc=clean_acc, x_all=X, y_all=Y)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: they gain nothing from more, and spinning
+    OpenMP threads on a shared CPU are very slow (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

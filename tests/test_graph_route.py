@@ -9,23 +9,11 @@ from torch import nn
 import opnorm
 from opnorm.jacobian import GraphLinearization, graph_support, jacobian, linearize, pattern_support
 from opnorm.training.models import WideResNet, build_model
+from tests.reference import reference_jacobian
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: small float64 models, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference(model, x):
-    model.eval()
-    rows = [torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], xb) for xb in x]
-    return torch.stack(rows).reshape(x.shape[0], rows[0].shape[0], -1)
 
 
 def models():
@@ -52,7 +40,7 @@ def test_graph_route_is_exact(name):
     assert applies and all("Sequential" not in f for f in fallbacks)
     lin = linearize(model, x)
     assert isinstance(lin, GraphLinearization) and lin.route == "pattern"
-    J = reference(model, x)
+    J = reference_jacobian(model, x)
     torch.testing.assert_close(lin.logits, model(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(jacobian(model, x).reshape(J.shape), J, rtol=1e-10, atol=1e-12 * float(J.abs().max()))
     V = torch.randn(2, *x.shape, dtype=DT)

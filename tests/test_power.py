@@ -14,6 +14,7 @@ from torch import nn
 
 import opnorm
 from opnorm.power import operator_norm, singular_values
+from tests.reference import reference_jacobian
 
 DT = torch.float64
 INF = math.inf
@@ -43,18 +44,6 @@ def bn_net():
 
 
 MODELS = {"mlp": (mlp, (20,)), "cnn": (cnn, (1, 8, 8)), "bn": (bn_net, (1, 8, 8))}
-
-
-def reference_jacobian(model, x):
-    """(B, d, n) from torch.autograd.functional.jacobian, one example at a time, eval mode."""
-    was = model.training
-    model.eval()
-    rows = []
-    for b in range(x.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), x[b])
-        rows.append(J.reshape(J.shape[0], -1))
-    model.train(was)
-    return torch.stack(rows)
 
 
 @pytest.fixture(params=list(MODELS))

@@ -22,6 +22,7 @@ from opnorm.jacobian import (
 )
 from opnorm.power import lanczos_iteration, operator_norm, power_iteration, singular_values
 from opnorm.training.models import build_model
+from tests.reference import reference_jacobian
 
 DT = torch.float64
 
@@ -115,18 +116,6 @@ def build(name, batch=5, seed=0):
     if name == "pool_first":
         x = torch.randint(0, 3, x.shape).to(DT)
     return net, x
-
-
-def reference_jacobian(model, x):
-    """(B, d, n): torch.autograd.functional.jacobian per example, eval mode."""
-    was = model.training
-    model.eval()
-    rows = []
-    for b in range(x.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), x[b])
-        rows.append(J.reshape(J.shape[0], -1))
-    model.train(was)
-    return torch.stack(rows)
 
 
 def close(a, b, tol=1e-10):

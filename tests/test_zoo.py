@@ -22,8 +22,9 @@ from torch import nn
 import opnorm
 from opnorm.jacobian import linearize
 from opnorm.regularizers import OperatorNormRegularizer
+from tests.reference import reference_jacobian
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 DT = torch.float64
 CLASSES = 4
@@ -74,24 +75,8 @@ def build(name):
     return model, x
 
 
-def reference_jacobian(model, x):
-    """(B, d, n) by torch.autograd.functional.jacobian, one example at a time, eval mode."""
-    model.eval()
-    rows = [torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0))[0], xb) for xb in x]
-    return torch.stack(rows).reshape(x.shape[0], CLASSES, -1)
-
-
 def modes(model):
     return [m.training for m in model.modules()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: small float64 models, and robust to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -1,21 +1,9 @@
 """Shared by the CLI and run-directory tests: running ``opnorm`` in-process and checking that
-an error is one line."""
+an error is one line. Importing modules run in one thread (``one_thread``, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from opnorm.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast and keeps results independent of the machine's load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_main(argv, capsys):

@@ -15,7 +15,9 @@ from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS
 
-from .cli_helpers import one_thread, run_main, one_line_error  # noqa: F401 (one_thread is an autouse fixture)
+from .cli_helpers import run_main, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "128", "--limit-test", "60", "--eval-points", "20",
          "--eval-steps", "3", "--steps", "3", "--batch-size", "32", "--quiet"]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
@@ -14,14 +13,6 @@ from opnorm.training.config import TrainConfig, migrate
 from opnorm.training.trainer import CHECKPOINT, CONFIG
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_configs_are_shipped():

@@ -18,7 +18,7 @@ from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS
 
 from affine_models import DT, affine_layer, gen
 
-from .cli_helpers import one_thread  # noqa: F401 (one_thread is an autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1
 

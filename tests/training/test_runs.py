@@ -31,7 +31,9 @@ from opnorm.training.models import build_model
 from opnorm.training.schedule import learning_rate
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, TrainingDiverged, train
 
-from .cli_helpers import one_thread, run_main, one_line_error  # noqa: F401 (one_thread is an autouse fixture)
+from .cli_helpers import run_main, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "96", "--limit-test", "40", "--eval-points", "10",

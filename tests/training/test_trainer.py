@@ -19,18 +19,10 @@ from opnorm.training.config import METHODS, TrainConfig, default_eps
 from opnorm.training.models import build_model
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE = dict(dataset="digits", model="cnn", p="inf", q=2, eps=0.1, epochs=3, batch_size=64, seed=0,
             eval_points=200, eval_steps=10, steps=5, progress=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and a shared CPU
-    makes spinning OpenMP threads very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
