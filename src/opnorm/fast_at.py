@@ -141,7 +141,9 @@ class FreeATLoss(nn.Module):
     (the eps ball; the box is applied at the next use), so the weights and the perturbation move
     with one backward. Replay each batch several times in a row (the trainer does,
     ``TrainConfig.replays``); delta carries over to the next batch as in the paper. delta is part
-    of ``state_dict()`` (checkpoints resume exactly).
+    of ``state_dict()`` (checkpoints resume exactly). Under DDP each rank has its own delta:
+    :meth:`sync` (every rank, before a checkpoint) gathers them, the state holds one per rank,
+    and loading it takes this rank's (a different number of ranks is refused).
 
     Args:
         eps: threat radius (> 0). p: its norm, 1, 2 or inf.
@@ -161,16 +163,40 @@ class FreeATLoss(nn.Module):
         self.step = number(step, "step", strict=True)
         self.clip = clip
         self.delta: Optional[torch.Tensor] = None
+        self._by_rank: Optional[list] = None  # every rank's delta, set by sync() under DDP
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else f"{self.p:g}"
         return f"eps={self.eps:g}, p={p}, step={self.step:g} eps"
 
+    def sync(self) -> None:
+        """Gather every DDP rank's delta into the state (every rank calls it); no-op without DDP."""
+        world = _world()
+        if world == 1:
+            self._by_rank = None
+            return
+        mine = None if self.delta is None else self.delta.detach().cpu()
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)  # deltas may be None or differ in rows
+        self._by_rank = gathered
+
     def get_extra_state(self) -> dict:
+        if _world() > 1:
+            if self._by_rank is None or len(self._by_rank) != _world():
+                raise RuntimeError("FreeATLoss under DDP: call sync() on every rank before state_dict()")
+            return {"delta": None, "by_rank": self._by_rank}
         return {"delta": self.delta}
 
     def set_extra_state(self, state: dict) -> None:
-        self.delta = state["delta"]
+        by_rank, world = state.get("by_rank"), _world()
+        if by_rank is None and world > 1 and state["delta"] is not None:
+            raise ValueError(f"this free-AT state holds one process's perturbation, not one per rank; resume it "
+                             f"with 1 process, not {world}")
+        if by_rank is not None and len(by_rank) != world:
+            raise ValueError(f"this free-AT state holds the perturbations of {len(by_rank)} DDP ranks; resume "
+                             f"with torchrun --nproc-per-node {len(by_rank)}, not {world} process(es)")
+        self.delta = state["delta"] if by_rank is None else by_rank[_rank()]
+        self._by_rank = by_rank
 
     def _current(self, x: torch.Tensor) -> torch.Tensor:
         """The stored delta fitted to x's batch: its first B rows, zeros where it has none."""
@@ -194,6 +220,16 @@ class FreeATLoss(nn.Module):
             delta.register_hook(lambda g: self._update(delta, g))
         x_adv = x + delta if self.clip is None else (x + delta).clamp(*self.clip)
         return cross_entropy(full(forward(model, x_adv)), None, y).mean()
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ----------------------------------------------------------------------------- the trainer's side

@@ -114,6 +114,9 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **TINY)
     assert a["seeds"] == [0, 1] and any("training" in line for line in logs)
+    # the recorded command reruns this study: every option that changes it is in it
+    assert a["config"]["command"].startswith("opnorm reproduce --dataset digits --quick --seeds 0,1 --limit-train 200 "
+                                             "--eval-points 16  (and run_reproduce overrides epochs=1, ")
     assert [p["lam"] for p in a["matched"]["sweeps"]["opnorm"]] == pytest.approx([0.1, 1.0])  # the sweep, main lambda 0.1
     m = a["methods"]["clean"]["clean_acc"]
     assert m["n"] == 2 and m["se"] == pytest.approx(np.std(m["values"], ddof=1) / np.sqrt(2))

@@ -265,3 +265,42 @@ def test_cli_trains_with_the_new_flags(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("opnorm: error: method free makes epochs / replays")
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- free under DDP
+
+
+def _free_ddp_worker(rank: int, world: int, init: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    lin, _, _ = affine(d=5, n=4, seed=0)
+    free = FreeATLoss(eps=EPS, p="inf", clip=None)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: its own delta
+    for _ in range(3):
+        x, y = torch.rand(6, 4, generator=g, dtype=DT), torch.randint(0, 5, (6,), generator=g)
+        free(lin, x, y).backward()
+    free.sync()
+    state = free.state_dict()
+    mine = free.delta.clone()
+    resumed = FreeATLoss(eps=EPS, p="inf", clip=None)
+    resumed.load_state_dict(state)  # every rank loads the one (rank 0's) checkpoint in real runs
+    torch.save({"state": state, "mine": mine, "resumed": resumed.delta}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_free_under_ddp_checkpoints_every_ranks_delta(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_free_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["mine"], r1["mine"])  # the ranks' deltas differ: one copy would be wrong
+    for r in (r0, r1):
+        assert torch.equal(r["resumed"], r["mine"])  # each rank resumes its own delta from rank 0's state
+    single = FreeATLoss(eps=EPS, p="inf", clip=None)
+    with pytest.raises(ValueError, match="resume with torchrun --nproc-per-node 2, not 1"):
+        single.load_state_dict(r0["state"])

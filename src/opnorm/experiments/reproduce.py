@@ -43,11 +43,17 @@ def _environment() -> dict:
             "platform": platform.platform()}
 
 
-def _command(dataset: str, quick: bool, seeds: Optional[list], config: Optional[str]) -> str:
+def _command(dataset: str, quick: bool, seeds: Optional[list], config: Optional[str], overrides: dict) -> str:
+    """The CLI command that reruns this study (every option that changes what it measures)."""
     args = ["--config", config] if config else ["--dataset", dataset]
     args += ["--quick"] if quick else []
     args += ["--seeds", ",".join(str(s) for s in seeds)] if seeds else []
-    return "opnorm reproduce " + " ".join(shlex.quote(a) for a in args)
+    cli = {k: v for k, v in overrides.items() if k in ("limit_train", "eval_points") and v is not None}
+    for key, value in cli.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    other = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if k not in cli and v is not None)
+    command = "opnorm reproduce " + " ".join(shlex.quote(a) for a in args)
+    return command + (f"  (and run_reproduce overrides {other})" if other else "")
 
 
 def run_reproduce(
@@ -81,7 +87,7 @@ def run_reproduce(
     t_start, cpu_start = time.perf_counter(), time.process_time()
     train_config = _read_json(Path(config), "config file") if config else None
     cfg = study_config(dataset, quick, train_config=train_config, seeds=seeds, data_dir=data_dir,
-                       command=_command(dataset, quick, seeds, config), **overrides)
+                       command=_command(dataset, quick, seeds, config, overrides), **overrides)
     out_dir = Path(out) if out is not None else Path("reports") / (cfg.dataset + ("-quick" if quick else ""))
     store = Runs(Path(runs) if runs is not None else out_dir / "runs", fingerprint(cfg))
     results, phases = _study(cfg, store, log)

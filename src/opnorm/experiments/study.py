@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    eps_grid_l2=[0.0, 0.25, 0.5, 1.0, 2.0], align_eps=[0.01, 0.1, 0.3, 1.0, 3.0],
                    linearity_radii=[0.03, 0.1, 0.3, 1.0, 2.0], sweep_dd=[1.0, 4.0], sweep_snr=[1.0, 100.0], fast_method=False),
     "fashion-mnist": dict(
-        epochs=3, limit_train=20000, batch_size=128, lr=0.05, eps_linf=0.1, eps_l2=1.0, lam=0.05, eval_points=1000,
+        epochs=3, limit_train=10000, batch_size=128, lr=0.05, eps_linf=0.1, eps_l2=1.0, lam=0.05, eval_points=1000,
         seeds=[0, 1, 2], eps_grid_linf=[0.0, 0.05, 0.1, 0.15, 0.2], eps_grid_l2=[0.0, 0.5, 1.0, 2.0, 3.0],
         align_points=64, align_eps=[0.01, 0.1, 0.3, 1.0, 3.0], theorem_eps=[1e-5, 1.0],
         linearity_radii=[0.1, 0.3, 1.0, 2.0, 3.0], sweep_dd=[1.0, 3.0, 10.0], sweep_snr=[1.0, 10.0, 100.0],

@@ -141,9 +141,10 @@ class Objective(nn.Module):
             self.at = fast_at_loss(cfg)
 
     def sync(self) -> None:
-        """Share state across DDP ranks (the regularizer's direction store); every rank calls it."""
-        if isinstance(self.reg, OperatorNormRegularizer):
-            self.reg.sync()
+        """Share state across DDP ranks (the direction store, free AT's per-rank deltas); every rank calls it."""
+        for part in (self.reg, self.at):
+            if callable(getattr(part, "sync", None)):
+                part.sync()
 
     def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None):
         logs: dict[str, float] = {}
