@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "fast-at"), help="checkpoints (not committed)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of optimizer steps (free: a multiple of --replays)")
     ap.add_argument("--replays", type=int, default=3, help="free's replays per minibatch")
-    ap.add_argument("--train", type=int, default=20000, help="train on the first N images")
+    ap.add_argument("--train", type=int, default=10000, help="train on the first N images (10000: the study fits two 2-core sessions)")
     ap.add_argument("--points", type=int, default=1000, help="test points of the evaluation")
     ap.add_argument("--epoch-points", type=int, default=100, help="test points of the trainer's per-epoch check")
     ap.add_argument("--restarts", type=int, default=3, help="PGD-20 restarts")

@@ -17,7 +17,8 @@ from opnorm.experiments.reproduce import SCHEMA, run_reproduce
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import parse_seeds, study_config
 
-TIMING_KEYS = {"train_seconds", "time_vs_clean", "seconds_total", "cpu_seconds_total", "phase_seconds", "command"}
+TIMING_KEYS = {"train_seconds", "time_vs_clean", "seconds_total", "cpu_seconds_total", "phase_seconds", "command",
+               "runs_directory"}  # what an invocation did, not what it measured
 SECTIONS = ["Alignment vs singular-vector rank", "Alignment vs eps per trained model", "Spectra", "Deviation from linearity",
             "Robustness at matched clean accuracy", "Theorem check", "Sanity checks"]
 # two seeds (standard errors exist), every section, as small as the measurements allow
@@ -123,9 +124,39 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     logs.clear()
     b = run_reproduce(quick=True, out=str(tmp_path / "b"), runs=str(tmp_path / "runs"), log=logs.append, **TINY)
     assert not any("training" in line for line in logs)  # nothing retrained: the runs directory was read
+    assert a["runs_directory"]["models_trained"] > 0 and a["runs_directory"]["models_read"] == 0
+    assert b["runs_directory"]["models_trained"] == 0 and b["runs_directory"]["measurements_computed"] == 0
+    assert b["runs_directory"]["models_read"] == a["runs_directory"]["models_trained"]
+    assert "read 0 from the runs directory" in (tmp_path / "a" / "report.md").read_text()
     assert _strip(a) == _strip(b)
     with pytest.raises(ValueError, match="holds another study"):
         run_reproduce(quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs"), log=logs.append, **{**TINY, "lam": 0.5})
+
+
+def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monkeypatch):
+    import opnorm.training.trainer as trainer
+
+    real = trainer.train
+    tiny = {**TINY, "seeds": [0], "sweep_dd": [1.0], "sweep_snr": [1.0, 10.0]}
+
+    def train(cfg, **kw):  # the x10 global SNR point diverges; everything else trains for real
+        if cfg.method == "global-snr" and cfg.lam > 0.05:
+            raise trainer.TrainingDiverged("training diverged (NaN/inf) at epoch 1, step 3: the loss (nan) became non-finite")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", train)
+    logs: list[str] = []
+    a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
+    assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-x10"] and a["matched"]["diverged"][0]["seeds"] == [0]
+    assert [p["key"] for p in a["matched"]["sweeps"]["global-snr"]] == ["global-snr"]
+    assert "Left out of the sweep: `global-snr-x10` (lambda 0.1)" in (tmp_path / "a" / "report.md").read_text()
+    monkeypatch.setattr(trainer, "train", real)  # a rerun reads the record: it neither retrains nor crashes
+    logs.clear()
+    b = run_reproduce(quick=True, out=str(tmp_path / "b"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
+    assert not any("training" in line for line in logs) and b["matched"]["diverged"] == a["matched"]["diverged"]
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: (_ for _ in ()).throw(trainer.TrainingDiverged("boom")))
+    with pytest.raises(trainer.TrainingDiverged):  # a main method that diverges stops the study
+        run_reproduce(quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs2"), log=logs.append, **tiny)
 
 
 def test_stat_and_aggregate_against_numpy():

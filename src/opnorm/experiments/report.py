@@ -100,6 +100,9 @@ def _matched_lines(r: dict) -> list[str]:
              "picked" if p["key"] == mt["picked"][fam]["key"] else ""] for fam, pts in mt["sweeps"].items() for p in pts]
     ref = r["config"]["reference_eps"]
     lines += table(["family", "lambda", "clean (%)", f"robust l_2 {ref['l2']:g} (%)", f"robust l_inf {ref['linf']:g} (%)", ""], rows)
+    for d in mt.get("diverged", []):  # left out of the sweep: no mean over seeds exists
+        lines += [f"Left out of the sweep: `{d['key']}` (lambda {d['lam']:g}), whose training diverged on seed(s) "
+                  f"{', '.join(map(str, d['seeds']))}: {d['message']}", ""]
     keys = [mt["reference"]] + [p["key"] for p in mt["picked"].values()]
     for norm in ("l2", "linf"):
         eps = r["methods"][mt["reference"]]["robust"][norm]["eps"]
@@ -135,13 +138,27 @@ def _methods_lines(r: dict) -> list[str]:
     return lines
 
 
+def _cost_line(r: dict) -> str:
+    """What the study cost, and what this invocation did (it may have read trained runs from disk)."""
+    line = f"This invocation: {r['seconds_total']:.0f} s wall, {r['cpu_seconds_total']:.0f} s CPU"
+    runs = r.get("runs_directory")
+    if runs is None:
+        return line + "."
+    line += (f"; it trained {runs['models_trained']} models and read {runs['models_read']} from the runs directory, "
+             f"computed {runs['measurements_computed']} measurements and read {runs['measurements_read']}")
+    return line + f". Training all models of the study took {r['train_seconds_all_models']:.0f} s (sum of their training times)."
+
+
 def render_markdown(r: dict) -> str:
     c = r["config"]
     seeds = ", ".join(str(s) for s in r["seeds"])
+    images = "all" if c["limit_train"] is None else f"the first {c['limit_train']}"
     lines = [f"# opnorm reproduce: {c['dataset']}", "",
-             f"Model `{c['model']}`, {c['epochs']} epochs per method{' (quick)' if c['quick'] else ''}, seeds {seeds} "
-             f"(means ± standard errors over seeds); {r['seconds_total']:.0f} s wall, {r['cpu_seconds_total']:.0f} s CPU. "
-             f"Command: `{c['command']}`.", "", CONVENTIONS, "", f"Margins: {MARGIN_TEXT}.", "", "## Findings", ""]
+             f"Model `{c['model']}`, {c['epochs']} epochs per method{' (quick)' if c['quick'] else ''} on "
+             f"{images} training images, "
+             f"{c['eval_points']} test points, seeds {seeds} (means ± standard errors over seeds). "
+             f"Command: `{c['command']}`.", "", _cost_line(r), "", CONVENTIONS, "", f"Margins: {MARGIN_TEXT}.", "",
+             "## Findings", ""]
     rows = [[f["id"], f["section"], f["claim"], f["numbers"], f["verdict"]] for f in r["findings"]]
     lines += table(["#", "section", "the paper's claim", "our numbers", "verdict"], rows)
     lines += _rank_lines(r) + _alignment_eps_lines(r) + _spectra_lines(r) + _linearity_lines(r) + _matched_lines(r)

@@ -94,6 +94,7 @@ def run_reproduce(
     results["seconds_total"] = time.perf_counter() - t_start
     results["cpu_seconds_total"] = time.process_time() - cpu_start
     results["phase_seconds"] = phases
+    results["runs_directory"] = {"path": str(store.root), **store.counts}
     report = write_report(results, out_dir)
     log(f"[reproduce] report: {report}")
     return results
@@ -108,12 +109,17 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     methods = {key: (label, settings, kw) for key, label, settings, kw in method_table(cfg)}
     sweep = {key: kw for key, _, _, kw in sweep_table(cfg)}
     phases, t = {}, time.perf_counter()
-    models, seconds = _train_all(cfg, store, splits, {**{k: v[2] for k, v in methods.items()}, **sweep}, log)
+    models, seconds, diverged = _train_all(cfg, store, splits, {k: v[2] for k, v in methods.items()}, sweep, log)
     phases["train"], t = time.perf_counter() - t, time.perf_counter()
 
     screens = {s: store.measured(s, "screen", lambda s=s: {k: M.screen(cfg, m, x, y, s) for k, m in models[s].items()})
                for s in cfg.seeds}
-    matched = _matched(cfg, aggregate([screens[s] for s in cfg.seeds]))
+    # a sweep point that diverged on any seed has no mean over seeds: it leaves the sweep, and the report says so
+    failed = {k for d in diverged.values() for k in d}
+    matched = _matched(cfg, aggregate([{k: v for k, v in screens[s].items() if k not in failed} for s in cfg.seeds]))
+    matched["diverged"] = [{"key": k, "lam": lam, "seeds": [s for s in cfg.seeds if k in diverged[s]],
+                            "message": next(diverged[s][k] for s in cfg.seeds if k in diverged[s])}
+                           for family in ("opnorm", "global-snr") for k, lam in sweep_points(cfg, family) if k in failed]
     keys = list(methods) + [m["key"] for m in matched["picked"].values() if m["key"] not in methods]
     per_seed = {}
     for s in cfg.seeds:
@@ -138,6 +144,7 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
                "config": {**asdict(cfg), "reference_eps": cfg.reference_eps, "eval_points": n_eval},
                "environment": _environment(), "methods": {}, "matched": matched,
                "rank_alignment": aggregate(extras), **checks, "sanity": sanity}
+    results["train_seconds_all_models"] = sum(v for s in cfg.seeds for v in seconds[s].values())
     for k in keys:
         agg = aggregate([per_seed[s][k] for s in cfg.seeds])
         agg["train_seconds"] = aggregate([seconds[s][k] for s in cfg.seeds])
@@ -148,7 +155,9 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     return results, phases
 
 
-def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, log) -> tuple[dict, dict]:
+def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, log) -> tuple[dict, dict, dict]:
+    """Every seed's models and training seconds (``table``: the methods; ``sweep``: the sweep
+    points, which may diverge: seed -> key -> message in the third dict, the model left out)."""
     from opnorm.training.trainer import TrainConfig
 
     base = TrainConfig(**cfg.train).replace(
@@ -158,10 +167,17 @@ def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, log) -> tuple
     )
     models: dict = {s: {} for s in cfg.seeds}
     seconds: dict = {s: {} for s in cfg.seeds}
+    diverged: dict = {s: {} for s in cfg.seeds}
     for s in cfg.seeds:
         for key, kw in table.items():
             models[s][key], seconds[s][key] = store.model(base, key, kw, s, splits, log)
-    return models, seconds
+        for key, kw in sweep.items():
+            model, secs = store.model(base, key, kw, s, splits, log, may_diverge=True)
+            if model is None:
+                diverged[s][key] = secs
+            else:
+                models[s][key], seconds[s][key] = model, secs
+    return models, seconds, diverged
 
 
 def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
@@ -180,7 +196,7 @@ def _matched(cfg: StudyConfig, screen: dict) -> dict:
     ref = mean(screen["pgd-at-l2"]["clean_acc"])
     out: dict = {"reference": "pgd-at-l2", "reference_clean_acc": screen["pgd-at-l2"]["clean_acc"], "sweeps": {}, "picked": {}}
     for family in ("opnorm", "global-snr"):
-        points = [{"key": k, "lam": lam, **screen[k]} for k, lam in sweep_points(cfg, family)]
+        points = [{"key": k, "lam": lam, **screen[k]} for k, lam in sweep_points(cfg, family) if k in screen]
         out["sweeps"][family] = points
         best = min(points, key=lambda p: abs(mean(p["clean_acc"]) - ref))
         lo, hi = min(mean(p["clean_acc"]) for p in points), max(mean(p["clean_acc"]) for p in points)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -51,45 +51,67 @@ class Runs:
                                  "choose another --runs directory or delete it")
         else:
             write_text_atomic(stamp, json.dumps(want, indent=2) + "\n")
+        # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
+        self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
 
     def _dir(self, seed: int) -> Path:
         d = self.root / f"seed-{seed}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def model(self, base, key: str, overrides: dict, seed: int, splits, log: Callable[[str], None]) -> tuple[nn.Module, float]:
+    def model(self, base, key: str, overrides: dict, seed: int, splits, log: Callable[[str], None],
+              may_diverge: bool = False) -> tuple[Optional[nn.Module], float | str]:
         """The trained model (eval mode, CPU) and its training seconds: loaded when on disk, else
         trained (``base.replace(seed=seed, **overrides)``) and saved. ``splits``: the loaded
-        dataset (its shapes build the model to load into)."""
+        dataset (its shapes build the model to load into).
+
+        ``may_diverge`` (sweep points): a run whose training diverges is recorded as such, and
+        ``(None, message)`` is returned now and by every rerun; otherwise the error propagates.
+        """
         from opnorm.training.models import build_model
         from opnorm.training.paper_setup import input_normalization
-        from opnorm.training.trainer import train
+        from opnorm.training.trainer import TrainingDiverged, train
 
         cfg = base.replace(seed=seed, **overrides)
         weights, meta = self._dir(seed) / f"{key}.pt", self._dir(seed) / f"{key}.json"
+        if meta.is_file() and "diverged" in json.loads(meta.read_text()):
+            self.counts["models_read"] += 1
+            return None, str(json.loads(meta.read_text())["diverged"])
         if weights.is_file() and meta.is_file():
             r = cfg.resolved()
             mean, std = input_normalization(r.input_range, splits.mean, splits.std)
             model = build_model(r.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
                                 mean=mean, std=std, width=r.width)
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            self.counts["models_read"] += 1
             return model.eval(), float(json.loads(meta.read_text())["train_seconds"])
         log(f"[reproduce] seed {seed}: training {key} ({cfg.epochs} epochs)")
         t0 = time.perf_counter()
-        res = train(cfg)
+        try:
+            res = train(cfg)
+        except TrainingDiverged as err:
+            if not may_diverge:
+                raise
+            write_text_atomic(meta, json.dumps({"diverged": str(err)}) + "\n")
+            self.counts["models_trained"] += 1
+            log(f"[reproduce] seed {seed}: {key} diverged: {err}")
+            return None, str(err)
         seconds = time.perf_counter() - t0 - sum(h.get("eval_seconds", 0.0) for h in res.history)
         model = res.model.cpu().eval()
         tmp = weights.with_suffix(".pt.tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(weights)
         write_text_atomic(meta, json.dumps({"train_seconds": max(seconds, 1e-9)}) + "\n")
+        self.counts["models_trained"] += 1
         return model, max(seconds, 1e-9)
 
     def measured(self, seed: int, phase: str, compute: Callable[[], dict]) -> dict:
         """``compute()``'s result for (seed, phase), computed once and then read from disk."""
         path = self._dir(seed) / f"{phase}.json"
         if path.is_file():
+            self.counts["measurements_read"] += 1
             return json.loads(path.read_text())
+        self.counts["measurements_computed"] += 1
         value = compute()
         write_text_atomic(path, json.dumps(value) + "\n")
         return json.loads(json.dumps(value))
