@@ -213,6 +213,7 @@ class FreeATLoss(nn.Module):
         if self.delta is not None and self.delta.shape[0] > new.shape[0] and self.delta.shape[1:] == new.shape[1:]:
             new = torch.cat([new, self.delta[new.shape[0]:].to(new)])  # a short last batch keeps the rest
         self.delta = new
+        self._by_rank = None  # gathered before this step: stale, so state_dict() needs a new sync()
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         delta = self._current(x).clone().requires_grad_(True)

@@ -288,7 +288,14 @@ def _free_ddp_worker(rank: int, world: int, init: str, out: str) -> None:
     mine = free.delta.clone()
     resumed = FreeATLoss(eps=EPS, p="inf", clip=None)
     resumed.load_state_dict(state)  # every rank loads the one (rank 0's) checkpoint in real runs
-    torch.save({"state": state, "mine": mine, "resumed": resumed.delta}, os.path.join(out, f"rank{rank}.pt"))
+    free(lin, x, y).backward()  # a step after the sync: saving now would save stale deltas
+    try:
+        free.state_dict()
+        stale_refused = False
+    except RuntimeError:
+        stale_refused = True
+    torch.save({"state": state, "mine": mine, "resumed": resumed.delta, "stale_refused": stale_refused},
+               os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -301,6 +308,7 @@ def test_free_under_ddp_checkpoints_every_ranks_delta(tmp_path):
     assert not torch.equal(r0["mine"], r1["mine"])  # the ranks' deltas differ: one copy would be wrong
     for r in (r0, r1):
         assert torch.equal(r["resumed"], r["mine"])  # each rank resumes its own delta from rank 0's state
+        assert r["stale_refused"]
     single = FreeATLoss(eps=EPS, p="inf", clip=None)
     with pytest.raises(ValueError, match="resume with torchrun --nproc-per-node 2, not 1"):
         single.load_state_dict(r0["state"])
