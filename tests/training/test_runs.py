@@ -169,6 +169,14 @@ def test_a_diverging_run_exits_with_one_line(tmp_path):
     assert not (out / CHECKPOINT).exists() and (out / METRICS).read_text() == ""
 
 
+def test_a_diverging_global_snr_run_names_lam():
+    from opnorm.training.trainer import TrainingDiverged
+
+    cfg = TrainConfig(method="global-snr", lam=1e8, epochs=1, limit_train=256, batch_size=32, eval_points=8, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"lower --lam \(global SNR with lam 1e\+08 and momentum 0.9 overshoots\)"):
+        train(cfg)
+
+
 def _poison(monkeypatch, bad_calls):
     """Make the objective's loss NaN on the given (1-based) calls."""
     from opnorm.training import trainer as T

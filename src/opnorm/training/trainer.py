@@ -419,6 +419,8 @@ def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, ru
     else:
         kept = f"no checkpoint was written to {run.path}"
     hint = "lower --lr" + ("" if cfg.on_nan == "skip" else ", or pass --on-nan skip to skip such batches")
+    if cfg.method == "global-snr" and cfg.optimizer == "sgd" and cfg.momentum > 0:  # momentum overshoots as the top singular direction switches
+        hint = f"lower --lam (global SNR with lam {cfg.lam:g} and momentum {cfg.momentum:g} overshoots) or " + hint
     return (f"training diverged (NaN/inf) at epoch {epoch + 1}, step {err.step}: {err.what} became non-finite; "
             f"{kept}; {hint}")
 
