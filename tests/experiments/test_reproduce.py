@@ -101,6 +101,10 @@ def test_theorem_and_sanity_checks(quick_run):
     assert any("does not increase with eps" in n for n in names) and any("APGD" in n for n in names)
     for s in r["sanity"]:
         assert s["holds"], s  # a failing sanity check means an attack or a model is broken
+    # each model's sanity attacks are kept on disk (an interrupted phase resumes), one per model and attack
+    kept = {p.name for p in (out / "runs" / "seed-0").glob("sanity-*.json")}
+    for key in r["methods"]:
+        assert {f"sanity-stronger-{key}.json", f"sanity-apgd-l2-{key}.json", f"sanity-apgd-linf-{key}.json"} <= kept
 
 
 def _strip(obj):

@@ -92,9 +92,16 @@ def _check(name: str, holds: bool, detail: str) -> dict:
     return {"name": name, "holds": bool(holds), "detail": detail}
 
 
-def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, x, y, seed: int) -> list[dict]:
+def _compute(name: str, compute):
+    return compute()
+
+
+def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, x, y, seed: int,
+                  memo=_compute) -> list[dict]:
     """Checks that guard against weak attacks, on one seed's models and curves (``measured``:
-    key -> :func:`full` result; ``labels``: key -> label)."""
+    key -> :func:`full` result; ``labels``: key -> label). ``memo(name, compute)`` returns
+    ``compute()``'s number for a per-model attack (the study keeps each on disk: an interrupted
+    phase resumes, and other processes can share it)."""
     one = 1.0 / len(x)
     tol = max(cfg.noise_points / 100, one)  # noise: the configured points, never less than one test point
     worst_rise, where = 0.0, ""
@@ -110,8 +117,9 @@ def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, 
     checks.append(_check("clean accuracy >= robust accuracy", worst >= -1e-12, f"smallest clean - robust gap {100 * worst:.1f} points"))
     rises = []
     for key, model in models.items():  # stronger attacks never make a model look more robust (beyond noise)
-        stronger = E.robust_curve(model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps,
-                                  restarts=2 * cfg.eval_restarts, seed=seed + 1, schedule=cfg.eval_schedule)[0]
+        stronger = memo(f"stronger-{key}", lambda model=model: E.robust_curve(
+            model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps, restarts=2 * cfg.eval_restarts,
+            seed=seed + 1, schedule=cfg.eval_schedule)[0])
         rises.append((stronger - measured[key]["robust_at_reference"]["linf"], labels[key]))
     rise, who = max(rises)
     checks.append(_check(f"{3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts do not raise robust accuracy",
@@ -120,7 +128,8 @@ def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, 
     diffs = []
     for key, model in models.items():  # an independent attack (gradient masking check)
         for norm in ("linf", "l2"):
-            apgd = E.apgd_robust_accuracy(model, x, y, norm=norm, eps=cfg.reference_eps[norm], steps=cfg.eval_steps, seed=seed)
+            apgd = memo(f"apgd-{norm}-{key}", lambda model=model, norm=norm: E.apgd_robust_accuracy(
+                model, x, y, norm=norm, eps=cfg.reference_eps[norm], steps=cfg.eval_steps, seed=seed))
             if apgd is None:
                 return checks + [{**_check(name, True, "torchattacks not installed"), "skipped": True}]
             ours = measured[key]["robust_at_reference"][norm]

@@ -137,7 +137,9 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     phases["findings"], t = time.perf_counter() - t, time.perf_counter()
     log("[reproduce] sanity checks")
     labels = {k: _label(k, methods, matched) for k in keys}
-    sanity = store.measured(s0, "sanity", lambda: M.sanity_checks(cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys}, x, y, s0))
+    memo = lambda name, compute: store.measured(s0, f"sanity-{name}", lambda: {"value": compute()})["value"]  # noqa: E731
+    sanity = store.measured(s0, "sanity", lambda: M.sanity_checks(cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys},
+                                                                  x, y, s0, memo=memo))
     phases["sanity"] = time.perf_counter() - t
 
     results = {"schema": SCHEMA, "seeds": list(cfg.seeds),
