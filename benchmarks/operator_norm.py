@@ -203,6 +203,19 @@ def spectra_routes() -> list[dict]:
     return R
 
 
+def clean_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> Callable[[], None]:
+    """One clean training step (CE, SGD momentum 0.9) on a train-mode copy of model: the unit of the timings."""
+    clean_model = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(clean_model.parameters(), lr=lr, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(clean_model(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def time_against_clean(fn: Callable[[], object], clean: Callable[[], object], rounds: int) -> dict:
     fn()
     clean()
@@ -343,13 +356,7 @@ def main() -> None:
     except Exception as err:  # the registry is optional for this benchmark
         print(f"registry model skipped: {err!r}")
 
-    clean_model = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(clean_model.parameters(), lr=0.05, momentum=0.9)
-
-    def clean_step():
-        opt.zero_grad()
-        F.cross_entropy(clean_model(x), y).backward()
-        opt.step()
+    clean_step = clean_sgd_step(model, x, y, lr=0.05)
 
     ref = reference_sigma(model, x)[:, 0]
     ref_random = reference_sigma(random_model, x)[:, 0]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from operator_norm import GOAL_ERR, GOAL_RATIO, load_data, rel_errors, time_against_clean  # noqa: E402
+from operator_norm import GOAL_ERR, GOAL_RATIO, clean_sgd_step, load_data, rel_errors, time_against_clean  # noqa: E402
 
 from opnorm.jacobian import jacobian  # noqa: E402
 from opnorm.power import operator_norm  # noqa: E402
@@ -103,13 +103,7 @@ def bench_model(name: str, make, data, args) -> dict:
     model = make()
     train_s = train_briefly(model, xs, ys, args.steps)
     ref = torch.linalg.svdvals(jacobian(copy.deepcopy(model).double(), x.double(), route="autograd").reshape(BATCH, 10, -1))[:, 0]
-    clean_model = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(clean_model.parameters(), lr=0.02, momentum=0.9)
-
-    def clean_step():
-        opt.zero_grad()
-        F.cross_entropy(clean_model(x), y).backward()
-        opt.step()
+    clean_step = clean_sgd_step(model, x, y, lr=0.02)
 
     rows = []
     for spec in routes(name):
