@@ -51,6 +51,7 @@ from opnorm.attacks import random_in_ball
 from opnorm.jacobian import eval_mode, forward, unwrap
 from opnorm.losses import cross_entropy, full
 from opnorm.norms import Order, into_box, norm_order, pga_step
+from opnorm.regularizers.store import _rank, _world  # one place for the DDP world
 from opnorm.validation import number
 
 __all__ = ["FAST_AT_METHODS", "SINGLE_STEP_DEFAULTS", "FREE_DEFAULT_STEP", "FREE_DEFAULT_REPLAYS",
@@ -221,16 +222,6 @@ class FreeATLoss(nn.Module):
             delta.register_hook(lambda g: self._update(delta, g))
         x_adv = x + delta if self.clip is None else (x + delta).clamp(*self.clip)
         return cross_entropy(full(forward(model, x_adv)), None, y).mean()
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ----------------------------------------------------------------------------- the trainer's side

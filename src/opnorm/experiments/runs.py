@@ -74,9 +74,10 @@ class Runs:
 
         cfg = base.replace(seed=seed, **overrides)
         weights, meta = self._dir(seed) / f"{key}.pt", self._dir(seed) / f"{key}.json"
-        if meta.is_file() and "diverged" in json.loads(meta.read_text()):
+        record = json.loads(meta.read_text()) if meta.is_file() else {}
+        if "diverged" in record:
             self.counts["models_read"] += 1
-            return None, str(json.loads(meta.read_text())["diverged"])
+            return None, str(record["diverged"])
         if weights.is_file() and meta.is_file():
             r = cfg.resolved()
             mean, std = input_normalization(r.input_range, splits.mean, splits.std)
@@ -84,7 +85,7 @@ class Runs:
                                 mean=mean, std=std, width=r.width)
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             self.counts["models_read"] += 1
-            return model.eval(), float(json.loads(meta.read_text())["train_seconds"])
+            return model.eval(), float(record["train_seconds"])
         log(f"[reproduce] seed {seed}: training {key} ({cfg.epochs} epochs)")
         t0 = time.perf_counter()
         try:

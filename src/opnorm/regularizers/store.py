@@ -195,4 +195,10 @@ class DirectionStore(nn.Module):
 
 
 def _world() -> int:
+    """The DDP world size (1 without an initialized process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    """This process's DDP rank (0 without an initialized process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
