@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,24 @@ def test_tiny_study_writes_records_resumes_and_reports(study, tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "4 of 6 planned runs finished" in text and "n-fgsm seed 0, n-fgsm seed 1" in text
     assert "--phase report" in text
+
+
+def test_variants_validate_on_held_out_training_images(tmp_path):
+    """The variants script trains each variant and reference once and never reads the test set."""
+    here = SCRIPT.parent
+    spec = importlib.util.spec_from_file_location("fast_at_variants", here / "fast_at_variants.py")
+    sys.path.insert(0, str(here))
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        own = mod.variant_config({"opnorm": {"warm_iters": 1}, "lam": 0.2})
+        assert own["lam"] == 0.2 and own["opnorm"]["warm_iters"] == 1 and own["opnorm"]["output"] == "kl"
+        mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
+                  "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
+    finally:
+        sys.path.remove(str(here))
+    table = json.loads((tmp_path / "v" / "variants.json").read_text())
+    assert set(table["variants"]) == {"warm-1", "fgsm-rs"}
+    assert table["validation"] == "training images 256 to 295"
+    rec = json.loads((tmp_path / "v" / "runs" / "eps-0.1" / "warm-1" / "seed-0" / "results.json").read_text())
+    assert rec["config"]["opnorm"]["warm_iters"] == 1 and rec["test_points"] == 40
