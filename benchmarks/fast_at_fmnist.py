@@ -271,6 +271,22 @@ def goal_lines(goals: dict) -> list[str]:
     return lines
 
 
+def variant_lines(out: Path) -> list[str]:
+    """The fast-robust variants validated on held-out training images (fast_at_variants.py), if run."""
+    path = out / "variants" / "variants.json"
+    if not path.exists():
+        return []
+    v = json.loads(path.read_text())
+    lines = [f"## Changes tried on the fast-robust configuration (validation: {v['validation']}, seed {v['seed']}, "
+             f"eps {v['eps']:g})", "", f"Made by `{v['command']}`; no test image is used to choose among them.", "",
+             "| variant | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | APGD-DLR (%) | Square (%) | "
+             "worst case (%) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in v["variants"].items():
+        lines.append(f"| {name}: {r['label']} | {secs(r['train_seconds'])} | "
+                     + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *ATTACKS, "worst_case")) + " |")
+    return lines + [""]
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     runs = collect(out)
@@ -324,6 +340,7 @@ def report(args: argparse.Namespace) -> None:
                          + ("" if math.isnan(t["se"]) else f" ± {secs(t['se'])}") + " | "
                          + " | ".join(pct(row[k]) for k in ("clean", *ATTACKS, "worst_case")) + " |")
         lines += ["", f"![worst-case robust accuracy vs training time](robust_vs_time_eps-{eps}.png)", ""]
+    lines += variant_lines(out)
     lines += ["## Per run", "", "| eps | method | seed | training s | clean | PGD-20 | APGD-CE | APGD-DLR | Square | "
               "worst | fooled by Square only | load before/after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:

@@ -63,7 +63,7 @@ def test_tiny_study_writes_records_resumes_and_reports(study, tmp_path, capsys):
     assert "--phase report" in text
 
 
-def test_variants_validate_on_held_out_training_images(tmp_path):
+def test_variants_validate_on_held_out_training_images(tmp_path, study):
     """The variants script trains each variant and reference once and never reads the test set."""
     here = SCRIPT.parent
     spec = importlib.util.spec_from_file_location("fast_at_variants", here / "fast_at_variants.py")
@@ -74,11 +74,15 @@ def test_variants_validate_on_held_out_training_images(tmp_path):
         own = mod.variant_config({"opnorm": {"warm_iters": 1}, "lam": 0.2})
         assert own["lam"] == 0.2 and own["opnorm"]["warm_iters"] == 1 and own["opnorm"]["output"] == "kl"
         mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
-                  "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
+                  "--out", str(tmp_path / "v" / "variants"), "--runs", str(tmp_path / "r")])
     finally:
         sys.path.remove(str(here))
-    table = json.loads((tmp_path / "v" / "variants.json").read_text())
+    table = json.loads((tmp_path / "v" / "variants" / "variants.json").read_text())
     assert set(table["variants"]) == {"warm-1", "fgsm-rs"}
     assert table["validation"] == "training images 256 to 295"
-    rec = json.loads((tmp_path / "v" / "runs" / "eps-0.1" / "warm-1" / "seed-0" / "results.json").read_text())
+    rec = json.loads((tmp_path / "v" / "variants" / "runs" / "eps-0.1" / "warm-1" / "seed-0" / "results.json").read_text())
     assert rec["config"]["opnorm"]["warm_iters"] == 1 and rec["test_points"] == 40
+    study.main(["--tiny", "--phase", "report", "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
+    text = (tmp_path / "v" / "report.md").read_text()
+    assert "## Changes tried on the fast-robust configuration (validation: training images 256 to 295" in text
+    assert "| warm-1: one warm iteration instead of two (cheaper) |" in text
