@@ -36,7 +36,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fgsm-step": ("one warm iteration of step 1.25 eps (FGSM-RS's step, from the stored iterate)",
                   {"opnorm": {"warm_iters": 1, "step": 1.25}}),
     "lam-0.2": ("penalty weight 0.2 instead of 0.06", {"lam": 0.2}),
-    "logits": ("l_2 penalty on the logits instead of the KL", {"opnorm": {"output": "logits"}}),
 }
 
 
