@@ -62,7 +62,7 @@ def _rank(r: dict) -> dict:
         detail = f"|cos| with v_1 {fmt(v[0])}" + (f", best other rank v_{others + 1} {fmt(v[others])}" if others else "")
         parts.append({"what": what, "holds": ok, "detail": detail + f", random direction with v_1 {fmt(ra['random'][0])}"})
     rn = r["rank_alignment"]["random-init"]
-    numbers = "; ".join(p["detail"] for p in parts) + f"; randomly initialized network, CE PGA with v_1: {fmt(rn['ce'][0])}"
+    numbers = "; ".join(f"{p['what']}: {p['detail']}" for p in parts) + f"; randomly initialized network, CE PGA with v_1: {fmt(rn['ce'][0])}"
     return _finding(1, "Alignment vs singular-vector rank",
                     "adversarial perturbations are aligned with the dominant singular vector v_1 of J(x): more than with "
                     "lower-ranked singular vectors, and more than random perturbations are", numbers, parts)
