@@ -113,12 +113,47 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return res
 
 
-def one_run(name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple) -> dict:
-    """Train (resuming an interrupted run) and evaluate one method; write and return its record."""
+def claim(run_dir: Path) -> bool:
+    """Take a run for this process (``<run>.claim`` holds its pid); False while a live process holds it."""
+    lock = run_dir.with_name(run_dir.name + ".claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)  # pid 0 (not yet written): the group, alive
+            return False
+        except (ValueError, ProcessLookupError):  # a killed process's claim: take it over
+            lock.unlink(missing_ok=True)
+            return claim(run_dir)
+        except PermissionError:
+            return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def one_run(name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple) -> dict | None:
+    """Train (resuming an interrupted run) and evaluate one method; write and return its record.
+
+    Several invocations may share the work: a run that another live process has claimed is
+    skipped (None)."""
     rec_path = run_path(Path(args.out) / "runs", eps, name, seed) / "results.json"
     if rec_path.exists():
         return json.loads(rec_path.read_text())
     run_dir = run_path(Path(args.runs), eps, name, seed)
+    if not claim(run_dir):
+        print(f"eps {eps:g} {name} seed {seed}: another process is training it, skipped", flush=True)
+        return None
+    try:
+        return train_and_evaluate(name, eps, seed, args, test, run_dir, rec_path)
+    finally:
+        run_dir.with_name(run_dir.name + ".claim").unlink(missing_ok=True)
+
+
+def train_and_evaluate(name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple, run_dir: Path,
+                       rec_path: Path) -> dict:
+    """Train one claimed run, evaluate it on ``test`` and write its record to ``rec_path``."""
     cfg = method_config(name, args, eps, seed, run_dir)
     load0, t0 = os.getloadavg(), time.perf_counter()
     res = train(cfg, resume=(run_dir / CHECKPOINT).exists())

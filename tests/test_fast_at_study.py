@@ -86,3 +86,20 @@ def test_variants_validate_on_held_out_training_images(tmp_path, study):
     text = (tmp_path / "v" / "report.md").read_text()
     assert "## Changes tried on the fast-robust configuration (validation: training images 256 to 295" in text
     assert "| warm-1: one warm iteration instead of two (cheaper) |" in text
+
+
+def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_over(tmp_path, study):
+    import os
+    import subprocess
+
+    run = tmp_path / "eps-0.1" / "fgsm-rs" / "seed-0"
+    lock = run.with_name("seed-0.claim")
+    assert study.claim(run) and lock.read_text() == str(os.getpid())
+    assert not study.claim(run)  # this live process holds it
+    lock.unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # a finished process's claim
+    assert study.claim(run) and lock.read_text() == str(os.getpid())
+    args = type("A", (), {"out": str(tmp_path / "out"), "runs": str(tmp_path)})()
+    assert study.one_run("fgsm-rs", 0.1, 0, args, test=None) is None  # claimed: skipped before any training
