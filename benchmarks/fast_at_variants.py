@@ -39,14 +39,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def variant_config(changes: dict[str, Any]) -> dict[str, Any]:
-    """The fast-robust configuration's own fields with ``changes`` applied (``opnorm`` merged)."""
-    own = {k: v for k, v in json.loads(study.FAST_ROBUST.read_text()).items() if k not in study.SHARED}
-    for key, value in changes.items():
-        own[key] = {**own.get(key, {}), **value} if isinstance(value, dict) else value
-    return own
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     records = {}
     for name in args.variants:
         label, changes = VARIANTS[name]
-        study.METHODS[name] = (label, variant_config(changes))
+        study.METHODS[name] = (label, study.fast_robust_config(changes))
         records[name] = study.one_run(name, args.eps, args.seed, args, held_out)
     for name in args.references:
         records[name] = study.one_run(name, args.eps, args.seed, args, held_out)

@@ -71,7 +71,7 @@ def test_variants_validate_on_held_out_training_images(tmp_path, study):
     try:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        own = mod.variant_config({"opnorm": {"warm_iters": 1}, "lam": 0.2})
+        own = study.fast_robust_config({"opnorm": {"warm_iters": 1}, "lam": 0.2})
         assert own["lam"] == 0.2 and own["opnorm"]["warm_iters"] == 1 and own["opnorm"]["output"] == "kl"
         mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
                   "--out", str(tmp_path / "v" / "variants"), "--runs", str(tmp_path / "r")])
@@ -103,3 +103,16 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_ov
     assert study.claim(run) and lock.read_text() == str(os.getpid())
     args = type("A", (), {"out": str(tmp_path / "out"), "runs": str(tmp_path)})()
     assert study.one_run("fgsm-rs", 0.1, 0, args, test=None) is None  # claimed: skipped before any training
+
+
+def test_the_fgsm_step_method_is_the_fast_robust_configuration_with_one_change(tmp_path, study):
+    import argparse
+
+    args = argparse.Namespace(epochs=3, train=100, epoch_points=10, replays=3, dataset="digits")
+    base = study.method_config("opnorm-fast-robust", args, 0.1, 0, tmp_path / "a").to_dict()
+    changed = study.method_config("opnorm-fast-robust-fgsm", args, 0.1, 0, tmp_path / "b").to_dict()
+    assert changed["opnorm"]["warm_iters"] == 1 and changed["opnorm"]["step"] == 1.25
+    assert base["opnorm"]["warm_iters"] == 2 and base["opnorm"]["step"] == 0.25
+    differ = {k for k in base if base[k] != changed[k]} | {f"opnorm.{k}" for k in base["opnorm"]
+                                                          if base["opnorm"][k] != changed["opnorm"][k]}
+    assert differ == {"out", "opnorm", "opnorm.warm_iters", "opnorm.step"}
