@@ -68,6 +68,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # the change chosen on held-out training images (fast_at_variants.py): the stored iterate moves
     # by FGSM-RS's step once per visit instead of two steps of 0.25 eps
     "opnorm-fast-robust-fgsm": ("op-norm reg., fast-robust, FGSM-size step", {"opnorm": {"warm_iters": 1, "step": 1.25}}),
+    # the store of PGA iterates alone (ATTA's idea: Zheng et al., CVPR 2020): cross-entropy at the stored
+    # point, penalty weight 0 (still computed, so its time is not ATTA's)
+    "opnorm-fast-robust-lam0": ("fast-robust store without the penalty (lam 0, ATTA-style)", {"lam": 0.0}),
     "opnorm-paper": ("op-norm reg., paper", dict(OPNORM_DEFAULT, opnorm={"output": "kl", "mode": "paper"})),
 }
 

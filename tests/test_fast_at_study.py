@@ -105,7 +105,7 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_ov
     assert study.one_run("fgsm-rs", 0.1, 0, args, test=None) is None  # claimed: skipped before any training
 
 
-def test_the_fgsm_step_method_is_the_fast_robust_configuration_with_one_change(tmp_path, study):
+def test_the_fgsm_step_and_no_penalty_methods_are_the_fast_robust_configuration_with_one_change(tmp_path, study):
     import argparse
 
     args = argparse.Namespace(epochs=3, train=100, epoch_points=10, replays=3, dataset="digits")
@@ -116,3 +116,5 @@ def test_the_fgsm_step_method_is_the_fast_robust_configuration_with_one_change(t
     differ = {k for k in base if base[k] != changed[k]} | {f"opnorm.{k}" for k in base["opnorm"]
                                                           if base["opnorm"][k] != changed["opnorm"][k]}
     assert differ == {"out", "opnorm", "opnorm.warm_iters", "opnorm.step"}
+    alone = study.method_config("opnorm-fast-robust-lam0", args, 0.1, 0, tmp_path / "c").to_dict()
+    assert {k for k in base if base[k] != alone[k]} == {"out", "lam"} and alone["lam"] == 0.0
