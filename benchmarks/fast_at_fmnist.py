@@ -8,7 +8,9 @@ one process; training time is the trainer's per-epoch ``seconds`` (batches only)
 replays, ``epochs / replays`` passes), N-FGSM, and the d.d. operator norm regularizer in its
 default fast mode (KL output, lam 0.06: the output and lam of docs/results/fast-regularizer/),
 in ``configs/fashion-mnist-fast-robust.json`` and in the paper configuration (``opnorm_mode
-"paper"``: 10 power iterations per batch, otherwise as the default).
+"paper"``: 10 power iterations per batch, otherwise as the default); and two changes of the
+fast-robust configuration: an FGSM-size step of the stored iterate (chosen on held-out training
+images by ``fast_at_variants.py``) and weight 0 (the store of iterates alone, ATTA's idea).
 
 Each finished run is evaluated on the first ``--points`` test images: clean accuracy and, per
 example, robustness under PGD-20 with ``--restarts`` restarts (opnorm.pgd), APGD-CE and APGD-DLR
