@@ -129,9 +129,14 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return res
 
 
+def claim_path(run_dir: Path) -> Path:
+    """The file that marks a run as claimed by a process (it holds the pid)."""
+    return run_dir.with_name(run_dir.name + ".claim")
+
+
 def claim(run_dir: Path) -> bool:
     """Take a run for this process (``<run>.claim`` holds its pid); False while a live process holds it."""
-    lock = run_dir.with_name(run_dir.name + ".claim")
+    lock = claim_path(run_dir)
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -164,7 +169,7 @@ def one_run(name: str, eps: float, seed: int, args: argparse.Namespace, test: tu
     try:
         return train_and_evaluate(name, eps, seed, args, test, run_dir, rec_path)
     finally:
-        run_dir.with_name(run_dir.name + ".claim").unlink(missing_ok=True)
+        claim_path(run_dir).unlink(missing_ok=True)
 
 
 def train_and_evaluate(name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple, run_dir: Path,
@@ -409,7 +414,8 @@ def report(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- entry
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The study's command line; its defaults are the harness settings that other scripts reuse."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", choices=("all", "train", "report"), default="all")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -432,13 +438,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--square-queries", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="a smoke run: digits, few images, epochs and queries")
-    args = ap.parse_args(argv)
-    args.command = "python benchmarks/fast_at_fmnist.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    return ap
+
+
+def settle(args: argparse.Namespace, script: str, argv: list[str] | None) -> None:
+    """Set the dataset, the ``--tiny`` smoke settings, the recorded command and the thread count."""
+    args.command = f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     args.dataset = "fashion-mnist"
     if args.tiny:
         args.dataset, args.train, args.epochs, args.replays = "digits", 256, 2, 2
         args.points, args.epoch_points, args.restarts, args.apgd_steps, args.square_queries = 40, 20, 1, 5, 20
     torch.set_num_threads(args.threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    settle(args, "fast_at_fmnist.py", argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.phase in ("all", "train"):
         train_phase(args)

@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import fast_at_fmnist as study
 from opnorm.training.data import load_dataset
@@ -52,15 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default=str(study.ROOT / "runs" / "fast-at-variants"))
     ap.add_argument("--tiny", action="store_true", help="a smoke run: digits, few images, epochs and queries")
     args = ap.parse_args(argv)
-    # the study's harness settings; its attacks at the study's strength
-    args.epochs, args.replays, args.epoch_points, args.threads = 3, 3, 100, 1
-    args.restarts, args.apgd_steps, args.square_queries = 2, 50, 500
-    args.dataset = "fashion-mnist"
-    if args.tiny:
-        args.dataset, args.train, args.epochs, args.replays = "digits", 256, 2, 2
-        args.points, args.epoch_points, args.restarts, args.apgd_steps, args.square_queries = 40, 20, 1, 5, 20
-    args.command = "python benchmarks/fast_at_variants.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    torch.set_num_threads(args.threads)
+    harness = study.parser().parse_args([])  # the study's training settings and attacks, at its defaults
+    for key in ("epochs", "replays", "epoch_points", "threads", "restarts", "apgd_steps", "square_queries"):
+        setattr(args, key, getattr(harness, key))
+    study.settle(args, "fast_at_variants.py", argv)
     train = load_dataset(args.dataset).train
     if train.x.shape[0] < args.train + args.points:
         raise SystemExit(f"--train {args.train} + --points {args.points} exceeds the {train.x.shape[0]} training images")
@@ -72,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         records[name] = study.one_run(name, args.eps, args.seed, args, held_out)
     for name in args.references:
         records[name] = study.one_run(name, args.eps, args.seed, args, held_out)
+    busy = [n for n, r in records.items() if r is None]
+    if busy:
+        raise SystemExit(f"{', '.join(busy)}: another process is training them; rerun when it has finished")
     table = {n: {k: r[k] for k in ("label", "train_seconds", "clean", *study.ATTACKS, "worst_case")}
              for n, r in records.items()}
     write_text_atomic(Path(args.out) / "variants.json",

@@ -118,3 +118,20 @@ def test_the_fgsm_step_and_no_penalty_methods_are_the_fast_robust_configuration_
     assert differ == {"out", "opnorm", "opnorm.warm_iters", "opnorm.step"}
     alone = study.method_config("opnorm-fast-robust-lam0", args, 0.1, 0, tmp_path / "c").to_dict()
     assert {k for k in base if base[k] != alone[k]} == {"out", "lam"} and alone["lam"] == 0.0
+
+
+def test_variants_stop_with_one_line_when_another_process_holds_a_run(tmp_path, study):
+    here = SCRIPT.parent
+    spec = importlib.util.spec_from_file_location("fast_at_variants", here / "fast_at_variants.py")
+    sys.path.insert(0, str(here))
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for name in ("warm-1", "fgsm-rs"):  # held by this (live) process: nothing trains
+            assert mod.study.claim(tmp_path / "r" / "eps-0.1" / name / "seed-0")
+        with pytest.raises(SystemExit, match="warm-1, fgsm-rs: another process is training them"):
+            mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
+                      "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
+    finally:
+        sys.path.remove(str(here))
+    assert not (tmp_path / "v" / "variants.json").exists()
