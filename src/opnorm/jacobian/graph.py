@@ -126,6 +126,8 @@ class GraphLinearization:
                     env[node.name] = x.detach()
                     self.input = node.name
                 elif node.op == "output":
+                    if not isinstance(node.args[0], fx.Node):  # a tuple or dict of outputs
+                        check_output(node.args[0], x.shape[0])
                     self.output = inputs[0]
                 else:
                     step = _node_step(node, modules)
