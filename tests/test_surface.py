@@ -72,6 +72,10 @@ ENTRY_POINTS = {
     "linearize": lambda m, x: opnorm.linearize(m, x).matvec(V),
     "linearize autograd": lambda m, x: opnorm.linearize(m, x, route="autograd").rmatvec(U),
     "differentiable_jvp": lambda m, x: opnorm.jacobian.differentiable_jvp(m, x, V)[1],
+    "Linearization": lambda m, x: opnorm.jacobian.Linearization(m.eval(), x).matvec(V),
+    "pattern replay": lambda m, x: (opnorm.jacobian.PatternLinearization if isinstance(m, nn.Sequential)
+                                    else opnorm.jacobian.GraphLinearization)(m.eval(), x).rmatvec(U),
+    "PGASolver.run": lambda m, x: opnorm.PGASolver(3).run(m, x, V, 3, 2.0, 0.1, opnorm.LogitNorm(2), None, True)[0],
     "pgd": lambda m, x: opnorm.pgd(m, x, Y, eps=0.1, steps=3, clip=None),
     "PGD": lambda m, x: opnorm.PGD(m, eps=0.1, p="inf", steps=3, clip=None)(x, Y),
     "verify_equivalence": lambda m, x: opnorm.verify_equivalence(m, x, eps=0.1, p=2, q=2, steps=3).sigma,
