@@ -85,7 +85,8 @@ ENTRY_POINTS = {
     "top_singular_value": lambda m, x: L.top_singular_value(m, x),
     "ONR.paper": lambda m, x: ONR.paper(2, 2, eps=0.1, lam=1.0)(m, x),
     "ONR.fast joint": lambda m, x: ONR.fast(2, 2, eps=0.1, num_examples=4).joint(m, x, torch.arange(4))[1],
-    "ONR.fast_robust direction": lambda m, x: ONR.fast_robust("inf", 2, num_examples=4).direction(m, x, torch.arange(4)).v,
+    "ONR.fast_robust direction": lambda m, x: ONR.fast_robust("inf", 2, num_examples=4).direction(
+        m, x, torch.arange(4)).v,
     "GlobalSpectralNormRegularizer": lambda m, x: opnorm.GlobalSpectralNormRegularizer(m)(),
     "AdversarialTrainingLoss": lambda m, x: opnorm.AdversarialTrainingLoss("ce", eps=0.1, p=2, clip=None)(m, x, Y),
     "SingleStepATLoss": lambda m, x: opnorm.SingleStepATLoss("fgsm-rs", eps=0.1, p="inf", clip=None)(m, x, Y),

@@ -61,8 +61,8 @@ def unbatched(model: Callable, x: torch.Tensor, name: str = "x") -> Optional[str
         if isinstance(model, nn.Module) else None
     if conv is None or x.ndim != len(conv.kernel_size) + 1:
         return None
-    return (f"{name} of shape {tuple(x.shape)} looks like one example without its batch dimension ({type(conv).__name__} "
-            f"takes (B, C, ...)): pass a batch, e.g. {name}[None] for a single example")
+    return (f"{name} of shape {tuple(x.shape)} looks like one example without its batch dimension "
+            f"({type(conv).__name__} takes (B, C, ...)): pass a batch, e.g. {name}[None] for a single example")
 
 
 def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:

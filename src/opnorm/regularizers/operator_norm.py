@@ -78,7 +78,8 @@ class OperatorNormRegularizer(nn.Module):
         lam: weight (>= 0).
         metric: the output metric (default ``LogitNorm(q)``; ``FisherKL()`` needs q = 2).
         solver: the direction solver (default ``PGASolver(iters=10)``, the paper's).
-        store: per-example directions between visits (needs ``index`` in the calls).
+        store: per-example directions between visits; every call then needs ``index`` (one
+            without it is refused: it would store nothing and skip the free step).
         penalty: ``FDPenalty()`` (default) or ``ExactPenalty()``.
         clip: ``(lo, hi)``: keep the penalty's point ``x + eps v`` in the input box.
 
