@@ -41,8 +41,8 @@ def check_autograd(model: Callable) -> None:
     (every input gradient, J v and J^T u would be missing or zero) or with parameters that are
     inference tensors (made under it)."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("opnorm differentiates the model, which torch.inference_mode() forbids (the results would "
-                           "be zeros): call it outside inference_mode; torch.no_grad() is fine")
+        raise RuntimeError("opnorm needs autograd, which torch.inference_mode() turns off (the results would be zeros): "
+                           "call it outside inference_mode; torch.no_grad() is fine")
     if isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters()):
         raise RuntimeError("the model's parameters are inference tensors (made under torch.inference_mode()), which "
                            "autograd cannot use: build or load the model outside inference_mode")
