@@ -368,10 +368,21 @@ def test_factory_defaults_and_validation():
     robust = OperatorNormRegularizer.fast_robust(num_examples=8)
     s = robust.solver
     assert (s.iters, s.warm_iters, s.free_update, s.dynamic, s.step) == (1, 2, True, True, 0.25)
-    assert (robust.p, robust.q, robust.clip, robust.lam) == (INF, 2.0, (0.0, 1.0), 0.06)
-    assert isinstance(robust.metric, FisherKL) and robust.store.num_examples == 8
-    with pytest.raises(TypeError, match="num_examples"):
-        OperatorNormRegularizer.fast()  # the store is sized from the dataset
+    assert (robust.clip, robust.store.num_examples) == ((0.0, 1.0), 8) and isinstance(robust.metric, FisherKL)
+    # one signature and the constructor's defaults for all three factories
+    paper = OperatorNormRegularizer.paper()
+    for reg in (paper, fast_reg, robust, OperatorNormRegularizer()):
+        assert (reg.p, reg.q, reg.eps, reg.lam) == (2.0, 2.0, 0.1, 1.0)
+    for factory in (OperatorNormRegularizer.paper, OperatorNormRegularizer.fast, OperatorNormRegularizer.fast_robust):
+        reg = factory("inf", 2, eps=0.2, lam=0.06, num_examples=10)
+        assert (reg.p, reg.q, reg.eps, reg.lam) == (INF, 2.0, 0.2, 0.06)
+        assert factory(2, 2, 0.1, 0.5, num_examples=10).lam == 0.5
+    with pytest.raises(ValueError, match="q"):
+        OperatorNormRegularizer.fast_robust("inf", 1, num_examples=8)  # the KL metric measures in l_2
+    for factory in (OperatorNormRegularizer.fast, OperatorNormRegularizer.fast_robust):
+        with pytest.raises(TypeError, match="num_examples"):
+            factory()  # the store is sized from the dataset
+        assert factory(store=None).store is None  # or explicitly none
     assert PGASolver(10).warm_iters == 10  # without warm_iters, stored directions get all iterations too
     for kwargs, match in [(dict(clip=(1, 0)), "clip"), (dict(clip="box"), "clip")]:
         with pytest.raises((ValueError, TypeError), match=match):

@@ -34,6 +34,7 @@ def fisher(model, x):
 
 
 X = torch.rand(3, 10, generator=gen(1), dtype=DT)
+INDEX = torch.arange(3)  # the store's rows
 
 
 def fast_kl(p, eps, lam, generator, **parts):
@@ -79,7 +80,7 @@ def test_fd_penalty_is_the_kl_divergence_at_the_power_point(squared, scale_by_ep
     model, _ = affine()
     eps, lam = 0.3, 0.7
     reg = fast_kl(2, eps, lam, generator=gen(5), penalty=FDPenalty(squared=squared, scale_by_eps=scale_by_eps))
-    pen = reg(model, X)
+    pen = reg(model, X, INDEX)
     v = reg.last_v
     kl = F.kl_div(F.log_softmax(model(X + eps * v), 1), F.log_softmax(model(X), 1), log_target=True, reduction="none").sum(1)
     s = (2 * kl).sqrt() / eps * (eps if scale_by_eps else 1.0)
@@ -93,7 +94,7 @@ def test_fd_penalty_tends_to_the_fisher_quadratic_form_as_eps_shrinks():
     errs = []
     for eps in (1e-2, 1e-3, 1e-4):
         reg = fast_kl(2, eps, 1.0, generator=gen(6))
-        pen = reg(model, X)
+        pen = reg(model, X, INDEX)
         Wv = reg.last_v @ W.T
         quad = torch.einsum("bd,bde,be->b", Wv, H, Wv).mean()
         errs.append(abs(float((pen / quad).detach()) - 1))

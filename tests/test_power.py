@@ -57,7 +57,7 @@ def model_and_x(request):
 
 def test_jacobian_matches_reference(model_and_x):
     model, x = model_and_x
-    J = opnorm.jacobian(model, x)
+    J = opnorm.jacobian_matrix(model, x)
     assert J.shape[0] == x.shape[0] and J.shape[2:] == x.shape[1:]
     torch.testing.assert_close(J.reshape(J.shape[0], J.shape[1], -1), reference_jacobian(model, x), rtol=1e-12, atol=1e-12)
 

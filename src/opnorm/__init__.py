@@ -11,7 +11,9 @@ from opnorm.norms import (
     project_lp_ball,
     steepest_ascent,
 )
-from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
+# the function is exported as jacobian_matrix: the name opnorm.jacobian is the subpackage
+from opnorm.jacobian import eval_mode, jvp, linearize, vjp
+from opnorm.jacobian import jacobian as jacobian_matrix
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 from opnorm.attacks import PGD, pgd
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
@@ -28,6 +30,7 @@ from opnorm.regularizers import (
 )
 from opnorm.fast_at import FreeATLoss, SingleStepATLoss
 from opnorm.training.config import TrainConfig
+from opnorm.training.data import IndexedTensorDataset
 from opnorm.training.trainer import TrainResult, train
 
 __version__ = "0.1.0"

@@ -165,11 +165,9 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """(config, resume, stop_after): for a new run a resolved TrainConfig (defaults < --config <
-    flags); with --resume the dict of the settings given (--config < flags), which the trainer
-    applies to the run's own config from its checkpoint (refusing trajectory changes)."""
-    from opnorm.training.config import TrainConfig, merge
+def train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given: --config's, overridden by the flags set (nested like a config file)."""
+    from opnorm.training.config import merge
 
     flags: dict[str, Any] = {}
     for k, v in vars(args).items():
@@ -177,7 +175,16 @@ def train_config_from_args(args: argparse.Namespace):
             section, _, name = k.rpartition(".")
             (flags.setdefault(section, {}) if section else flags)[name or k] = v
     from_file = _read_json(Path(args.config), "config file") if "config" in args else {}
-    settings = merge(from_file, flags)
+    return merge(from_file, flags)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """(config, resume, stop_after): for a new run a resolved TrainConfig (defaults < --config <
+    flags); with --resume the dict of the settings given (--config < flags), which the trainer
+    applies to the run's own config from its checkpoint (refusing trajectory changes)."""
+    from opnorm.training.config import TrainConfig
+
+    settings = train_settings(args)
     stop_after = getattr(args, "stop_after", None)
     if getattr(args, "resume", False):
         if settings.get("out") is None:
@@ -187,10 +194,13 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from opnorm.training.config import defaults_line
     from opnorm.training.trainer import train
 
     config, resume, stop_after = train_config_from_args(args)
     quiet = bool(getattr(args, "quiet", False))
+    if not resume and not quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(defaults_line(train_settings(args), config))  # the run's first line names what defaults filled in
     result = train(config, resume=resume, stop_after=stop_after, verbose=not quiet)
     if int(os.environ.get("RANK", "0")) == 0 and not quiet:
         state = "finished" if result.completed else f"stopped after epoch {result.metrics.get('epoch')}"

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from opnorm.attacks import random_in_ball
-from opnorm.jacobian import eval_mode, forward, unwrap
+from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import cross_entropy, full
 from opnorm.norms import Order, into_box, norm_order, pga_step
 from opnorm.regularizers.store import _rank, _world  # one place for the DDP world
@@ -119,6 +119,7 @@ class SingleStepATLoss(nn.Module):
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The adversarial perturbation delta (x's shape, detached); ``x + delta`` is the training input."""
         net = unwrap(model)
+        check_inputs(net, x)
         with torch.autocast(x.device.type, enabled=False), eval_mode(net), torch.enable_grad():
             delta0 = torch.zeros_like(x) if self.start == 0 else random_in_ball(x, self.p, self.start * self.eps, generator)
             delta0 = into_box(delta0, x, self.clip).requires_grad_(True)
@@ -217,6 +218,7 @@ class FreeATLoss(nn.Module):
         self._by_rank = None  # gathered before this step: stale, so state_dict() needs a new sync()
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_inputs(unwrap(model), x)
         delta = self._current(x).clone().requires_grad_(True)
         if torch.is_grad_enabled():
             delta.register_hook(lambda g: self._update(delta, g))

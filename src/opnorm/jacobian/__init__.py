@@ -38,7 +38,8 @@ Example:
 """
 
 from opnorm.jacobian.autograd import JV_ROUTES, Linearization, differentiable_jvp, jvp, vjp
-from opnorm.jacobian.core import check_inputs, check_label_range, check_output, eval_mode, forward, linearizable, unwrap
+from opnorm.jacobian.core import (Logits, check_autograd, check_inputs, check_label_range, check_output, eval_mode,
+                                  forward, linearizable, unbatched, unwrap, usable)
 from opnorm.jacobian.graph import GraphLinearization, graph_support
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.routes import ROUTES, LinearOperator, jacobian, jacobian_of, linearize
@@ -47,9 +48,13 @@ from opnorm.jacobian.support import UnsupportedModelError
 __all__ = [
     "eval_mode",
     "unwrap",
+    "Logits",
+    "check_autograd",
     "check_inputs",
     "check_label_range",
     "check_output",
+    "unbatched",
+    "usable",
     "forward",
     "jvp",
     "vjp",

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd import forward_ad as fwAD
 
-from opnorm.jacobian.core import batched_grad, forward, linearizable
+from opnorm.jacobian.core import batched_grad, check_autograd, check_inputs, forward, linearizable, usable
 from opnorm.jacobian.support import unsupported
 
 # how J v is computed, in the order "auto" tries them: "autograd" = the double-backward trick
@@ -63,6 +63,7 @@ class Linearization:
     def __init__(self, model: Callable, x: torch.Tensor, route: str = "auto"):
         if route not in ("auto",) + JV_ROUTES:
             raise ValueError(f"route must be one of ('auto', 'forward', 'autograd'), got {route!r}")
+        check_autograd(model)
         self.model = model
         with torch.enable_grad(), linearizable():
             self.x = x.detach().requires_grad_(True)
@@ -148,8 +149,9 @@ class Linearization:
 
 def vjp(model: Callable, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), J(x)^T u) for every example: u is (B, d), the result has x's shape."""
+    check_inputs(model, x)
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
+        xg = usable(x).detach().requires_grad_(True)
         out = forward(model, xg)
         (g,) = torch.autograd.grad(out, xg, grad_outputs=u.to(out.dtype))
     return out.detach(), g
@@ -161,8 +163,10 @@ def jvp(model: Callable, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     Forward-mode AD (one pass, no graph kept), or double backward where an op lacks a
     forward-mode derivative (see :class:`Linearization`).
     """
+    check_inputs(model, x)
     if v.shape != x.shape:
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
+    x, v = usable(x), usable(v)
     with torch.no_grad():
         try:
             out, tangent = _forward_jvp(model, x.detach(), v.detach())
@@ -200,7 +204,8 @@ def differentiable_jvp(model: Callable, x: torch.Tensor, v: torch.Tensor, route:
         raise ValueError(f"route must be one of ('auto', 'forward', 'autograd'), got {route!r}")
     if v.shape != x.shape:
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
-    x, v = x.detach(), v.detach().to(x.dtype)
+    check_inputs(model, x)
+    x, v = usable(x).detach(), usable(v).detach().to(x.dtype)
     errors: dict[str, BaseException] = {}
     buffers = [b for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     for r in DIFFERENTIABLE_ORDER if route == "auto" else (route,):

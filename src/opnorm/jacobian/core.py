@@ -4,7 +4,7 @@ checks, batched gradients, and the context in which every route runs the model."
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,43 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def check_autograd(model: Callable) -> None:
+    """Raise one line where autograd cannot differentiate the model: under ``torch.inference_mode()``
+    (every input gradient, J v and J^T u would be missing or zero) or with parameters that are
+    inference tensors (made under it)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("opnorm needs autograd, which torch.inference_mode() turns off (the results would be zeros): "
+                           "call it outside inference_mode; torch.no_grad() is fine")
+    if isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError("the model's parameters are inference tensors (made under torch.inference_mode()), which "
+                           "autograd cannot use: build or load the model outside inference_mode")
+
+
+def usable(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it that autograd can record when t is an inference tensor (made under
+    ``torch.inference_mode()``, used outside it)."""
+    return t.clone() if t.is_inference() else t
+
+
+def unbatched(model: Callable, x: torch.Tensor, name: str = "x") -> Optional[str]:
+    """The one-line fix when ``x`` looks like a single example without its batch dimension: the
+    model's first convolution ``ConvNd`` would take x, of rank N + 1, as one unbatched example."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None) \
+        if isinstance(model, nn.Module) else None
+    if conv is None or x.ndim != len(conv.kernel_size) + 1:
+        return None
+    return (f"{name} of shape {tuple(x.shape)} looks like one example without its batch dimension "
+            f"({type(conv).__name__} takes (B, C, ...)): pass a batch, e.g. {name}[None] for a single example")
+
+
 def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
-    """Raise a clear error if x cannot be fed to model for per-example analysis."""
+    """Raise a clear error if x cannot be fed to model for per-example analysis (including under
+    ``torch.inference_mode()``, see :func:`check_autograd`)."""
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
+    check_autograd(model)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1 and at least one dimension per "
                          f"example, got shape {tuple(x.shape)}" + (f"; for a single example use {name}[None]" if x.ndim == 1 else ""))
@@ -70,19 +101,54 @@ def check_label_range(y: torch.Tensor, num_logits: int, name: str = "y") -> None
                          f"labels must be in [0, {num_logits - 1}]")
 
 
-def check_output(out: torch.Tensor, batch: int) -> torch.Tensor:
+class Logits(nn.Module):
+    """The logits of a model that returns a tuple or dict: ``Logits(model, key)(x) = model(x)[key]``.
+
+    Args:
+        model: f: (B, *in) -> a tuple, list or dict holding the logits (B, d).
+        key: the logits' position or key in it.
+
+    Example:
+        >>> opnorm.operator_norm(Logits(model, "logits"), x, 2, 2)
+    """
+
+    def __init__(self, model: nn.Module, key: Any = 0) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.key]
+
+
+def check_output(out: Any, batch: int) -> torch.Tensor:
+    """``out`` if it is logits of shape (B, d) with B = ``batch``; else one line saying what to pass."""
+    if isinstance(out, (tuple, list)):
+        raise TypeError(f"model returned a {type(out).__name__} of {len(out)}; opnorm needs the logits alone, a tensor "
+                        "(B, d): pass opnorm.jacobian.Logits(model, 0), with the logits' position for 0")
+    if isinstance(out, dict):
+        key = "logits" if "logits" in out else next(iter(out), "logits")
+        raise TypeError(f"model returned a dict with keys {list(out)}; opnorm needs the logits alone, a tensor (B, d): "
+                        f"pass opnorm.jacobian.Logits(model, {key!r})")
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model must return a tensor of logits of shape (B, d), got {type(out).__name__}")
     if out.ndim != 2 or out.shape[0] != batch:
         raise ValueError(
             f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), got shape {tuple(out.shape)}"
+            "; if x is one example, pass x[None]"
         )
     return out
 
 
 def forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """model(x) with the output shape checked to be (B, d)."""
-    return check_output(model(x), x.shape[0])
+    """model(x) with the output shape checked to be (B, d), and one line for an unbatched x."""
+    try:
+        out = model(x)
+    except RuntimeError as err:
+        hint = unbatched(model, x)
+        if hint is None:
+            raise
+        raise ValueError(hint) from err
+    return check_output(out, x.shape[0])
 
 
 def batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor, strict: bool = False) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from opnorm.jacobian.core import check_output
+from opnorm.jacobian.core import check_autograd, check_output
 from opnorm.jacobian.steps import _Autograd, _global_hooks, _has_hooks, _Mask, _plain, _Reshape, _Step
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -112,6 +112,7 @@ class GraphLinearization:
     route = "pattern"
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
+        check_autograd(model)  # nodes the replay does not know are differentiated by autograd
         gm, reasons = graph_support(model)
         if gm is None:
             raise TypeError(f"GraphLinearization does not cover this model: {reasons[0]}; use linearize()")
@@ -126,6 +127,8 @@ class GraphLinearization:
                     env[node.name] = x.detach()
                     self.input = node.name
                 elif node.op == "output":
+                    if not isinstance(node.args[0], fx.Node):  # a tuple or dict of outputs
+                        check_output(node.args[0], x.shape[0])
                     self.output = inputs[0]
                 else:
                     step = _node_step(node, modules)

@@ -9,7 +9,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from opnorm.jacobian.core import check_output, unwrap
+from opnorm.jacobian.core import check_autograd, check_output, unwrap
 from opnorm.jacobian.steps import (
     _CONV, _Autograd, _Conv, _global_hooks, _has_hooks, _Linear, _Mask, _MaxPool, _plain, _Reshape, _Scale, _Step,
 )
@@ -134,6 +134,7 @@ class PatternLinearization:
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
         model = unwrap(model)
+        check_autograd(model)  # modules the replay does not know are differentiated by autograd
         if not _plain(model, nn.Sequential):
             raise TypeError(f"PatternLinearization needs a plain nn.Sequential, got {type(model).__name__}; use linearize()")
         self.steps = _fold(_build_steps(model, ""))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from opnorm.jacobian.autograd import Linearization
-from opnorm.jacobian.core import basis, batched_grad, check_inputs, eval_mode, forward, unwrap
+from opnorm.jacobian.core import basis, batched_grad, check_inputs, eval_mode, forward, unbatched, unwrap
 from opnorm.jacobian.graph import GraphLinearization
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.steps import _has_hooks, _plain
@@ -45,6 +45,7 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    check_inputs(model, x)
     if route == "pattern" and not isinstance(model, nn.Module):
         raise ValueError(f"route='pattern' needs a plain nn.Sequential, got {type(model).__name__}; use route='auto'")
     if route in ("forward", "autograd") or not isinstance(model, nn.Module):
@@ -90,9 +91,15 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: O
 
 def _pattern(net: nn.Module, x: torch.Tensor) -> Union[PatternLinearization, GraphLinearization]:
     """The pattern-route operator: the chain replay for a plain Sequential, else the graph replay."""
-    if _plain(net, nn.Sequential) and not _has_hooks(net):
-        return PatternLinearization(net, x)
-    return GraphLinearization(net, x)
+    try:
+        if _plain(net, nn.Sequential) and not _has_hooks(net):
+            return PatternLinearization(net, x)
+        return GraphLinearization(net, x)
+    except RuntimeError as err:  # the replay runs the model's modules on x, as forward() does
+        hint = unbatched(net, x)
+        if hint is None:
+            raise
+        raise ValueError(hint) from err
 
 
 def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tensor:

@@ -53,6 +53,16 @@ def _usable_rows(g: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
 
 
+def _store(num_examples: Optional[int], parts: dict, factory: str) -> Optional[DirectionStore]:
+    """The factory's store of num_examples rows; None where ``parts`` replaces it (e.g. ``store=None``)."""
+    if "store" in parts:
+        return None
+    if num_examples is None:
+        raise TypeError(f"{factory}() keeps one direction per training example: pass num_examples=len(train_set), "
+                        "or store=None to run without a store")
+    return DirectionStore(num_examples)
+
+
 def _check_part(part, kind: type, name: str, example: str) -> None:
     if part is not None and not isinstance(part, kind):
         raise TypeError(f"{name} must be an instance of {kind.__name__} (e.g. {example}), got {part!r}")
@@ -68,7 +78,8 @@ class OperatorNormRegularizer(nn.Module):
         lam: weight (>= 0).
         metric: the output metric (default ``LogitNorm(q)``; ``FisherKL()`` needs q = 2).
         solver: the direction solver (default ``PGASolver(iters=10)``, the paper's).
-        store: per-example directions between visits (needs ``index`` in the calls).
+        store: per-example directions between visits; every call then needs ``index`` (one
+            without it is refused: it would store nothing and skip the free step).
         penalty: ``FDPenalty()`` (default) or ``ExactPenalty()``.
         clip: ``(lo, hi)``: keep the penalty's point ``x + eps v`` in the input box.
 
@@ -116,27 +127,48 @@ class OperatorNormRegularizer(nn.Module):
         if self.solver.step != math.inf and self.p not in (1.0, 2.0, math.inf):
             raise ValueError(f"a finite step projects onto the l_p ball, implemented for p in 1, 2, inf; got p={self.p:g}")
 
+    # The three configurations share one signature and the constructor's defaults
+    # (p = q = 2, eps 0.1, lam 1.0); ``parts`` replace any part (metric, solver, store, penalty, clip).
+
     @classmethod
-    def paper(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, **parts) -> "OperatorNormRegularizer":
-        """The paper's configuration: 10 power iterations per batch from random starts, no store."""
+    def paper(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
+              num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+        """The paper's configuration: 10 power iterations per batch from random starts, no store
+        (``num_examples`` is accepted for the shared signature and unused).
+
+        Example:
+            >>> reg = OperatorNormRegularizer.paper("inf", 2, eps=0.1, lam=0.02)
+        """
         return cls(p, q, eps, lam, **{"solver": PGASolver(iters=10), **parts})
 
     @classmethod
-    def fast(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *, num_examples: int,
-             **parts) -> "OperatorNormRegularizer":
-        """Stored directions: 3 iterations on an example's first visit, 1 later, plus the free step."""
-        return cls(p, q, eps, lam, **{"solver": PGASolver(3, 1, free_update=True),
-                                      "store": DirectionStore(num_examples), **parts})
+    def fast(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
+             num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+        """Stored directions: 3 iterations on an example's first visit, 1 later, plus the free step.
+
+        ``num_examples``: the training set's length (the store's rows; every call then needs
+        ``index``); not needed with ``store=None``, which runs without a store.
+
+        Example:
+            >>> reg = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, num_examples=len(train_set))
+        """
+        solver = PGASolver(3, 1, free_update=True)
+        return cls(p, q, eps, lam, **{"solver": solver, "store": _store(num_examples, parts, "fast"), **parts})
 
     @classmethod
-    def fast_robust(cls, p: Order = math.inf, eps: float = 0.1, lam: float = 0.06, *, num_examples: int,
-                    **parts) -> "OperatorNormRegularizer":
-        """The fast configuration with the KL metric, the dynamic solver and PGA steps of eps/4
-        (1 iteration cold, 2 warm); pair it with the task loss at ``x + eps v``
-        (``joint(..., perturbed=True)``)."""
+    def fast_robust(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
+                    num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+        """The fast configuration with the KL metric (so q = 2), the dynamic solver, PGA steps of
+        eps/4 (1 iteration cold, 2 warm) and the box [0, 1]; pair it with the task loss at
+        ``x + eps v`` (``joint(..., perturbed=True)``). ``num_examples`` as in :meth:`fast`.
+        The setting studied in docs/results/fast-at: ``p="inf", eps=0.1, lam=0.06``.
+
+        Example:
+            >>> reg = OperatorNormRegularizer.fast_robust("inf", 2, eps=0.1, lam=0.06, num_examples=len(train_set))
+        """
         solver = PGASolver(1, 2, step=0.25, dynamic=True, free_update=True)
-        return cls(p, 2, eps, lam, **{"metric": FisherKL(), "solver": solver, "store": DirectionStore(num_examples),
-                                      "clip": (0.0, 1.0), **parts})
+        return cls(p, q, eps, lam, **{"metric": FisherKL(), "solver": solver,
+                                      "store": _store(num_examples, parts, "fast_robust"), "clip": (0.0, 1.0), **parts})
 
     def extra_repr(self) -> str:
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
@@ -146,8 +178,12 @@ class OperatorNormRegularizer(nn.Module):
     # -- directions -----------------------------------------------------------------------
 
     def _rows(self, index, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.store is None or index is None:
+        if self.store is None:
             return None
+        if index is None:  # without it nothing would be stored and the free step would be skipped, silently
+            raise ValueError("this regularizer keeps one direction per training example (its DirectionStore) and needs "
+                             "index, the (B,) dataset indices of x: iterate an opnorm.IndexedTensorDataset (batches "
+                             "(x, y, index)); to run without the store, build the regularizer with store=None")
         self.store.sync()
         return self.store.rows(index, x.shape[0], x.device)
 

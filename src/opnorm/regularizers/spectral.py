@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opnorm.jacobian import unwrap
+from opnorm.jacobian import check_autograd, unwrap
 from opnorm.losses import full
 from opnorm.validation import integer, number
 
@@ -108,6 +108,7 @@ class GlobalSpectralNormRegularizer(nn.Module):
         return out
 
     def forward(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+        check_autograd(self)  # the penalty's gradient, and its power iteration's state
         if model is not None and id(unwrap(model)) != self._net_id:
             raise ValueError("this GlobalSpectralNormRegularizer was built for another model; build one per model")
         return self.lam * torch.stack([full(s) ** 2 for s in self.sigmas()]).sum()

@@ -25,7 +25,7 @@ from opnorm.validation import number as _number
 from opnorm.validation import one_of
 
 __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "ON_NAN", "RESUMABLE", "TrainConfig", "OpnormConfig", "default_eps",
-           "DEFAULT_LAM", "migrate", "merge", "check_resume"]
+           "DEFAULT_LAM", "migrate", "merge", "check_resume", "defaults_used", "defaults_line"]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -149,7 +149,7 @@ class TrainConfig:
 
     dataset: str = _f("digits", "digits | fashion-mnist | mnist | cifar10")
     model: str = _f("cnn", "mlp | cnn | vgg | resnet18 | wrn-28-10")
-    method: str = _f("clean", "clean | pgd-at | logit-at | opnorm | global-snr | trades")
+    method: str = _f("clean", " | ".join(METHODS))
     p: Any = _f(2.0, "threat model l_p (1, 2, inf; any real >= 1 for opnorm)")
     q: Any = _f(2.0, "logit norm l_q of the (p, q) operator norm / logit loss")
     eps: Optional[float] = _f(None, "radius (default: per dataset and p)")
@@ -407,6 +407,37 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
         section.setdefault("iters", out.pop("iters"))
     out["opnorm"] = section
     return out
+
+
+# what each method trains with, beyond p, eps and lr, that resolved() fills in when it is not given
+_METHOD_SETTINGS = {"opnorm": ("q", "lam"), "logit-at": ("q", "lam"), "global-snr": ("lam",),
+                    "fgsm-rs": ("fgsm_start", "fgsm_step"), "n-fgsm": ("fgsm_start", "fgsm_step"),
+                    "free": ("fgsm_step", "replays")}
+
+
+def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of ``cfg.method``'s training that ``given`` (the settings set by flags or a config
+    file) left to defaults: field name -> the value :meth:`TrainConfig.resolved` filled in.
+
+    Example:
+        >>> defaults_used({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
+        {'p': 2.0, 'eps': 0.5, 'lr': 0.05, 'fgsm_start': 1.0, 'fgsm_step': 1.25}
+    """
+    names = ("p", "eps", "lr") + _METHOD_SETTINGS.get(cfg.method, ())
+    return {n: getattr(cfg, n) for n in names if given.get(n) is None}
+
+
+def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
+    """One line naming the method, data and model, and every setting filled from a default as its flag.
+
+    Example:
+        >>> defaults_line({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
+        'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-start 1 --fgsm-step 1.25'
+    """
+    used = defaults_used(given, cfg)
+    shown = " ".join(f"--{k.replace('_', '-')} {'inf' if v == math.inf else f'{v:g}'}" for k, v in used.items())
+    return f"{cfg.method} on {cfg.dataset} ({cfg.model}); " + (f"not set, so from defaults: {shown}" if used else
+                                                                 "every setting of the method given")
 
 
 def merge(*dicts: dict[str, Any]) -> dict[str, Any]:
