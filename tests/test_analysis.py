@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import opnorm
-from opnorm.analysis import NoActivationsError
+from opnorm.analysis import EquivalenceResult, NoActivationsError
 
 INF = math.inf
 
@@ -204,6 +204,17 @@ def test_equivalence_on_a_relu_network_holds_while_activations_agree(kind, p, q)
     # no monotone trend is asserted in between: a flipped unit need not change the output (a
     # max-pool window can switch between units with equal downstream effect, a flipped ReLU can
     # feed a dead unit), and deeper units can flip back as the radius grows
+
+
+def test_inside_needs_the_start_and_every_iterate_in_the_region():
+    steps, B = 3, 4
+    gaps = torch.zeros(steps, B, dtype=torch.float64)
+    agreement = torch.ones(steps, B, dtype=torch.float64)
+    agreement[1, 2] = 0.9  # example 2 leaves the region at iterate 2
+    start = torch.tensor([1.0, 0.95, 1.0, 1.0], dtype=torch.float64)  # example 1 starts outside
+    res = EquivalenceResult(gaps, gaps, gaps, gaps, agreement, start)
+    assert res.inside().tolist() == [True, False, False, True]
+    assert EquivalenceResult(gaps, gaps, gaps, gaps, None, None).inside().tolist() == [True] * B
 
 
 def test_verify_equivalence_default_start_is_seeded_and_arguments_checked():

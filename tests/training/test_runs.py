@@ -230,8 +230,8 @@ def test_the_finite_check_accepts_state_that_is_not_tensors(tmp_path):
 # (inside the state's extra dict) and the global SNR regularizer's power-iteration vector
 POISON = {
     "store": (dict(method="opnorm", p=2, eps=0.5), lambda o: o.reg.store.directions),
-    "free delta": (dict(method="free", replays=1), lambda o: o.at.delta),
-    "snr vector": (dict(method="global-snr"), lambda o: o.reg.u_0),
+    "free-delta": (dict(method="free", replays=1), lambda o: o.at.delta),
+    "snr-vector": (dict(method="global-snr"), lambda o: o.reg.u_0),
 }
 
 
