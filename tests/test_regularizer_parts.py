@@ -26,7 +26,7 @@ def _mlp(dropout: float = 0.0) -> nn.Module:
 
 def test_dropout_in_train_mode_penalty_measures_J_not_mask_noise():
     """Same network for both halves: the train-mode penalty is the dropped-out network's (2,2)
-    norm, within a small factor of eval mode's; with two masks it was thousands of times larger."""
+    norm, within 1.5x of eval mode's; with two masks it was thousands of times larger."""
     model = _mlp(0.3)
     x = torch.rand(64, 1, 4, 4)
     reg = OperatorNormRegularizer.paper(2, 2, eps=0.005, lam=1.0)
@@ -36,7 +36,9 @@ def test_dropout_in_train_mode_penalty_measures_J_not_mask_noise():
     model.train()
     torch.manual_seed(1)
     _, pen_train = reg.joint(model, x)
-    assert 0.2 < float(pen_train.detach()) / float(pen_eval.detach()) < 5.0
+    # a dropped-out copy of the same network (kept units scaled by 1 / 0.7): its mean squared norm
+    # stays within 1.5x of eval mode's (measured 1.06 - 1.24 over seeds); unpaired it is > 50x
+    assert 1 / 1.5 < float(pen_train.detach()) / float(pen_eval.detach()) < 1.5
     # the same forward without pairing: the two halves get different masks
     torch.manual_seed(1)
     x_p = x + 0.005 * reg.last_v
