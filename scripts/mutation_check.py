@@ -14,8 +14,8 @@ the tests already fail on the unchanged code (the baseline run).
 
 Usage::
 
-    python scripts/mutation_check.py                # every mutation (about 9 minutes on 2 cores)
-    python scripts/mutation_check.py --fast         # the quick subset .ci/run runs (about 1.5 minutes)
+    python scripts/mutation_check.py                # every mutation
+    python scripts/mutation_check.py --fast         # the quick subset that .ci/run runs
     python scripts/mutation_check.py --list         # names, files and tests; nothing runs
     python scripts/mutation_check.py store-sync-wrong-example analysis-gap-zero   # chosen ones
 """
@@ -54,12 +54,19 @@ class Mutation:
 
 
 T = "tests/"
+HALVING = T + "test_attacks.py::test_halving_schedule_halves_the_step_and_restarts_from_the_best_point[inf-ce-None]"
+DDP_STORE = (T + "test_regularizer_parts.py::"
+             "test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume")
 MUTATIONS = [
     # ---- norms
     Mutation("norms-duality-map-unnormalized", "norms.py",
              "out = w / norm if r == 2 else", "out = w if r == 2 else",
              (T + "test_norms.py::test_duality_map_unit_and_attains",),
              why="psi_2(z) not divided by ||z||_2"),
+    Mutation("norms-duality-map-wrong-power", "norms.py",
+             "(w.abs() / norm) ** (r - 1)", "(w.abs() / norm) ** r",
+             (T + "test_fast_regularizer.py::test_free_update_is_one_power_step_on_affine_model[3-inf]",),
+             why="psi_r(z) for 1 < r < inf, r != 2, with |z|^r: caught by a reference with psi written out"),
     Mutation("norms-l2-projection-missing", "norms.py",
              "        out = flat * factor\n", "        out = flat\n",
              (T + "test_pga_step.py::test_free_update_is_one_projected_step_along_the_penalty_gradient[None-2.0]",
@@ -78,11 +85,11 @@ MUTATIONS = [
     # ---- attacks
     Mutation("attacks-start-not-projected", "attacks.py",
              "delta = attack.project(start)", "delta = start",
-             (T + "test_attacks.py::test_halving_schedule_halves_the_step_and_restarts_from_the_best_point[inf-ce-None]",),
+             (HALVING,),
              why="a start outside the ball or the box is used as it is"),
     Mutation("attacks-halving-keeps-the-step", "attacks.py",
              "attack.step_size = step_size * 0.5 ** _phase(k, steps)", "attack.step_size = step_size",
-             (T + "test_attacks.py::test_halving_schedule_halves_the_step_and_restarts_from_the_best_point[inf-ce-None]",),
+             (HALVING,),
              why="the halving schedule never halves"),
     # ---- regularizers
     Mutation("regularizers-dropout-masks-unpaired", "regularizers/penalty.py",
@@ -98,11 +105,11 @@ MUTATIONS = [
     Mutation("store-sync-no-op", "regularizers/store.py",
              "        if _world() <= 1:\n            return\n        device = self.seen.device",
              "        if True:\n            return\n        device = self.seen.device",
-             (T + "test_regularizer_parts.py::test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume",),
+             (DDP_STORE,),
              fast=False, why="a rank never sees the other ranks' directions"),
     Mutation("store-sync-wrong-example", "regularizers/store.py",
              "self.directions[i[:n]] = d[:n]", "self.directions[i[:n].roll(1)] = d[:n]",
-             (T + "test_regularizer_parts.py::test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume",),
+             (DDP_STORE,),
              fast=False, why="each gathered direction is written to another example, the same on every rank"),
     # ---- analysis
     Mutation("analysis-gap-zero", "analysis.py",
@@ -147,8 +154,8 @@ def check_snippets(mutations: list[Mutation]) -> list[str]:
             continue
         count = path.read_text().count(m.snippet)
         if count != 1:
-            problems.append(f"{m.name}: its snippet occurs {count} times in src/opnorm/{m.file} (must be exactly once); "
-                            f"update it to the current code: {m.snippet!r}")
+            problems.append(f"{m.name}: its snippet occurs {count} times in src/opnorm/{m.file} (must be exactly "
+                            f"once); update it to the current code: {m.snippet!r}")
     return problems
 
 
@@ -285,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"SURVIVED {m.name} ({took:.0f} s): every test passed: {', '.join(m.tests)}")
             else:
                 broken.append(m.name)
-                print(f"NOT RUN  {m.name} ({took:.0f} s): pytest exit code {code}; its tests did not run as listed\n{tail}")
+                print(f"NOT RUN  {m.name} ({took:.0f} s): pytest exit code {code}; "
+                      f"its tests did not run as listed\n{tail}")
     total = time.perf_counter() - t_start
     print(f"{len(chosen)} mutations: {len(chosen) - len(survived) - len(broken) - len(problems)} caught, "
           f"{len(survived)} survived, {len(broken)} not run, {len(problems)} with a stale snippet ({total:.0f} s)")

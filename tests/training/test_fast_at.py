@@ -97,7 +97,8 @@ def test_l2_fgsm_step_is_along_the_normalized_gradient():
 
 # the methods' papers: FGSM-RS (Wong et al. 2020) starts uniform in the eps ball and steps 1.25 eps,
 # projected back; N-FGSM (de Jorge et al. 2022) starts in the 2 eps ball, steps eps, no projection
-PAPER_SETTINGS = {"fgsm-rs": dict(start=1.0, step=1.25, project=True), "n-fgsm": dict(start=2.0, step=1.0, project=False)}
+PAPER_SETTINGS = {"fgsm-rs": dict(start=1.0, step=1.25, project=True),
+                  "n-fgsm": dict(start=2.0, step=1.0, project=False)}
 
 
 @pytest.mark.parametrize("method", ["fgsm-rs", "n-fgsm"])
