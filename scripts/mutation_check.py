@@ -26,7 +26,6 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -206,6 +205,7 @@ def run_tests(src: Path, tests: tuple[str, ...], timeout: float, log: Path) -> t
     The tests run in a forked child (cwd: the repository, so the tests are the working tree's);
     subprocesses they start inherit PYTHONPATH=src. -1: timed out (the child's group is killed).
     """
+    sys.stdout.flush()  # or the child inherits (and may write) this process's buffered lines
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code
         code = 70
