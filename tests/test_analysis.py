@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import opnorm
-from opnorm.analysis import NoActivationsError
+from opnorm.analysis import EquivalenceResult, NoActivationsError
 
 INF = math.inf
 
@@ -194,11 +194,27 @@ def test_equivalence_on_a_relu_network_holds_while_activations_agree(kind, p, q)
         print(f"  {r[0]:8.0e} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.2e} | {r[4]:.2e}")
     # the smallest radius stays in the linear region: the theorem holds to float error
     assert rows[0][1] == 1.0 and rows[0][3] < 1e-6 and rows[0][4] < 1e-6
-    # the largest leaves it, and the comparison sees the difference (the test can fail)
+    # the largest leaves it, and the comparison sees the difference in both gaps (the test can fail):
+    # a flipped unit changes the gradient, so PGA's iterate moves off the power method's (a whole
+    # sign, gap 2, for p = inf; a rotation of the unit vector for p = 2)
     assert rows[-1][1] < 1.0 and rows[-1][4] > 1e-6
+    assert rows[-1][3] > 0.5
+    outside = ~res.inside()
+    assert outside.any() and (res.direction_gap[:, outside].amax(dim=0) > 1e-3).any()
     # no monotone trend is asserted in between: a flipped unit need not change the output (a
     # max-pool window can switch between units with equal downstream effect, a flipped ReLU can
     # feed a dead unit), and deeper units can flip back as the radius grows
+
+
+def test_inside_needs_the_start_and_every_iterate_in_the_region():
+    steps, B = 3, 4
+    gaps = torch.zeros(steps, B, dtype=torch.float64)
+    agreement = torch.ones(steps, B, dtype=torch.float64)
+    agreement[1, 2] = 0.9  # example 2 leaves the region at iterate 2
+    start = torch.tensor([1.0, 0.95, 1.0, 1.0], dtype=torch.float64)  # example 1 starts outside
+    res = EquivalenceResult(gaps, gaps, gaps, gaps, agreement, start)
+    assert res.inside().tolist() == [True, False, False, True]
+    assert EquivalenceResult(gaps, gaps, gaps, gaps, None, None).inside().tolist() == [True] * B
 
 
 def test_verify_equivalence_default_start_is_seeded_and_arguments_checked():

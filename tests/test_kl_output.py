@@ -1,6 +1,6 @@
 """OperatorNormRegularizer(metric=FisherKL()): logit changes measured in the softmax's Fisher metric.
 
-References are written out independently: H = diag(s) - s s^T from torch.softmax, exact
+References are written out independently: H = diag(s) - s s^T from torch.softmax, psi by hand, exact
 (2, H) norms from an eigendecomposition of W^T H W, (inf, H) norms by brute force over the
 vertices of the cube, KL divergences from F.kl_div.
 """
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opnorm.norms import conjugate, duality_map
 from opnorm.regularizers import ExactPenalty, FDPenalty, FisherKL, OperatorNormRegularizer, PGASolver
 
 from affine_models import DT, affine_layer, gen
+from tests.reference import dual, psi
 
 INF = math.inf
 
@@ -68,10 +68,10 @@ def test_pinf_norm_matches_brute_force_over_the_cube_vertices():
 
 def test_one_explicit_step_is_the_fisher_power_step():
     model, W = affine()
-    v0 = duality_map(torch.randn(3, 10, generator=gen(4), dtype=DT), INF)
+    v0 = psi(torch.randn(3, 10, generator=gen(4), dtype=DT), INF)
     v1 = PGASolver(1).run(model, X, v0, 1, INF, 0.1, FisherKL(), None, measure=False)[1]
     H = fisher(model, X)
-    expected = duality_map(torch.einsum("nd,bde,ek,bk->bn", W.T, H, W, v0), 1.0)
+    expected = psi(torch.einsum("nd,bde,ek,bk->bn", W.T, H, W, v0), 1.0)
     torch.testing.assert_close(v1, expected, rtol=1e-12, atol=1e-14)
 
 
@@ -111,7 +111,7 @@ def test_free_update_is_psi_of_the_kl_gradient(p):
     (F.cross_entropy(logits, torch.tensor([0, 1, 2])) + pen).backward()
     v = reg.last_v
     diff = torch.softmax(model(X + eps * v), 1) - torch.softmax(model(X), 1)  # d KL / d f(x_p)
-    expected = duality_map(diff @ W, conjugate(p))
+    expected = psi(diff @ W, dual(p))
     torch.testing.assert_close(reg.store.directions[index].to(DT), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -160,7 +160,7 @@ def test_perturbed_task_returns_the_fd_point_logits_and_steers_the_free_update(p
     # W^T [(s_p - e_y) + 2 lam / eps^2 (s_p - s)] per row (the batch mean's 1/B drops out of psi)
     s, s_p = torch.softmax(model(X), 1), torch.softmax(model(x_p), 1)
     grad_f = (s_p - F.one_hot(y, 4).to(DT)) + 2 * lam / eps**2 * (s_p - s)
-    expected = duality_map(grad_f.detach() @ W, conjugate(p))
+    expected = psi(grad_f.detach() @ W, dual(p))
     torch.testing.assert_close(reg.store.directions[index].to(DT), expected, rtol=1e-10, atol=1e-12)
 
 

@@ -39,6 +39,11 @@ def project(v: torch.Tensor, p: float) -> torch.Tensor:
     return v.clamp(-1, 1) if p == INF else v / v.norm(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def leaves_the_ball(v: torch.Tensor, p: float) -> bool:
+    """Some row of v lies outside the unit l_p ball (so the projection under test has work to do)."""
+    return bool((v.abs().amax(dim=1) if p == INF else v.norm(dim=1)).gt(1 + 1e-6).any())
+
+
 def box(v: torch.Tensor, eps: float) -> torch.Tensor:
     """v such that x + eps v is x + eps v clamped into [0, 1]."""
     return ((X + eps * v).clamp(0, 1) - X) / eps
@@ -53,7 +58,7 @@ def start(p: float) -> torch.Tensor:
 @pytest.mark.parametrize("clip", [None, (0.0, 1.0)])
 def test_free_update_is_one_projected_step_along_the_penalty_gradient(p, clip):
     model, W = affine_layer(4, 10)
-    eps, lam, step = 0.2, 0.5, 0.3
+    eps, lam, step = 0.2, 0.5, 0.6
     reg = fast(p, eps, lam, step=step, warm_iters=0, clip=clip)
     v0 = start(p)
     reg.store.put(INDEX, v0)
@@ -64,7 +69,9 @@ def test_free_update_is_one_projected_step_along_the_penalty_gradient(p, clip):
     # penalty lam * mean ||W d||^2 / eps^2: its input gradient at x_p is (2 lam / (B eps^2)) W^T W d
     torch.testing.assert_close(pen, lam * ((d @ W.T) ** 2).sum(1).mean() / eps**2, rtol=1e-12, atol=0)
     pen.backward()
-    expected = project(v0 + step * ascent(d @ W.T @ W, p), p)
+    raw = v0 + step * ascent(d @ W.T @ W, p)
+    assert leaves_the_ball(raw, p)
+    expected = project(raw, p)
     if clip:
         expected = box(expected, eps)
     torch.testing.assert_close(reg.store.directions[INDEX], expected, rtol=1e-12, atol=1e-14)
@@ -74,14 +81,16 @@ def test_free_update_is_one_projected_step_along_the_penalty_gradient(p, clip):
 @pytest.mark.parametrize("p", [INF, 2.0])
 def test_explicit_iteration_is_one_projected_step_of_the_linear_model(p):
     model, W = affine_layer(4, 10)
-    eps, step = 0.2, 0.4
+    eps, step = 0.2, 0.6
     reg = fast(p, eps, step=step, warm_iters=1, free_update=False)
     v0 = start(p)
     reg.store.put(INDEX, v0)
     reg.joint(model, X, INDEX)
     # the linear model's logit-loss gradient at v0: J^T psi_2(J v0), J = W
     jv = v0 @ W.T
-    expected = project(v0 + step * ascent((jv / jv.norm(dim=1, keepdim=True)) @ W, p), p)
+    raw = v0 + step * ascent((jv / jv.norm(dim=1, keepdim=True)) @ W, p)
+    assert leaves_the_ball(raw, p)
+    expected = project(raw, p)
     torch.testing.assert_close(reg.last_v, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(reg.store.directions[INDEX], expected, rtol=1e-12, atol=1e-14)
 
@@ -102,14 +111,16 @@ def test_a_huge_step_lands_on_the_power_method(p):
 
 def test_explicit_iteration_with_clip_keeps_the_point_in_the_box():
     model, W = affine_layer(4, 10)
-    eps, step = 0.2, 0.25
+    eps, step = 0.2, 0.6
     reg = fast(INF, eps, step=step, warm_iters=1, free_update=False, clip=(0.0, 1.0))
     v0 = start(INF)
     reg.store.put(INDEX, v0)
     reg.joint(model, X, INDEX)
     jv = v0 @ W.T  # the step follows the linearization at x; then the l_inf ball, then the box
-    expected = box(project(v0 + step * ascent((jv / jv.norm(dim=1, keepdim=True)) @ W, INF), INF), eps)
-    assert not torch.allclose(expected, project(v0 + step * ascent((jv / jv.norm(dim=1, keepdim=True)) @ W, INF), INF))
+    raw = v0 + step * ascent((jv / jv.norm(dim=1, keepdim=True)) @ W, INF)
+    assert leaves_the_ball(raw, INF)
+    expected = box(project(raw, INF), eps)
+    assert not torch.allclose(expected, project(raw, INF))
     torch.testing.assert_close(reg.last_v, expected, rtol=1e-12, atol=1e-14)
 
 

@@ -140,11 +140,27 @@ def test_affine_closed_forms_and_brute_force(p, q):
     Jv = res.v @ W.T
     torch.testing.assert_close(torch.linalg.vector_norm(Jv, ord=q, dim=1), res.sigma, rtol=1e-10, atol=0)
     torch.testing.assert_close(torch.linalg.vector_norm(res.v, ord=p, dim=1), torch.ones(3, dtype=DT))
-    # the power method never exceeds the true norm
+    # the power method never exceeds the true norm (equality: the rank-one test below)
     pw = operator_norm(lin, x, p, q, method="power", iters=50)
     assert torch.all(pw.sigma <= ref * (1 + 1e-10))
     if p == 2 and q == 2:
         torch.testing.assert_close(pw.sigma, ref.expand(3), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("p,q", PAIRS)
+def test_power_method_reaches_the_norm_of_a_rank_one_map(p, q):
+    """W = a b^T: ||W||_{p->q} = ||a||_q ||b||_{p*}, attained at v = psi_{p*}(b) up to sign, which
+    one power step reaches from any start with b^T v0 != 0: equality, not a lower bound."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
+    lin = nn.Linear(12, 4, bias=True).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(torch.outer(a, b))
+    x = torch.randn(3, 12, generator=g, dtype=DT)
+    ref = torch.linalg.vector_norm(a, ord=q) * torch.linalg.vector_norm(b, ord=dual(p))
+    pw = operator_norm(lin, x, p, q, method="power", iters=5, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(pw.sigma, ref.expand(3), rtol=1e-10, atol=0)
+    assert bool((torch.linalg.vector_norm(pw.v, ord=p, dim=1) <= 1 + 1e-10).all())
 
 
 def test_np_hard_pair_without_enumeration_is_lower_bound():

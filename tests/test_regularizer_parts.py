@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+import runpy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from opnorm.regularizers import (DirectionStore, ExactPenalty, FisherKL, LogitNorm, OperatorNormRegularizer,
@@ -24,7 +26,7 @@ def _mlp(dropout: float = 0.0) -> nn.Module:
 
 def test_dropout_in_train_mode_penalty_measures_J_not_mask_noise():
     """Same network for both halves: the train-mode penalty is the dropped-out network's (2,2)
-    norm, within a small factor of eval mode's; with two masks it was thousands of times larger."""
+    norm, within 1.5x of eval mode's; with two masks it was thousands of times larger."""
     model = _mlp(0.3)
     x = torch.rand(64, 1, 4, 4)
     reg = OperatorNormRegularizer.paper(2, 2, eps=0.005, lam=1.0)
@@ -34,7 +36,9 @@ def test_dropout_in_train_mode_penalty_measures_J_not_mask_noise():
     model.train()
     torch.manual_seed(1)
     _, pen_train = reg.joint(model, x)
-    assert 0.2 < float(pen_train.detach()) / float(pen_eval.detach()) < 5.0
+    # a dropped-out copy of the same network (kept units scaled by 1 / 0.7): its mean squared norm
+    # stays within 1.5x of eval mode's (measured 1.06 - 1.24 over seeds); unpaired it is > 50x
+    assert 1 / 1.5 < float(pen_train.detach()) / float(pen_eval.detach()) < 1.5
     # the same forward without pairing: the two halves get different masks
     torch.manual_seed(1)
     x_p = x + 0.005 * reg.last_v
@@ -132,45 +136,95 @@ def test_flat_configs_migrate_and_fd_iteration_is_refused():
 # ----------------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    n = 24
-    g = torch.Generator().manual_seed(0)
-    data = torch.rand(n, 1, 4, 4, generator=g)
-    model = nn.parallel.DistributedDataParallel(_mlp())
-    reg = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.1, num_examples=n, clip=(0.0, 1.0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    warm_epoch2 = []
-    for epoch in range(2):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))[rank::world]  # a reshuffled split
-        for i in range(0, len(order), 4):
-            idx = order[i:i + 4]
-            if epoch == 1:
-                reg.store.sync()
-                warm_epoch2.append(reg.store.seen[idx].float().mean().item())
-            logits, pen = reg.joint(model, data[idx], idx)
+# A store trained by 2 gloo processes (torchrun) against one process on the same data order:
+# every global batch of 8 is split 4 + 4 between the ranks, the single process takes all 8 (DDP
+# averages the two halves' gradients, i.e. the mean over the 8). Every direction is warm from
+# the start (put before the process group exists), so no random start depends on the batch.
+# The script is run by torchrun (phases "first" and "resume", separate launches: the second
+# reads the checkpoint the first wrote) and loaded by the test for the single-process run.
+STORE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from opnorm.regularizers import OperatorNormRegularizer
+    from opnorm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    N, BATCH, EPOCHS = 24, 8, 3
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5)).double()
+        reg = OperatorNormRegularizer.fast(2, 2, eps=0.1, lam=0.5, num_examples=N)
+        data = torch.rand(N, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        start = torch.randn(N, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        reg.store.configure(2, signs=False)
+        reg.store.put(torch.arange(N), start / start.flatten(1).norm(dim=1).reshape(N, 1, 1, 1))
+        return model, reg, data
+
+    def run_epoch(net, reg, opt, data, epoch, rank=0, world=1):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + epoch))
+        for i in range(0, N, BATCH):
+            idx = order[i:i + BATCH].chunk(world)[rank]
+            logits, pen = reg.joint(net, data[idx], idx)
             opt.zero_grad()
-            (logits.square().mean() * 0 + pen).backward()
+            (pen + 0 * logits.sum()).backward()
             opt.step()
         reg.sync()
-    torch.save({"state": reg.state_dict(), "warm": warm_epoch2}, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        phase, out = sys.argv[1], sys.argv[2]
+        model, reg, data = setup()
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.set_num_threads(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        first = 0
+        if phase == "resume":  # what the first launch left on disk, nothing else
+            state = load_checkpoint(f"{out}/checkpoint.pt")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            reg.load_state_dict(state["reg"])
+            first = state["epoch"]
+        net = nn.parallel.DistributedDataParallel(model)
+        for epoch in range(first, EPOCHS if phase == "resume" else EPOCHS - 1):
+            run_epoch(net, reg, opt, data, epoch, rank, world)
+            torch.save(reg.state_dict(), f"{out}/{phase}-epoch{epoch + 1}-rank{rank}.pt")
+        if phase == "first" and rank == 0:
+            save_checkpoint(f"{out}/checkpoint.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                     "reg": reg.state_dict(), "epoch": EPOCHS - 1})
+        dist.barrier()
+        dist.destroy_process_group()
+    """
+)
 
 
 @pytest.mark.slow
-def test_ddp_ranks_share_one_store_and_resume_restores_all(tmp_path):
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert min(r0["warm"] + r1["warm"]) == 1.0  # every example found its direction in epoch 2
-    s0, s1 = r0["state"], r1["state"]
-    assert bool(s0["store.seen"].all())
-    assert torch.equal(s0["store.directions"], s1["store.directions"]) and torch.equal(s0["store.seen"], s1["store.seen"])
-    fresh = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.1, num_examples=24, clip=(0.0, 1.0))
-    fresh.load_state_dict(s0)
-    assert bool(fresh.store.seen.all()) and torch.equal(fresh.store.directions, s0["store.directions"])
+def test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume(tmp_path):
+    script = tmp_path / "ddp_store.py"
+    script.write_text(STORE_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for phase in ("first", "resume"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), phase, str(tmp_path)], capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ref = runpy.run_path(str(script), run_name="reference")
+    model, reg, data = ref["setup"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    moved = 0.0
+    for epoch in range(ref["EPOCHS"]):
+        before = reg.store.directions.clone()
+        ref["run_epoch"](model, reg, opt, data, epoch)
+        moved = max(moved, float((reg.store.directions - before).abs().max()))
+        phase = "first" if epoch + 1 < ref["EPOCHS"] else "resume"
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"{phase}-epoch{epoch + 1}-rank{rank}.pt", weights_only=True)
+            assert bool(got["store.seen"].all())
+            # example i holds example i's direction, row by row, on every rank
+            torch.testing.assert_close(got["store.directions"], reg.store.directions, rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"epoch {epoch + 1} ({phase}), rank {rank}: {m}")
+    assert moved > 0.05  # the directions moved: equal rows are not equal starts
 
 
 def test_flat_form_of_the_shipped_config_resolves_to_the_nested_one():

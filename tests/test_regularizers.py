@@ -24,6 +24,8 @@ from opnorm.attacks import pgd
 from opnorm.regularizers import (AdversarialTrainingLoss, DirectionStore, ExactPenalty, FDPenalty, FisherKL,
                                  GlobalSpectralNormRegularizer, OperatorNormRegularizer, PGASolver)
 
+from tests.reference import dual, psi
+
 DT = torch.float64
 INF = math.inf
 PENALTY = {"fd": FDPenalty, "exact": ExactPenalty}
@@ -93,10 +95,29 @@ def test_penalty_equals_norm_of_W_v_for_other_pairs(p, q, penalty):
     per = torch.linalg.vector_norm(v @ W.T, ord=q, dim=1)
     torch.testing.assert_close(value.detach(), 0.5 * (per**2).mean(), rtol=1e-8, atol=0)
     torch.testing.assert_close(reg.last_sigma, per)
-    # a lower bound on the true norm: the power method may stop at a local maximum
+    # a lower bound on the true norm: the power method may stop at a local maximum (equality: below)
     closed = {(INF, INF): W.abs().sum(1).max(), (1, 2): W.norm(dim=0).max()}.get((p, q))
     if closed is not None:
         assert bool((per <= closed + 1e-9).all())
+
+
+@pytest.mark.parametrize("p,q", [(INF, 2), (INF, INF), (2, 1), (1, 2), (3, 1.5)])
+@pytest.mark.parametrize("penalty", ["fd", "exact"])
+def test_penalty_reaches_the_norm_of_a_rank_one_map(p, q, penalty):
+    """W = a b^T: sigma = ||a||_q ||b||_{p*} exactly (one power step from any start reaches psi_{p*}(b))."""
+    model, W = affine()
+    g = gen(3)
+    a, b = torch.randn(5, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.outer(a, b))
+    reg = OperatorNormRegularizer(p, q, 0.2, 0.5, solver=PGASolver(3, generator=gen()),
+                                  penalty=PENALTY[penalty](squared=True))
+    value = reg(model, X)
+    sigma = torch.linalg.vector_norm(a, ord=q) * torch.linalg.vector_norm(b, ord=dual(p))
+    torch.testing.assert_close(reg.last_sigma, sigma.expand(4), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value.detach(), 0.5 * sigma**2, rtol=1e-9, atol=0)
+    maximizer = psi(b.expand(4, -1), dual(p))  # up to sign
+    torch.testing.assert_close(reg.last_v.reshape(4, -1).abs(), maximizer.abs(), rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -229,8 +250,6 @@ def test_dynamic_equals_static_on_affine_model():
 @pytest.mark.parametrize("p,q", [(2, 2), (INF, 2)])
 def test_dynamic_linearizes_inside_the_ball(p, q):
     """Against a hand-written loop on explicit Jacobians at x + eps v_{k-1}."""
-    from opnorm.norms import conjugate, duality_map
-
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     eps, iters = 0.5, 4
@@ -243,8 +262,8 @@ def test_dynamic_linearizes_inside_the_ball(p, q):
         for _ in range(iters):
             point = x[b] + eps * vb.reshape(x[b].shape)
             J = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), point).reshape(5, -1)
-            u = duality_map((J @ vb).unsqueeze(0), q)[0]
-            vb = duality_map((J.T @ u).unsqueeze(0), conjugate(p))[0]
+            u = psi((J @ vb).unsqueeze(0), q)[0]
+            vb = psi((J.T @ u).unsqueeze(0), dual(p))[0]
         torch.testing.assert_close(reg.last_v[b].reshape(-1), vb)
         J0 = autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(5, -1)
         torch.testing.assert_close(reg.last_sigma[b], torch.linalg.vector_norm(J0 @ vb, ord=q))

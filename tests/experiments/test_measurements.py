@@ -39,7 +39,17 @@ def test_rank_and_eps_alignment_of_an_affine_model():
     ra = E.rank_alignment(model, x, y, eps=0.5, k=4, steps=40, seed=0)
     assert ra["k"] == 4 and ra["logit"][0] == pytest.approx(1.0, abs=1e-6)  # infinite-step PGA = the power method
     assert max(ra["logit"][1:]) < 1e-3
-    assert all(0 <= a <= 1 + 1e-12 for key in ("ce", "ce_predicted", "random") for a in ra[key] + ra[key + "_pearson"])
+    # the Gaussian direction (seed + 1) against the known V, by hand: mean |cos| per rank
+    Vt = torch.linalg.qr(torch.randn(8, 4, generator=gen(2), dtype=DT))[0].T
+    g = torch.randn(x.shape, generator=gen(1), dtype=DT).reshape(6, -1)
+    ref = ((g @ Vt.T).abs() / g.norm(dim=1, keepdim=True)).mean(dim=0)
+    assert ra["random"] == pytest.approx(ref.tolist(), rel=1e-10)
+    for key in ("ce", "ce_predicted"):
+        # CE's gradient W^T (softmax - e_y) lies in W's row space, weighted by s_j = 4, 2, 1, 0.5: the
+        # squared alignments (orthonormal v_j) sum to at most 1 and nearly reach it; rank 1 leads
+        squares = sum(a * a for a in ra[key])
+        assert 0.8 < squares <= 1 + 1e-9 and ra[key][0] > 0.8 > max(ra[key][1:]), (key, ra[key])
+        assert all(0 <= a <= 1 + 1e-12 for a in ra[key + "_pearson"])
     al = E.model_alignment(model, x, y, eps_grid=[0.1, 1.0], steps=40, seed=0)
     assert al["logit"] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert al["random"] < 0.9

@@ -95,6 +95,30 @@ def test_l2_fgsm_step_is_along_the_normalized_gradient():
     torch.testing.assert_close(delta, 0.5 * g / g.norm(dim=1, keepdim=True))
 
 
+# the methods' papers: FGSM-RS (Wong et al. 2020) starts uniform in the eps ball and steps 1.25 eps,
+# projected back; N-FGSM (de Jorge et al. 2022) starts in the 2 eps ball, steps eps, no projection
+PAPER_SETTINGS = {"fgsm-rs": dict(start=1.0, step=1.25, project=True),
+                  "n-fgsm": dict(start=2.0, step=1.0, project=False)}
+
+
+@pytest.mark.parametrize("method", ["fgsm-rs", "n-fgsm"])
+def test_the_trainers_defaults_are_the_papers_settings(method):
+    from opnorm.training.trainer import Objective
+
+    cfg = TrainConfig(method=method, p="inf", eps=EPS).resolved()
+    paper = PAPER_SETTINGS[method]
+    assert (cfg.fgsm_start, cfg.fgsm_step) == (paper["start"], paper["step"])
+    lin, W, b = affine()
+    x, y = batch()
+    delta = Objective(cfg, lin).at.perturb(lin, x, y, generator=gen(9))  # the loss the trainer builds
+    start = (2 * torch.rand(x.shape, generator=gen(9), dtype=DT) - 1) * paper["start"] * EPS  # uniform in the cube
+    start = (x + start).clamp(0, 1) - x
+    moved = start + paper["step"] * EPS * torch.sign(ce_input_grad(W, b, x + start, y))
+    if paper["project"]:
+        moved = moved.clamp(-EPS, EPS)
+    torch.testing.assert_close(delta, (x + moved).clamp(0, 1) - x, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("p,kind,radius", [("inf", "fgsm-rs", 1.0), (2, "fgsm-rs", 1.0), (1, "fgsm-rs", 1.0),
                                            ("inf", "n-fgsm", 2.0), (2, "n-fgsm", 2.0)])
 def test_random_start_lies_in_its_ball(p, kind, radius):

@@ -219,10 +219,38 @@ def test_non_finite_weights_stop_the_run(tmp_path, monkeypatch):
         train(TrainConfig(method="clean", epochs=1, **SMALL_CFG))
 
 
-def test_the_finite_check_reads_the_regularizers_state(tmp_path):
+def test_the_finite_check_accepts_state_that_is_not_tensors(tmp_path):
     # the opnorm objective's state holds more than tensors (the direction store's records)
     res = train(TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=1, out=str(tmp_path / "r"), **SMALL_CFG))
     assert res.completed and load_checkpoint(tmp_path / "r" / CHECKPOINT)["objective"]
+
+
+# one entry of the objective's state made NaN after the epoch's last step, where only the
+# state check can see it: the direction store (l_2: float directions), free AT's carried delta
+# (inside the state's extra dict) and the global SNR regularizer's power-iteration vector
+POISON = {
+    "store": (dict(method="opnorm", p=2, eps=0.5), lambda o: o.reg.store.directions),
+    "free-delta": (dict(method="free", replays=1), lambda o: o.at.delta),
+    "snr-vector": (dict(method="global-snr"), lambda o: o.reg.u_0),
+}
+
+
+@pytest.mark.parametrize("part", sorted(POISON))
+def test_the_finite_check_reads_the_objectives_state(tmp_path, monkeypatch, part):
+    from opnorm.training import trainer as T
+
+    settings, tensor_of = POISON[part]
+    real_sync = T.Objective.sync
+
+    def sync(self):
+        real_sync(self)
+        with torch.no_grad():
+            tensor_of(self).view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(T.Objective, "sync", sync)
+    with pytest.raises(TrainingDiverged, match="step 3: the model's or the regularizer's state became non-finite"):
+        train(TrainConfig(epochs=1, out=str(tmp_path / "r"), **settings, **SMALL_CFG))
+    assert not (tmp_path / "r" / CHECKPOINT).exists()  # nothing non-finite was saved
 
 
 def test_on_nan_skip_skips_the_batch_and_counts_it(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -209,9 +209,21 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _floating(items) -> Iterator[torch.Tensor]:
+    """The floating-point tensors in items, looking inside dicts, lists and tuples (a state's extra state)."""
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            yield t
+        elif isinstance(t, dict):
+            yield from _floating(t.values())
+        elif isinstance(t, (list, tuple)):
+            yield from _floating(t)
+
+
 def _all_finite(tensors) -> bool:
-    flags = [torch.isfinite(t).all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    flags = [torch.isfinite(t).all() for t in _floating(tensors)]
+    # one device for the stack: a gathered DDP state lives on the CPU, the model maybe not
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
 def _as_settings(config: Union[TrainConfig, dict, None], overrides: dict[str, Any]) -> Union[TrainConfig, dict]:
