@@ -317,12 +317,17 @@ def test_damaged_files_in_the_runs_directory_are_named(tmp_path):
 
 def test_runs_directory_files_are_not_written_through_links(tmp_path):
     target = victim(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     with Runs(tmp_path / "runs", {"x": 1}) as runs:
         (tmp_path / "runs" / "seed-0").mkdir()
-        (tmp_path / "runs" / "seed-0" / "screen.json").symlink_to(tmp_path / "nowhere")
-        with pytest.raises(UnsafePathError):
-            runs.measured(0, "screen", lambda: {"v": 1})
-    assert target.read_bytes() == PRECIOUS
+        (tmp_path / "runs" / "seed-0" / "clean.json").symlink_to(target)
+        with pytest.raises(UnsafePathError, match="clean.json is a symbolic link"):
+            runs.measured(0, "clean", lambda: {"v": 1})
+        (tmp_path / "runs" / "seed-1").symlink_to(elsewhere)
+        with pytest.raises(UnsafePathError, match="seed-1 is a symbolic link"):
+            runs.measured(1, "screen", lambda: {"v": 1})
+    assert target.read_bytes() == PRECIOUS and not any(elsewhere.iterdir())
 
 
 # ----------------------------------------------------------------------------- errors that name the value

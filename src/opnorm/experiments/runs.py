@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from opnorm.training.checkpoint import CheckpointError
-from opnorm.training.files import RunLock, save_with_digest, sidecar, verify_digest, write_text_atomic
+from opnorm.training.files import RunLock, refuse_link, save_with_digest, sidecar, verify_digest, write_text_atomic
 from opnorm.training.run_dir import checked_dir
 
 __all__ = ["Runs"]
@@ -36,6 +36,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _read_json(path: Path) -> Any:
+    refuse_link(path)  # a runs directory's files are its own, never read from elsewhere
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -61,8 +62,15 @@ class Runs:
     def __init__(self, root: str | Path, fingerprint: dict) -> None:
         self.root = checked_dir(root, "--runs")
         self._lock = RunLock(self.root, flag="--runs").__enter__()
-        stamp = self.root / "study.json"
-        want = _jsonable(fingerprint)
+        try:
+            self._stamp(self.root / "study.json", _jsonable(fingerprint))
+        except BaseException:
+            self.close()
+            raise
+        # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
+        self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
+
+    def _stamp(self, stamp: Path, want: dict) -> None:
         if stamp.is_file():
             have = _read_json(stamp)
             if have != want:
@@ -71,8 +79,6 @@ class Runs:
                                  "choose another --runs directory or delete it")
         else:
             write_text_atomic(stamp, json.dumps(want, indent=2) + "\n")
-        # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
-        self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
 
     def close(self) -> None:
         """Release the directory's lock."""
@@ -91,6 +97,7 @@ class Runs:
 
     def _dir(self, seed: int) -> Path:
         d = self.root / f"seed-{seed}"
+        refuse_link(d)  # a linked seed directory would send every file of the seed elsewhere
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -157,6 +164,7 @@ class Runs:
 def _load_into(model: nn.Module, weights: Path) -> None:
     """Load a trained model's weights (checked against their sidecar when there is one: runs
     directories of earlier versions have none), or a one-line CheckpointError naming the file."""
+    refuse_link(weights)
     if sidecar(weights).exists():
         verify_digest(weights, "trained model")
     try:
