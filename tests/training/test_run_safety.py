@@ -25,6 +25,7 @@ from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, EpochCheckFailed, train
 
 from .cli_helpers import one_line_error, run_main
+from .test_data import IDX_NAMES, idx_bytes, write_idx_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,6 +219,28 @@ def test_a_resume_on_other_data_is_refused(run1, tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2"], capsys)
     one_line_error(code, err, "the digits training data differ from the run's", "--data-dir")
     assert (run / CONFIG).read_bytes() == before
+
+
+def test_a_resume_with_a_data_dir_of_shifted_labels_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    arrays = write_idx_dataset(tmp_path / "a", np.random.default_rng(0), n_train=48, n_test=16)
+    shifted = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", shifted)
+    (shifted / IDX_NAMES[1]).write_bytes(idx_bytes((arrays[IDX_NAMES[1]] + 1) % 10))
+    run = tmp_path / "r"
+    small = ["--dataset", "fashion-mnist", "--model", "cnn", "--eval-points", "4", "--eval-steps", "1",
+             "--batch-size", "16", "--device", "cpu", "--quiet"]
+    assert run_main(["train", "--out", str(run), "--epochs", "1", "--data-dir", str(tmp_path / "a"), *small],
+                    capsys)[0] == 0
+    before = (run / CONFIG).read_bytes()
+    code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir", str(shifted)],
+                            capsys)
+    one_line_error(code, err, "the fashion-mnist training data", f"(--data-dir {shifted}) differ from the run's")
+    assert (run / CONFIG).read_bytes() == before and load_checkpoint(run / CHECKPOINT)["epoch"] == 1
+    code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir",
+                             str(tmp_path / "a")], capsys)
+    assert code == 0, err  # the run's own data: resumed
 
 
 # ----------------------------------------------------------------------------- the epoch is kept

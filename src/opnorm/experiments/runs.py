@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from opnorm.training.checkpoint import CheckpointError
-from opnorm.training.files import RunLock, refuse_link, save_with_digest, sidecar, verify_digest, write_text_atomic
+from opnorm.training.files import (
+    RunLock,
+    one_line,
+    refuse_link,
+    save_with_digest,
+    sidecar,
+    verify_digest,
+    write_text_atomic,
+)
 from opnorm.training.run_dir import checked_dir
 
 __all__ = ["Runs"]
@@ -40,8 +48,8 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} in the runs directory is damaged ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:120]}); delete it and rerun to compute it again") from None
+        raise CheckpointError(f"{path} in the runs directory is damaged ({one_line(err)}); delete it and rerun to "
+                              f"compute it again") from None
 
 
 class Runs:
@@ -170,6 +178,5 @@ def _load_into(model: nn.Module, weights: Path) -> None:
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as err:  # zip, pickle, EOF, key and shape errors all mean the same here
-        raise CheckpointError(f"trained model {weights} is damaged or does not fit ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:120]}); delete it and rerun to train that model "
-                              f"again") from None
+        raise CheckpointError(f"trained model {weights} is damaged or does not fit ({one_line(err)}); delete it "
+                              f"and rerun to train that model again") from None

@@ -34,6 +34,7 @@ __all__ = [
     "RunLockedError",
     "UnsafePathError",
     "refuse_link",
+    "one_line",
     "DIGEST_SUFFIX",
     "atomic_write",
     "write_text_atomic",
@@ -74,7 +75,8 @@ def refuse_link(path: str | os.PathLike) -> None:
         )
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
+def one_line(err: BaseException, limit: int = 160) -> str:
+    """``"<ErrorType>: <message>"`` on one line, cut at ``limit`` characters, for error messages."""
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -186,7 +188,7 @@ def _read_digests(path: Path) -> list[str]:
             f"create one: cd {path.parent} && sha256sum {path.name} > {side.name}"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checksum file {side} is unreadable ({_one_line(err)})") from None
+        raise CheckpointError(f"checksum file {side} is unreadable ({one_line(err)})") from None
     digests = [line.split()[0].lower() for line in lines if line.strip()]
     if not digests or not all(len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
         raise CheckpointError(f"checksum file {side} is damaged (expected lines '<sha256>  {path.name}')")

@@ -4,8 +4,8 @@ One epoch: a loader seeded by ``(seed, epoch)`` (so a resumed run sees the same 
 the learning rate of :mod:`opnorm.training.schedule`, one objective per method (see
 :class:`Objective`), a check that loss and weights are finite (``on_nan``), a checkpoint,
 then the per-epoch check (evaluation on rank 0) and the epoch's metrics line. A check that
-fails leaves the epoch saved: the resumed run checks it again and goes on. The run directory (``config.out``, see
-:mod:`opnorm.training.run_dir`) holds:
+fails leaves the epoch saved: the resumed run checks it again and goes on. The run
+directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
 
 * ``config.json``: the resolved :class:`~opnorm.training.config.TrainConfig`
   (re-run with ``opnorm train --config config.json``);
@@ -18,8 +18,8 @@ fails leaves the epoch saved: the resumed run checks it again and goes on. The r
 * ``checkpoint.pt`` (+ ``.sha256``): model, optimizer, objective (e.g. spectral-norm
   vectors), AMP scaler, completed epochs, RNG states, config, history, the world size and
   the training data's sha256 (a resume that changes either is refused), rewritten
-  atomically after every epoch, before the epoch's check and metrics line; ``model.safetensors``
-  (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
+  atomically after every epoch, before the epoch's check and metrics line;
+  ``model.safetensors`` (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
 
 Example::
 
@@ -56,7 +56,7 @@ from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import load_dataset, make_loader
 from opnorm.training.evaluation import _bar, _evaluate, accuracy, mean_operator_norm, robust_accuracy
-from opnorm.training.files import write_text_atomic  # noqa: F401  (re-exported: reports write through it)
+from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
 from opnorm.training.models import build_model
 from opnorm.training.objectives import opnorm_regularizer
 from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
@@ -381,7 +381,7 @@ def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tu
         try:
             into(state[key])
         except Exception as err:  # a crafted entry: any error of the loaders means the same
-            raise CheckpointError(f"{where} has a damaged {key!r} entry ({_one_line(err)}); it was not written by "
+            raise CheckpointError(f"{where} has a damaged {key!r} entry ({one_line(err)}); it was not written by "
                                   f"opnorm train for this run: resume from another checkpoint or start a new run"
                                   ) from None
 
@@ -393,11 +393,6 @@ def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tu
         load("scaler", scaler.load_state_dict)
     load("rng", set_rng_state)
     return state["epoch"], [dict(m) for m in state["history"]]  # both checked by RunDir.load_for_resume
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 _CHECKED = "accuracy"  # a history entry without it is an epoch saved whose check did not finish
@@ -414,7 +409,7 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
     except Exception as err:
         kept = f"{run.checkpoint} holds epoch {epoch + 1}" if run is not None else "no run directory was written"
         raise EpochCheckFailed(f"the check after epoch {epoch + 1} (clean and robust accuracy, operator norm) failed: "
-                               f"{_one_line(err)}; {kept}: fix the cause and continue with --resume, which checks the "
+                               f"{one_line(err)}; {kept}: fix the cause and continue with --resume, which checks the "
                                f"epoch again (--debug shows the traceback)") from err
     finally:
         set_rng_state(saved)
