@@ -138,7 +138,7 @@ class FDPenalty(Penalty):
                  metric: OutputMetric, eps: float):
         """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model``."""
         B = x.shape[0]
-        if not self._noise_checked and net.training and torch.is_grad_enabled():
+        if not self._noise_checked and isinstance(net, nn.Module) and net.training and torch.is_grad_enabled():
             check_paired_noise(net, x)
             self._noise_checked = True
         with paired_noise(net, B):
