@@ -192,13 +192,13 @@ def test_restarts_prefer_a_fooling_point_over_a_higher_loss():
 def test_random_start_moves_the_start_point_and_is_reproducible(p):
     x, y = _inputs(batch=32)
     eps = 0.2
-    moved = opnorm.pgd(MODEL, x, y, eps=eps, p=p, step_size=0.0, clip=None, generator=torch.Generator().manual_seed(1))
+    moved = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(1))
     assert (_norm(moved - x, p) > 0).all() and (_norm(moved - x, p) <= eps * (1 + 1e-9)).all()
-    again = opnorm.pgd(MODEL, x, y, eps=eps, p=p, step_size=0.0, clip=None, generator=torch.Generator().manual_seed(1))
-    other = opnorm.pgd(MODEL, x, y, eps=eps, p=p, step_size=0.0, clip=None, generator=torch.Generator().manual_seed(2))
+    again = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(1))
+    other = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(2))
     assert torch.equal(moved, again) and not torch.equal(moved, other)
-    still = opnorm.pgd(MODEL, x, y, eps=eps, p=p, step_size=0.0, random_start=False)
-    assert torch.equal(still, x)
+    with pytest.raises(ValueError, match="steps 0 without a random start"):
+        opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, random_start=False)
 
 
 @pytest.mark.parametrize("p", [1, 2, INF])
@@ -387,7 +387,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(TypeError, match="integer"):
         opnorm.pgd(MODEL, x, y.double(), eps=0.1)
     with pytest.raises(ValueError, match="steps"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, steps=0)
+        opnorm.pgd(MODEL, x, y, eps=0.1, steps=-1)
     with pytest.raises(ValueError, match="restarts"):
         opnorm.pgd(MODEL, x, y, eps=0.1, restarts=0)
     with pytest.raises(ValueError, match="restarts > 1"):
@@ -473,7 +473,7 @@ def test_halving_schedule_halves_the_step_and_restarts_from_the_best_point(p, lo
     kw = dict(eps=eps, p=p, loss=loss, random_start=False)
     _, hist = opnorm.pgd(model, x, y, steps=steps, step_size=step_size, delta0=start, schedule="halving",
                          return_history=True, **kw)
-    first = opnorm.pgd(model, x, y, steps=1, step_size=0.0, delta0=start, **kw) - x  # the projected start
+    first = opnorm.pgd(model, x, y, steps=0, delta0=start, **kw) - x  # the projected start
     path = [first] + hist
     fn = losses.get_loss(loss).fn
     with torch.no_grad():

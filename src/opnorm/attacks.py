@@ -40,12 +40,13 @@ from opnorm.losses import LossFn, LossSpec, get_loss
 from opnorm.validation import box
 from opnorm.norms import Order, clip_box, lp_norm, norm_order, pga_step, project_lp_ball
 
-__all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES"]
+__all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES", "PGD_ORDERS"]
 
 Clip = Optional[tuple[float, float]]
 
 
 SCHEDULES = ("constant", "halving")
+PGD_ORDERS = (1.0, 2.0, math.inf)  # the l_p balls pgd projects onto
 HALVING_PHASES = 4  # "halving": the step size is halved 3 times, at 1/4, 1/2 and 3/4 of the steps
 
 
@@ -79,7 +80,7 @@ def random_in_ball(
         >>> (opnorm.lp_norm(delta, 2) <= 0.5).all()
         tensor(True)
     """
-    p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
+    p = norm_order(p, "p", allowed=PGD_ORDERS)
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
     kw = dict(generator=generator, dtype=x.dtype, device=x.device)
     if p == math.inf:
@@ -311,14 +312,15 @@ def pgd(
         model: classifier ``(B, *in) -> (B, d)`` logits; attacked in eval mode, mode restored.
         x: (B, *in) clean inputs, inside ``clip``.
         y: (B,) integer labels (required for "ce", "cw"), or the targets when targeted=True.
-        eps: radius, a float or a (B,) tensor, >= 0.
+        eps: radius, a float or a (B,) tensor, >= 0 and not all 0 (eps 0 cannot attack: ValueError).
         p: 1, 2 or inf (any form accepted by :func:`opnorm.norms.norm_order`).
         loss: "ce", "cw", "logit", "kl" (see :mod:`opnorm.losses`) or a callable
             ``(logits_adv, logits_clean, y) -> (B,)``. "logit" and "kl" have no useful gradient
             at delta = 0 and need a nonzero start (random_start or delta0), else ValueError.
         q: norm order of the "logit" loss ``||f(x + delta) - f(x)||_q``.
-        steps: number of steps (>= 1); one forward and one backward each.
-        step_size: step length in l_p; None gives :func:`default_step_size` = 2.5 eps / steps
+        steps: number of steps; one forward and one backward each. 0 (only with a random start
+            or delta0) returns the start points.
+        step_size: step length in l_p, > 0; None gives :func:`default_step_size` = 2.5 eps / steps
             (``schedule="halving"``: eps);
             ``float("inf")`` lands every iterate on the boundary, ``delta = eps psi_{p*}(grad)``
             (then box-clipped if clip is not None).
@@ -357,19 +359,28 @@ def pgd(
         ...                            step_size=float("inf"), clip=None, return_history=True)
     """
     check_inputs(model, x)
-    p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
+    p = norm_order(p, "p", allowed=PGD_ORDERS)
     spec = get_loss(loss, q)
     eps_t = _check_eps(eps, x)
-    for name, value in (("steps", steps), ("restarts", restarts)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if eps_t.numel() and not bool((eps_t > 0).any()):
+        raise ValueError("eps is 0: the ball is the point x itself, so no attack can move; pass a radius eps > 0 "
+                         "(the accuracy at eps 0 is the clean accuracy)")
+    for name, value, lo in (("steps", steps, 0), ("restarts", restarts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if steps == 0 and not random_start and delta0 is None:
+        raise ValueError("steps 0 without a random start (or delta0) returns x itself, no attack; pass steps >= 1, "
+                         "or random_start=True for random points of the ball")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if step_size is None:
-        step_size = eps_t.clone() if schedule == "halving" else default_step_size(eps_t, steps)
+        step_size = eps_t.clone() if schedule == "halving" or steps == 0 else default_step_size(eps_t, steps)
         step_size = step_size[0].item() if bool((step_size == step_size[0]).all()) else _view(step_size, x)
-    elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or math.isnan(step_size) or step_size < 0:
-        raise ValueError(f"step_size must be a float >= 0 (float('inf') for the infinite step) or None, got {step_size!r}")
+    elif (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or math.isnan(step_size)
+          or step_size <= 0):
+        # a step of 0 never leaves the start: the "attack" would report the start's accuracy as robust
+        raise ValueError(f"step_size must be a float > 0 (float('inf') for the infinite step) or None (the default), "
+                         f"got {step_size!r}")
     else:
         step_size = float(step_size)
     if schedule == "halving" and isinstance(step_size, float) and step_size == math.inf:

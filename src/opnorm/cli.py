@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (resume later)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    t.add_argument("--force", action="store_true",
+                   help="let a new run write into a --out directory that holds files of something else")
     _config_flags(t)
 
     e = sub.add_parser("eval", help="robust accuracy of a checkpoint", parents=[common])
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- train
 
 
-_CLI_ONLY = ("config", "resume", "stop_after", "quiet", "command", "debug")
+_CLI_ONLY = ("config", "resume", "stop_after", "quiet", "force", "command", "debug")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -201,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     if not resume and not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(defaults_line(train_settings(args), config))  # the run's first line names what defaults filled in
-    result = train(config, resume=resume, stop_after=stop_after, verbose=not quiet)
+    result = train(config, resume=resume, stop_after=stop_after, verbose=not quiet,
+                   force=bool(getattr(args, "force", False)))
     if int(os.environ.get("RANK", "0")) == 0 and not quiet:
         state = "finished" if result.completed else f"stopped after epoch {result.metrics.get('epoch')}"
         where = f"; run directory {result.run_dir}" if result.run_dir is not None else ""
@@ -388,9 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _error_line(err: Exception) -> str:
     from opnorm.training.checkpoint import CheckpointError
     from opnorm.training.files import RunLockedError
-    from opnorm.training.trainer import TrainingDiverged
+    from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged
 
-    expected = (CLIError, CheckpointError, ValueError, TypeError, OSError, RunLockedError, TrainingDiverged)
+    expected = (CLIError, CheckpointError, ValueError, TypeError, OSError, RunLockedError, TrainingDiverged,
+                EpochCheckFailed)
     if isinstance(err, expected):
         text = _one_line(err) if str(err) else type(err).__name__
         if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:

@@ -34,6 +34,7 @@ from opnorm.experiments.findings import findings
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import StudyConfig, fingerprint, method_table, study_config, sweep_points, sweep_table
+from opnorm.training.run_dir import checked_dir
 
 SCHEMA = "opnorm.reproduce/2"
 
@@ -88,9 +89,10 @@ def run_reproduce(
     train_config = _read_json(Path(config), "config file") if config else None
     cfg = study_config(dataset, quick, train_config=train_config, seeds=seeds, data_dir=data_dir,
                        command=_command(dataset, quick, seeds, config, overrides), **overrides)
-    out_dir = Path(out) if out is not None else Path("reports") / (cfg.dataset + ("-quick" if quick else ""))
-    store = Runs(Path(runs) if runs is not None else out_dir / "runs", fingerprint(cfg))
-    results, phases = _study(cfg, store, log)
+    default = Path("reports") / (cfg.dataset + ("-quick" if quick else ""))
+    out_dir = checked_dir(out, "--out") if out is not None else default
+    with Runs(runs if runs is not None else out_dir / "runs", fingerprint(cfg)) as store:  # locked while it runs
+        results, phases = _study(cfg, store, log)
     results["seconds_total"] = time.perf_counter() - t_start
     results["cpu_seconds_total"] = time.process_time() - cpu_start
     results["phase_seconds"] = phases

@@ -2,12 +2,16 @@
 
 A runs directory holds ``study.json`` (the study's fingerprint: a directory made for another
 study is refused, never silently reused) and per seed ``seed-S/<key>.pt`` (the trained
-weights), ``seed-S/<key>.json`` (training seconds) and ``seed-S/<phase>.json`` (measurements).
+weights, with a ``.sha256`` sidecar), ``seed-S/<key>.json`` (training seconds) and
+``seed-S/<phase>.json`` (measurements). One process at a time uses it: :class:`Runs` holds
+the directory's ``.lock`` as ``opnorm train`` holds a run's (a second ``opnorm reproduce`` on
+the same ``--runs`` stops in one line). Files are written atomically and never through a
+symbolic link; a damaged file is named in a one-line error that says how to redo it.
 
 Example::
 
-    >>> runs = Runs("runs/digits-study", fingerprint(cfg))
-    >>> model, seconds = runs.model(base_config, "opnorm", overrides, seed=0, log=print)
+    >>> with Runs("runs/digits-study", fingerprint(cfg)) as runs:
+    ...     model, seconds = runs.model(base_config, "opnorm", overrides, seed=0, splits=splits, log=print)
 """
 
 from __future__ import annotations
@@ -20,13 +24,32 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from opnorm.training.trainer import write_text_atomic
+from opnorm.training.checkpoint import CheckpointError
+from opnorm.training.files import (
+    RunLock,
+    one_line,
+    refuse_link,
+    save_with_digest,
+    sidecar,
+    verify_digest,
+    write_text_atomic,
+)
+from opnorm.training.run_dir import checked_dir
 
 __all__ = ["Runs"]
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+def _read_json(path: Path) -> Any:
+    refuse_link(path)  # a runs directory's files are its own, never read from elsewhere
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} in the runs directory is damaged ({one_line(err)}); delete it and rerun to "
+                              f"compute it again") from None
 
 
 class Runs:
@@ -36,26 +59,53 @@ class Runs:
         root: the directory (created). fingerprint: what defines the study (see
             :func:`opnorm.experiments.study.fingerprint`); a directory holding another
             study's fingerprint raises ValueError.
+
+    Raises:
+        RunLockedError: another process uses the directory. ValueError: an empty ``root``
+            or another study's directory.
+
+    Use it as a context manager (or call :meth:`close`) to release the lock.
     """
 
     def __init__(self, root: str | Path, fingerprint: dict) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        stamp = self.root / "study.json"
-        want = _jsonable(fingerprint)
+        self.root = checked_dir(root, "--runs")
+        self._lock = RunLock(self.root, flag="--runs").__enter__()
+        try:
+            self._stamp(self.root / "study.json", _jsonable(fingerprint))
+        except BaseException:
+            self.close()
+            raise
+        # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
+        self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
+
+    def _stamp(self, stamp: Path, want: dict) -> None:
         if stamp.is_file():
-            have = json.loads(stamp.read_text())
+            have = _read_json(stamp)
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
                 raise ValueError(f"runs directory {self.root} holds another study (differs in {', '.join(diff)}); "
                                  "choose another --runs directory or delete it")
         else:
             write_text_atomic(stamp, json.dumps(want, indent=2) + "\n")
-        # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
-        self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
+
+    def close(self) -> None:
+        """Release the directory's lock."""
+        lock = self.__dict__.pop("_lock", None)
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def __enter__(self) -> "Runs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     def _dir(self, seed: int) -> Path:
         d = self.root / f"seed-{seed}"
+        refuse_link(d)  # a linked seed directory would send every file of the seed elsewhere
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -74,7 +124,7 @@ class Runs:
 
         cfg = base.replace(seed=seed, **overrides)
         weights, meta = self._dir(seed) / f"{key}.pt", self._dir(seed) / f"{key}.json"
-        record = json.loads(meta.read_text()) if meta.is_file() else {}
+        record = _read_json(meta) if meta.is_file() else {}
         if "diverged" in record:
             self.counts["models_read"] += 1
             return None, str(record["diverged"])
@@ -83,7 +133,7 @@ class Runs:
             mean, std = input_normalization(r.input_range, splits.mean, splits.std)
             model = build_model(r.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
                                 mean=mean, std=std, width=r.width)
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            _load_into(model, weights)
             self.counts["models_read"] += 1
             return model.eval(), float(record["train_seconds"])
         log(f"[reproduce] seed {seed}: training {key} ({cfg.epochs} epochs)")
@@ -99,9 +149,7 @@ class Runs:
             return None, str(err)
         seconds = time.perf_counter() - t0 - sum(h.get("eval_seconds", 0.0) for h in res.history)
         model = res.model.cpu().eval()
-        tmp = weights.with_suffix(".pt.tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(weights)
+        save_with_digest(weights, lambda f: torch.save(model.state_dict(), f))
         write_text_atomic(meta, json.dumps({"train_seconds": max(seconds, 1e-9)}) + "\n")
         self.counts["models_trained"] += 1
         return model, max(seconds, 1e-9)
@@ -111,7 +159,7 @@ class Runs:
         path = self._dir(seed) / f"{phase}.json"
         if path.is_file():
             self.counts["measurements_read"] += 1
-            return json.loads(path.read_text())
+            return _read_json(path)
         self.counts["measurements_computed"] += 1
         value = compute()
         write_text_atomic(path, json.dumps(value) + "\n")
@@ -119,3 +167,16 @@ class Runs:
 
     def has(self, seed: int, phase: str) -> bool:
         return (self._dir(seed) / f"{phase}.json").is_file()
+
+
+def _load_into(model: nn.Module, weights: Path) -> None:
+    """Load a trained model's weights (checked against their sidecar when there is one: runs
+    directories of earlier versions have none), or a one-line CheckpointError naming the file."""
+    refuse_link(weights)
+    if sidecar(weights).exists():
+        verify_digest(weights, "trained model")
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as err:  # zip, pickle, EOF, key and shape errors all mean the same here
+        raise CheckpointError(f"trained model {weights} is damaged or does not fit ({one_line(err)}); delete it "
+                              f"and rerun to train that model again") from None

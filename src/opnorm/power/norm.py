@@ -16,6 +16,7 @@ Exact routes form J with d VJPs (d = number of logits) and use:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,7 +38,8 @@ class OperatorNormResult:
     """Per-example (p, q) operator norms of J(x).
 
     Attributes:
-        sigma: (B,) the norm (exact, or a lower bound attained by ``v``; see ``exact``).
+        sigma: (B,) the norm (exact, or a lower bound attained by ``v``; see ``exact``); with
+            method "exact", inf where the formed J(x) overflows and NaN where it holds NaN.
         v: x's shape, unit l_p norm, with ``||J v||_q == sigma``.
         u: (B, d), ``psi_q(J v)``.
         iterations: power or Lanczos iterations run (0 for closed forms).
@@ -210,6 +212,19 @@ def _exact(lin: LinearOperator, x, p, q, max_enumerate, restarts, generator) -> 
     J = jacobian_of(lin)
     B, d = J.shape[:2]
     flat = J.reshape(B, d, -1)
+    bad = ~torch.isfinite(flat).all(dim=2).all(dim=1)
+    if bool(bad.any()):  # an overflowing J (e.g. a diverging network): sigma inf / NaN, not a linalg error
+        res = _exact_of(flat.masked_fill(bad[:, None, None], 0.0), x, p, q, max_enumerate, restarts, generator)
+        over = torch.where(torch.isnan(flat).flatten(1).any(dim=1), math.nan, math.inf).to(res.sigma.dtype)
+        res.sigma = torch.where(bad, over, res.sigma)
+        res.exact = res.exact & ~bad
+        res.converged = res.converged & ~bad
+        return res
+    return _exact_of(flat, x, p, q, max_enumerate, restarts, generator)
+
+
+def _exact_of(flat: torch.Tensor, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
+    B, d = flat.shape[:2]
     if p == 2 and q == 2 and d <= flat.shape[2]:
         v = _top_pair_gram(flat)
         sigma = torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", flat, v), dim=1)

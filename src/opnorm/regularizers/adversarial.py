@@ -89,7 +89,7 @@ class AdversarialTrainingLoss(nn.Module):
         self.p = norm_order(p, "p")
         self.q = norm_order(q, "q")
         self.steps = integer(steps, "steps", lo=1)
-        self.step_size = None if step_size is None else number(step_size, "step_size")
+        self.step_size = None if step_size is None else number(step_size, "step_size", strict=True, finite=False)
         self.lam = number((6.0 if kind == "trades" else 1.0) if lam is None else lam, "lam")
         self.squared = bool(squared)
         frac = number(adv_fraction, "adv_fraction")

@@ -6,6 +6,9 @@
   gradient is the exact one; beyond it, it is the secant version. Stochastic modules in
   training mode (Dropout, stochastic depth) draw one noise sample for both halves
   (:func:`paired_noise`), so that s measures J, not the difference of two random networks.
+  Noise drawn elsewhere (``F.dropout`` inside a custom ``forward``) cannot be paired: the
+  first training-mode call checks that two forwards of the same points agree and raises a
+  one-line ValueError when they do not.
 * :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (forward-mode
   AD, or double backward where an op lacks a forward derivative). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
 
@@ -32,7 +35,7 @@ from opnorm.jacobian import differentiable_jvp
 from opnorm.losses import full
 from opnorm.regularizers.metrics import OutputMetric
 
-__all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "STOCHASTIC"]
+__all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
 
 STOCHASTIC: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                                 nn.FeatureAlphaDropout)
@@ -100,13 +103,44 @@ class Penalty:
         return lam * (s * eps if self.scale_by_eps else s).mean()
 
 
+def check_paired_noise(net: nn.Module, x: torch.Tensor, rows: int = 4) -> None:
+    """ValueError if two forwards of the same points differ under :func:`paired_noise` (randomness
+    outside the modules it pairs, e.g. ``F.dropout`` in a custom forward). Draws from no RNG
+    and leaves buffers (batch-norm statistics) as they were.
+
+    Example::
+
+        >>> check_paired_noise(model.train(), x)   # passes for nn.Dropout, raises for F.dropout
+    """
+    xs = x[:rows].detach()
+    k = xs.shape[0]
+    buffers = [(b, b.detach().clone()) for b in net.buffers()]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), paired_noise(net, k):
+        out = net(torch.cat([xs, xs]))
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    if isinstance(out, torch.Tensor) and out.shape[:1] == (2 * k,) and not torch.allclose(
+            out[:k].float(), out[k:].float(), rtol=1e-4, atol=1e-6, equal_nan=True):
+        raise ValueError(
+            f"the model's forward is random in training mode outside nn.Dropout modules (two forwards of the same "
+            f"points differ, e.g. F.dropout in a custom forward): the fd penalty would measure the difference of two "
+            f"random networks, not J(x); use an nn.Dropout module ({type(net).__name__})")
+
+
 class FDPenalty(Penalty):
     """The finite-difference penalty (see the module docstring)."""
+
+    _noise_checked = False  # the first training-mode call checks the forward (check_paired_noise)
 
     def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p: torch.Tensor, v, u,
                  metric: OutputMetric, eps: float):
         """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model``."""
         B = x.shape[0]
+        if not self._noise_checked and isinstance(net, nn.Module) and net.training and torch.is_grad_enabled():
+            check_paired_noise(net, x)
+            self._noise_checked = True
         with paired_noise(net, B):
             out = model(torch.cat([x, x_p]))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:

@@ -7,6 +7,9 @@ The fast regularizer keeps each training example's direction v between visits (w
 * it records the norm order p and the storage kind it holds (l_inf power-method directions
   are signs, kept exactly as int8; everything else in the inputs' dtype). Loading a state of
   another p, kind or size is refused with a message, never cast or truncated;
+* a zero or non-finite direction (J(x) = 0 on one visit, e.g. a dead ReLU layer, gives
+  psi(0) = 0, a fixed point of the power method) is never kept: its example counts as
+  unvisited and starts again from a random direction;
 * under ``torch.distributed`` every rank's updates are all-gathered by :meth:`sync` (called
   by the regularizer before each use, and by the trainer before a checkpoint), so all ranks
   hold the same direction for every example seen by any rank.
@@ -96,16 +99,18 @@ class DirectionStore(nn.Module):
         return self.directions[idx].to(like.dtype), warm
 
     def put(self, idx: torch.Tensor, v: torch.Tensor) -> None:
-        """Store v (B, *in) for the examples idx (B,); shared with the other ranks at :meth:`sync`."""
+        """Store v (B, *in) for the examples idx (B,); shared with the other ranks at :meth:`sync`.
+        Rows of v that are zero or not finite are not kept: those examples become unvisited."""
         if self.p is None:
             raise RuntimeError("configure(p, signs) the store before use (the regularizer does it)")
         with torch.no_grad():
             self._allocate(v)
-            v = v.detach()
-            self.directions[idx] = v.to(self.directions.dtype)
-            self.seen[idx] = True
+            usable = _usable(v)
+            v = v.detach().masked_fill(~usable.view(-1, *[1] * (v.ndim - 1)), 0).to(self.directions.dtype)
+            self.directions[idx] = v
+            self.seen[idx] = usable
             if _world() > 1:
-                self._pending.append((idx.clone(), v.to(self.directions.dtype)))
+                self._pending.append((idx.clone(), v))
 
     def _place(self, like: torch.Tensor) -> None:
         if self.seen.device != like.device:
@@ -154,7 +159,7 @@ class DirectionStore(nn.Module):
             for c, i, d in zip(counts, all_idx, all_v):
                 n = int(c.item())
                 self.directions[i[:n]] = d[:n]
-                self.seen[i[:n]] = True
+                self.seen[i[:n]] = _usable(d[:n])  # a zero row: unusable (put() zeroed it)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -192,6 +197,12 @@ class DirectionStore(nn.Module):
         if saved != (self.p, self.signs):
             raise ValueError(f"the saved DirectionStore holds {self._kind(*saved)}, but this regularizer uses "
                              f"{self._kind(self.p, self.signs)}; load it with the same p and step, or start a new run")
+
+
+def _usable(v: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the row is finite and not all zero (a direction the power method can leave)."""
+    flat = v.reshape(v.shape[0], -1)
+    return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
 
 
 def _world() -> int:

@@ -46,6 +46,7 @@ from opnorm.training.files import (
     DIGEST_SUFFIX,
     CheckpointError,
     atomic_write,
+    one_line,
     save_with_digest,
     sidecar,
     verify_digest,
@@ -118,11 +119,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     save_with_digest(path, lambda f: torch.save(state, f))
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by ``save_checkpoint``, safely (``weights_only=True``).
 
@@ -168,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 def _corrupt_message(path: Path, err: BaseException) -> str:
     return (
-        f"checkpoint {path} is corrupt or truncated ({_one_line(err)}); "
+        f"checkpoint {path} is corrupt or truncated ({one_line(err)}); "
         f"delete it or resume from another checkpoint"
     )
 
@@ -237,7 +233,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise CheckpointError(
-            f"weights file {path} is corrupt or not a safetensors file ({_one_line(err)}); export it again"
+            f"weights file {path} is corrupt or not a safetensors file ({one_line(err)}); export it again"
         ) from None
     target = unwrap(model)
     expected = target.state_dict()
@@ -314,7 +310,7 @@ def set_rng_state(state: dict) -> None:
         )
         cuda = list(state.get("cuda", []))
     except (KeyError, TypeError, AttributeError, ValueError) as err:
-        raise CheckpointError(f"not an RNG state saved by rng_state() ({_one_line(err)})") from None
+        raise CheckpointError(f"not an RNG state saved by rng_state() ({one_line(err)})") from None
     torch.set_rng_state(torch_state.cpu())
     random.setstate(py_state)
     np.random.set_state(np_state)

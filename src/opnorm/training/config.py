@@ -274,10 +274,13 @@ def _resolve_choices(c: TrainConfig) -> None:
     c.q = norm_order(c.q, "q")
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit; torch's generators take the seed times small factors (ranks, epochs)
+
+
 def _resolve_numbers(c: TrainConfig) -> None:
     for name in ("steps", "epochs", "batch_size", "eval_points", "eval_steps"):
         setattr(c, name, _integer(getattr(c, name), name, lo=1))
-    c.seed = _integer(c.seed, "seed", lo=0)
+    c.seed = _integer(c.seed, "seed", lo=0, hi=MAX_SEED)
     c.schedule_extensions = _extensions(c.schedule_extensions, c.epochs)
     c.num_workers = _integer(c.num_workers, "num_workers", lo=0)
     for name in ("norm_iters", "limit_train", "limit_test", "width"):

@@ -75,7 +75,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     if device == "cuda":
         return torch.device("cuda", local_rank)
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def setup(device: str = "auto") -> DistContext:

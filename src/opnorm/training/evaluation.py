@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from opnorm.attacks import PGD_ORDERS
 from opnorm.jacobian import check_label_range, eval_mode, unwrap
 from opnorm.training.config import TrainConfig
 
@@ -100,8 +101,10 @@ def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: to
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
     xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]
     out = {"accuracy": accuracy(model, splits.test.x, splits.test.y)}
-    out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen,
-                                             progress=show)
+    out["robust_accuracy"] = None  # PGD has no other l_p ball (the trainer says so once)
+    if cfg.p in PGD_ORDERS:
+        out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps,
+                                                 generator=gen, progress=show)
     out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
     return out
 

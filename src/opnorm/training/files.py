@@ -8,6 +8,9 @@
 * :class:`RunLock`: an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` held by the one
   process that writes the run; the kernel releases it when the process exits or dies.
 * :func:`remove_stale_temp_files`: the ``.<name>.*.tmp`` files a killed writer left behind.
+* Nothing is written through a link: a symbolic link where a file is written (or a lock file
+  with other hard links) raises :class:`UnsafePathError`, so a run directory copied from an
+  archive or a shared place cannot make opnorm overwrite a file elsewhere.
 
 Example::
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Optional
@@ -28,6 +32,9 @@ from typing import IO, Callable, Optional
 __all__ = [
     "CheckpointError",
     "RunLockedError",
+    "UnsafePathError",
+    "refuse_link",
+    "one_line",
     "DIGEST_SUFFIX",
     "atomic_write",
     "write_text_atomic",
@@ -36,6 +43,7 @@ __all__ = [
     "write_digest",
     "verify_digest",
     "RunLock",
+    "LOCK_NAME",
     "remove_stale_temp_files",
 ]
 
@@ -44,7 +52,31 @@ class CheckpointError(ValueError):
     """A checkpoint or weights file is missing, corrupt, unsafe, or does not fit the model."""
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows, which has no symlinks by default
+
+
+class UnsafePathError(ValueError):
+    """A file opnorm would write is a symbolic link (or a hard-linked lock file): writing would change another file."""
+
+
+def refuse_link(path: str | os.PathLike) -> None:
+    """Raise :class:`UnsafePathError` if ``path`` is a symbolic link (dangling or not).
+
+    Example::
+
+        >>> refuse_link("runs/a/config.json")   # fine when absent or a plain file
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePathError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); opnorm writes only plain files, never through a "
+            f"link, so that a copied run directory cannot overwrite another file: remove the link (rm {path}) or "
+            f"choose another directory"
+        )
+
+
+def one_line(err: BaseException, limit: int = 160) -> str:
+    """``"<ErrorType>: <message>"`` on one line, cut at ``limit`` characters, for error messages."""
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -53,8 +85,9 @@ def _one_line(err: BaseException, limit: int = 160) -> str:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a same-directory temp file + fsync + os.replace."""
+    """Write ``path`` through a same-directory temp file + fsync + os.replace (never through a link)."""
     path = Path(path)
+    refuse_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_for(path)
     try:
@@ -67,18 +100,19 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
 
 
 def _temp_for(path: Path):
-    # the ".<name>.*.tmp" pattern is what remove_stale_temp_files() recognizes after a crash
+    # the ".<name>.*.tmp" pattern is what remove_stale_temp_files() recognizes after a crash;
+    # mkstemp opens with O_CREAT | O_EXCL, which never follows a link planted under its name
     return tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
 
 
 def _replace(tmp: str, path: Path) -> None:
     """fsync the closed temp file, give it a plain open()'s mode (mkstemp makes 0600), rename it."""
-    fd = os.open(tmp, os.O_RDONLY)
+    fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW)
     try:
         os.fsync(fd)
+        os.fchmod(fd, 0o666 & ~_umask())
     finally:
         os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -154,7 +188,7 @@ def _read_digests(path: Path) -> list[str]:
             f"create one: cd {path.parent} && sha256sum {path.name} > {side.name}"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checksum file {side} is unreadable ({_one_line(err)})") from None
+        raise CheckpointError(f"checksum file {side} is unreadable ({one_line(err)})") from None
     digests = [line.split()[0].lower() for line in lines if line.strip()]
     if not digests or not all(len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
         raise CheckpointError(f"checksum file {side} is damaged (expected lines '<sha256>  {path.name}')")
@@ -166,6 +200,8 @@ def save_with_digest(path: str | os.PathLike, write: Callable[[IO[bytes]], None]
     on disk matches one of the sidecar's digests: the sidecar first lists the new and the old
     digest, then the file is replaced, then the sidecar lists the new digest alone."""
     path = Path(path)
+    refuse_link(path)
+    refuse_link(sidecar(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_for(path)
     try:
@@ -270,8 +306,9 @@ class RunLock:
         ...     ...  # the only writer of runs/a
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, flag: str = "--out") -> None:
         self.path = Path(run_dir) / LOCK_NAME
+        self.flag = flag  # the option that names the directory, for the messages
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
@@ -280,15 +317,25 @@ class RunLock:
         except ImportError:  # pragma: no cover - not POSIX
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        refuse_link(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as err:  # ELOOP: a link planted after the check above
+            raise UnsafePathError(f"cannot open lock file {self.path} ({err.strerror}); remove it (rm {self.path}) "
+                                  f"and rerun") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a FIFO, or a hard link to another file
+            os.close(fd)
+            raise UnsafePathError(f"lock file {self.path} is not a plain file of its own (it has {info.st_nlink} "
+                                  f"links or is a special file); remove it (rm {self.path}) and rerun")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunLockedError(
-                f"run directory {self.path.parent} is in use by process {holder} (another opnorm train); "
-                f"wait for it to finish, stop it, or choose another --out"
+                f"run directory {self.path.parent} is in use by process {holder} (another opnorm process); "
+                f"wait for it to finish, stop it, or choose another {self.flag}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -304,12 +351,15 @@ class RunLock:
 def remove_stale_temp_files(run_dir: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files of ``names`` (and their sidecars) in ``run_dir``,
     which a writer killed mid-save leaves behind; call it holding the :class:`RunLock`.
-    Returns the removed paths."""
+    A link is removed itself (never its target); a directory of such a name is no temp
+    file of opnorm's and stays. Returns the removed paths."""
     run_dir = Path(run_dir)
     removed = []
     for name in names:
         for stem in (name, name + DIGEST_SUFFIX):
             for tmp in run_dir.glob(f".{stem}.*.tmp"):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    continue
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed

@@ -7,17 +7,23 @@ writing the run; see :class:`~opnorm.training.files.RunLock`). Every file is wri
 atomically with the user's umask and synced; an epoch's checkpoint is on disk before its
 metrics line, so ``metrics.jsonl`` never lists an epoch that a resume could not continue from.
 
+A run directory is never turned against its user: an empty ``--out`` (an unset shell
+variable) is refused rather than read as ``.``; a new run does not write into a directory
+holding files of something else (unless ``force``); a symbolic link in place of one of the
+run's files is refused, never followed.
+
 Example::
 
     >>> run = RunDir("runs/a")
     >>> with run.lock():
-    ...     run.remove_stale_files(); run.write_config(cfg); run.write_epoch(state, history)
+    ...     run.remove_stale_files(); run.write_config(cfg); run.save(state); run.write_metrics(history)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +31,16 @@ from torch import nn
 
 from opnorm.training.checkpoint import CheckpointError, export_weights, load_checkpoint, save_checkpoint
 from opnorm.training.config import TrainConfig
-from opnorm.training.files import RunLock, remove_stale_temp_files, write_text_atomic
+from opnorm.training.files import (
+    DIGEST_SUFFIX,
+    LOCK_NAME,
+    RunLock,
+    refuse_link,
+    remove_stale_temp_files,
+    write_text_atomic,
+)
 
-__all__ = ["RunDir", "CHECKPOINT", "METRICS", "CONFIG", "WEIGHTS"]
+__all__ = ["RunDir", "checked_dir", "CHECKPOINT", "METRICS", "CONFIG", "WEIGHTS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -39,31 +52,83 @@ _RESUME_KEYS = ("model", "optimizer", "epoch", "rng", "history", "config")
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+    # JSON has no inf / NaN: an overflowing measurement is written as the string "inf" / "nan"
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+_FILES = (CHECKPOINT, CHECKPOINT + DIGEST_SUFFIX, METRICS, CONFIG, WEIGHTS, WEIGHTS + DIGEST_SUFFIX)
+
+
+def checked_dir(path: str | Path, flag: str) -> Path:
+    """``path`` as a Path, refusing an empty or blank value (``Path("")`` would be the current
+    directory) and a link to a missing directory, in one line naming ``flag``.
+
+    Example::
+
+        >>> checked_dir("runs/a", "--out")
+        PosixPath('runs/a')
+    """
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty ({str(path)!r}; an unset shell variable?); pass the directory's name")
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create that "
+                         f"directory or choose another {flag}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; pass a directory")
+    return path
 
 
 class RunDir:
     """The files of one training run in ``path``."""
 
     def __init__(self, path: str | Path) -> None:
+        if not str(path).strip():
+            checked_dir(path, "--out")
         self.path = Path(path)
         self.checkpoint = self.path / CHECKPOINT
 
     def _check_is_dir(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--out {self.path} is a file; pass a directory for the run")
+        checked_dir(self.path, "--out")
+        for name in _FILES:
+            refuse_link(self.path / name)
 
     def lock(self) -> RunLock:
         """The run's one-writer lock (creates the directory); use it as a context manager."""
         self._check_is_dir()
         return RunLock(self.path)
 
-    def refuse_existing(self) -> None:
-        """A new run must not overwrite another: ValueError if a checkpoint is there."""
+    def refuse_existing(self, force: bool = False) -> None:
+        """A new run must not overwrite another (ValueError if a checkpoint is there), nor, unless
+        ``force``, write into a directory holding files that no opnorm run writes."""
         self._check_is_dir()
         if self.checkpoint.exists():
             raise ValueError(f"{self.path} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
                              f"choose another --out")
+        if force or not self.path.is_dir():
+            return
+        foreign = sorted(p.name for p in self.path.iterdir() if not self._ours(p.name))
+        if not foreign and (self.path / CONFIG).is_file() and not self._run_config(self.path / CONFIG):
+            foreign = [CONFIG]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ValueError(f"--out {self.path} holds files that are not an opnorm run's ({shown}); choose a new or "
+                             f"empty directory, or pass --force to write the run's files into it anyway")
+
+    @staticmethod
+    def _ours(name: str) -> bool:
+        # what a run killed before its first checkpoint leaves: config, metrics, lock, temp files
+        if name in (CONFIG, METRICS, LOCK_NAME):
+            return True
+        return name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in _FILES)
+
+    @staticmethod
+    def _run_config(path: Path) -> bool:
+        try:
+            TrainConfig.from_dict(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            return False
+        return True
 
     def exists_for_resume(self) -> None:
         """FileNotFoundError unless there is a checkpoint to resume (checked before locking,
@@ -79,7 +144,18 @@ class RunDir:
         for key in _RESUME_KEYS:
             if key not in state:
                 raise CheckpointError(f"checkpoint {self.checkpoint} lacks {key!r}; it was not written by opnorm train")
+        epoch, history = state["epoch"], state["history"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise self._damaged("epoch", f"{epoch!r}, not a count of epochs")
+        if not isinstance(history, list) or len(history) != epoch or not all(isinstance(m, dict) for m in history):
+            raise self._damaged("history", f"not a list of {epoch} epochs' metrics")
+        if not isinstance(state["config"], dict):
+            raise self._damaged("config", "not a dict of settings")
         return state
+
+    def _damaged(self, key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {self.checkpoint} has a damaged {key!r} entry ({why}); it was not written "
+                               f"by opnorm train for this run: resume from another checkpoint or start a new run")
 
     def remove_stale_files(self) -> list[Path]:
         """Temp files of a writer killed mid-save (call holding the lock)."""
@@ -91,10 +167,9 @@ class RunDir:
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         write_text_atomic(self.path / METRICS, "".join(json.dumps(_jsonable(m)) + "\n" for m in history))
 
-    def write_epoch(self, state: dict, history: list[dict[str, Any]]) -> None:
-        """The epoch's checkpoint, then (only then) the metrics that list it."""
+    def save(self, state: dict) -> None:
+        """The epoch's checkpoint; write the metrics that list the epoch only after it."""
         save_checkpoint(self.checkpoint, state)
-        self.write_metrics(history)
 
     def export(self, model: nn.Module, cfg: TrainConfig) -> None:
         export_weights(model, self.path / WEIGHTS, {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method})

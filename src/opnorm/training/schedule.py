@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from opnorm.fast_at import data_passes
+from opnorm.fast_at import data_passes, replays_per_batch
 from opnorm.training.config import TrainConfig
 
 __all__ = ["learning_rate", "extended", "describe"]
@@ -57,7 +57,8 @@ def extended(cfg: TrainConfig, saved: TrainConfig, completed: int) -> TrainConfi
     if new == old:
         return cfg
     if new <= completed:
-        raise ValueError(f"the run has completed {completed} epochs; to extend it pass --epochs larger than that "
+        done = completed * replays_per_batch(cfg)  # in epochs, as --epochs counts them (free: passes x replays)
+        raise ValueError(f"the run has completed {done} epochs; to extend it pass --epochs larger than that "
                          f"(got {cfg.epochs})")
     ext = [*cfg.schedule_extensions, {"epoch": completed, "replaced_epochs": old}]
     return cfg.replace(schedule_extensions=ext).resolved()

@@ -2,21 +2,24 @@
 
 One epoch: a loader seeded by ``(seed, epoch)`` (so a resumed run sees the same batches),
 the learning rate of :mod:`opnorm.training.schedule`, one objective per method (see
-:class:`Objective`), a check that loss and weights are finite (``on_nan``), then evaluation
-on rank 0 and a checkpoint. The run directory (``config.out``, see
-:mod:`opnorm.training.run_dir`) holds:
+:class:`Objective`), a check that loss and weights are finite (``on_nan``), a checkpoint,
+then the per-epoch check (evaluation on rank 0) and the epoch's metrics line. A check that
+fails leaves the epoch saved: the resumed run checks it again and goes on. The run
+directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
 
 * ``config.json``: the resolved :class:`~opnorm.training.config.TrainConfig`
   (re-run with ``opnorm train --config config.json``);
 * ``metrics.jsonl``: one line per epoch: ``epoch, loss, lr, lr_schedule, accuracy`` (clean,
   whole test split), ``robust_accuracy`` (PGD at the training eps and p, first
-  ``eval_points`` test points), ``operator_norm`` (mean ``||J(x)||_{p->q}`` on those points,
+  ``eval_points`` test points; null when PGD has no such p), ``operator_norm`` (mean
+  ``||J(x)||_{p->q}`` on those points,
   via :func:`opnorm.power.operator_norm`), ``seconds`` (training), ``eval_seconds`` and, with
   ``on_nan="skip"``, ``skipped_batches``;
 * ``checkpoint.pt`` (+ ``.sha256``): model, optimizer, objective (e.g. spectral-norm
-  vectors), AMP scaler, completed epochs, RNG states, config and history, rewritten
-  atomically after every epoch, before the epoch's metrics line; ``model.safetensors``
-  (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
+  vectors), AMP scaler, completed epochs, RNG states, config, history, the world size and
+  the training data's sha256 (a resume that changes either is refused), rewritten
+  atomically after every epoch, before the epoch's check and metrics line;
+  ``model.safetensors`` (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
 
 Example::
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import PGD_ORDERS
 from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
 from opnorm.jacobian import forward
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
@@ -51,7 +56,7 @@ from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import load_dataset, make_loader
 from opnorm.training.evaluation import _bar, _evaluate, accuracy, mean_operator_norm, robust_accuracy
-from opnorm.training.files import write_text_atomic  # noqa: F401  (re-exported: reports write through it)
+from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
 from opnorm.training.models import build_model
 from opnorm.training.objectives import opnorm_regularizer
 from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
@@ -61,6 +66,7 @@ from opnorm.training.schedule import describe, extended, learning_rate
 __all__ = [
     "TrainResult",
     "TrainingDiverged",
+    "EpochCheckFailed",
     "Objective",
     "train",
     "accuracy",
@@ -180,6 +186,11 @@ class TrainingDiverged(RuntimeError):
     """
 
 
+class EpochCheckFailed(RuntimeError):
+    """The per-epoch check (evaluation) failed after the epoch's checkpoint was written; the
+    message names the epoch and the cause, and ``--resume`` checks the epoch again."""
+
+
 class _NonFinite(Exception):
     def __init__(self, step: int, what: str) -> None:
         super().__init__(what)
@@ -243,7 +254,7 @@ def _resume_config(given: Union[TrainConfig, dict], state: dict, run: RunDir) ->
         saved = TrainConfig.from_dict(state["config"]).resolved()
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {run.checkpoint} holds a config this version cannot use ({err})") from None
-    completed = int(state["epoch"])
+    completed = int(state["epoch"]) * replays_per_batch(saved)  # passes -> epochs (free replays each batch)
     settings = dataclasses.asdict(given) if isinstance(given, TrainConfig) else dict(given)
     if not settings.get("schedule_extensions"):
         settings.pop("schedule_extensions", None)  # the run's record, whoever omits it
@@ -254,7 +265,7 @@ def _resume_config(given: Union[TrainConfig, dict], state: dict, run: RunDir) ->
                          f"(got {epochs})")
     cfg = TrainConfig.from_dict(merged).resolved()
     check_resume(saved.to_dict(), cfg.to_dict(), str(run.path))
-    return extended(cfg, saved, completed)
+    return extended(cfg, saved, int(state["epoch"]))
 
 
 def train(
@@ -264,6 +275,7 @@ def train(
     stop_after: Optional[int] = None,
     verbose: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    force: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model as configured; the Python face of ``opnorm train``.
@@ -279,18 +291,22 @@ def train(
         stop_after: return after this many epochs of this call (e.g. to split a run
             across jobs; resume it later). None: run to ``config.epochs``.
         verbose: print one line per epoch (rank 0) through ``log`` (default: print).
+        force: let a new run write into a directory that holds files of something else
+            (never over another run's checkpoint).
         **overrides: config fields replacing those of ``config``.
 
     Returns:
         :class:`TrainResult` (model, final metrics, history, resolved config, run_dir).
 
     Raises:
-        ValueError / TypeError: invalid config, a changed trajectory setting on resume, or an
-            occupied run directory (one-line messages).
+        ValueError / TypeError: invalid config, a changed trajectory setting, world size or
+            training data on resume, an occupied run directory, or a symbolic link in place of
+            one of the run's files (one-line messages).
         DatasetNotFoundError: the dataset files are missing.
         FileNotFoundError / CheckpointError: ``resume`` without a readable, intact checkpoint.
         RunLockedError: another process is writing the run directory.
         TrainingDiverged: a non-finite loss or weights (``on_nan="stop"``).
+        EpochCheckFailed: the per-epoch check failed; the epoch is saved (resume it).
 
     Example:
         >>> res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf")
@@ -320,7 +336,7 @@ def train(
         else:
             cfg = (given if isinstance(given, TrainConfig) else TrainConfig.from_dict(given)).resolved()
             if run is not None:
-                run.refuse_existing()
+                run.refuse_existing(force)
         ctx = D.setup(cfg.device)
         try:
             splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
@@ -328,22 +344,89 @@ def train(
             if run is not None and writer:
                 if not resume:  # locked only now, so that a config or data error leaves no directory
                     stack.enter_context(run.lock())
-                    run.refuse_existing()
+                    run.refuse_existing(force)
                 run.remove_stale_files()
             return _run(cfg, ctx, splits, state, run if writer else None, stop_after, verbose, say)
         finally:
             D.cleanup(ctx)
 
 
-def _restore(state: dict, model, optimizer, objective, scaler) -> tuple[int, list]:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def data_fingerprint(data) -> str:
+    """sha256 of a dataset's tensors (``data.x``, ``data.y``: dtype, shape and bytes), recorded in
+    the checkpoint so that a resume on other data is refused.
+
+    Example::
+
+        >>> data_fingerprint(load_dataset("digits").train)
+        '5d1c...'
+    """
+    sha = hashlib.sha256()
+    for t in (data.x, data.y):
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        if t.numel():
+            sha.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the dataset
+    return sha.hexdigest()
+
+
+def _check_same_run(state: dict, facts: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuse a resume whose world size or training data differ from the run's (checkpoints
+    written before these were recorded lack them and are not checked)."""
+    old = state.get("world_size", facts["world_size"])
+    if old != facts["world_size"]:
+        new = facts["world_size"]
+        how = f"torchrun --nproc_per_node={old}" if old > 1 else "one process (without torchrun)"
+        raise ValueError(f"cannot resume {where}: it was trained in {old} process(es), a global batch of "
+                         f"{old * cfg.batch_size}, and this resume runs in {new} "
+                         f"(global batch {new * cfg.batch_size}); "
+                         f"the global batch (--batch-size x processes) shapes the training: resume in {how}")
+    if state.get("data", facts["data"]) != facts["data"]:
+        given = f" (--data-dir {cfg.data_dir})" if cfg.data_dir else ""
+        raise ValueError(f"cannot resume {where}: the {cfg.dataset} training data{given} differ from the run's "
+                         f"(sha256 {facts['data'][:12]}..., the run's {str(state['data'])[:12]}...); point --data-dir "
+                         f"at the data the run was trained on, or start a new run")
+
+
+def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tuple[int, list]:
+    """Load a checkpoint's entries; a damaged one is a CheckpointError naming it."""
+    def load(key: str, into: Callable[[Any], Any]) -> None:
+        try:
+            into(state[key])
+        except Exception as err:  # a crafted entry: any error of the loaders means the same
+            raise CheckpointError(f"{where} has a damaged {key!r} entry ({one_line(err)}); it was not written by "
+                                  f"opnorm train for this run: resume from another checkpoint or start a new run"
+                                  ) from None
+
+    load("model", model.load_state_dict)
+    load("optimizer", optimizer.load_state_dict)
     if "objective" in state:
-        objective.load_state_dict(state["objective"])
+        load("objective", objective.load_state_dict)
     if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return int(state["epoch"]), list(state["history"])
+        load("scaler", scaler.load_state_dict)
+    load("rng", set_rng_state)
+    return state["epoch"], [dict(m) for m in state["history"]]  # both checked by RunDir.load_for_resume
+
+
+_CHECKED = "accuracy"  # a history entry without it is an epoch saved whose check did not finish
+
+
+def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run: Optional[RunDir]) -> dict[str, Any]:
+    """The per-epoch check of ``epoch`` (0-based), after its checkpoint: its metrics, or
+    EpochCheckFailed in one line. It draws from no training RNG (restored afterwards), so a
+    resumed run that checks the epoch again goes on exactly as one that was not interrupted."""
+    saved = rng_state()
+    t1 = time.perf_counter()
+    try:
+        out = _evaluate(model, splits, cfg, epoch, device, show)
+    except Exception as err:
+        kept = f"{run.checkpoint} holds epoch {epoch + 1}" if run is not None else "no run directory was written"
+        raise EpochCheckFailed(f"the check after epoch {epoch + 1} (clean and robust accuracy, operator norm) failed: "
+                               f"{one_line(err)}; {kept}: fix the cause and continue with --resume, which checks the "
+                               f"epoch again (--debug shows the traceback)") from err
+    finally:
+        set_rng_state(saved)
+    out["eval_seconds"] = time.perf_counter() - t1
+    return out
 
 
 def _run(
@@ -359,13 +442,22 @@ def _run(
     optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-    start_epoch, history = _restore(state, model, optimizer, objective, scaler) if state is not None else (0, [])
+    facts = {"world_size": ctx.world_size, "data": data_fingerprint(splits.train)}
+    where = f"checkpoint {Path(cfg.out) / CHECKPOINT}" if cfg.out is not None else "the checkpoint"
+    if state is not None:
+        _check_same_run(state, facts, cfg, where)
+    start_epoch, history = _restore(state, model, optimizer, objective, scaler, where) if state is not None else (0, [])
+    if cfg.p not in PGD_ORDERS and verbose and ctx.is_main:
+        say(f"the per-epoch check measures no robust accuracy: PGD needs p in 1, 2, inf (got p {cfg.p:g}); "
+            f"it measures accuracy and the operator norm")
     if ctx.distributed and ctx.rank > 0:
         # per-rank streams for random starts; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + start_epoch * 104729)
     net = D.wrap(model, ctx)
     if cfg.compile is not False:  # attacks and power iterations use the plain module (unwrap)
-        net = torch.compile(net) if cfg.compile is True else torch.compile(net, backend=cfg.compile)
+        net = _compiled(net, cfg.compile)
+    if history and _CHECKED not in history[-1] and ctx.is_main:  # saved, but its check did not finish
+        history[-1].update(_check(model, splits, cfg, start_epoch - 1, device, _progress(cfg, ctx), run))
     if run is not None:
         run.write_config(cfg)
         run.write_metrics(history)  # drops lines of epochs past the checkpoint
@@ -396,17 +488,17 @@ def _run(
                                    "lr_schedule": describe(cfg, epoch), "seconds": time.perf_counter() - t0}
         if cfg.on_nan == "skip":
             metrics["skipped_batches"] = skipped
-        if ctx.is_main:
-            t1 = time.perf_counter()
-            metrics.update(_evaluate(model, splits, cfg, epoch, device, step.show))
-            metrics["eval_seconds"] = time.perf_counter() - t1
         history.append(metrics)
-        if run is not None:
-            run.write_epoch({
+        if run is not None:  # the epoch is saved before its check, which may fail
+            run.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
-                "rng": rng_state(), "config": cfg.to_dict(), "history": history,
-            }, history)
+                "rng": rng_state(), "config": cfg.to_dict(), "history": history, **facts,
+            })
+        if ctx.is_main:
+            metrics.update(_check(model, splits, cfg, epoch, device, step.show, run))
+        if run is not None:
+            run.write_metrics(history)
         if verbose and ctx.is_main:
             say(_epoch_line(metrics, cfg))
         D.barrier(ctx)
@@ -417,6 +509,20 @@ def _run(
         run.export(model, cfg)
     D.barrier(ctx)
     return TrainResult(model, history[-1] if history else {}, history, cfg, run.path if run else _out(cfg), completed=True)
+
+
+def _compiled(net: nn.Module, backend) -> nn.Module:
+    if backend is True:
+        return torch.compile(net)
+    try:
+        return torch.compile(net, backend=backend)
+    except RuntimeError as err:
+        if type(err).__name__ != "InvalidBackend":
+            raise
+        from torch import _dynamo  # only here: importing it costs seconds
+
+        raise ValueError(f"compile backend {backend!r} is not one torch knows; valid: "
+                         f"{', '.join(_dynamo.list_backends(exclude_tags=()))} (or --compile alone)") from None
 
 
 def _out(cfg: TrainConfig) -> Optional[Path]:
@@ -495,8 +601,9 @@ class _Stepper:
 def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:
     p = "inf" if cfg.p == math.inf else f"{cfg.p:g}"
     q = "inf" if cfg.q == math.inf else f"{cfg.q:g}"
+    robust = "n/a" if m["robust_accuracy"] is None else f"{m['robust_accuracy']:.4f}"
     return (
         f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
-        f"robust(l{p}, eps={cfg.eps:g}) {m['robust_accuracy']:.4f}  ||J||_({p},{q}) {m['operator_norm']:.3f}  "
+        f"robust(l{p}, eps={cfg.eps:g}) {robust}  ||J||_({p},{q}) {m['operator_norm']:.3f}  "
         f"{m['seconds']:.1f}s"
     )
