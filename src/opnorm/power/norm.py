@@ -122,9 +122,9 @@ def operator_norm(
             * (2, 2): "exact". No method bounds the error of sigma with fewer than d VJPs
               (see :func:`lanczos_iteration`), and Lanczos needs d iterations (d VJPs and d
               JVPs) to be exact, so forming J is the cheapest certified route. Fewer Lanczos
-              iterations are cheaper and can be far off on trained weights (errors of 3-39 %
-              at 2-10 iterations in ``benchmarks/results/operator_norm_trained.md``): ask for
-              ``method="lanczos"`` to get that lower bound, ``exact`` False.
+              iterations are cheaper and can be far off on trained weights (measured in
+              ``benchmarks/results/operator_norm_trained.md``): ask for ``method="lanczos"``
+              to get that lower bound, ``exact`` False.
             * other pairs with an exact form: "exact"; without one: "exact" (restarts on
               the formed J) when ``d <= 4 * iters``, else "power" (both lower bounds).
         iters: power / Lanczos iterations (default 20; Lanczos runs at most d).
