@@ -150,9 +150,10 @@ def lanczos_iteration(
 
     Error: before d iterations nothing bounds it. Any method that has applied J^T to fewer
     than d output vectors u_i cannot: adding ``c w z^T`` to J, with w orthogonal to every u_i
-    and z to every input vector J was applied to, changes none of the products seen and
-    makes ||J||_2 >= c for any c. So ``exact`` is True only after d iterations; ``rtol_change``
-    only stops early (an estimate can stall at sigma_2 or below while sigma_1 is far above).
+    and z to every input vector J was applied to, changes none of the products seen, and
+    ||J + c w z^T||_2 >= |c| - ||J||_2 grows without bound. So ``exact`` is True only after d
+    iterations; ``rtol_change`` only stops early (an estimate can stall at sigma_2 or below
+    while sigma_1 is far above).
 
     Args:
         matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
