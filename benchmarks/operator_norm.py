@@ -38,7 +38,7 @@ from torch import nn
 
 import opnorm
 from opnorm.jacobian import Linearization, jacobian, jacobian_of, linearize
-from opnorm.power import ITERATION_COST, operator_norm, singular_values
+from opnorm.power import operator_norm, singular_values
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 GOAL_ERR, GOAL_RATIO = 1e-3, 2.0
@@ -167,15 +167,15 @@ def routes(registry_model: Optional[nn.Module]) -> list[dict]:
         add(f"power, J v by {label}", lambda m, x, g, kind=kind: power_with_jvp(m, x, 10, g, kind), "power", label, 10)
     for route in ("autograd", "pattern"):
         for k in (10,) if route == "autograd" else (5, 10):
-            add(f"power ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="power", iters=k, tol=0, route=r, generator=g).sigma,
+            add(f"power ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="power", iters=k, rtol_change=0, route=r, generator=g).sigma,
                 "power", route, k)
     for route in ("autograd", "pattern"):
         for k in (2, 3) if route == "autograd" else (1, 2, 3, 4, 5, 10):
-            add(f"lanczos ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="lanczos", iters=k, tol=0, route=r, generator=g).sigma,
+            add(f"lanczos ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="lanczos", iters=k, rtol_change=0, route=r, generator=g).sigma,
                 "lanczos", route, k)
     for tol in (1e-2, 1e-3, 1e-4):
-        add(f"lanczos (pattern), tol={tol:g}", lambda m, x, g, t=tol: operator_norm(m, x, method="lanczos", iters=10, tol=t, route="pattern", generator=g).sigma,
-            "lanczos", "pattern", 10, "each example stops when its estimate moves by <= tol; the batch shrinks")
+        add(f"lanczos (pattern), rtol_change={tol:g}", lambda m, x, g, t=tol: operator_norm(m, x, method="lanczos", iters=10, rtol_change=t, route="pattern", generator=g).sigma,
+            "lanczos", "pattern", 10, "each example stops when its estimate moves by <= rtol_change (not an error bound); the batch shrinks")
     add("exact (autograd), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="autograd").sigma, "exact", "autograd")
     add("exact (pattern), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="pattern").sigma, "exact", "pattern")
     add("exact (pattern), SVD of J", lambda m, x, g: pattern_exact_svd(m, x), "exact", "pattern", None, "SVD instead of the d x d Gram eigh")
@@ -198,7 +198,7 @@ def spectra_routes() -> list[dict]:
               method="exact", route="pattern", iters=None, note="top-3 spectrum")]
     for k in (10, 30):
         R.append(dict(name="singular_values k=3, subspace (pattern)",
-                      fn=lambda m, x, g, k=k: singular_values(m, x, 3, method="power", iters=k, tol=0, generator=g),
+                      fn=lambda m, x, g, k=k: singular_values(m, x, 3, method="power", iters=k, rtol_change=0, generator=g),
                       method="subspace", route="pattern", iters=k, note="top-3 spectrum"))
     return R
 
@@ -290,7 +290,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         f"10 retained-graph VJPs + SVD {summary['retained_ratio']:.2f}x.",
         f"* `method=\"auto\"` with default arguments chose **{summary['auto_default']}** "
         f"({summary['auto_default_ratio']:.2f}x); with iters=3 **{summary['auto_iters3']}** ({summary['auto_iters3_ratio']:.2f}x). "
-        f"Rule: for (2, 2), exact when d <= ITERATION_COST * min(iters, d) with ITERATION_COST = {ITERATION_COST:g}; "
+        "Rule: for (2, 2), always exact (the cheapest route whose error is bounded); "
         f"measured here: one pattern-route Lanczos iteration costs {summary['measured_iteration_cost']:.2f} VJPs of the pattern exact route.",
         "",
         "## Notes",
@@ -418,7 +418,7 @@ def main() -> None:
         processor=platform.processor() or platform.uname().machine, cpus=os.cpu_count(),
         loadavg_start=[round(v, 2) for v in load_start], loadavg_end=[round(v, 2) for v in os.getloadavg()],
         clean_ms=statistics.median(r["clean_ms"] for r in rows) if rows else float("nan"),
-        goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO), iteration_cost_constant=ITERATION_COST, notes=NOTES,
+        goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO), notes=NOTES,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     out = Path(args.out)

@@ -65,16 +65,16 @@ def routes(name: str) -> list[dict]:
         R.append(("lanczos", r, "lanczos", 3, 0.0))
     if name == "resnet18":
         R += [("lanczos", "pattern", "lanczos", k, 0.0) for k in (2, 4)]
-        R.append(("lanczos, tol=0.001", "pattern", "lanczos", 10, 1e-3))
+        R.append(("lanczos, rtol_change=0.001", "pattern", "lanczos", 10, 1e-3))
     else:
         R.append(("lanczos", "autograd", "lanczos", 5, 0.0))
-        R.append(("lanczos, tol=0.001", "autograd", "lanczos", 10, 1e-3))
+        R.append(("lanczos, rtol_change=0.001", "autograd", "lanczos", 10, 1e-3))
     R += [("auto (defaults)", "auto", "auto", None, None), ("auto, iters=3", "auto", "auto", 3, None)]
     return [dict(label=a, route=b, method=c, iters=d, tol=e) for a, b, c, d, e in R]
 
 
 def run(model, x, spec) -> tuple[torch.Tensor, str, str]:
-    res = operator_norm(model, x, method=spec["method"], iters=spec["iters"], tol=spec["tol"], route=spec["route"],
+    res = operator_norm(model, x, method=spec["method"], iters=spec["iters"], rtol_change=spec["tol"], route=spec["route"],
                         generator=torch.Generator().manual_seed(0))
     return res.sigma, res.method, res.route
 

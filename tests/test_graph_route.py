@@ -49,7 +49,7 @@ def test_graph_route_is_exact(name):
     rows = torch.tensor([0, 2])
     sub = lin.select(rows)
     torch.testing.assert_close(sub.matvec(V[0, rows]), lin.matvec(V[0])[rows], rtol=1e-12, atol=1e-15)
-    res = opnorm.operator_norm(model, x, method="lanczos", iters=5, tol=0)
+    res = opnorm.operator_norm(model, x, method="lanczos", iters=5, rtol_change=0)
     torch.testing.assert_close(res.sigma, torch.linalg.svdvals(J)[:, 0], rtol=1e-8, atol=0)
     assert res.route == "pattern"
 

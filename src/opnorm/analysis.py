@@ -217,7 +217,7 @@ def verify_equivalence(
 
     Runs ``opnorm.pgd(model, x, eps=eps, p=p, loss="logit", q=q, steps=steps,
     step_size=inf, clip=None, random_start=False, delta0=delta0, return_history=True)``
-    and ``opnorm.power.operator_norm(model, x, p, q, method="power", iters=steps, tol=0,
+    and ``opnorm.power.operator_norm(model, x, p, q, method="power", iters=steps, rtol_change=0,
     v0=delta0 / eps, return_history=True)``, and compares iterate k of both.
 
     Args:
@@ -252,7 +252,7 @@ def verify_equivalence(
 
     _, deltas = pgd(model, x, eps=eps, p=p, loss="logit", q=q, steps=steps, step_size=math.inf, clip=None,
                     random_start=False, delta0=delta0, return_history=True)
-    power = operator_norm(model, x, p, q, method="power", iters=steps, tol=0.0, v0=delta0 / eps,
+    power = operator_norm(model, x, p, q, method="power", iters=steps, rtol_change=0.0, v0=delta0 / eps,
                           generator=generator, return_history=True)
     history = power.history
     if history is None or len(history) != steps:

@@ -6,7 +6,7 @@ top-k spectra (:mod:`~opnorm.power.spectra`) and the entry point
 
 from opnorm.power.exact import DEFAULT_RESTARTS, operator_norm_of_matrix
 from opnorm.power.iteration import lanczos_iteration, power_iteration, random_unit
-from opnorm.power.norm import DEFAULT_ITERS, DEFAULT_TOL, ITERATION_COST, METHODS, OperatorNormResult, operator_norm
+from opnorm.power.norm import DEFAULT_ITERS, DEFAULT_RTOL_CHANGE, METHODS, OperatorNormResult, operator_norm
 from opnorm.power.spectra import SpectrumResult, singular_values
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "random_unit",
     "METHODS",
     "DEFAULT_ITERS",
-    "DEFAULT_TOL",
+    "DEFAULT_RTOL_CHANGE",
     "DEFAULT_RESTARTS",
-    "ITERATION_COST",
 ]

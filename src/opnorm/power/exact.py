@@ -100,7 +100,7 @@ def operator_norm_of_matrix(
         p,
         q,
         iters=iters,
-        tol=1e-12,
+        rtol_change=1e-12,
     )
     sigma = sigma.reshape(B, restarts)
     best, idx = sigma.max(dim=1)

@@ -18,10 +18,10 @@ def _check_iters(iters: int, name: str = "iters") -> int:
     return iters
 
 
-def _check_tol(tol: float) -> float:
+def _check_tol(tol: float, name: str = "rtol_change") -> float:
     tol = float(tol)
     if math.isnan(tol) or tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+        raise ValueError(f"{name} must be >= 0, got {tol}")
     return tol
 
 
@@ -48,7 +48,7 @@ def power_iteration(
     q: Order,
     *,
     iters: int,
-    tol: float = 0.0,
+    rtol_change: float = 0.0,
     history: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[list[dict]]]:
     """The batched (p, q) power method on any linear operator.
@@ -58,17 +58,20 @@ def power_iteration(
         rmatvec: u (B, d) -> J^T u (B, *in).
         v0: (B, *in) start, normalized here to unit l_p norm.
         iters: maximum number of iterations (each one matvec and one rmatvec).
-        tol: stop when every example's sigma changed by at most tol * sigma (0: run all).
+        rtol_change: stop when every example's sigma changed by at most rtol_change * sigma in
+            one iteration (0: run all). A stopping rule, not an error bound: an iterate can
+            stall far below the norm.
         history: record {"v", "u", "sigma"} after each iteration.
 
     Returns:
-        (sigma, v, u, iterations, converged, history) with sigma = ||J v||_q, u = psi_q(J v).
+        (sigma, v, u, iterations, stopped, history) with sigma = ||J v||_q, u = psi_q(J v), a
+        lower bound on ||J||_{p->q}; stopped (B,) bool: the last change was <= rtol_change.
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
     v = _normalize(v0, p)
     jv = matvec(v)
     sigma = lp_norm(jv, q)
-    converged = torch.zeros_like(sigma, dtype=torch.bool)
+    stopped = torch.zeros_like(sigma, dtype=torch.bool)
     records: Optional[list[dict]] = [] if history else None
     k = 0
     for k in range(1, iters + 1):
@@ -76,13 +79,13 @@ def power_iteration(
         v = pga_step(v, rmatvec(u), p, 1.0)  # the infinite step: psi_{p*}(J^T u)
         jv = matvec(v)
         new_sigma = lp_norm(jv, q)
-        converged = (new_sigma - sigma).abs() <= tol * new_sigma.abs()
+        stopped = (new_sigma - sigma).abs() <= rtol_change * new_sigma.abs()
         sigma = new_sigma
         if records is not None:
             records.append({"v": v.detach().clone(), "u": u.detach().clone(), "sigma": sigma.detach().clone()})
-        if tol > 0 and bool(converged.all()):
+        if rtol_change > 0 and bool(stopped.all()):
             break
-    return sigma, v, duality_map(jv, q), k, converged, records
+    return sigma, v, duality_map(jv, q), k, stopped, records
 
 
 def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -114,47 +117,69 @@ def _restricted(ops: tuple[Callable, Callable], pos: torch.Tensor, size: int) ->
     return (lambda v: matvec(pad(v))[pos]), (lambda u: rmatvec(pad(u))[pos])
 
 
+def _fresh_direction(basis: torch.Tensor) -> torch.Tensor:
+    """A unit vector orthogonal to the orthonormal rows of basis (A, j, d), j < d: the
+    coordinate vector least covered by the basis, orthogonalized (deterministic)."""
+    A, _, d = basis.shape
+    i = (basis**2).sum(dim=1).argmin(dim=1)  # (A,)
+    e = torch.nn.functional.one_hot(i, d).to(basis.dtype)
+    w = _orthogonalize(e, basis)
+    return w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
+
+
 def lanczos_iteration(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     rmatvec: Callable[[torch.Tensor], torch.Tensor],
     u0: torch.Tensor,
     *,
     iters: int,
-    tol: float = 0.0,
+    rtol_change: float = 0.0,
     select: Optional[Callable[[torch.Tensor], tuple[Callable, Callable]]] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Top singular triplet of J by Golub-Kahan-Lanczos bidiagonalization, batched.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Top singular triplet of J (B examples, d x n each) by Golub-Kahan-Lanczos
+    bidiagonalization, batched.
 
     Started in the d-dimensional output space at ``u0``, each iteration is one ``rmatvec``
     (J^T u) and one ``matvec`` (J v) with full reorthogonalization of both bases; the top
     singular value of the small lower-bidiagonal ``B_k`` ((k+1) x k, ``J V_k = U_{k+1} B_k``)
     is the estimate: a lower bound on ||J||_2, the best one in the Krylov spaces built (the
-    power method's k-th iterate lies in the same spaces). After d iterations the output
-    space is exhausted and the result is exact up to rounding.
+    power method's k-th iterate lies in the same spaces). When the output basis stops growing
+    (the start lies in an invariant subspace of J J^T, which need not hold the top singular
+    vector), it goes on from a new direction orthogonal to the basis, so after d iterations
+    the basis spans the output space and J = U_d B_d V_d^T: sigma is the norm up to rounding.
 
-    Each example stops on its own once its estimate changes by at most ``tol`` (relative)
-    in one iteration, and its result is frozen there; with ``select`` the later products
-    run on a batch of the unconverged examples only, so a few slow examples cost little.
+    Error: before d iterations nothing bounds it. Any method that has applied J^T to fewer
+    than d output vectors u_i cannot: adding ``c w z^T`` to J, with w orthogonal to every u_i
+    and z to every input vector J was applied to, changes none of the products seen, and
+    ||J + c w z^T||_2 >= |c| - ||J||_2 grows without bound. So ``exact`` is True only after d
+    iterations; ``rtol_change`` only stops early (an estimate can stall at sigma_2 or below
+    while sigma_1 is far above).
 
     Args:
         matvec: v (B, *in) -> J v (B, d). rmatvec: u (B, d) -> J^T u (B, *in).
         u0: (B, d) start (normalized here; a zero row starts at e_1).
-        iters: maximum iterations. tol: per-example relative stopping tolerance (0: run all
-            ``iters``, or until the space is exhausted).
+        iters: maximum iterations (at most d are run: the d-th makes every example exact).
+        rtol_change: an example stops once its estimate changes by at most ``rtol_change``
+            (relative) in one iteration, and its result is frozen there (0: no early stop).
         select: optional ``rows -> (matvec, rmatvec)`` of the same J restricted to the
-            examples ``rows`` (e.g. ``PatternLinearization.select``).
+            examples ``rows`` (e.g. ``PatternLinearization.select``); later products then run
+            on a batch of the examples still iterating only.
 
     Returns:
         (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations (the most any example ran),
-        converged (B,)) with ``J v = sigma u`` up to rounding, so v attains sigma.
+        exact (B,) bool: the basis spanned the output space, so sigma = ||J||_2 up to rounding,
+        stopped (B,) bool: stopped early by ``rtol_change``), with ``J v = sigma u`` up to
+        rounding, so v attains sigma.
 
     Example:
         >>> lin = opnorm.jacobian.linearize(model, x)
-        >>> sigma, v, u, k, conv = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=3)
+        >>> sigma, v, u, k, exact, stopped = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=10)
+        >>> bool(exact.all())  # True for a 10-logit model: 10 iterations span the output space
     """
     B, d = u0.shape
     dtype, device = u0.dtype, u0.device
     eps = torch.finfo(dtype).eps
+    iters = min(iters, d)  # the d-th iteration makes the result exact: more cannot help
     e1 = torch.zeros_like(u0)
     e1[:, 0] = 1
     rows = torch.arange(B, device=device)  # the examples still iterating (global indices)
@@ -164,8 +189,9 @@ def lanczos_iteration(
     Vs: Optional[torch.Tensor] = None  # (A, iters, n), allocated once n is known
     Bk = torch.zeros(B, iters + 1, iters, dtype=dtype, device=device)  # alphas on the diagonal, betas below
     sigma = torch.zeros(B, dtype=dtype, device=device)
-    converged = torch.zeros(B, dtype=torch.bool, device=device)
-    out_sigma, out_conv = torch.zeros_like(sigma), torch.zeros_like(converged)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    out_sigma, out_stopped = torch.zeros_like(sigma), torch.zeros_like(stopped)
+    out_exact = torch.zeros_like(stopped)
     out_u = torch.zeros_like(u0)
     out_v: Optional[torch.Tensor] = None
     shape = None
@@ -181,7 +207,8 @@ def lanczos_iteration(
         ids = rows[done]
         out_v[ids] = v
         out_u[ids] = torch.bmm(P[:, :, :1].transpose(1, 2), Us[done, : k + 1]).squeeze(1)  # U_{k+1} p_1
-        out_sigma[ids], out_conv[ids] = S[:, 0], converged[done]
+        out_sigma[ids], out_stopped[ids] = S[:, 0], stopped[done]
+        out_exact[ids] = k >= d
 
     ops, op_rows = (matvec, rmatvec), rows  # the operator and the examples it was built for
     k = 0
@@ -194,22 +221,25 @@ def lanczos_iteration(
             Vs = torch.empty(B, iters, p.shape[1], dtype=dtype, device=device)
         else:
             p = _orthogonalize(p - Bk[:, j, j - 1, None] * Vs[:, j - 1], Vs[:, :j])
-        # below these floors the new direction is rounding noise: that example's Krylov space is exhausted
+        # below these floors the new direction is rounding noise: that Krylov space is exhausted
         Vs[:, j], alpha = _unit(p, 8 * d * eps * sigma)
         q = matvec(Vs[:, j].reshape(len(rows), *shape)).reshape(len(rows), d) - alpha[:, None] * Us[:, j]
         Us[:, k], beta = _unit(_orthogonalize(q, Us[:, :k]), 8 * d * eps * torch.maximum(sigma, alpha))
         Bk[:, j, j], Bk[:, k, j] = alpha, beta
-        exhausted = (alpha == 0) | (beta == 0)
-        if tol > 0 or k == iters or bool(exhausted.all()):
+        if k < d and bool((beta == 0).any()):
+            # an invariant subspace: go on orthogonally to it (beta stays 0, so J V_k = U_{k+1} B_k still holds)
+            dead = beta == 0
+            Us[dead, k] = _fresh_direction(Us[dead, :k])
+        if rtol_change > 0 or k == iters:
             new = torch.linalg.svdvals(Bk[:, : k + 1, :k])[:, 0]
-            converged = converged | exhausted | ((new - sigma).abs() <= tol * new)
+            stopped = (new - sigma).abs() <= rtol_change * new if rtol_change > 0 else stopped
             sigma = new
-        keep = ~converged
+        keep = ~stopped
         if k == iters or not bool(keep.any()):
             break
-        if not bool(keep.all()):  # freeze the converged examples and go on with the rest
+        if not bool(keep.all()):  # freeze the stopped examples and go on with the rest
             finish(keep, k)
-            rows, Us, Vs, Bk, sigma, converged = rows[keep], Us[keep], Vs[keep], Bk[keep], sigma[keep], converged[keep]
+            rows, Us, Vs, Bk, sigma, stopped = rows[keep], Us[keep], Vs[keep], Bk[keep], sigma[keep], stopped[keep]
             if select is not None and len(rows) <= 0.9 * len(op_rows):  # shrinking pays: a smaller batch
                 ops, op_rows = select(rows), rows
             pos = torch.searchsorted(op_rows, rows)  # rows stay sorted
@@ -217,4 +247,4 @@ def lanczos_iteration(
     assert shape is not None and Vs is not None
     finish(torch.zeros(len(rows), dtype=torch.bool, device=device), k)
     assert out_v is not None
-    return out_sigma, out_v.reshape(B, *shape), out_u, k, out_conv
+    return out_sigma, out_v.reshape(B, *shape), out_u, k, out_exact, out_stopped

@@ -30,7 +30,9 @@ from opnorm.power.iteration import _check_iters, _check_tol, lanczos_iteration, 
 
 METHODS = ("auto", "power", "lanczos", "exact")
 DEFAULT_ITERS = 20
-DEFAULT_TOL = 1e-6
+DEFAULT_RTOL_CHANGE = 1e-6
+REMOVED_TOL = ("tol was renamed rtol_change: it is the relative change of sigma between iterations, not an error "
+               "bound; use method='exact' (or result.exact) for a sigma whose error is bounded")
 
 
 @dataclass
@@ -43,9 +45,12 @@ class OperatorNormResult:
         v: x's shape, unit l_p norm, with ``||J v||_q == sigma``.
         u: (B, d), ``psi_q(J v)``.
         iterations: power or Lanczos iterations run (0 for closed forms).
-        converged: (B,) bool; True for exact results.
+        stopped: (B,) bool, the iteration stopped because sigma changed by at most
+            ``rtol_change`` (a stopping rule, not an error bound; False for closed forms).
         method: "power", "lanczos" or "exact".
-        exact: (B,) bool, True where sigma is the exact norm (not only a lower bound).
+        exact: (B,) bool, True where sigma is proven to be the norm up to rounding (a closed
+            form, enumeration, or Lanczos whose basis spanned the output space); elsewhere
+            sigma is a lower bound with no bound on its error. ``converged`` is the same.
         history: with ``return_history=True`` and the power method, one dict per iteration
             k = 1..iterations: {"v": v_k, "u": u_k, "sigma": ||J v_k||_q}.
         route: how J was accessed: "pattern" (:class:`~opnorm.jacobian.PatternLinearization`),
@@ -58,13 +63,17 @@ class OperatorNormResult:
     v: torch.Tensor
     u: torch.Tensor
     iterations: int
-    converged: torch.Tensor
+    stopped: torch.Tensor
     method: str
     exact: torch.Tensor
     history: Optional[list[dict]] = field(default=None, repr=False)
     route: str = "autograd"
     fallbacks: list[str] = field(default_factory=list, repr=False)
 
+    @property
+    def converged(self) -> torch.Tensor:
+        """(B,) bool: sigma proven to be the norm up to rounding (``exact``); not the stopping rule."""
+        return self.exact
 
 
 
@@ -88,13 +97,14 @@ def operator_norm(
     *,
     method: str = "auto",
     iters: Optional[int] = None,
-    tol: Optional[float] = None,
+    rtol_change: Optional[float] = None,
     v0: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     return_history: bool = False,
     max_enumerate: int = 20,
     restarts: int = DEFAULT_RESTARTS,
     route: str = "auto",
+    tol: None = None,
 ) -> OperatorNormResult:
     """Per-example (p, q) operator norm of the input-output Jacobian J(x) of ``model``.
 
@@ -106,23 +116,25 @@ def operator_norm(
         x: (B, *in) inputs.
         p, q: norm orders, 1 <= p, q <= inf (float, int, or "inf").
         method: "power" (the (p, q) power method, matrix-free, batched), "lanczos"
-            (p = q = 2 only: Golub-Kahan-Lanczos, see :func:`lanczos_iteration`; exact after
-            d iterations), "exact" (form J with d VJPs; for (2, 2) the top eigenpair of the
-            d x d Gram matrix J J^T; closed forms, enumeration, or a restart lower bound for
-            NP-hard pairs), or "auto", which picks by cost:
+            (p = q = 2 only: Golub-Kahan-Lanczos, see :func:`lanczos_iteration`; a lower bound,
+            exact after d iterations), "exact" (form J with d VJPs; for (2, 2) the top
+            eigenpair of the d x d Gram matrix J J^T; closed forms, enumeration, or a restart
+            lower bound for NP-hard pairs), or "auto":
 
-            * (2, 2): "exact" when ``d <= ITERATION_COST * min(iters, d)`` (forming J costs d
-              VJPs, batched; one Lanczos iteration costs a VJP and a JVP, about
-              ``ITERATION_COST`` VJPs of the exact route), else "lanczos". With the default
-              ``iters`` (20) and d <= 40 that is "exact"; ask for ``iters=3`` on a 10-class
-              model and it is "lanczos" (its error and cost against "exact" are measured in
-              ``benchmarks/results/operator_norm.md``). ``method="lanczos"`` with ``tol``
-              stops each example on its own.
+            * (2, 2): "exact". No method bounds the error of sigma with fewer than d VJPs
+              (see :func:`lanczos_iteration`), and Lanczos needs d iterations (d VJPs and d
+              JVPs) to be exact, so forming J is the cheapest certified route. Fewer Lanczos
+              iterations are cheaper and can be far off on trained weights (measured in
+              ``benchmarks/results/operator_norm_trained.md``): ask for ``method="lanczos"``
+              to get that lower bound, ``exact`` False.
             * other pairs with an exact form: "exact"; without one: "exact" (restarts on
-              the formed J) when ``d <= 4 * iters``, else "power".
-        iters: power / Lanczos iterations (default 20). tol: relative stopping tolerance on
-            sigma (default 1e-6; 0 runs exactly ``iters``). v0: start vector, x's shape
-            (Lanczos starts from J v0; by default from the centered logits plus a little noise).
+              the formed J) when ``d <= 4 * iters``, else "power" (both lower bounds).
+        iters: power / Lanczos iterations (default 20; Lanczos runs at most d).
+        rtol_change: stop an example once sigma changes by at most this (relative) in one
+            iteration (default 1e-6; 0 runs exactly ``iters``). A stopping rule, not an
+            error bound: it sets ``stopped``, never ``exact``.
+        v0: start vector, x's shape (Lanczos starts from J v0; by default from the centered
+            logits plus a little noise).
         generator: seeds the random start / restarts.
         return_history: keep every power iterate (method "power" only).
         max_enumerate: largest n (for p = inf) or d (for q = 1) enumerated exactly.
@@ -133,15 +145,21 @@ def operator_norm(
             backward or, for ops without one, forward-mode AD), "pattern", "autograd",
             "forward". A model whose ops support no route raises
             :class:`~opnorm.jacobian.UnsupportedModelError` naming the module and op.
+        tol: removed (it read as an error bound and was not one); passing it raises a
+            TypeError that names ``rtol_change``.
 
     Returns:
-        :class:`OperatorNormResult` with ``sigma`` (B,), ``v`` (x's shape), ``u`` (B, d).
+        :class:`OperatorNormResult` with ``sigma`` (B,), ``v`` (x's shape), ``u`` (B, d), and
+        ``exact`` (B,): where True, |sigma - ||J||| is rounding only; elsewhere sigma is a lower
+        bound of unknown error.
 
     Example:
         >>> res = opnorm.operator_norm(model, x, p="inf", q=2)
         >>> res.sigma.shape, res.v.shape  # (B,), x.shape
-        >>> fast = opnorm.operator_norm(model, x, iters=3)   # (2, 2) by 3 Lanczos steps
+        >>> low = opnorm.operator_norm(model, x, method="lanczos", iters=3)  # a lower bound, low.exact False
     """
+    if tol is not None:
+        raise TypeError(REMOVED_TOL)
     p, q = norm_order(p, "p"), norm_order(q, "q")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -151,7 +169,7 @@ def operator_norm(
         raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
     max_enumerate = check_max_enumerate(max_enumerate)
     iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
-    tol = DEFAULT_TOL if tol is None else _check_tol(tol)
+    rtol_change = DEFAULT_RTOL_CHANGE if rtol_change is None else _check_tol(rtol_change)
     check_inputs(model, x)
     v0 = _check_v0(v0, x)
     if return_history and method != "power":
@@ -170,33 +188,27 @@ def operator_norm(
             select = None
             if hasattr(lin, "select"):
                 select = lambda rows: (lambda sub: (sub.matvec, sub.rmatvec))(lin.select(rows))  # noqa: E731
-            sigma, v, u, k, converged = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, tol=tol, select=select)
-            res = OperatorNormResult(sigma, v.detach(), u, k, converged, "lanczos", torch.zeros_like(converged))
+            sigma, v, u, k, exact, stopped = lanczos_iteration(
+                lin.matvec, lin.rmatvec, u0, iters=iters, rtol_change=rtol_change, select=select
+            )
+            res = OperatorNormResult(sigma, v.detach(), u, k, stopped, "lanczos", exact)
         else:
             if v0 is None:
                 v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
-            sigma, v, u, k, converged, hist = power_iteration(
-                lin.matvec, lin.rmatvec, v0, p, q, iters=iters, tol=tol, history=return_history
+            sigma, v, u, k, stopped, hist = power_iteration(
+                lin.matvec, lin.rmatvec, v0, p, q, iters=iters, rtol_change=rtol_change, history=return_history
             )
-            exact = torch.zeros_like(converged)  # a converged iterate is not a proof of the maximum
-            res = OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, converged, "power", exact, hist)
+            exact = torch.zeros_like(stopped)  # a fixed point of the iteration is not a proof of the maximum
+            res = OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, stopped, "power", exact, hist)
     res.route, res.fallbacks = lin.route, list(lin.fallbacks)
     return res
-
-
-# One Lanczos / power iteration (a VJP and a JVP) in units of one VJP of the exact route,
-# measured on the benchmark CNN by benchmarks/operator_norm.py (see its results).
-ITERATION_COST = 2.0
 
 
 def _choose_method(p: float, q: float, d: int, n: int, iters: int, max_enumerate: int) -> str:
     if not _has_exact_form(p, q, d, n, max_enumerate):
         # restarts on a formed J beat one matrix-free run when forming J is cheap
         return "exact" if d <= 4 * iters else "power"
-    if p == 2 and q == 2:
-        # Lanczos is exact after d iterations, so never pay more than forming J
-        return "exact" if d <= ITERATION_COST * min(iters, d) else "lanczos"
-    return "exact"
+    return "exact"  # (2, 2) included: the cheapest route whose error is bounded
 
 
 def _logit_start(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -232,4 +244,4 @@ def _exact_of(flat: torch.Tensor, x, p, q, max_enumerate, restarts, generator) -
     else:
         sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
     u = duality_map(torch.einsum("bdn,bn->bd", flat, v), q)
-    return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, exact.clone(), "exact", exact)
+    return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, torch.zeros_like(exact), "exact", exact)

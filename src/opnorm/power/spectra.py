@@ -10,6 +10,7 @@ from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, unwrap
 from opnorm.power.iteration import _check_iters, _check_tol
+from opnorm.power.norm import REMOVED_TOL
 
 
 
@@ -30,9 +31,10 @@ def singular_values(
     *,
     method: str = "auto",
     iters: int = 50,
-    tol: float = 1e-7,
+    rtol_change: float = 1e-7,
     generator: Optional[torch.Generator] = None,
     route: str = "auto",
+    tol: None = None,
 ):
     """Top-k singular values of each J(x), descending: (B, k).
 
@@ -40,12 +42,16 @@ def singular_values(
     matrix-free subspace iteration with k vectors (each iteration one stacked J and one
     stacked J^T product of k vectors) and a final Rayleigh-Ritz step (SVD of the d x k
     matrix J V); ``"auto"`` picks exact when forming J is the cheaper one
-    (``d <= 20 k``). ``route`` as in :func:`operator_norm`.
+    (``d <= 20 k``). ``route`` as in :func:`operator_norm`. ``"power"`` stops when no value
+    changed by more than ``rtol_change`` (relative) in one iteration: a stopping rule, not an
+    error bound (``tol``, its old name, raises a TypeError).
     With ``return_vectors=True`` returns a :class:`SpectrumResult` (values, U, V).
 
     Example:
         >>> opnorm.singular_values(model, x, 3)   # (B, 3)
     """
+    if tol is not None:
+        raise TypeError(REMOVED_TOL)
     if method not in ("auto", "power", "exact"):
         raise ValueError(f"method must be one of ('auto', 'power', 'exact'), got {method!r}")
     if route not in ROUTES:
@@ -53,7 +59,7 @@ def singular_values(
     check_inputs(model, x)
     k = _check_iters(k, "k")
     iters = _check_iters(iters)
-    tol = _check_tol(tol)
+    rtol_change = _check_tol(rtol_change)
     net = unwrap(model)
     B = x.shape[0]
     n = x[0].numel()
@@ -70,11 +76,11 @@ def singular_values(
             U, S, Vh = torch.linalg.svd(J, full_matrices=False)
             res = SpectrumResult(S[:, :k], U[:, :, :k], Vh[:, :k, :].transpose(1, 2).reshape(B, *x.shape[1:], k))
         else:
-            res = _subspace(lin, x, k, iters, tol, generator)
+            res = _subspace(lin, x, k, iters, rtol_change, generator)
     return res if return_vectors else res.values
 
 
-def _subspace(lin: LinearOperator, x, k, iters, tol, generator) -> SpectrumResult:
+def _subspace(lin: LinearOperator, x, k, iters, rtol_change, generator) -> SpectrumResult:
     """Block power (subspace) iteration on J^T J with k columns, all examples at once."""
     B = x.shape[0]
     shape = x.shape[1:]
@@ -93,7 +99,7 @@ def _subspace(lin: LinearOperator, x, k, iters, tol, generator) -> SpectrumResul
         V = torch.linalg.qr(JT(W))[0]
         W = J(V)
         vals = torch.linalg.svdvals(W)  # Ritz values: V is orthonormal
-        if prev is not None and bool(((vals - prev).abs() <= tol * vals.clamp_min(1e-30)).all()):
+        if prev is not None and bool(((vals - prev).abs() <= rtol_change * vals.clamp_min(1e-30)).all()):
             break
         prev = vals
     # Rayleigh-Ritz: the SVD of the small (d, k) matrix J V rotates V onto singular vectors
