@@ -131,7 +131,7 @@ MUTATIONS = [
              why="the trainer's FGSM-RS and N-FGSM run without a random start by default"),
     # ---- training
     Mutation("training-resume-skips-rng", "training/trainer.py",
-             '    set_rng_state(state["rng"])\n', "",
+             '    load("rng", set_rng_state)\n', "",
              (T + "training/test_fast_at.py::test_resume_is_bit_identical[fgsm-rs]",),
              why="a resumed run draws other random starts than an uninterrupted one"),
     Mutation("training-divergence-check-skips-objective", "training/trainer.py",
