@@ -14,6 +14,7 @@ from opnorm.norms import (
 from opnorm.jacobian import eval_mode, jacobian, jvp, linearize, vjp
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 from opnorm.attacks import PGD, pgd
+from opnorm.evaluation import Evaluation, evaluate
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
 from opnorm.regularizers import (
     AdversarialTrainingLoss,
