@@ -112,7 +112,7 @@ def test_wilson_interval_matches_the_formula_and_scipy(k, n):
     assert (lo, hi) == pytest.approx((center - half, center + half), abs=1e-12)
     ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
-    assert lo <= phat <= hi
+    assert lo <= phat <= hi and (lo == 0) == (k == 0) and (hi == 1) == (k == n)
     assert wilson_interval(80, 100) == pytest.approx((0.711, 0.867), abs=5e-4)  # the textbook example
 
 

@@ -312,7 +312,10 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1 + z * z / n
     center = (phat + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # at k = 0 (k = n) the bound is exactly 0 (1); rounding would leave 1e-17 outside the estimate
+    lo = 0.0 if successes == 0 else max(0.0, center - half)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi
 
 
 @dataclass

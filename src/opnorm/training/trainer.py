@@ -11,7 +11,8 @@ on rank 0 and a checkpoint. The run directory (``config.out``, see
 * ``metrics.jsonl``: one line per epoch: ``epoch, loss, lr, lr_schedule, accuracy`` (clean,
   whole test split), ``robust_accuracy`` (PGD at the training eps and p, first
   ``eval_points`` test points), ``operator_norm`` (mean ``||J(x)||_{p->q}`` on those points,
-  via :func:`opnorm.power.operator_norm`), ``seconds`` (training), ``eval_seconds`` and, with
+  via :func:`opnorm.power.operator_norm`), ``seconds`` (training), ``eval_seconds`` (the
+  evaluation's; these four only on the epochs that ``eval_every`` evaluates) and, with
   ``on_nan="skip"``, ``skipped_batches``;
 * ``checkpoint.pt`` (+ ``.sha256``): model, optimizer, objective (e.g. spectral-norm
   vectors), AMP scaler, completed epochs, RNG states, config and history, rewritten
@@ -384,7 +385,7 @@ def _run(
                                    "lr_schedule": describe(cfg, epoch), "seconds": time.perf_counter() - t0}
         if cfg.on_nan == "skip":
             metrics["skipped_batches"] = skipped
-        if ctx.is_main:
+        if ctx.is_main and _evaluates(cfg, epoch, passes, stopping=stop_after is not None and done_now >= stop_after):
             t1 = time.perf_counter()
             metrics.update(_evaluate(model, splits, cfg, epoch, device, step.show))
             metrics["eval_seconds"] = time.perf_counter() - t1
@@ -480,11 +481,20 @@ class _Stepper:
         return sums, steps, skipped
 
 
+def _evaluates(cfg: TrainConfig, epoch: int, passes: int, stopping: bool) -> bool:
+    """Whether epoch (0-based) ends with the evaluation: every ``eval_every`` epochs, the last
+    one, and the last of an invocation that stops early (its result carries the metrics)."""
+    last = epoch + 1 == passes
+    return last or stopping or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+
+
 def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:
     p = "inf" if cfg.p == math.inf else f"{cfg.p:g}"
     q = "inf" if cfg.q == math.inf else f"{cfg.q:g}"
-    return (
-        f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
-        f"robust(l{p}, eps={cfg.eps:g}) {m['robust_accuracy']:.4f}  ||J||_({p},{q}) {m['operator_norm']:.3f}  "
-        f"{m['seconds']:.1f}s"
+    line = f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  "
+    if "eval_seconds" not in m:  # an epoch without the evaluation (eval_every)
+        return line + f"train {m['seconds']:.1f}s"
+    return line + (
+        f"acc {m['accuracy']:.4f}  robust(l{p}, eps={cfg.eps:g}) {m['robust_accuracy']:.4f}  "
+        f"||J||_({p},{q}) {m['operator_norm']:.3f}  train {m['seconds']:.1f}s  eval {m['eval_seconds']:.1f}s"
     )
