@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default=None,
-                   help="output prefix (default: <run dir>/eval-<attack>-p<p>-eps<eps>-loss<loss>-n<points>-seed<seed>); "
-                        "writes .json and .csv, with a -2, -3, ... suffix when that pair exists")
+                   help="output prefix (default: <run dir>/eval-<attack>-p<p>-eps<eps>-loss<loss>-n<points>-"
+                        "seed<seed>); writes .json and .csv, with a -2, -3, ... suffix when that pair exists")
 
     d = sub.add_parser("demo", help="train a small CNN on digits and print per-example operator norms", parents=[common])
     d.add_argument("--seed", type=int, default=0)
@@ -253,7 +253,8 @@ def _write_new(path: Path, text: str) -> None:
         with open(path, "x", newline="") as f:  # "x": never overwrite, even if another process just wrote it
             f.write(text)
     except FileExistsError:
-        raise CLIError(f"{path} appeared while evaluating; nothing was overwritten: rerun for the next free name") from None
+        raise CLIError(f"{path} appeared while evaluating; nothing was overwritten: rerun for the next free "
+                       "name") from None
 
 
 def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list, str]:

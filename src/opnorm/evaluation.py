@@ -144,7 +144,8 @@ class PGDAttack:
                           step_size=self.step_size, delta0=start[left], clip=self.clip, schedule=self.schedule,
                           best_iterate=self.best_iterate)
                 with torch.no_grad(), eval_mode(net):
-                    robust[robust.clone()] = net(adv).argmax(1) == yb[left]
+                    still = net(adv).argmax(1) == yb[left]
+                robust[robust.clone()] = still
             out[torch.arange(s.start, s.stop)[rows.cpu()]] = robust.cpu()
         return out
 
@@ -467,8 +468,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[f
         >>> res = evaluate(model, x, y, eps=[0.1], p="inf", attacks=[PGDAttack(loss="cw"), "autoattack"])
         >>> print(res.worst_case(0.1), res.interval(0.1))
     """
-    if isinstance(x, torch.Tensor) and x.is_inference():
-        raise RuntimeError("evaluate() cannot attack inference tensors: call it outside torch.inference_mode()")
+    if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
+        raise RuntimeError("evaluate() needs gradients, which torch.inference_mode() forbids: call it outside "
+                           "inference mode, with tensors made outside it")
     p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
     eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):

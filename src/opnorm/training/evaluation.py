@@ -63,8 +63,8 @@ def robust_accuracy(
     an example counts as robust only if no point of the attack's path fools the model
     (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
     ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
-    ``generator``: draws the random starts, its stream going on (None: torch's global generator). ``progress`` shows a bar over
-    the batches (on stderr).
+    ``generator``: draws the random starts, its stream going on (None: torch's global generator).
+    ``progress`` shows a bar over the batches (on stderr).
     """
     atk = PGDAttack(steps=steps, restarts=restarts, loss=loss, step_size=step_size, schedule=schedule, seed=None,
                     generator=generator, batch_size=batch_size, best_iterate=best_iterate)
