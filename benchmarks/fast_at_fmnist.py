@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from opnorm.experiments.evaluate import robust_correct, torchattacks_correct
+from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack, evaluate as evaluate_attacks
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.trainer import CHECKPOINT, accuracy, train, write_text_atomic
@@ -112,12 +112,11 @@ def bits(mask: torch.Tensor) -> str:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, args: argparse.Namespace) -> dict:
     """Per-attack and worst-case robust accuracy, with the per-example masks (``"1"``: robust)."""
     t0 = time.perf_counter()
-    masks = {
-        "pgd20": robust_correct(model, x, y, eps=eps, p=math.inf, steps=20, restarts=args.restarts, seed=123),
-        "apgd_ce": torchattacks_correct(model, x, y, "apgd-ce", eps=eps, steps=args.apgd_steps),
-        "apgd_dlr": torchattacks_correct(model, x, y, "apgd-dlr", eps=eps, steps=args.apgd_steps),
-        "square": torchattacks_correct(model, x, y, "square", eps=eps, queries=args.square_queries),
-    }
+    suite = {"pgd20": PGDAttack(steps=20, restarts=args.restarts, seed=123),
+             "apgd_ce": APGDAttack("ce", steps=args.apgd_steps), "apgd_dlr": APGDAttack("dlr", steps=args.apgd_steps),
+             "square": SquareAttack(queries=args.square_queries)}
+    ev = evaluate_attacks(model, x, y, eps=eps, p=math.inf, attacks=list(suite.values()), every_example=True)
+    masks = {k: ev.correct[a.name][0] == 1 for k, a in suite.items()}
     worst = torch.stack(list(masks.values())).all(dim=0)
     gradient_worst = torch.stack([masks[k] for k in ATTACKS if k != "square"]).all(dim=0)
     res: dict[str, Any] = {"clean": accuracy(model, x, y)}

@@ -69,7 +69,7 @@ from typing import Any, Optional
 import torch
 
 import opnorm
-from opnorm.experiments.evaluate import torchattacks_correct
+from opnorm.evaluation import APGDAttack, evaluate
 from opnorm.jacobian import eval_mode
 from opnorm.training.config import FAST_COLD_ITERS, FAST_WARM_ITERS, OPNORM_TASKS, TrainConfig
 from opnorm.training.data import load_dataset
@@ -259,8 +259,8 @@ def variants(args: argparse.Namespace, out: Path, lam: float) -> None:
 
 def apgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, steps: int,
                   batch: int = 250) -> float:
-    correct = torchattacks_correct(model, x, y, f"apgd-{loss}", eps=0.1, steps=steps, seed=0, batch_size=batch)
-    return float(correct.double().mean())
+    atk = APGDAttack(loss, steps=steps, seed=0, batch_size=batch)
+    return evaluate(model, x, y, eps=0.1, p=INF, attacks=[atk], every_example=True).accuracy(atk.name, 0.1)
 
 
 def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, index: torch.Tensor) -> dict:

@@ -16,6 +16,7 @@ from opnorm.jacobian import eval_mode, jvp, linearize, vjp
 from opnorm.jacobian import jacobian as jacobian_matrix
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
 from opnorm.attacks import PGD, pgd
+from opnorm.evaluation import Evaluation, evaluate
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
 from opnorm.regularizers import (
     AdversarialTrainingLoss,

@@ -12,6 +12,7 @@ Examples::
     opnorm train --out runs/dd --resume --epochs 10          # continue a run, extended to 10 epochs
     opnorm train --config runs/dd/config.json --seed 1 --out runs/dd-seed1
     opnorm eval --checkpoint runs/dd/checkpoint.pt --attack pgd --p inf --eps 0,0.05,0.1,0.2
+    opnorm eval --checkpoint runs/dd --attack autoattack --eps 0.1 --limit 1000  # the number papers compare
     torchrun --nproc_per_node=2 -m opnorm train --method pgd-at --out runs/ddp
 """
 
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from opnorm.attacks import SCHEDULES  # loaded with the package anyway
+from opnorm.evaluation import ATTACKS, SUITES
+from opnorm.training.files import refuse_link
 
 __all__ = ["main", "build_parser"]
 
@@ -108,24 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a new run write into a --out directory that holds files of something else")
     _config_flags(t)
 
-    e = sub.add_parser("eval", help="robust accuracy of a checkpoint", parents=[common])
+    e = sub.add_parser("eval", help="robust accuracy of a checkpoint: attacks, worst case, interval", parents=[common],
+                       description="Clean accuracy and robust accuracy per attack and radius, with the per-example "
+                                   "worst case (correct clean and under every attack) and its 95%% Wilson interval. "
+                                   "Writes a JSON summary and a per-example CSV named by the settings, never "
+                                   "overwriting an earlier evaluation.")
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its run directory)")
-    e.add_argument("--attack", default="pgd", help="attack: pgd")
+    e.add_argument("--attack", default="pgd",
+                   help=f"attack, suite or comma-separated list: {' | '.join(ATTACKS + tuple(SUITES))} (default pgd; "
+                        "autoattack: torchattacks' standard AutoAttack; all: every attack)")
     e.add_argument("--p", default=None, help="threat model (default: the run's p)")
     e.add_argument("--eps", default=None, help="comma-separated radii (default: 0 and the run's eps)")
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--restarts", type=int, default=1)
-    e.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")
-    e.add_argument("--schedule", default="halving", choices=SCHEDULES,
+    e.add_argument("--every-example", action="store_true",
+                   help="run every attack on every example (each attack's accuracy alone; slower). Default: a later "
+                        "attack runs only on the examples still robust (same worst case)")
+    g = e.add_argument_group("the pgd attack (opnorm.pgd)")
+    g.add_argument("--steps", type=int, default=None, help="steps (default 20)")
+    g.add_argument("--restarts", type=int, default=None, help="random restarts (default 1)")
+    g.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="step-size schedule: halving (default; large steps halved at 1/4, 1/2, 3/4 of the steps, "
                         "each halving from the strongest point so far) | constant")
-    e.add_argument("--loss", default="ce", help="attack loss: ce | cw | logit | kl")
+    g.add_argument("--loss", default=None, help="attack loss: ce (default) | cw | logit | kl")
+    t_ = e.add_argument_group("the torchattacks attacks")
+    t_.add_argument("--apgd-steps", type=int, default=100, help="steps of apgd-ce, apgd-dlr, apgd-t (default 100)")
+    t_.add_argument("--square-queries", type=int, default=5000, help="queries of square (default 5000)")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N test points (default all)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default=None, help="output prefix (default: <run dir>/eval-<attack>-p<p>); writes .json and .csv")
+    e.add_argument("--out", default=None,
+                   help="output prefix (default: <run dir>/eval-<attack>-p<p>-eps<eps>-loss<loss>-n<points>-"
+                        "seed<seed>); writes .json and .csv, with a -2, -3, ... suffix when that pair exists")
 
     d = sub.add_parser("demo", help="train a small CNN on digits and print per-example operator norms", parents=[common])
     d.add_argument("--seed", type=int, default=0)
@@ -231,23 +249,72 @@ def _fmt(p: float) -> str:
     return "inf" if p == math.inf else f"{p:g}"
 
 
+PGD_FLAGS = {"steps": 20, "restarts": 1, "step_size": None, "schedule": "halving", "loss": "ce"}
+
+
+def _free_prefix(prefix: Path) -> Path:
+    """prefix, or prefix-2, -3, ...: the first whose .json and .csv both do not exist; a symbolic
+    link in the way is refused (UnsafePathError), never written through or stepped over."""
+    k, candidate = 1, prefix
+    while any(_taken(candidate.with_name(candidate.name + ext)) for ext in (".json", ".csv")):
+        k += 1
+        candidate = prefix.with_name(f"{prefix.name}-{k}")
+    return candidate
+
+
+def _taken(path: Path) -> bool:
+    refuse_link(path)
+    return path.exists()
+
+
+def _write_new(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x", newline="") as f:  # "x": never overwrite, even if another process just wrote it
+            f.write(text)
+    except FileExistsError:
+        raise CLIError(f"{path} appeared while evaluating; nothing was overwritten: rerun for the next free "
+                       "name") from None
+
+
+def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list, str]:
+    from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack, named_attack
+
+    given = [f"--{k.replace('_', '-')}" for k in PGD_FLAGS if getattr(args, k) is not None]
+    if given and "pgd" not in names:
+        raise CLIError(f"{', '.join(given)} set the pgd attack, which --attack {args.attack} does not run; "
+                       "add pgd to --attack or drop them")
+    pgd_kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PGD_FLAGS.items()}
+    attacks = []
+    for name in names:
+        if name == "pgd":
+            attacks.append(PGDAttack(generator=gen, batch_size=args.batch_size, **pgd_kw))
+        elif name.startswith("apgd-"):
+            attacks.append(APGDAttack(name[5:], steps=args.apgd_steps, seed=args.seed, batch_size=args.batch_size))
+        elif name == "square":
+            attacks.append(SquareAttack(queries=args.square_queries, seed=args.seed, batch_size=args.batch_size))
+        else:
+            attacks.append(named_attack(name, seed=args.seed))
+    return attacks, pgd_kw["loss"]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from opnorm.evaluation import attack_names, evaluate
     from opnorm.norms import norm_order
     from opnorm.training.checkpoint import CheckpointError, load_checkpoint
     from opnorm.training.config import TrainConfig
     from opnorm.training.data import load_dataset
     from opnorm.training.distributed import resolve_device
-    from opnorm.training.files import write_text_atomic
     from opnorm.training.models import build_model
-    from opnorm.training.trainer import CHECKPOINT, accuracy, robust_accuracy
+    from opnorm.training.trainer import CHECKPOINT
 
-    if args.attack != "pgd":
-        raise ValueError(f"unknown attack {args.attack!r}; valid: pgd")
-    for name in ("steps", "restarts", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    names = attack_names(args.attack)
+    for name in ("steps", "restarts", "batch_size", "apgd_steps", "square_queries"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     path = Path(args.checkpoint)
@@ -260,6 +327,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     p = norm_order(args.p if args.p is not None else cfg.p, "p")
     eps_list = _parse_eps_list(args.eps) if args.eps is not None else [0.0, cfg.eps]
     device = resolve_device(args.device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    attacks, loss = _eval_attacks(args, names, gen)
     splits = load_dataset(cfg.dataset, args.data_dir if args.data_dir is not None else cfg.data_dir)
     model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
                         mean=splits.mean, std=splits.std, width=cfg.width)
@@ -270,36 +339,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device).eval()
     n = splits.test.x.shape[0] if args.limit is None else min(args.limit, splits.test.x.shape[0])
     x, y = splits.test.x[:n], splits.test.y[:n]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    rows = []
-    clean = accuracy(model, x, y, batch_size=args.batch_size)
-    for eps in eps_list:
-        t0 = time.perf_counter()
-        acc = clean if eps == 0 else robust_accuracy(
-            model, x, y, eps=eps, p=p, steps=args.steps, restarts=args.restarts, loss=args.loss,
-            step_size=args.step_size, schedule=args.schedule, generator=gen, batch_size=args.batch_size,
-            progress=sys.stderr.isatty())
-        rows.append({"eps": eps, "robust_accuracy": acc, "seconds": time.perf_counter() - t0})
+    res = evaluate(model, x, y, eps=eps_list, p=p, attacks=attacks, every_example=args.every_example,
+                   progress=sys.stderr.isatty())
 
-    print(f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; PGD-{args.steps} (l_{_fmt(p)}, loss {args.loss}, "
-          f"{args.schedule} step, restarts {args.restarts}) on {n} test points; clean accuracy {clean:.4f}")
-    print(f"{'eps':>10}  {'robust accuracy':>15}")
-    for r in rows:
-        print(f"{r['eps']:>10g}  {r['robust_accuracy']:>15.4f}")
-    prefix = Path(args.out) if args.out is not None else path.parent / f"eval-{args.attack}-p{_fmt(p)}"
+    lo, hi = res.interval()
+    print(f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; l_{_fmt(p)} threat model, {n} test points, "
+          f"seed {args.seed}; clean accuracy {res.clean_accuracy:.4f} [{lo:.4f}, {hi:.4f}]")
+    how = "each alone on every example" if res.every_example else "in turn, each on the examples still robust"
+    print(f"attacks ({how}): " + "; ".join(f"{a}: {res.descriptions[a]}" for a in res.attacks))
+    cols = res.attacks if res.every_example else [f"after {a}" for a in res.attacks]
+    width = max(10, *(len(c) for c in cols))
+    print(f"{'eps':>8}  " + "  ".join(f"{c:>{width}}" for c in cols) + f"  {'worst case':>10}  95% Wilson interval")
+    for e in res.eps:
+        vals = [res.accuracy(a, e) if res.every_example else res.after(a, e) for a in res.attacks]
+        lo, hi = res.interval(e)
+        print(f"{e:>8g}  " + "  ".join(f"{v:>{width}.4f}" for v in vals) + f"  {res.worst_case(e):>10.4f}  "
+              f"[{lo:.4f}, {hi:.4f}]")
+
+    eps_tag = "_".join(f"{e:g}" for e in eps_list)
+    spec = "+".join(t.strip() for t in args.attack.split(","))
+    loss_tag = f"-loss{loss}" if "pgd" in names else ""
+    default = path.parent / f"eval-{spec}-p{_fmt(p)}-eps{eps_tag}{loss_tag}-n{n}-seed{args.seed}"
+    prefix = _free_prefix(Path(args.out) if args.out is not None else default)
     report = {
         "checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
-        "attack": args.attack, "p": _fmt(p), "steps": args.steps, "restarts": args.restarts, "loss": args.loss,
-        "step_size": args.step_size, "schedule": args.schedule, "n": n, "seed": args.seed, "clean_accuracy": clean, "results": rows,
+        "attack": args.attack, "seed": args.seed, "pgd": {k: getattr(attacks[names.index("pgd")], k)
+                                                          for k in PGD_FLAGS} if "pgd" in names else None,
+        **res.summary(),
     }
     json_path, csv_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
-    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    rows = res.rows()
     table = io.StringIO(newline="")
-    w = csv.writer(table)
-    w.writerow(["eps", "robust_accuracy"])
-    for r in rows:
-        w.writerow([r["eps"], r["robust_accuracy"]])
-    write_text_atomic(csv_path, table.getvalue())
+    w = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["index", "eps", "label", "clean", "worst"])
+    w.writeheader()
+    w.writerows(rows)
+    _write_new(csv_path, table.getvalue())
+    _write_new(json_path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {json_path} and {csv_path}")
     return 0
 

@@ -123,7 +123,7 @@ def test_eval_outputs_refuse_a_link(run1, tmp_path, capsys, where):
     run = copy_of(run1, tmp_path)
     args = ["eval", "--checkpoint", str(run), "--eps", "0.1", "--steps", "2", "--limit", "8", "--device", "cpu"]
     if where == "default":
-        link = plant_link(run, "eval-pgd-p2.json", target)
+        link = plant_link(run, "eval-pgd-p2-eps0.1-lossce-n8-seed0.json", target)
     else:
         args += ["--out", str(tmp_path / "mine")]
         link = plant_link(tmp_path, "mine.csv", target)

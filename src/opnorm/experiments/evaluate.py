@@ -16,6 +16,7 @@ from torch import nn
 
 from opnorm.analysis import activation_agreement, alignment, verify_equivalence
 from opnorm.attacks import pgd
+from opnorm.evaluation import APGDAttack, evaluate
 from opnorm.jacobian import eval_mode, unwrap
 from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
 from opnorm.norms import lp_norm
@@ -196,70 +197,11 @@ def mean_spectrum(model: nn.Module, x: torch.Tensor, k: int) -> list[float]:
     return [float(s) for s in singular_values(model, x, k, method="exact").mean(dim=0)]
 
 
-def apgd_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int, seed: int) -> Optional[float]:
-    """Robust accuracy under torchattacks' APGD-CE, or None when torchattacks is missing."""
+def apgd_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int,
+                         seed: int) -> Optional[float]:
+    """Robust accuracy under torchattacks' APGD-CE (all points in one call), or None when torchattacks is missing."""
+    atk = APGDAttack("ce", steps=steps, seed=seed, batch_size=max(1, x.shape[0]))
     try:
-        import torchattacks
-    except Exception:
+        return evaluate(model, x, y, eps=eps, p=NORMS[norm], attacks=[atk], every_example=True).accuracy("apgd-ce", eps)
+    except ImportError:
         return None
-    net = unwrap(model)
-    with eval_mode(net):
-        atk = torchattacks.APGD(net, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed)
-        xa = atk(x, y)
-        with torch.no_grad():
-            return float((net(xa).argmax(1) == y).float().mean())
-
-
-# ----------------------------------------------------------------------------- per-example robustness
-
-
-TORCHATTACKS = ("apgd-ce", "apgd-dlr", "square")
-
-
-def robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, p: float, steps: int = 20,
-                   restarts: int = 1, schedule: str = "constant", seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """(B,) bool: example b is classified correctly at every point of :func:`opnorm.attacks.pgd`'s
-    paths (cross-entropy, random start, ``restarts`` runs, best iterate), as
-    :func:`~opnorm.training.trainer.robust_accuracy` counts it (its mean is that accuracy)."""
-    net = unwrap(model)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for s in range(0, x.shape[0], batch_size):
-        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        adv = pgd(net, xb, yb, eps=eps, p=p, steps=steps, restarts=restarts, random_start=True, generator=gen,
-                  best_iterate=True, schedule=schedule)
-        with torch.no_grad(), eval_mode(net):
-            out.append(net(adv).argmax(1) == yb)
-    return torch.cat(out)
-
-
-def torchattacks_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, *, eps: float,
-                         norm: str = "Linf", steps: int = 100, queries: int = 1000, seed: int = 0,
-                         batch_size: int = 250) -> torch.Tensor:
-    """(B,) bool: example b is still classified correctly after torchattacks' ``attack``.
-
-    ``attack``: "apgd-ce" / "apgd-dlr" (APGD, ``steps`` steps, 1 restart; Croce and Hein 2020) or
-    "square" (the black-box Square attack, ``queries`` queries, margin loss; Andriushchenko et al.
-    2020: gradient masking shows up as Square beating the gradient attacks). Raises ImportError
-    when torchattacks is missing.
-
-    Example:
-        >>> torchattacks_correct(model, x, y, "square", eps=0.1, queries=1000).float().mean()
-    """
-    import torchattacks
-
-    if attack not in TORCHATTACKS:
-        raise ValueError(f"attack must be one of {', '.join(TORCHATTACKS)}, got {attack!r}")
-    net = unwrap(model)
-    out = []
-    with eval_mode(net):
-        if attack == "square":
-            atk = torchattacks.Square(net, norm=norm, eps=eps, n_queries=queries, n_restarts=1, seed=seed)
-        else:
-            atk = torchattacks.APGD(net, norm=norm, eps=eps, steps=steps, n_restarts=1, seed=seed, loss=attack[5:])
-        for s in range(0, x.shape[0], batch_size):
-            xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-            adv = atk(xb, yb)
-            with torch.no_grad():
-                out.append(net(adv).argmax(1) == yb)
-    return torch.cat(out)

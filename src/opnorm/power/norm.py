@@ -229,8 +229,8 @@ def _exact(lin: LinearOperator, x, p, q, max_enumerate, restarts, generator) -> 
         res = _exact_of(flat.masked_fill(bad[:, None, None], 0.0), x, p, q, max_enumerate, restarts, generator)
         over = torch.where(torch.isnan(flat).flatten(1).any(dim=1), math.nan, math.inf).to(res.sigma.dtype)
         res.sigma = torch.where(bad, over, res.sigma)
-        res.exact = res.exact & ~bad
-        res.converged = res.converged & ~bad
+        res.exact = res.exact & ~bad  # converged is exact
+        res.stopped = res.stopped & ~bad
         return res
     return _exact_of(flat, x, p, q, max_enumerate, restarts, generator)
 

@@ -179,6 +179,8 @@ class TrainConfig:
                      "metrics; non-finite weights still stop it)")
     eval_points: int = _f(200, "test points for the per-epoch PGD and operator-norm metrics")
     eval_steps: int = _f(20, "PGD steps of the per-epoch robustness metric")
+    eval_every: int = _f(1, "evaluate (accuracy, PGD, operator norm) every N epochs and after the last one; "
+                         "0: only after the last epoch")
     norm_iters: Optional[int] = _f(None, "power iterations of the per-epoch operator-norm metric")
     out: Optional[str] = _f(None, "run directory")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
@@ -281,6 +283,7 @@ def _resolve_numbers(c: TrainConfig) -> None:
     for name in ("steps", "epochs", "batch_size", "eval_points", "eval_steps"):
         setattr(c, name, _integer(getattr(c, name), name, lo=1))
     c.seed = _integer(c.seed, "seed", lo=0, hi=MAX_SEED)
+    c.eval_every = _integer(c.eval_every, "eval_every", lo=0)
     c.schedule_extensions = _extensions(c.schedule_extensions, c.epochs)
     c.num_workers = _integer(c.num_workers, "num_workers", lo=0)
     for name in ("norm_iters", "limit_train", "limit_test", "width"):
@@ -480,7 +483,7 @@ def _extensions(value: Any, epochs: int) -> list[dict[str, int]]:
 # schedule_extensions. Every other key (dotted inside nested sections) defines the trajectory.
 RESUMABLE = frozenset({
     "epochs", "out", "device", "progress", "num_workers", "data_dir", "download",
-    "eval_points", "eval_steps", "norm_iters", "limit_test", "on_nan",
+    "eval_points", "eval_steps", "eval_every", "norm_iters", "limit_test", "on_nan",
 })
 
 _ABSENT = object()

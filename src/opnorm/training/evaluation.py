@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from opnorm.attacks import PGD_ORDERS
+from opnorm.evaluation import PGDAttack, evaluate
 from opnorm.jacobian import check_label_range, eval_mode, unwrap
 from opnorm.training.config import TrainConfig
 
@@ -59,25 +60,17 @@ def robust_accuracy(
 ) -> float:
     """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
 
-    An example counts as robust only if no point of the attack's path fools the model
+    The accuracy of :class:`opnorm.evaluation.PGDAttack` alone in :func:`opnorm.evaluation.evaluate`:
+    an example counts as robust only if no point of the attack's path fools the model
     (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
     ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
+    ``generator``: draws the random starts, its stream going on (None: torch's global generator).
     ``progress`` shows a bar over the batches (on stderr).
     """
-    from opnorm.attacks import pgd
-
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    correct = 0
-    for s in _bar(list(_batches(x.shape[0], batch_size)), progress, f"PGD eps={eps:g}"):
-        xb, yb = x[s].to(device), y[s].to(device)
-        if eps > 0:
-            xb = pgd(net, xb, yb, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size,
-                     restarts=restarts, random_start=True, generator=generator, best_iterate=best_iterate,
-                     schedule=schedule)
-        with torch.no_grad(), eval_mode(net):
-            correct += int((net(xb).argmax(1) == yb).sum())
-    return correct / max(1, x.shape[0])
+    atk = PGDAttack(steps=steps, restarts=restarts, loss=loss, step_size=step_size, schedule=schedule, seed=None,
+                    generator=generator, batch_size=batch_size, best_iterate=best_iterate)
+    return evaluate(model, x, y, eps=[eps], p=p, attacks=[atk], every_example=True, progress=progress).accuracy(
+        "pgd", eps)
 
 
 def mean_operator_norm(

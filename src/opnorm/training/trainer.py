@@ -12,8 +12,9 @@ directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
 * ``metrics.jsonl``: one line per epoch: ``epoch, loss, lr, lr_schedule, accuracy`` (clean,
   whole test split), ``robust_accuracy`` (PGD at the training eps and p, first
   ``eval_points`` test points; null when PGD has no such p), ``operator_norm`` (mean
-  ``||J(x)||_{p->q}`` on those points,
-  via :func:`opnorm.power.operator_norm`), ``seconds`` (training), ``eval_seconds`` and, with
+  ``||J(x)||_{p->q}`` on those points, via :func:`opnorm.power.operator_norm`), ``seconds``
+  (training), ``eval_seconds`` (the evaluation's; these four only on the epochs that
+  ``eval_every`` evaluates), ``evaluated`` (whether the epoch is one of them) and, with
   ``on_nan="skip"``, ``skipped_batches``;
 * ``checkpoint.pt`` (+ ``.sha256``): model, optimizer, objective (e.g. spectral-norm
   vectors), AMP scaler, completed epochs, RNG states, config, history, the world size and
@@ -407,7 +408,7 @@ def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tu
     return state["epoch"], [dict(m) for m in state["history"]]  # both checked by RunDir.load_for_resume
 
 
-_CHECKED = "accuracy"  # a history entry without it is an epoch saved whose check did not finish
+_CHECKED = "accuracy"  # an entry due for the check without it: an epoch saved whose check did not finish
 
 
 def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run: Optional[RunDir]) -> dict[str, Any]:
@@ -456,7 +457,7 @@ def _run(
     net = D.wrap(model, ctx)
     if cfg.compile is not False:  # attacks and power iterations use the plain module (unwrap)
         net = _compiled(net, cfg.compile)
-    if history and _CHECKED not in history[-1] and ctx.is_main:  # saved, but its check did not finish
+    if history and history[-1].get("evaluated", True) and _CHECKED not in history[-1] and ctx.is_main:
         history[-1].update(_check(model, splits, cfg, start_epoch - 1, device, _progress(cfg, ctx), run))
     if run is not None:
         run.write_config(cfg)
@@ -488,6 +489,8 @@ def _run(
                                    "lr_schedule": describe(cfg, epoch), "seconds": time.perf_counter() - t0}
         if cfg.on_nan == "skip":
             metrics["skipped_batches"] = skipped
+        # saved with the epoch, so that a resume knows whether its check is still to run
+        metrics["evaluated"] = _evaluates(cfg, epoch, passes, stopping=stop_after is not None and done_now >= stop_after)
         history.append(metrics)
         if run is not None:  # the epoch is saved before its check, which may fail
             run.save({
@@ -495,7 +498,7 @@ def _run(
                 "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
                 "rng": rng_state(), "config": cfg.to_dict(), "history": history, **facts,
             })
-        if ctx.is_main:
+        if ctx.is_main and metrics["evaluated"]:
             metrics.update(_check(model, splits, cfg, epoch, device, step.show, run))
         if run is not None:
             run.write_metrics(history)
@@ -598,12 +601,21 @@ class _Stepper:
         return sums, steps, skipped
 
 
+def _evaluates(cfg: TrainConfig, epoch: int, passes: int, stopping: bool) -> bool:
+    """Whether epoch (0-based) ends with the evaluation: every ``eval_every`` epochs, the last
+    one, and the last of an invocation that stops early (its result carries the metrics)."""
+    last = epoch + 1 == passes
+    return last or stopping or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+
+
 def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:
     p = "inf" if cfg.p == math.inf else f"{cfg.p:g}"
     q = "inf" if cfg.q == math.inf else f"{cfg.q:g}"
+    line = f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  "
+    if "eval_seconds" not in m:  # an epoch without the evaluation (eval_every)
+        return line + f"train {m['seconds']:.1f}s"
     robust = "n/a" if m["robust_accuracy"] is None else f"{m['robust_accuracy']:.4f}"
-    return (
-        f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
-        f"robust(l{p}, eps={cfg.eps:g}) {robust}  ||J||_({p},{q}) {m['operator_norm']:.3f}  "
-        f"{m['seconds']:.1f}s"
+    return line + (
+        f"acc {m['accuracy']:.4f}  robust(l{p}, eps={cfg.eps:g}) {robust}  "
+        f"||J||_({p},{q}) {m['operator_norm']:.3f}  train {m['seconds']:.1f}s  eval {m['eval_seconds']:.1f}s"
     )
