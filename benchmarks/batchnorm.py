@@ -108,7 +108,8 @@ def train(make, kind: str, seed: int, data, epochs: int) -> dict:
             loss.backward()
             opt.step()
     seconds = time.perf_counter() - start
-    return {"test_accuracy": accuracy(model, xte, yte), "last_penalty": float(pen.detach()), "train_seconds": round(seconds, 1)}
+    return {"test_accuracy": accuracy(model, xte, yte), "last_penalty": float(pen.detach()),
+            "train_seconds": round(seconds, 1)}
 
 
 # ----------------------------------------------------------------------------- mechanism, by hand

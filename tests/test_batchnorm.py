@@ -29,13 +29,16 @@ def model(kind: str) -> nn.Sequential:
     """pre -> BatchNorm -> post, double, with non-trivial running statistics and affine parameters."""
     torch.manual_seed(0)
     if kind == "bn1d":
-        net, shape = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)), (3, 4)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+        shape = (3, 4)
     elif kind in ("bn2d", "bn2d-no-affine", "sync"):
-        norm = {"bn2d": nn.BatchNorm2d(3), "bn2d-no-affine": nn.BatchNorm2d(3, affine=False), "sync": nn.SyncBatchNorm(3)}
+        norm = {"bn2d": nn.BatchNorm2d(3), "bn2d-no-affine": nn.BatchNorm2d(3, affine=False),
+                "sync": nn.SyncBatchNorm(3)}
         net, shape = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), norm[kind], nn.ReLU(), nn.Flatten(),
                                    nn.Linear(3 * 4 * 4, 4)), (1, 4, 4)
     elif kind == "bn3d":
-        net, shape = nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8, 4)), (1, 3, 3, 3)
+        net = nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8, 4))
+        shape = (1, 3, 3, 3)
     else:  # no running statistics: batch statistics in both modes
         net, shape = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6, track_running_stats=False),
                                    nn.ReLU(), nn.Linear(6, 4)), (3, 4)
@@ -102,7 +105,8 @@ def test_penalty_and_its_gradient_equal_the_clean_statistics_network(kind, p, q)
 def test_direction_is_the_top_singular_vector_of_the_clean_statistics_jacobian(kind):
     net = model(kind).train()
     x = batch(net)
-    res = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=1.0, solver=PGASolver(200, generator=gen(3))).direction(net, x)
+    reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=1.0, solver=PGASolver(200, generator=gen(3)))
+    res = reg.direction(net, x)
     with torch.no_grad():
         J = torch.stack([autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
                          for b in range(x.shape[0])])

@@ -49,8 +49,9 @@ def uses_batch_statistics(m: nn.Module) -> bool:
 def batch_norms(net: nn.Module) -> list[nn.Module]:
     """The submodules of net for which :func:`uses_batch_statistics` holds."""
     mods = [m for m in net.modules() if uses_batch_statistics(m)]
+    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for m in mods:
-        if isinstance(m, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if synced and isinstance(m, nn.SyncBatchNorm):
             raise ValueError("SyncBatchNorm across processes is not supported by the operator-norm penalty (it needs "
                              "the clean half's global statistics); convert the model's SyncBatchNorm to BatchNorm")
     return mods
@@ -132,7 +133,8 @@ def frozen_statistics(net: nn.Module, x: torch.Tensor) -> Iterator[None]:
     def measured(m: nn.Module):
         def run(h: torch.Tensor) -> torch.Tensor:
             if m in stats:
-                raise ValueError(f"{type(m).__name__} is called twice in one forward: its batch statistics are ambiguous")
+                raise ValueError(f"{type(m).__name__} is called twice in one forward: its batch statistics are "
+                                 "ambiguous")
             mean, var = _moments(m, h)
             stats[m] = (mean.flatten(), var.flatten())
             return _normalize(m, h, mean, var)

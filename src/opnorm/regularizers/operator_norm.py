@@ -280,8 +280,8 @@ class OperatorNormRegularizer(nn.Module):
             raise ValueError(f"logits must be f(x) of shape (B, d) with B = {x.shape[0]}, got {tuple(logits.shape)}")
         net = unwrap(model)
         if batch_norms(net):
-            raise ValueError("with BatchNorm in training mode f(x + eps v) must be normalized with the clean batch's "
-                             "statistics in the same forward: call reg.joint(model, x, index) instead of passing logits")
+            raise ValueError("with BatchNorm in training mode f(x + eps v) must be normalized with the clean "
+                             "batch's statistics in the same forward: call reg.joint(model, x, index), not logits=")
         free = self._free_ok(net, index)
         v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
         s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)

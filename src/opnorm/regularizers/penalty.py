@@ -128,7 +128,7 @@ class ExactPenalty(Penalty):
         """(f(x), s, None, None) from one forward of ``model``: J v differentiable w.r.t. the
         weights by forward-mode AD or double backward (:func:`opnorm.jacobian.differentiable_jvp`)."""
         if batch_norms(net):  # its J v would differentiate the batch statistics w.r.t. the input
-            raise ValueError("ExactPenalty does not support BatchNorm using batch statistics (training mode); "
-                             "use FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics")
+            raise ValueError("ExactPenalty does not support BatchNorm using batch statistics (training mode); use "
+                             "FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics")
         out, jv = differentiable_jvp(model, x, v)
         return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None
