@@ -81,18 +81,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train(make, kind: str, seed: int, data, epochs: int) -> dict:
-    """The README's loop; returns clean test accuracy (eval mode), the last penalty and seconds."""
+def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> dict:
+    """The README's loop (at most ``max_steps`` steps when > 0); returns clean test accuracy
+    (eval mode), the first five and the last penalty, and seconds."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     reg = regularizer(kind, len(xtr))
     g = torch.Generator().manual_seed(seed)
-    pen = torch.zeros(())
+    pen, penalties, steps = torch.zeros(()), [], 0
     start = time.perf_counter()
     model.train()
-    for _ in range(epochs):
+    for _ in range(epochs if max_steps <= 0 else 10**9):
+        if 0 < max_steps <= steps:
+            break
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), 64):
             index = perm[i:i + 64]
@@ -107,9 +110,13 @@ def train(make, kind: str, seed: int, data, epochs: int) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            penalties.append(float(pen.detach()))
+            steps += 1
+            if steps == max_steps:
+                break
     seconds = time.perf_counter() - start
-    return {"test_accuracy": accuracy(model, xte, yte), "last_penalty": float(pen.detach()),
-            "train_seconds": round(seconds, 1)}
+    return {"test_accuracy": accuracy(model, xte, yte), "steps": steps, "first_penalties": penalties[:5],
+            "last_penalty": float(pen.detach()), "train_seconds": round(seconds, 1)}
 
 
 # ----------------------------------------------------------------------------- mechanism, by hand
@@ -188,6 +195,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kinds", nargs="+", default=["plain", "paper", "fast", "fast_robust"])
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     ap.add_argument("--train-limit", type=int, default=TRAIN, help="the first N training images (resnet18 on 2 cores)")
     ap.add_argument("--label", default="after", help="the key the digits / resnet18 numbers go under")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -205,10 +213,10 @@ def main() -> None:
         data = (data[0][:args.train_limit], data[1][:args.train_limit], *data[2:])
         make = small_net if part == "digits" else resnet18
         runs = results.setdefault(part, {}).setdefault(args.label, {})
-        runs["epochs"], runs["train_images"] = args.epochs, len(data[0])
+        runs["epochs"], runs["train_images"], runs["max_steps"] = args.epochs, len(data[0]), args.max_steps
         for kind in args.kinds:
             for seed in args.seeds:
-                r = train(make, kind, seed, data, args.epochs)
+                r = train(make, kind, seed, data, args.epochs, args.max_steps)
                 runs.setdefault(kind, {})[str(seed)] = r
                 print(part, args.label, kind, seed, r, flush=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
