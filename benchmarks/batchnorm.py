@@ -90,7 +90,8 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     reg = regularizer(kind, len(xtr))
     g = torch.Generator().manual_seed(seed)
-    pen, penalties, steps = torch.zeros(()), [], 0
+    pen, penalties, steps, scales = torch.zeros(()), [], 0, []
+    bn = next((m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine), None)
     start = time.perf_counter()
     model.train()
     for _ in range(epochs if max_steps <= 0 else 10**9):
@@ -112,10 +113,13 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
             opt.step()
             penalties.append(float(pen.detach()))
             steps += 1
+            if bn is not None and steps % 4 == 0:  # the first BatchNorm's mean scale: the cheapest way to a small J
+                scales.append(round(float(bn.weight.mean()), 3))
             if steps == max_steps:
                 break
     seconds = time.perf_counter() - start
     return {"test_accuracy": accuracy(model, xte, yte), "steps": steps, "first_penalties": penalties[:5],
+            "first_batchnorm_mean_scale_every_4_steps": scales[:12],
             "last_penalty": float(pen.detach()), "train_seconds": round(seconds, 1)}
 
 
