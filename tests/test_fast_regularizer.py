@@ -287,23 +287,15 @@ def bn_net():
     return net
 
 
-def test_batchnorm_in_training_mode_falls_back_to_an_explicit_eval_mode_iteration():
+def test_batchnorm_in_training_mode_keeps_the_free_update():
+    """Train-mode BatchNorm mixes examples, but the penalty normalizes x + eps v with the clean
+    batch's statistics, so the input gradient at x + eps v is per example and the free step runs
+    (its value against explicit Jacobians: tests/test_batchnorm.py)."""
     net = bn_net().train()
     assert mixes_examples(net) and not mixes_examples(bn_net().eval())
     reg = fast(2, 2, 0.05, 0.5, generator=gen(8))
-    visit(reg, net, X, Y, INDEX)  # cold: 3 eval-mode iterations; no free update
-    stored = reg.store.directions[INDEX].clone()
-    torch.testing.assert_close(stored, reg.last_v)
-    with torch.no_grad():
-        net.eval()
-        J = explicit_J(net, X)  # the eval-mode Jacobian (running statistics)
-        net.train()
-    running = net[2].running_mean.clone()
-    visit(reg, net, X, Y, INDEX)  # warm: one explicit eval-mode iteration from the stored direction
-    expected = power_step(J, stored.reshape(4, -1), 2, 2)
-    torch.testing.assert_close(reg.last_v.reshape(4, -1), expected)
-    torch.testing.assert_close(reg.store.directions[INDEX].reshape(4, -1), expected)  # the backward changed nothing
-    assert not torch.equal(net[2].running_mean, running)  # the training forward itself ran in train mode
+    visit(reg, net, X, Y, INDEX)
+    assert not torch.allclose(reg.store.directions[INDEX].to(DT), reg.last_v)
 
 
 def test_exact_penalty_uses_one_explicit_iteration_on_warm_visits():

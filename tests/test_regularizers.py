@@ -7,6 +7,7 @@ penalty recomputed by hand from the returned direction, and singular values via 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -233,8 +234,14 @@ def test_model_mode_restored_and_power_method_in_eval_mode(training):
     running = net[1].running_mean.clone()
     res = reg.direction(net, x)
     assert {name: m.training for name, m in net.named_modules()} == before
-    torch.testing.assert_close(net[1].running_mean, running)  # eval mode: statistics untouched
-    ref = operator_norm(net, x, 2, 2, method="exact").sigma  # eval-mode J, exact SVD
+    torch.testing.assert_close(net[1].running_mean, running)  # statistics untouched
+    ref_net = copy.deepcopy(net)
+    if training:  # train-mode BatchNorm: the function with x's batch statistics
+        with torch.no_grad():
+            h = ref_net[0](x)
+            ref_net[1].running_mean = h.mean(dim=(0, 2, 3))
+            ref_net[1].running_var = h.var(dim=(0, 2, 3), unbiased=False)
+    ref = operator_norm(ref_net, x, 2, 2, method="exact").sigma  # eval-mode J, exact SVD
     torch.testing.assert_close(res.sigma, ref, rtol=1e-6, atol=0)
     reg(net, x).backward()
     assert {name: m.training for name, m in net.named_modules()} == before

@@ -11,6 +11,7 @@ Example::
 """
 
 from opnorm.regularizers.adversarial import AT_KINDS, AdversarialTrainingLoss
+from opnorm.regularizers.batchnorm import clean_statistics, frozen_statistics
 from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
 from opnorm.regularizers.operator_norm import OperatorNormRegularizer, mixes_examples
 from opnorm.regularizers.penalty import ExactPenalty, FDPenalty, Penalty, paired_noise
@@ -29,6 +30,8 @@ __all__ = [
     "ExactPenalty",
     "Penalty",
     "paired_noise",
+    "clean_statistics",
+    "frozen_statistics",
     "mixes_examples",
     "GlobalSpectralNormRegularizer",
     "AdversarialTrainingLoss",

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opnorm.jacobian import forward
+from opnorm.jacobian import forward, unwrap
 from opnorm.losses import kl_rows
 from opnorm.norms import Order, lp_norm, norm_order
 from opnorm.losses import full
+from opnorm.regularizers.batchnorm import clean_statistics
 from opnorm.regularizers.solver import no_autocast
 from opnorm.validation import box, integer, number
 
@@ -45,7 +46,9 @@ class AdversarialTrainingLoss(nn.Module):
 
     The attack (:func:`opnorm.attacks.pgd`) runs in eval mode on the unwrapped model
     without autocast; the training loss is one forward of the (possibly DDP-wrapped) model
-    on the mixed batch (TRADES: ``[x; x_adv]``).
+    on the mixed batch (``"ce"``: its own batch statistics, Madry's) or on ``[x; x_adv]``
+    (``"logit"``, ``"trades"``: BatchNorm normalizes x_adv with the clean batch's statistics and
+    updates its running statistics from x only, :mod:`~opnorm.regularizers.batchnorm`).
 
     Args:
         kind: one of ``"ce"``, ``"logit"``, ``"trades"``.
@@ -124,7 +127,8 @@ class AdversarialTrainingLoss(nn.Module):
             return F.cross_entropy(forward(model, x), y)
         x_adv = self.attack(model, x[:m], y[:m])
         if self.kind in ("trades", "logit"):  # clean loss plus a term on the attacked examples
-            out = forward(model, torch.cat([x, x_adv]))
+            with clean_statistics(unwrap(model), B, B + m):  # BatchNorm: x_adv normalized as the clean batch
+                out = forward(model, torch.cat([x, x_adv]))
             clean, adv = out[:B], out[B:]
             if self.kind == "logit":
                 dist = lp_norm(full(adv) - full(clean[:m]), self.q)

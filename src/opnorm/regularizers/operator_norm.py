@@ -30,6 +30,7 @@ from torch import nn
 from opnorm.jacobian import check_inputs, forward, unwrap
 from opnorm.norms import Order, norm_order
 from opnorm.power import OperatorNormResult
+from opnorm.regularizers.batchnorm import batch_norms, frozen_statistics, uses_batch_statistics
 from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
 from opnorm.regularizers.penalty import FDPenalty, Penalty
 from opnorm.regularizers.solver import PGASolver, fd_point
@@ -41,10 +42,9 @@ __all__ = ["OperatorNormRegularizer", "mixes_examples"]
 
 def mixes_examples(model: nn.Module) -> bool:
     """True when one example's output depends on the others': BatchNorm using batch statistics
-    (training mode, or no running statistics). Input gradients of a batch loss are then not
-    per-example J^T u, so the free update is skipped."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-               for m in unwrap(model).modules())
+    (training mode, or no running statistics). The regularizer then measures the network with
+    the clean batch's statistics (:mod:`~opnorm.regularizers.batchnorm`)."""
+    return any(uses_batch_statistics(m) for m in unwrap(model).modules())
 
 
 def _usable_rows(g: torch.Tensor) -> torch.Tensor:
@@ -213,6 +213,10 @@ class OperatorNormRegularizer(nn.Module):
         None where they would cost one more J v (the fd forward measures sigma anyway)."""
         check_inputs(net, x)
         x = x.detach()
+        with frozen_statistics(net, x):  # BatchNorm: the clean batch's statistics, as in the penalty's forward
+            return self._solve_rows(net, x, index, free, complete)
+
+    def _solve_rows(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
         idx = self._rows(index, x)
         if idx is None:  # nothing stored (the paper's configuration): iters iterations from random starts
             v0 = self.solver.random_start(x.shape[0], x, self.p)
@@ -260,8 +264,7 @@ class OperatorNormRegularizer(nn.Module):
     # -- the free update ------------------------------------------------------------------
 
     def _free_ok(self, net: nn.Module, index) -> bool:
-        return (self.solver.free_update and self.store is not None and index is not None
-                and self.penalty.uses_point and not mixes_examples(net))
+        return self.solver.free_update and self.store is not None and index is not None and self.penalty.uses_point
 
     def _point(self, x: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
         """``clip(x + eps v)``; with ``idx`` a leaf whose gradient (from the caller's backward)
@@ -312,6 +315,9 @@ class OperatorNormRegularizer(nn.Module):
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"logits must be f(x) of shape (B, d) with B = {x.shape[0]}, got {tuple(logits.shape)}")
         net = unwrap(model)
+        if batch_norms(net):
+            raise ValueError("with BatchNorm in training mode f(x + eps v) must be normalized with the clean "
+                             "batch's statistics in the same forward: call reg.joint(model, x, index), not logits=")
         free = self._free_ok(net, index)
         v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
         s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)

@@ -5,10 +5,12 @@
   included). Inside the linear region of x it equals ``||J v|| = sigma`` and its weight
   gradient is the exact one; beyond it, it is the secant version. Stochastic modules in
   training mode (Dropout, stochastic depth) draw one noise sample for both halves
-  (:func:`paired_noise`), so that s measures J, not the difference of two random networks.
-  Noise drawn elsewhere (``F.dropout`` inside a custom ``forward``) cannot be paired: the
-  first training-mode call checks that two forwards of the same points agree and raises a
-  one-line ValueError when they do not.
+  (:func:`paired_noise`), so that s measures J, not the difference of two random networks;
+  BatchNorm normalizes both halves with the clean half's batch statistics
+  (:func:`~opnorm.regularizers.batchnorm.clean_statistics`). Noise drawn elsewhere
+  (``F.dropout`` inside a custom ``forward``) cannot be paired: the first training-mode call
+  checks that two forwards of the same points agree and raises a one-line ValueError when
+  they do not.
 * :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (forward-mode
   AD, or double backward where an op lacks a forward derivative). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from opnorm.jacobian import differentiable_jvp
 from opnorm.losses import full
+from opnorm.regularizers.batchnorm import batch_norms, clean_statistics
 from opnorm.regularizers.metrics import OutputMetric
 
 __all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
@@ -141,7 +144,7 @@ class FDPenalty(Penalty):
         if not self._noise_checked and isinstance(net, nn.Module) and net.training and torch.is_grad_enabled():
             check_paired_noise(net, x)
             self._noise_checked = True
-        with paired_noise(net, B):
+        with paired_noise(net, B), clean_statistics(net, B, 2 * B):
             out = model(torch.cat([x, x_p]))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:
             raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
@@ -158,5 +161,8 @@ class ExactPenalty(Penalty):
                  u: torch.Tensor, metric: OutputMetric, eps: float):
         """(f(x), s, None, None) from one forward of ``model``: J v differentiable w.r.t. the
         weights by forward-mode AD or double backward (:func:`opnorm.jacobian.differentiable_jvp`)."""
+        if batch_norms(net):  # its J v would differentiate the batch statistics w.r.t. the input
+            raise ValueError("ExactPenalty does not support BatchNorm using batch statistics (training mode); use "
+                             "FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics")
         out, jv = differentiable_jvp(model, x, v)
         return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None

@@ -1,0 +1,202 @@
+"""BatchNorm in training mode under the operator-norm penalty and the AT losses.
+
+The reference is written out by hand: the network ``f_B`` whose BatchNorm normalizes every
+row with the clean batch's mean and biased variance (``pre -> normalize -> post``), its
+per-example Jacobians by torch.autograd.functional.jacobian, their top singular value by an
+SVD, and the running statistics of a plain training forward of the clean batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.functional import jacobian as autograd_jacobian
+
+from opnorm.regularizers import (AdversarialTrainingLoss, ExactPenalty, FDPenalty, OperatorNormRegularizer,
+                                 PGASolver)
+
+from affine_models import DT, gen
+
+INF = math.inf
+
+
+def model(kind: str) -> nn.Sequential:
+    """pre -> BatchNorm -> post, double, with non-trivial running statistics and affine parameters."""
+    torch.manual_seed(0)
+    if kind == "bn1d":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+        shape = (3, 4)
+    elif kind in ("bn2d", "bn2d-no-affine", "sync"):
+        norm = {"bn2d": nn.BatchNorm2d(3), "bn2d-no-affine": nn.BatchNorm2d(3, affine=False),
+                "sync": nn.SyncBatchNorm(3)}
+        net, shape = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), norm[kind], nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(3 * 4 * 4, 4)), (1, 4, 4)
+    elif kind == "bn3d":
+        net = nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8, 4))
+        shape = (1, 3, 3, 3)
+    else:  # no running statistics: batch statistics in both modes
+        net, shape = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6, track_running_stats=False),
+                                   nn.ReLU(), nn.Linear(6, 4)), (3, 4)
+    net = net.double()
+    bn = norm_layer(net)
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+        net.train()
+        for _ in range(2):
+            net(torch.rand(8, *shape, dtype=DT) * 3)  # running statistics far from any batch's below
+    net.shape = shape
+    return net
+
+
+def norm_layer(net):
+    return next(m for m in net if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def f_clean_stats(net, rows, clean):
+    """The hand-written f_B: BatchNorm normalizes ``rows`` with the mean / biased variance of ``clean``."""
+    k = [i for i, m in enumerate(net) if isinstance(m, nn.modules.batchnorm._BatchNorm)][0]
+    pre, bn, post = net[:k], net[k], net[k + 1:]
+    hc = pre(clean)
+    dims = [0] + list(range(2, hc.ndim))
+    shape = [1, -1] + [1] * (hc.ndim - 2)
+    mean = hc.mean(dim=dims).reshape(shape)
+    var = ((hc - mean) ** 2).mean(dim=dims).reshape(shape)
+    h = (pre(rows) - mean) / torch.sqrt(var + bn.eps)
+    if bn.affine:
+        h = h * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return post(h)
+
+
+def batch(net, n=6, seed=1):
+    return torch.rand(n, *net.shape, generator=gen(seed), dtype=DT)
+
+
+KINDS = ["bn1d", "bn2d", "bn2d-no-affine", "bn3d", "sync", "no-running-stats"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p,q", [(2, 2), (INF, 2)])
+def test_penalty_and_its_gradient_equal_the_clean_statistics_network(kind, p, q):
+    net = model(kind).train()
+    ref_net = copy.deepcopy(net)
+    x, y = batch(net), torch.tensor([0, 1, 2, 3, 0, 1])
+    eps, lam = 0.05, 0.3
+    reg = OperatorNormRegularizer(p, q, eps, lam, solver=PGASolver(4, generator=gen(2)))
+    logits, pen = reg.joint(net, x)
+    (F.cross_entropy(logits, y) + pen).backward()
+    x_p = x + eps * reg.last_v
+    clean, pert = f_clean_stats(ref_net, x, x), f_clean_stats(ref_net, x_p, x)
+    ref_pen = lam * ((torch.linalg.vector_norm(pert - clean, ord=q, dim=1) / eps) ** 2).mean()
+    (F.cross_entropy(clean, y) + ref_pen).backward()
+    torch.testing.assert_close(logits, clean)
+    torch.testing.assert_close(pen, ref_pen)
+    for (name, a), b in zip(net.named_parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bn1d", "bn2d", "bn2d-no-affine", "no-running-stats"])
+def test_direction_is_the_top_singular_vector_of_the_clean_statistics_jacobian(kind):
+    net = model(kind).train()
+    x = batch(net)
+    reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=1.0, solver=PGASolver(200, generator=gen(3)))
+    res = reg.direction(net, x)
+    with torch.no_grad():
+        J = torch.stack([autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
+                         for b in range(x.shape[0])])
+    torch.testing.assert_close(res.sigma, torch.linalg.matrix_norm(J, ord=2), rtol=1e-6, atol=0)
+
+
+def _plain_step_buffers(net, x):
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        ref(x)  # torch's BatchNorm on the clean batch alone
+    return [b.clone() for b in ref.buffers()]
+
+
+@pytest.mark.parametrize("kind", ["bn1d", "bn2d", "bn3d"])
+def test_running_statistics_move_with_the_clean_half_only(kind):
+    net = model(kind).train()
+    x = batch(net)
+    expected = _plain_step_buffers(net, x)
+    reg = OperatorNormRegularizer.fast(INF, 2, eps=0.1, lam=0.5, num_examples=8)
+    reg.joint(net, x, torch.arange(6))[1].backward()
+    for a, b in zip(net.buffers(), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["logit", "trades"])
+def test_adversarial_losses_normalize_the_attacked_half_with_clean_statistics(kind):
+    net = model("bn2d").train()
+    ref_net = copy.deepcopy(net)
+    x, y = batch(net), torch.tensor([0, 1, 2, 3, 0, 1])
+    expected = _plain_step_buffers(net, x)
+    at = AdversarialTrainingLoss(kind, eps=0.1, p=INF, steps=2, lam=0.7, adv_fraction=0.5)
+    torch.manual_seed(5)
+    loss = at(net, x, y)
+    for a, b in zip(net.buffers(), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(5)  # the same random start: the same x_adv
+    x_adv = at.attack(ref_net, x[:3], y[:3])  # ref_net: the running statistics before the step
+    clean, adv = f_clean_stats(ref_net, x, x), f_clean_stats(ref_net, x_adv, x)
+    if kind == "logit":
+        term = (torch.linalg.vector_norm(adv - clean[:3], dim=1) ** 2).mean()
+    else:
+        term = (F.softmax(clean[:3], 1) * (F.log_softmax(clean[:3], 1) - F.log_softmax(adv, 1))).sum(1).mean()
+    torch.testing.assert_close(loss, F.cross_entropy(clean, y) + 0.7 * term)
+
+
+def test_free_update_is_one_power_step_of_the_clean_statistics_jacobian():
+    """The stored direction after a visit: psi(J_B^T psi(J_B v)) of f_B at x (eps inside the linear region)."""
+    from opnorm.norms import duality_map
+
+    net = model("bn1d").train()
+    x = batch(net)
+    index = torch.tensor([3, 0, 5, 1, 2, 4])
+    eps = 1e-6
+    reg = OperatorNormRegularizer.fast(2, 2, eps=eps, lam=0.5, num_examples=8, solver=PGASolver(3, 1, free_update=True,
+                                                                                                 generator=gen(4)))
+    reg.joint(net, x, index)[1].backward()
+    v = reg.last_v
+    with torch.no_grad():
+        J = torch.stack([autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
+                         for b in range(x.shape[0])])
+        pre = lambda r: net[:3](r) > 0  # noqa: E731 (ReLU pattern: same at x and x + eps v)
+        assert torch.equal(pre(x), pre(x + eps * v))  # (the input to the ReLU has the same sign either way)
+    u = duality_map(torch.einsum("bdn,bn->bd", J, v.reshape(6, -1)), 2)
+    expected = duality_map(torch.einsum("bdn,bd->bn", J, u), 2)
+    torch.testing.assert_close(reg.store.directions[index].to(DT).reshape(6, -1), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_free_model_is_not_touched():
+    """No BatchNorm (or BatchNorm in eval mode): no extra forward, no patched module, so the
+    pinned losses of tests/training/test_regression.py stay."""
+    from opnorm.regularizers import clean_statistics, frozen_statistics
+
+    torch.manual_seed(0)
+    free = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 4)).double().train()
+    for net in (free, model("bn1d").eval()):
+        calls = []
+        net[1].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        x = torch.rand(6, 3, 4, dtype=DT)
+        with frozen_statistics(net, x), clean_statistics(net, 6, 12):
+            assert not calls and not any("forward" in vars(m) for m in net.modules())
+            assert [b.data_ptr() for b in net.buffers()] == [b.data_ptr() for b in copy.copy(net).buffers()]
+
+
+def test_exact_penalty_and_caller_logits_refuse_batch_statistics():
+    net = model("bn2d").train()
+    x = batch(net)
+    with pytest.raises(ValueError, match="FDPenalty"):
+        OperatorNormRegularizer(2, 2, 0.1, 1.0, penalty=ExactPenalty()).joint(net, x)
+    with pytest.raises(ValueError, match="reg.joint"):
+        OperatorNormRegularizer(2, 2, 0.1, 1.0, penalty=FDPenalty())(net, x, logits=net(x))
+    net.eval()  # running statistics: per example, both allowed
+    OperatorNormRegularizer(2, 2, 0.1, 1.0, penalty=ExactPenalty()).joint(net, x)
+    OperatorNormRegularizer(2, 2, 0.1, 1.0)(net, x, logits=net(x))
