@@ -14,6 +14,7 @@ from torch import nn
 import opnorm
 import opnorm.linearity as L
 from opnorm import OperatorNormRegularizer as ONR
+from opnorm.evaluation import PGDAttack
 
 
 def _mlp() -> nn.Sequential:
@@ -91,6 +92,7 @@ ENTRY_POINTS = {
     "AdversarialTrainingLoss": lambda m, x: opnorm.AdversarialTrainingLoss("ce", eps=0.1, p=2, clip=None)(m, x, Y),
     "SingleStepATLoss": lambda m, x: opnorm.SingleStepATLoss("fgsm-rs", eps=0.1, p="inf", clip=None)(m, x, Y),
     "FreeATLoss": lambda m, x: opnorm.FreeATLoss(eps=0.1, p="inf")(m, x, Y),
+    "evaluate": lambda m, x: opnorm.evaluate(m, x, Y, eps=0.1, attacks=[PGDAttack(steps=3, clip=None)]).worst,
 }
 
 

@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from opnorm.attacks import pgd, random_in_ball
-from opnorm.jacobian import check_label_range, eval_mode, unwrap
+from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
 from opnorm.norms import norm_order
 
 __all__ = ["evaluate", "Evaluation", "Attack", "PGDAttack", "APGDAttack", "SquareAttack", "AutoAttack",
-           "ATTACKS", "SUITES", "attack_names", "named_attack", "wilson_interval"]
+           "ATTACKS", "SUITES", "attack_names", "named_attack", "wilson_interval", "clean_correct", "progress_bar"]
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack")
 SUITES = {"all": ATTACKS}
@@ -68,7 +68,14 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _bar(items: list, show: bool, desc: str):
+def progress_bar(items, show: bool, desc: str):
+    """``items``, wrapped in a progress bar on stderr when ``show`` (the one bar of evaluations and
+    training epochs).
+
+    Example::
+
+        >>> for s in progress_bar(chunks, sys.stderr.isatty(), "pgd eps=0.1"): ...
+    """
     if not show:
         return items
     from tqdm.auto import tqdm  # only for progress bars
@@ -130,7 +137,7 @@ class PGDAttack:
         if gen is None and self.seed is not None:
             gen = torch.Generator(device=device).manual_seed(self.seed)
         out = torch.zeros(x.shape[0], dtype=torch.bool)
-        for s in _bar(_chunks(x.shape[0], self.batch_size), progress, f"pgd eps={eps:g}"):
+        for s in progress_bar(_chunks(x.shape[0], self.batch_size), progress, f"pgd eps={eps:g}"):
             xb, yb = x[s].to(device), y[s].to(device)
             # every example's starts are drawn, attacked or not: its start never depends on the others
             starts = [random_in_ball(xb, p, eps, gen) for _ in range(self.restarts)]
@@ -191,7 +198,7 @@ class _TorchAttacks:
             with torch.no_grad():
                 num_classes = int(net(x[:1].to(device)).shape[1])
             atk = self.make(ta, net, eps, norm, num_classes)
-            for s in _bar(chunks, progress, f"{self.name} eps={eps:g}"):
+            for s in progress_bar(chunks, progress, f"{self.name} eps={eps:g}"):
                 xb, yb = x[s].to(device), y[s].to(device)
                 adv = atk(xb, yb)
                 with torch.no_grad():
@@ -430,7 +437,16 @@ def _as_attacks(attacks) -> list:
 
 
 @torch.no_grad()
-def _clean_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N,) bool on the CPU: example i of (x, y) is classified correctly, in eval mode, in chunks of
+    ``batch_size`` (x, y on any device; moved to the model's). A label that no logit can match is
+    an error, not a miss.
+
+    Example::
+
+        >>> clean_correct(model, x, y).double().mean()      # clean accuracy
+    """
+    net = unwrap(model)
     device = _device(net)
     out = []
     with eval_mode(net):
@@ -468,9 +484,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[f
         >>> res = evaluate(model, x, y, eps=[0.1], p="inf", attacks=[PGDAttack(loss="cw"), "autoattack"])
         >>> print(res.worst_case(0.1), res.interval(0.1))
     """
-    if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
-        raise RuntimeError("evaluate() needs gradients, which torch.inference_mode() forbids: call it outside "
-                           "inference mode, with tensors made outside it")
+    check_autograd(model)  # the attacks need gradients: inference mode is refused in one line
+    if isinstance(x, torch.Tensor) and x.is_inference():
+        raise RuntimeError("evaluate() needs gradients, which tensors made under torch.inference_mode() cannot "
+                           "give: make x outside inference mode")
     p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
     eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):
@@ -479,7 +496,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[f
         raise ValueError(f"y must be a (N,) tensor of labels matching x's {x.shape[0]} examples")
     objs = _as_attacks(attacks)
     net = unwrap(model)
-    clean = _clean_correct(net, x, y, 512)
+    clean = clean_correct(net, x, y)
     n, R = x.shape[0], len(eps_list)
     correct = {a.name: torch.full((R, n), NOT_ATTACKED, dtype=torch.int8) for a in objs}
     seconds = {a.name: [0.0] * R for a in objs}

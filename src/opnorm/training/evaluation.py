@@ -8,15 +8,14 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from opnorm.attacks import PGD_ORDERS
-from opnorm.evaluation import PGDAttack, evaluate
-from opnorm.jacobian import check_label_range, eval_mode, unwrap
+from opnorm.evaluation import PGDAttack, clean_correct, evaluate
+from opnorm.jacobian import unwrap
 from opnorm.training.config import TrainConfig
 
 __all__ = ["accuracy", "robust_accuracy", "mean_operator_norm"]
@@ -27,18 +26,9 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
     """Fraction of (x, y) classified correctly, in eval mode (x, y on any device; moved to the model's)."""
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    correct = 0
-    with eval_mode(net):
-        for s in _batches(x.shape[0], batch_size):
-            logits = net(x[s].to(device))
-            check_label_range(y[s], logits.shape[1])  # a label no logit can match is an error, not a miss
-            correct += int((logits.argmax(1) == y[s].to(device)).sum())
-    return correct / max(1, x.shape[0])
+    return int(clean_correct(model, x, y, batch_size).sum()) / max(1, x.shape[0])
 
 
 def robust_accuracy(
@@ -100,11 +90,3 @@ def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: to
                                                  generator=gen, progress=show)
     out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
     return out
-
-
-def _bar(loader, show: bool, desc: str):
-    if not show:
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.attacks import PGD_ORDERS
+from opnorm.evaluation import progress_bar
 from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
 from opnorm.jacobian import forward
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
@@ -56,7 +57,7 @@ from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import load_dataset, make_loader
-from opnorm.training.evaluation import _bar, _evaluate, accuracy, mean_operator_norm, robust_accuracy
+from opnorm.training.evaluation import _evaluate, accuracy, mean_operator_norm, robust_accuracy
 from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
 from opnorm.training.models import build_model
 from opnorm.training.objectives import opnorm_regularizer
@@ -567,7 +568,7 @@ class _Stepper:
         device, opt, scaler = self.ctx.device, self.optimizer, self.scaler
         sums: dict[str, float] = {}
         steps = skipped = 0
-        bar = _bar(Replayed(loader, replays_per_batch(self.cfg)), self.show, f"epoch {epoch + 1}/{data_passes(self.cfg)}")
+        bar = progress_bar(Replayed(loader, replays_per_batch(self.cfg)), self.show, f"epoch {epoch + 1}/{data_passes(self.cfg)}")
         for n, (x, y, index) in enumerate(bar, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with self.autocast():
