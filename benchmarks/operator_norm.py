@@ -30,7 +30,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,14 @@ def rel_errors(sigma: torch.Tensor, ref: torch.Tensor) -> dict:
     return dict(median=float(err.median()), p90=float(err.quantile(0.9)), max=float(err.max()))
 
 
+def write_results(out: Path, payload: dict, md: str, default: Optional[Callable[[Any], Any]] = None) -> None:
+    """Write ``payload`` as ``out`` (JSON) and ``md`` beside it as ``out`` with suffix .md, then print ``md``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=default) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def fmt(v: Optional[float], kind: str = "e") -> str:
     if v is None:
         return "-"
@@ -421,15 +429,11 @@ def main() -> None:
         goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO), notes=NOTES,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     slim = lambda r: {k: v for k, v in r.items() if k != "fn"} if r else None  # noqa: E731
     payload = dict(meta=meta, summary={k: slim(v) if isinstance(v, dict) else v for k, v in summary.items()}, results=rows)
-    out.write_text(json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)) + "\n")
-    md = markdown(meta, rows, summary)
-    out.with_suffix(".md").write_text(md)
     print()
-    print(md)
+    write_results(Path(args.out), payload, markdown(meta, rows, summary),
+                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
 
 
 if __name__ == "__main__":

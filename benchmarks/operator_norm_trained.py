@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from operator_norm import clean_sgd_step, naive_func_jvp_power, rel_errors, time_against_clean  # noqa: E402
+from operator_norm import (  # noqa: E402
+    clean_sgd_step,
+    naive_func_jvp_power,
+    rel_errors,
+    time_against_clean,
+    write_results,
+)
 
 from opnorm.jacobian import jacobian  # noqa: E402
 from opnorm.power import operator_norm  # noqa: E402
@@ -276,11 +282,7 @@ def write(out: Path, meta: dict, result: dict) -> None:
     results = json.loads(out.read_text())["results"] if out.exists() else []
     results = [r for r in results if r["model"] != result["model"]] + [result]
     results.sort(key=lambda r: MODELS.index(r["model"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-    md = markdown(meta, results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, dict(meta=meta, results=results), markdown(meta, results))
 
 
 if __name__ == "__main__":

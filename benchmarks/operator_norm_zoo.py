@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -35,7 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from operator_norm import GOAL_ERR, GOAL_RATIO, clean_sgd_step, load_data, rel_errors, time_against_clean  # noqa: E402
+from operator_norm import (  # noqa: E402
+    GOAL_ERR,
+    GOAL_RATIO,
+    clean_sgd_step,
+    load_data,
+    rel_errors,
+    time_against_clean,
+    write_results,
+)
 
 from opnorm.jacobian import jacobian  # noqa: E402
 from opnorm.power import operator_norm  # noqa: E402
@@ -165,12 +172,7 @@ def main() -> None:
                 python=platform.python_version(), cpus=os.cpu_count(), loadavg_start=[round(v, 2) for v in load_start],
                 loadavg_end=[round(v, 2) for v in os.getloadavg()], goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO),
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-    md = markdown(meta, results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(Path(args.out), dict(meta=meta, results=results), markdown(meta, results))
 
 
 if __name__ == "__main__":
