@@ -36,9 +36,16 @@ LABELS = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -49,7 +56,11 @@ def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
             images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
         with gzip.open(LABELS) as f:
             labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
-        return torch.tensor(images / 255.0, dtype=torch.float32), torch.tensor(labels, dtype=torch.long), "fashion-mnist test"
+        return (
+            torch.tensor(images / 255.0, dtype=torch.float32),
+            torch.tensor(labels, dtype=torch.long),
+            "fashion-mnist test",
+        )
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), "uniform noise"
 
@@ -71,8 +82,11 @@ def main() -> None:
     model = small_cnn().eval()
     x, y, data = batch(args.batch)
     cases = {
-        "linf": (dict(p=math.inf, eps=8 / 255), lambda m: torchattacks.PGD(m, eps=8 / 255, alpha=2 / 255, steps=args.steps),
-                 2 / 255),
+        "linf": (
+            dict(p=math.inf, eps=8 / 255),
+            lambda m: torchattacks.PGD(m, eps=8 / 255, alpha=2 / 255, steps=args.steps),
+            2 / 255,
+        ),
         "l2": (dict(p=2, eps=0.5), lambda m: torchattacks.PGDL2(m, eps=0.5, alpha=0.1, steps=args.steps), 0.1),
     }
     rows = {}
@@ -125,10 +139,14 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':6} {'opnorm ms/step':>15} {'torchattacks ms/step':>21} {'ratio':>7} {'ratio of minima':>16}")
     for name, r in rows.items():
-        print(f"{name:6} {r['opnorm_ms_per_step']:15.3f} {r['torchattacks_ms_per_step']:21.3f} {r['ratio']:7.3f} "
-              f"{r['ratio_of_minima']:16.3f}")
-    print(f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} steps, "
-          f"{args.reps} alternating reps; written to {args.out})")
+        print(
+            f"{name:6} {r['opnorm_ms_per_step']:15.3f} {r['torchattacks_ms_per_step']:21.3f} {r['ratio']:7.3f} "
+            f"{r['ratio_of_minima']:16.3f}"
+        )
+    print(
+        f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} steps, "
+        f"{args.reps} alternating reps; written to {args.out})"
+    )
 
 
 if __name__ == "__main__":

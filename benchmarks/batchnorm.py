@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -56,8 +55,13 @@ def digits(size: int = 8, channels: int = 1):
 
 
 def small_net(bn: bool = True) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16) if bn else nn.Identity(), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16 * 36, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.BatchNorm2d(16) if bn else nn.Identity(),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 36, 10),
+    )
 
 
 def resnet18() -> nn.Module:
@@ -67,16 +71,20 @@ def resnet18() -> nn.Module:
 
 
 def regularizer(kind: str, n: int):
-    return {"plain": lambda: None,
-            "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=0.02),
-            "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=0.02, num_examples=n),
-            "fast_robust": lambda: ONR.fast_robust("inf", eps=0.1, lam=0.06, num_examples=n)}[kind]()
+    return {
+        "plain": lambda: None,
+        "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=0.02),
+        "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=0.02, num_examples=n),
+        "fast_robust": lambda: ONR.fast_robust("inf", eps=0.1, lam=0.06, num_examples=n),
+    }[kind]()
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        acc = sum(int((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum()) for i in range(0, len(x), 256)) / len(x)
+        acc = sum(int((model(x[i : i + 256]).argmax(1) == y[i : i + 256]).sum()) for i in range(0, len(x), 256)) / len(
+            x
+        )
     model.train()
     return acc
 
@@ -99,7 +107,7 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
             break
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), 64):
-            index = perm[i:i + 64]
+            index = perm[i : i + 64]
             x, y = xtr[index], ytr[index]
             if reg is None:
                 logits = model(x)
@@ -118,9 +126,14 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
             if steps == max_steps:
                 break
     seconds = time.perf_counter() - start
-    return {"test_accuracy": accuracy(model, xte, yte), "steps": steps, "first_penalties": penalties[:5],
-            "first_batchnorm_mean_scale_every_4_steps": scales[:12],
-            "last_penalty": float(pen.detach()), "train_seconds": round(seconds, 1)}
+    return {
+        "test_accuracy": accuracy(model, xte, yte),
+        "steps": steps,
+        "first_penalties": penalties[:5],
+        "first_batchnorm_mean_scale_every_4_steps": scales[:12],
+        "last_penalty": float(pen.detach()),
+        "train_seconds": round(seconds, 1),
+    }
 
 
 # ----------------------------------------------------------------------------- mechanism, by hand
@@ -175,10 +188,12 @@ def mechanism(seed: int = 1, eps: float = 0.1) -> dict:
         x_p = x + eps * v_run.reshape(x.shape)  # the old penalty's point: the eval-mode direction
         mix_mean, mix_var = moments(net[0](torch.cat([x, x_p])))
         mixed = bn_function(net, mix_mean, mix_var)
-        fd = lambda f, xp: ((f(xp) - f(x)).norm(dim=1) / eps)  # noqa: E731
+        fd = lambda f, xp: (f(xp) - f(x)).norm(dim=1) / eps  # noqa: E731
         rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
         return {
-            "batch": 64, "eps": eps, "seed": seed,
+            "batch": 64,
+            "eps": eps,
+            "seed": seed,
             "clean_batch_var_mean_over_channels": float(var.mean()),
             "running_var_at_init": float(net[1].running_var.mean()),
             "concatenated_vs_clean_mean_rel": rel(mix_mean, mean),
@@ -188,8 +203,9 @@ def mechanism(seed: int = 1, eps: float = 0.1) -> dict:
             "sigma_inf2_without_batchnorm": float(s_plain.mean()),
             "old_penalty_fd_value_concatenated": float(fd(mixed, x_p).mean()),
             "fd_value_of_old_direction_on_clean_statistics": float(fd(clean, x_p).mean()),
-            "fd_value_of_clean_direction_on_clean_statistics":
-                float(fd(clean, x + eps * v_clean.reshape(x.shape)).mean()),
+            "fd_value_of_clean_direction_on_clean_statistics": float(
+                fd(clean, x + eps * v_clean.reshape(x.shape)).mean()
+            ),
         }
 
 
@@ -205,8 +221,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "machine": platform.machine()}
+    results["environment"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
     if "mechanism" in args.parts:
         results["mechanism"] = mechanism()
         print(json.dumps(results["mechanism"], indent=1))
@@ -214,7 +233,7 @@ def main() -> None:
         if part not in args.parts:
             continue
         data = digits() if part == "digits" else digits(32, 3)
-        data = (data[0][:args.train_limit], data[1][:args.train_limit], *data[2:])
+        data = (data[0][: args.train_limit], data[1][: args.train_limit], *data[2:])
         make = small_net if part == "digits" else resnet18
         runs = results.setdefault(part, {}).setdefault(args.label, {})
         runs["epochs"], runs["train_images"], runs["max_steps"] = args.epochs, len(data[0]), args.max_steps

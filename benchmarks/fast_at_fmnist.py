@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack, evaluate as evaluate_attacks
+from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack
+from opnorm.evaluation import evaluate as evaluate_attacks
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.trainer import CHECKPOINT, accuracy, train, write_text_atomic
@@ -56,8 +57,25 @@ ATTACKS = ("pgd20", "apgd_ce", "apgd_dlr", "square")
 GAP_GOAL = 1.0  # points of worst-case robust accuracy below PGD-10 AT, on every seed
 TIME_GOAL = 0.3  # training time over PGD-10 AT's
 # the harness sets these for every method; a method's own config may set the rest
-SHARED = ("dataset", "model", "p", "eps", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-          "scheduler", "seed", "eval_points", "eval_steps", "limit_train", "out", "progress")
+SHARED = (
+    "dataset",
+    "model",
+    "p",
+    "eps",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "seed",
+    "eval_points",
+    "eval_steps",
+    "limit_train",
+    "out",
+    "progress",
+)
 OPNORM_DEFAULT = dict(method="opnorm", lam=0.06, opnorm={"output": "kl"})
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "pgd-at": ("PGD-10 AT", dict(method="pgd-at", steps=10)),
@@ -69,7 +87,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "opnorm-fast-robust": ("op-norm reg., fast-robust", {}),  # FAST_ROBUST's fields, then these
     # the change chosen on held-out training images (fast_at_variants.py): the stored iterate moves
     # by FGSM-RS's step once per visit instead of two steps of 0.25 eps
-    "opnorm-fast-robust-fgsm": ("op-norm reg., fast-robust, FGSM-size step", {"opnorm": {"warm_iters": 1, "step": 1.25}}),
+    "opnorm-fast-robust-fgsm": (
+        "op-norm reg., fast-robust, FGSM-size step",
+        {"opnorm": {"warm_iters": 1, "step": 1.25}},
+    ),
     # the store of PGA iterates alone (ATTA's idea: Zheng et al., CVPR 2020): cross-entropy at the stored
     # point, penalty weight 0 (still computed, so its time is not ATTA's)
     "opnorm-fast-robust-lam0": ("fast-robust store without the penalty (lam 0, ATTA-style)", {"lam": 0.0}),
@@ -92,9 +113,25 @@ def method_config(name: str, args: argparse.Namespace, eps: float, seed: int, ou
         own = fast_robust_config(own)
     if name == "free":
         own["replays"] = args.replays
-    shared = dict(dataset=args.dataset, model="cnn", p="inf", eps=eps, epochs=args.epochs, batch_size=128,
-                  optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine", seed=seed,
-                  eval_points=args.epoch_points, eval_steps=10, limit_train=args.train, out=str(out), progress=False)
+    shared = dict(
+        dataset=args.dataset,
+        model="cnn",
+        p="inf",
+        eps=eps,
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        scheduler="cosine",
+        seed=seed,
+        eval_points=args.epoch_points,
+        eval_steps=10,
+        limit_train=args.train,
+        out=str(out),
+        progress=False,
+    )
     return TrainConfig.from_dict({**own, **shared})  # from_dict: the config file's flat keys migrate
 
 
@@ -112,9 +149,12 @@ def bits(mask: torch.Tensor) -> str:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, args: argparse.Namespace) -> dict:
     """Per-attack and worst-case robust accuracy, with the per-example masks (``"1"``: robust)."""
     t0 = time.perf_counter()
-    suite = {"pgd20": PGDAttack(steps=20, restarts=args.restarts, seed=123),
-             "apgd_ce": APGDAttack("ce", steps=args.apgd_steps), "apgd_dlr": APGDAttack("dlr", steps=args.apgd_steps),
-             "square": SquareAttack(queries=args.square_queries)}
+    suite = {
+        "pgd20": PGDAttack(steps=20, restarts=args.restarts, seed=123),
+        "apgd_ce": APGDAttack("ce", steps=args.apgd_steps),
+        "apgd_dlr": APGDAttack("dlr", steps=args.apgd_steps),
+        "square": SquareAttack(queries=args.square_queries),
+    }
     ev = evaluate_attacks(model, x, y, eps=eps, p=math.inf, attacks=list(suite.values()), every_example=True)
     masks = {k: ev.correct[a.name][0] == 1 for k, a in suite.items()}
     worst = torch.stack(list(masks.values())).all(dim=0)
@@ -171,8 +211,9 @@ def one_run(name: str, eps: float, seed: int, args: argparse.Namespace, test: tu
         claim_path(run_dir).unlink(missing_ok=True)
 
 
-def train_and_evaluate(name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple, run_dir: Path,
-                       rec_path: Path) -> dict:
+def train_and_evaluate(
+    name: str, eps: float, seed: int, args: argparse.Namespace, test: tuple, run_dir: Path, rec_path: Path
+) -> dict:
     """Train one claimed run, evaluate it on ``test`` and write its record to ``rec_path``."""
     cfg = method_config(name, args, eps, seed, run_dir)
     load0, t0 = os.getloadavg(), time.perf_counter()
@@ -181,13 +222,21 @@ def train_and_evaluate(name: str, eps: float, seed: int, args: argparse.Namespac
     load1 = os.getloadavg()
     x, y = test
     record = {
-        "method": name, "label": METHODS[name][0], "eps": eps, "seed": seed, "config": res.config.to_dict(),
+        "method": name,
+        "label": METHODS[name][0],
+        "eps": eps,
+        "seed": seed,
+        "config": res.config.to_dict(),
         "train_seconds": sum(h["seconds"] for h in res.history),
         "train_wall_seconds_this_call": wall,
         "loadavg_1min_before_after": [load0[0], load1[0]],
-        "epochs": [{k: h[k] for k in ("epoch", "seconds", "loss", "accuracy", "robust_accuracy") if k in h}
-                   for h in res.history],
-        "test_points": int(x.shape[0]), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "epochs": [
+            {k: h[k] for k in ("epoch", "seconds", "loss", "accuracy", "robust_accuracy") if k in h}
+            for h in res.history
+        ],
+        "test_points": int(x.shape[0]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "command": args.command,
         **evaluate(res.model, x, y, eps, args),
     }
@@ -253,8 +302,11 @@ def goal(runs: list[dict], eps: float = 0.1) -> dict:
     per_seed = []
     for s in seeds:
         f, a = by[("opnorm-fast-robust", s)], by[("pgd-at", s)]
-        row = {"seed": s, "gap_points": 100 * (a["worst_case"] - f["worst_case"]),
-               "time_ratio": f["train_seconds"] / a["train_seconds"]}
+        row = {
+            "seed": s,
+            "gap_points": 100 * (a["worst_case"] - f["worst_case"]),
+            "time_ratio": f["train_seconds"] / a["train_seconds"],
+        }
         for other in ("fgsm-rs", "free"):
             if (other, s) in by:
                 o = by[(other, s)]
@@ -263,9 +315,16 @@ def goal(runs: list[dict], eps: float = 0.1) -> dict:
         per_seed.append(row)
     within = all(r["gap_points"] <= GAP_GOAL for r in per_seed)
     fast = all(r["time_ratio"] <= TIME_GOAL for r in per_seed)
-    return {"status": "measured", "eps": eps, "seeds": seeds, "per_seed": per_seed,
-            "within_gap_every_seed": within, "time_ratio_met_every_seed": fast, "gap_goal_points": GAP_GOAL,
-            "time_goal_ratio": TIME_GOAL}
+    return {
+        "status": "measured",
+        "eps": eps,
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "within_gap_every_seed": within,
+        "time_ratio_met_every_seed": fast,
+        "gap_goal_points": GAP_GOAL,
+        "time_goal_ratio": TIME_GOAL,
+    }
 
 
 def plot(agg: dict, out: Path) -> list[str]:
@@ -280,8 +339,16 @@ def plot(agg: dict, out: Path) -> list[str]:
         for k, (name, row) in enumerate(by_method.items()):
             t, w = row["train_seconds"], row["worst_case"]
             se = lambda d: 0.0 if math.isnan(d["se"]) else d["se"]  # noqa: E731  one seed: no bar
-            ax.errorbar(t["mean"], 100 * w["mean"], xerr=se(t), yerr=100 * se(w), fmt="o", color=f"C{k}",
-                        capsize=3, label=f"{METHODS[name][0]} (n={len(row['seeds'])})")
+            ax.errorbar(
+                t["mean"],
+                100 * w["mean"],
+                xerr=se(t),
+                yerr=100 * se(w),
+                fmt="o",
+                color=f"C{k}",
+                capsize=3,
+                label=f"{METHODS[name][0]} (n={len(row['seeds'])})",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("training seconds (log)")
         ax.set_ylabel("worst-case robust accuracy (%)")
@@ -311,17 +378,23 @@ def goal_lines(goals: dict) -> list[str]:
         if g["status"] != "measured":
             lines += ["Not yet measured (no seed has both the fast-robust and the PGD-10 AT run).", ""]
             continue
-        lines += [f"Within {GAP_GOAL:g} point of PGD-10 AT's worst case on every seed: "
-                  f"**{'met' if g['within_gap_every_seed'] else 'not met'}**; at <= {TIME_GOAL:g}x its training "
-                  f"time: **{'met' if g['time_ratio_met_every_seed'] else 'not met'}** "
-                  f"({len(g['seeds'])} seed(s)).", "",
-                  "| seed | AT minus fast-robust (points) | time / AT's | minus FGSM-RS (points) | time / FGSM-RS's "
-                  "| minus free (points) | time / free's |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Within {GAP_GOAL:g} point of PGD-10 AT's worst case on every seed: "
+            f"**{'met' if g['within_gap_every_seed'] else 'not met'}**; at <= {TIME_GOAL:g}x its training "
+            f"time: **{'met' if g['time_ratio_met_every_seed'] else 'not met'}** "
+            f"({len(g['seeds'])} seed(s)).",
+            "",
+            "| seed | AT minus fast-robust (points) | time / AT's | minus FGSM-RS (points) | time / FGSM-RS's "
+            "| minus free (points) | time / free's |",
+            "|---|---|---|---|---|---|---|",
+        ]
         f = lambda r, k, fmt: fmt.format(r[k]) if k in r else "-"  # noqa: E731
         for r in g["per_seed"]:
-            lines.append(f"| {r['seed']} | {r['gap_points']:+.1f} | {r['time_ratio']:.2f} | "
-                         f"{f(r, 'over_fgsm-rs_points', '{:+.1f}')} | {f(r, 'time_ratio_over_fgsm-rs', '{:.2f}')} | "
-                         f"{f(r, 'over_free_points', '{:+.1f}')} | {f(r, 'time_ratio_over_free', '{:.2f}')} |")
+            lines.append(
+                f"| {r['seed']} | {r['gap_points']:+.1f} | {r['time_ratio']:.2f} | "
+                f"{f(r, 'over_fgsm-rs_points', '{:+.1f}')} | {f(r, 'time_ratio_over_fgsm-rs', '{:.2f}')} | "
+                f"{f(r, 'over_free_points', '{:+.1f}')} | {f(r, 'time_ratio_over_free', '{:.2f}')} |"
+            )
         lines.append("")
     return lines
 
@@ -332,13 +405,21 @@ def variant_lines(out: Path) -> list[str]:
     if not path.exists():
         return []
     v = json.loads(path.read_text())
-    lines = [f"## Changes tried on the fast-robust configuration (validation: {v['validation']}, seed {v['seed']}, "
-             f"eps {v['eps']:g})", "", f"Made by `{v['command']}`; no test image is used to choose among them.", "",
-             "| variant | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | APGD-DLR (%) | Square (%) | "
-             "worst case (%) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Changes tried on the fast-robust configuration (validation: {v['validation']}, seed {v['seed']}, "
+        f"eps {v['eps']:g})",
+        "",
+        f"Made by `{v['command']}`; no test image is used to choose among them.",
+        "",
+        "| variant | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | APGD-DLR (%) | Square (%) | worst case (%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in v["variants"].items():
-        lines.append(f"| {name}: {r['label']} | {secs(r['train_seconds'])} | "
-                     + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *ATTACKS, "worst_case")) + " |")
+        lines.append(
+            f"| {name}: {r['label']} | {secs(r['train_seconds'])} | "
+            + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *ATTACKS, "worst_case"))
+            + " |"
+        )
     return lines + [""]
 
 
@@ -350,31 +431,65 @@ def report(args: argparse.Namespace) -> None:
     planned = [(e, m, s) for s in args.seeds for e in args.radii for m in methods_at(e, args)]
     done = {(r["eps"], r["method"], r["seed"]) for r in runs}
     pending = [p for p in planned if p not in done]
-    settings = {"dataset": args.dataset, "train_images": args.train, "epochs": args.epochs, "batch_size": 128,
-                "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine", "free_replays": args.replays,
-                "test_points": args.points, "pgd_restarts": args.restarts, "apgd_steps": args.apgd_steps,
-                "square_queries": args.square_queries, "threads": args.threads, "python": platform.python_version(),
-                "torch": torch.__version__}
-    record = {"schema": "opnorm.fast-at/1", "report_command": args.command, "settings": settings,
-              "planned_runs": len(planned), "finished_runs": len(planned) - len(pending),
-              "pending": [{"eps": e, "method": m, "seed": s} for e, m, s in pending], "goal": goals,
-              "aggregate": agg,
-              "runs": [{k: v for k, v in r.items() if k != "robust_masks"} for r in runs]}
+    settings = {
+        "dataset": args.dataset,
+        "train_images": args.train,
+        "epochs": args.epochs,
+        "batch_size": 128,
+        "optimizer": "sgd lr 0.05 momentum 0.9 wd 5e-4, cosine",
+        "free_replays": args.replays,
+        "test_points": args.points,
+        "pgd_restarts": args.restarts,
+        "apgd_steps": args.apgd_steps,
+        "square_queries": args.square_queries,
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    record = {
+        "schema": "opnorm.fast-at/1",
+        "report_command": args.command,
+        "settings": settings,
+        "planned_runs": len(planned),
+        "finished_runs": len(planned) - len(pending),
+        "pending": [{"eps": e, "method": m, "seed": s} for e, m, s in pending],
+        "goal": goals,
+        "aggregate": agg,
+        "runs": [{k: v for k, v in r.items() if k != "robust_masks"} for r in runs],
+    }
     write_text_atomic(out / "results.json", json.dumps(record, indent=1) + "\n")
     pngs = plot(agg, out) if agg else []
     commands = sorted({r["command"] for r in runs})
     lines = [
-        f"# Fast adversarial training vs the fast d.d. operator norm regularizer ({args.dataset})", "",
+        f"# Fast adversarial training vs the fast d.d. operator norm regularizer ({args.dataset})",
+        "",
         f"**Status: {len(planned) - len(pending)} of {len(planned)} planned runs finished** "
         f"(radius {args.radii[0]:g}: {len(methods_at(args.radii[0], args))} methods"
-        + "".join(f"; radius {e:g}: {len(methods_at(e, args))}" for e in args.radii[1:]) + "; seeds "
+        + "".join(f"; radius {e:g}: {len(methods_at(e, args))}" for e in args.radii[1:])
+        + "; seeds "
         f"{', '.join(map(str, args.seeds))}). "
-        + ("All done." if not pending else "Pending (the study resumes where it stopped): "
-           + "; ".join(f"eps {e:g}: " + ", ".join(f"{m} seed {s}" for ee, m, s in pending if ee == e)
-                       for e in args.radii if any(p[0] == e for p in pending)) + "."),
-        "", "This report, `results.json` and the plots were written by", "", "```", args.command, "```", "",
+        + (
+            "All done."
+            if not pending
+            else "Pending (the study resumes where it stopped): "
+            + "; ".join(
+                f"eps {e:g}: " + ", ".join(f"{m} seed {s}" for ee, m, s in pending if ee == e)
+                for e in args.radii
+                if any(p[0] == e for p in pending)
+            )
+            + "."
+        ),
+        "",
+        "This report, `results.json` and the plots were written by",
+        "",
+        "```",
+        args.command,
+        "```",
+        "",
         "from the per-run records in `runs/eps-*/<method>/seed-*/results.json`, which were made by "
-        + (", ".join(f"`{c}`" for c in commands) if commands else "(none yet)") + ".", "",
+        + (", ".join(f"`{c}`" for c in commands) if commands else "(none yet)")
+        + ".",
+        "",
         f"Settings: small CNN, {'all' if args.train is None else f'the first {args.train}'} training images, "
         f"{args.epochs} epochs of optimizer steps (free: {args.replays} replays per batch, "
         f"{args.epochs // args.replays} pass(es)), batch 128, SGD lr 0.05 momentum 0.9 wd 5e-4, cosine schedule; "
@@ -383,26 +498,43 @@ def report(args: argparse.Namespace) -> None:
         "training seconds are the trainer's batch time). Evaluation on the first "
         f"{args.points} test images: PGD-20 ({args.restarts} restarts, CE, best iterate), APGD-CE and APGD-DLR "
         f"({args.apgd_steps} steps), Square ({args.square_queries} queries); worst case = robust under all four, "
-        "per example. Mean ± standard error over seeds (no ± with one seed).", "",
+        "per example. Mean ± standard error over seeds (no ± with one seed).",
+        "",
     ]
     lines += goal_lines(goals)
     for eps, by_method in agg.items():
-        lines += [f"## eps {eps}", "", "| method | seeds | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | "
-                  "APGD-DLR (%) | Square (%) | worst case (%) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## eps {eps}",
+            "",
+            "| method | seeds | training s | clean (%) | PGD-20 (%) | APGD-CE (%) | "
+            "APGD-DLR (%) | Square (%) | worst case (%) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in by_method.items():
             t = row["train_seconds"]
-            lines.append(f"| {METHODS[name][0]} | {len(row['seeds'])} | {secs(t['mean'])}"
-                         + ("" if math.isnan(t["se"]) else f" ± {secs(t['se'])}") + " | "
-                         + " | ".join(pct(row[k]) for k in ("clean", *ATTACKS, "worst_case")) + " |")
+            lines.append(
+                f"| {METHODS[name][0]} | {len(row['seeds'])} | {secs(t['mean'])}"
+                + ("" if math.isnan(t["se"]) else f" ± {secs(t['se'])}")
+                + " | "
+                + " | ".join(pct(row[k]) for k in ("clean", *ATTACKS, "worst_case"))
+                + " |"
+            )
         lines += ["", f"![worst-case robust accuracy vs training time](robust_vs_time_eps-{eps}.png)", ""]
     lines += variant_lines(out)
-    lines += ["## Per run", "", "| eps | method | seed | training s | clean | PGD-20 | APGD-CE | APGD-DLR | Square | "
-              "worst | fooled by Square only | load before/after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Per run",
+        "",
+        "| eps | method | seed | training s | clean | PGD-20 | APGD-CE | APGD-DLR | Square | "
+        "worst | fooled by Square only | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
-        lines.append(f"| {r['eps']:g} | {r['method']} | {r['seed']} | {secs(r['train_seconds'])} | "
-                     + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *ATTACKS, "worst_case"))
-                     + f" | {r['square_only']} | {r['loadavg_1min_before_after'][0]:.1f} / "
-                     f"{r['loadavg_1min_before_after'][1]:.1f} |")
+        lines.append(
+            f"| {r['eps']:g} | {r['method']} | {r['seed']} | {secs(r['train_seconds'])} | "
+            + " | ".join(f"{100 * r[k]:.1f}" for k in ("clean", *ATTACKS, "worst_case"))
+            + f" | {r['square_only']} | {r['loadavg_1min_before_after'][0]:.1f} / "
+            f"{r['loadavg_1min_before_after'][1]:.1f} |"
+        )
     notes = out / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
@@ -419,17 +551,26 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--phase", choices=("all", "train", "report"), default="all")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--radii", type=float, nargs="+", default=[0.1, 0.2], help="l_inf radii (train = threat)")
-    ap.add_argument("--later-radii-methods", nargs="+", choices=list(METHODS),
-                    default=["pgd-at", "fgsm-rs", "free", "n-fgsm", "opnorm-fast-robust", "opnorm-fast-robust-fgsm"],
-                    help="the methods also run at the radii after the first (the catastrophic-overfitting check; "
-                         "TRADES and the two other regularizer configurations are left out there to fit a 2-core "
-                         "session)")
+    ap.add_argument(
+        "--later-radii-methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["pgd-at", "fgsm-rs", "free", "n-fgsm", "opnorm-fast-robust", "opnorm-fast-robust-fgsm"],
+        help="the methods also run at the radii after the first (the catastrophic-overfitting check; "
+        "TRADES and the two other regularizer configurations are left out there to fit a 2-core "
+        "session)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="report directory (per-run records under runs/)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "fast-at"), help="checkpoints (not committed)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of optimizer steps (free: a multiple of --replays)")
     ap.add_argument("--replays", type=int, default=3, help="free's replays per minibatch")
-    ap.add_argument("--train", type=int, default=10000, help="train on the first N images (10000: the study fits two 2-core sessions)")
+    ap.add_argument(
+        "--train",
+        type=int,
+        default=10000,
+        help="train on the first N images (10000: the study fits two 2-core sessions)",
+    )
     ap.add_argument("--points", type=int, default=500, help="test points of the evaluation")
     ap.add_argument("--epoch-points", type=int, default=100, help="test points of the trainer's per-epoch check")
     ap.add_argument("--restarts", type=int, default=2, help="PGD-20 restarts")

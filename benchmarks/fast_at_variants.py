@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import fast_at_fmnist as study
+
 from opnorm.training.data import load_dataset
 from opnorm.training.trainer import write_text_atomic
 
@@ -29,8 +30,10 @@ from opnorm.training.trainer import write_text_atomic
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("fast-robust as configured", {}),
     "warm-1": ("one warm iteration instead of two (cheaper)", {"opnorm": {"warm_iters": 1}}),
-    "fgsm-step": ("one warm iteration of step 1.25 eps (FGSM-RS's step, from the stored iterate)",
-                  {"opnorm": {"warm_iters": 1, "step": 1.25}}),
+    "fgsm-step": (
+        "one warm iteration of step 1.25 eps (FGSM-RS's step, from the stored iterate)",
+        {"opnorm": {"warm_iters": 1, "step": 1.25}},
+    ),
     "lam-0.2": ("penalty weight 0.2 instead of 0.06", {"lam": 0.2}),
 }
 
@@ -38,8 +41,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--references", nargs="+", default=["fgsm-rs", "pgd-at"], choices=list(study.METHODS),
-                    help="study methods trained and validated alongside, to judge the variants against")
+    ap.add_argument(
+        "--references",
+        nargs="+",
+        default=["fgsm-rs", "pgd-at"],
+        choices=list(study.METHODS),
+        help="study methods trained and validated alongside, to judge the variants against",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--train", type=int, default=10000, help="train on the first N images; validate on the next")
@@ -54,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     study.settle(args, "fast_at_variants.py", argv)
     train = load_dataset(args.dataset).train
     if train.x.shape[0] < args.train + args.points:
-        raise SystemExit(f"--train {args.train} + --points {args.points} exceeds the {train.x.shape[0]} training images")
-    held_out = (train.x[args.train: args.train + args.points], train.y[args.train: args.train + args.points])
+        raise SystemExit(
+            f"--train {args.train} + --points {args.points} exceeds the {train.x.shape[0]} training images"
+        )
+    held_out = (train.x[args.train : args.train + args.points], train.y[args.train : args.train + args.points])
     records = {}
     for name in args.variants:
         label, changes = VARIANTS[name]
@@ -66,12 +76,24 @@ def main(argv: list[str] | None = None) -> None:
     busy = [n for n, r in records.items() if r is None]
     if busy:
         raise SystemExit(f"{', '.join(busy)}: another process is training them; rerun when it has finished")
-    table = {n: {k: r[k] for k in ("label", "train_seconds", "clean", *study.ATTACKS, "worst_case")}
-             for n, r in records.items()}
-    write_text_atomic(Path(args.out) / "variants.json",
-                      json.dumps({"command": args.command, "validation": f"training images {args.train} to "
-                                  f"{args.train + args.points - 1}", "seed": args.seed, "eps": args.eps,
-                                  "variants": table}, indent=1) + "\n")
+    table = {
+        n: {k: r[k] for k in ("label", "train_seconds", "clean", *study.ATTACKS, "worst_case")}
+        for n, r in records.items()
+    }
+    write_text_atomic(
+        Path(args.out) / "variants.json",
+        json.dumps(
+            {
+                "command": args.command,
+                "validation": f"training images {args.train} to {args.train + args.points - 1}",
+                "seed": args.seed,
+                "eps": args.eps,
+                "variants": table,
+            },
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +83,14 @@ def exact_jacobian_objective(reg: OperatorNormRegularizer, iters: int = 10) -> C
         with torch.no_grad(), eval_mode(model):
             J = jacobian(model, x).reshape(x.shape[0], -1, x[0].numel())  # (B, d, n), d VJPs batched
         v = torch.sign(torch.randn_like(x)).reshape(x.shape[0], -1)
-        sigma, v, _, _, _, _ = power_iteration(lambda t: torch.bmm(J, t.unsqueeze(2)).squeeze(2),
-                                               lambda u: torch.bmm(J.transpose(1, 2), u.unsqueeze(2)).squeeze(2),
-                                               v, reg.p, reg.q, iters=iters)
+        sigma, v, _, _, _, _ = power_iteration(
+            lambda t: torch.bmm(J, t.unsqueeze(2)).squeeze(2),
+            lambda u: torch.bmm(J.transpose(1, 2), u.unsqueeze(2)).squeeze(2),
+            v,
+            reg.p,
+            reg.q,
+            iters=iters,
+        )
         x_p = (x + reg.eps * v.reshape(x.shape)).clamp(0, 1)
         out = model(torch.cat([x, x_p]))
         B = x.shape[0]
@@ -115,9 +120,11 @@ def main() -> None:
     torch.manual_seed(0)
     base = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, mean=splits.mean, std=splits.std)
 
-    def opnorm_loss(reg: OperatorNormRegularizer, shared: bool = True, perturbed: bool = False,
-                    wipe: bool = False) -> Callable:
+    def opnorm_loss(
+        reg: OperatorNormRegularizer, shared: bool = True, perturbed: bool = False, wipe: bool = False
+    ) -> Callable:
         """CE (at x, or at the penalty's point with ``perturbed``) + penalty; ``wipe``: every example cold."""
+
         def loss(model, x, y, index):
             if wipe:
                 reg.store.seen.zero_()
@@ -129,6 +136,7 @@ def main() -> None:
                 logits = model(x)
                 pen = reg(model, x, index, logits=logits)
             return F.cross_entropy(logits, y) + pen
+
         return loss
 
     at = AdversarialTrainingLoss("ce", eps=0.1, p=INF, steps=10)
@@ -138,9 +146,16 @@ def main() -> None:
 
     def fast_reg(iters: int = 3, warm_iters: int = 1, *, kl: bool = False, **solver) -> OperatorNormRegularizer:
         """The fast configuration in the box: a store, ``iters`` / ``warm_iters`` explicit iterations."""
-        return OperatorNormRegularizer.fast(INF, 2, 0.1, KL_LAM if kl else cfg.lam, num_examples=n, clip=(0.0, 1.0),
-                                            metric=FisherKL() if kl else LogitNorm(2),
-                                            solver=PGASolver(iters, warm_iters, **{"free_update": True, **solver}))
+        return OperatorNormRegularizer.fast(
+            INF,
+            2,
+            0.1,
+            KL_LAM if kl else cfg.lam,
+            num_examples=n,
+            clip=(0.0, 1.0),
+            metric=FisherKL() if kl else LogitNorm(2),
+            solver=PGASolver(iters, warm_iters, **{"free_update": True, **solver}),
+        )
 
     cold = fast_reg()  # its store is wiped before every step
     free_only = fast_reg(warm_iters=0)
@@ -203,7 +218,7 @@ def main() -> None:
             step(name)
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             times[name].append(step(name))
 
@@ -228,8 +243,17 @@ def main() -> None:
             clean = model(x)
             banked = lp_norm(model((x + 0.1 * v).clamp(0, 1)) - clean, 2)
         for k in ratios:
-            adv = pgd(model, x, eps=0.1, p=INF, loss="logit", q=2, steps=k, step_size=float("inf"),
-                      generator=torch.Generator().manual_seed(k))
+            adv = pgd(
+                model,
+                x,
+                eps=0.1,
+                p=INF,
+                loss="logit",
+                q=2,
+                steps=k,
+                step_size=float("inf"),
+                generator=torch.Generator().manual_seed(k),
+            )
             with torch.no_grad(), eval_mode(model):
                 ratios[k].append(banked / lp_norm(model(adv) - clean, 2))
     q1, q10 = torch.cat(ratios[1]), torch.cat(ratios[10])
@@ -257,15 +281,17 @@ def main() -> None:
         "fast_kl_pga_perturbed_over_clean": rows["fast-kl-pga-perturbed"]["ratio_to_clean"],
         # a 3-epoch run visits every example once cold and twice warm
         "fast_kl_pga_perturbed_3_epochs_over_pgd10_at": round(
-            (med["fast-kl-pga-perturbed-cold"] + 2 * med["fast-kl-pga-perturbed"]) / (3 * med["pgd-at"]), 3),
+            (med["fast-kl-pga-perturbed-cold"] + 2 * med["fast-kl-pga-perturbed"]) / (3 * med["pgd-at"]), 3
+        ),
         "fast_kl_pga_perturbed_c1w2": fast_kl_pga_w2.extra_repr(),
         "fast_kl_pga_perturbed_c1w2_3_epochs_over_pgd10_at": round(
-            (med["fast-kl-pga-perturbed-c1-cold"] + 2 * med["fast-kl-pga-perturbed-w2"]) / (3 * med["pgd-at"]), 3),
+            (med["fast-kl-pga-perturbed-c1-cold"] + 2 * med["fast-kl-pga-perturbed-w2"]) / (3 * med["pgd-at"]), 3
+        ),
         "cases": rows,
         "banked_direction_quality": {
             "what": "||f(clip(x + eps v_bank)) - f(x)||_2 over the same loss after k PGA steps with infinite step "
-                    "size from a random start (opnorm.pgd, loss='logit'), at the fast case's final weights, "
-                    "per example of the cycled batches",
+            "size from a random start (opnorm.pgd, loss='logit'), at the fast case's final weights, "
+            "per example of the cycled batches",
             "vs_pga1_median": round(float(q1.median()), 4),
             "vs_pga10_median": round(float(q10.median()), 4),
             "vs_pga10_p10": round(float(q10.quantile(0.1)), 4),
@@ -276,10 +302,14 @@ def main() -> None:
     print(f"{'case':16} {'s/step':>9} {'/ PGD-10 AT':>12} {'/ clean':>8}")
     for n, r in rows.items():
         print(f"{n:16} {r['seconds_per_step']:9.4f} {r['ratio_to_pgd10_at']:12.3f} {r['ratio_to_clean']:8.2f}")
-    print(f"banked direction quality (median logit loss over PGA-10's): "
-          f"{result['banked_direction_quality']['vs_pga10_median']:.3f}")
-    print(f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.reps} interleaved reps; "
-          f"written to {args.out})")
+    print(
+        f"banked direction quality (median logit loss over PGA-10's): "
+        f"{result['banked_direction_quality']['vs_pga10_median']:.3f}"
+    )
+    print(
+        f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.reps} interleaved reps; "
+        f"written to {args.out})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +47,27 @@ GOAL_ERR, GOAL_RATIO = 1e-3, 2.0
 
 def small_cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
 def load_data(n_eval: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(train x, train y, eval x, eval y, source): Fashion-MNIST in [0, 1], or noise."""
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    names = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     if all((DATA / n).exists() for n in names):
         from opnorm.training.data import read_idx
 
@@ -62,8 +75,13 @@ def load_data(n_eval: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
         to_x = lambda a: (a.float() / 255.0).unsqueeze(1)  # noqa: E731
         return to_x(xs), ys.long(), to_x(xt)[:n_eval], yt.long()[:n_eval], "fashion-mnist"
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(6000, 1, 28, 28, generator=g), torch.randint(0, 10, (6000,), generator=g),
-            torch.rand(n_eval, 1, 28, 28, generator=g), torch.randint(0, 10, (n_eval,), generator=g), "uniform noise")
+    return (
+        torch.rand(6000, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (6000,), generator=g),
+        torch.rand(n_eval, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (n_eval,), generator=g),
+        "uniform noise",
+    )
 
 
 def train(model: nn.Module, xs, ys, steps: int, batch: int) -> float:
@@ -132,7 +150,9 @@ def power_with_jvp(model, x, iters: int, gen, kind: str) -> torch.Tensor:
         with fwAD.dual_level():
             return fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent
 
-    sigma, *_ = opnorm.power.power_iteration(matvec, lin.rmatvec, torch.randn(x.shape, generator=gen), 2, 2, iters=iters)
+    sigma, *_ = opnorm.power.power_iteration(
+        matvec, lin.rmatvec, torch.randn(x.shape, generator=gen), 2, 2, iters=iters
+    )
     return sigma
 
 
@@ -151,15 +171,21 @@ def pattern_exact_chunk(model, x, chunk: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the table
 
 
-def routes(registry_model: Optional[nn.Module]) -> list[dict]:
+def routes(registry_model: nn.Module | None) -> list[dict]:
     """Every configuration: name, the call (model, x, generator) -> sigma (B,), and labels."""
     R: list[dict] = []
 
     def add(name, fn, method, route, iters=None, note=""):
         R.append(dict(name=name, fn=fn, method=method, route=route, iters=iters, note=note))
 
-    add("naive torch.func.jvp power", lambda m, x, g: naive_func_jvp_power(m, x, 10, g), "power", "func.jvp+fresh vjp", 10,
-        "each iteration: forward-mode jvp + a new forward/backward")
+    add(
+        "naive torch.func.jvp power",
+        lambda m, x, g: naive_func_jvp_power(m, x, 10, g),
+        "power",
+        "func.jvp+fresh vjp",
+        10,
+        "each iteration: forward-mode jvp + a new forward/backward",
+    )
     add("autograd: 10 retained VJPs + SVD", lambda m, x, g: retained_vjps_svd(m, x, False), "exact", "autograd", None)
     add("autograd: batched VJP (vmap) + SVD", lambda m, x, g: retained_vjps_svd(m, x, True), "exact", "autograd", None)
     for kind in ("func", "fwad"):
@@ -167,39 +193,111 @@ def routes(registry_model: Optional[nn.Module]) -> list[dict]:
         add(f"power, J v by {label}", lambda m, x, g, kind=kind: power_with_jvp(m, x, 10, g, kind), "power", label, 10)
     for route in ("autograd", "pattern"):
         for k in (10,) if route == "autograd" else (5, 10):
-            add(f"power ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="power", iters=k, rtol_change=0, route=r, generator=g).sigma,
-                "power", route, k)
+            add(
+                f"power ({route})",
+                lambda m, x, g, k=k, r=route: (
+                    operator_norm(m, x, method="power", iters=k, rtol_change=0, route=r, generator=g).sigma
+                ),
+                "power",
+                route,
+                k,
+            )
     for route in ("autograd", "pattern"):
         for k in (2, 3) if route == "autograd" else (1, 2, 3, 4, 5, 10):
-            add(f"lanczos ({route})", lambda m, x, g, k=k, r=route: operator_norm(m, x, method="lanczos", iters=k, rtol_change=0, route=r, generator=g).sigma,
-                "lanczos", route, k)
+            add(
+                f"lanczos ({route})",
+                lambda m, x, g, k=k, r=route: (
+                    operator_norm(m, x, method="lanczos", iters=k, rtol_change=0, route=r, generator=g).sigma
+                ),
+                "lanczos",
+                route,
+                k,
+            )
     for tol in (1e-2, 1e-3, 1e-4):
-        add(f"lanczos (pattern), rtol_change={tol:g}", lambda m, x, g, t=tol: operator_norm(m, x, method="lanczos", iters=10, rtol_change=t, route="pattern", generator=g).sigma,
-            "lanczos", "pattern", 10, "each example stops when its estimate moves by <= rtol_change (not an error bound); the batch shrinks")
-    add("exact (autograd), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="autograd").sigma, "exact", "autograd")
-    add("exact (pattern), Gram eigh", lambda m, x, g: operator_norm(m, x, method="exact", route="pattern").sigma, "exact", "pattern")
-    add("exact (pattern), SVD of J", lambda m, x, g: pattern_exact_svd(m, x), "exact", "pattern", None, "SVD instead of the d x d Gram eigh")
+        add(
+            f"lanczos (pattern), rtol_change={tol:g}",
+            lambda m, x, g, t=tol: (
+                operator_norm(m, x, method="lanczos", iters=10, rtol_change=t, route="pattern", generator=g).sigma
+            ),
+            "lanczos",
+            "pattern",
+            10,
+            "each example stops when its estimate moves by <= rtol_change (not an error bound); the batch shrinks",
+        )
+    add(
+        "exact (autograd), Gram eigh",
+        lambda m, x, g: operator_norm(m, x, method="exact", route="autograd").sigma,
+        "exact",
+        "autograd",
+    )
+    add(
+        "exact (pattern), Gram eigh",
+        lambda m, x, g: operator_norm(m, x, method="exact", route="pattern").sigma,
+        "exact",
+        "pattern",
+    )
+    add(
+        "exact (pattern), SVD of J",
+        lambda m, x, g: pattern_exact_svd(m, x),
+        "exact",
+        "pattern",
+        None,
+        "SVD instead of the d x d Gram eigh",
+    )
     for c in (2, 10):
-        add(f"exact (pattern), {c} VJPs per stack", lambda m, x, g, c=c: pattern_exact_chunk(m, x, c), "exact", "pattern", None,
-            "stacked VJPs instead of one at a time")
+        add(
+            f"exact (pattern), {c} VJPs per stack",
+            lambda m, x, g, c=c: pattern_exact_chunk(m, x, c),
+            "exact",
+            "pattern",
+            None,
+            "stacked VJPs instead of one at a time",
+        )
     add("auto (defaults)", lambda m, x, g: operator_norm(m, x, generator=g).sigma, "auto", "auto", None)
     for k in (2, 3):
         add(f"auto, iters={k}", lambda m, x, g, k=k: operator_norm(m, x, iters=k, generator=g).sigma, "auto", "auto", k)
     if registry_model is not None:
-        add("registry cnn (Normalize first), auto", lambda m, x, g: operator_norm(registry_model, x, generator=g).sigma, "auto", "auto", None,
-            "Normalize differentiated by autograd, the rest replayed")
-        add("registry cnn (Normalize first), auto iters=3", lambda m, x, g: operator_norm(registry_model, x, iters=3, generator=g).sigma, "auto", "auto", 3,
-            "Normalize differentiated by autograd, the rest replayed")
+        add(
+            "registry cnn (Normalize first), auto",
+            lambda m, x, g: operator_norm(registry_model, x, generator=g).sigma,
+            "auto",
+            "auto",
+            None,
+            "Normalize differentiated by autograd, the rest replayed",
+        )
+        add(
+            "registry cnn (Normalize first), auto iters=3",
+            lambda m, x, g: operator_norm(registry_model, x, iters=3, generator=g).sigma,
+            "auto",
+            "auto",
+            3,
+            "Normalize differentiated by autograd, the rest replayed",
+        )
     return R
 
 
 def spectra_routes() -> list[dict]:
-    R = [dict(name="singular_values k=3, exact (pattern)", fn=lambda m, x, g: singular_values(m, x, 3, method="exact", generator=g),
-              method="exact", route="pattern", iters=None, note="top-3 spectrum")]
+    R = [
+        dict(
+            name="singular_values k=3, exact (pattern)",
+            fn=lambda m, x, g: singular_values(m, x, 3, method="exact", generator=g),
+            method="exact",
+            route="pattern",
+            iters=None,
+            note="top-3 spectrum",
+        )
+    ]
     for k in (10, 30):
-        R.append(dict(name="singular_values k=3, subspace (pattern)",
-                      fn=lambda m, x, g, k=k: singular_values(m, x, 3, method="power", iters=k, rtol_change=0, generator=g),
-                      method="subspace", route="pattern", iters=k, note="top-3 spectrum"))
+        R.append(
+            dict(
+                name="singular_values k=3, subspace (pattern)",
+                fn=lambda m, x, g, k=k: singular_values(m, x, 3, method="power", iters=k, rtol_change=0, generator=g),
+                method="subspace",
+                route="pattern",
+                iters=k,
+                note="top-3 spectrum",
+            )
+        )
     return R
 
 
@@ -237,8 +335,14 @@ def time_against_clean(fn: Callable[[], object], clean: Callable[[], object], ro
         gc.enable()
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     # ratio: median of the per-round ratios; ratio_of_minima: the least disturbed runs of each
-    return dict(ms=1e3 * statistics.median(tm), clean_ms=1e3 * statistics.median(tc), ratio=statistics.median(ratios),
-                ratio_q1=q[0], ratio_q3=q[2], ratio_of_minima=min(tm) / min(tc))
+    return dict(
+        ms=1e3 * statistics.median(tm),
+        clean_ms=1e3 * statistics.median(tc),
+        ratio=statistics.median(ratios),
+        ratio_q1=q[0],
+        ratio_q3=q[2],
+        ratio_of_minima=min(tm) / min(tc),
+    )
 
 
 def rel_errors(sigma: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -248,7 +352,7 @@ def rel_errors(sigma: torch.Tensor, ref: torch.Tensor) -> dict:
     return dict(median=float(err.median()), p90=float(err.quantile(0.9)), max=float(err.max()))
 
 
-def write_results(out: Path, payload: dict, md: str, default: Optional[Callable[[Any], Any]] = None) -> None:
+def write_results(out: Path, payload: dict, md: str, default: Callable[[Any], Any] | None = None) -> None:
     """Write ``payload`` as ``out`` (JSON) and ``md`` beside it as ``out`` with suffix .md, then print ``md``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=default) + "\n")
@@ -256,7 +360,7 @@ def write_results(out: Path, payload: dict, md: str, default: Optional[Callable[
     print(md)
 
 
-def fmt(v: Optional[float], kind: str = "e") -> str:
+def fmt(v: float | None, kind: str = "e") -> str:
     if v is None:
         return "-"
     return f"{v:.1e}" if kind == "e" else f"{v:.2f}"
@@ -289,14 +393,21 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     lines += ["", "## Goal: sigma to <= 1e-3 relative error at <= 2x a clean training step", ""]
     for key, text in (("median", "median error"), ("max", "max error (every example)")):
         best = summary[f"fastest_meeting_{key}"]
-        lines.append(f"* {text} <= 1e-3: " + (
-            f"fastest is **{best['name']}** (iters {best['iters']}) at **{best['ratio']:.2f}x** "
-            f"(error median {best['err']['median']:.1e}, max {best['err']['max']:.1e}); "
-            + ("within" if best["ratio"] <= GOAL_RATIO else "**not** within") + " 2x." if best else "no route reached it."))
+        lines.append(
+            f"* {text} <= 1e-3: "
+            + (
+                f"fastest is **{best['name']}** (iters {best['iters']}) at **{best['ratio']:.2f}x** "
+                f"(error median {best['err']['median']:.1e}, max {best['err']['max']:.1e}); "
+                + ("within" if best["ratio"] <= GOAL_RATIO else "**not** within")
+                + " 2x."
+                if best
+                else "no route reached it."
+            )
+        )
     lines += [
         f"* baselines: naive torch.func.jvp power (10 iterations) {summary['naive_ratio']:.2f}x; "
         f"10 retained-graph VJPs + SVD {summary['retained_ratio']:.2f}x.",
-        f"* `method=\"auto\"` with default arguments chose **{summary['auto_default']}** "
+        f'* `method="auto"` with default arguments chose **{summary["auto_default"]}** '
         f"({summary['auto_default_ratio']:.2f}x); with iters=3 **{summary['auto_iters3']}** ({summary['auto_iters3_ratio']:.2f}x). "
         "Rule: for (2, 2), always exact (the cheapest route whose error is bounded); "
         f"measured here: one pattern-route Lanczos iteration costs {summary['measured_iteration_cost']:.2f} VJPs of the pattern exact route.",
@@ -389,12 +500,25 @@ def main() -> None:
         else:
             sigma_random = spec["fn"](random_model, x, gen())
         timing = time_against_clean(lambda: spec["fn"](model, x, gen()), clean_step, args.rounds)
-        row = dict(name=spec["name"], method=spec["method"], chosen=chosen, route=spec["route"], iters=spec["iters"], note=spec["note"],
-                   **timing, err=rel_errors(sigma, r_ref),
-                   err_random=rel_errors(sigma_random, r_rand) if sigma_random is not None else dict(median=None, p90=None, max=None))
+        row = dict(
+            name=spec["name"],
+            method=spec["method"],
+            chosen=chosen,
+            route=spec["route"],
+            iters=spec["iters"],
+            note=spec["note"],
+            **timing,
+            err=rel_errors(sigma, r_ref),
+            err_random=rel_errors(sigma_random, r_rand)
+            if sigma_random is not None
+            else dict(median=None, p90=None, max=None),
+        )
         rows.append(row)
-        print(f"{row['name']:46s} {str(row['chosen'] or row['method']):8s} {str(row['iters'] or '-'):>4s} {row['ms']:8.1f} ms "
-              f"{row['ratio']:6.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}", flush=True)
+        print(
+            f"{row['name']:46s} {str(row['chosen'] or row['method']):8s} {str(row['iters'] or '-'):>4s} {row['ms']:8.1f} ms "
+            f"{row['ratio']:6.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
+            flush=True,
+        )
 
     def find(name, iters=None):
         return next((r for r in rows if r["name"] == name and r["iters"] == iters), None)
@@ -421,19 +545,36 @@ def main() -> None:
         summary["measured_iteration_cost"] = float("nan")
 
     meta = dict(
-        data=source, batch=args.batch, train_steps=args.steps, train_seconds=train_s, test_accuracy=acc, rounds=args.rounds,
-        threads=args.threads, torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-        processor=platform.processor() or platform.uname().machine, cpus=os.cpu_count(),
-        loadavg_start=[round(v, 2) for v in load_start], loadavg_end=[round(v, 2) for v in os.getloadavg()],
+        data=source,
+        batch=args.batch,
+        train_steps=args.steps,
+        train_seconds=train_s,
+        test_accuracy=acc,
+        rounds=args.rounds,
+        threads=args.threads,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        processor=platform.processor() or platform.uname().machine,
+        cpus=os.cpu_count(),
+        loadavg_start=[round(v, 2) for v in load_start],
+        loadavg_end=[round(v, 2) for v in os.getloadavg()],
         clean_ms=statistics.median(r["clean_ms"] for r in rows) if rows else float("nan"),
-        goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO), notes=NOTES,
+        goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO),
+        notes=NOTES,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     slim = lambda r: {k: v for k, v in r.items() if k != "fn"} if r else None  # noqa: E731
-    payload = dict(meta=meta, summary={k: slim(v) if isinstance(v, dict) else v for k, v in summary.items()}, results=rows)
+    payload = dict(
+        meta=meta, summary={k: slim(v) if isinstance(v, dict) else v for k, v in summary.items()}, results=rows
+    )
     print()
-    write_results(Path(args.out), payload, markdown(meta, rows, summary),
-                  default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    write_results(
+        Path(args.out),
+        payload,
+        markdown(meta, rows, summary),
+        default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v),
+    )
 
 
 if __name__ == "__main__":

@@ -85,11 +85,18 @@ def trained_cnn(name: str, retrain: bool) -> tuple[nn.Module, torch.Tensor, torc
     state = load_checkpoint(ckpt)
     cfg = TrainConfig.from_dict(state["config"]).resolved()
     splits = load_dataset(cfg.dataset, cfg.data_dir)
-    model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean,
-                        std=splits.std, width=cfg.width)
+    model = build_model(
+        cfg.model,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        mean=splits.mean,
+        std=splits.std,
+        width=cfg.width,
+    )
     model.load_state_dict(state["model"])
-    info = dict(command="opnorm train " + " ".join(cmd[4:-2]), dataset=cfg.dataset, method=cfg.method,
-                epochs=cfg.epochs)
+    info = dict(
+        command="opnorm train " + " ".join(cmd[4:-2]), dataset=cfg.dataset, method=cfg.method, epochs=cfg.epochs
+    )
     return model.eval(), splits.test.x, splits.test.y, info
 
 
@@ -105,8 +112,12 @@ def trained_resnet18(epochs: int, retrain: bool) -> tuple[nn.Module, torch.Tenso
     torch.manual_seed(0)
     model = build_model("resnet18", input_shape=(1, 32, 32), num_classes=10)
     path = CACHE / f"resnet18-digits32-{epochs}ep.pt"
-    info = dict(command=f"SGD lr 0.05 momentum 0.9 batch 64, {epochs} epochs, first 1500 digits upsampled to 32x32",
-                dataset="digits 32x32", method="clean", epochs=epochs)
+    info = dict(
+        command=f"SGD lr 0.05 momentum 0.9 batch 64, {epochs} epochs, first 1500 digits upsampled to 32x32",
+        dataset="digits 32x32",
+        method="clean",
+        epochs=epochs,
+    )
     if path.exists() and not retrain:
         saved = torch.load(path)
         model.load_state_dict(saved["model"])
@@ -153,8 +164,15 @@ def routes() -> list[dict]:
     add("auto, iters=3", iters=3)
     for r in R:
         r["fn"] = lambda m, x, kw=r["kw"]: operator_norm(m, x, generator=gen(), **kw)
-    R.append(dict(label="naive torch.func.jvp power, 10 iterations", kw={}, heavy=True, small_only=True,
-                  fn=lambda m, x: naive_func_jvp_power(m, x, 10, gen())))
+    R.append(
+        dict(
+            label="naive torch.func.jvp power, 10 iterations",
+            kw={},
+            heavy=True,
+            small_only=True,
+            fn=lambda m, x: naive_func_jvp_power(m, x, 10, gen()),
+        )
+    )
     return R
 
 
@@ -177,29 +195,49 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: d
         if large and spec.get("small_only"):
             continue
         last = {}  # the timed calls' result (seeded: every call gives the same)
-        timing = time_against_clean(lambda: last.update(res=spec["fn"](model, x)), clean,
-                                    1 if large and spec["heavy"] else rounds)
+        timing = time_against_clean(
+            lambda: last.update(res=spec["fn"](model, x)), clean, 1 if large and spec["heavy"] else rounds
+        )
         res = last["res"]
         sigma = res if isinstance(res, torch.Tensor) else res.sigma
         exact = torch.zeros_like(sigma, dtype=torch.bool) if isinstance(res, torch.Tensor) else res.exact
         err = ((sigma.detach().double() - ref) / ref).abs()
         ref32 = sigma.detach().double() if ref32 is None else ref32  # routes() starts with the exact route
-        row = dict(label=spec["label"], args={k: v for k, v in spec["kw"].items()},
-                   method=None if isinstance(res, torch.Tensor) else res.method,
-                   route=None if isinstance(res, torch.Tensor) else res.route,
-                   iterations=None if isinstance(res, torch.Tensor) else res.iterations,
-                   exact_fraction=float(exact.float().mean()), timed_rounds=1 if large and spec["heavy"] else rounds,
-                   err=rel_errors(sigma, ref), err_vs_exact32=rel_errors(sigma, ref32),
-                   err_max_where_exact=float(err[exact].max()) if exact.any() else None, **timing)
+        row = dict(
+            label=spec["label"],
+            args={k: v for k, v in spec["kw"].items()},
+            method=None if isinstance(res, torch.Tensor) else res.method,
+            route=None if isinstance(res, torch.Tensor) else res.route,
+            iterations=None if isinstance(res, torch.Tensor) else res.iterations,
+            exact_fraction=float(exact.float().mean()),
+            timed_rounds=1 if large and spec["heavy"] else rounds,
+            err=rel_errors(sigma, ref),
+            err_vs_exact32=rel_errors(sigma, ref32),
+            err_max_where_exact=float(err[exact].max()) if exact.any() else None,
+            **timing,
+        )
         rows.append(row)
-        print(f"{name:14s} {row['label']:42s} {str(row['method']):8s} {row['ratio']:6.2f}x  err median "
-              f"{row['err']['median']:.1e} p90 {row['err']['p90']:.1e} max {row['err']['max']:.1e}  exact "
-              f"{row['exact_fraction']:.2f}", flush=True)
-    return dict(model=name, **info, measured=time.strftime("%Y-%m-%d %H:%M:%S"), batch=x.shape[0],
-                input=list(x.shape[1:]), batch_accuracy=acc,
-                sigma_ref_median=float(ref.median()), sigma2_over_sigma1_median=float(gap.median()),
-                sigma2_over_sigma1_max=float(gap.max()), clean_ms=statistics.median(r["clean_ms"] for r in rows),
-                loadavg_start=load_start, loadavg_end=[round(v, 2) for v in os.getloadavg()], rows=rows)
+        print(
+            f"{name:14s} {row['label']:42s} {str(row['method']):8s} {row['ratio']:6.2f}x  err median "
+            f"{row['err']['median']:.1e} p90 {row['err']['p90']:.1e} max {row['err']['max']:.1e}  exact "
+            f"{row['exact_fraction']:.2f}",
+            flush=True,
+        )
+    return dict(
+        model=name,
+        **info,
+        measured=time.strftime("%Y-%m-%d %H:%M:%S"),
+        batch=x.shape[0],
+        input=list(x.shape[1:]),
+        batch_accuracy=acc,
+        sigma_ref_median=float(ref.median()),
+        sigma2_over_sigma1_median=float(gap.median()),
+        sigma2_over_sigma1_max=float(gap.max()),
+        clean_ms=statistics.median(r["clean_ms"] for r in rows),
+        loadavg_start=load_start,
+        loadavg_end=[round(v, 2) for v in os.getloadavg()],
+        rows=rows,
+    )
 
 
 def fmt(v) -> str:
@@ -208,40 +246,53 @@ def fmt(v) -> str:
 
 def markdown(meta: dict, results: list[dict]) -> str:
     lines = [
-        "# (2, 2) operator norm of J(x) on trained weights: error against the exact route and time per route", "",
+        "# (2, 2) operator norm of J(x) on trained weights: error against the exact route and time per route",
+        "",
         f"torch {meta['torch']}, {meta['threads']} thread(s), {meta['cpus']} CPUs shared with other jobs, "
-        f"{meta['rounds']} alternating rounds per route (`benchmarks/operator_norm_trained.py`).", "",
+        f"{meta['rounds']} alternating rounds per route (`benchmarks/operator_norm_trained.py`).",
+        "",
         "**time / clean step**: median over rounds of (route time / one clean training step of the same model and "
         "batch). **error**: |sigma - sigma_ref| / sigma_ref per example, sigma_ref the top singular value of the "
         "Jacobian formed by autograd in float64 (the model cast to float64). **max vs exact float32**: the largest "
-        "error against `method=\"exact\"` on the float32 model itself; the two references differ where the float32 "
+        'error against `method="exact"` on the float32 model itself; the two references differ where the float32 '
         "model's ReLU or max-pool "
         "pattern at x differs from the float64 copy's (a nearly tied activation). **exact**: fraction of examples the "
         "result calls proven (`result.exact`, = `converged`); **max where exact**: the largest error against the "
         "float64 reference among them. Lanczos' `rtol_change` stops when the estimate moves by <= rtol_change in one "
-        "iteration: a stopping rule, not an error bound.", "",
+        "iteration: a stopping rule, not an error bound.",
+        "",
     ]
     for res in results:
-        lines += [f"## {res['model']}: {res['method']} on {res['dataset']}, {res['epochs']} epochs "
-                  f"(batch {res['batch']}, accuracy on it {res['batch_accuracy']:.3f}, "
-                  f"clean step {res['clean_ms']:.0f} ms, "
-                  f"sigma_2/sigma_1 median {res['sigma2_over_sigma1_median']:.2f}, "
-                  f"max {res['sigma2_over_sigma1_max']:.2f}; "
-                  f"load average {res['loadavg_start']} -> {res['loadavg_end']})", "",
-                  f"`{res['command']}`", "",
-                  "| route | method used | time / clean step (q1-q3) | error median | p90 | max "
-                  "| max vs exact float32 | exact "
-                  "| max where exact |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {res['model']}: {res['method']} on {res['dataset']}, {res['epochs']} epochs "
+            f"(batch {res['batch']}, accuracy on it {res['batch_accuracy']:.3f}, "
+            f"clean step {res['clean_ms']:.0f} ms, "
+            f"sigma_2/sigma_1 median {res['sigma2_over_sigma1_median']:.2f}, "
+            f"max {res['sigma2_over_sigma1_max']:.2f}; "
+            f"load average {res['loadavg_start']} -> {res['loadavg_end']})",
+            "",
+            f"`{res['command']}`",
+            "",
+            "| route | method used | time / clean step (q1-q3) | error median | p90 | max "
+            "| max vs exact float32 | exact "
+            "| max where exact |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["rows"]:
             spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if r["timed_rounds"] > 1 else "1 round"
-            lines.append(f"| {r['label']} | {r['method'] or '-'} | {r['ratio']:.2f} ({spread}) | "
-                         f"{fmt(r['err']['median'])} | {fmt(r['err']['p90'])} | {fmt(r['err']['max'])} | "
-                         f"{fmt(r['err_vs_exact32']['max']) if 'err_vs_exact32' in r else '-'} | "
-                         f"{r['exact_fraction']:.2f} | {fmt(r['err_max_where_exact'])} |")
+            lines.append(
+                f"| {r['label']} | {r['method'] or '-'} | {r['ratio']:.2f} ({spread}) | "
+                f"{fmt(r['err']['median'])} | {fmt(r['err']['p90'])} | {fmt(r['err']['max'])} | "
+                f"{fmt(r['err_vs_exact32']['max']) if 'err_vs_exact32' in r else '-'} | "
+                f"{r['exact_fraction']:.2f} | {fmt(r['err_max_where_exact'])} |"
+            )
         lines.append("")
-    lines += ["## Summary: worst error and time over the models", "",
-              "| route | max error, all models | time / clean step, min-max over models |", "|---|---|---|"]
+    lines += [
+        "## Summary: worst error and time over the models",
+        "",
+        "| route | max error, all models | time / clean step, min-max over models |",
+        "|---|---|---|",
+    ]
     for label in dict.fromkeys(r["label"] for res in results for r in res["rows"]):
         found = [r for res in results for r in res["rows"] if r["label"] == label]
         errs, ratios = [r["err"]["max"] for r in found], [r["ratio"] for r in found]
@@ -259,12 +310,22 @@ def main() -> None:
     ap.add_argument("--resnet-batch", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--retrain", action="store_true", help="train again even if runs/opnorm-trained/ has the model")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "operator_norm_trained.json"),
-                    help="JSON (and .md) to write; models not rerun keep their results in it")
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).parent / "results" / "operator_norm_trained.json"),
+        help="JSON (and .md) to write; models not rerun keep their results in it",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    meta = dict(rounds=args.rounds, resnet_rounds=args.resnet_rounds, threads=args.threads, torch=torch.__version__,
-                python=platform.python_version(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    meta = dict(
+        rounds=args.rounds,
+        resnet_rounds=args.resnet_rounds,
+        threads=args.threads,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        cpus=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     out = Path(args.out)
     for name in args.models.split(","):
         if name == "resnet18":

@@ -59,8 +59,9 @@ def resnet18() -> nn.Module:
 def vit() -> nn.Module:
     import torchvision
 
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64,
-                                             mlp_dim=128, num_classes=10)
+    m = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    )
     nn.init.normal_(m.heads.head.weight, std=0.02)  # torchvision zero-initializes the head (J = 0)
     return m
 
@@ -81,8 +82,15 @@ def routes(name: str) -> list[dict]:
 
 
 def run(model, x, spec) -> tuple[torch.Tensor, str, str]:
-    res = operator_norm(model, x, method=spec["method"], iters=spec["iters"], rtol_change=spec["tol"], route=spec["route"],
-                        generator=torch.Generator().manual_seed(0))
+    res = operator_norm(
+        model,
+        x,
+        method=spec["method"],
+        iters=spec["iters"],
+        rtol_change=spec["tol"],
+        route=spec["route"],
+        generator=torch.Generator().manual_seed(0),
+    )
     return res.sigma, res.method, res.route
 
 
@@ -109,7 +117,9 @@ def bench_model(name: str, make, data, args) -> dict:
     torch.manual_seed(0)
     model = make()
     train_s = train_briefly(model, xs, ys, args.steps)
-    ref = torch.linalg.svdvals(jacobian(copy.deepcopy(model).double(), x.double(), route="autograd").reshape(BATCH, 10, -1))[:, 0]
+    ref = torch.linalg.svdvals(
+        jacobian(copy.deepcopy(model).double(), x.double(), route="autograd").reshape(BATCH, 10, -1)
+    )[:, 0]
     clean_step = clean_sgd_step(model, x, y, lr=0.02)
 
     rows = []
@@ -118,38 +128,60 @@ def bench_model(name: str, make, data, args) -> dict:
         timing = time_against_clean(lambda: run(model, x, spec), clean_step, args.rounds)
         row = dict(spec, chosen_method=method, route_used=route, **timing, err=rel_errors(sigma, ref))
         rows.append(row)
-        print(f"{name:9s} {spec['label']:20s} {spec['route']:8s}->{route:8s} {method:8s} {str(spec['iters'] or '-'):>3s} "
-              f"{row['ms']:8.0f} ms {row['ratio']:5.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
-              flush=True)
-    return dict(model=name, train_steps=args.steps, train_seconds=train_s, clean_ms=statistics.median(r["clean_ms"] for r in rows),
-                sigma_ref_median=float(ref.median()), rows=rows)
+        print(
+            f"{name:9s} {spec['label']:20s} {spec['route']:8s}->{route:8s} {method:8s} {str(spec['iters'] or '-'):>3s} "
+            f"{row['ms']:8.0f} ms {row['ratio']:5.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
+            flush=True,
+        )
+    return dict(
+        model=name,
+        train_steps=args.steps,
+        train_seconds=train_s,
+        clean_ms=statistics.median(r["clean_ms"] for r in rows),
+        sigma_ref_median=float(ref.median()),
+        rows=rows,
+    )
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
     lines = [
-        "# (2, 2) operator norm of J(x) on ResNet-18 and a small ViT: time and accuracy per route", "",
+        "# (2, 2) operator norm of J(x) on ResNet-18 and a small ViT: time and accuracy per route",
+        "",
         f"float32, batch {BATCH} of 3x32x32 {meta['data']} images, models trained {meta['steps']} SGD steps; "
         f"torch {meta['torch']}, {meta['threads']} thread(s), load average {meta['loadavg_start']} at start, "
-        f"{meta['loadavg_end']} at end ({meta['cpus']} CPUs shared with other jobs).", "",
+        f"{meta['loadavg_end']} at end ({meta['cpus']} CPUs shared with other jobs).",
+        "",
         f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / one clean training step); "
         "**error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the float64 autograd Jacobian. "
-        "route: requested -> used (pattern: graph replay; autograd: J v by double backward; forward: J v by forward-mode AD).", "",
+        "route: requested -> used (pattern: graph replay; autograd: J v by double backward; forward: J v by forward-mode AD).",
+        "",
     ]
     for res in results:
-        lines += [f"## {res['model']} (clean step {res['clean_ms']:.0f} ms)", "",
-                  "| route | requested -> used | method | iters | ms | time / clean step (q1-q3) | error median | error max |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {res['model']} (clean step {res['clean_ms']:.0f} ms)",
+            "",
+            "| route | requested -> used | method | iters | ms | time / clean step (q1-q3) | error median | error max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["rows"]:
-            lines.append(f"| {r['label']} | {r['route']} -> {r['route_used']} | {r['chosen_method']} | {r['iters'] or '-'} | "
-                         f"{r['ms']:.0f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | "
-                         f"{r['err']['median']:.1e} | {r['err']['max']:.1e} |")
+            lines.append(
+                f"| {r['label']} | {r['route']} -> {r['route_used']} | {r['chosen_method']} | {r['iters'] or '-'} | "
+                f"{r['ms']:.0f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | "
+                f"{r['err']['median']:.1e} | {r['err']['max']:.1e} |"
+            )
         for key in ("median", "max"):
             ok = [r for r in res["rows"] if r["err"][key] <= GOAL_ERR]
             best = min(ok, key=lambda r: r["ratio"]) if ok else None
             lines.append("")
-            lines.append(f"* {key} error <= {GOAL_ERR:g}: " + (
-                f"fastest is **{best['label']} ({best['route_used']}, iters {best['iters'] or '-'})** at **{best['ratio']:.2f}x** "
-                f"(goal <= {GOAL_RATIO:g}x: {'met' if best['ratio'] <= GOAL_RATIO else 'not met'})" if best else "no route reached it"))
+            lines.append(
+                f"* {key} error <= {GOAL_ERR:g}: "
+                + (
+                    f"fastest is **{best['label']} ({best['route_used']}, iters {best['iters'] or '-'})** at **{best['ratio']:.2f}x** "
+                    f"(goal <= {GOAL_RATIO:g}x: {'met' if best['ratio'] <= GOAL_RATIO else 'not met'})"
+                    if best
+                    else "no route reached it"
+                )
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -168,10 +200,19 @@ def main() -> None:
     data = (to_rgb32(xs[:2000]), ys[:2000], to_rgb32(x), y)
     makers = dict(resnet18=resnet18, vit=vit)
     results = [bench_model(n, makers[n], data, args) for n in args.models.split(",")]
-    meta = dict(data=source, steps=args.steps, rounds=args.rounds, threads=args.threads, torch=torch.__version__,
-                python=platform.python_version(), cpus=os.cpu_count(), loadavg_start=[round(v, 2) for v in load_start],
-                loadavg_end=[round(v, 2) for v in os.getloadavg()], goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO),
-                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    meta = dict(
+        data=source,
+        steps=args.steps,
+        rounds=args.rounds,
+        threads=args.threads,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        cpus=os.cpu_count(),
+        loadavg_start=[round(v, 2) for v in load_start],
+        loadavg_end=[round(v, 2) for v in os.getloadavg()],
+        goal=dict(max_relative_error=GOAL_ERR, max_time_ratio=GOAL_RATIO),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     write_results(Path(args.out), dict(meta=meta, results=results), markdown(meta, results))
 
 

@@ -33,12 +33,18 @@ from opnorm.training.paper_setup import input_normalization
 from opnorm.training.trainer import Objective, _build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"clean": dict(method="clean"), "pgd-at": dict(method="pgd-at"), "opnorm": dict(method="opnorm"),
-           "global-snr": dict(method="global-snr", lam=3e-4, iters=1)}
+METHODS = {
+    "clean": dict(method="clean"),
+    "pgd-at": dict(method="pgd-at"),
+    "opnorm": dict(method="opnorm"),
+    "global-snr": dict(method="global-snr", lam=3e-4, iters=1),
+}
 
 
 def _setup(change: dict):
-    cfg = TrainConfig.from_dict({**json.loads((ROOT / "configs" / "paper-cifar10.json").read_text()), **change}).resolved()
+    cfg = TrainConfig.from_dict(
+        {**json.loads((ROOT / "configs" / "paper-cifar10.json").read_text()), **change}
+    ).resolved()
     mean, std = input_normalization(cfg.input_range, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     model = build_model(cfg.model, input_shape=(3, 32, 32), num_classes=10, mean=mean, std=std, width=cfg.width)
@@ -84,12 +90,19 @@ def main() -> None:
     cfg = setups["opnorm"][0]
     steps = 50000 // cfg.batch_size * cfg.epochs
     result = {
-        "batch": 32, "epochs": cfg.epochs, "steps_per_run": steps, "threads": args.threads, "gpu_tflops_assumed": args.gpu_tflops,
+        "batch": 32,
+        "epochs": cfg.epochs,
+        "steps_per_run": steps,
+        "threads": args.threads,
+        "gpu_tflops_assumed": args.gpu_tflops,
         "cpu_seconds_per_step": {n: statistics.median(t) for n, t in times.items()},
-        "gflops_per_step": {n: f / 1e9 for n, f in flops.items()}, "gflops_source": source,
+        "gflops_per_step": {n: f / 1e9 for n, f in flops.items()},
+        "gflops_source": source,
         "estimated_gpu_hours_per_run": {n: f * steps / (args.gpu_tflops * 1e12) / 3600 for n, f in flops.items()},
         "cpu_hours_per_run": {n: statistics.median(t) * steps / 3600 for n, t in times.items()},
-        "load_average": list(__import__("os").getloadavg()), "torch": torch.__version__, "platform": platform.platform(),
+        "load_average": list(__import__("os").getloadavg()),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
     }
     out = ROOT / "benchmarks" / "results" / "paper_cifar10_step.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

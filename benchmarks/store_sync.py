@@ -52,7 +52,7 @@ class _Timed:
 def _steps(model, reg, opt, data, order, batch) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(order), batch):
-        idx = order[i:i + batch]
+        idx = order[i : i + batch]
         logits, pen = reg.joint(model, data[idx], idx)
         loss = nn.functional.cross_entropy(logits, (idx % 10)) + pen
         opt.zero_grad()
@@ -70,14 +70,16 @@ def _worker(rank: int, world: int, init: str, args, out: str) -> None:
     data = torch.rand(n, 1, 8, 8)
     model = nn.parallel.DistributedDataParallel(build_model("cnn", input_shape=(1, 8, 8), num_classes=10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    regs = {v: OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, num_examples=n, clip=(0.0, 1.0))
-            for v in ("sync", "local")}
+    regs = {
+        v: OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, num_examples=n, clip=(0.0, 1.0))
+        for v in ("sync", "local")
+    }
     world_size = store_module._world
     timer = _Timed(regs["sync"].store)
     times: dict[str, list[float]] = {"sync": [], "local": [], "sync_only": []}
     for r in range(args.rounds + 1):  # round 0 warms up
         order = torch.randperm(n, generator=torch.Generator().manual_seed(r))[rank::world]
-        for v in (("sync", "local") if r % 2 else ("local", "sync")):
+        for v in ("sync", "local") if r % 2 else ("local", "sync"):
             store_module._world = world_size if v == "sync" else (lambda: 1)
             dist.barrier()
             before = timer.seconds
@@ -105,15 +107,27 @@ def main() -> None:
         times = json.loads(Path(raw).read_text())
     med = {v: statistics.median(t) for v, t in times.items()}
     result = {
-        "benchmark": "store_sync", "processes": 2, "backend": "gloo", "threads_per_process": 1,
-        "batch_per_rank": args.batch, "steps_per_block": args.steps, "rounds": args.rounds,
-        "median_step_seconds": med, "sync_over_local": med["sync"] / med["local"],
-        "sync_seconds_per_step": med["sync_only"], "sync_share_of_step": med["sync_only"] / med["sync"], "step_seconds": times,
-        "torch": torch.__version__, "python": platform.python_version(), "load_average": os.getloadavg(),
+        "benchmark": "store_sync",
+        "processes": 2,
+        "backend": "gloo",
+        "threads_per_process": 1,
+        "batch_per_rank": args.batch,
+        "steps_per_block": args.steps,
+        "rounds": args.rounds,
+        "median_step_seconds": med,
+        "sync_over_local": med["sync"] / med["local"],
+        "sync_seconds_per_step": med["sync_only"],
+        "sync_share_of_step": med["sync_only"] / med["sync"],
+        "step_seconds": times,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"median step: sync {1e3 * med['sync']:.1f} ms (all-gather {1e3 * med['sync_only']:.2f} ms, "
-          f"{100 * result['sync_share_of_step']:.1f} %), local {1e3 * med['local']:.1f} ms -> {args.out}")
+    print(
+        f"median step: sync {1e3 * med['sync']:.1f} ms (all-gather {1e3 * med['sync_only']:.2f} ms, "
+        f"{100 * result['sync_share_of_step']:.1f} %), local {1e3 * med['local']:.1f} ms -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,13 @@ def data(n: int):
         return s.train.x, s.train.y, s.mean, s.std, "fashion-mnist train"
     except (FileNotFoundError, ValueError):
         g = torch.Generator().manual_seed(0)
-        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), None, None, "uniform noise"
+        return (
+            torch.rand(n, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            None,
+            None,
+            "uniform noise",
+        )
 
 
 def main() -> None:
@@ -89,7 +95,7 @@ def main() -> None:
         step(name)
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             times[name].append(step(name))
     clean_med, clean_min = statistics.median(times["clean"]), min(times["clean"])
@@ -101,14 +107,17 @@ def main() -> None:
             "seconds_per_step": round(med, 5),
             "ratio_to_clean": round(med / clean_med, 3),
             "ratio_of_minima": round(min(times[name]) / clean_min, 3),
-            "settings": {k: v for k, v in cfg.to_dict().items()
-                         if k in ("method", "p", "q", "eps", "lam", "iters", "steps", "squared", "adv_fraction", "beta")
-                         or (k == "opnorm" and cfg.method == "opnorm")},
+            "settings": {
+                k: v
+                for k, v in cfg.to_dict().items()
+                if k in ("method", "p", "q", "eps", "lam", "iters", "steps", "squared", "adv_fraction", "beta")
+                or (k == "opnorm" and cfg.method == "opnorm")
+            },
             "all_seconds": [round(t, 5) for t in times[name]],
         }
     result = {
         "benchmark": "seconds per training step (loss + backward + SGD step), median over interleaved repetitions, "
-                     "relative to a clean step",
+        "relative to a clean step",
         "model": "build_model('cnn', input_shape=(1, 28, 28), num_classes=10)",
         "data": source,
         "batch": args.batch,
@@ -123,8 +132,10 @@ def main() -> None:
     print(f"{'method':16} {'s/step':>9} {'x clean':>8} {'x clean (minima)':>17}")
     for name, r in rows.items():
         print(f"{name:16} {r['seconds_per_step']:9.4f} {r['ratio_to_clean']:8.2f} {r['ratio_of_minima']:17.2f}")
-    print(f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.reps} interleaved reps, "
-          f"data: {source}; written to {args.out})")
+    print(
+        f"(torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.reps} interleaved reps, "
+        f"data: {source}; written to {args.out})"
+    )
 
 
 if __name__ == "__main__":

@@ -54,92 +54,169 @@ class Mutation:
 
 T = "tests/"
 HALVING = T + "test_attacks.py::test_halving_schedule_halves_the_step_and_restarts_from_the_best_point[inf-ce-None]"
-DDP_STORE = (T + "test_regularizer_parts.py::"
-             "test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume")
+DDP_STORE = (
+    T + "test_regularizer_parts.py::test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume"
+)
 MUTATIONS = [
     # ---- norms
-    Mutation("norms-duality-map-unnormalized", "norms.py",
-             "out = w / norm if r == 2 else", "out = w if r == 2 else",
-             (T + "test_norms.py::test_duality_map_unit_and_attains",),
-             why="psi_2(z) not divided by ||z||_2"),
-    Mutation("norms-duality-map-wrong-power", "norms.py",
-             "(w.abs() / norm) ** (r - 1)", "(w.abs() / norm) ** r",
-             (T + "test_fast_regularizer.py::test_free_update_is_one_power_step_on_affine_model[3-inf]",),
-             why="psi_r(z) for 1 < r < inf, r != 2, with |z|^r: caught by a reference with psi written out"),
-    Mutation("norms-l2-projection-missing", "norms.py",
-             "        out = flat * factor\n", "        out = flat\n",
-             (T + "test_pga_step.py::test_free_update_is_one_projected_step_along_the_penalty_gradient[None-2.0]",
-              T + "test_norms.py::test_projection_feasible_idempotent_nearest"),
-             why="project_lp_ball(p=2) returns points outside the ball"),
+    Mutation(
+        "norms-duality-map-unnormalized",
+        "norms.py",
+        "out = w / norm if r == 2 else",
+        "out = w if r == 2 else",
+        (T + "test_norms.py::test_duality_map_unit_and_attains",),
+        why="psi_2(z) not divided by ||z||_2",
+    ),
+    Mutation(
+        "norms-duality-map-wrong-power",
+        "norms.py",
+        "(w.abs() / norm) ** (r - 1)",
+        "(w.abs() / norm) ** r",
+        (T + "test_fast_regularizer.py::test_free_update_is_one_power_step_on_affine_model[3-inf]",),
+        why="psi_r(z) for 1 < r < inf, r != 2, with |z|^r: caught by a reference with psi written out",
+    ),
+    Mutation(
+        "norms-l2-projection-missing",
+        "norms.py",
+        "        out = flat * factor\n",
+        "        out = flat\n",
+        (
+            T + "test_pga_step.py::test_free_update_is_one_projected_step_along_the_penalty_gradient[None-2.0]",
+            T + "test_norms.py::test_projection_feasible_idempotent_nearest",
+        ),
+        why="project_lp_ball(p=2) returns points outside the ball",
+    ),
     # ---- jacobian
-    Mutation("jacobian-basis-scaled", "jacobian/core.py",
-             "return torch.eye(d, dtype=out.dtype", "return 0.5 * torch.eye(d, dtype=out.dtype",
-             (T + "test_power.py::test_jacobian_matches_reference[mlp]",),
-             why="the explicit Jacobian's rows come from 0.5 e_i: J is halved"),
+    Mutation(
+        "jacobian-basis-scaled",
+        "jacobian/core.py",
+        "return torch.eye(d, dtype=out.dtype",
+        "return 0.5 * torch.eye(d, dtype=out.dtype",
+        (T + "test_power.py::test_jacobian_matches_reference[mlp]",),
+        why="the explicit Jacobian's rows come from 0.5 e_i: J is halved",
+    ),
     # ---- power
-    Mutation("power-iterate-normalized-in-l2", "power/iteration.py",
-             "v = pga_step(v, rmatvec(u), p, 1.0)", "v = pga_step(v, rmatvec(u), 2.0, 1.0)",
-             (T + "test_power.py::test_power_method_reaches_the_norm_of_a_rank_one_map[inf-2]",),
-             why="a feasible but wrong iterate for p = inf: only an equality check sees it"),
+    Mutation(
+        "power-iterate-normalized-in-l2",
+        "power/iteration.py",
+        "v = pga_step(v, rmatvec(u), p, 1.0)",
+        "v = pga_step(v, rmatvec(u), 2.0, 1.0)",
+        (T + "test_power.py::test_power_method_reaches_the_norm_of_a_rank_one_map[inf-2]",),
+        why="a feasible but wrong iterate for p = inf: only an equality check sees it",
+    ),
     # ---- attacks
-    Mutation("attacks-start-not-projected", "attacks.py",
-             "delta = attack.project(start)", "delta = start",
-             (HALVING,),
-             why="a start outside the ball or the box is used as it is"),
-    Mutation("attacks-halving-keeps-the-step", "attacks.py",
-             "attack.step_size = step_size * 0.5 ** _phase(k, steps)", "attack.step_size = step_size",
-             (HALVING,),
-             why="the halving schedule never halves"),
+    Mutation(
+        "attacks-start-not-projected",
+        "attacks.py",
+        "delta = attack.project(start)",
+        "delta = start",
+        (HALVING,),
+        why="a start outside the ball or the box is used as it is",
+    ),
+    Mutation(
+        "attacks-halving-keeps-the-step",
+        "attacks.py",
+        "attack.step_size = step_size * 0.5 ** _phase(k, steps)",
+        "attack.step_size = step_size",
+        (HALVING,),
+        why="the halving schedule never halves",
+    ),
     # ---- regularizers
-    Mutation("regularizers-dropout-masks-unpaired", "regularizers/penalty.py",
-             "m.forward = _paired(type(m).forward.__get__(m), batch)", "m.forward = type(m).forward.__get__(m)",
-             (T + "test_regularizer_parts.py::test_dropout_in_train_mode_penalty_measures_J_not_mask_noise",
-              T + "test_regularizer_parts.py::test_paired_noise_gives_identical_masks_and_restores_forward"),
-             why="the two halves of the fd penalty's batch get different Dropout masks"),
-    Mutation("regularizers-penalty-sum-not-mean", "regularizers/penalty.py",
-             "return lam * (value * eps**2 if self.scale_by_eps else value).mean()",
-             "return lam * (value * eps**2 if self.scale_by_eps else value).sum()",
-             (T + "test_regularizer_parts.py::test_paper_configuration_matches_the_svd_on_an_affine_model",),
-             why="the squared penalty grows with the batch size"),
-    Mutation("store-sync-no-op", "regularizers/store.py",
-             "        if _world() <= 1:\n            return\n        device = self.seen.device",
-             "        if True:\n            return\n        device = self.seen.device",
-             (DDP_STORE,),
-             fast=False, why="a rank never sees the other ranks' directions"),
-    Mutation("store-sync-wrong-example", "regularizers/store.py",
-             "self.directions[i[:n]] = d[:n]", "self.directions[i[:n].roll(1)] = d[:n]",
-             (DDP_STORE,),
-             fast=False, why="each gathered direction is written to another example, the same on every rank"),
+    Mutation(
+        "regularizers-dropout-masks-unpaired",
+        "regularizers/penalty.py",
+        "m.forward = _paired(type(m).forward.__get__(m), batch)",
+        "m.forward = type(m).forward.__get__(m)",
+        (
+            T + "test_regularizer_parts.py::test_dropout_in_train_mode_penalty_measures_J_not_mask_noise",
+            T + "test_regularizer_parts.py::test_paired_noise_gives_identical_masks_and_restores_forward",
+        ),
+        why="the two halves of the fd penalty's batch get different Dropout masks",
+    ),
+    Mutation(
+        "regularizers-penalty-sum-not-mean",
+        "regularizers/penalty.py",
+        "return lam * (value * eps**2 if self.scale_by_eps else value).mean()",
+        "return lam * (value * eps**2 if self.scale_by_eps else value).sum()",
+        (T + "test_regularizer_parts.py::test_paper_configuration_matches_the_svd_on_an_affine_model",),
+        why="the squared penalty grows with the batch size",
+    ),
+    Mutation(
+        "store-sync-no-op",
+        "regularizers/store.py",
+        "        if _world() <= 1:\n            return\n        device = self.seen.device",
+        "        if True:\n            return\n        device = self.seen.device",
+        (DDP_STORE,),
+        fast=False,
+        why="a rank never sees the other ranks' directions",
+    ),
+    Mutation(
+        "store-sync-wrong-example",
+        "regularizers/store.py",
+        "self.directions[i[:n]] = d[:n]",
+        "self.directions[i[:n].roll(1)] = d[:n]",
+        (DDP_STORE,),
+        fast=False,
+        why="each gathered direction is written to another example, the same on every rank",
+    ),
     # ---- analysis
-    Mutation("analysis-gap-zero", "analysis.py",
-             "direction_gap = torch.stack(", "direction_gap = 0 * torch.stack(",
-             (T + "test_analysis.py::test_equivalence_on_a_relu_network_holds_while_activations_agree[2-2-mlp]",),
-             why="the theorem check's iterate gap forced to 0"),
-    Mutation("analysis-inside-ignores-start", "analysis.py",
-             "inside &= self.start_agreement == 1.0", "inside &= True",
-             (T + "test_analysis.py::test_inside_needs_the_start_and_every_iterate_in_the_region",),
-             why="a PGA path that starts outside x's linear region counts as inside"),
+    Mutation(
+        "analysis-gap-zero",
+        "analysis.py",
+        "direction_gap = torch.stack(",
+        "direction_gap = 0 * torch.stack(",
+        (T + "test_analysis.py::test_equivalence_on_a_relu_network_holds_while_activations_agree[2-2-mlp]",),
+        why="the theorem check's iterate gap forced to 0",
+    ),
+    Mutation(
+        "analysis-inside-ignores-start",
+        "analysis.py",
+        "inside &= self.start_agreement == 1.0",
+        "inside &= True",
+        (T + "test_analysis.py::test_inside_needs_the_start_and_every_iterate_in_the_region",),
+        why="a PGA path that starts outside x's linear region counts as inside",
+    ),
     # ---- fast_at
-    Mutation("fast-at-fgsm-rs-unprojected", "fast_at.py",
-             "radius = self.eps if self.project else math.inf", "radius = math.inf",
-             (T + "training/test_fast_at.py::test_fgsm_rs_step_from_its_random_start",),
-             why="FGSM-RS's step is not projected back onto the eps ball"),
-    Mutation("fast-at-defaults-no-random-start", "training/config.py",
-             "c.fgsm_start = start if c.fgsm_start is None", "c.fgsm_start = 0.0 if c.fgsm_start is None",
-             (T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[fgsm-rs]",
-              T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[n-fgsm]"),
-             why="the trainer's FGSM-RS and N-FGSM run without a random start by default"),
+    Mutation(
+        "fast-at-fgsm-rs-unprojected",
+        "fast_at.py",
+        "radius = self.eps if self.project else math.inf",
+        "radius = math.inf",
+        (T + "training/test_fast_at.py::test_fgsm_rs_step_from_its_random_start",),
+        why="FGSM-RS's step is not projected back onto the eps ball",
+    ),
+    Mutation(
+        "fast-at-defaults-no-random-start",
+        "training/config.py",
+        "c.fgsm_start = start if c.fgsm_start is None",
+        "c.fgsm_start = 0.0 if c.fgsm_start is None",
+        (
+            T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[fgsm-rs]",
+            T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[n-fgsm]",
+        ),
+        why="the trainer's FGSM-RS and N-FGSM run without a random start by default",
+    ),
     # ---- training
-    Mutation("training-resume-skips-rng", "training/trainer.py",
-             '    load("rng", set_rng_state)\n', "",
-             (T + "training/test_fast_at.py::test_resume_is_bit_identical[fgsm-rs]",),
-             why="a resumed run draws other random starts than an uninterrupted one"),
-    Mutation("training-divergence-check-skips-objective", "training/trainer.py",
-             "[*model.state_dict().values(), *objective.state_dict().values()]", "[*model.state_dict().values()]",
-             (T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[store]",
-              T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[free-delta]",
-              T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[snr-vector]"),
-             why="a non-finite store, free delta or SNR vector is saved instead of stopping the run"),
+    Mutation(
+        "training-resume-skips-rng",
+        "training/trainer.py",
+        '    load("rng", set_rng_state)\n',
+        "",
+        (T + "training/test_fast_at.py::test_resume_is_bit_identical[fgsm-rs]",),
+        why="a resumed run draws other random starts than an uninterrupted one",
+    ),
+    Mutation(
+        "training-divergence-check-skips-objective",
+        "training/trainer.py",
+        "[*model.state_dict().values(), *objective.state_dict().values()]",
+        "[*model.state_dict().values()]",
+        (
+            T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[store]",
+            T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[free-delta]",
+            T + "training/test_runs.py::test_the_finite_check_reads_the_objectives_state[snr-vector]",
+        ),
+        why="a non-finite store, free delta or SNR vector is saved instead of stopping the run",
+    ),
 ]
 
 
@@ -153,8 +230,10 @@ def check_snippets(mutations: list[Mutation]) -> list[str]:
             continue
         count = path.read_text().count(m.snippet)
         if count != 1:
-            problems.append(f"{m.name}: its snippet occurs {count} times in src/opnorm/{m.file} (must be exactly "
-                            f"once); update it to the current code: {m.snippet!r}")
+            problems.append(
+                f"{m.name}: its snippet occurs {count} times in src/opnorm/{m.file} (must be exactly "
+                f"once); update it to the current code: {m.snippet!r}"
+            )
     return problems
 
 
@@ -267,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
             t0 = time.perf_counter()
             code, failed, tail = run_tests(ROOT / "src", tests, args.timeout, Path(tmp) / "baseline.log")
-            print(f"baseline: {len(tests)} test ids on the unchanged code: "
-                  f"{'pass' if code == 0 else 'FAIL'} ({time.perf_counter() - t0:.0f} s)")
+            print(
+                f"baseline: {len(tests)} test ids on the unchanged code: "
+                f"{'pass' if code == 0 else 'FAIL'} ({time.perf_counter() - t0:.0f} s)"
+            )
             if code != 0:
                 print(tail)
                 print("the tests must pass on the unchanged code before a mutation can be judged")
@@ -292,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"SURVIVED {m.name} ({took:.0f} s): every test passed: {', '.join(m.tests)}")
             else:
                 broken.append(m.name)
-                print(f"NOT RUN  {m.name} ({took:.0f} s): pytest exit code {code}; "
-                      f"its tests did not run as listed\n{tail}")
+                print(
+                    f"NOT RUN  {m.name} ({took:.0f} s): pytest exit code {code}; "
+                    f"its tests did not run as listed\n{tail}"
+                )
     total = time.perf_counter() - t_start
-    print(f"{len(chosen)} mutations: {len(chosen) - len(survived) - len(broken) - len(problems)} caught, "
-          f"{len(survived)} survived, {len(broken)} not run, {len(problems)} with a stale snippet ({total:.0f} s)")
+    print(
+        f"{len(chosen)} mutations: {len(chosen) - len(survived) - len(broken) - len(problems)} caught, "
+        f"{len(survived)} survived, {len(broken)} not run, {len(problems)} with a stale snippet ({total:.0f} s)"
+    )
     return 1 if survived or broken or problems else 0
 
 

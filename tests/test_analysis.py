@@ -40,8 +40,9 @@ def test_alignment_is_the_absolute_cosine_per_example():
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(inplace=True),
-                         nn.Linear(16, 4)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(inplace=True), nn.Linear(16, 4)
+    ).double()
 
 
 def test_activation_agreement_matches_preactivation_signs_by_hand():
@@ -67,8 +68,9 @@ def test_activation_agreement_matches_preactivation_signs_by_hand():
 
 def test_activation_agreement_sees_leaky_relu_and_max_pool_argmaxes():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(3 * 3 * 3, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 5)
+    ).double()
     g = torch.Generator().manual_seed(2)
     x = torch.rand(8, 1, 6, 6, generator=g, dtype=torch.float64)
     x2 = x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -159,10 +161,12 @@ def test_equivalence_is_exact_on_an_affine_model(p, q):
 def _relu_net(kind: str) -> nn.Module:
     torch.manual_seed(7)
     if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                             nn.Linear(32, 6)).double()
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(16, 6)).double()
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 6)
+        ).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 6)
+    ).double()
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -187,8 +191,15 @@ def test_equivalence_on_a_relu_network_holds_while_activations_agree(kind, p, q)
         assert (res.direction_gap[inside[:-1]] < 1e-6).all(), eps
         # its value L(delta_k) = eps * sigma_k needs delta_k in the region too
         assert (res.value_gap[inside[1:]] < 1e-6 * max(1.0, eps)).all(), eps
-        rows.append((eps, res.agreement.min().item(), res.agreement.mean().item(),
-                     res.max_direction_gap().max().item(), res.max_value_gap().max().item()))
+        rows.append(
+            (
+                eps,
+                res.agreement.min().item(),
+                res.agreement.mean().item(),
+                res.max_direction_gap().max().item(),
+                res.max_value_gap().max().item(),
+            )
+        )
     print(f"\n{kind} (p={p}, q={q}): eps | min agreement | mean agreement | max |delta/eps - v| | max |L - eps sigma|")
     for r in rows:
         print(f"  {r[0]:8.0e} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.2e} | {r[4]:.2e}")

@@ -55,8 +55,20 @@ def test_infinite_step_pga_is_the_power_method_on_an_affine_model(p, q):
     eps, steps = 0.7, 8
     start = torch.randn(5, 48, generator=g, dtype=torch.float64)
     delta0 = (eps * start / _norm(start, p)[:, None]).reshape(x.shape)
-    x_adv, deltas = opnorm.pgd(model, x, eps=eps, p=p, loss="logit", q=q, steps=steps, step_size=INF,
-                               clip=None, random_start=False, delta0=delta0, return_history=True)
+    x_adv, deltas = opnorm.pgd(
+        model,
+        x,
+        eps=eps,
+        p=p,
+        loss="logit",
+        q=q,
+        steps=steps,
+        step_size=INF,
+        clip=None,
+        random_start=False,
+        delta0=delta0,
+        return_history=True,
+    )
     assert len(deltas) == steps
     W = lin.weight.detach()
     p_star = {1: INF, 2: 2, INF: 1}[p]
@@ -95,8 +107,10 @@ def test_cross_entropy_pgd_is_as_strong_as_torchattacks(trained_digits_model, p,
         adv = opnorm.pgd(d.model, x, y, eps=eps, p=p, step_size=alpha, steps=10, generator=gen)
         ours.append(_robust_acc(d.model, adv, y))
     mean_ours, mean_theirs = sum(ours) / 5, sum(theirs) / 5
-    print(f"\nl_{p} eps={eps}: robust acc ours {[round(a, 2) for a in ours]} (mean {mean_ours:.2f}), "
-          f"torchattacks {[round(a, 2) for a in theirs]} (mean {mean_theirs:.2f})")
+    print(
+        f"\nl_{p} eps={eps}: robust acc ours {[round(a, 2) for a in ours]} (mean {mean_ours:.2f}), "
+        f"torchattacks {[round(a, 2) for a in theirs]} (mean {mean_theirs:.2f})"
+    )
     assert 30 <= mean_theirs <= 70, "eps should give an intermediate robust accuracy"
     assert abs(ours[0] - theirs[0]) <= 2.0
     assert mean_ours <= mean_theirs + 0.5
@@ -109,8 +123,9 @@ def test_deterministic_pgd_matches_torchattacks_iterate_for_iterate(trained_digi
     ours = opnorm.pgd(d.model, d.x, d.y, eps=0.08, step_size=0.02, steps=10, random_start=False)
     assert (ours - theirs).abs().max() < 1e-6
     # PGDL2 adds 1e-10 to gradient norms; that matters where the mean-loss gradient is ~1e-9
-    theirs = torchattacks.PGDL2(d.model, eps=0.5, alpha=0.125, steps=10, random_start=False,
-                                eps_for_division=1e-30)(d.x, d.y)
+    theirs = torchattacks.PGDL2(d.model, eps=0.5, alpha=0.125, steps=10, random_start=False, eps_for_division=1e-30)(
+        d.x, d.y
+    )
     ours = opnorm.pgd(d.model, d.x, d.y, eps=0.5, p=2, step_size=0.125, steps=10, random_start=False)
     assert (ours - theirs).abs().max() < 1e-5
 
@@ -132,8 +147,18 @@ MODEL = _mlp(0)
 )
 def test_outputs_stay_in_the_ball_and_the_box(p, loss, eps, steps, step, clip, seed):
     x, y = _inputs(seed=seed)
-    out = opnorm.pgd(MODEL, x, y, eps=eps, p=p, loss=loss, steps=steps, step_size=step, clip=clip,
-                     generator=torch.Generator().manual_seed(seed))
+    out = opnorm.pgd(
+        MODEL,
+        x,
+        y,
+        eps=eps,
+        p=p,
+        loss=loss,
+        steps=steps,
+        step_size=step,
+        clip=clip,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert out.shape == x.shape and not out.requires_grad
     assert (_norm(out - x, p) <= eps * (1 + 1e-6)).all()
     if clip is not None:
@@ -220,7 +245,9 @@ def test_targeted_attack_lowers_the_target_loss(trained_digits_model):
     d = trained_digits_model
     t = (d.y + 1) % 10
     for p, eps in ((INF, 0.05), (2, 0.3), (1, 2.0)):
-        adv = opnorm.pgd(d.model, d.x, t, eps=eps, p=p, targeted=True, steps=5, generator=torch.Generator().manual_seed(0))
+        adv = opnorm.pgd(
+            d.model, d.x, t, eps=eps, p=p, targeted=True, steps=5, generator=torch.Generator().manual_seed(0)
+        )
         with torch.no_grad():
             before = F.cross_entropy(d.model(d.x), t, reduction="none")
             after = F.cross_entropy(d.model(adv), t, reduction="none")
@@ -235,8 +262,9 @@ def test_per_example_eps(p):
     x, y = _inputs(batch=6)
     eps = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.4, 0.8], dtype=torch.float64)
     for step in (None, INF):
-        out = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=3, step_size=step, clip=None,
-                         generator=torch.Generator().manual_seed(0))
+        out = opnorm.pgd(
+            MODEL, x, y, eps=eps, p=p, steps=3, step_size=step, clip=None, generator=torch.Generator().manual_seed(0)
+        )
         n = _norm(out - x, p)
         assert (n <= eps * (1 + 1e-9)).all() and n[0] == 0
         if step == INF:
@@ -247,8 +275,9 @@ def test_batch_equals_examples_attacked_one_by_one():
     x, y = _inputs(batch=5)
     for p in (1, 2, INF):
         whole = opnorm.pgd(MODEL, x, y, eps=0.3, p=p, random_start=False, steps=4)
-        parts = torch.cat([opnorm.pgd(MODEL, x[i : i + 1], y[i : i + 1], eps=0.3, p=p, random_start=False, steps=4)
-                           for i in range(5)])
+        parts = torch.cat(
+            [opnorm.pgd(MODEL, x[i : i + 1], y[i : i + 1], eps=0.3, p=p, random_start=False, steps=4) for i in range(5)]
+        )
         torch.testing.assert_close(whole, parts, rtol=0, atol=1e-12)
 
 
@@ -260,8 +289,9 @@ def test_sparse_l1_step_moves_the_top_gradient_coordinates_the_box_allows():
     x = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
     x[0, 0, 0, 0] = 1.0  # the top coordinate sits at the box edge: it cannot increase
     first_logit = lambda adv, clean, y: adv[:, 0]  # noqa: E731
-    out = opnorm.pgd(model, x, eps=0.3, p=1, loss=first_logit, steps=1, step_size=0.2, random_start=False,
-                     l1_fraction=2 / 16)
+    out = opnorm.pgd(
+        model, x, eps=0.3, p=1, loss=first_logit, steps=1, step_size=0.2, random_start=False, l1_fraction=2 / 16
+    )
     delta = (out - x).flatten()
     assert torch.allclose(delta[1:3], torch.tensor([0.1, 0.1], dtype=torch.float64))
     assert delta[0] == 0 and delta[3:].abs().sum() == 0
@@ -277,16 +307,37 @@ def test_history_and_one_forward_per_step():
     calls = []
     handle = MODEL.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        adv, hist = opnorm.pgd(MODEL, x, y, eps=0.3, p=2, loss="logit", steps=5, clip=None, return_history=True,
-                               generator=torch.Generator().manual_seed(0))
+        adv, hist = opnorm.pgd(
+            MODEL,
+            x,
+            y,
+            eps=0.3,
+            p=2,
+            loss="logit",
+            steps=5,
+            clip=None,
+            return_history=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert len(calls) == 6  # clean logits once, then one forward per step
         assert len(hist) == 5 and torch.equal(adv, x + hist[-1])
         calls.clear()
         opnorm.pgd(MODEL, x, y, eps=0.3, p=INF, loss="ce", steps=5)
         assert len(calls) == 5  # cross-entropy needs no clean logits
         calls.clear()
-        adv, hist = opnorm.pgd(MODEL, x, y, eps=0.3, p=INF, loss="cw", steps=5, restarts=3, clip=None,
-                               return_history=True, generator=torch.Generator().manual_seed(0))
+        adv, hist = opnorm.pgd(
+            MODEL,
+            x,
+            y,
+            eps=0.3,
+            p=INF,
+            loss="cw",
+            steps=5,
+            restarts=3,
+            clip=None,
+            return_history=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert len(calls) == 3 * 6  # each restart scores its final point once
         assert torch.equal(adv, x + hist[-1])
     finally:
@@ -471,8 +522,9 @@ def test_halving_schedule_halves_the_step_and_restarts_from_the_best_point(p, lo
     eps, steps = 0.5, 8
     start = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
     kw = dict(eps=eps, p=p, loss=loss, random_start=False)
-    _, hist = opnorm.pgd(model, x, y, steps=steps, step_size=step_size, delta0=start, schedule="halving",
-                         return_history=True, **kw)
+    _, hist = opnorm.pgd(
+        model, x, y, steps=steps, step_size=step_size, delta0=start, schedule="halving", return_history=True, **kw
+    )
     first = opnorm.pgd(model, x, y, steps=0, delta0=start, **kw) - x  # the projected start
     path = [first] + hist
     fn = losses.get_loss(loss).fn
@@ -507,8 +559,16 @@ def test_halving_schedule_costs_one_forward_per_halving_and_is_at_least_as_stron
     d = trained_digits_model
     accs = {}
     for schedule in ("constant", "halving"):
-        accs[schedule] = robust_accuracy(d.model, d.x_all, d.y_all, eps=0.1, p=INF, steps=20, schedule=schedule,
-                                                generator=torch.Generator().manual_seed(0))
+        accs[schedule] = robust_accuracy(
+            d.model,
+            d.x_all,
+            d.y_all,
+            eps=0.1,
+            p=INF,
+            steps=20,
+            schedule=schedule,
+            generator=torch.Generator().manual_seed(0),
+        )
     print(f"\nrobust accuracy at l_inf 0.1: {accs}")
     assert 0.2 <= accs["constant"] <= 0.8
     assert accs["halving"] <= accs["constant"] + 0.005

@@ -14,13 +14,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from affine_models import DT, gen
 from torch import nn
 from torch.autograd.functional import jacobian as autograd_jacobian
 
-from opnorm.regularizers import (AdversarialTrainingLoss, ExactPenalty, FDPenalty, OperatorNormRegularizer,
-                                 PGASolver)
-
-from affine_models import DT, gen
+from opnorm.regularizers import AdversarialTrainingLoss, ExactPenalty, FDPenalty, OperatorNormRegularizer, PGASolver
 
 INF = math.inf
 
@@ -32,16 +30,25 @@ def model(kind: str) -> nn.Sequential:
         net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
         shape = (3, 4)
     elif kind in ("bn2d", "bn2d-no-affine", "sync"):
-        norm = {"bn2d": nn.BatchNorm2d(3), "bn2d-no-affine": nn.BatchNorm2d(3, affine=False),
-                "sync": nn.SyncBatchNorm(3)}
-        net, shape = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), norm[kind], nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(3 * 4 * 4, 4)), (1, 4, 4)
+        norm = {
+            "bn2d": nn.BatchNorm2d(3),
+            "bn2d-no-affine": nn.BatchNorm2d(3, affine=False),
+            "sync": nn.SyncBatchNorm(3),
+        }
+        net, shape = (
+            nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), norm[kind], nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)),
+            (1, 4, 4),
+        )
     elif kind == "bn3d":
         net = nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8, 4))
         shape = (1, 3, 3, 3)
     else:  # no running statistics: batch statistics in both modes
-        net, shape = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6, track_running_stats=False),
-                                   nn.ReLU(), nn.Linear(6, 4)), (3, 4)
+        net, shape = (
+            nn.Sequential(
+                nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU(), nn.Linear(6, 4)
+            ),
+            (3, 4),
+        )
     net = net.double()
     bn = norm_layer(net)
     with torch.no_grad():
@@ -62,7 +69,7 @@ def norm_layer(net):
 def f_clean_stats(net, rows, clean):
     """The hand-written f_B: BatchNorm normalizes ``rows`` with the mean / biased variance of ``clean``."""
     k = [i for i, m in enumerate(net) if isinstance(m, nn.modules.batchnorm._BatchNorm)][0]
-    pre, bn, post = net[:k], net[k], net[k + 1:]
+    pre, bn, post = net[:k], net[k], net[k + 1 :]
     hc = pre(clean)
     dims = [0] + list(range(2, hc.ndim))
     shape = [1, -1] + [1] * (hc.ndim - 2)
@@ -108,8 +115,12 @@ def test_direction_is_the_top_singular_vector_of_the_clean_statistics_jacobian(k
     reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=1.0, solver=PGASolver(200, generator=gen(3)))
     res = reg.direction(net, x)
     with torch.no_grad():
-        J = torch.stack([autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
-                         for b in range(x.shape[0])])
+        J = torch.stack(
+            [
+                autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
+                for b in range(x.shape[0])
+            ]
+        )
     torch.testing.assert_close(res.sigma, torch.linalg.matrix_norm(J, ord=2), rtol=1e-6, atol=0)
 
 
@@ -160,13 +171,18 @@ def test_free_update_is_one_power_step_of_the_clean_statistics_jacobian():
     x = batch(net)
     index = torch.tensor([3, 0, 5, 1, 2, 4])
     eps = 1e-6
-    reg = OperatorNormRegularizer.fast(2, 2, eps=eps, lam=0.5, num_examples=8, solver=PGASolver(3, 1, free_update=True,
-                                                                                                 generator=gen(4)))
+    reg = OperatorNormRegularizer.fast(
+        2, 2, eps=eps, lam=0.5, num_examples=8, solver=PGASolver(3, 1, free_update=True, generator=gen(4))
+    )
     reg.joint(net, x, index)[1].backward()
     v = reg.last_v
     with torch.no_grad():
-        J = torch.stack([autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
-                         for b in range(x.shape[0])])
+        J = torch.stack(
+            [
+                autograd_jacobian(lambda r: f_clean_stats(net, r[None], x)[0], x[b]).reshape(4, -1)
+                for b in range(x.shape[0])
+            ]
+        )
         pre = lambda r: net[:3](r) > 0  # noqa: E731 (ReLU pattern: same at x and x + eps v)
         assert torch.equal(pre(x), pre(x + eps * v))  # (the input to the ReLU has the same sign either way)
     u = duality_map(torch.einsum("bdn,bn->bd", J, v.reshape(6, -1)), 2)

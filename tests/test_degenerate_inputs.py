@@ -72,11 +72,14 @@ def classifier():
     return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), torch.rand(6, 5), torch.randint(0, 3, (6,))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(eps=0.1, step_size=0.0), "step_size must be a float > 0"),
-    (dict(eps=0.0), "eps is 0"),
-    (dict(eps=0.1, steps=0, random_start=False), "steps 0 without a random start"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(eps=0.1, step_size=0.0), "step_size must be a float > 0"),
+        (dict(eps=0.0), "eps is 0"),
+        (dict(eps=0.1, steps=0, random_start=False), "steps 0 without a random start"),
+    ],
+)
 def test_attack_settings_that_cannot_attack_are_refused(classifier, kwargs, match):
     net, x, y = classifier
     with pytest.raises(ValueError, match=match):

@@ -27,7 +27,7 @@ def reference_pgd_correct(model, x, y, *, eps, p, steps, restarts, seed, batch_s
     gen = torch.Generator().manual_seed(seed)
     out = []
     for s in range(0, len(x), batch_size):
-        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        xb, yb = x[s : s + batch_size], y[s : s + batch_size]
         adv = opnorm.pgd(model, xb, yb, eps=eps, p=p, steps=steps, restarts=restarts, generator=gen, best_iterate=True)
         with torch.no_grad():
             out.append(model(adv).argmax(1) == yb)
@@ -38,22 +38,39 @@ def reference_pgd_correct(model, x, y, *, eps, p, steps, restarts, seed, batch_s
 def test_pgd_attack_equals_pgd_called_directly(points, p, eps):
     model, x, y = points
     ref = reference_pgd_correct(model, x, y, eps=eps, p=p, steps=5, restarts=2, seed=3, batch_size=50)
-    res = opnorm.evaluate(model, x, y, eps=eps, p=p, every_example=True,
-                          attacks=[PGDAttack(steps=5, restarts=2, seed=3, batch_size=50, schedule="constant")])
+    res = opnorm.evaluate(
+        model,
+        x,
+        y,
+        eps=eps,
+        p=p,
+        every_example=True,
+        attacks=[PGDAttack(steps=5, restarts=2, seed=3, batch_size=50, schedule="constant")],
+    )
     assert torch.equal(res.correct["pgd"][0] == 1, ref)
     assert 0 < res.accuracy("pgd", eps) < 1  # the attack fools some examples, not all
     gen = torch.Generator().manual_seed(3)
-    assert robust_accuracy(model, x, y, eps=eps, p=p, steps=5, restarts=2, generator=gen, batch_size=50) == \
-        pytest.approx(float(ref.double().mean()), abs=0)
+    assert robust_accuracy(
+        model, x, y, eps=eps, p=p, steps=5, restarts=2, generator=gen, batch_size=50
+    ) == pytest.approx(float(ref.double().mean()), abs=0)
 
 
 def test_torchattacks_attacks_equal_torchattacks_called_directly(points):
     ta = pytest.importorskip("torchattacks")
     model, x, y = points
-    direct = {"apgd-ce": ta.APGD(model, norm="Linf", eps=0.1, steps=5, n_restarts=1, seed=0, loss="ce"),
-              "square": ta.Square(model, norm="Linf", eps=0.1, n_queries=30, n_restarts=1, seed=0)}
-    res = opnorm.evaluate(model, x, y, eps=[0.1], p="inf", every_example=True,
-                          attacks=[APGDAttack("ce", steps=5), SquareAttack(queries=30)])
+    direct = {
+        "apgd-ce": ta.APGD(model, norm="Linf", eps=0.1, steps=5, n_restarts=1, seed=0, loss="ce"),
+        "square": ta.Square(model, norm="Linf", eps=0.1, n_queries=30, n_restarts=1, seed=0),
+    }
+    res = opnorm.evaluate(
+        model,
+        x,
+        y,
+        eps=[0.1],
+        p="inf",
+        every_example=True,
+        attacks=[APGDAttack("ce", steps=5), SquareAttack(queries=30)],
+    )
     for name, atk in direct.items():
         with torch.no_grad():
             expected = model(atk(x, y)).argmax(1) == y  # one call: the evaluation's chunk holds all 120
@@ -63,8 +80,11 @@ def test_torchattacks_attacks_equal_torchattacks_called_directly(points):
 def test_worst_case_is_every_attack_and_clean(points):
     pytest.importorskip("torchattacks")
     model, x, y = points
-    attacks = [PGDAttack(steps=5, seed=1, batch_size=40), APGDAttack("dlr", steps=5, batch_size=40),
-               SquareAttack(queries=30, batch_size=40)]
+    attacks = [
+        PGDAttack(steps=5, seed=1, batch_size=40),
+        APGDAttack("dlr", steps=5, batch_size=40),
+        SquareAttack(queries=30, batch_size=40),
+    ]
     res = opnorm.evaluate(model, x, y, eps=[0.0, 0.05, 0.15], p="inf", attacks=attacks, every_example=True)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
@@ -86,8 +106,12 @@ def test_attacking_only_the_robust_examples_gives_the_same_worst_case(points):
     model, x, y = points
 
     def suite():
-        return [PGDAttack(steps=5, restarts=2, seed=1, batch_size=32), APGDAttack("ce", steps=5, batch_size=32),
-                APGDAttack("t", steps=3, batch_size=32), SquareAttack(queries=30, batch_size=32)]
+        return [
+            PGDAttack(steps=5, restarts=2, seed=1, batch_size=32),
+            APGDAttack("ce", steps=5, batch_size=32),
+            APGDAttack("t", steps=3, batch_size=32),
+            SquareAttack(queries=30, batch_size=32),
+        ]
 
     every = opnorm.evaluate(model, x, y, eps=[0.05, 0.15], attacks=suite(), every_example=True)
     pruned = opnorm.evaluate(model, x, y, eps=[0.05, 0.15], attacks=suite())

@@ -31,8 +31,21 @@ def keep_threads():
 
 def test_tiny_study_writes_records_resumes_and_reports(study, tmp_path, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
-    argv = ["--tiny", "--out", str(out), "--runs", str(runs), "--radii", "0.1", "--methods", "fgsm-rs", "free",
-            "--seeds", "0", "1"]
+    argv = [
+        "--tiny",
+        "--out",
+        str(out),
+        "--runs",
+        str(runs),
+        "--radii",
+        "0.1",
+        "--methods",
+        "fgsm-rs",
+        "free",
+        "--seeds",
+        "0",
+        "1",
+    ]
     study.main(argv[:-1])  # seed 0 only
     recs = sorted((out / "runs").glob("eps-0.1/*/seed-*/results.json"))
     assert [p.parent.parent.name for p in recs] == ["fgsm-rs", "free"]
@@ -73,14 +86,27 @@ def test_variants_validate_on_held_out_training_images(tmp_path, study):
         spec.loader.exec_module(mod)
         own = study.fast_robust_config({"opnorm": {"warm_iters": 1}, "lam": 0.2})
         assert own["lam"] == 0.2 and own["opnorm"]["warm_iters"] == 1 and own["opnorm"]["output"] == "kl"
-        mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
-                  "--out", str(tmp_path / "v" / "variants"), "--runs", str(tmp_path / "r")])
+        mod.main(
+            [
+                "--tiny",
+                "--variants",
+                "warm-1",
+                "--references",
+                "fgsm-rs",
+                "--out",
+                str(tmp_path / "v" / "variants"),
+                "--runs",
+                str(tmp_path / "r"),
+            ]
+        )
     finally:
         sys.path.remove(str(here))
     table = json.loads((tmp_path / "v" / "variants" / "variants.json").read_text())
     assert set(table["variants"]) == {"warm-1", "fgsm-rs"}
     assert table["validation"] == "training images 256 to 295"
-    rec = json.loads((tmp_path / "v" / "variants" / "runs" / "eps-0.1" / "warm-1" / "seed-0" / "results.json").read_text())
+    rec = json.loads(
+        (tmp_path / "v" / "variants" / "runs" / "eps-0.1" / "warm-1" / "seed-0" / "results.json").read_text()
+    )
     assert rec["config"]["opnorm"]["warm_iters"] == 1 and rec["test_points"] == 40
     study.main(["--tiny", "--phase", "report", "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
     text = (tmp_path / "v" / "report.md").read_text()
@@ -113,8 +139,9 @@ def test_the_fgsm_step_and_no_penalty_methods_are_the_fast_robust_configuration_
     changed = study.method_config("opnorm-fast-robust-fgsm", args, 0.1, 0, tmp_path / "b").to_dict()
     assert changed["opnorm"]["warm_iters"] == 1 and changed["opnorm"]["step"] == 1.25
     assert base["opnorm"]["warm_iters"] == 2 and base["opnorm"]["step"] == 0.25
-    differ = {k for k in base if base[k] != changed[k]} | {f"opnorm.{k}" for k in base["opnorm"]
-                                                          if base["opnorm"][k] != changed["opnorm"][k]}
+    differ = {k for k in base if base[k] != changed[k]} | {
+        f"opnorm.{k}" for k in base["opnorm"] if base["opnorm"][k] != changed["opnorm"][k]
+    }
     assert differ == {"out", "opnorm", "opnorm.warm_iters", "opnorm.step"}
     alone = study.method_config("opnorm-fast-robust-lam0", args, 0.1, 0, tmp_path / "c").to_dict()
     assert {k for k in base if base[k] != alone[k]} == {"out", "lam"} and alone["lam"] == 0.0
@@ -130,8 +157,19 @@ def test_variants_stop_with_one_line_when_another_process_holds_a_run(tmp_path, 
         for name in ("warm-1", "fgsm-rs"):  # held by this (live) process: nothing trains
             assert mod.study.claim(tmp_path / "r" / "eps-0.1" / name / "seed-0")
         with pytest.raises(SystemExit, match="warm-1, fgsm-rs: another process is training them"):
-            mod.main(["--tiny", "--variants", "warm-1", "--references", "fgsm-rs",
-                      "--out", str(tmp_path / "v"), "--runs", str(tmp_path / "r")])
+            mod.main(
+                [
+                    "--tiny",
+                    "--variants",
+                    "warm-1",
+                    "--references",
+                    "fgsm-rs",
+                    "--out",
+                    str(tmp_path / "v"),
+                    "--runs",
+                    str(tmp_path / "r"),
+                ]
+            )
     finally:
         sys.path.remove(str(here))
     assert not (tmp_path / "v" / "variants.json").exists()

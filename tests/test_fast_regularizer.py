@@ -12,15 +12,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from affine_models import DT, affine_layer, gen
 from torch import nn
 from torch.autograd.functional import jacobian as autograd_jacobian
 
 from opnorm.norms import lp_norm
 from opnorm.power import random_unit
-from opnorm.regularizers import (DirectionStore, ExactPenalty, FDPenalty, FisherKL, LogitNorm, OperatorNormRegularizer,
-                                 PGASolver, mixes_examples)
-
-from affine_models import DT, affine_layer, gen
+from opnorm.regularizers import (
+    DirectionStore,
+    ExactPenalty,
+    FDPenalty,
+    FisherKL,
+    LogitNorm,
+    OperatorNormRegularizer,
+    PGASolver,
+    mixes_examples,
+)
 from tests.reference import dual, psi
 
 INF = math.inf
@@ -40,15 +47,20 @@ def affine(d=5, n=12, seed=0):
 
 def relu_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)
+    ).double()
 
 
 def explicit_J(model, x):
     """(B, d, n) per-example Jacobians, one autograd.functional.jacobian call per example."""
     d = model(x[:1]).shape[1]
-    return torch.stack([
-        autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(d, -1) for b in range(x.shape[0])
-    ])
+    return torch.stack(
+        [
+            autograd_jacobian(lambda inp: model(inp.unsqueeze(0)).squeeze(0), x[b]).reshape(d, -1)
+            for b in range(x.shape[0])
+        ]
+    )
 
 
 def power_step(J, v, p, q):
@@ -65,7 +77,9 @@ def visit(reg, model, x, y, index):
     return pen
 
 
-X = torch.rand(4, 3, 4, generator=gen(1), dtype=DT) * 0.6 + 0.2  # inside (0.2, 0.8): a clip box never binds at small eps
+X = (
+    torch.rand(4, 3, 4, generator=gen(1), dtype=DT) * 0.6 + 0.2
+)  # inside (0.2, 0.8): a clip box never binds at small eps
 Y = torch.tensor([0, 1, 2, 3])
 INDEX = torch.tensor([5, 2, 9, 0])
 PAIRS = [(INF, 2), (2, 2), (INF, 1), (2, 3), (1, 2), (3, INF)]
@@ -254,8 +268,21 @@ def test_trainer_checkpoint_holds_the_store_and_resume_is_bit_identical(tmp_path
     from opnorm.training.config import TrainConfig
     from opnorm.training.trainer import CHECKPOINT, train
 
-    kw = dict(dataset="digits", model="cnn", method="opnorm", p="inf", eps=0.1, epochs=2, limit_train=96,
-              limit_test=20, eval_points=10, eval_steps=2, batch_size=32, seed=5, progress=False)
+    kw = dict(
+        dataset="digits",
+        model="cnn",
+        method="opnorm",
+        p="inf",
+        eps=0.1,
+        epochs=2,
+        limit_train=96,
+        limit_test=20,
+        eval_points=10,
+        eval_steps=2,
+        batch_size=32,
+        seed=5,
+        progress=False,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -332,7 +359,13 @@ def test_paper_mode_is_ten_power_steps_on_explicit_jacobians(p, q, dynamic):
     eps, lam = 0.05, 0.3
     default = OperatorNormRegularizer.paper(p, q, eps, lam)
     s = default.solver
-    assert default.store is None and (s.iters, s.warm_iters, s.free_update, s.dynamic, s.step) == (10, 10, False, False, INF)
+    assert default.store is None and (s.iters, s.warm_iters, s.free_update, s.dynamic, s.step) == (
+        10,
+        10,
+        False,
+        False,
+        INF,
+    )
     assert isinstance(default.penalty, FDPenalty) and default.penalty.squared and default.clip is None
     reg = OperatorNormRegularizer.paper(p, q, eps, lam, solver=PGASolver(10, dynamic=dynamic, generator=gen(12)))
     logits, pen = reg.joint(model, x, torch.arange(5))
@@ -391,7 +424,12 @@ def test_config_and_cli_expose_the_mode():
     o = fast_cfg.opnorm
     assert (o.mode, o.iters, o.warm_iters, o.clip, o.free_update) == ("fast", 3, 1, True, True)
     paper = TrainConfig(method="opnorm", opnorm={"mode": "paper"}).resolved()
-    assert (paper.opnorm.iters, paper.opnorm.warm_iters, paper.opnorm.clip, paper.opnorm.free_update) == (10, 10, False, False)
+    assert (paper.opnorm.iters, paper.opnorm.warm_iters, paper.opnorm.clip, paper.opnorm.free_update) == (
+        10,
+        10,
+        False,
+        False,
+    )
     with pytest.raises(ValueError, match="unknown opnorm.mode 'slow'"):
         TrainConfig(method="opnorm", opnorm={"mode": "slow"}).resolved()
     reg = Objective(paper, nn.Linear(2, 2)).reg
@@ -401,8 +439,9 @@ def test_config_and_cli_expose_the_mode():
     reg = Objective(fast_cfg, nn.Linear(2, 2), num_examples=10).reg
     assert reg.store.num_examples == 10 and reg.clip == (0.0, 1.0) and reg.solver.warm_iters == 1
     assert reg.solver.free_update
-    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-mode", "paper", "--opnorm-iters", "7",
-                                      "--no-opnorm-clip"])
+    args = build_parser().parse_args(
+        ["train", "--method", "opnorm", "--opnorm-mode", "paper", "--opnorm-iters", "7", "--no-opnorm-clip"]
+    )
     cfg, _, _ = train_config_from_args(args)
     o = cfg.opnorm
     assert (o.mode, o.iters, o.warm_iters, o.clip) == ("paper", 7, 7, False)

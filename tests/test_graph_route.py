@@ -44,8 +44,12 @@ def test_graph_route_is_exact(name):
     torch.testing.assert_close(lin.logits, model(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(jacobian(model, x).reshape(J.shape), J, rtol=1e-10, atol=1e-12 * float(J.abs().max()))
     V = torch.randn(2, *x.shape, dtype=DT)
-    torch.testing.assert_close(lin.matmat(V), torch.einsum("bdn,kbn->kbd", J, V.reshape(2, 3, -1)),
-                               rtol=1e-10, atol=1e-12 * float(J.abs().max()))
+    torch.testing.assert_close(
+        lin.matmat(V),
+        torch.einsum("bdn,kbn->kbd", J, V.reshape(2, 3, -1)),
+        rtol=1e-10,
+        atol=1e-12 * float(J.abs().max()),
+    )
     rows = torch.tensor([0, 2])
     sub = lin.select(rows)
     torch.testing.assert_close(sub.matvec(V[0, rows]), lin.matvec(V[0])[rows], rtol=1e-12, atol=1e-15)
@@ -85,4 +89,6 @@ def test_graph_route_declines_what_it_does_not_cover():
     x = torch.randn(2, 4, dtype=DT)
     lin = linearize(model, x)
     assert lin.route == "autograd"
-    torch.testing.assert_close(lin.matvec(torch.ones_like(x)), 6 * torch.ones_like(x) @ model.a.weight.T, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        lin.matvec(torch.ones_like(x)), 6 * torch.ones_like(x) @ model.a.weight.T, rtol=1e-12, atol=1e-14
+    )

@@ -13,11 +13,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from affine_models import DT, affine_layer, gen
 from torch import nn
 
 from opnorm.regularizers import ExactPenalty, FDPenalty, FisherKL, OperatorNormRegularizer, PGASolver
-
-from affine_models import DT, affine_layer, gen
 from tests.reference import dual, psi
 
 INF = math.inf
@@ -60,7 +59,10 @@ def test_pinf_norm_matches_brute_force_over_the_cube_vertices():
     reg = OperatorNormRegularizer.paper(INF, 2, 0.1, metric=FisherKL(), solver=PGASolver(50, generator=gen(3)))
     res = reg.direction(model, x)
     M = (W.T @ fisher(model, X[:1]) @ W)[0].detach()
-    best = max(float(torch.tensor(s, dtype=DT) @ M @ torch.tensor(s, dtype=DT)) for s in itertools.product((-1.0, 1.0), repeat=10))
+    best = max(
+        float(torch.tensor(s, dtype=DT) @ M @ torch.tensor(s, dtype=DT))
+        for s in itertools.product((-1.0, 1.0), repeat=10)
+    )
     assert float(res.sigma.max()) == pytest.approx(math.sqrt(best), rel=1e-10)
     assert bool((res.sigma <= math.sqrt(best) * (1 + 1e-10)).all())  # every start gives a lower bound
     assert bool((res.v.abs() == 1).all())
@@ -82,7 +84,9 @@ def test_fd_penalty_is_the_kl_divergence_at_the_power_point(squared, scale_by_ep
     reg = fast_kl(2, eps, lam, generator=gen(5), penalty=FDPenalty(squared=squared, scale_by_eps=scale_by_eps))
     pen = reg(model, X, INDEX)
     v = reg.last_v
-    kl = F.kl_div(F.log_softmax(model(X + eps * v), 1), F.log_softmax(model(X), 1), log_target=True, reduction="none").sum(1)
+    kl = F.kl_div(
+        F.log_softmax(model(X + eps * v), 1), F.log_softmax(model(X), 1), log_target=True, reduction="none"
+    ).sum(1)
     s = (2 * kl).sqrt() / eps * (eps if scale_by_eps else 1.0)
     torch.testing.assert_close(pen, lam * (s**2 if squared else s).mean(), rtol=1e-10, atol=0)
     torch.testing.assert_close(reg.last_sigma, (2 * kl).sqrt() / eps, rtol=1e-10, atol=0)
@@ -175,8 +179,23 @@ def test_perturbed_task_in_the_trainer_and_its_validation():
         TrainConfig(method="opnorm", opnorm={"task": "adversarial"}).resolved()
     with pytest.raises(ValueError, match="opnorm.task perturbed"):
         TrainConfig(method="opnorm", opnorm={"task": "perturbed", "penalty": "exact"}).resolved()
-    args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-output", "kl", "--p", "inf",
-                                      "--eps", "0.2", "--lam", "0.5", "--opnorm-task", "perturbed"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "opnorm",
+            "--opnorm-output",
+            "kl",
+            "--p",
+            "inf",
+            "--eps",
+            "0.2",
+            "--lam",
+            "0.5",
+            "--opnorm-task",
+            "perturbed",
+        ]
+    )
     cfg, _, _ = train_config_from_args(args)
     assert cfg.opnorm.task == "perturbed"
     model, _ = affine()

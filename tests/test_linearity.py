@@ -18,7 +18,9 @@ from tests.affine_models import DT, affine_layer, gen
 
 def _relu_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)
+    ).double()
 
 
 def test_affine_model_has_zero_deviation_and_constant_sigma():
@@ -45,7 +47,9 @@ def test_relu_net_deviation_matches_an_explicit_jacobian():
             change = net(x[i : i + 1] + z[i : i + 1])[0] - net(x[i : i + 1])[0]
         ref = torch.linalg.vector_norm(change - J @ z[i])
         assert float(dev.absolute[i]) == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
-        assert float(dev.relative[i]) == pytest.approx(float(ref / torch.linalg.vector_norm(change)), rel=1e-10, abs=1e-12)
+        assert float(dev.relative[i]) == pytest.approx(
+            float(ref / torch.linalg.vector_norm(change)), rel=1e-10, abs=1e-12
+        )
     assert float(dev.relative.max()) > 1e-3  # a radius of 0.7 leaves the linear region here: the test can fail
     tiny = linearity_deviation(net, x, 1e-7 * z)  # inside the region: linear up to float error
     assert float(tiny.relative.max()) < 1e-6
@@ -101,8 +105,7 @@ def test_pga_logit_perturbation_of_a_linear_model_aligns_with_v1():
         lin.weight.copy_(U @ torch.diag(torch.from_numpy(s)) @ Vt)  # a known SVD
     Vh = Vt.numpy()
     x = torch.randn(4, 8, generator=gen(11), dtype=DT)
-    xa = opnorm.pgd(lin, x, eps=0.3, p=2, loss="logit", q=2, steps=60, step_size=math.inf, clip=None,
-                    generator=gen(12))
+    xa = opnorm.pgd(lin, x, eps=0.3, p=2, loss="logit", q=2, steps=60, step_size=math.inf, clip=None, generator=gen(12))
     V = torch.from_numpy(np.repeat(Vh[None, :3, :].transpose(0, 2, 1), 4, axis=0).copy())
     al = alignment_by_rank(xa - x, V)
     torch.testing.assert_close(al[:, 0], torch.ones(4, dtype=DT), atol=1e-6, rtol=0)

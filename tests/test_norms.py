@@ -12,7 +12,6 @@ import opnorm
 from opnorm.norms import clip_box, conjugate, duality_map, lp_norm, norm_order, project_lp_ball, steepest_ascent
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64_default():
     """float64 for this module only: a module-level set_default_dtype leaks into every other test."""
@@ -81,7 +80,7 @@ def test_projection_feasible_idempotent_nearest(arr, p, eps):
     y = torch.randn(256, x.shape[1])
     y = project_lp_ball(y, p, eps) if eps > 0 else torch.zeros_like(y)
     for b in range(x.shape[0]):
-        ip = ((y - P[b]) @ (x[b] - P[b]))
+        ip = (y - P[b]) @ (x[b] - P[b])
         assert torch.all(ip <= 1e-7 * (1 + (x[b] - P[b]).norm() * (y - P[b]).norm(dim=1)))
         assert torch.all((x[b] - y).norm(dim=1) >= (x[b] - P[b]).norm() - 1e-9)
 

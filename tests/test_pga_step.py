@@ -12,11 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from affine_models import DT, affine_layer, gen
 from torch import nn
 
 from opnorm.regularizers import FisherKL, OperatorNormRegularizer, PGASolver
-
-from affine_models import DT, affine_layer, gen
 
 INF = math.inf
 X = torch.rand(3, 10, generator=gen(11), dtype=DT)
@@ -129,8 +128,13 @@ def test_step_validation_config_and_cli():
     from opnorm.training.config import TrainConfig
     from opnorm.training.trainer import Objective
 
-    for bad, match in ((0.0, "step must be > 0"), (-0.5, "step must be > 0"), (math.nan, "step must be a finite number"),
-                       (True, "step must be a number"), ("big", "step must be a number")):
+    for bad, match in (
+        (0.0, "step must be > 0"),
+        (-0.5, "step must be > 0"),
+        (math.nan, "step must be a finite number"),
+        (True, "step must be a number"),
+        ("big", "step must be a number"),
+    ):
         with pytest.raises((ValueError, TypeError), match=match):
             PGASolver(step=bad)
     with pytest.raises(ValueError, match="p in 1, 2, inf"):
@@ -151,9 +155,22 @@ def test_step_validation_config_and_cli():
 def test_finite_step_training_resumes_exactly(tmp_path):
     from opnorm import TrainConfig, train
 
-    cfg = TrainConfig(method="opnorm", p="inf", eps=0.1, lam=0.05,
-                      opnorm={"output": "kl", "task": "perturbed", "step": 0.5, "dynamic": True}, epochs=2, batch_size=64, limit_train=256, limit_test=64,
-                      eval_points=32, eval_steps=2, model="mlp", out=str(tmp_path / "a"), progress=False)
+    cfg = TrainConfig(
+        method="opnorm",
+        p="inf",
+        eps=0.1,
+        lam=0.05,
+        opnorm={"output": "kl", "task": "perturbed", "step": 0.5, "dynamic": True},
+        epochs=2,
+        batch_size=64,
+        limit_train=256,
+        limit_test=64,
+        eval_points=32,
+        eval_steps=2,
+        model="mlp",
+        out=str(tmp_path / "a"),
+        progress=False,
+    )
     whole = train(cfg)
     train(cfg.replace(out=str(tmp_path / "b")), stop_after=1)
     resumed = train(cfg.replace(out=str(tmp_path / "b")), resume=True)

@@ -26,9 +26,14 @@ def mlp():
 
 def cnn():
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(6 * 2 * 2, 7),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 7),
     )
 
 
@@ -59,7 +64,9 @@ def test_jacobian_matches_reference(model_and_x):
     model, x = model_and_x
     J = opnorm.jacobian_matrix(model, x)
     assert J.shape[0] == x.shape[0] and J.shape[2:] == x.shape[1:]
-    torch.testing.assert_close(J.reshape(J.shape[0], J.shape[1], -1), reference_jacobian(model, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        J.reshape(J.shape[0], J.shape[1], -1), reference_jacobian(model, x), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_spectral_norm_exact_and_power(model_and_x):
@@ -67,7 +74,9 @@ def test_spectral_norm_exact_and_power(model_and_x):
     ref = torch.linalg.svdvals(reference_jacobian(model, x))[:, 0]
     exact = operator_norm(model, x, 2, 2, method="exact")
     torch.testing.assert_close(exact.sigma, ref, rtol=1e-6, atol=0)
-    power = operator_norm(model, x, 2, 2, method="power", iters=500, rtol_change=1e-13, generator=torch.Generator().manual_seed(1))
+    power = operator_norm(
+        model, x, 2, 2, method="power", iters=500, rtol_change=1e-13, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(power.sigma, ref, rtol=1e-4, atol=0)
     assert power.stopped.all() and not power.converged.any()  # a settled iterate proves nothing
     auto = operator_norm(model, x)
@@ -84,7 +93,9 @@ def test_top_k_singular_values(model_and_x):
     model, x = model_and_x
     ref = torch.linalg.svdvals(reference_jacobian(model, x))[:, :3]
     torch.testing.assert_close(singular_values(model, x, 3, method="exact"), ref, rtol=1e-9, atol=1e-12)
-    got = singular_values(model, x, 3, method="power", iters=400, rtol_change=1e-12, generator=torch.Generator().manual_seed(0))
+    got = singular_values(
+        model, x, 3, method="power", iters=400, rtol_change=1e-12, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)
     res = singular_values(model, x, 3, return_vectors=True, method="power", iters=400, rtol_change=1e-12)
     J = reference_jacobian(model, x)
@@ -126,7 +137,21 @@ def closed_form(W, p, q):
     raise AssertionError
 
 
-PAIRS = [(2, 2), (1, 1), (1, 2), (1, 3.0), (1, INF), (1.5, INF), (2, INF), (INF, INF), (INF, 2), (INF, 1), (INF, 3.0), (2, 1), (3.0, 1)]
+PAIRS = [
+    (2, 2),
+    (1, 1),
+    (1, 2),
+    (1, 3.0),
+    (1, INF),
+    (1.5, INF),
+    (2, INF),
+    (INF, INF),
+    (INF, 2),
+    (INF, 1),
+    (INF, 3.0),
+    (2, 1),
+    (3.0, 1),
+]
 
 
 @pytest.mark.parametrize("p,q", PAIRS)

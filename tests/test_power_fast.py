@@ -49,31 +49,52 @@ class AbsReLU(nn.ReLU):
 def cnn():
     return nn.Sequential(
         Affine(1),
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=1, padding=1),
-        nn.Flatten(), nn.Dropout(0.5), nn.Linear(6 * 4 * 4, 7),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=1, padding=1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(6 * 4 * 4, 7),
     )
 
 
 def bn_net():
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.LeakyReLU(0.1),
         nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 9), nn.BatchNorm1d(9)),
-        nn.ReLU(), nn.Identity(), nn.Linear(9, 5),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Linear(9, 5),
     )
 
 
 def conv1d_net():
     return nn.Sequential(
-        nn.Conv1d(4, 6, 3, dilation=2, groups=2), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
-        nn.Conv1d(6, 5, 2, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 5, 4),
+        nn.Conv1d(4, 6, 3, dilation=2, groups=2),
+        nn.ReLU(),
+        nn.MaxPool1d(2, ceil_mode=True),
+        nn.Conv1d(6, 5, 2, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 5, 4),
     )
 
 
 def unflatten_net():
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Unflatten(1, (2, 4, 4)), nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(2, 3, 2, stride=2, padding=1, bias=False), nn.Flatten(), nn.Linear(12, 6),
+        nn.Flatten(),
+        nn.Linear(12, 32),
+        nn.ReLU(),
+        nn.Unflatten(1, (2, 4, 4)),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(2, 3, 2, stride=2, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(12, 6),
     )
 
 
@@ -86,10 +107,14 @@ def dilated():
     """Strided, dilated, grouped and bias-free convolutions whose transposes need an output
     padding (both transpose paths: fold for one input channel, conv_transpose2d)."""
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, dilation=2, padding=2), nn.ReLU(),  # 10 -> 5
-        nn.Conv2d(4, 4, 2, stride=1, dilation=2, groups=2, bias=False), nn.LeakyReLU(0.2),  # 5 -> 3
-        nn.Conv2d(4, 6, 2, stride=2), nn.ReLU(),  # 3 -> 1: its transpose needs output_padding 1
-        nn.Flatten(), nn.Linear(6, 5),
+        nn.Conv2d(1, 4, 3, stride=2, dilation=2, padding=2),
+        nn.ReLU(),  # 10 -> 5
+        nn.Conv2d(4, 4, 2, stride=1, dilation=2, groups=2, bias=False),
+        nn.LeakyReLU(0.2),  # 5 -> 3
+        nn.Conv2d(4, 6, 2, stride=2),
+        nn.ReLU(),  # 3 -> 1: its transpose needs output_padding 1
+        nn.Flatten(),
+        nn.Linear(6, 5),
     )
 
 
@@ -199,8 +224,14 @@ class Scaled(nn.Module):
 )
 def test_unrecognized_modules_fall_back_to_autograd(module, reason):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Unflatten(1, (1, 6)) if isinstance(module, nn.Conv1d) else nn.Identity(),
-                        module, nn.Flatten(), nn.Linear(6, 4)).to(DT)
+    net = nn.Sequential(
+        nn.Linear(6, 6),
+        nn.ReLU(),
+        nn.Unflatten(1, (1, 6)) if isinstance(module, nn.Conv1d) else nn.Identity(),
+        module,
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    ).to(DT)
     x = torch.randn(5, 6, dtype=DT)
     applies, fallbacks = pattern_support(net)
     assert applies and len(fallbacks) == 1
@@ -276,7 +307,9 @@ def test_lanczos_converges_and_attains(route):
     d = J.shape[1]
     errors = []
     for k in range(1, d + 1):
-        res = operator_norm(net, x, method="lanczos", iters=k, rtol_change=0, route=route, generator=torch.Generator().manual_seed(0))
+        res = operator_norm(
+            net, x, method="lanczos", iters=k, rtol_change=0, route=route, generator=torch.Generator().manual_seed(0)
+        )
         assert res.method == "lanczos" and res.iterations == k and res.route == route
         assert bool(res.exact.all()) == (k == d)  # proven only once the output space is spanned
         assert torch.all(res.sigma <= top * (1 + 1e-12))  # a lower bound
@@ -385,7 +418,9 @@ def test_power_method_on_pattern_route_matches_autograd_route():
 def test_subspace_iteration_on_stacks(route):
     net, x = build("conv1d", batch=3)
     ref = torch.linalg.svdvals(reference_jacobian(net, x))[:, :3]
-    got = singular_values(net, x, 3, method="power", iters=300, rtol_change=1e-12, route=route, generator=torch.Generator().manual_seed(0))
+    got = singular_values(
+        net, x, 3, method="power", iters=300, rtol_change=1e-12, route=route, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(singular_values(net, x, 3, method="exact", route=route), ref, rtol=1e-10, atol=1e-12)
 
@@ -420,7 +455,12 @@ def test_lanczos_stops_per_example(route):
     torch.testing.assert_close(Jv.norm(dim=1), res.sigma, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(res.u, Jv / res.sigma[:, None], rtol=1e-8, atol=1e-12)
     # each example stops at the first k whose estimate moved by <= tol: the fixed-k run's value
-    est = torch.stack([operator_norm(net, x, method="lanczos", iters=k, rtol_change=0, route=route, generator=g()).sigma for k in range(1, 8)])
+    est = torch.stack(
+        [
+            operator_norm(net, x, method="lanczos", iters=k, rtol_change=0, route=route, generator=g()).sigma
+            for k in range(1, 8)
+        ]
+    )
     moved = (est - torch.cat([torch.zeros_like(est[:1]), est[:-1]])).abs() <= 1e-3 * est
     moved[-1] = True  # d = 7 iterations exhaust the output space
     stop = moved.int().argmax(dim=0)
@@ -442,7 +482,9 @@ def test_lanczos_shrinks_the_batch_through_select():
         return sub.matvec, sub.rmatvec
 
     u0 = torch.randn(10, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
-    sigma, v, u, k, exact, stopped = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=5, rtol_change=1e-4, select=select)
+    sigma, v, u, k, exact, stopped = lanczos_iteration(
+        lin.matvec, lin.rmatvec, u0, iters=5, rtol_change=1e-4, select=select
+    )
     plain = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=5, rtol_change=1e-4)  # no select: padded products
     assert sizes and all(a > b for a, b in zip([10] + sizes, sizes))  # strictly smaller batches
     torch.testing.assert_close(sigma, plain[0], rtol=1e-12, atol=0)

@@ -3,7 +3,6 @@ penalty, a store loaded into a regularizer of another p, stores under DDP, indic
 
 from __future__ import annotations
 
-import math
 import os
 import runpy
 import subprocess
@@ -14,8 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from opnorm.regularizers import (DirectionStore, ExactPenalty, FisherKL, LogitNorm, OperatorNormRegularizer,
-                                 PGASolver, paired_noise)
+from opnorm.regularizers import (
+    DirectionStore,
+    ExactPenalty,
+    FisherKL,
+    OperatorNormRegularizer,
+    PGASolver,
+    paired_noise,
+)
 from opnorm.training.config import OpnormConfig, TrainConfig, merge, migrate
 
 
@@ -119,7 +124,9 @@ def test_paper_configuration_matches_the_svd_on_an_affine_model():
 
 def test_flat_configs_migrate_and_fd_iteration_is_refused():
     assert migrate({"method": "opnorm", "opnorm_mode": "paper", "iters": 5}) == {
-        "method": "opnorm", "opnorm": {"mode": "paper", "iters": 5}}
+        "method": "opnorm",
+        "opnorm": {"mode": "paper", "iters": 5},
+    }
     cfg = TrainConfig.from_dict({"method": "opnorm", "warm_iters": 2, "dynamic": True}).resolved()
     assert (cfg.opnorm.warm_iters, cfg.opnorm.dynamic, cfg.opnorm.iters) == (2, True, 3)
     with pytest.raises(ValueError, match="opnorm_iteration 'fd' was removed"):
@@ -206,8 +213,22 @@ def test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume
     script.write_text(STORE_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for phase in ("first", "resume"):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), phase, str(tmp_path)], capture_output=True, text=True, timeout=240, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+                phase,
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ref = runpy.run_path(str(script), run_name="reference")
     model, reg, data = ref["setup"]()
@@ -222,8 +243,13 @@ def test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume
             got = torch.load(tmp_path / f"{phase}-epoch{epoch + 1}-rank{rank}.pt", weights_only=True)
             assert bool(got["store.seen"].all())
             # example i holds example i's direction, row by row, on every rank
-            torch.testing.assert_close(got["store.directions"], reg.store.directions, rtol=1e-9, atol=1e-12,
-                                       msg=lambda m: f"epoch {epoch + 1} ({phase}), rank {rank}: {m}")
+            torch.testing.assert_close(
+                got["store.directions"],
+                reg.store.directions,
+                rtol=1e-9,
+                atol=1e-12,
+                msg=lambda m: f"epoch {epoch + 1} ({phase}), rank {rank}: {m}",
+            )
     assert moved > 0.05  # the directions moved: equal rows are not equal starts
 
 
@@ -233,8 +259,16 @@ def test_flat_form_of_the_shipped_config_resolves_to_the_nested_one():
 
     nested = json.loads((Path(__file__).parents[1] / "configs" / "fashion-mnist-fast-robust.json").read_text())
     flat = {k: v for k, v in nested.items() if k != "opnorm"}
-    names = {"mode": "opnorm_mode", "output": "opnorm_output", "task": "opnorm_task", "step": "opnorm_step",
-             "clip": "opnorm_clip", "iters": "iters", "warm_iters": "warm_iters", "dynamic": "dynamic"}
+    names = {
+        "mode": "opnorm_mode",
+        "output": "opnorm_output",
+        "task": "opnorm_task",
+        "step": "opnorm_step",
+        "clip": "opnorm_clip",
+        "iters": "iters",
+        "warm_iters": "warm_iters",
+        "dynamic": "dynamic",
+    }
     flat.update({names[k]: v for k, v in nested["opnorm"].items()})
     assert TrainConfig.from_dict(flat).resolved() == TrainConfig.from_dict(nested).resolved()
 

@@ -22,9 +22,16 @@ from torch import nn
 from torch.autograd.functional import jacobian as autograd_jacobian
 
 from opnorm.attacks import pgd
-from opnorm.regularizers import (AdversarialTrainingLoss, DirectionStore, ExactPenalty, FDPenalty, FisherKL,
-                                 GlobalSpectralNormRegularizer, OperatorNormRegularizer, PGASolver)
-
+from opnorm.regularizers import (
+    AdversarialTrainingLoss,
+    DirectionStore,
+    ExactPenalty,
+    FDPenalty,
+    FisherKL,
+    GlobalSpectralNormRegularizer,
+    OperatorNormRegularizer,
+    PGASolver,
+)
 from tests.reference import dual, psi
 
 DT = torch.float64
@@ -45,7 +52,9 @@ def affine(d=5, n=12, seed=0):
 
 def relu_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)
+    ).double()
 
 
 def gen(seed=0):
@@ -73,8 +82,14 @@ X = torch.rand(4, 3, 4, generator=gen(1), dtype=DT)
 def test_penalty_equals_lam_sigma_on_affine_model(penalty, squared, scale_by_eps):
     model, W = affine()
     lam, eps = 0.7, 0.3
-    reg = OperatorNormRegularizer(2, 2, eps, lam, solver=PGASolver(100, generator=gen()),
-                                  penalty=PENALTY[penalty](squared=squared, scale_by_eps=scale_by_eps))
+    reg = OperatorNormRegularizer(
+        2,
+        2,
+        eps,
+        lam,
+        solver=PGASolver(100, generator=gen()),
+        penalty=PENALTY[penalty](squared=squared, scale_by_eps=scale_by_eps),
+    )
     value = reg(model, X)
     sigma = torch.linalg.matrix_norm(W, 2)
     s = sigma * eps if scale_by_eps else sigma
@@ -88,8 +103,9 @@ def test_penalty_equals_lam_sigma_on_affine_model(penalty, squared, scale_by_eps
 def test_penalty_equals_norm_of_W_v_for_other_pairs(p, q, penalty):
     """For any (p, q), the penalty is lam * ||W v||_q^2 with v the returned unit-l_p direction."""
     model, W = affine()
-    reg = OperatorNormRegularizer(p, q, 0.2, 0.5, solver=PGASolver(20, generator=gen()),
-                                  penalty=PENALTY[penalty](squared=True))
+    reg = OperatorNormRegularizer(
+        p, q, 0.2, 0.5, solver=PGASolver(20, generator=gen()), penalty=PENALTY[penalty](squared=True)
+    )
     value = reg(model, X)
     v = reg.last_v.reshape(4, -1)
     torch.testing.assert_close(torch.linalg.vector_norm(v, ord=p, dim=1), torch.ones(4, dtype=DT))
@@ -111,8 +127,9 @@ def test_penalty_reaches_the_norm_of_a_rank_one_map(p, q, penalty):
     a, b = torch.randn(5, generator=g, dtype=DT), torch.randn(12, generator=g, dtype=DT)
     with torch.no_grad():
         model[1].weight.copy_(torch.outer(a, b))
-    reg = OperatorNormRegularizer(p, q, 0.2, 0.5, solver=PGASolver(3, generator=gen()),
-                                  penalty=PENALTY[penalty](squared=True))
+    reg = OperatorNormRegularizer(
+        p, q, 0.2, 0.5, solver=PGASolver(3, generator=gen()), penalty=PENALTY[penalty](squared=True)
+    )
     value = reg(model, X)
     sigma = torch.linalg.vector_norm(a, ord=q) * torch.linalg.vector_norm(b, ord=dual(p))
     torch.testing.assert_close(reg.last_sigma, sigma.expand(4), rtol=1e-9, atol=0)
@@ -132,10 +149,12 @@ def _weight_grad(model, reg, x):
 
 def test_fd_and_exact_give_the_same_weight_gradient_on_affine_model():
     model, _ = affine()
-    g_fd = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()),
-                                                       penalty=FDPenalty()), X)
-    g_ex = _weight_grad(model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()),
-                                                       penalty=ExactPenalty()), X)
+    g_fd = _weight_grad(
+        model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()), penalty=FDPenalty()), X
+    )
+    g_ex = _weight_grad(
+        model, OperatorNormRegularizer(2, 2, 0.5, 0.3, solver=PGASolver(30, generator=gen()), penalty=ExactPenalty()), X
+    )
     for a, b in zip(g_fd, g_ex):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # d/dW lam * ||W v||^2 = 2 lam (W v) v^T (mean over the batch); the bias gets nothing
@@ -212,8 +231,14 @@ def test_logits_argument_shares_the_clean_forward():
 
 def bn_dropout_net():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
-                        nn.Flatten(), nn.Linear(4 * 6 * 6, 7)).double()
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 7),
+    ).double()
     with torch.no_grad():
         net.train()
         for _ in range(3):
@@ -260,8 +285,9 @@ def test_dynamic_linearizes_inside_the_ball(p, q):
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     eps, iters = 0.5, 4
-    reg = OperatorNormRegularizer(p, q, eps, 1.0, solver=PGASolver(iters, dynamic=True, generator=gen(9)),
-                                  penalty=FDPenalty(squared=False))
+    reg = OperatorNormRegularizer(
+        p, q, eps, 1.0, solver=PGASolver(iters, dynamic=True, generator=gen(9)), penalty=FDPenalty(squared=False)
+    )
     reg.direction(model, x)
     v = OperatorNormRegularizer(p, q, eps, solver=PGASolver(generator=gen(9))).initial_vectors(x).reshape(3, -1)
     for b in range(3):
@@ -287,9 +313,12 @@ def test_dynamic_fast_penalty_stores_the_dynamic_direction(p, q):
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     index = torch.tensor([2, 0, 1])
-    fast, ref = (OperatorNormRegularizer.fast(p, q, 0.5, num_examples=3,
-                                              solver=PGASolver(4, 1, dynamic=True, free_update=True, generator=gen(9)))
-                 for _ in range(2))
+    fast, ref = (
+        OperatorNormRegularizer.fast(
+            p, q, 0.5, num_examples=3, solver=PGASolver(4, 1, dynamic=True, free_update=True, generator=gen(9))
+        )
+        for _ in range(2)
+    )
     for _ in range(2):  # the first visit runs iters = 4 iterations, the second warm_iters = 1
         ref.direction(model, x, index)
         with torch.no_grad():  # no backward: the store keeps what the explicit iterations found
@@ -304,9 +333,17 @@ def test_kl_dynamic_fast_penalty_stores_its_direction():
     model = relu_net(1)
     x = torch.rand(3, 3, 4, generator=gen(8), dtype=DT)
     index = torch.tensor([2, 0, 1])
-    fast, ref = (OperatorNormRegularizer.fast(INF, 2, 0.3, num_examples=3, metric=FisherKL(),
-                                              solver=PGASolver(3, 1, dynamic=True, free_update=True, generator=gen(9)))
-                 for _ in range(2))
+    fast, ref = (
+        OperatorNormRegularizer.fast(
+            INF,
+            2,
+            0.3,
+            num_examples=3,
+            metric=FisherKL(),
+            solver=PGASolver(3, 1, dynamic=True, free_update=True, generator=gen(9)),
+        )
+        for _ in range(2)
+    )
     for _ in range(2):
         ref.direction(model, x, index)
         with torch.no_grad():
@@ -360,8 +397,15 @@ def test_operator_norm_regularizer_validates(kwargs, match):
         OperatorNormRegularizer(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(iters=0), "iters"), (dict(warm_iters=-1), "warm_iters"),
-                                          (dict(step=0.0), "step"), (dict(route="fast"), "route")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(iters=0), "iters"),
+        (dict(warm_iters=-1), "warm_iters"),
+        (dict(step=0.0), "step"),
+        (dict(route="fast"), "route"),
+    ],
+)
 def test_pga_solver_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         PGASolver(**kwargs)
@@ -372,16 +416,20 @@ def test_pga_solver_validates(kwargs, match):
 
 def conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 4 * 4, 6)).double()
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6)
+    ).double()
 
 
 def test_global_spectral_norm_converges_to_matrix_norm_with_conv_reshape():
     net = conv_net()
     reg = GlobalSpectralNormRegularizer(net, iters=1, lam=0.25)
     first = reg()
-    true = [torch.linalg.matrix_norm(m.weight.detach().reshape(m.weight.shape[0], -1), 2)
-            for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    true = [
+        torch.linalg.matrix_norm(m.weight.detach().reshape(m.weight.shape[0], -1), 2)
+        for m in net.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     # every estimate is a lower bound; one iteration per call converges over calls
     assert all(reg.last_sigmas[n] <= float(t) + 1e-9 for n, t in zip(reg.layer_names, true))
     for _ in range(300):
@@ -402,8 +450,11 @@ def test_global_spectral_norm_gradient_matches_svd():
     reg().backward()
     got = [m.weight.grad.clone() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zero(net)
-    ref = sum(torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1), 2) ** 2
-              for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    ref = sum(
+        torch.linalg.matrix_norm(m.weight.reshape(m.weight.shape[0], -1), 2) ** 2
+        for m in net.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
     (0.1 * ref).backward()
     want = [m.weight.grad for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for a, b in zip(got, want):
@@ -469,9 +520,12 @@ def test_logit_at_matches_opnorm_with_matched_eps_and_lam_on_affine_model(square
     y = torch.tensor([0, 1, 2, 3])
     sigma = torch.linalg.matrix_norm(W, 2)
     eps, lam = 0.3, 0.5
-    at = AdversarialTrainingLoss("logit", eps=eps, p=2, q=2, steps=60, step_size=10 * eps, lam=lam, squared=squared, clip=None)
-    reg = OperatorNormRegularizer(2, 2, eps, lam, solver=PGASolver(200, generator=gen()),
-                                  penalty=FDPenalty(squared=squared, scale_by_eps=True))
+    at = AdversarialTrainingLoss(
+        "logit", eps=eps, p=2, q=2, steps=60, step_size=10 * eps, lam=lam, squared=squared, clip=None
+    )
+    reg = OperatorNormRegularizer(
+        2, 2, eps, lam, solver=PGASolver(200, generator=gen()), penalty=FDPenalty(squared=squared, scale_by_eps=True)
+    )
     ce = F.cross_entropy(model(x), y)
     want = lam * ((eps * sigma) ** 2 if squared else eps * sigma)
     torch.testing.assert_close(reg(model, x), want, rtol=1e-6, atol=0)
@@ -494,13 +548,21 @@ def test_trades_loss():
 
 def test_at_without_adversarial_examples_is_clean_ce():
     model = small_classifier()
-    torch.testing.assert_close(AdversarialTrainingLoss("ce", eps=0.2, adv_fraction=0.0)(model, XB, YB),
-                               F.cross_entropy(model(XB), YB))
+    torch.testing.assert_close(
+        AdversarialTrainingLoss("ce", eps=0.2, adv_fraction=0.0)(model, XB, YB), F.cross_entropy(model(XB), YB)
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(kind="mart"), "kind"), (dict(eps=-1.0), "eps"),
-                                          (dict(adv_fraction=1.5), "adv_fraction"), (dict(steps=0), "steps"),
-                                          (dict(p=0), "p must")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="mart"), "kind"),
+        (dict(eps=-1.0), "eps"),
+        (dict(adv_fraction=1.5), "adv_fraction"),
+        (dict(steps=0), "steps"),
+        (dict(p=0), "p must"),
+    ],
+)
 def test_at_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         AdversarialTrainingLoss(**kwargs)
@@ -560,8 +622,19 @@ def test_regularizers_on_ddp_wrapped_model(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for rank in (0, 1):

@@ -122,7 +122,9 @@ def test_auto_falls_back_to_forward_mode_and_reports_it():
 def test_model_without_any_route_gets_one_clear_error():
     net = Net(Opaque()).to(DT)
     x = torch.randn(4, 5, dtype=DT)
-    with pytest.raises(UnsupportedModelError, match=r"module 'act' \(Opaque\).*forward-mode AD fails.*double backward") as err:
+    with pytest.raises(
+        UnsupportedModelError, match=r"module 'act' \(Opaque\).*forward-mode AD fails.*double backward"
+    ) as err:
         opnorm.operator_norm(net, x, method="power", iters=2)
     assert "jvp staticmethod" in str(err.value) and "\n" not in str(err.value)
     # J^T u alone still works: the exact route needs only backward passes

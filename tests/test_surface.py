@@ -74,8 +74,9 @@ ENTRY_POINTS = {
     "linearize autograd": lambda m, x: opnorm.linearize(m, x, route="autograd").rmatvec(U),
     "differentiable_jvp": lambda m, x: opnorm.jacobian.differentiable_jvp(m, x, V)[1],
     "Linearization": lambda m, x: opnorm.jacobian.Linearization(m.eval(), x).matvec(V),
-    "pattern replay": lambda m, x: (opnorm.jacobian.PatternLinearization if isinstance(m, nn.Sequential)
-                                    else opnorm.jacobian.GraphLinearization)(m.eval(), x).rmatvec(U),
+    "pattern replay": lambda m, x: (
+        opnorm.jacobian.PatternLinearization if isinstance(m, nn.Sequential) else opnorm.jacobian.GraphLinearization
+    )(m.eval(), x).rmatvec(U),
     "PGASolver.run": lambda m, x: opnorm.PGASolver(3).run(m, x, V, 3, 2.0, 0.1, opnorm.LogitNorm(2), None, True)[0],
     "pgd": lambda m, x: opnorm.pgd(m, x, Y, eps=0.1, steps=3, clip=None),
     "PGD": lambda m, x: opnorm.PGD(m, eps=0.1, p="inf", steps=3, clip=None)(x, Y),
@@ -86,8 +87,9 @@ ENTRY_POINTS = {
     "top_singular_value": lambda m, x: L.top_singular_value(m, x),
     "ONR.paper": lambda m, x: ONR.paper(2, 2, eps=0.1, lam=1.0)(m, x),
     "ONR.fast joint": lambda m, x: ONR.fast(2, 2, eps=0.1, num_examples=4).joint(m, x, torch.arange(4))[1],
-    "ONR.fast_robust direction": lambda m, x: ONR.fast_robust("inf", 2, num_examples=4).direction(
-        m, x, torch.arange(4)).v,
+    "ONR.fast_robust direction": lambda m, x: (
+        ONR.fast_robust("inf", 2, num_examples=4).direction(m, x, torch.arange(4)).v
+    ),
     "GlobalSpectralNormRegularizer": lambda m, x: opnorm.GlobalSpectralNormRegularizer(m)(),
     "AdversarialTrainingLoss": lambda m, x: opnorm.AdversarialTrainingLoss("ce", eps=0.1, p=2, clip=None)(m, x, Y),
     "SingleStepATLoss": lambda m, x: opnorm.SingleStepATLoss("fgsm-rs", eps=0.1, p="inf", clip=None)(m, x, Y),
@@ -96,8 +98,11 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("make", [_mlp, _mlp_with_unknown_module, lambda: _Residual().double()],
-                         ids=["sequential", "sequential-autograd-piece", "residual"])
+@pytest.mark.parametrize(
+    "make",
+    [_mlp, _mlp_with_unknown_module, lambda: _Residual().double()],
+    ids=["sequential", "sequential-autograd-piece", "residual"],
+)
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
 def test_inference_mode_raises_one_line_or_computes_correctly(name, make):
     model, f = make(), ENTRY_POINTS[name]
@@ -158,17 +163,23 @@ def test_a_tuple_or_dict_output_says_what_to_pass(kind, key):
     # what the message says to pass works, and equals the logits' own model
     wrapped = opnorm.jacobian.Logits(model, key)
     torch.testing.assert_close(opnorm.jacobian_matrix(wrapped, X), _hand_jacobian(model.net, X))
-    torch.testing.assert_close(opnorm.operator_norm(wrapped, X, 2, 2).sigma,
-                               torch.linalg.matrix_norm(_hand_jacobian(model.net, X), ord=2))
+    torch.testing.assert_close(
+        opnorm.operator_norm(wrapped, X, 2, 2).sigma, torch.linalg.matrix_norm(_hand_jacobian(model.net, X), ord=2)
+    )
 
 
 def test_an_unbatched_input_says_to_add_the_batch_dimension():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
     x = torch.rand(1, 6, 6, dtype=torch.float64)  # one image without its batch dimension
-    calls = [lambda: opnorm.operator_norm(cnn, x, 2, 2), lambda: opnorm.singular_values(cnn, x, k=2),
-             lambda: opnorm.jacobian_matrix(cnn, x), lambda: opnorm.pgd(cnn, x, Y[:1], eps=0.1, steps=2),
-             lambda: opnorm.operator_norm(cnn, x, 2, 2, route="autograd"), lambda: opnorm.jvp(cnn, x, x)]
+    calls = [
+        lambda: opnorm.operator_norm(cnn, x, 2, 2),
+        lambda: opnorm.singular_values(cnn, x, k=2),
+        lambda: opnorm.jacobian_matrix(cnn, x),
+        lambda: opnorm.pgd(cnn, x, Y[:1], eps=0.1, steps=2),
+        lambda: opnorm.operator_norm(cnn, x, 2, 2, route="autograd"),
+        lambda: opnorm.jvp(cnn, x, x),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match=r"without its batch dimension.*x\[None\]") as err:
             call()
@@ -180,8 +191,13 @@ def test_an_unbatched_input_says_to_add_the_batch_dimension():
 def test_a_regularizer_with_a_store_refuses_a_call_without_index(factory):
     model = _mlp()
     reg = getattr(ONR, factory)("inf", 2, eps=0.1, lam=0.1, num_examples=4)
-    for call in (lambda: reg.joint(model, X), lambda: reg(model, X), lambda: reg.direction(model, X),
-                 lambda: reg(model, X, logits=model(X)), lambda: reg.initial_vectors(X)):
+    for call in (
+        lambda: reg.joint(model, X),
+        lambda: reg(model, X),
+        lambda: reg.direction(model, X),
+        lambda: reg(model, X, logits=model(X)),
+        lambda: reg.initial_vectors(X),
+    ):
         with pytest.raises(ValueError, match="needs index.*IndexedTensorDataset.*store=None") as err:
             call()
         assert "\n" not in str(err.value)

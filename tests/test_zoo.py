@@ -31,8 +31,9 @@ CLASSES = 4
 
 
 def _vit():
-    m = tvm.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                              num_classes=CLASSES)
+    m = tvm.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=CLASSES
+    )
     nn.init.normal_(m.heads.head.weight, std=0.5)  # torchvision zero-initializes the head: J would be 0
     return m
 
@@ -40,7 +41,9 @@ def _vit():
 def _convnext():  # convnext_tiny's blocks (layer scale, stochastic depth), two stages
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.2, num_classes=CLASSES)
+    return ConvNeXt(
+        [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.2, num_classes=CLASSES
+    )
 
 
 def _efficientnet():  # efficientnet_b0's MBConv blocks (squeeze-excitation, SiLU, stochastic depth), three stages
@@ -98,14 +101,18 @@ def test_zoo(name):
     # residual ReLU nets replay their pattern; the others take J v by double backward, also
     # through hardswish (composite) and attention (math kernel)
     assert lin.route == ("pattern" if name == "resnet18" else "autograd")
-    torch.testing.assert_close(jv, torch.einsum("bdn,bn->bd", J, v.reshape(2, -1)), rtol=1e-8, atol=1e-10 * float(S.max()))
+    torch.testing.assert_close(
+        jv, torch.einsum("bdn,bn->bd", J, v.reshape(2, -1)), rtol=1e-8, atol=1e-10 * float(S.max())
+    )
 
     y = torch.tensor([0, 1])
     sigmas = []
     for train in (False, True):
         model.train(train)
         before, buffers = modes(model), [b.clone() for b in model.buffers()]
-        power = opnorm.operator_norm(model, x, p="inf", q=2, method="power", iters=2, generator=torch.Generator().manual_seed(0))
+        power = opnorm.operator_norm(
+            model, x, p="inf", q=2, method="power", iters=2, generator=torch.Generator().manual_seed(0)
+        )
         assert bool(torch.isfinite(power.sigma).all()) and bool((power.sigma > 0).all())
         sigmas.append(power.sigma)
         adv = opnorm.pgd(model, x, y, eps=0.03, p="inf", steps=2)

@@ -1,6 +1,14 @@
 """opnorm: data-dependent (p, q) operator norms of input-output Jacobians,
 l_p adversarial attacks and robust training for PyTorch."""
 
+from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
+from opnorm.attacks import PGD, pgd
+from opnorm.evaluation import Evaluation, evaluate
+from opnorm.fast_at import FreeATLoss, SingleStepATLoss
+
+# the function is exported as jacobian_matrix: the name opnorm.jacobian is the subpackage
+from opnorm.jacobian import eval_mode, jvp, linearize, vjp
+from opnorm.jacobian import jacobian as jacobian_matrix
 from opnorm.norms import (
     clip_box,
     conjugate,
@@ -11,13 +19,7 @@ from opnorm.norms import (
     project_lp_ball,
     steepest_ascent,
 )
-# the function is exported as jacobian_matrix: the name opnorm.jacobian is the subpackage
-from opnorm.jacobian import eval_mode, jvp, linearize, vjp
-from opnorm.jacobian import jacobian as jacobian_matrix
 from opnorm.power import OperatorNormResult, SpectrumResult, operator_norm, singular_values
-from opnorm.attacks import PGD, pgd
-from opnorm.evaluation import Evaluation, evaluate
-from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
 from opnorm.regularizers import (
     AdversarialTrainingLoss,
     DirectionStore,
@@ -29,7 +31,6 @@ from opnorm.regularizers import (
     OperatorNormRegularizer,
     PGASolver,
 )
-from opnorm.fast_at import FreeATLoss, SingleStepATLoss
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import IndexedTensorDataset
 from opnorm.training.trainer import TrainResult, train

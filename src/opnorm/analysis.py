@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +43,10 @@ def alignment(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or not isinstance(v, torch.Tensor):
         raise TypeError("delta and v must be tensors of shape (B, ...)")
     if delta.shape[0] != v.shape[0] or delta[0].numel() != v[0].numel():
-        raise ValueError(f"delta and v must hold the same number of examples and entries per example, "
-                         f"got shapes {tuple(delta.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"delta and v must hold the same number of examples and entries per example, "
+            f"got shapes {tuple(delta.shape)} and {tuple(v.shape)}"
+        )
     a = delta.reshape(delta.shape[0], -1)
     b = v.reshape(v.shape[0], -1).to(a.dtype)
     denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
@@ -82,8 +83,15 @@ def _pattern(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
             return idx.reshape(inp.shape[0], -1)
     for cls, fn in _POOL_FNS.items():
         if isinstance(module, cls):
-            _, idx = fn(inp, module.kernel_size, module.stride, module.padding, module.dilation,
-                        ceil_mode=module.ceil_mode, return_indices=True)
+            _, idx = fn(
+                inp,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                ceil_mode=module.ceil_mode,
+                return_indices=True,
+            )
             return idx.reshape(inp.shape[0], -1)
     raise TypeError(f"no activation pattern for {type(module).__name__}")
 
@@ -136,7 +144,9 @@ def activation_agreement(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) ->
         >>> opnorm.activation_agreement(model, x, x_adv)  # tensor([1.0000, 0.9987, ...])
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (its activation modules are hooked), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a torch.nn.Module (its activation modules are hooked), got {type(model).__name__}"
+        )
     check_inputs(model, x)
     check_inputs(model, x2, "x2")
     if x.shape != x2.shape:
@@ -146,7 +156,9 @@ def activation_agreement(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) ->
         a = _patterns(net, x)
         b = _patterns(net, x2)
     if len(a) != len(b) or any(pa.shape != pb.shape for pa, pb in zip(a, b)):
-        raise ValueError("the model called its activation modules differently for x and x2 (data-dependent control flow)")
+        raise ValueError(
+            "the model called its activation modules differently for x and x2 (data-dependent control flow)"
+        )
     same = sum((pa == pb).sum(dim=1) for pa, pb in zip(a, b))
     total = sum(pa.shape[1] for pa in a)
     return same.to(x.dtype) / total
@@ -173,8 +185,8 @@ class EquivalenceResult:
     value_gap: torch.Tensor
     pga_value: torch.Tensor
     sigma: torch.Tensor
-    agreement: Optional[torch.Tensor]
-    start_agreement: Optional[torch.Tensor] = None
+    agreement: torch.Tensor | None
+    start_agreement: torch.Tensor | None = None
 
     def inside(self) -> torch.Tensor:
         """(B,) bool: every point PGA visited (start and iterates) has x's activation pattern,
@@ -209,8 +221,8 @@ def verify_equivalence(
     q: Order,
     eps: float,
     steps: int,
-    delta0: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    delta0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> EquivalenceResult:
     """Check the theorem numerically: infinite-step PGA on ``||f(x+delta) - f(x)||_q``
     equals the (p, q) power method on J(x) while x + delta stays in x's linear region.
@@ -250,20 +262,45 @@ def verify_equivalence(
         gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
         delta0 = _sphere_point(x, p, eps, gen)
 
-    _, deltas = pgd(model, x, eps=eps, p=p, loss="logit", q=q, steps=steps, step_size=math.inf, clip=None,
-                    random_start=False, delta0=delta0, return_history=True)
-    power = operator_norm(model, x, p, q, method="power", iters=steps, rtol_change=0.0, v0=delta0 / eps,
-                          generator=generator, return_history=True)
+    _, deltas = pgd(
+        model,
+        x,
+        eps=eps,
+        p=p,
+        loss="logit",
+        q=q,
+        steps=steps,
+        step_size=math.inf,
+        clip=None,
+        random_start=False,
+        delta0=delta0,
+        return_history=True,
+    )
+    power = operator_norm(
+        model,
+        x,
+        p,
+        q,
+        method="power",
+        iters=steps,
+        rtol_change=0.0,
+        v0=delta0 / eps,
+        generator=generator,
+        return_history=True,
+    )
     history = power.history
     if history is None or len(history) != steps:
-        raise RuntimeError(f"the power method returned {0 if history is None else len(history)} iterates, expected {steps}")
+        raise RuntimeError(
+            f"the power method returned {0 if history is None else len(history)} iterates, expected {steps}"
+        )
 
     net = unwrap(model)
     with eval_mode(net), torch.no_grad():
         clean = forward(net, x)
         values = torch.stack([lp_norm(forward(net, x + d) - clean, q) for d in deltas])
-    direction_gap = torch.stack([(d / eps - h["v"]).reshape(x.shape[0], -1).abs().amax(dim=1)
-                                 for d, h in zip(deltas, history)])
+    direction_gap = torch.stack(
+        [(d / eps - h["v"]).reshape(x.shape[0], -1).abs().amax(dim=1) for d, h in zip(deltas, history)]
+    )
     sigma = torch.stack([h["sigma"] for h in history])
     try:
         agreement = torch.stack([activation_agreement(model, x, x + d) for d in deltas])

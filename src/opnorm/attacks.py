@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from opnorm.jacobian import check_inputs, check_label_range, eval_mode, forward, unwrap
 from opnorm.losses import LossFn, LossSpec, get_loss
-from opnorm.validation import box
 from opnorm.norms import Order, clip_box, lp_norm, norm_order, pga_step, project_lp_ball
+from opnorm.validation import box
 
 __all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES", "PGD_ORDERS"]
 
@@ -55,7 +55,7 @@ def _phase(k: int, steps: int) -> int:
     return min(HALVING_PHASES - 1, HALVING_PHASES * k // steps)
 
 
-def default_step_size(eps: Union[float, torch.Tensor], steps: int) -> Union[float, torch.Tensor]:
+def default_step_size(eps: float | torch.Tensor, steps: int) -> float | torch.Tensor:
     """The default step size ``2.5 * eps / steps`` (Madry et al. 2018; the robustness library)."""
     return 2.5 * eps / steps
 
@@ -66,7 +66,7 @@ def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def random_in_ball(
-    x: torch.Tensor, p: Order, eps: Union[float, torch.Tensor], generator: Optional[torch.Generator] = None
+    x: torch.Tensor, p: Order, eps: float | torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """A random perturbation in the l_p ball of radius eps (p in {1, 2, inf}), x's shape.
 
@@ -108,7 +108,7 @@ def _check_eps(eps, x: torch.Tensor) -> torch.Tensor:
     return eps_t
 
 
-def _check_labels(y, x: torch.Tensor, spec: LossSpec, targeted: bool) -> Optional[torch.Tensor]:
+def _check_labels(y, x: torch.Tensor, spec: LossSpec, targeted: bool) -> torch.Tensor | None:
     if y is None:
         if spec.needs_labels or targeted:
             what = "targets (targeted=True)" if targeted else f"labels for loss={spec.name!r}"
@@ -147,7 +147,7 @@ class _Attack:
         self.infinite_step = isinstance(step_size, float) and step_size == math.inf
         self.clip, self.targeted, self.l1_fraction, self.clean = clip, targeted, l1_fraction, clean
         self.checked = False
-        self.last_score: Optional[tuple[Optional[torch.Tensor], torch.Tensor]] = None  # of the point step() started from
+        self.last_score: tuple[torch.Tensor | None, torch.Tensor] | None = None  # of the point step() started from
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.checked and self.y is not None and self.spec.needs_labels:
@@ -163,7 +163,11 @@ class _Attack:
     def project(self, delta: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """Onto the eps-ball, then into the box. ``fresh``: delta is ours to modify in place."""
         if self.p == math.inf and self.scalar_eps is not None:  # the common case, without per-example tensors
-            delta = delta.clamp_(-self.scalar_eps, self.scalar_eps) if fresh else delta.clamp(-self.scalar_eps, self.scalar_eps)
+            delta = (
+                delta.clamp_(-self.scalar_eps, self.scalar_eps)
+                if fresh
+                else delta.clamp(-self.scalar_eps, self.scalar_eps)
+            )
         elif self.p == 2 and self.scalar_eps is not None and fresh:
             # = project_lp_ball(delta, 2, eps), in place: rescale the examples outside the ball
             norm = torch.linalg.vector_norm(delta.reshape(delta.shape[0], -1), dim=1)
@@ -193,16 +197,17 @@ class _Attack:
                 g = torch.zeros_like(delta)
             if self.targeted:
                 g = g.neg_()  # descend toward the targets
-            return pga_step(delta, g, self.p, self.eps, self.step_size, x=self.x, clip=self.clip,
-                            l1_fraction=self.l1_fraction)
+            return pga_step(
+                delta, g, self.p, self.eps, self.step_size, x=self.x, clip=self.clip, l1_fraction=self.l1_fraction
+            )
 
-    def score(self, delta: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def score(self, delta: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(fooled (B,) bool or None, loss (B,) oriented so that larger is stronger) at x + delta."""
         with torch.no_grad():
             logits = forward(self.net, self.x + delta)
             return self._score(logits, self.loss(logits))
 
-    def _score(self, logits: torch.Tensor, value: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _score(self, logits: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         value = -value if self.targeted else value
         fooled = None
         if self.spec.labelled_success and self.y is not None:
@@ -217,13 +222,17 @@ class _Best:
     with ``best_iterate``, across the steps of one run."""
 
     def __init__(self) -> None:
-        self.delta: Optional[torch.Tensor] = None
-        self.fooled: Optional[torch.Tensor] = None
-        self.value: Optional[torch.Tensor] = None
+        self.delta: torch.Tensor | None = None
+        self.fooled: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
         self.hist: list[torch.Tensor] = []
 
-    def offer(self, delta: torch.Tensor, score: tuple[Optional[torch.Tensor], torch.Tensor],
-              hist: Optional[list[torch.Tensor]] = None) -> None:
+    def offer(
+        self,
+        delta: torch.Tensor,
+        score: tuple[torch.Tensor | None, torch.Tensor],
+        hist: list[torch.Tensor] | None = None,
+    ) -> None:
         fooled, value = score
         if self.delta is None:
             self.delta, self.fooled, self.value, self.hist = delta, fooled, value, list(hist or [])
@@ -248,8 +257,15 @@ def _start(x: torch.Tensor, p: float, eps_t: torch.Tensor, delta0, random_start:
     return torch.zeros_like(x)
 
 
-def _run(attack: "_Attack", start: torch.Tensor, steps: int, step_size, schedule: str, best_iterate: bool,
-         return_history: bool) -> tuple[torch.Tensor, list[torch.Tensor], Optional["_Best"]]:
+def _run(
+    attack: _Attack,
+    start: torch.Tensor,
+    steps: int,
+    step_size,
+    schedule: str,
+    best_iterate: bool,
+    return_history: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], _Best | None]:
     """One PGA run from start: (final or best delta, history, the path's best tracker or None)."""
     delta = attack.project(start)
     spec = attack.spec
@@ -284,21 +300,21 @@ def _run(attack: "_Attack", start: torch.Tensor, steps: int, step_size, schedule
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
-    y: Optional[torch.Tensor] = None,
+    y: torch.Tensor | None = None,
     *,
-    eps: Union[float, torch.Tensor],
+    eps: float | torch.Tensor,
     p: Order = math.inf,
-    loss: Union[str, LossFn] = "ce",
+    loss: str | LossFn = "ce",
     q: Order = 2,
     steps: int = 10,
-    step_size: Optional[float] = None,
+    step_size: float | None = None,
     random_start: bool = True,
     restarts: int = 1,
-    delta0: Optional[torch.Tensor] = None,
+    delta0: torch.Tensor | None = None,
     clip: Clip = (0.0, 1.0),
     targeted: bool = False,
     return_history: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     l1_fraction: float = 0.01,
     best_iterate: bool = False,
     schedule: str = "constant",
@@ -363,24 +379,34 @@ def pgd(
     spec = get_loss(loss, q)
     eps_t = _check_eps(eps, x)
     if eps_t.numel() and not bool((eps_t > 0).any()):
-        raise ValueError("eps is 0: the ball is the point x itself, so no attack can move; pass a radius eps > 0 "
-                         "(the accuracy at eps 0 is the clean accuracy)")
+        raise ValueError(
+            "eps is 0: the ball is the point x itself, so no attack can move; pass a radius eps > 0 "
+            "(the accuracy at eps 0 is the clean accuracy)"
+        )
     for name, value, lo in (("steps", steps, 0), ("restarts", restarts, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     if steps == 0 and not random_start and delta0 is None:
-        raise ValueError("steps 0 without a random start (or delta0) returns x itself, no attack; pass steps >= 1, "
-                         "or random_start=True for random points of the ball")
+        raise ValueError(
+            "steps 0 without a random start (or delta0) returns x itself, no attack; pass steps >= 1, "
+            "or random_start=True for random points of the ball"
+        )
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if step_size is None:
         step_size = eps_t.clone() if schedule == "halving" or steps == 0 else default_step_size(eps_t, steps)
         step_size = step_size[0].item() if bool((step_size == step_size[0]).all()) else _view(step_size, x)
-    elif (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or math.isnan(step_size)
-          or step_size <= 0):
+    elif (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, (int, float))
+        or math.isnan(step_size)
+        or step_size <= 0
+    ):
         # a step of 0 never leaves the start: the "attack" would report the start's accuracy as robust
-        raise ValueError(f"step_size must be a float > 0 (float('inf') for the infinite step) or None (the default), "
-                         f"got {step_size!r}")
+        raise ValueError(
+            f"step_size must be a float > 0 (float('inf') for the infinite step) or None (the default), "
+            f"got {step_size!r}"
+        )
     else:
         step_size = float(step_size)
     if schedule == "halving" and isinstance(step_size, float) and step_size == math.inf:
@@ -393,14 +419,18 @@ def pgd(
     clip = _check_clip(clip, x)
     if delta0 is not None:
         if not isinstance(delta0, torch.Tensor) or delta0.shape != x.shape:
-            raise ValueError(f"delta0 must be a tensor of x's shape {tuple(x.shape)}, got "
-                             f"{tuple(delta0.shape) if isinstance(delta0, torch.Tensor) else type(delta0).__name__}")
+            raise ValueError(
+                f"delta0 must be a tensor of x's shape {tuple(x.shape)}, got "
+                f"{tuple(delta0.shape) if isinstance(delta0, torch.Tensor) else type(delta0).__name__}"
+            )
         if not torch.isfinite(delta0).all():
             raise ValueError("delta0 contains NaN or inf values")
 
     if restarts > 1 and (delta0 is not None or not random_start):
-        raise ValueError("restarts > 1 would repeat the same run from a fixed start; "
-                         "use random_start=True without delta0, or restarts=1")
+        raise ValueError(
+            "restarts > 1 would repeat the same run from a fixed start; "
+            "use random_start=True without delta0, or restarts=1"
+        )
 
     net = unwrap(model)
     modes = eval_mode(net) if isinstance(net, nn.Module) else contextlib.nullcontext(net)
@@ -438,16 +468,18 @@ class PGD:
         >>> adv = atk2(x)
     """
 
-    def __init__(self, model: nn.Module, eps: Union[float, torch.Tensor], **kwargs):
+    def __init__(self, model: nn.Module, eps: float | torch.Tensor, **kwargs):
         self.model = model
         self.kwargs = dict(eps=eps, **kwargs)
         unknown = set(kwargs) - set(pgd.__kwdefaults__)
         if unknown:
             raise TypeError(f"unknown PGD arguments {sorted(unknown)}; valid: {sorted(pgd.__kwdefaults__)}")
         if "return_history" in kwargs:
-            raise TypeError("PGD returns adversarial inputs only; call opnorm.pgd(..., return_history=True) for the history")
+            raise TypeError(
+                "PGD returns adversarial inputs only; call opnorm.pgd(..., return_history=True) for the history"
+            )
 
-    def __call__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return pgd(self.model, images, labels, **self.kwargs)
 
     forward = __call__

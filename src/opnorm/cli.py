@@ -19,16 +19,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from opnorm.attacks import SCHEDULES  # loaded with the package anyway
 from opnorm.evaluation import ATTACKS, SUITES
@@ -98,40 +99,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # train: every option defaults to "absent" so config files can fill what flags do not set
-    t = sub.add_parser("train", help="train a model", parents=[common], argument_default=argparse.SUPPRESS,
-                       description="Train a model; flags override values from --config (with --resume: the "
-                                   "run's own settings, of which only those that do not shape training may change). "
-                                   "--batch-size is per process: under torchrun "
-                                   "the global batch is batch size * number of processes.")
+    t = sub.add_parser(
+        "train",
+        help="train a model",
+        parents=[common],
+        argument_default=argparse.SUPPRESS,
+        description="Train a model; flags override values from --config (with --resume: the "
+        "run's own settings, of which only those that do not shape training may change). "
+        "--batch-size is per process: under torchrun "
+        "the global batch is batch size * number of processes.",
+    )
     t.add_argument("--config", help="JSON config (e.g. a run's config.json); flags override its values")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--stop-after", type=int, help="stop after this many epochs of this invocation (resume later)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    t.add_argument("--force", action="store_true",
-                   help="let a new run write into a --out directory that holds files of something else")
+    t.add_argument(
+        "--force",
+        action="store_true",
+        help="let a new run write into a --out directory that holds files of something else",
+    )
     _config_flags(t)
 
-    e = sub.add_parser("eval", help="robust accuracy of a checkpoint: attacks, worst case, interval", parents=[common],
-                       description="Clean accuracy and robust accuracy per attack and radius, with the per-example "
-                                   "worst case (correct clean and under every attack) and its 95%% Wilson interval. "
-                                   "Writes a JSON summary and a per-example CSV named by the settings, never "
-                                   "overwriting an earlier evaluation.")
+    e = sub.add_parser(
+        "eval",
+        help="robust accuracy of a checkpoint: attacks, worst case, interval",
+        parents=[common],
+        description="Clean accuracy and robust accuracy per attack and radius, with the per-example "
+        "worst case (correct clean and under every attack) and its 95%% Wilson interval. "
+        "Writes a JSON summary and a per-example CSV named by the settings, never "
+        "overwriting an earlier evaluation.",
+    )
     e.add_argument("--checkpoint", required=True, help="checkpoint.pt (or its run directory)")
-    e.add_argument("--attack", default="pgd",
-                   help=f"attack, suite or comma-separated list: {' | '.join(ATTACKS + tuple(SUITES))} (default pgd; "
-                        "autoattack: torchattacks' standard AutoAttack; all: every attack)")
+    e.add_argument(
+        "--attack",
+        default="pgd",
+        help=f"attack, suite or comma-separated list: {' | '.join(ATTACKS + tuple(SUITES))} (default pgd; "
+        "autoattack: torchattacks' standard AutoAttack; all: every attack)",
+    )
     e.add_argument("--p", default=None, help="threat model (default: the run's p)")
     e.add_argument("--eps", default=None, help="comma-separated radii (default: 0 and the run's eps)")
-    e.add_argument("--every-example", action="store_true",
-                   help="run every attack on every example (each attack's accuracy alone; slower). Default: a later "
-                        "attack runs only on the examples still robust (same worst case)")
+    e.add_argument(
+        "--every-example",
+        action="store_true",
+        help="run every attack on every example (each attack's accuracy alone; slower). Default: a later "
+        "attack runs only on the examples still robust (same worst case)",
+    )
     g = e.add_argument_group("the pgd attack (opnorm.pgd)")
     g.add_argument("--steps", type=int, default=None, help="steps (default 20)")
     g.add_argument("--restarts", type=int, default=None, help="random restarts (default 1)")
     g.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")
-    g.add_argument("--schedule", default=None, choices=SCHEDULES,
-                   help="step-size schedule: halving (default; large steps halved at 1/4, 1/2, 3/4 of the steps, "
-                        "each halving from the strongest point so far) | constant")
+    g.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        help="step-size schedule: halving (default; large steps halved at 1/4, 1/2, 3/4 of the steps, "
+        "each halving from the strongest point so far) | constant",
+    )
     g.add_argument("--loss", default=None, help="attack loss: ce (default) | cw | logit | kl")
     t_ = e.add_argument_group("the torchattacks attacks")
     t_.add_argument("--apgd-steps", type=int, default=100, help="steps of apgd-ce, apgd-dlr, apgd-t (default 100)")
@@ -141,11 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default=None,
-                   help="output prefix (default: <run dir>/eval-<attack>-p<p>-eps<eps>-loss<loss>-n<points>-"
-                        "seed<seed>); writes .json and .csv, with a -2, -3, ... suffix when that pair exists")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="output prefix (default: <run dir>/eval-<attack>-p<p>-eps<eps>-loss<loss>-n<points>-"
+        "seed<seed>); writes .json and .csv, with a -2, -3, ... suffix when that pair exists",
+    )
 
-    d = sub.add_parser("demo", help="train a small CNN on digits and print per-example operator norms", parents=[common])
+    d = sub.add_parser(
+        "demo", help="train a small CNN on digits and print per-example operator norms", parents=[common]
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epochs", type=int, default=3)
 
@@ -155,8 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="report directory (default reports/<dataset>)")
     r.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     r.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
-    r.add_argument("--config", default=None, help="a training config file (e.g. configs/paper-cifar10.json) defining the study")
-    r.add_argument("--runs", default=None, help="runs directory: trained models and measurements, reused by a rerun (default <out>/runs)")
+    r.add_argument(
+        "--config", default=None, help="a training config file (e.g. configs/paper-cifar10.json) defining the study"
+    )
+    r.add_argument(
+        "--runs",
+        default=None,
+        help="runs directory: trained models and measurements, reused by a rerun (default <out>/runs)",
+    )
     r.add_argument("--data-dir", default=None)
     r.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
     r.add_argument("--eval-points", type=int, default=None, help="test points of the measurements")
@@ -221,8 +255,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     if not resume and not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(defaults_line(train_settings(args), config))  # the run's first line names what defaults filled in
-    result = train(config, resume=resume, stop_after=stop_after, verbose=not quiet,
-                   force=bool(getattr(args, "force", False)))
+    result = train(
+        config, resume=resume, stop_after=stop_after, verbose=not quiet, force=bool(getattr(args, "force", False))
+    )
     if int(os.environ.get("RANK", "0")) == 0 and not quiet:
         state = "finished" if result.completed else f"stopped after epoch {result.metrics.get('epoch')}"
         where = f"; run directory {result.run_dir}" if result.run_dir is not None else ""
@@ -273,8 +308,9 @@ def _write_new(path: Path, text: str) -> None:
         with open(path, "x", newline="") as f:  # "x": never overwrite, even if another process just wrote it
             f.write(text)
     except FileExistsError:
-        raise CLIError(f"{path} appeared while evaluating; nothing was overwritten: rerun for the next free "
-                       "name") from None
+        raise CLIError(
+            f"{path} appeared while evaluating; nothing was overwritten: rerun for the next free name"
+        ) from None
 
 
 def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list, str]:
@@ -282,8 +318,10 @@ def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list
 
     given = [f"--{k.replace('_', '-')}" for k in PGD_FLAGS if getattr(args, k) is not None]
     if given and "pgd" not in names:
-        raise CLIError(f"{', '.join(given)} set the pgd attack, which --attack {args.attack} does not run; "
-                       "add pgd to --attack or drop them")
+        raise CLIError(
+            f"{', '.join(given)} set the pgd attack, which --attack {args.attack} does not run; "
+            "add pgd to --attack or drop them"
+        )
     pgd_kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PGD_FLAGS.items()}
     attacks = []
     for name in names:
@@ -330,8 +368,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     attacks, loss = _eval_attacks(args, names, gen)
     splits = load_dataset(cfg.dataset, args.data_dir if args.data_dir is not None else cfg.data_dir)
-    model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                        mean=splits.mean, std=splits.std, width=cfg.width)
+    model = build_model(
+        cfg.model,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        mean=splits.mean,
+        std=splits.std,
+        width=cfg.width,
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -339,12 +383,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device).eval()
     n = splits.test.x.shape[0] if args.limit is None else min(args.limit, splits.test.x.shape[0])
     x, y = splits.test.x[:n], splits.test.y[:n]
-    res = evaluate(model, x, y, eps=eps_list, p=p, attacks=attacks, every_example=args.every_example,
-                   progress=sys.stderr.isatty())
+    res = evaluate(
+        model, x, y, eps=eps_list, p=p, attacks=attacks, every_example=args.every_example, progress=sys.stderr.isatty()
+    )
 
     lo, hi = res.interval()
-    print(f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; l_{_fmt(p)} threat model, {n} test points, "
-          f"seed {args.seed}; clean accuracy {res.clean_accuracy:.4f} [{lo:.4f}, {hi:.4f}]")
+    print(
+        f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; l_{_fmt(p)} threat model, {n} test points, "
+        f"seed {args.seed}; clean accuracy {res.clean_accuracy:.4f} [{lo:.4f}, {hi:.4f}]"
+    )
     how = "each alone on every example" if res.every_example else "in turn, each on the examples still robust"
     print(f"attacks ({how}): " + "; ".join(f"{a}: {res.descriptions[a]}" for a in res.attacks))
     cols = res.attacks if res.every_example else [f"after {a}" for a in res.attacks]
@@ -353,8 +400,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for e in res.eps:
         vals = [res.accuracy(a, e) if res.every_example else res.after(a, e) for a in res.attacks]
         lo, hi = res.interval(e)
-        print(f"{e:>8g}  " + "  ".join(f"{v:>{width}.4f}" for v in vals) + f"  {res.worst_case(e):>10.4f}  "
-              f"[{lo:.4f}, {hi:.4f}]")
+        print(
+            f"{e:>8g}  " + "  ".join(f"{v:>{width}.4f}" for v in vals) + f"  {res.worst_case(e):>10.4f}  "
+            f"[{lo:.4f}, {hi:.4f}]"
+        )
 
     eps_tag = "_".join(f"{e:g}" for e in eps_list)
     spec = "+".join(t.strip() for t in args.attack.split(","))
@@ -362,9 +411,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default = path.parent / f"eval-{spec}-p{_fmt(p)}-eps{eps_tag}{loss_tag}-n{n}-seed{args.seed}"
     prefix = _free_prefix(Path(args.out) if args.out is not None else default)
     report = {
-        "checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
-        "attack": args.attack, "seed": args.seed, "pgd": {k: getattr(attacks[names.index("pgd")], k)
-                                                          for k in PGD_FLAGS} if "pgd" in names else None,
+        "checkpoint": str(path),
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "method": cfg.method,
+        "attack": args.attack,
+        "seed": args.seed,
+        "pgd": {k: getattr(attacks[names.index("pgd")], k) for k in PGD_FLAGS} if "pgd" in names else None,
         **res.summary(),
     }
     json_path, csv_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
@@ -393,12 +446,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opnorm.training.trainer import train
 
     t0 = time.perf_counter()
-    res = train(dataset="digits", model="cnn", method="clean", epochs=args.epochs, seed=args.seed,
-                eval_points=50, eval_steps=10, device="cpu", progress=False)
+    res = train(
+        dataset="digits",
+        model="cnn",
+        method="clean",
+        epochs=args.epochs,
+        seed=args.seed,
+        eval_points=50,
+        eval_steps=10,
+        device="cpu",
+        progress=False,
+    )
     seconds = time.perf_counter() - t0
     m = res.metrics
-    print(f"Trained a small CNN on the 8x8 digits ({args.epochs} epochs, clean, {seconds:.1f} s): "
-          f"test accuracy {m['accuracy']:.3f}")
+    print(
+        f"Trained a small CNN on the 8x8 digits ({args.epochs} epochs, clean, {seconds:.1f} s): "
+        f"test accuracy {m['accuracy']:.3f}"
+    )
     x = load_dataset("digits").test.x[:5]
     gen = torch.Generator().manual_seed(args.seed)
     print("\nPer-example operator norms ||J(x)||_{p->q} of the logits' Jacobian J(x) (10 x 64) at 5 test points:")
@@ -414,8 +478,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             how = "power restarts on the formed J (lower bound)"
         print(f"{f'({_fmt(p)}, {_fmt(q)})':<12}" + "".join(f"{float(s):>10.3f}" for s in r.sigma) + f"   {how}")
-    print("\n(2,2): top singular value; (inf,inf): largest row l1 norm; (2,1), (inf,1): enumeration of sign "
-          "vectors; (inf,2) is NP-hard in general, so only a lower bound.")
+    print(
+        "\n(2,2): top singular value; (inf,inf): largest row l1 norm; (2,1), (inf,1): enumeration of sign "
+        "vectors; (inf,2) is NP-hard in general, so only a lower bound."
+    )
     return 0
 
 
@@ -436,15 +502,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     dataset = canonical_dataset(args.dataset)  # the spelling train and eval accept
     out = args.out if args.out is not None else str(Path("reports") / dataset)
     kw = {k: v for k, v in (("limit_train", args.limit_train), ("eval_points", args.eval_points)) if v is not None}
-    run_reproduce(dataset=dataset, quick=args.quick, out=out, seeds=seeds, data_dir=args.data_dir, config=args.config,
-                  runs=args.runs, **kw)
+    run_reproduce(
+        dataset=dataset,
+        quick=args.quick,
+        out=out,
+        seeds=seeds,
+        data_dir=args.data_dir,
+        config=args.config,
+        runs=args.runs,
+        **kw,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (``opnorm`` exits with it)."""
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}[args.command]
@@ -468,8 +542,16 @@ def _error_line(err: Exception) -> str:
     from opnorm.training.files import RunLockedError
     from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged
 
-    expected = (CLIError, CheckpointError, ValueError, TypeError, OSError, RunLockedError, TrainingDiverged,
-                EpochCheckFailed)
+    expected = (
+        CLIError,
+        CheckpointError,
+        ValueError,
+        TypeError,
+        OSError,
+        RunLockedError,
+        TrainingDiverged,
+        EpochCheckFailed,
+    )
     if isinstance(err, expected):
         text = _one_line(err) if str(err) else type(err).__name__
         if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,8 +46,22 @@ from opnorm.attacks import pgd, random_in_ball
 from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
 from opnorm.norms import norm_order
 
-__all__ = ["evaluate", "Evaluation", "Attack", "PGDAttack", "APGDAttack", "SquareAttack", "AutoAttack",
-           "ATTACKS", "SUITES", "attack_names", "named_attack", "wilson_interval", "clean_correct", "progress_bar"]
+__all__ = [
+    "evaluate",
+    "Evaluation",
+    "Attack",
+    "PGDAttack",
+    "APGDAttack",
+    "SquareAttack",
+    "AutoAttack",
+    "ATTACKS",
+    "SUITES",
+    "attack_names",
+    "named_attack",
+    "wilson_interval",
+    "clean_correct",
+    "progress_bar",
+]
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack")
 SUITES = {"all": ATTACKS}
@@ -60,8 +75,17 @@ class Attack(Protocol):
 
     name: str
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, p: float,
-                 todo: torch.Tensor, progress: bool = False) -> torch.Tensor: ...
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float,
+        p: float,
+        todo: torch.Tensor,
+        progress: bool = False,
+    ) -> torch.Tensor: ...
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -115,10 +139,21 @@ class PGDAttack:
 
     name = "pgd"
 
-    def __init__(self, *, steps: int = 20, restarts: int = 1, loss: str = "ce", q: Any = 2,
-                 step_size: Optional[float] = None, schedule: str = "constant", seed: Optional[int] = 0,
-                 generator: Optional[torch.Generator] = None, batch_size: int = 256,
-                 clip: Optional[tuple[float, float]] = (0.0, 1.0), best_iterate: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        steps: int = 20,
+        restarts: int = 1,
+        loss: str = "ce",
+        q: Any = 2,
+        step_size: float | None = None,
+        schedule: str = "constant",
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+        clip: tuple[float, float] | None = (0.0, 1.0),
+        best_iterate: bool = True,
+    ) -> None:
         for what, value in (("steps", steps), ("restarts", restarts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
@@ -147,9 +182,21 @@ class PGDAttack:
                 left = rows[robust]  # a fooled example stays fooled: later restarts skip it
                 if len(left) == 0:
                     break
-                adv = pgd(net, xb[left], yb[left], eps=eps, p=p, loss=self.loss, q=self.q, steps=self.steps,
-                          step_size=self.step_size, delta0=start[left], clip=self.clip, schedule=self.schedule,
-                          best_iterate=self.best_iterate)
+                adv = pgd(
+                    net,
+                    xb[left],
+                    yb[left],
+                    eps=eps,
+                    p=p,
+                    loss=self.loss,
+                    q=self.q,
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    delta0=start[left],
+                    clip=self.clip,
+                    schedule=self.schedule,
+                    best_iterate=self.best_iterate,
+                )
                 with torch.no_grad(), eval_mode(net):
                     still = net(adv).argmax(1) == yb[left]
                 robust[robust.clone()] = still
@@ -215,8 +262,9 @@ class APGDAttack(_TorchAttacks):
         >>> APGDAttack("ce", steps=100)(model, x, y, eps=0.1, p=math.inf, todo=torch.ones(len(x), dtype=torch.bool))
     """
 
-    def __init__(self, loss: str = "ce", *, steps: int = 100, restarts: int = 1, seed: int = 0,
-                 batch_size: int = 250) -> None:
+    def __init__(
+        self, loss: str = "ce", *, steps: int = 100, restarts: int = 1, seed: int = 0, batch_size: int = 250
+    ) -> None:
         if loss not in ("ce", "dlr", "t"):
             raise ValueError(f"APGD loss must be 'ce', 'dlr' or 't' (targeted), got {loss!r}")
         super().__init__(seed, batch_size)
@@ -228,10 +276,18 @@ class APGDAttack(_TorchAttacks):
 
     def make(self, ta, net, eps, norm, num_classes):
         if self.loss == "t":
-            return ta.APGDT(net, norm=norm, eps=eps, steps=self.steps, n_restarts=self.restarts, seed=self.seed,
-                            n_classes=num_classes)
-        return ta.APGD(net, norm=norm, eps=eps, steps=self.steps, n_restarts=self.restarts, seed=self.seed,
-                       loss=self.loss)
+            return ta.APGDT(
+                net,
+                norm=norm,
+                eps=eps,
+                steps=self.steps,
+                n_restarts=self.restarts,
+                seed=self.seed,
+                n_classes=num_classes,
+            )
+        return ta.APGD(
+            net, norm=norm, eps=eps, steps=self.steps, n_restarts=self.restarts, seed=self.seed, loss=self.loss
+        )
 
 
 class SquareAttack(_TorchAttacks):
@@ -265,7 +321,7 @@ class AutoAttack(_TorchAttacks):
         return ta.AutoAttack(net, norm=norm, eps=eps, version="standard", n_classes=num_classes, seed=self.seed)
 
 
-def attack_names(spec: Union[str, Sequence[str]]) -> list[str]:
+def attack_names(spec: str | Sequence[str]) -> list[str]:
     """The attack names of ``spec``: a name of :data:`ATTACKS`, a suite of :data:`SUITES`
     ("all"), or a comma-separated list of them; in order, without repeats.
 
@@ -278,8 +334,9 @@ def attack_names(spec: Union[str, Sequence[str]]) -> list[str]:
     names: list[str] = []
     for tok in tokens:
         if tok not in ATTACKS and tok not in SUITES:
-            raise ValueError(f"unknown attack {tok!r}; valid: {', '.join(ATTACKS + tuple(SUITES))} "
-                             "(or a comma-separated list)")
+            raise ValueError(
+                f"unknown attack {tok!r}; valid: {', '.join(ATTACKS + tuple(SUITES))} (or a comma-separated list)"
+            )
         names += [n for n in SUITES.get(tok, (tok,)) if n not in names]
     if not names:
         raise ValueError("no attack given; valid: " + ", ".join(ATTACKS + tuple(SUITES)))
@@ -373,8 +430,10 @@ class Evaluation:
     def accuracy(self, attack: str, eps: float) -> float:
         """Accuracy under ``attack`` alone at ``eps`` (needs ``every_example``)."""
         if not self.every_example:
-            raise ValueError("the accuracy of one attack alone needs every example attacked: evaluate with "
-                             "every_example=True, or use after() for the accuracy after each attack in turn")
+            raise ValueError(
+                "the accuracy of one attack alone needs every example attacked: evaluate with "
+                "every_example=True, or use after() for the accuracy after each attack in turn"
+            )
         return float((self.correct[attack][self._row(eps)] == 1).double().mean()) if self.n else 0.0
 
     def after(self, attack: str, eps: float) -> float:
@@ -389,7 +448,7 @@ class Evaluation:
         """The per-example worst case at ``eps``: correct clean and under every attack."""
         return float(self.worst[self._row(eps)].double().mean()) if self.n else 0.0
 
-    def interval(self, eps: Optional[float] = None) -> tuple[float, float]:
+    def interval(self, eps: float | None = None) -> tuple[float, float]:
         """The Wilson interval (:func:`wilson_interval`) of the worst case at ``eps`` (None: of clean accuracy)."""
         hits = self.clean if eps is None else self.worst[self._row(eps)]
         return wilson_interval(int(hits.sum()), self.n, self.confidence)
@@ -399,17 +458,28 @@ class Evaluation:
         results = []
         for r, e in enumerate(self.eps):
             lo, hi = self.interval(e)
-            row: dict[str, Any] = {"eps": e, "worst_case": self.worst_case(e), "interval": [lo, hi],
-                                   "after": {a: self.after(a, e) for a in self.attacks},
-                                   "seconds": {a: self.seconds.get(a, [0.0] * len(self.eps))[r] for a in self.attacks}}
+            row: dict[str, Any] = {
+                "eps": e,
+                "worst_case": self.worst_case(e),
+                "interval": [lo, hi],
+                "after": {a: self.after(a, e) for a in self.attacks},
+                "seconds": {a: self.seconds.get(a, [0.0] * len(self.eps))[r] for a in self.attacks},
+            }
             if self.every_example:
                 row["alone"] = {a: self.accuracy(a, e) for a in self.attacks}
             results.append(row)
         lo, hi = self.interval()
-        return {"p": "inf" if self.p == math.inf else self.p, "n": self.n, "attacks": list(self.attacks),
-                "descriptions": dict(self.descriptions), "every_example": self.every_example,
-                "clean_accuracy": self.clean_accuracy, "clean_interval": [lo, hi],
-                "interval": f"Wilson score, {100 * self.confidence:g}%", "results": results}
+        return {
+            "p": "inf" if self.p == math.inf else self.p,
+            "n": self.n,
+            "attacks": list(self.attacks),
+            "descriptions": dict(self.descriptions),
+            "every_example": self.every_example,
+            "clean_accuracy": self.clean_accuracy,
+            "clean_interval": [lo, hi],
+            "interval": f"Wilson score, {100 * self.confidence:g}%",
+            "results": results,
+        }
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per (example, radius): index, eps, label, clean, each attack (1, 0 or -1) and worst (1 or 0)."""
@@ -429,8 +499,10 @@ def _as_attacks(attacks) -> list:
     objs = [named_attack(a) if isinstance(a, str) else a for a in attacks]
     names = [getattr(a, "name", None) for a in objs]
     if not objs or any(not isinstance(n, str) or not n for n in names) or not all(callable(a) for a in objs):
-        raise TypeError("attacks must be a name, a comma-separated list of names, or a list of names and attack "
-                        "objects (a callable with a name, e.g. PGDAttack())")
+        raise TypeError(
+            "attacks must be a name, a comma-separated list of names, or a list of names and attack "
+            "objects (a callable with a name, e.g. PGDAttack())"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"attack names must differ, got {names}; an attack object's name can be set: atk.name = ...")
     return objs
@@ -457,9 +529,18 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[float, Sequence[float]],
-             p: Any = math.inf, attacks: Union[str, Sequence[Any]] = "pgd", every_example: bool = False,
-             confidence: float = 0.95, progress: bool = False) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float | Sequence[float],
+    p: Any = math.inf,
+    attacks: str | Sequence[Any] = "pgd",
+    every_example: bool = False,
+    confidence: float = 0.95,
+    progress: bool = False,
+) -> Evaluation:
     """Clean accuracy and robust accuracy of ``model`` on (x, y) at each radius: per attack and the
     per-example worst case, with a Wilson interval.
 
@@ -486,8 +567,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[f
     """
     check_autograd(model)  # the attacks need gradients: inference mode is refused in one line
     if isinstance(x, torch.Tensor) and x.is_inference():
-        raise RuntimeError("evaluate() needs gradients, which tensors made under torch.inference_mode() cannot "
-                           "give: make x outside inference mode")
+        raise RuntimeError(
+            "evaluate() needs gradients, which tensors made under torch.inference_mode() cannot "
+            "give: make x outside inference mode"
+        )
     p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
     eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):
@@ -516,5 +599,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Union[f
             robust = robust & ok
         worst[r] = robust
     desc = {a.name: a.describe() if hasattr(a, "describe") else repr(a) for a in objs}
-    return Evaluation(eps_list, p, [a.name for a in objs], y.detach().cpu(), clean, correct, worst, every_example,
-                      seconds, desc, confidence)
+    return Evaluation(
+        eps_list,
+        p,
+        [a.name for a in objs],
+        y.detach().cpu(),
+        clean,
+        correct,
+        worst,
+        every_example,
+        seconds,
+        desc,
+        confidence,
+    )

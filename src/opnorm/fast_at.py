@@ -42,7 +42,8 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -54,8 +55,18 @@ from opnorm.norms import Order, into_box, norm_order, pga_step
 from opnorm.regularizers.store import _rank, _world  # one place for the DDP world
 from opnorm.validation import number
 
-__all__ = ["FAST_AT_METHODS", "SINGLE_STEP_DEFAULTS", "FREE_DEFAULT_STEP", "FREE_DEFAULT_REPLAYS",
-           "SingleStepATLoss", "FreeATLoss", "fast_at_loss", "data_passes", "replays_per_batch", "Replayed"]
+__all__ = [
+    "FAST_AT_METHODS",
+    "SINGLE_STEP_DEFAULTS",
+    "FREE_DEFAULT_STEP",
+    "FREE_DEFAULT_REPLAYS",
+    "SingleStepATLoss",
+    "FreeATLoss",
+    "fast_at_loss",
+    "data_passes",
+    "replays_per_batch",
+    "Replayed",
+]
 
 FAST_AT_METHODS = ("fgsm-rs", "free", "n-fgsm")
 # kind -> (start radius, step length, project onto the eps ball), radii as fractions of eps
@@ -95,9 +106,17 @@ class SingleStepATLoss(nn.Module):
         >>> loss_fn(model, x, y).backward()
     """
 
-    def __init__(self, kind: str = "fgsm-rs", eps: float = 0.1, p: Order = math.inf, *,
-                 step: Optional[float] = None, start: Optional[float] = None, project: Optional[bool] = None,
-                 clip: Clip = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        kind: str = "fgsm-rs",
+        eps: float = 0.1,
+        p: Order = math.inf,
+        *,
+        step: float | None = None,
+        start: float | None = None,
+        project: bool | None = None,
+        clip: Clip = (0.0, 1.0),
+    ) -> None:
         super().__init__()
         if kind not in SINGLE_STEP_DEFAULTS:
             raise ValueError(f"kind must be one of {', '.join(SINGLE_STEP_DEFAULTS)}, got {kind!r}")
@@ -112,23 +131,30 @@ class SingleStepATLoss(nn.Module):
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else f"{self.p:g}"
-        return (f"kind={self.kind!r}, eps={self.eps:g}, p={p}, step={self.step:g} eps, start={self.start:g} eps, "
-                f"project={self.project}")
+        return (
+            f"kind={self.kind!r}, eps={self.eps:g}, p={p}, step={self.step:g} eps, start={self.start:g} eps, "
+            f"project={self.project}"
+        )
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """The adversarial perturbation delta (x's shape, detached); ``x + delta`` is the training input."""
         net = unwrap(model)
         check_inputs(net, x)
         with torch.autocast(x.device.type, enabled=False), eval_mode(net), torch.enable_grad():
-            delta0 = torch.zeros_like(x) if self.start == 0 else random_in_ball(x, self.p, self.start * self.eps, generator)
+            delta0 = (
+                torch.zeros_like(x) if self.start == 0 else random_in_ball(x, self.p, self.start * self.eps, generator)
+            )
             delta0 = into_box(delta0, x, self.clip).requires_grad_(True)
             loss = cross_entropy(forward(net, x + delta0), None, y).sum()  # per-example gradients
             (g,) = torch.autograd.grad(loss, delta0)
         radius = self.eps if self.project else math.inf
         return pga_step(delta0.detach(), g, self.p, radius, self.step * self.eps, x=x, clip=self.clip).detach()
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         delta = self.perturb(model, x, y)
         return cross_entropy(full(forward(model, x + delta)), None, y).mean()
 
@@ -157,15 +183,16 @@ class FreeATLoss(nn.Module):
         >>> loss = free(model, x, y); loss.backward()   # free.delta has moved
     """
 
-    def __init__(self, eps: float = 0.1, p: Order = math.inf, *, step: float = FREE_DEFAULT_STEP,
-                 clip: Clip = (0.0, 1.0)) -> None:
+    def __init__(
+        self, eps: float = 0.1, p: Order = math.inf, *, step: float = FREE_DEFAULT_STEP, clip: Clip = (0.0, 1.0)
+    ) -> None:
         super().__init__()
         self.eps = number(eps, "eps", strict=True)
         self.p = _order(p)
         self.step = number(step, "step", strict=True)
         self.clip = clip
-        self.delta: Optional[torch.Tensor] = None
-        self._by_rank: Optional[list] = None  # every rank's delta, set by sync() under DDP
+        self.delta: torch.Tensor | None = None
+        self._by_rank: list | None = None  # every rank's delta, set by sync() under DDP
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else f"{self.p:g}"
@@ -192,11 +219,15 @@ class FreeATLoss(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         by_rank, world = state.get("by_rank"), _world()
         if by_rank is None and world > 1 and state["delta"] is not None:
-            raise ValueError(f"this free-AT state holds one process's perturbation, not one per rank; resume it "
-                             f"with 1 process, not {world}")
+            raise ValueError(
+                f"this free-AT state holds one process's perturbation, not one per rank; resume it "
+                f"with 1 process, not {world}"
+            )
         if by_rank is not None and len(by_rank) != world:
-            raise ValueError(f"this free-AT state holds the perturbations of {len(by_rank)} DDP ranks; resume "
-                             f"with torchrun --nproc-per-node {len(by_rank)}, not {world} process(es)")
+            raise ValueError(
+                f"this free-AT state holds the perturbations of {len(by_rank)} DDP ranks; resume "
+                f"with torchrun --nproc-per-node {len(by_rank)}, not {world} process(es)"
+            )
         self.delta = state["delta"] if by_rank is None else by_rank[_rank()]
         self._by_rank = by_rank
 
@@ -213,11 +244,13 @@ class FreeATLoss(nn.Module):
     def _update(self, delta: torch.Tensor, g: torch.Tensor) -> None:
         new = pga_step(delta.detach(), g.detach().clone(), self.p, self.eps, self.step * self.eps)
         if self.delta is not None and self.delta.shape[0] > new.shape[0] and self.delta.shape[1:] == new.shape[1:]:
-            new = torch.cat([new, self.delta[new.shape[0]:].to(new)])  # a short last batch keeps the rest
+            new = torch.cat([new, self.delta[new.shape[0] :].to(new)])  # a short last batch keeps the rest
         self.delta = new
         self._by_rank = None  # gathered before this step: stale, so state_dict() needs a new sync()
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_inputs(unwrap(model), x)
         delta = self._current(x).clone().requires_grad_(True)
         if torch.is_grad_enabled():

@@ -66,7 +66,9 @@ def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> L
     """
     check_inputs(model, x)
     if not isinstance(z, torch.Tensor) or z.shape != x.shape:
-        raise ValueError(f"z must be a tensor of x's shape {tuple(x.shape)}, got {getattr(z, 'shape', type(z).__name__)}")
+        raise ValueError(
+            f"z must be a tensor of x's shape {tuple(x.shape)}, got {getattr(z, 'shape', type(z).__name__)}"
+        )
     net = unwrap(model)
     with eval_mode(net):
         fx, jz = jvp(net, x, z)
@@ -75,7 +77,9 @@ def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> L
     absolute = torch.linalg.vector_norm(_flat(change - jz), dim=1)
     size = torch.linalg.vector_norm(_flat(change), dim=1)
     ratio = absolute / torch.where(size > 0, size, torch.ones_like(size))
-    relative = torch.where(size > 0, ratio, torch.where(absolute > 0, torch.full_like(ratio, float("inf")), torch.zeros_like(ratio)))
+    relative = torch.where(
+        size > 0, ratio, torch.where(absolute > 0, torch.full_like(ratio, float("inf")), torch.zeros_like(ratio))
+    )
     return LinearityDeviation(absolute, relative, size)
 
 
@@ -107,7 +111,9 @@ def alignment_by_rank(delta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or not isinstance(V, torch.Tensor):
         raise TypeError("delta and V must be tensors of shapes (B, *in) and (B, *in, k)")
     if V.ndim != delta.ndim + 1 or V.shape[:-1] != delta.shape:
-        raise ValueError(f"V must have delta's shape plus a rank axis, got {tuple(V.shape)} for delta {tuple(delta.shape)}")
+        raise ValueError(
+            f"V must have delta's shape plus a rank axis, got {tuple(V.shape)} for delta {tuple(delta.shape)}"
+        )
     a = _flat(delta)
     M = V.reshape(V.shape[0], -1, V.shape[-1]).to(a.dtype)
     dots = torch.einsum("bn,bnk->bk", a, M).abs()
@@ -128,8 +134,10 @@ def pearson_alignment(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or not isinstance(v, torch.Tensor):
         raise TypeError("delta and v must be tensors of shape (B, ...)")
     if delta.shape[0] != v.shape[0] or delta[0].numel() != v[0].numel():
-        raise ValueError(f"delta and v must hold the same number of examples and entries per example, "
-                         f"got shapes {tuple(delta.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"delta and v must hold the same number of examples and entries per example, "
+            f"got shapes {tuple(delta.shape)} and {tuple(v.shape)}"
+        )
     a = _flat(delta)
     b = _flat(v).to(a.dtype)
     a = a - a.mean(dim=1, keepdim=True)

@@ -29,8 +29,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +50,15 @@ __all__ = [
     "get_loss",
 ]
 
-LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
-def cross_entropy(logits_adv: torch.Tensor, logits_clean: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits_adv: torch.Tensor, logits_clean: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """Per-example softmax cross-entropy of the perturbed logits against labels y: (B,)."""
     return F.cross_entropy(logits_adv, y, reduction="none")
 
 
-def cw_margin(logits_adv: torch.Tensor, logits_clean: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+def cw_margin(logits_adv: torch.Tensor, logits_clean: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """Per-example logit margin ``max_{j != y} z_j - z_y`` of the perturbed logits: (B,).
 
     > 0 exactly when the example is misclassified (ties aside).
@@ -70,7 +70,7 @@ def cw_margin(logits_adv: torch.Tensor, logits_clean: Optional[torch.Tensor], y:
 
 
 def logit_distance(
-    logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: Optional[torch.Tensor] = None, q: Order = 2
+    logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tensor | None = None, q: Order = 2
 ) -> torch.Tensor:
     """Per-example ``||f(x+delta) - f(x)||_q``: (B,).
 
@@ -93,7 +93,7 @@ def kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
-def kl_divergence(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kl_divergence(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example ``KL(softmax(clean) || softmax(adv))`` with the clean side detached: (B,)."""
     return kl_rows(logits_clean.detach(), logits_adv)
 
@@ -131,7 +131,7 @@ def _logit_fn(q: float) -> LossFn:
 LOSSES: tuple[str, ...] = ("ce", "cw", "logit", "kl")
 
 
-def get_loss(loss: Union[str, LossFn], q: Order = 2) -> LossSpec:
+def get_loss(loss: str | LossFn, q: Order = 2) -> LossSpec:
     """Resolve a loss name (one of :data:`LOSSES`) or a user callable into a :class:`LossSpec`.
 
     Args:
@@ -146,10 +146,13 @@ def get_loss(loss: Union[str, LossFn], q: Order = 2) -> LossSpec:
         >>> spec.fn(logits, None, y)  # (B,)
     """
     if callable(loss) and not isinstance(loss, str):
-        return LossSpec(loss, "callable", needs_labels=False, needs_clean=True,
-                        zero_gradient_at_start=False, labelled_success=False)
+        return LossSpec(
+            loss, "callable", needs_labels=False, needs_clean=True, zero_gradient_at_start=False, labelled_success=False
+        )
     if not isinstance(loss, str):
-        raise TypeError(f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), got {type(loss).__name__}")
+        raise TypeError(
+            f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), got {type(loss).__name__}"
+        )
     name = loss.strip().lower()
     if name == "ce":
         return LossSpec(cross_entropy, "ce", True, False, False, True)
@@ -159,5 +162,7 @@ def get_loss(loss: Union[str, LossFn], q: Order = 2) -> LossSpec:
         return LossSpec(_logit_fn(norm_order(q, "q")), "logit", False, True, True, False)
     if name == "kl":
         return LossSpec(kl_divergence, "kl", False, True, True, False)
-    raise ValueError(f"unknown loss {loss!r}; valid names are {', '.join(repr(n) for n in LOSSES)}, or pass a callable "
-                     "(logits_adv, logits_clean, y) -> (B,)")
+    raise ValueError(
+        f"unknown loss {loss!r}; valid names are {', '.join(repr(n) for n in LOSSES)}, or pass a callable "
+        "(logits_adv, logits_clean, y) -> (B,)"
+    )

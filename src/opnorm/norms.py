@@ -11,7 +11,7 @@ or the string ``"inf"`` (any case). :func:`norm_order` turns each into a float, 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -193,7 +193,9 @@ def clip_box(x: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor:
 
 
 def sparse_l1_direction(
-    g: torch.Tensor, x_adv: Optional[torch.Tensor] = None, clip: Optional[tuple[float, float]] = None,
+    g: torch.Tensor,
+    x_adv: torch.Tensor | None = None,
+    clip: tuple[float, float] | None = None,
     fraction: float = 0.01,
 ) -> torch.Tensor:
     """The sparse l_1 ascent direction (SLIDE, Tramer & Boneh 2019), per example.
@@ -223,8 +225,8 @@ def pga_step(
     eps: float | torch.Tensor,
     step: float | torch.Tensor = math.inf,
     *,
-    x: Optional[torch.Tensor] = None,
-    clip: Optional[tuple[float, float]] = None,
+    x: torch.Tensor | None = None,
+    clip: tuple[float, float] | None = None,
     l1_fraction: float = 0.01,
 ) -> torch.Tensor:
     """One projected gradient ascent step on a perturbation, per example (docs/theory.md).
@@ -270,7 +272,7 @@ def pga_step(
     return into_box(new, x, clip)
 
 
-def into_box(delta: torch.Tensor, x: Optional[torch.Tensor], clip: Optional[tuple[float, float]]) -> torch.Tensor:
+def into_box(delta: torch.Tensor, x: torch.Tensor | None, clip: tuple[float, float] | None) -> torch.Tensor:
     """``clip_box(x + delta) - x``: the part of delta that keeps x + delta in the box (clip=None: delta)."""
     if clip is None:
         return delta

@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["number", "integer", "box", "one_of"]
 
@@ -34,7 +34,7 @@ def number(value: Any, name: str, *, lo: float = 0.0, strict: bool = False, fini
     return v
 
 
-def integer(value: Any, name: str, *, lo: int = 0, hi: Optional[int] = None) -> int:
+def integer(value: Any, name: str, *, lo: int = 0, hi: int | None = None) -> int:
     """An int in [lo, hi]; integral floats and numeric strings are accepted, bools are not."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -51,7 +51,7 @@ def integer(value: Any, name: str, *, lo: int = 0, hi: Optional[int] = None) -> 
     return v
 
 
-def box(clip: Any, name: str = "clip") -> Optional[tuple[float, float]]:
+def box(clip: Any, name: str = "clip") -> tuple[float, float] | None:
     """None, or a pair (lo, hi) of finite floats with lo < hi: the input box of x + delta."""
     if clip is None:
         return None

@@ -36,18 +36,55 @@ def test_config_holds_the_papers_settings():
     # l_2 eps 1.75 on [-1, 1] inputs is 0.875 on [0, 1] pixels; PGA step 2 eps / 10
     assert cfg.eps * (cfg.input_range[1] - cfg.input_range[0]) == pytest.approx(1.75)
     assert cfg.step_size == pytest.approx(2 * cfg.eps / 10) and cfg.steps == 10
-    assert (cfg.method, cfg.opnorm.mode, cfg.lam, cfg.opnorm.iters, cfg.p, cfg.q) == ("opnorm", "paper", 0.02, 10, 2.0, 2.0)
+    assert (cfg.method, cfg.opnorm.mode, cfg.lam, cfg.opnorm.iters, cfg.p, cfg.q) == (
+        "opnorm",
+        "paper",
+        0.02,
+        10,
+        2.0,
+        2.0,
+    )
     assert cfg.opnorm.scale_by_eps and cfg.squared and cfg.opnorm.penalty == "fd"  # lam ||f(x + eps v) - f(x)||^2
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.adv_append, cfg.train_loss) == ("rmsprop", 1e-4, 32, 0.75, "multi-margin")
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.adv_append, cfg.train_loss) == (
+        "rmsprop",
+        1e-4,
+        32,
+        0.75,
+        "multi-margin",
+    )
 
 
 def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "opnorm", "train", "--config", str(CONFIG), "--data-dir", str(cifar_dir),
-         "--limit-train", "2", "--limit-test", "2", "--epochs", "1", "--eval-points", "2", "--eval-steps", "1",
-         "--norm-iters", "1", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "opnorm",
+            "train",
+            "--config",
+            str(CONFIG),
+            "--data-dir",
+            str(cifar_dir),
+            "--limit-train",
+            "2",
+            "--limit-test",
+            "2",
+            "--epochs",
+            "1",
+            "--eval-points",
+            "2",
+            "--eval-steps",
+            "1",
+            "--norm-iters",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -62,8 +99,20 @@ def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_
 
 @pytest.mark.parametrize("method,extra", [("pgd-at", {}), ("global-snr", {"lam": 3e-4, "iters": 1}), ("clean", {})])
 def test_other_methods_of_the_config_train_a_step(cifar_dir, method, extra):
-    cfg = {**json.loads(CONFIG.read_text()), "method": method, "width": 4, "data_dir": str(cifar_dir), "limit_train": 4,
-           "limit_test": 2, "epochs": 1, "eval_points": 2, "eval_steps": 1, "norm_iters": 1, "progress": False, **extra}
+    cfg = {
+        **json.loads(CONFIG.read_text()),
+        "method": method,
+        "width": 4,
+        "data_dir": str(cifar_dir),
+        "limit_train": 4,
+        "limit_test": 2,
+        "epochs": 1,
+        "eval_points": 2,
+        "eval_steps": 1,
+        "norm_iters": 1,
+        "progress": False,
+        **extra,
+    }
     res = train(cfg)
     assert np.isfinite(res.metrics["loss"])
 
@@ -81,7 +130,9 @@ def test_appended_adversarial_loss_matches_a_hand_built_batch():
     xa = pgd(net, x[:6], y[:6], eps=0.5, p=2, loss="ce", steps=3, step_size=0.1, random_start=True)
     ref = nn.MultiMarginLoss()(net(torch.cat([x, xa])), torch.cat([y, y[:6]]))
     torch.testing.assert_close(got, ref.float())  # the loss is taken in float32, as the trainer's
-    obj = Objective(TrainConfig(method="pgd-at", p=2, eps=0.5, adv_append=0.75, train_loss="multi-margin").resolved(), net)
+    obj = Objective(
+        TrainConfig(method="pgd-at", p=2, eps=0.5, adv_append=0.75, train_loss="multi-margin").resolved(), net
+    )
     assert obj.appended is not None and obj.at is None
 
 
@@ -96,14 +147,17 @@ def test_task_loss_and_input_range_against_torch():
     assert input_normalization(None, (0.3,), (0.2,)) == ((0.3,), (0.2,))
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"train_loss": "hinge"}, "unknown train_loss"),
-    ({"method": "pgd-at", "train_loss": "multi-margin"}, "needs adv_append"),
-    ({"method": "logit-at", "train_loss": "multi-margin"}, "not implemented for logit-at"),
-    ({"adv_append": 1.5}, "adv_append must be in"),
-    ({"input_range": [1, -1]}, "hi > lo"),
-    ({"input_range": [0]}, "must be \\[lo, hi\\]"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"train_loss": "hinge"}, "unknown train_loss"),
+        ({"method": "pgd-at", "train_loss": "multi-margin"}, "needs adv_append"),
+        ({"method": "logit-at", "train_loss": "multi-margin"}, "not implemented for logit-at"),
+        ({"adv_append": 1.5}, "adv_append must be in"),
+        ({"input_range": [1, -1]}, "hi > lo"),
+        ({"input_range": [0]}, "must be \\[lo, hi\\]"),
+    ],
+)
 def test_bad_paper_options_are_one_line_errors(change, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**change).resolved()
@@ -117,9 +171,23 @@ def test_reproduce_with_the_config_on_generated_cifar_files(cifar_dir, tmp_path)
     small = {**json.loads(CONFIG.read_text()), "width": 2, "epochs": 1, "limit_train": 8, "batch_size": 8}
     path = tmp_path / "paper-small.json"
     path.write_text(json.dumps(small))
-    r = run_reproduce(config=str(path), quick=True, data_dir=str(cifar_dir), out=str(tmp_path / "out"), seeds=[0],
-                      log=lambda s: None, eval_points=4, align_points=4, spectrum_k=2, rank_k=2, eval_steps=2,
-                      eps_grid_l2=[0.0, 0.875], linearity_radii=[0.5], align_eps=[0.1], theorem_steps=2)
+    r = run_reproduce(
+        config=str(path),
+        quick=True,
+        data_dir=str(cifar_dir),
+        out=str(tmp_path / "out"),
+        seeds=[0],
+        log=lambda s: None,
+        eval_points=4,
+        align_points=4,
+        spectrum_k=2,
+        rank_k=2,
+        eval_steps=2,
+        eps_grid_l2=[0.0, 0.875],
+        linearity_radii=[0.5],
+        align_eps=[0.1],
+        theorem_steps=2,
+    )
     c = r["config"]
     assert (c["model"], c["eps_l2"], c["lam"], c["power_iters"], c["lam_snr"]) == ("cnn7", 0.875, 0.02, 10, 3e-4)
     assert c["train"]["train_loss"] == "multi-margin" and c["train"]["input_range"] == [-1, 1]

@@ -17,22 +17,55 @@ from opnorm.experiments.reproduce import SCHEMA, run_reproduce
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import parse_seeds, study_config
 
-TIMING_KEYS = {"train_seconds", "time_vs_clean", "seconds_total", "cpu_seconds_total", "phase_seconds", "command",
-               "runs_directory"}  # what an invocation did, not what it measured
-SECTIONS = ["Alignment vs singular-vector rank", "Alignment vs eps per trained model", "Spectra", "Deviation from linearity",
-            "Robustness at matched clean accuracy", "Theorem check", "Sanity checks"]
+TIMING_KEYS = {
+    "train_seconds",
+    "time_vs_clean",
+    "seconds_total",
+    "cpu_seconds_total",
+    "phase_seconds",
+    "command",
+    "runs_directory",
+}  # what an invocation did, not what it measured
+SECTIONS = [
+    "Alignment vs singular-vector rank",
+    "Alignment vs eps per trained model",
+    "Spectra",
+    "Deviation from linearity",
+    "Robustness at matched clean accuracy",
+    "Theorem check",
+    "Sanity checks",
+]
 # two seeds (standard errors exist), every section, as small as the measurements allow
-TINY = dict(seeds=[0, 1], epochs=1, limit_train=200, eval_points=16, align_points=8, spectrum_k=3, rank_k=3, theorem_steps=2,
-            eps_grid_linf=[0.0, 0.1], eps_grid_l2=[0.0, 0.5], align_eps=[0.1, 1.0], linearity_radii=[0.1, 1.0], eval_steps=20,
-            sweep_dd=[1.0, 10.0], sweep_snr=[1.0])
+TINY = dict(
+    seeds=[0, 1],
+    epochs=1,
+    limit_train=200,
+    eval_points=16,
+    align_points=8,
+    spectrum_k=3,
+    rank_k=3,
+    theorem_steps=2,
+    eps_grid_linf=[0.0, 0.1],
+    eps_grid_l2=[0.0, 0.5],
+    align_eps=[0.1, 1.0],
+    linearity_radii=[0.1, 1.0],
+    eval_steps=20,
+    sweep_dd=[1.0, 10.0],
+    sweep_snr=[1.0],
+)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     # one thread: two spinning threads only cost time on a shared machine; the numbers do not depend on it
-    proc = subprocess.run([sys.executable, "-m", "opnorm", "reproduce", "--quick", "--out", str(out), "--seeds", "0"],
-                          capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "opnorm", "reproduce", "--quick", "--out", str(out), "--seeds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -123,9 +156,13 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **TINY)
     assert a["seeds"] == [0, 1] and any("training" in line for line in logs)
     # the recorded command reruns this study: every option that changes it is in it
-    assert a["config"]["command"].startswith("opnorm reproduce --dataset digits --quick --seeds 0,1 --limit-train 200 "
-                                             "--eval-points 16  (and run_reproduce overrides epochs=1, ")
-    assert [p["lam"] for p in a["matched"]["sweeps"]["opnorm"]] == pytest.approx([0.1, 1.0])  # the sweep, main lambda 0.1
+    assert a["config"]["command"].startswith(
+        "opnorm reproduce --dataset digits --quick --seeds 0,1 --limit-train 200 "
+        "--eval-points 16  (and run_reproduce overrides epochs=1, "
+    )
+    assert [p["lam"] for p in a["matched"]["sweeps"]["opnorm"]] == pytest.approx(
+        [0.1, 1.0]
+    )  # the sweep, main lambda 0.1
     m = a["methods"]["clean"]["clean_acc"]
     assert m["n"] == 2 and m["se"] == pytest.approx(np.std(m["values"], ddof=1) / np.sqrt(2))
     logs.clear()
@@ -137,7 +174,9 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     assert "read 0 from the runs directory" in (tmp_path / "a" / "report.md").read_text()
     assert _strip(a) == _strip(b)
     with pytest.raises(ValueError, match="holds another study"):
-        run_reproduce(quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs"), log=logs.append, **{**TINY, "lam": 0.5})
+        run_reproduce(
+            quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs"), log=logs.append, **{**TINY, "lam": 0.5}
+        )
 
 
 def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monkeypatch):
@@ -148,13 +187,17 @@ def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monke
 
     def train(cfg, **kw):  # the x10 global SNR point diverges; everything else trains for real
         if cfg.method == "global-snr" and cfg.lam > 0.05:
-            raise trainer.TrainingDiverged("training diverged (NaN/inf) at epoch 1, step 3: the loss (nan) became non-finite")
+            raise trainer.TrainingDiverged(
+                "training diverged (NaN/inf) at epoch 1, step 3: the loss (nan) became non-finite"
+            )
         return real(cfg, **kw)
 
     monkeypatch.setattr(trainer, "train", train)
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
-    assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-x10"] and a["matched"]["diverged"][0]["seeds"] == [0]
+    assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-x10"] and a["matched"]["diverged"][0][
+        "seeds"
+    ] == [0]
     assert [p["key"] for p in a["matched"]["sweeps"]["global-snr"]] == ["global-snr"]
     assert "Left out of the sweep: `global-snr-x10` (lambda 0.1)" in (tmp_path / "a" / "report.md").read_text()
     monkeypatch.setattr(trainer, "train", real)  # a rerun reads the record: it neither retrains nor crashes
@@ -171,7 +214,9 @@ def test_stat_and_aggregate_against_numpy():
     s = stat(vals)
     assert s["mean"] == pytest.approx(np.mean(vals)) and s["se"] == pytest.approx(np.std(vals, ddof=1) / 2)
     assert stat([0.3])["se"] is None and stat([float("nan"), 1.0])["n"] == 1
-    agg = aggregate([{"a": [1.0, 2.0], "eps": [0.1, 0.2], "label": "x"}, {"a": [3.0, 4.0], "eps": [0.1, 0.2], "label": "x"}])
+    agg = aggregate(
+        [{"a": [1.0, 2.0], "eps": [0.1, 0.2], "label": "x"}, {"a": [3.0, 4.0], "eps": [0.1, 0.2], "label": "x"}]
+    )
     assert agg["eps"] == [0.1, 0.2] and agg["label"] == "x" and agg["a"][1]["mean"] == 3.0
     with pytest.raises(ValueError, match="different"):
         aggregate([{"a": 1.0}, {"b": 1.0}])
@@ -188,8 +233,17 @@ def test_seeds_and_config_errors(tmp_path):
         study_config("digits", seeds=[0, 0])
     with pytest.raises(ValueError, match="p 2 and q 2"):
         study_config(train_config={"dataset": "digits", "p": "inf"})
-    cfg = study_config(train_config={"dataset": "digits", "eps": 0.7, "lam": 0.3, "optimizer": "rmsprop", "lr": 1e-3,
-                                     "method": "opnorm", "opnorm": {"iters": 4}})
+    cfg = study_config(
+        train_config={
+            "dataset": "digits",
+            "eps": 0.7,
+            "lam": 0.3,
+            "optimizer": "rmsprop",
+            "lr": 1e-3,
+            "method": "opnorm",
+            "opnorm": {"iters": 4},
+        }
+    )
     assert (cfg.eps_l2, cfg.lam, cfg.lr, cfg.train, cfg.power_iters) == (0.7, 0.3, 1e-3, {"optimizer": "rmsprop"}, 4)
     Runs(tmp_path / "r", {"x": 1})
     with pytest.raises(ValueError, match="differs in x"):

@@ -247,7 +247,9 @@ def test_load_weights_mismatch_is_clear(tmp_path):
     export_weights(small_model(width=4), path)
     wider = small_model(width=8)
     before = {k: v.clone() for k, v in wider.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"shape mismatches: conv1.weight: file \(4, 1, 3, 3\) vs model \(8, 1, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatches: conv1.weight: file \(4, 1, 3, 3\) vs model \(8, 1, 3, 3\)"
+    ):
         load_weights(wider, path)
     assert_same(dict(wider.state_dict()), before)  # untouched
     with pytest.raises(CheckpointError, match="missing keys: .*unexpected keys: "):

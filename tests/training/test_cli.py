@@ -15,19 +15,39 @@ from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS
 
-from .cli_helpers import run_main, one_line_error
+from .cli_helpers import one_line_error, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "128", "--limit-test", "60", "--eval-points", "20",
-         "--eval-steps", "3", "--steps", "3", "--batch-size", "32", "--quiet"]
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--limit-train",
+    "128",
+    "--limit-test",
+    "60",
+    "--eval-points",
+    "20",
+    "--eval-steps",
+    "3",
+    "--steps",
+    "3",
+    "--batch-size",
+    "32",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 2-epoch pgd-at run made through the CLI."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--method", "pgd-at", "--p", "inf", "--eps", "0.1", "--epochs", "2", "--out", str(out), *SMALL]) == 0
+    assert (
+        main(["train", "--method", "pgd-at", "--p", "inf", "--eps", "0.1", "--epochs", "2", "--out", str(out), *SMALL])
+        == 0
+    )
     return out
 
 
@@ -36,9 +56,41 @@ def trained_run(tmp_path_factory):
     """A 4-epoch pgd-at run on 1000 digits (about 97 % clean, 67 % under PGD at l_inf 0.15):
     something for the attacks to find, and something left."""
     out = tmp_path_factory.mktemp("cli") / "trained"
-    assert main(["train", "--method", "pgd-at", "--p", "inf", "--eps", "0.1", "--epochs", "4", "--out", str(out),
-                 "--dataset", "digits", "--model", "cnn", "--limit-train", "1000", "--eval-every", "0",
-                 "--eval-points", "20", "--eval-steps", "3", "--steps", "3", "--batch-size", "32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "pgd-at",
+                "--p",
+                "inf",
+                "--eps",
+                "0.1",
+                "--epochs",
+                "4",
+                "--out",
+                str(out),
+                "--dataset",
+                "digits",
+                "--model",
+                "cnn",
+                "--limit-train",
+                "1000",
+                "--eval-every",
+                "0",
+                "--eval-points",
+                "20",
+                "--eval-steps",
+                "3",
+                "--steps",
+                "3",
+                "--batch-size",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -47,7 +99,8 @@ def trained_run(tmp_path_factory):
 
 def test_train_writes_the_run_directory(run_dir):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
-        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"])
+        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"]
+    )
     cfg = json.loads((run_dir / CONFIG).read_text())
     assert cfg["method"] == "pgd-at" and cfg["p"] == "inf" and cfg["eps"] == 0.1 and cfg["epochs"] == 2
     assert cfg["out"] == str(run_dir)
@@ -88,8 +141,21 @@ def test_config_file_reruns_and_flags_override(run_dir, tmp_path, capsys):
     a, b = load_checkpoint(run_dir / CHECKPOINT)["model"], load_checkpoint(out / CHECKPOINT)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same config, same seed: same weights
     out2 = tmp_path / "override"
-    code, _, err = run_main(["train", "--config", str(run_dir / CONFIG), "--out", str(out2), "--epochs", "1",
-                             "--method", "clean", "--quiet"], capsys)
+    code, _, err = run_main(
+        [
+            "train",
+            "--config",
+            str(run_dir / CONFIG),
+            "--out",
+            str(out2),
+            "--epochs",
+            "1",
+            "--method",
+            "clean",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     cfg = json.loads((out2 / CONFIG).read_text())
     assert cfg["epochs"] == 1 and cfg["method"] == "clean" and cfg["limit_train"] == 128
@@ -108,8 +174,9 @@ def test_resume_extends_a_run(run_dir, tmp_path, capsys):
 
 def test_stop_after_then_resume(tmp_path, capsys):
     out = tmp_path / "r"
-    code, stdout, _ = run_main(["train", "--method", "clean", "--epochs", "2", "--out", str(out), "--stop-after", "1",
-                                *SMALL[:-1]], capsys)
+    code, stdout, _ = run_main(
+        ["train", "--method", "clean", "--epochs", "2", "--out", str(out), "--stop-after", "1", *SMALL[:-1]], capsys
+    )
     assert code == 0 and "stopped after epoch 1" in stdout
     assert not (out / WEIGHTS).exists()
     code, stdout, _ = run_main(["train", "--out", str(out), "--resume"], capsys)
@@ -129,7 +196,10 @@ def test_stop_after_then_resume(tmp_path, capsys):
         (["--p", "0.5"], ["p must satisfy 1 <= p"]),
         (["--lam", "-1"], ["lam must be >= 0"]),
         (["--epochs", "0"], ["epochs must be >= 1"]),
-        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/opnorm-data"], ["fashion-mnist", "/nonexistent/opnorm-data"]),
+        (
+            ["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/opnorm-data"],
+            ["fashion-mnist", "/nonexistent/opnorm-data"],
+        ),
         (["--config", "/nonexistent/config.json"], ["config file", "not found"]),
     ],
 )
@@ -183,8 +253,12 @@ def test_existing_run_is_not_overwritten(run_dir, capsys):
 
 
 def test_errors_in_a_real_process_have_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "opnorm", "train", "--method", "nope", "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "opnorm", "train", "--method", "nope", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "opnorm: error: unknown method 'nope'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades, fgsm-rs, free, "
@@ -198,8 +272,24 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 
 def test_eval_prints_a_table_and_writes_json_and_csv(run_dir, tmp_path, capsys):
     prefix = tmp_path / "report" / "robust"
-    code, out, err = run_main(["eval", "--checkpoint", str(run_dir), "--attack", "pgd", "--p", "inf",
-                               "--eps", "0,0.05,0.1", "--steps", "5", "--out", str(prefix)], capsys)
+    code, out, err = run_main(
+        [
+            "eval",
+            "--checkpoint",
+            str(run_dir),
+            "--attack",
+            "pgd",
+            "--p",
+            "inf",
+            "--eps",
+            "0,0.05,0.1",
+            "--steps",
+            "5",
+            "--out",
+            str(prefix),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "worst case" in out and "0.05" in out and "360 test points" in out  # the whole test split
     report = json.loads(prefix.with_suffix(".json").read_text())
@@ -214,7 +304,9 @@ def test_eval_prints_a_table_and_writes_json_and_csv(run_dir, tmp_path, capsys):
 
 
 def test_eval_default_output_and_bad_arguments(run_dir, capsys):
-    code, _, err = run_main(["eval", "--checkpoint", str(run_dir / CHECKPOINT), "--steps", "2", "--limit", "20"], capsys)
+    code, _, err = run_main(
+        ["eval", "--checkpoint", str(run_dir / CHECKPOINT), "--steps", "2", "--limit", "20"], capsys
+    )
     assert code == 0, err
     name = "eval-pgd-pinf-eps0_0.1-lossce-n20-seed0"
     assert (run_dir / f"{name}.json").exists() and (run_dir / f"{name}.csv").exists()
@@ -252,9 +344,28 @@ def test_a_second_eval_never_overwrites_the_first(run_dir, tmp_path, capsys):
 def test_eval_all_prints_the_worst_case_and_the_csv_agrees_with_the_summary(trained_run, tmp_path, capsys):
     pytest.importorskip("torchattacks")
     prefix = tmp_path / "all"
-    code, out, err = run_main(["eval", "--checkpoint", str(trained_run), "--attack", "all", "--eps", "0.1,0.3",
-                               "--limit", "12", "--steps", "3", "--apgd-steps", "3", "--square-queries", "20",
-                               "--out", str(prefix)], capsys)
+    code, out, err = run_main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained_run),
+            "--attack",
+            "all",
+            "--eps",
+            "0.1,0.3",
+            "--limit",
+            "12",
+            "--steps",
+            "3",
+            "--apgd-steps",
+            "3",
+            "--square-queries",
+            "20",
+            "--out",
+            str(prefix),
+        ],
+        capsys,
+    )
     assert code == 0, err
     header = next(line for line in out.splitlines() if line.lstrip().startswith("eps"))
     assert header.split()[-5:] == ["worst", "case", "95%", "Wilson", "interval"] and "after autoattack" in header
@@ -286,16 +397,36 @@ def test_eval_autoattack_agrees_with_torchattacks_on_the_same_points(trained_run
 
     n, eps = 30, 0.15
     prefix = tmp_path / "aa"
-    code, out, err = run_main(["eval", "--checkpoint", str(trained_run), "--attack", "autoattack", "--eps", str(eps),
-                               "--limit", str(n), "--out", str(prefix)], capsys)
+    code, out, err = run_main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained_run),
+            "--attack",
+            "autoattack",
+            "--eps",
+            str(eps),
+            "--limit",
+            str(n),
+            "--out",
+            str(prefix),
+        ],
+        capsys,
+    )
     assert code == 0, err
     ours = json.loads(prefix.with_suffix(".json").read_text())["results"][0]["worst_case"]
 
     state = load_checkpoint(trained_run / CHECKPOINT)
     cfg = TrainConfig.from_dict(state["config"]).resolved()
     splits = load_dataset(cfg.dataset)
-    model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                        mean=splits.mean, std=splits.std, width=cfg.width)
+    model = build_model(
+        cfg.model,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        mean=splits.mean,
+        std=splits.std,
+        width=cfg.width,
+    )
     model.load_state_dict(state["model"])
     model.eval()
     x, y = splits.test.x[:n], splits.test.y[:n]
@@ -326,7 +457,9 @@ def test_reproduce_calls_the_experiments_layer(monkeypatch, capsys):
     fake.run_reproduce = lambda **kw: calls.append(kw)
     monkeypatch.setitem(sys.modules, "opnorm.experiments.reproduce", fake)
     assert main(["reproduce", "--quick", "--seed", "3"]) == 0
-    assert calls == [dict(dataset="digits", quick=True, out="reports/digits", seeds=[3], data_dir=None, config=None, runs=None)]
+    assert calls == [
+        dict(dataset="digits", quick=True, out="reports/digits", seeds=[3], data_dir=None, config=None, runs=None)
+    ]
     calls.clear()
     assert main(["reproduce", "--seeds", "0,1,2", "--limit-train", "50"]) == 0
     assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["limit_train"] == 50

@@ -7,12 +7,25 @@ import re
 import pytest
 
 from opnorm.training.config import METHODS, TrainConfig, defaults_used
+
 from .cli_helpers import run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--eval-points", "8", "--eval-steps", "1",
-        "--batch-size", "32"]
+TINY = [
+    "--epochs",
+    "1",
+    "--limit-train",
+    "64",
+    "--limit-test",
+    "32",
+    "--eval-points",
+    "8",
+    "--eval-steps",
+    "1",
+    "--batch-size",
+    "32",
+]
 
 
 def test_method_help_lists_every_method(capsys):
@@ -29,14 +42,24 @@ def test_defaults_used_names_what_the_method_fills_in():
     # by hand: digits' eps table (l_2 0.5, l_inf 0.1), sgd's lr 0.05, fgsm-rs' start 1 and step 1.25 of eps,
     # opnorm's lam 0.02 for sigma^2, free's 4 replays
     assert defaults_used({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved()) == {
-        "p": 2.0, "eps": 0.5, "lr": 0.05, "fgsm_start": 1.0, "fgsm_step": 1.25}
+        "p": 2.0,
+        "eps": 0.5,
+        "lr": 0.05,
+        "fgsm_start": 1.0,
+        "fgsm_step": 1.25,
+    }
     given = {"method": "fgsm-rs", "p": "inf", "lr": 0.1, "fgsm_step": 1.0}
     assert defaults_used(given, TrainConfig(**given).resolved()) == {"eps": 0.1, "fgsm_start": 1.0}
     given = {"method": "opnorm", "p": "inf", "eps": 0.1}
     assert defaults_used(given, TrainConfig(**given).resolved()) == {"lr": 0.05, "q": 2.0, "lam": 0.02}
     given = {"method": "free", "epochs": 4}
-    assert defaults_used(given, TrainConfig(**given).resolved()) == {"p": 2.0, "eps": 0.5, "lr": 0.05,
-                                                                       "fgsm_step": 1.0, "replays": 4}
+    assert defaults_used(given, TrainConfig(**given).resolved()) == {
+        "p": 2.0,
+        "eps": 0.5,
+        "lr": 0.05,
+        "fgsm_step": 1.0,
+        "replays": 4,
+    }
 
 
 def test_the_runs_first_line_names_the_defaults_it_filled_in(capsys):

@@ -37,9 +37,28 @@ def test_fast_robust_config_trains_on_digits(tmp_path, one_thread):
     store of nonzero iterates in the unit l_inf ball."""
     path = next(p for p in CONFIGS if p.name == "fashion-mnist-fast-robust.json")
     out = tmp_path / "run"
-    argv = ["train", "--config", str(path), "--dataset", "digits", "--limit-train", "96", "--limit-test", "40",
-            "--eval-points", "20", "--eval-steps", "2", "--epochs", "1", "--batch-size", "32", "--out", str(out),
-            "--quiet"]
+    argv = [
+        "train",
+        "--config",
+        str(path),
+        "--dataset",
+        "digits",
+        "--limit-train",
+        "96",
+        "--limit-test",
+        "40",
+        "--eval-points",
+        "20",
+        "--eval-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     cfg = json.loads((out / CONFIG).read_text())
     o = cfg["opnorm"]

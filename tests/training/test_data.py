@@ -75,10 +75,25 @@ def py2_style_pickle(data: np.ndarray, labels: list[int]) -> bytes:
     def i(v: int) -> bytes:  # BININT
         return b"J" + struct.pack("<i", v)
 
-    dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"\x89\x88\x87R" + b"(" + i(3) + s(b"|") + b"NNN" + i(-1) + i(-1) + i(0) + b"tb"
+    dtype = (
+        b"cnumpy\ndtype\n" + s(b"u1") + b"\x89\x88\x87R" + b"(" + i(3) + s(b"|") + b"NNN" + i(-1) + i(-1) + i(0) + b"tb"
+    )
     array = (
-        b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R"
-        + b"(" + i(1) + i(data.shape[0]) + i(data.shape[1]) + b"\x86" + dtype + b"\x89" + s(data.tobytes()) + b"tb"
+        b"cnumpy.core.multiarray\n_reconstruct\n"
+        + b"cnumpy\nndarray\n"
+        + i(0)
+        + b"\x85"
+        + s(b"b")
+        + b"\x87R"
+        + b"("
+        + i(1)
+        + i(data.shape[0])
+        + i(data.shape[1])
+        + b"\x86"
+        + dtype
+        + b"\x89"
+        + s(data.tobytes())
+        + b"tb"
     )
     lab = b"](" + b"".join(i(v) for v in labels) + b"e"
     return b"\x80\x02}(" + s(b"batch_label") + s(b"py2 batch") + s(b"data") + array + s(b"labels") + lab + b"u."
@@ -327,10 +342,13 @@ def test_restricted_unpickler_refuses_os_system(tmp_path, rng):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    b"cbuiltins\neval\n(Vprint(1)\ntR.",
-    b"\x80\x02cbuiltins\ngetattr\n.",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"cbuiltins\neval\n(Vprint(1)\ntR.",
+        b"\x80\x02cbuiltins\ngetattr\n.",
+    ],
+)
 def test_restricted_unpickler_refuses_other_globals(tmp_path, payload):
     p = tmp_path / "batch"
     p.write_bytes(payload)

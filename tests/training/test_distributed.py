@@ -24,8 +24,20 @@ from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, train
 
 ACC_TOL = 0.06
 ROBUST_TOL = 0.10
-ARGS = dict(dataset="digits", model="cnn", method="opnorm", p="inf", q=2, eps=0.1, epochs=3, seed=0,
-            eval_points=200, eval_steps=10, steps=5, progress=False)
+ARGS = dict(
+    dataset="digits",
+    model="cnn",
+    method="opnorm",
+    p="inf",
+    q=2,
+    eps=0.1,
+    epochs=3,
+    seed=0,
+    eval_points=200,
+    eval_steps=10,
+    steps=5,
+    progress=False,
+)
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch):
@@ -53,17 +65,49 @@ def test_torchrun_two_processes_learn_as_well_as_one_process(tmp_path):
     out = tmp_path / "ddp"
     # p through a config file: torchrun's own parser refuses "--p" as an ambiguous prefix of its --print-completion
     (tmp_path / "p.json").write_text(json.dumps({"p": "inf"}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "opnorm",
-           "train", "--config", str(tmp_path / "p.json"), "--dataset", "digits", "--model", "cnn", "--method", "opnorm",
-           "--q", "2",
-           "--eps", "0.1", "--epochs", "3", "--batch-size", "32", "--seed", "0", "--eval-points", "200",
-           "--eval-steps", "10", "--steps", "5", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "opnorm",
+        "train",
+        "--config",
+        str(tmp_path / "p.json"),
+        "--dataset",
+        "digits",
+        "--model",
+        "cnn",
+        "--method",
+        "opnorm",
+        "--q",
+        "2",
+        "--eps",
+        "0.1",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--seed",
+        "0",
+        "--eval-points",
+        "200",
+        "--eval-steps",
+        "10",
+        "--steps",
+        "5",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("epoch 3/3") == 1  # rank 0 logs alone
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"])
+        [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"]
+    )
     lines = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     state = load_checkpoint(out / CHECKPOINT)

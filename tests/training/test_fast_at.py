@@ -9,14 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from affine_models import DT, affine_layer, gen
 
 from opnorm import FreeATLoss, SingleStepATLoss, TrainConfig, train
 from opnorm.cli import main
 from opnorm.fast_at import FAST_AT_METHODS, Replayed
 from opnorm.training.checkpoint import load_checkpoint
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS
-
-from affine_models import DT, affine_layer, gen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +96,10 @@ def test_l2_fgsm_step_is_along_the_normalized_gradient():
 
 # the methods' papers: FGSM-RS (Wong et al. 2020) starts uniform in the eps ball and steps 1.25 eps,
 # projected back; N-FGSM (de Jorge et al. 2022) starts in the 2 eps ball, steps eps, no projection
-PAPER_SETTINGS = {"fgsm-rs": dict(start=1.0, step=1.25, project=True),
-                  "n-fgsm": dict(start=2.0, step=1.0, project=False)}
+PAPER_SETTINGS = {
+    "fgsm-rs": dict(start=1.0, step=1.25, project=True),
+    "n-fgsm": dict(start=2.0, step=1.0, project=False),
+}
 
 
 @pytest.mark.parametrize("method", ["fgsm-rs", "n-fgsm"])
@@ -119,8 +120,10 @@ def test_the_trainers_defaults_are_the_papers_settings(method):
     torch.testing.assert_close(delta, (x + moved).clamp(0, 1) - x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("p,kind,radius", [("inf", "fgsm-rs", 1.0), (2, "fgsm-rs", 1.0), (1, "fgsm-rs", 1.0),
-                                           ("inf", "n-fgsm", 2.0), (2, "n-fgsm", 2.0)])
+@pytest.mark.parametrize(
+    "p,kind,radius",
+    [("inf", "fgsm-rs", 1.0), (2, "fgsm-rs", 1.0), (1, "fgsm-rs", 1.0), ("inf", "n-fgsm", 2.0), (2, "n-fgsm", 2.0)],
+)
 def test_random_start_lies_in_its_ball(p, kind, radius):
     # zero gradient: the step does not move, so perturb returns the start itself
     lin, _, _ = affine(n=30, zero=True)
@@ -180,8 +183,19 @@ def test_replayed_repeats_each_batch_in_a_row():
 # ----------------------------------------------------------------------------- the trainer
 
 
-SMALL = dict(dataset="digits", model="cnn", limit_train=96, limit_test=40, eval_points=10, eval_steps=2,
-             batch_size=32, seed=2, progress=False, p="inf", eps=0.1)
+SMALL = dict(
+    dataset="digits",
+    model="cnn",
+    limit_train=96,
+    limit_test=40,
+    eval_points=10,
+    eval_steps=2,
+    batch_size=32,
+    seed=2,
+    progress=False,
+    p="inf",
+    eps=0.1,
+)
 
 
 def test_free_replays_every_batch_and_matches_the_budget(monkeypatch):
@@ -202,8 +216,9 @@ def test_free_replays_every_batch_and_matches_the_budget(monkeypatch):
     for part in (calls[:9], calls[9:]):  # each pass sees every example once (times 3)
         assert sorted(i for c in part[::3] for i in c) == list(range(96))
     steps = []
-    monkeypatch.setattr(SingleStepATLoss, "forward", lambda self, m, x, y, i=None: steps.append(1) or
-                        F.cross_entropy(m(x), y))
+    monkeypatch.setattr(
+        SingleStepATLoss, "forward", lambda self, m, x, y, i=None: steps.append(1) or F.cross_entropy(m(x), y)
+    )
     train(TrainConfig(method="fgsm-rs", epochs=6, **SMALL))
     assert len(steps) == len(calls)  # the same number of optimizer steps as fgsm-rs
 
@@ -224,8 +239,18 @@ def test_resume_is_bit_identical(tmp_path, method):
         assert torch.equal(sa["at._extra_state"]["delta"], sb["at._extra_state"]["delta"])
 
 
-DIGITS = dict(dataset="digits", model="cnn", p="inf", eps=0.1, epochs=3, batch_size=64, seed=0, eval_points=200,
-              eval_steps=10, progress=False)
+DIGITS = dict(
+    dataset="digits",
+    model="cnn",
+    p="inf",
+    eps=0.1,
+    epochs=3,
+    batch_size=64,
+    seed=0,
+    eval_points=200,
+    eval_steps=10,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +268,21 @@ def test_fast_methods_learn_and_resist_pgd(method, extra, clean):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(method="free", epochs=3), "epochs (3) must be a multiple of replays (4), e.g. 4$"),
-    (dict(method="free", epochs=6), "epochs (6) must be a multiple of replays (4), e.g. 4 or 8$"),
-    (dict(method="free", epochs=4, fgsm_start=1.0), "method free has no random start"),
-    (dict(method="fgsm-rs", replays=2), "replays applies to method free only"),
-    (dict(method="fgsm-rs", fgsm_step=0), "fgsm_step must be > 0"),
-    (dict(method="n-fgsm", fgsm_start=-1), "fgsm_start must be >= 0"),
-    (dict(method="free", epochs=4, replays=0), "replays must be >= 1"),
-    (dict(method="fgsm-rs", p=3, eps=0.1), "p in 1, 2, inf"),
-    (dict(method="n-fgsm", eps=0), "needs eps > 0"),
-    (dict(method="fgsm-rs", adv_fraction=0.5), "attacks the whole batch"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(method="free", epochs=3), "epochs (3) must be a multiple of replays (4), e.g. 4$"),
+        (dict(method="free", epochs=6), "epochs (6) must be a multiple of replays (4), e.g. 4 or 8$"),
+        (dict(method="free", epochs=4, fgsm_start=1.0), "method free has no random start"),
+        (dict(method="fgsm-rs", replays=2), "replays applies to method free only"),
+        (dict(method="fgsm-rs", fgsm_step=0), "fgsm_step must be > 0"),
+        (dict(method="n-fgsm", fgsm_start=-1), "fgsm_start must be >= 0"),
+        (dict(method="free", epochs=4, replays=0), "replays must be >= 1"),
+        (dict(method="fgsm-rs", p=3, eps=0.1), "p in 1, 2, inf"),
+        (dict(method="n-fgsm", eps=0), "needs eps > 0"),
+        (dict(method="fgsm-rs", adv_fraction=0.5), "attacks the whole batch"),
+    ],
+)
 def test_bad_options_are_rejected_with_one_line(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         TrainConfig(**changes).resolved()
@@ -272,16 +300,46 @@ def test_bad_loss_arguments():
 
 def test_cli_trains_with_the_new_flags(tmp_path, capsys):
     out = tmp_path / "free"
-    common = ["--dataset", "digits", "--limit-train", "64", "--limit-test", "20", "--eval-points", "10",
-              "--eval-steps", "2", "--batch-size", "32", "--p", "inf", "--eps", "0.1"]
+    common = [
+        "--dataset",
+        "digits",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "20",
+        "--eval-points",
+        "10",
+        "--eval-steps",
+        "2",
+        "--batch-size",
+        "32",
+        "--p",
+        "inf",
+        "--eps",
+        "0.1",
+    ]
     argv = ["train", "--method", "free", "--replays", "2", "--fgsm-step", "0.5", "--epochs", "4", "--out", str(out)]
     assert main(argv + common) == 0
     cfg = json.loads((out / CONFIG).read_text())
     assert cfg["method"] == "free" and cfg["replays"] == 2 and cfg["fgsm_step"] == 0.5
     assert len((out / METRICS).read_text().splitlines()) == 2
     assert "epoch 2/2" in capsys.readouterr().out
-    code = main(["train", "--method", "fgsm-rs", "--fgsm-start", "0.5", "--fgsm-step", "1", "--epochs", "1",
-                 "--out", str(tmp_path / "rs"), *common])
+    code = main(
+        [
+            "train",
+            "--method",
+            "fgsm-rs",
+            "--fgsm-start",
+            "0.5",
+            "--fgsm-step",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "rs"),
+            *common,
+        ]
+    )
     assert code == 0
     cfg = json.loads((tmp_path / "rs" / CONFIG).read_text())
     assert cfg["fgsm_start"] == 0.5 and cfg["fgsm_step"] == 1.0 and cfg["replays"] is None
@@ -318,8 +376,10 @@ def _free_ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         stale_refused = False
     except RuntimeError:
         stale_refused = True
-    torch.save({"state": state, "mine": mine, "resumed": resumed.delta, "stale_refused": stale_refused},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"state": state, "mine": mine, "resumed": resumed.delta, "stale_refused": stale_refused},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from opnorm.training.models import MODELS, Normalize, ResNet18, VGG, WideResNet, build_model
+from opnorm.training.models import MODELS, VGG, Normalize, ResNet18, WideResNet, build_model
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 # Small widths keep every forward cheap; wrn-28-10's width is its widen factor.
@@ -97,7 +97,11 @@ def test_nonlinearities_are_modules_used_once(name):
     functional = [n for n in graph.nodes if n.op in ("call_function", "call_method") and "relu" in str(n.target)]
     assert functional == []
     modules = dict(model.named_modules())
-    called = [n.target for n in graph.nodes if n.op == "call_module" and isinstance(modules[n.target], (nn.ReLU, nn.MaxPool2d))]
+    called = [
+        n.target
+        for n in graph.nodes
+        if n.op == "call_module" and isinstance(modules[n.target], (nn.ReLU, nn.MaxPool2d))
+    ]
     declared = [k for k, m in modules.items() if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
     assert sorted(called) == sorted(declared) and len(set(called)) == len(called)
 
@@ -127,7 +131,10 @@ def test_model_normalizes_inside(name):
     plain.normalize.mean.zero_()
     plain.normalize.std.fill_(1.0)
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
-    m, s = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    m, s = (
+        torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1),
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1),
+    )
     torch.testing.assert_close(model(x), plain((x - m) / s), rtol=1e-6, atol=1e-6)
     assert torch.allclose(model.state_dict()["normalize.std"].flatten(), s.flatten())
 

@@ -29,10 +29,36 @@ from .test_data import IDX_NAMES, idx_bytes, write_idx_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "96", "--limit-test", "40", "--eval-points", "10",
-         "--eval-steps", "2", "--batch-size", "32", "--device", "cpu", "--quiet"]
-SMALL_CFG = dict(dataset="digits", model="cnn", limit_train=96, limit_test=40, eval_points=10, eval_steps=2,
-                 batch_size=32, device="cpu", progress=False)
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--limit-train",
+    "96",
+    "--limit-test",
+    "40",
+    "--eval-points",
+    "10",
+    "--eval-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+SMALL_CFG = dict(
+    dataset="digits",
+    model="cnn",
+    limit_train=96,
+    limit_test=40,
+    eval_points=10,
+    eval_steps=2,
+    batch_size=32,
+    device="cpu",
+    progress=False,
+)
 PRECIOUS = b"precious\n"
 
 
@@ -96,8 +122,15 @@ def test_a_hard_linked_lock_file_is_refused(run1, tmp_path, capsys):
 def test_a_link_named_as_a_temp_file_is_removed_never_followed(run1, tmp_path):
     target = victim(tmp_path)
     run = copy_of(run1, tmp_path)
-    links = [plant_link(run, n, target) for n in (".checkpoint.pt.x1.tmp", ".metrics.jsonl.x2.tmp",
-                                                  ".config.json.x3.tmp", ".checkpoint.pt.sha256.x4.tmp")]
+    links = [
+        plant_link(run, n, target)
+        for n in (
+            ".checkpoint.pt.x1.tmp",
+            ".metrics.jsonl.x2.tmp",
+            ".config.json.x3.tmp",
+            ".checkpoint.pt.sha256.x4.tmp",
+        )
+    ]
     res = train({"out": str(run), "epochs": 2}, resume=True)
     assert res.completed and target.read_bytes() == PRECIOUS
     assert not any(p.is_symlink() for p in links)
@@ -198,8 +231,13 @@ def test_a_resume_under_another_world_size_is_refused(run1, tmp_path, capsys):
     run = copy_of(run1, tmp_path)
     _rewrite(run, world_size=2)
     code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2"], capsys)
-    one_line_error(code, err, "trained in 2 process(es), a global batch of 64", "runs in 1 (global batch 32)",
-                   "torchrun --nproc_per_node=2")
+    one_line_error(
+        code,
+        err,
+        "trained in 2 process(es), a global batch of 64",
+        "runs in 1 (global batch 32)",
+        "torchrun --nproc_per_node=2",
+    )
     assert load_checkpoint(run / CHECKPOINT)["epoch"] == 1
 
 
@@ -229,17 +267,34 @@ def test_a_resume_with_a_data_dir_of_shifted_labels_is_refused(tmp_path, capsys)
     shutil.copytree(tmp_path / "a", shifted)
     (shifted / IDX_NAMES[1]).write_bytes(idx_bytes((arrays[IDX_NAMES[1]] + 1) % 10))
     run = tmp_path / "r"
-    small = ["--dataset", "fashion-mnist", "--model", "cnn", "--eval-points", "4", "--eval-steps", "1",
-             "--batch-size", "16", "--device", "cpu", "--quiet"]
-    assert run_main(["train", "--out", str(run), "--epochs", "1", "--data-dir", str(tmp_path / "a"), *small],
-                    capsys)[0] == 0
+    small = [
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "cnn",
+        "--eval-points",
+        "4",
+        "--eval-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert (
+        run_main(["train", "--out", str(run), "--epochs", "1", "--data-dir", str(tmp_path / "a"), *small], capsys)[0]
+        == 0
+    )
     before = (run / CONFIG).read_bytes()
-    code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir", str(shifted)],
-                            capsys)
+    code, _, err = run_main(
+        ["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir", str(shifted)], capsys
+    )
     one_line_error(code, err, "the fashion-mnist training data", f"(--data-dir {shifted}) differ from the run's")
     assert (run / CONFIG).read_bytes() == before and load_checkpoint(run / CHECKPOINT)["epoch"] == 1
-    code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir",
-                             str(tmp_path / "a")], capsys)
+    code, _, err = run_main(
+        ["train", "--out", str(run), "--resume", "--epochs", "2", "--data-dir", str(tmp_path / "a")], capsys
+    )
     assert code == 0, err  # the run's own data: resumed
 
 
@@ -302,8 +357,11 @@ def test_an_overflowing_jacobian_gives_an_infinite_norm_not_a_linalg_error():
 
 def test_a_p_the_check_cannot_attack_is_trained_and_its_robust_accuracy_skipped(tmp_path):
     lines = []
-    res = train(TrainConfig(method="opnorm", p=3.5, eps=0.1, epochs=1, out=str(tmp_path / "r"), **SMALL_CFG),
-                verbose=True, log=lines.append)
+    res = train(
+        TrainConfig(method="opnorm", p=3.5, eps=0.1, epochs=1, out=str(tmp_path / "r"), **SMALL_CFG),
+        verbose=True,
+        log=lines.append,
+    )
     assert res.completed and res.metrics["robust_accuracy"] is None and res.metrics["operator_norm"] > 0
     assert any("measures no robust accuracy: PGD needs p in 1, 2, inf (got p 3.5)" in line for line in lines)
     assert json.loads((tmp_path / "r" / METRICS).read_text())["robust_accuracy"] is None
@@ -356,9 +414,16 @@ def test_runs_directory_files_are_not_written_through_links(tmp_path):
 # ----------------------------------------------------------------------------- errors that name the value
 
 
-@pytest.mark.parametrize("key,value", [("model", {"conv.weight": torch.zeros(1)}), ("objective", "x"),
-                                       ("rng", {"torch": torch.zeros(3), "python": {}, "numpy": {}}),
-                                       ("history", [1, 2]), ("epoch", "1")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model", {"conv.weight": torch.zeros(1)}),
+        ("objective", "x"),
+        ("rng", {"torch": torch.zeros(3), "python": {}, "numpy": {}}),
+        ("history", [1, 2]),
+        ("epoch", "1"),
+    ],
+)
 def test_a_crafted_checkpoint_entry_is_named(run1, tmp_path, capsys, key, value):
     run = copy_of(run1, tmp_path)
     _rewrite(run, **{key: value})
@@ -367,10 +432,13 @@ def test_a_crafted_checkpoint_entry_is_named(run1, tmp_path, capsys, key, value)
     assert "unexpected" not in line
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["train", "--seed", "99999999999999999999", "--epochs", "1", *SMALL], "seed must be <= 4294967295"),
-    (["train", "--compile", "foo", "--epochs", "1", *SMALL], "compile backend 'foo' is not one torch knows"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["train", "--seed", "99999999999999999999", "--epochs", "1", *SMALL], "seed must be <= 4294967295"),
+        (["train", "--compile", "foo", "--epochs", "1", *SMALL], "compile backend 'foo' is not one torch knows"),
+    ],
+)
 def test_bad_values_are_named(argv, fragment, capsys):
     code, _, err = run_main(argv, capsys)
     assert "unexpected" not in one_line_error(code, err, fragment)

@@ -31,15 +31,41 @@ from opnorm.training.models import build_model
 from opnorm.training.schedule import learning_rate
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, TrainingDiverged, train
 
-from .cli_helpers import run_main, one_line_error
+from .cli_helpers import one_line_error, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--dataset", "digits", "--model", "cnn", "--limit-train", "96", "--limit-test", "40", "--eval-points", "10",
-         "--eval-steps", "2", "--batch-size", "32", "--device", "cpu", "--quiet"]
-SMALL_CFG = dict(dataset="digits", model="cnn", limit_train=96, limit_test=40, eval_points=10, eval_steps=2,
-                 batch_size=32, device="cpu", progress=False)
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--limit-train",
+    "96",
+    "--limit-test",
+    "40",
+    "--eval-points",
+    "10",
+    "--eval-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+SMALL_CFG = dict(
+    dataset="digits",
+    model="cnn",
+    limit_train=96,
+    limit_test=40,
+    eval_points=10,
+    eval_steps=2,
+    batch_size=32,
+    device="cpu",
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +103,12 @@ def test_extending_a_run_never_raises_the_learning_rate(run2, tmp_path, capsys):
     cfg = json.loads((run / CONFIG).read_text())
     assert cfg["epochs"] == 4 and cfg["schedule_extensions"] == [{"epoch": 2, "replaced_epochs": 2}]
     lines = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
-    assert [m["lr_schedule"] for m in lines] == ["cosine", "cosine", "cosine, continued from epoch 2",
-                                                 "cosine, continued from epoch 2"]
+    assert [m["lr_schedule"] for m in lines] == [
+        "cosine",
+        "cosine",
+        "cosine, continued from epoch 2",
+        "cosine, continued from epoch 2",
+    ]
     # the config file re-runs the extended run: same learning rates, same weights
     again = tmp_path / "again"
     code, _, err = run_main(["train", "--config", str(run / CONFIG), "--out", str(again), "--quiet"], capsys)
@@ -118,11 +148,21 @@ def test_extending_needs_more_epochs_than_done(run2, tmp_path, capsys):
 # ----------------------------------------------------------------------------- 2. changed settings
 
 
-@pytest.mark.parametrize("flag,value,key", [
-    ("--lr", "0.5", "lr"), ("--seed", "1", "seed"), ("--batch-size", "16", "batch_size"), ("--eps", "0.2", "eps"),
-    ("--steps", "2", "steps"), ("--p", "inf", "p"), ("--method", "opnorm", "method"), ("--scheduler", "none", "scheduler"),
-    ("--limit-train", "64", "limit_train"), ("--opnorm-step", "0.5", "opnorm.step"),
-])
+@pytest.mark.parametrize(
+    "flag,value,key",
+    [
+        ("--lr", "0.5", "lr"),
+        ("--seed", "1", "seed"),
+        ("--batch-size", "16", "batch_size"),
+        ("--eps", "0.2", "eps"),
+        ("--steps", "2", "steps"),
+        ("--p", "inf", "p"),
+        ("--method", "opnorm", "method"),
+        ("--scheduler", "none", "scheduler"),
+        ("--limit-train", "64", "limit_train"),
+        ("--opnorm-step", "0.5", "opnorm.step"),
+    ],
+)
 def test_resume_refuses_a_changed_trajectory_setting(run2, tmp_path, capsys, flag, value, key):
     run = copy_of(run2, tmp_path)
     before = snapshot(run)
@@ -134,8 +174,26 @@ def test_resume_refuses_a_changed_trajectory_setting(run2, tmp_path, capsys, fla
 
 def test_resume_accepts_the_settings_that_do_not_shape_training(run2, tmp_path, capsys):
     run = copy_of(run2, tmp_path)
-    code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "3", "--eval-points", "5",
-                             "--eval-steps", "1", "--num-workers", "0", "--on-nan", "skip", "--quiet"], capsys)
+    code, _, err = run_main(
+        [
+            "train",
+            "--out",
+            str(run),
+            "--resume",
+            "--epochs",
+            "3",
+            "--eval-points",
+            "5",
+            "--eval-steps",
+            "1",
+            "--num-workers",
+            "0",
+            "--on-nan",
+            "skip",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     cfg = json.loads((run / CONFIG).read_text())
     assert cfg["eval_points"] == 5 and cfg["on_nan"] == "skip" and cfg["epochs"] == 3
@@ -161,8 +219,13 @@ def test_check_resume_names_nested_settings():
 
 def test_a_diverging_run_exits_with_one_line(tmp_path):
     out = tmp_path / "nan"
-    proc = subprocess.run([sys.executable, "-m", "opnorm", "train", "--lr", "10000", "--epochs", "1", "--out", str(out),
-                           *SMALL], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "opnorm", "train", "--lr", "10000", "--epochs", "1", "--out", str(out), *SMALL],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "NaN" in proc.stderr and "diverged (NaN/inf) at epoch 1, step" in proc.stderr
@@ -172,8 +235,12 @@ def test_a_diverging_run_exits_with_one_line(tmp_path):
 def test_a_diverging_global_snr_run_names_lam():
     from opnorm.training.trainer import TrainingDiverged
 
-    cfg = TrainConfig(method="global-snr", lam=1e8, epochs=1, limit_train=256, batch_size=32, eval_points=8, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"lower --lam \(global SNR with lam 1e\+08 and momentum 0.9 overshoots\)"):
+    cfg = TrainConfig(
+        method="global-snr", lam=1e8, epochs=1, limit_train=256, batch_size=32, eval_points=8, progress=False
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"lower --lam \(global SNR with lam 1e\+08 and momentum 0.9 overshoots\)"
+    ):
         train(cfg)
 
 
@@ -274,7 +341,10 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(run2, tmp_path, capsys):
     run = copy_of(run2, tmp_path)
     flip(run / CHECKPOINT)
     torch.load(run / CHECKPOINT, weights_only=True)  # torch itself does not notice
-    for argv in (["eval", "--checkpoint", str(run), "--limit", "5"], ["train", "--out", str(run), "--resume", "--epochs", "3"]):
+    for argv in (
+        ["eval", "--checkpoint", str(run), "--limit", "5"],
+        ["train", "--out", str(run), "--resume", "--epochs", "3"],
+    ):
         code, _, err = run_main(argv, capsys)
         one_line_error(code, err, f"checkpoint {run / CHECKPOINT} is corrupt", "sha256")
     (run / (CHECKPOINT + ".sha256")).unlink()
@@ -299,8 +369,10 @@ def opnorm_load_weights(model, path):
 def test_resume_removes_stale_temporary_files(tmp_path):
     cfg = TrainConfig(method="clean", epochs=2, out=str(tmp_path / "r"), **SMALL_CFG)
     train(cfg, stop_after=1)
-    stale = [tmp_path / "r" / name for name in (".checkpoint.pt.k1l2.tmp", ".metrics.jsonl.x9.tmp",
-                                                 ".checkpoint.pt.sha256.q.tmp")]
+    stale = [
+        tmp_path / "r" / name
+        for name in (".checkpoint.pt.k1l2.tmp", ".metrics.jsonl.x9.tmp", ".checkpoint.pt.sha256.q.tmp")
+    ]
     for p in stale:
         p.write_bytes(b"half a file")
     mine = tmp_path / "r" / ".notes.tmp"  # not a name opnorm writes: left alone
@@ -315,9 +387,16 @@ def test_resume_removes_stale_temporary_files(tmp_path):
 def test_a_second_writer_is_refused_and_a_dead_holder_frees_the_run(run2, tmp_path, capsys):
     run, fresh = copy_of(run2, tmp_path), tmp_path / "fresh"  # fresh: a new run still in its first epoch
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from opnorm.training.files import RunLock\n"
-         f"with RunLock({str(run)!r}), RunLock({str(fresh)!r}):\n    print('locked', flush=True); time.sleep(300)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from opnorm.training.files import RunLock\n"
+            f"with RunLock({str(run)!r}), RunLock({str(fresh)!r}):\n    print('locked', flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_main(["train", "--out", str(run), "--resume", "--epochs", "3"], capsys)
@@ -420,7 +499,9 @@ def test_the_checkpoint_is_written_before_its_metrics_line(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     lines = (tmp_path / "r" / METRICS).read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [load_checkpoint(tmp_path / "r" / CHECKPOINT)["epoch"]] == [1]
+    assert (
+        [json.loads(line)["epoch"] for line in lines] == [load_checkpoint(tmp_path / "r" / CHECKPOINT)["epoch"]] == [1]
+    )
 
 
 def test_run_files_follow_the_umask_and_are_synced(tmp_path, monkeypatch):

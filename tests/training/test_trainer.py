@@ -21,8 +21,20 @@ from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = dict(dataset="digits", model="cnn", p="inf", q=2, eps=0.1, epochs=3, batch_size=64, seed=0,
-            eval_points=200, eval_steps=10, steps=5, progress=False)
+BASE = dict(
+    dataset="digits",
+    model="cnn",
+    p="inf",
+    q=2,
+    eps=0.1,
+    epochs=3,
+    batch_size=64,
+    seed=0,
+    eval_points=200,
+    eval_steps=10,
+    steps=5,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +91,9 @@ def test_run_directory(runs):
 
 def test_python_api_is_exported_and_accepts_dicts_and_overrides():
     assert opnorm.train is train and opnorm.TrainConfig is TrainConfig
-    res = opnorm.train({"method": "clean", "limit_train": 64, "limit_test": 40}, epochs=1, eval_points=10,
-                       eval_steps=2, progress=False)
+    res = opnorm.train(
+        {"method": "clean", "limit_train": 64, "limit_test": 40}, epochs=1, eval_points=10, eval_steps=2, progress=False
+    )
     assert res.run_dir is None and res.config.epochs == 1 and len(res.history) == 1
     assert isinstance(res.model, torch.nn.Module)
 
@@ -88,8 +101,21 @@ def test_python_api_is_exported_and_accepts_dicts_and_overrides():
 # ----------------------------------------------------------------------------- resume
 
 
-SMALL = dict(dataset="digits", model="cnn", epochs=3, limit_train=192, limit_test=60, eval_points=20,
-             eval_steps=3, steps=3, batch_size=32, seed=3, progress=False, p="inf", eps=0.1)
+SMALL = dict(
+    dataset="digits",
+    model="cnn",
+    epochs=3,
+    limit_train=192,
+    limit_test=60,
+    eval_points=20,
+    eval_steps=3,
+    steps=3,
+    batch_size=32,
+    seed=3,
+    progress=False,
+    p="inf",
+    eps=0.1,
+)
 
 
 @pytest.mark.parametrize("method", ["opnorm", "pgd-at", "global-snr"])
@@ -110,7 +136,7 @@ def test_resume_is_bit_identical(tmp_path, method):
     assert sa["objective"].keys() == sb["objective"].keys()
     for k, va in sa["objective"].items():  # e.g. the spectral-norm vectors, the opnorm store (and its extra state)
         vb = sb["objective"][k]
-        assert (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb), k
+        assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
     strip = lambda h: [{k: v for k, v in m.items() if "seconds" not in k} for m in h]  # noqa: E731
     assert strip(full.history) == strip(resumed.history)
     lines = (tmp_path / "split" / METRICS).read_text().splitlines()
@@ -185,7 +211,11 @@ def test_mixed_batch_adversarial_methods_train(method):
 
 
 def test_opnorm_variants_train():
-    for kw in (dict(opnorm={"penalty": "exact"}), dict(opnorm={"dynamic": True}), dict(squared=False, p=2, q=2, eps=0.5)):
+    for kw in (
+        dict(opnorm={"penalty": "exact"}),
+        dict(opnorm={"dynamic": True}),
+        dict(squared=False, p=2, q=2, eps=0.5),
+    ):
         res = train(TrainConfig(method="opnorm", **{**SMALL, "epochs": 1, **kw}))
         assert math.isfinite(res.metrics["loss"]) and res.metrics["train_sigma"] > 0
 

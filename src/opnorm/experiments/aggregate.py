@@ -9,7 +9,8 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["stat", "aggregate", "mean", "se", "CONSTANT_KEYS"]
 
@@ -33,7 +34,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def aggregate(items: list, key: Optional[str] = None) -> Any:
+def aggregate(items: list, key: str | None = None) -> Any:
     """Combine per-seed results of one structure: numbers become :func:`stat` dicts, lists are
     combined entry by entry, dicts key by key; strings, bools and the grids named in
     ``CONSTANT_KEYS`` are taken from the first seed. A structure that differs between seeds
@@ -59,6 +60,6 @@ def mean(s: Any) -> float:
     return s["mean"] if isinstance(s, dict) else s
 
 
-def se(s: Any) -> Optional[float]:
+def se(s: Any) -> float | None:
     """The standard error of a stat dict (None for one seed or a plain number)."""
     return s.get("se") if isinstance(s, dict) else None

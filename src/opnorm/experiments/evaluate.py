@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,18 +21,28 @@ from opnorm.jacobian import eval_mode, unwrap
 from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
 from opnorm.norms import lp_norm
 from opnorm.power import operator_norm, singular_values
-from opnorm.training.trainer import accuracy, robust_accuracy
+from opnorm.training.trainer import robust_accuracy
 
 NORMS = {"linf": math.inf, "l2": 2.0}
 
 
-def robust_curve(model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int,
-                 schedule: str) -> list[float]:
+def robust_curve(
+    model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int, schedule: str
+) -> list[float]:
     """Accuracy under PGD (cross-entropy, random start, restarts, best iterate, step-size
     ``schedule``) at each eps; eps 0 is clean."""
     return [
-        robust_accuracy(model, x, y, eps=e, p=p, steps=steps, restarts=restarts, schedule=schedule,
-                        generator=torch.Generator().manual_seed(seed))
+        robust_accuracy(
+            model,
+            x,
+            y,
+            eps=e,
+            p=p,
+            steps=steps,
+            restarts=restarts,
+            schedule=schedule,
+            generator=torch.Generator().manual_seed(seed),
+        )
         for e in eps_grid
     ]
 
@@ -58,7 +68,9 @@ def alignment_curve(
         means, stds = [], []
         for e in eps_grid:
             gen = torch.Generator().manual_seed(seed)
-            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None, generator=gen)
+            xa = pgd(
+                model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None, generator=gen
+            )
             cos = alignment(xa - x, v1)
             means.append(float(cos.mean()))
             stds.append(float(cos.std()) if len(cos) > 1 else 0.0)
@@ -72,8 +84,9 @@ def _mean(t: torch.Tensor) -> float:
     return float(t.double().mean())
 
 
-def model_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int,
-                    seed: int) -> dict:
+def model_alignment(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int
+) -> dict:
     """Alignment against eps of one trained model: mean over points of |cos| and |Pearson corr|
     between v_1 of J(x) and the l_2 PGA perturbation of the cross-entropy (true label, step
     2.5 eps / steps) and of the logit loss (the theorem's infinite step); ``random``: a Gaussian
@@ -83,8 +96,19 @@ def model_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_g
     for key, loss, step_size in (("ce", "ce", None), ("logit", "logit", math.inf)):
         cos, corr = [], []
         for e in eps_grid:
-            xa = pgd(model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None,
-                     generator=torch.Generator().manual_seed(seed))
+            xa = pgd(
+                model,
+                x,
+                y,
+                eps=e,
+                p=2,
+                loss=loss,
+                q=2,
+                steps=steps,
+                step_size=step_size,
+                clip=None,
+                generator=torch.Generator().manual_seed(seed),
+            )
             cos.append(_mean(alignment(xa - x, v1)))
             corr.append(_mean(pearson_alignment(xa - x, v1)))
         res[key], res[key + "_pearson"] = cos, corr
@@ -93,7 +117,9 @@ def model_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_g
     return res
 
 
-def rank_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, k: int, steps: int, seed: int) -> dict:
+def rank_alignment(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, k: int, steps: int, seed: int
+) -> dict:
     """Alignment by singular-vector rank (v_1..v_k of J(x)) at radius eps: mean |cos| and
     |Pearson corr| per rank of the l_2 PGA perturbation of the cross-entropy with the true label
     (``ce``) and with the predicted label (``ce_predicted``, the paper's code's convention), of
@@ -103,9 +129,24 @@ def rank_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     with torch.no_grad(), eval_mode(unwrap(model)):
         pred = model(x).argmax(1)
     deltas = {}
-    for key, loss, labels, step_size in (("ce", "ce", y, None), ("ce_predicted", "ce", pred, None), ("logit", "logit", y, math.inf)):
-        xa = pgd(model, x, labels, eps=eps, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None,
-                 generator=torch.Generator().manual_seed(seed))
+    for key, loss, labels, step_size in (
+        ("ce", "ce", y, None),
+        ("ce_predicted", "ce", pred, None),
+        ("logit", "logit", y, math.inf),
+    ):
+        xa = pgd(
+            model,
+            x,
+            labels,
+            eps=eps,
+            p=2,
+            loss=loss,
+            q=2,
+            steps=steps,
+            step_size=step_size,
+            clip=None,
+            generator=torch.Generator().manual_seed(seed),
+        )
         deltas[key] = xa - x
     deltas["random"] = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
     out: dict = {"eps": eps, "k": k}
@@ -115,7 +156,9 @@ def rank_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     return out
 
 
-def linearity_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radii: Sequence[float], steps: int, seed: int) -> dict:
+def linearity_curve(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radii: Sequence[float], steps: int, seed: int
+) -> dict:
     """Deviation from linearity and sigma_1(J(x + z)) against ||z||_2 = r, mean over points.
 
     ``random``: z = r u for one Gaussian unit direction u per point (a ray); ``adversarial``:
@@ -132,8 +175,20 @@ def linearity_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radii
             if key == "random":
                 z = r * u
             else:
-                z = pgd(model, x, y, eps=r, p=2, loss="ce", steps=steps, clip=None,
-                        generator=torch.Generator().manual_seed(seed)) - x
+                z = (
+                    pgd(
+                        model,
+                        x,
+                        y,
+                        eps=r,
+                        p=2,
+                        loss="ce",
+                        steps=steps,
+                        clip=None,
+                        generator=torch.Generator().manual_seed(seed),
+                    )
+                    - x
+                )
             dev = linearity_deviation(model, x, z)
             # a point where f did not change at all (relative inf) would swamp the mean: left out, counted
             finite = torch.isfinite(dev.relative)
@@ -145,7 +200,9 @@ def linearity_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radii
     return out
 
 
-def agreement_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int) -> dict:
+def agreement_curve(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_grid: Sequence[float], steps: int, seed: int
+) -> dict:
     """Fraction of shared ReLU / max-pool patterns between x and x + delta, for the logit
     PGA perturbation and for a random perturbation of the same l_2 norm."""
     pga, rnd = [], []
@@ -170,7 +227,9 @@ def theorem_cases(model: nn.Module, x: torch.Tensor, cases: Sequence[tuple], ste
     x64 = x.double()
     out = []
     for p, q, eps in cases:
-        res = verify_equivalence(net64, x64, p=p, q=q, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed))
+        res = verify_equivalence(
+            net64, x64, p=p, q=q, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed)
+        )
         agree = res.agreement if res.agreement is not None else torch.ones_like(res.direction_gap)
         inside = res.inside()  # (B,): the start and every iterate in x's linear region
         # None (JSON null) when no point stayed inside: there is nothing to compare
@@ -197,8 +256,9 @@ def mean_spectrum(model: nn.Module, x: torch.Tensor, k: int) -> list[float]:
     return [float(s) for s in singular_values(model, x, k, method="exact").mean(dim=0)]
 
 
-def apgd_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int,
-                         seed: int) -> Optional[float]:
+def apgd_robust_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int, seed: int
+) -> float | None:
     """Robust accuracy under torchattacks' APGD-CE (all points in one call), or None when torchattacks is missing."""
     atk = APGDAttack("ce", steps=steps, seed=seed, batch_size=max(1, x.shape[0]))
     try:

@@ -19,6 +19,7 @@ from torch import nn
 
 from opnorm.experiments import evaluate as E
 from opnorm.experiments.study import StudyConfig
+from opnorm.training.trainer import accuracy
 
 INF = math.inf
 
@@ -31,20 +32,31 @@ def jitter(x: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
 
 
 def _robust(cfg: StudyConfig, model, x, y, norm: str, grid, seed: int) -> list[float]:
-    return E.robust_curve(model, x, y, p=E.NORMS[norm], eps_grid=grid, steps=cfg.eval_steps,
-                          restarts=cfg.eval_restarts, seed=seed, schedule=cfg.eval_schedule)
+    return E.robust_curve(
+        model,
+        x,
+        y,
+        p=E.NORMS[norm],
+        eps_grid=grid,
+        steps=cfg.eval_steps,
+        restarts=cfg.eval_restarts,
+        seed=seed,
+        schedule=cfg.eval_schedule,
+    )
 
 
 def screen(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
     """Clean accuracy and robust accuracy at the reference radii (l_inf, l_2)."""
     ref = cfg.reference_eps
-    return {"clean_acc": E.accuracy(model, x, y),
-            "robust_at_reference": {n: _robust(cfg, model, x, y, n, [ref[n]], seed)[0] for n in ("linf", "l2")}}
+    return {
+        "clean_acc": accuracy(model, x, y),
+        "robust_at_reference": {n: _robust(cfg, model, x, y, n, [ref[n]], seed)[0] for n in ("linf", "l2")},
+    }
 
 
 def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
     """Every per-model measurement of the report (test points x, y; analysis at jittered points)."""
-    m: dict = {"clean_acc": E.accuracy(model, x, y), "robust": {}, "robust_at_reference": {}}
+    m: dict = {"clean_acc": accuracy(model, x, y), "robust": {}, "robust_at_reference": {}}
     for norm, grid in (("linf", cfg.eps_grid_linf), ("l2", cfg.eps_grid_l2)):
         ref = cfg.reference_eps[norm]
         grid = list(grid) if ref in grid else sorted(set(grid) | {ref})
@@ -83,8 +95,11 @@ def first_seed_checks(cfg: StudyConfig, clean: nn.Module, x, y, seed: int) -> di
     out.setdefault("agreement_raw", out["agreement"])
     e0 = cfg.theorem_eps[0]
     cases = [(2.0, 2.0, e) for e in cfg.theorem_eps] + [(INF, 2.0, e0 / 10), (INF, 1.0, e0 / 10)]
-    out["theorem"] = {"steps": cfg.theorem_steps, "jitter": cfg.analysis_jitter,
-                      "cases": E.theorem_cases(clean, xj[:32], cases, cfg.theorem_steps, seed)}
+    out["theorem"] = {
+        "steps": cfg.theorem_steps,
+        "jitter": cfg.analysis_jitter,
+        "cases": E.theorem_cases(clean, xj[:32], cases, cfg.theorem_steps, seed),
+    }
     return out
 
 
@@ -96,8 +111,9 @@ def _compute(name: str, compute):
     return compute()
 
 
-def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, x, y, seed: int,
-                  memo=_compute) -> list[dict]:
+def sanity_checks(
+    cfg: StudyConfig, measured: dict, labels: dict, models: dict, x, y, seed: int, memo=_compute
+) -> list[dict]:
     """Checks that guard against weak attacks, on one seed's models and curves (``measured``:
     key -> :func:`full` result; ``labels``: key -> label). ``memo(name, compute)`` returns
     ``compute()``'s number for a per-model attack (the study keeps each on disk: an interrupted
@@ -111,30 +127,73 @@ def sanity_checks(cfg: StudyConfig, measured: dict, labels: dict, models: dict, 
             for a, b, e in zip(acc, acc[1:], eps[1:]):
                 if b - a > worst_rise:
                     worst_rise, where = b - a, f"{labels[key]}, l_{norm[1:]} at eps {e:g}"
-    checks = [_check("robust accuracy does not increase with eps", worst_rise <= tol + 1e-6,
-                     f"largest rise {100 * worst_rise:.1f} points" + (f" ({where})" if where else "") + f"; tolerance {100 * tol:.2g} points")]
-    worst = min(m["clean_acc"] - max(m["robust"][n]["acc"][1:] or [0.0]) for m in measured.values() for n in ("linf", "l2"))
-    checks.append(_check("clean accuracy >= robust accuracy", worst >= -1e-12, f"smallest clean - robust gap {100 * worst:.1f} points"))
+    checks = [
+        _check(
+            "robust accuracy does not increase with eps",
+            worst_rise <= tol + 1e-6,
+            f"largest rise {100 * worst_rise:.1f} points"
+            + (f" ({where})" if where else "")
+            + f"; tolerance {100 * tol:.2g} points",
+        )
+    ]
+    worst = min(
+        m["clean_acc"] - max(m["robust"][n]["acc"][1:] or [0.0]) for m in measured.values() for n in ("linf", "l2")
+    )
+    checks.append(
+        _check(
+            "clean accuracy >= robust accuracy",
+            worst >= -1e-12,
+            f"smallest clean - robust gap {100 * worst:.1f} points",
+        )
+    )
     rises = []
     for key, model in models.items():  # stronger attacks never make a model look more robust (beyond noise)
-        stronger = memo(f"stronger-{key}", lambda model=model: E.robust_curve(
-            model, x, y, p=INF, eps_grid=[cfg.eps_linf], steps=3 * cfg.eval_steps, restarts=2 * cfg.eval_restarts,
-            seed=seed + 1, schedule=cfg.eval_schedule)[0])
+        stronger = memo(
+            f"stronger-{key}",
+            lambda model=model: E.robust_curve(
+                model,
+                x,
+                y,
+                p=INF,
+                eps_grid=[cfg.eps_linf],
+                steps=3 * cfg.eval_steps,
+                restarts=2 * cfg.eval_restarts,
+                seed=seed + 1,
+                schedule=cfg.eval_schedule,
+            )[0],
+        )
         rises.append((stronger - measured[key]["robust_at_reference"]["linf"], labels[key]))
     rise, who = max(rises)
-    checks.append(_check(f"{3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts do not raise robust accuracy",
-                         rise <= tol + 1e-6, f"largest change {100 * rise:+.1f} points ({who}), l_inf eps {cfg.eps_linf:g}; tolerance {100 * tol:.2g} points"))
+    checks.append(
+        _check(
+            f"{3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts do not raise robust accuracy",
+            rise <= tol + 1e-6,
+            f"largest change {100 * rise:+.1f} points ({who}), l_inf eps {cfg.eps_linf:g}; tolerance {100 * tol:.2g} points",
+        )
+    )
     name = "torchattacks APGD-CE agrees with our PGD within 2 points"
     diffs = []
     for key, model in models.items():  # an independent attack (gradient masking check)
         for norm in ("linf", "l2"):
-            apgd = memo(f"apgd-{norm}-{key}", lambda model=model, norm=norm: E.apgd_robust_accuracy(
-                model, x, y, norm=norm, eps=cfg.reference_eps[norm], steps=cfg.eval_steps, seed=seed))
+            apgd = memo(
+                f"apgd-{norm}-{key}",
+                lambda model=model, norm=norm: E.apgd_robust_accuracy(
+                    model, x, y, norm=norm, eps=cfg.reference_eps[norm], steps=cfg.eval_steps, seed=seed
+                ),
+            )
             if apgd is None:
                 return checks + [{**_check(name, True, "torchattacks not installed"), "skipped": True}]
             ours = measured[key]["robust_at_reference"][norm]
-            diffs.append((abs(apgd - ours), f"{labels[key]}, l_{norm[1:]}: PGD {100 * ours:.1f} vs APGD {100 * apgd:.1f}"))
+            diffs.append(
+                (abs(apgd - ours), f"{labels[key]}, l_{norm[1:]}: PGD {100 * ours:.1f} vs APGD {100 * apgd:.1f}")
+            )
     d, who = max(diffs)
     agree_tol = max(0.02, one)  # 2 points, or one test point when there are fewer than 50
-    checks.append(_check(name, d <= agree_tol + 1e-6, f"largest gap {100 * d:.1f} points ({who}); tolerance {100 * agree_tol:.2g} points"))
+    checks.append(
+        _check(
+            name,
+            d <= agree_tol + 1e-6,
+            f"largest gap {100 * d:.1f} points ({who}); tolerance {100 * agree_tol:.2g} points",
+        )
+    )
     return checks

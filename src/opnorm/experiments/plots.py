@@ -49,8 +49,14 @@ def band(ax, xs: list, stats: list, scale: float = 1.0, **kw: Any) -> None:
     line = ax.plot(xs, m, **kw)[0]
     errs = [se(s) for s in stats]
     if all(e is not None for e in errs):
-        ax.fill_between(xs, [a - scale * e for a, e in zip(m, errs)], [a + scale * e for a, e in zip(m, errs)],
-                        color=line.get_color(), alpha=0.2, lw=0)
+        ax.fill_between(
+            xs,
+            [a - scale * e for a, e in zip(m, errs)],
+            [a + scale * e for a, e in zip(m, errs)],
+            color=line.get_color(),
+            alpha=0.2,
+            lw=0,
+        )
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, legend: int = 7) -> None:
@@ -71,7 +77,12 @@ def plot_rank(r: dict, path: Path) -> None:
             for key, label in (("ce", "PGA CE"), ("logit", "PGA logit"), ("random", "random")):
                 band(ax, ks, ra[key + metric], ls=style, marker="o", ms=3, label=f"{label}, {model}")
         ax.set_yscale("log")
-        _finish(ax, "singular-vector rank k", f"{name}(delta, v_k)", f"Alignment vs rank, l_2 eps {r['rank_alignment']['clean']['eps']:g}")
+        _finish(
+            ax,
+            "singular-vector rank k",
+            f"{name}(delta, v_k)",
+            f"Alignment vs rank, l_2 eps {r['rank_alignment']['clean']['eps']:g}",
+        )
     _save(fig, path)
 
 
@@ -81,10 +92,18 @@ def plot_alignment_eps(r: dict, path: Path) -> None:
     for ax, loss in zip(axes, ("ce", "logit")):
         for m in r["methods"].values():
             band(ax, m["alignment"]["eps"], m["alignment"][loss], marker="o", ms=3, label=m["label"])
-        ax.axhline(mean(r["methods"]["clean"]["alignment"]["random"]), color="gray", ls=":", label="random direction (clean)")
+        ax.axhline(
+            mean(r["methods"]["clean"]["alignment"]["random"]), color="gray", ls=":", label="random direction (clean)"
+        )
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
-        _finish(ax, "eps (l_2)", "|cos(delta, v_1)|", f"PGA {'cross-entropy' if loss == 'ce' else 'logit loss, infinite step'}", 6)
+        _finish(
+            ax,
+            "eps (l_2)",
+            "|cos(delta, v_1)|",
+            f"PGA {'cross-entropy' if loss == 'ce' else 'logit loss, infinite step'}",
+            6,
+        )
     _save(fig, path)
 
 
@@ -99,8 +118,12 @@ def plot_spectra(r: dict, path: Path, ratio: bool) -> None:
     if ratio:
         ax.axhline(1.0, color="gray", ls=":")
     ax.set_yscale("log")
-    _finish(ax, "rank k", "sigma_k / clean's sigma_k" if ratio else "mean sigma_k(J(x))",
-            "Per-rank ratio to the clean model" if ratio else "Top singular values of J(x)")
+    _finish(
+        ax,
+        "rank k",
+        "sigma_k / clean's sigma_k" if ratio else "mean sigma_k(J(x))",
+        "Per-rank ratio to the clean model" if ratio else "Top singular values of J(x)",
+    )
     _save(fig, path)
 
 
@@ -138,15 +161,33 @@ def plot_frontier(r: dict, path: Path) -> None:
     for family, pts in mt["sweeps"].items():
         xs = [100 * mean(p["clean_acc"]) for p in pts]
         ys = [100 * mean(p["robust_at_reference"]["l2"]) for p in pts]
-        ax.errorbar(xs, ys, xerr=[100 * (se(p["clean_acc"]) or 0) for p in pts],
-                    yerr=[100 * (se(p["robust_at_reference"]["l2"]) or 0) for p in pts], fmt="-o", ms=3, capsize=2,
-                    label=f"{'d.d. reg.' if family == 'opnorm' else 'global SNR'} sweep")
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[100 * (se(p["clean_acc"]) or 0) for p in pts],
+            yerr=[100 * (se(p["robust_at_reference"]["l2"]) or 0) for p in pts],
+            fmt="-o",
+            ms=3,
+            capsize=2,
+            label=f"{'d.d. reg.' if family == 'opnorm' else 'global SNR'} sweep",
+        )
         for p, x, y in zip(pts, xs, ys):
             ax.annotate(f"{p['lam']:g}", (x, y), fontsize=6)
     at = r["methods"][mt["reference"]]
-    ax.errorbar([100 * mean(at["clean_acc"])], [100 * mean(at["robust_at_reference"]["l2"])], fmt="*", ms=10,
-                color="black", label="PGD-AT l_2 (CE)")
-    _finish(ax, "clean accuracy (%)", f"robust accuracy (%), l_2 eps {r['config']['eps_l2']:g}", "Robust vs clean (lambda annotated)")
+    ax.errorbar(
+        [100 * mean(at["clean_acc"])],
+        [100 * mean(at["robust_at_reference"]["l2"])],
+        fmt="*",
+        ms=10,
+        color="black",
+        label="PGD-AT l_2 (CE)",
+    )
+    _finish(
+        ax,
+        "clean accuracy (%)",
+        f"robust accuracy (%), l_2 eps {r['config']['eps_l2']:g}",
+        "Robust vs clean (lambda annotated)",
+    )
     _save(fig, path)
 
 
@@ -156,7 +197,12 @@ def plot_robust(r: dict, norm: str, path: Path) -> None:
     for m in r["methods"].values():
         band(ax, m["robust"][norm]["eps"], m["robust"][norm]["acc"], scale=100, marker="o", ms=3, label=m["label"])
     c = r["config"]
-    _finish(ax, f"eps (l_{norm[1:]})", "robust accuracy (%)", f"PGD-{c['eval_steps']} ({c['eval_schedule']}) x{c['eval_restarts']}, l_{norm[1:]}")
+    _finish(
+        ax,
+        f"eps (l_{norm[1:]})",
+        "robust accuracy (%)",
+        f"PGD-{c['eval_steps']} ({c['eval_schedule']}) x{c['eval_restarts']}, l_{norm[1:]}",
+    )
     _save(fig, path)
 
 
@@ -166,8 +212,13 @@ def plot_theorem(r: dict, path: Path) -> None:
     for case in r["theorem"]["cases"]:
         if case["inside_fraction"] > 0:
             gaps = [max(g, 1e-17) for g in case["iterate_gap_inside"]]
-            ax.semilogy(range(1, len(gaps) + 1), gaps, marker="o", ms=3,
-                        label=f"({case['p']}, {case['q']}), eps={case['eps']:g}, {100 * case['inside_fraction']:.0f}% inside")
+            ax.semilogy(
+                range(1, len(gaps) + 1),
+                gaps,
+                marker="o",
+                ms=3,
+                label=f"({case['p']}, {case['q']}), eps={case['eps']:g}, {100 * case['inside_fraction']:.0f}% inside",
+            )
     _finish(ax, "iteration k", "max |delta_k / eps - v_k| (points inside)", "Infinite-step PGA vs the power method")
     _save(fig, path)
 
@@ -188,7 +239,12 @@ def plot_time(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m in r["methods"].values():
         ax.scatter(mean(m["time_vs_clean"]), 100 * mean(m["robust_at_reference"]["l2"]), label=m["label"])
-    _finish(ax, "training time relative to clean", f"robust accuracy (%), l_2 eps {r['config']['eps_l2']:g}", "Robustness per unit of compute")
+    _finish(
+        ax,
+        "training time relative to clean",
+        f"robust accuracy (%), l_2 eps {r['config']['eps_l2']:g}",
+        "Robustness per unit of compute",
+    )
     _save(fig, path)
 
 

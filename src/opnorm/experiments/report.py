@@ -37,10 +37,14 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _section(r: dict, fid: int, plots: list[str]) -> list[str]:
     f = next(x for x in r["findings"] if x["id"] == fid)
-    lines = [f"## {f['section']}", "", f"The paper: \"{f['claim']}\".", ""]
+    lines = [f"## {f['section']}", "", f'The paper: "{f["claim"]}".', ""]
     lines += [f"![{p}]({PLOTS[p]})" for p in plots] + [""] if plots else []
-    lines += [f"**Verdict: {f['verdict']}.** " + "; ".join(f"{p['what']}: {'holds' if p['holds'] else 'does not hold'}"
-                                                        for p in f["parts"]) + ".", ""]
+    lines += [
+        f"**Verdict: {f['verdict']}.** "
+        + "; ".join(f"{p['what']}: {'holds' if p['holds'] else 'does not hold'}" for p in f["parts"])
+        + ".",
+        "",
+    ]
     return lines + ([f"Note: {f['note']}.", ""] if f.get("note") else [])
 
 
@@ -48,10 +52,16 @@ def _rank_lines(r: dict) -> list[str]:
     lines = _section(r, 1, ["alignment_rank"])
     for model in ("clean", "random-init"):
         ra = r["rank_alignment"][model]
-        rows = [[f"{label}{' (Pearson)' if metric else ''}"] + [fmt(s) for s in ra[key + metric]]
-                for metric in ("", "_pearson")
-                for key, label in (("ce", "PGA CE, true label"), ("ce_predicted", "PGA CE, predicted label"),
-                                   ("logit", "PGA logit, infinite step"), ("random", "random direction"))]
+        rows = [
+            [f"{label}{' (Pearson)' if metric else ''}"] + [fmt(s) for s in ra[key + metric]]
+            for metric in ("", "_pearson")
+            for key, label in (
+                ("ce", "PGA CE, true label"),
+                ("ce_predicted", "PGA CE, predicted label"),
+                ("logit", "PGA logit, infinite step"),
+                ("random", "random direction"),
+            )
+        ]
         lines += [f"{model} model, l_2 eps {ra['eps']:g}, |cos| (and |Pearson corr|) with v_k:", ""]
         lines += table(["perturbation"] + [f"k={k}" for k in range(1, ra["k"] + 1)], rows)
     return lines
@@ -61,10 +71,16 @@ def _alignment_eps_lines(r: dict) -> list[str]:
     lines = _section(r, 2, ["alignment_eps"])
     first = next(iter(r["methods"].values()))["alignment"]
     for loss, label in (("ce", "PGA cross-entropy"), ("logit", "PGA logit loss, infinite step")):
-        rows = [[m["label"]] + [fmt(s) for s in m["alignment"][loss]] + [fmt(m["alignment"]["random"])]
-                for m in r["methods"].values()]
-        rows += [[m["label"] + " (Pearson)"] + [fmt(s) for s in m["alignment"][loss + "_pearson"]] + [fmt(m["alignment"]["random_pearson"])]
-                 for m in r["methods"].values()]
+        rows = [
+            [m["label"]] + [fmt(s) for s in m["alignment"][loss]] + [fmt(m["alignment"]["random"])]
+            for m in r["methods"].values()
+        ]
+        rows += [
+            [m["label"] + " (Pearson)"]
+            + [fmt(s) for s in m["alignment"][loss + "_pearson"]]
+            + [fmt(m["alignment"]["random_pearson"])]
+            for m in r["methods"].values()
+        ]
         lines += [f"{label}, |cos(delta, v_1)| by l_2 eps:", ""]
         lines += table(["model"] + [f"{e:g}" for e in first["eps"]] + ["random dir."], rows)
     return lines
@@ -73,7 +89,11 @@ def _alignment_eps_lines(r: dict) -> list[str]:
 def _spectra_lines(r: dict) -> list[str]:
     lines = _section(r, 5, ["spectra_ratio", "spectra"])
     k = len(r["methods"]["clean"]["spectrum"])
-    rows = [[m["label"]] + [fmt(s, digits=2) for s in m["spectrum_ratio"]] for key, m in r["methods"].items() if key != "clean"]
+    rows = [
+        [m["label"]] + [fmt(s, digits=2) for s in m["spectrum_ratio"]]
+        for key, m in r["methods"].items()
+        if key != "clean"
+    ]
     lines += ["sigma_k(J(x)) / clean model's sigma_k, mean over points:", ""]
     lines += table(["method"] + [f"k={i}" for i in range(1, k + 1)], rows)
     rows = [[m["label"]] + [fmt(s, digits=3) for s in m["spectrum"]] for m in r["methods"].values()]
@@ -94,15 +114,34 @@ def _linearity_lines(r: dict) -> list[str]:
 def _matched_lines(r: dict) -> list[str]:
     lines = _section(r, 4, ["matched", "frontier"])
     mt = r["matched"]
-    lines += [f"Reference: {r['methods'][mt['reference']]['label']}, clean accuracy {pct(mt['reference_clean_acc'])} %. "
-              "The sweep (clean and robust accuracy at the reference radii):", ""]
-    rows = [[fam, f"{p['lam']:g}", pct(p["clean_acc"]), pct(p["robust_at_reference"]["l2"]), pct(p["robust_at_reference"]["linf"]),
-             "picked" if p["key"] == mt["picked"][fam]["key"] else ""] for fam, pts in mt["sweeps"].items() for p in pts]
+    lines += [
+        f"Reference: {r['methods'][mt['reference']]['label']}, clean accuracy {pct(mt['reference_clean_acc'])} %. "
+        "The sweep (clean and robust accuracy at the reference radii):",
+        "",
+    ]
+    rows = [
+        [
+            fam,
+            f"{p['lam']:g}",
+            pct(p["clean_acc"]),
+            pct(p["robust_at_reference"]["l2"]),
+            pct(p["robust_at_reference"]["linf"]),
+            "picked" if p["key"] == mt["picked"][fam]["key"] else "",
+        ]
+        for fam, pts in mt["sweeps"].items()
+        for p in pts
+    ]
     ref = r["config"]["reference_eps"]
-    lines += table(["family", "lambda", "clean (%)", f"robust l_2 {ref['l2']:g} (%)", f"robust l_inf {ref['linf']:g} (%)", ""], rows)
+    lines += table(
+        ["family", "lambda", "clean (%)", f"robust l_2 {ref['l2']:g} (%)", f"robust l_inf {ref['linf']:g} (%)", ""],
+        rows,
+    )
     for d in mt.get("diverged", []):  # left out of the sweep: no mean over seeds exists
-        lines += [f"Left out of the sweep: `{d['key']}` (lambda {d['lam']:g}), whose training diverged on seed(s) "
-                  f"{', '.join(map(str, d['seeds']))}: {d['message']}", ""]
+        lines += [
+            f"Left out of the sweep: `{d['key']}` (lambda {d['lam']:g}), whose training diverged on seed(s) "
+            f"{', '.join(map(str, d['seeds']))}: {d['message']}",
+            "",
+        ]
     keys = [mt["reference"]] + [p["key"] for p in mt["picked"].values()]
     for norm in ("l2", "linf"):
         eps = r["methods"][mt["reference"]]["robust"][norm]["eps"]
@@ -114,26 +153,68 @@ def _matched_lines(r: dict) -> list[str]:
 
 def _checks_lines(r: dict) -> list[str]:
     lines = _section(r, 3, ["theorem"])
-    rows = [[f"({c['p']}, {c['q']})", f"{c['eps']:g}", f"{100 * c['inside_fraction']:.0f}% of {c['points']}",
-             "n/a" if c["iterate_gap_inside"][0] is None else f"{max(c['iterate_gap_inside']):.2e}", f"{max(c['iterate_gap']):.2e}"]
-            for c in r["theorem"]["cases"]]
+    rows = [
+        [
+            f"({c['p']}, {c['q']})",
+            f"{c['eps']:g}",
+            f"{100 * c['inside_fraction']:.0f}% of {c['points']}",
+            "n/a" if c["iterate_gap_inside"][0] is None else f"{max(c['iterate_gap_inside']):.2e}",
+            f"{max(c['iterate_gap']):.2e}",
+        ]
+        for c in r["theorem"]["cases"]
+    ]
     lines += table(["(p, q)", "eps", "points inside", "max iterate gap inside", "max gap, all points"], rows)
     lines += _section(r, 7, ["agreement"])
     lines += ["## Sanity checks (first seed)", ""]
-    lines += table(["check", "result", "verdict"], [[s["name"], s["detail"], "skipped" if s.get("skipped") else
-                                                     ("holds" if s["holds"] else "**does not hold**")] for s in r["sanity"]])
+    lines += table(
+        ["check", "result", "verdict"],
+        [
+            [
+                s["name"],
+                s["detail"],
+                "skipped" if s.get("skipped") else ("holds" if s["holds"] else "**does not hold**"),
+            ]
+            for s in r["sanity"]
+        ],
+    )
     return lines
 
 
 def _methods_lines(r: dict) -> list[str]:
     c, ref = r["config"], r["config"]["reference_eps"]
-    lines = ["## Methods", "", f"Robust accuracy under PGD-{c['eval_steps']} ({c['eval_schedule']} step size, best iterate) "
-             f"with {c['eval_restarts']} restarts on {c['eval_points']} test points.", ""]
-    rows = [[m["label"], m["settings"], pct(m["clean_acc"]), pct(m["robust_at_reference"]["linf"]), pct(m["robust_at_reference"]["l2"]),
-             fmt(m["spectrum"][0], digits=3), fmt(m["train_seconds"], digits=1), fmt(m["time_vs_clean"], digits=2)]
-            for m in r["methods"].values()]
-    lines += table(["method", "settings", "clean (%)", f"robust l_inf {ref['linf']:g} (%)", f"robust l_2 {ref['l2']:g} (%)",
-                    "sigma_1", "train s", "time vs clean"], rows)
+    lines = [
+        "## Methods",
+        "",
+        f"Robust accuracy under PGD-{c['eval_steps']} ({c['eval_schedule']} step size, best iterate) "
+        f"with {c['eval_restarts']} restarts on {c['eval_points']} test points.",
+        "",
+    ]
+    rows = [
+        [
+            m["label"],
+            m["settings"],
+            pct(m["clean_acc"]),
+            pct(m["robust_at_reference"]["linf"]),
+            pct(m["robust_at_reference"]["l2"]),
+            fmt(m["spectrum"][0], digits=3),
+            fmt(m["train_seconds"], digits=1),
+            fmt(m["time_vs_clean"], digits=2),
+        ]
+        for m in r["methods"].values()
+    ]
+    lines += table(
+        [
+            "method",
+            "settings",
+            "clean (%)",
+            f"robust l_inf {ref['linf']:g} (%)",
+            f"robust l_2 {ref['l2']:g} (%)",
+            "sigma_1",
+            "train s",
+            "time vs clean",
+        ],
+        rows,
+    )
     lines += [f"![robust_l2]({PLOTS['robust_l2']}) ![robust_linf]({PLOTS['robust_linf']}) ![time]({PLOTS['time']})", ""]
     return lines
 
@@ -144,21 +225,37 @@ def _cost_line(r: dict) -> str:
     runs = r.get("runs_directory")
     if runs is None:
         return line + "."
-    line += (f"; it trained {runs['models_trained']} models and read {runs['models_read']} from the runs directory, "
-             f"computed {runs['measurements_computed']} measurements and read {runs['measurements_read']}")
-    return line + f". Training all models of the study took {r['train_seconds_all_models']:.0f} s (sum of their training times)."
+    line += (
+        f"; it trained {runs['models_trained']} models and read {runs['models_read']} from the runs directory, "
+        f"computed {runs['measurements_computed']} measurements and read {runs['measurements_read']}"
+    )
+    return (
+        line
+        + f". Training all models of the study took {r['train_seconds_all_models']:.0f} s (sum of their training times)."
+    )
 
 
 def render_markdown(r: dict) -> str:
     c = r["config"]
     seeds = ", ".join(str(s) for s in r["seeds"])
     images = "all" if c["limit_train"] is None else f"the first {c['limit_train']}"
-    lines = [f"# opnorm reproduce: {c['dataset']}", "",
-             f"Model `{c['model']}`, {c['epochs']} epochs per method{' (quick)' if c['quick'] else ''} on "
-             f"{images} training images, "
-             f"{c['eval_points']} test points, seeds {seeds} (means ± standard errors over seeds). "
-             f"Command: `{c['command']}`.", "", _cost_line(r), "", CONVENTIONS, "", f"Margins: {MARGIN_TEXT}.", "",
-             "## Findings", ""]
+    lines = [
+        f"# opnorm reproduce: {c['dataset']}",
+        "",
+        f"Model `{c['model']}`, {c['epochs']} epochs per method{' (quick)' if c['quick'] else ''} on "
+        f"{images} training images, "
+        f"{c['eval_points']} test points, seeds {seeds} (means ± standard errors over seeds). "
+        f"Command: `{c['command']}`.",
+        "",
+        _cost_line(r),
+        "",
+        CONVENTIONS,
+        "",
+        f"Margins: {MARGIN_TEXT}.",
+        "",
+        "## Findings",
+        "",
+    ]
     rows = [[f["id"], f["section"], f["claim"], f["numbers"], f["verdict"]] for f in r["findings"]]
     lines += table(["#", "section", "the paper's claim", "our numbers", "verdict"], rows)
     lines += _rank_lines(r) + _alignment_eps_lines(r) + _spectra_lines(r) + _linearity_lines(r) + _matched_lines(r)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import platform
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -40,11 +41,15 @@ SCHEMA = "opnorm.reproduce/2"
 
 
 def _environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
 
 
-def _command(dataset: str, quick: bool, seeds: Optional[list], config: Optional[str], overrides: dict) -> str:
+def _command(dataset: str, quick: bool, seeds: list | None, config: str | None, overrides: dict) -> str:
     """The CLI command that reruns this study (every option that changes what it measures)."""
     args = ["--config", config] if config else ["--dataset", dataset]
     args += ["--quick"] if quick else []
@@ -60,11 +65,11 @@ def _command(dataset: str, quick: bool, seeds: Optional[list], config: Optional[
 def run_reproduce(
     dataset: str = "digits",
     quick: bool = False,
-    out: Optional[str] = None,
-    seeds: Optional[list] = None,
-    data_dir: Optional[str] = None,
-    config: Optional[str] = None,
-    runs: Optional[str] = None,
+    out: str | None = None,
+    seeds: list | None = None,
+    data_dir: str | None = None,
+    config: str | None = None,
+    runs: str | None = None,
     log: Callable[[str], None] = print,
     **overrides: Any,
 ) -> dict:
@@ -87,8 +92,15 @@ def run_reproduce(
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     train_config = _read_json(Path(config), "config file") if config else None
-    cfg = study_config(dataset, quick, train_config=train_config, seeds=seeds, data_dir=data_dir,
-                       command=_command(dataset, quick, seeds, config, overrides), **overrides)
+    cfg = study_config(
+        dataset,
+        quick,
+        train_config=train_config,
+        seeds=seeds,
+        data_dir=data_dir,
+        command=_command(dataset, quick, seeds, config, overrides),
+        **overrides,
+    )
     default = Path("reports") / (cfg.dataset + ("-quick" if quick else ""))
     out_dir = checked_dir(out, "--out") if out is not None else default
     with Runs(runs if runs is not None else out_dir / "runs", fingerprint(cfg)) as store:  # locked while it runs
@@ -114,46 +126,77 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     models, seconds, diverged = _train_all(cfg, store, splits, {k: v[2] for k, v in methods.items()}, sweep, log)
     phases["train"], t = time.perf_counter() - t, time.perf_counter()
 
-    screens = {s: store.measured(s, "screen", lambda s=s: {k: M.screen(cfg, m, x, y, s) for k, m in models[s].items()})
-               for s in cfg.seeds}
+    screens = {
+        s: store.measured(s, "screen", lambda s=s: {k: M.screen(cfg, m, x, y, s) for k, m in models[s].items()})
+        for s in cfg.seeds
+    }
     # a sweep point that diverged on any seed has no mean over seeds: it leaves the sweep, and the report says so
     failed = {k for d in diverged.values() for k in d}
     matched = _matched(cfg, aggregate([{k: v for k, v in screens[s].items() if k not in failed} for s in cfg.seeds]))
-    matched["diverged"] = [{"key": k, "lam": lam, "seeds": [s for s in cfg.seeds if k in diverged[s]],
-                            "message": next(diverged[s][k] for s in cfg.seeds if k in diverged[s])}
-                           for family in ("opnorm", "global-snr") for k, lam in sweep_points(cfg, family) if k in failed]
+    matched["diverged"] = [
+        {
+            "key": k,
+            "lam": lam,
+            "seeds": [s for s in cfg.seeds if k in diverged[s]],
+            "message": next(diverged[s][k] for s in cfg.seeds if k in diverged[s]),
+        }
+        for family in ("opnorm", "global-snr")
+        for k, lam in sweep_points(cfg, family)
+        if k in failed
+    ]
     keys = list(methods) + [m["key"] for m in matched["picked"].values() if m["key"] not in methods]
     per_seed = {}
     for s in cfg.seeds:
         log(f"[reproduce] seed {s}: measuring {len(keys)} models")
-        per_seed[s] = {k: store.measured(s, f"full-{k}", lambda s=s, k=k: M.full(cfg, models[s][k], x, y, s)) for k in keys}
+        per_seed[s] = {
+            k: store.measured(s, f"full-{k}", lambda s=s, k=k: M.full(cfg, models[s][k], x, y, s)) for k in keys
+        }
         clean = per_seed[s]["clean"]["spectrum"]
         for k in keys:  # per seed, then averaged: the ratio of means would hide the spread
             per_seed[s][k]["spectrum_ratio"] = [a / b for a, b in zip(per_seed[s][k]["spectrum"], clean)]
     phases["evaluate"], t = time.perf_counter() - t, time.perf_counter()
 
-    extras = [store.measured(s, "rank-alignment", lambda s=s: M.clean_extras(cfg, models[s]["clean"], _random_net(cfg, splits, s), x, y, s))
-              for s in cfg.seeds]
+    extras = [
+        store.measured(
+            s,
+            "rank-alignment",
+            lambda s=s: M.clean_extras(cfg, models[s]["clean"], _random_net(cfg, splits, s), x, y, s),
+        )
+        for s in cfg.seeds
+    ]
     s0 = cfg.seeds[0]
     checks = store.measured(s0, "checks", lambda: M.first_seed_checks(cfg, models[s0]["clean"], x, y, s0))
     phases["findings"], t = time.perf_counter() - t, time.perf_counter()
     log("[reproduce] sanity checks")
     labels = {k: _label(k, methods, matched) for k in keys}
     memo = lambda name, compute: store.measured(s0, f"sanity-{name}", lambda: {"value": compute()})["value"]  # noqa: E731
-    sanity = store.measured(s0, "sanity", lambda: M.sanity_checks(cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys},
-                                                                  x, y, s0, memo=memo))
+    sanity = store.measured(
+        s0,
+        "sanity",
+        lambda: M.sanity_checks(cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys}, x, y, s0, memo=memo),
+    )
     phases["sanity"] = time.perf_counter() - t
 
-    results = {"schema": SCHEMA, "seeds": list(cfg.seeds),
-               "config": {**asdict(cfg), "reference_eps": cfg.reference_eps, "eval_points": n_eval},
-               "environment": _environment(), "methods": {}, "matched": matched,
-               "rank_alignment": aggregate(extras), **checks, "sanity": sanity}
+    results = {
+        "schema": SCHEMA,
+        "seeds": list(cfg.seeds),
+        "config": {**asdict(cfg), "reference_eps": cfg.reference_eps, "eval_points": n_eval},
+        "environment": _environment(),
+        "methods": {},
+        "matched": matched,
+        "rank_alignment": aggregate(extras),
+        **checks,
+        "sanity": sanity,
+    }
     results["train_seconds_all_models"] = sum(v for s in cfg.seeds for v in seconds[s].values())
     for k in keys:
         agg = aggregate([per_seed[s][k] for s in cfg.seeds])
         agg["train_seconds"] = aggregate([seconds[s][k] for s in cfg.seeds])
         agg["time_vs_clean"] = aggregate([seconds[s][k] / seconds[s]["clean"] for s in cfg.seeds])
-        label, settings = labels[k], methods[k][1] if k in methods else f"eps={cfg.eps_l2:g}, lam={_lam_of(k, matched):g}"
+        label, settings = (
+            labels[k],
+            methods[k][1] if k in methods else f"eps={cfg.eps_l2:g}, lam={_lam_of(k, matched):g}",
+        )
         results["methods"][k] = {"label": label, "settings": settings, **agg}
     results["findings"] = findings(results)
     return results, phases
@@ -165,9 +208,17 @@ def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, 
     from opnorm.training.trainer import TrainConfig
 
     base = TrainConfig(**cfg.train).replace(
-        dataset=cfg.dataset, model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        data_dir=cfg.data_dir, limit_train=cfg.limit_train, eval_points=min(64, cfg.eval_points), eval_steps=5,
-        progress=None, device="cpu" if not torch.cuda.is_available() else cfg.train.get("device", "auto"),
+        dataset=cfg.dataset,
+        model=cfg.model,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        data_dir=cfg.data_dir,
+        limit_train=cfg.limit_train,
+        eval_points=min(64, cfg.eval_points),
+        eval_steps=5,
+        progress=None,
+        device="cpu" if not torch.cuda.is_available() else cfg.train.get("device", "auto"),
     )
     models: dict = {s: {} for s in cfg.seeds}
     seconds: dict = {s: {} for s in cfg.seeds}
@@ -191,14 +242,25 @@ def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
 
     torch.manual_seed(10_000 + seed)
     mean_, std_ = input_normalization(cfg.train.get("input_range"), splits.mean, splits.std)
-    return build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=mean_, std=std_,
-                       width=cfg.train.get("width")).eval()
+    return build_model(
+        cfg.model,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        mean=mean_,
+        std=std_,
+        width=cfg.train.get("width"),
+    ).eval()
 
 
 def _matched(cfg: StudyConfig, screen: dict) -> dict:
     """Per family the sweep point whose mean clean accuracy is closest to l_2 PGD-AT's (CE)."""
     ref = mean(screen["pgd-at-l2"]["clean_acc"])
-    out: dict = {"reference": "pgd-at-l2", "reference_clean_acc": screen["pgd-at-l2"]["clean_acc"], "sweeps": {}, "picked": {}}
+    out: dict = {
+        "reference": "pgd-at-l2",
+        "reference_clean_acc": screen["pgd-at-l2"]["clean_acc"],
+        "sweeps": {},
+        "picked": {},
+    }
     for family in ("opnorm", "global-snr"):
         points = [{"key": k, "lam": lam, **screen[k]} for k, lam in sweep_points(cfg, family) if k in screen]
         out["sweeps"][family] = points

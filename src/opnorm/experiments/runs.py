@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +49,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} in the runs directory is damaged ({one_line(err)}); delete it and rerun to "
-                              f"compute it again") from None
+        raise CheckpointError(
+            f"{path} in the runs directory is damaged ({one_line(err)}); delete it and rerun to compute it again"
+        ) from None
 
 
 class Runs:
@@ -83,8 +85,10 @@ class Runs:
             have = _read_json(stamp)
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                raise ValueError(f"runs directory {self.root} holds another study (differs in {', '.join(diff)}); "
-                                 "choose another --runs directory or delete it")
+                raise ValueError(
+                    f"runs directory {self.root} holds another study (differs in {', '.join(diff)}); "
+                    "choose another --runs directory or delete it"
+                )
         else:
             write_text_atomic(stamp, json.dumps(want, indent=2) + "\n")
 
@@ -94,7 +98,7 @@ class Runs:
         if lock is not None:
             lock.__exit__(None, None, None)
 
-    def __enter__(self) -> "Runs":
+    def __enter__(self) -> Runs:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,8 +113,9 @@ class Runs:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def model(self, base, key: str, overrides: dict, seed: int, splits, log: Callable[[str], None],
-              may_diverge: bool = False) -> tuple[Optional[nn.Module], float | str]:
+    def model(
+        self, base, key: str, overrides: dict, seed: int, splits, log: Callable[[str], None], may_diverge: bool = False
+    ) -> tuple[nn.Module | None, float | str]:
         """The trained model (eval mode, CPU) and its training seconds: loaded when on disk, else
         trained (``base.replace(seed=seed, **overrides)``) and saved. ``splits``: the loaded
         dataset (its shapes build the model to load into).
@@ -131,8 +136,14 @@ class Runs:
         if weights.is_file() and meta.is_file():
             r = cfg.resolved()
             mean, std = input_normalization(r.input_range, splits.mean, splits.std)
-            model = build_model(r.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                                mean=mean, std=std, width=r.width)
+            model = build_model(
+                r.model,
+                input_shape=splits.input_shape,
+                num_classes=splits.num_classes,
+                mean=mean,
+                std=std,
+                width=r.width,
+            )
             _load_into(model, weights)
             self.counts["models_read"] += 1
             return model.eval(), float(record["train_seconds"])
@@ -178,5 +189,7 @@ def _load_into(model: nn.Module, weights: Path) -> None:
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as err:  # zip, pickle, EOF, key and shape errors all mean the same here
-        raise CheckpointError(f"trained model {weights} is damaged or does not fit ({one_line(err)}); delete it "
-                              f"and rerun to train that model again") from None
+        raise CheckpointError(
+            f"trained model {weights} is damaged or does not fit ({one_line(err)}); delete it "
+            f"and rerun to train that model again"
+        ) from None

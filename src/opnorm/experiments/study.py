@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any
 
 INF = math.inf
 
@@ -33,7 +33,7 @@ class StudyConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05
-    limit_train: Optional[int] = None
+    limit_train: int | None = None
     train: dict = field(default_factory=dict)
     eps_linf: float = 0.1  # training radius of l_inf PGD-AT
     eps_l2: float = 0.5  # training radius of l_2 PGD-AT, logit AT and d.d. regularization
@@ -45,7 +45,7 @@ class StudyConfig:
     sweep_dd: list = field(default_factory=lambda: [1.0, 3.0, 10.0])
     sweep_snr: list = field(default_factory=lambda: [1.0, 10.0, 100.0])
     train_steps: int = 10
-    step_size: Optional[float] = None  # training PGA step (None: 2.5 eps / steps)
+    step_size: float | None = None  # training PGA step (None: 2.5 eps / steps)
     power_iters: int = 10
     fast_method: bool = True  # also train the fast d.d. regularizer
     eval_points: int = 360
@@ -71,7 +71,7 @@ class StudyConfig:
     analysis_jitter: float = 1e-2
     spectrum_k: int = 10
     noise_points: float = 1.0  # tolerance of the sanity checks, in accuracy points
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     command: str = ""
 
     @property
@@ -81,45 +81,126 @@ class StudyConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # sized for 2 cores: three seeds, a two-point sweep per family, the fast regularizer left out
-    "digits": dict(seeds=[0, 1, 2], epochs=4, eval_points=200, align_points=48, eps_grid_linf=[0.0, 0.05, 0.1, 0.2],
-                   eps_grid_l2=[0.0, 0.25, 0.5, 1.0, 2.0], align_eps=[0.01, 0.1, 0.3, 1.0, 3.0],
-                   linearity_radii=[0.03, 0.1, 0.3, 1.0, 2.0], sweep_dd=[1.0, 4.0], sweep_snr=[1.0, 100.0], fast_method=False),
+    "digits": dict(
+        seeds=[0, 1, 2],
+        epochs=4,
+        eval_points=200,
+        align_points=48,
+        eps_grid_linf=[0.0, 0.05, 0.1, 0.2],
+        eps_grid_l2=[0.0, 0.25, 0.5, 1.0, 2.0],
+        align_eps=[0.01, 0.1, 0.3, 1.0, 3.0],
+        linearity_radii=[0.03, 0.1, 0.3, 1.0, 2.0],
+        sweep_dd=[1.0, 4.0],
+        sweep_snr=[1.0, 100.0],
+        fast_method=False,
+    ),
     "fashion-mnist": dict(
-        epochs=3, limit_train=10000, batch_size=128, lr=0.05, eps_linf=0.1, eps_l2=1.0, lam=0.05, eval_points=1000,
-        seeds=[0, 1, 2], eps_grid_linf=[0.0, 0.05, 0.1, 0.15, 0.2], eps_grid_l2=[0.0, 0.5, 1.0, 2.0, 3.0],
-        align_points=64, align_eps=[0.01, 0.1, 0.3, 1.0, 3.0], theorem_eps=[1e-5, 1.0],
-        linearity_radii=[0.1, 0.3, 1.0, 2.0, 3.0], sweep_dd=[1.0, 3.0, 10.0], sweep_snr=[1.0, 10.0, 100.0],
+        epochs=3,
+        limit_train=10000,
+        batch_size=128,
+        lr=0.05,
+        eps_linf=0.1,
+        eps_l2=1.0,
+        lam=0.05,
+        eval_points=1000,
+        seeds=[0, 1, 2],
+        eps_grid_linf=[0.0, 0.05, 0.1, 0.15, 0.2],
+        eps_grid_l2=[0.0, 0.5, 1.0, 2.0, 3.0],
+        align_points=64,
+        align_eps=[0.01, 0.1, 0.3, 1.0, 3.0],
+        theorem_eps=[1e-5, 1.0],
+        linearity_radii=[0.1, 0.3, 1.0, 2.0, 3.0],
+        sweep_dd=[1.0, 3.0, 10.0],
+        sweep_snr=[1.0, 10.0, 100.0],
     ),
     "mnist": dict(
-        epochs=8, batch_size=128, lr=0.05, eps_linf=0.3, eps_l2=2.0, lam=0.02, eval_points=1000,
-        eps_grid_linf=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4], eps_grid_l2=[0.0, 0.5, 1.0, 2.0, 3.0, 4.0],
-        align_points=200, theorem_eps=[1e-5, 1.0], linearity_radii=[0.1, 0.3, 1.0, 2.0, 4.0],
+        epochs=8,
+        batch_size=128,
+        lr=0.05,
+        eps_linf=0.3,
+        eps_l2=2.0,
+        lam=0.02,
+        eval_points=1000,
+        eps_grid_linf=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4],
+        eps_grid_l2=[0.0, 0.5, 1.0, 2.0, 3.0, 4.0],
+        align_points=200,
+        theorem_eps=[1e-5, 1.0],
+        linearity_radii=[0.1, 0.3, 1.0, 2.0, 4.0],
     ),
     # lam_snr: the paper's global SNR lambda on CIFAR-10; the rest is a small VGG unless --config
     "cifar10": dict(
-        model="vgg", epochs=10, batch_size=128, lr=0.05, eps_linf=8 / 255, eps_l2=0.5, lam=0.02, lam_snr=3e-4,
-        eval_points=500, eps_grid_linf=[0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255],
-        eps_grid_l2=[0.0, 0.25, 0.5, 1.0, 1.5, 2.0], align_points=100, align_eps=[0.01, 0.03, 0.1, 0.3, 1.0],
-        theorem_eps=[1e-5, 0.5], linearity_radii=[0.1, 0.25, 0.5, 1.0, 2.0],
+        model="vgg",
+        epochs=10,
+        batch_size=128,
+        lr=0.05,
+        eps_linf=8 / 255,
+        eps_l2=0.5,
+        lam=0.02,
+        lam_snr=3e-4,
+        eval_points=500,
+        eps_grid_linf=[0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255],
+        eps_grid_l2=[0.0, 0.25, 0.5, 1.0, 1.5, 2.0],
+        align_points=100,
+        align_eps=[0.01, 0.03, 0.1, 0.3, 1.0],
+        theorem_eps=[1e-5, 0.5],
+        linearity_radii=[0.1, 0.25, 0.5, 1.0, 2.0],
     ),
 }
 
 QUICK = dict(
-    seeds=[0], epochs=2, limit_train=400, eval_points=48, eval_steps=20, eval_restarts=2, align_points=16,
-    align_eps=[0.03, 0.3], eps_grid_linf=[0.0, 0.1], eps_grid_l2=[0.0, 0.5], theorem_steps=4, spectrum_k=4, rank_k=4,
-    linearity_radii=[0.1, 1.0], sweep_dd=[1.0], sweep_snr=[1.0], fast_method=False,  # no sweep: the main lambdas
+    seeds=[0],
+    epochs=2,
+    limit_train=400,
+    eval_points=48,
+    eval_steps=20,
+    eval_restarts=2,
+    align_points=16,
+    align_eps=[0.03, 0.3],
+    eps_grid_linf=[0.0, 0.1],
+    eps_grid_l2=[0.0, 0.5],
+    theorem_steps=4,
+    spectrum_k=4,
+    rank_k=4,
+    linearity_radii=[0.1, 1.0],
+    sweep_dd=[1.0],
+    sweep_snr=[1.0],
+    fast_method=False,  # no sweep: the main lambdas
 )
 
 # fields a training config file (opnorm reproduce --config) sets on the study, by TrainConfig name
-_FROM_TRAIN = {"dataset": "dataset", "model": "model", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-               "limit_train": "limit_train", "eps": "eps_l2", "lam": "lam",
-               "steps": "train_steps", "step_size": "step_size", "data_dir": "data_dir"}
+_FROM_TRAIN = {
+    "dataset": "dataset",
+    "model": "model",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "limit_train": "limit_train",
+    "eps": "eps_l2",
+    "lam": "lam",
+    "steps": "train_steps",
+    "step_size": "step_size",
+    "data_dir": "data_dir",
+}
 # TrainConfig fields the study sets per method: a config file's values of these are not shared
-_PER_METHOD = ("method", "p", "q", "eps", "lam", "iters", "opnorm", "out", "seed", "progress", "eval_points", "eval_steps")
+_PER_METHOD = (
+    "method",
+    "p",
+    "q",
+    "eps",
+    "lam",
+    "iters",
+    "opnorm",
+    "out",
+    "seed",
+    "progress",
+    "eval_points",
+    "eval_steps",
+)
 
 
-def study_config(dataset: str = "digits", quick: bool = False, train_config: Optional[dict] = None,
-                 **overrides: Any) -> StudyConfig:
+def study_config(
+    dataset: str = "digits", quick: bool = False, train_config: dict | None = None, **overrides: Any
+) -> StudyConfig:
     """The study for ``dataset`` (its preset, then QUICK, then a training config file's fields,
     then ``overrides``; None values are ignored).
 
@@ -149,8 +230,10 @@ def _with_train_config(cfg: StudyConfig, tc: dict) -> StudyConfig:
     tc = migrate(dict(tc))  # the nested form: the regularizer's options in tc["opnorm"]
     resolved = TrainConfig.from_dict(tc).resolved()  # one-line errors for a bad file
     if resolved.p != 2.0 or resolved.q != 2.0:
-        raise ValueError("opnorm reproduce --config needs p 2 and q 2: the study's d.d. regularizer and its matched "
-                         f"AT are l_2 with the (2, 2) norm, got p {tc.get('p')} q {tc.get('q')}")
+        raise ValueError(
+            "opnorm reproduce --config needs p 2 and q 2: the study's d.d. regularizer and its matched "
+            f"AT are l_2 with the (2, 2) norm, got p {tc.get('p')} q {tc.get('q')}"
+        )
     study = {name: getattr(resolved, key) for key, name in _FROM_TRAIN.items() if key in tc}
     if "iters" in tc.get("opnorm", {}):
         study["power_iters"] = resolved.opnorm.iters
@@ -184,8 +267,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _dd(cfg: StudyConfig, lam: float) -> dict:
-    return dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=lam,
-                opnorm=dict(mode="paper", iters=cfg.power_iters, scale_by_eps=True))
+    return dict(
+        method="opnorm",
+        p=2,
+        q=2,
+        eps=cfg.eps_l2,
+        lam=lam,
+        opnorm=dict(mode="paper", iters=cfg.power_iters, scale_by_eps=True),
+    )
 
 
 def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
@@ -193,14 +282,36 @@ def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
     at = dict(steps=cfg.train_steps, step_size=cfg.step_size)
     rows = [
         ("clean", "Clean", "-", dict(method="clean", p=2)),
-        ("pgd-at-linf", "PGD-AT l_inf (CE)", f"eps={cfg.eps_linf:g}, {cfg.train_steps} steps",
-         dict(method="pgd-at", p=INF, eps=cfg.eps_linf, steps=cfg.train_steps)),
-        ("pgd-at-l2", "PGD-AT l_2 (CE)", f"eps={cfg.eps_l2:g}, {cfg.train_steps} steps", dict(method="pgd-at", p=2, eps=cfg.eps_l2, **at)),
-        ("logit-at", "l_2-logit AT", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.train_steps} steps",
-         dict(method="logit-at", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, **at)),
-        ("opnorm", "d.d. (2,2) op-norm reg.", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.power_iters} iters", _dd(cfg, cfg.lam)),
-        ("opnorm-fast", "d.d. (2,2) op-norm reg., fast", f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, warm-started",
-         dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, opnorm=dict(mode="fast", scale_by_eps=True))),
+        (
+            "pgd-at-linf",
+            "PGD-AT l_inf (CE)",
+            f"eps={cfg.eps_linf:g}, {cfg.train_steps} steps",
+            dict(method="pgd-at", p=INF, eps=cfg.eps_linf, steps=cfg.train_steps),
+        ),
+        (
+            "pgd-at-l2",
+            "PGD-AT l_2 (CE)",
+            f"eps={cfg.eps_l2:g}, {cfg.train_steps} steps",
+            dict(method="pgd-at", p=2, eps=cfg.eps_l2, **at),
+        ),
+        (
+            "logit-at",
+            "l_2-logit AT",
+            f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.train_steps} steps",
+            dict(method="logit-at", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, **at),
+        ),
+        (
+            "opnorm",
+            "d.d. (2,2) op-norm reg.",
+            f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, {cfg.power_iters} iters",
+            _dd(cfg, cfg.lam),
+        ),
+        (
+            "opnorm-fast",
+            "d.d. (2,2) op-norm reg., fast",
+            f"eps={cfg.eps_l2:g}, lam={cfg.lam:g}, warm-started",
+            dict(method="opnorm", p=2, q=2, eps=cfg.eps_l2, lam=cfg.lam, opnorm=dict(mode="fast", scale_by_eps=True)),
+        ),
         ("global-snr", "Global SNR", f"lam={cfg.lam_snr:g}", dict(method="global-snr", lam=cfg.lam_snr)),
     ]
     if cfg.train.get("train_loss", "ce") != "ce":  # logit AT's loss is the cross-entropy only
@@ -223,8 +334,14 @@ def sweep_table(cfg: StudyConfig) -> list[tuple[str, str, float, dict]]:
             rows.append((sweep_key("opnorm", factor), "opnorm", cfg.lam * factor, _dd(cfg, cfg.lam * factor)))
     for factor in cfg.sweep_snr:
         if factor != 1.0:
-            rows.append((sweep_key("global-snr", factor), "global-snr", cfg.lam_snr * factor,
-                         dict(method="global-snr", lam=cfg.lam_snr * factor)))
+            rows.append(
+                (
+                    sweep_key("global-snr", factor),
+                    "global-snr",
+                    cfg.lam_snr * factor,
+                    dict(method="global-snr", lam=cfg.lam_snr * factor),
+                )
+            )
     return rows
 
 

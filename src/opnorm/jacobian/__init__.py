@@ -38,8 +38,19 @@ Example:
 """
 
 from opnorm.jacobian.autograd import JV_ROUTES, Linearization, differentiable_jvp, jvp, vjp
-from opnorm.jacobian.core import (Logits, check_autograd, check_inputs, check_label_range, check_output, eval_mode,
-                                  forward, linearizable, unbatched, unwrap, usable)
+from opnorm.jacobian.core import (
+    Logits,
+    check_autograd,
+    check_inputs,
+    check_label_range,
+    check_output,
+    eval_mode,
+    forward,
+    linearizable,
+    unbatched,
+    unwrap,
+    usable,
+)
 from opnorm.jacobian.graph import GraphLinearization, graph_support
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.routes import ROUTES, LinearOperator, jacobian, jacobian_of, linearize

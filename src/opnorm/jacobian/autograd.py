@@ -4,7 +4,7 @@ the model's ops support."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.autograd import forward_ad as fwAD
@@ -73,7 +73,7 @@ class Linearization:
         self._candidates = JV_ROUTES if route == "auto" else (route,)
         self.route = self._candidates[0]
         self._settled = False
-        self._jt_graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._jt_graph: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- J v --------------------------------------------------------------------------------
 
@@ -106,10 +106,14 @@ class Linearization:
         gen = torch.Generator(device=jv.device).manual_seed(0)
         u = torch.randn(jv.shape, dtype=jv.dtype, device=jv.device, generator=gen)
         lhs, rhs = (jv * u).sum(), (v.to(jv.dtype) * self.rmatvec(u)).sum()
-        scale = torch.linalg.vector_norm(jv) * torch.linalg.vector_norm(u) + torch.linalg.vector_norm(v) * torch.linalg.vector_norm(self.rmatvec(u))
+        scale = torch.linalg.vector_norm(jv) * torch.linalg.vector_norm(u) + torch.linalg.vector_norm(
+            v
+        ) * torch.linalg.vector_norm(self.rmatvec(u))
         if not bool((lhs - rhs).abs() <= _ADJOINT_TOL[jv.dtype] * scale):
-            raise RuntimeError(f"J v by {route} fails the dot-product test <J v, u> = <v, J^T u> "
-                               f"({float(lhs):.6g} vs {float(rhs):.6g}): an op's derivative is not what its backward says")
+            raise RuntimeError(
+                f"J v by {route} fails the dot-product test <J v, u> = <v, J^T u> "
+                f"({float(lhs):.6g} vs {float(rhs):.6g}): an op's derivative is not what its backward says"
+            )
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """J v_i for a stack V (k, B, *in) -> (k, B, d)."""
@@ -143,7 +147,9 @@ class Linearization:
         """J^T u: (B, d) -> (B, *in)."""
         if not self.out.requires_grad:
             return torch.zeros_like(self.x)
-        (g,) = torch.autograd.grad(self.out, self.x, grad_outputs=u.to(self.out.dtype), retain_graph=True, allow_unused=True)
+        (g,) = torch.autograd.grad(
+            self.out, self.x, grad_outputs=u.to(self.out.dtype), retain_graph=True, allow_unused=True
+        )
         return torch.zeros_like(self.x) if g is None else g
 
 
@@ -177,7 +183,9 @@ def jvp(model: Callable, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     return lin.logits, lin.matvec(v.detach())
 
 
-def differentiable_jvp(model: Callable, x: torch.Tensor, v: torch.Tensor, route: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def differentiable_jvp(
+    model: Callable, x: torch.Tensor, v: torch.Tensor, route: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), J(x) v), both differentiable w.r.t. the model's parameters (x and v are constants).
 
     For penalties on J v trained by backpropagation. One forward pass of the model in its

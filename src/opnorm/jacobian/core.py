@@ -4,7 +4,8 @@ checks, batched gradients, and the context in which every route runs the model."
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
             return model
@@ -41,11 +42,15 @@ def check_autograd(model: Callable) -> None:
     (every input gradient, J v and J^T u would be missing or zero) or with parameters that are
     inference tensors (made under it)."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("opnorm needs autograd, which torch.inference_mode() turns off (the results would be zeros): "
-                           "call it outside inference_mode; torch.no_grad() is fine")
+        raise RuntimeError(
+            "opnorm needs autograd, which torch.inference_mode() turns off (the results would be zeros): "
+            "call it outside inference_mode; torch.no_grad() is fine"
+        )
     if isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters()):
-        raise RuntimeError("the model's parameters are inference tensors (made under torch.inference_mode()), which "
-                           "autograd cannot use: build or load the model outside inference_mode")
+        raise RuntimeError(
+            "the model's parameters are inference tensors (made under torch.inference_mode()), which "
+            "autograd cannot use: build or load the model outside inference_mode"
+        )
 
 
 def usable(t: torch.Tensor) -> torch.Tensor:
@@ -54,15 +59,20 @@ def usable(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_inference() else t
 
 
-def unbatched(model: Callable, x: torch.Tensor, name: str = "x") -> Optional[str]:
+def unbatched(model: Callable, x: torch.Tensor, name: str = "x") -> str | None:
     """The one-line fix when ``x`` looks like a single example without its batch dimension: the
     model's first convolution ``ConvNd`` would take x, of rank N + 1, as one unbatched example."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None) \
-        if isinstance(model, nn.Module) else None
+    conv = (
+        next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if isinstance(model, nn.Module)
+        else None
+    )
     if conv is None or x.ndim != len(conv.kernel_size) + 1:
         return None
-    return (f"{name} of shape {tuple(x.shape)} looks like one example without its batch dimension "
-            f"({type(conv).__name__} takes (B, C, ...)): pass a batch, e.g. {name}[None] for a single example")
+    return (
+        f"{name} of shape {tuple(x.shape)} looks like one example without its batch dimension "
+        f"({type(conv).__name__} takes (B, C, ...)): pass a batch, e.g. {name}[None] for a single example"
+    )
 
 
 def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
@@ -74,8 +84,10 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}")
     check_autograd(model)
     if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch of shape (B, ...) with B >= 1 and at least one dimension per "
-                         f"example, got shape {tuple(x.shape)}" + (f"; for a single example use {name}[None]" if x.ndim == 1 else ""))
+        raise ValueError(
+            f"{name} must be a non-empty batch of shape (B, ...) with B >= 1 and at least one dimension per "
+            f"example, got shape {tuple(x.shape)}" + (f"; for a single example use {name}[None]" if x.ndim == 1 else "")
+        )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert with x.float()")
     if isinstance(model, nn.Module):
@@ -97,8 +109,10 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
 def check_label_range(y: torch.Tensor, num_logits: int, name: str = "y") -> None:
     """Raise a clear error unless every label indexes one of ``num_logits`` logits."""
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_logits):
-        raise ValueError(f"{name} holds labels in [{int(y.min())}, {int(y.max())}] but the model has {num_logits} logits; "
-                         f"labels must be in [0, {num_logits - 1}]")
+        raise ValueError(
+            f"{name} holds labels in [{int(y.min())}, {int(y.max())}] but the model has {num_logits} logits; "
+            f"labels must be in [0, {num_logits - 1}]"
+        )
 
 
 class Logits(nn.Module):
@@ -123,12 +137,16 @@ class Logits(nn.Module):
 def check_output(out: Any, batch: int) -> torch.Tensor:
     """``out`` if it is logits of shape (B, d) with B = ``batch``; else one line saying what to pass."""
     if isinstance(out, (tuple, list)):
-        raise TypeError(f"model returned a {type(out).__name__} of {len(out)}; opnorm needs the logits alone, a tensor "
-                        "(B, d): pass opnorm.jacobian.Logits(model, 0), with the logits' position for 0")
+        raise TypeError(
+            f"model returned a {type(out).__name__} of {len(out)}; opnorm needs the logits alone, a tensor "
+            "(B, d): pass opnorm.jacobian.Logits(model, 0), with the logits' position for 0"
+        )
     if isinstance(out, dict):
         key = "logits" if "logits" in out else next(iter(out), "logits")
-        raise TypeError(f"model returned a dict with keys {list(out)}; opnorm needs the logits alone, a tensor (B, d): "
-                        f"pass opnorm.jacobian.Logits(model, {key!r})")
+        raise TypeError(
+            f"model returned a dict with keys {list(out)}; opnorm needs the logits alone, a tensor (B, d): "
+            f"pass opnorm.jacobian.Logits(model, {key!r})"
+        )
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model must return a tensor of logits of shape (B, d), got {type(out).__name__}")
     if out.ndim != 2 or out.shape[0] != batch:
@@ -162,7 +180,9 @@ def batched_grad(out: torch.Tensor, inp: torch.Tensor, grads: torch.Tensor, stri
     if not out.requires_grad:  # out does not depend on inp
         return zeros
     try:
-        (res,) = torch.autograd.grad(out, inp, grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        (res,) = torch.autograd.grad(
+            out, inp, grad_outputs=grads, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
         rows = [res]
     except RuntimeError:  # an op without a batching rule: one backward per vector
         rows = [torch.autograd.grad(out, inp, grad_outputs=g, retain_graph=True, allow_unused=True)[0] for g in grads]
@@ -176,7 +196,6 @@ def basis(out: torch.Tensor) -> torch.Tensor:
     """(d, B, d) stack: entry i is e_i for every example."""
     B, d = out.shape
     return torch.eye(d, dtype=out.dtype, device=out.device).unsqueeze(1).expand(d, B, d)
-
 
 
 def _hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None
 
 
-def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> Union[_Step, str, None]:
+def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> _Step | str | None:
     """The step of a call node; "add" for a sum; a reason string when not covered."""
     from opnorm.jacobian.pattern import _recognize
 
@@ -57,7 +56,9 @@ def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> Union[_Step, str
         return "add"
     if node.op == "call_function" and node.target in _RELUS and len(args) == 1:
         return _Mask(nn.ReLU(), node.name)
-    flat = (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten")
+    flat = (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    )
     if flat and len(args) == 1 and len(node.args) <= 2 and not node.kwargs:
         start = node.args[1] if len(node.args) == 2 else 0
         if isinstance(start, int) and start >= 1:
@@ -65,7 +66,7 @@ def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> Union[_Step, str
     return f"{node.format_node()} is not a module, a sum, relu or flatten"
 
 
-def graph_support(model: nn.Module) -> tuple[Optional[fx.GraphModule], list[str]]:
+def graph_support(model: nn.Module) -> tuple[fx.GraphModule | None, list[str]]:
     """(traced graph, reasons): the graph when :class:`GraphLinearization` covers model, else
     None and why not; with a graph, the reasons list the nodes left to local autograd."""
     if _global_hooks():
@@ -118,7 +119,7 @@ class GraphLinearization:
             raise TypeError(f"GraphLinearization does not cover this model: {reasons[0]}; use linearize()")
         self.fallbacks = reasons
         modules = dict(gm.named_modules())
-        self.nodes: list[tuple[str, Union[_Step, str], list[str]]] = []  # (name, step or "add", input names)
+        self.nodes: list[tuple[str, _Step | str, list[str]]] = []  # (name, step or "add", input names)
         env: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for node in gm.graph.nodes:
@@ -175,7 +176,7 @@ class GraphLinearization:
         """J^T u: (B, d) -> (B, *in)."""
         return self.rmatmat(u.unsqueeze(0))[0]
 
-    def select(self, rows: torch.Tensor) -> "GraphLinearization":
+    def select(self, rows: torch.Tensor) -> GraphLinearization:
         """The operator for the examples ``rows`` only, without a new forward pass."""
         sub = copy.copy(self)
         sub.nodes = [(n, s if s == "add" else s.select(rows), i) for n, s, i in self.nodes]

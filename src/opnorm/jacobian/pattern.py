@@ -4,16 +4,25 @@ activation pattern at x (see :mod:`opnorm.jacobian.steps`)."""
 from __future__ import annotations
 
 import copy
-from typing import Union
 
 import torch
 from torch import nn
 
 from opnorm.jacobian.core import check_autograd, check_output, unwrap
 from opnorm.jacobian.steps import (
-    _CONV, _Autograd, _Conv, _global_hooks, _has_hooks, _Linear, _Mask, _MaxPool, _plain, _Reshape, _Scale, _Step,
+    _CONV,
+    _Autograd,
+    _Conv,
+    _global_hooks,
+    _has_hooks,
+    _Linear,
+    _Mask,
+    _MaxPool,
+    _plain,
+    _Reshape,
+    _Scale,
+    _Step,
 )
-
 
 _MASKS = (nn.ReLU, nn.LeakyReLU)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
@@ -22,7 +31,7 @@ _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _recognize(m: nn.Module, name: str) -> Union[_Step, str]:
+def _recognize(m: nn.Module, name: str) -> _Step | str:
     """The fast step for m, or the reason why m needs local autograd."""
     if _has_hooks(m):
         return "has hooks (they could change its output or gradient)"
@@ -136,7 +145,9 @@ class PatternLinearization:
         model = unwrap(model)
         check_autograd(model)  # modules the replay does not know are differentiated by autograd
         if not _plain(model, nn.Sequential):
-            raise TypeError(f"PatternLinearization needs a plain nn.Sequential, got {type(model).__name__}; use linearize()")
+            raise TypeError(
+                f"PatternLinearization needs a plain nn.Sequential, got {type(model).__name__}; use linearize()"
+            )
         self.steps = _fold(_build_steps(model, ""))
         self.fallbacks = [f"{s.name}: {s.reason}" for s in self.steps if isinstance(s, _Autograd)]
         self.x_shape = x.shape
@@ -175,7 +186,7 @@ class PatternLinearization:
         """J^T u: (B, d) -> (B, *in)."""
         return self.rmatmat(u.unsqueeze(0))[0]
 
-    def select(self, rows: torch.Tensor) -> "PatternLinearization":
+    def select(self, rows: torch.Tensor) -> PatternLinearization:
         """The operator for the examples ``rows`` only (a 1-D index tensor), without a new forward
         pass: iterative methods shrink their batch as examples converge."""
         sub = copy.copy(self)
@@ -183,5 +194,3 @@ class PatternLinearization:
         sub.logits = sub.out = self.logits[rows]
         sub.x_shape = torch.Size((len(rows), *self.x_shape[1:]))
         return sub
-
-

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import nn
@@ -52,7 +53,9 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
         return Linearization(model, x, route)
     applies, reasons = pattern_support(model)
     if route == "pattern" and not applies:
-        raise ValueError(f"route='pattern' does not apply: {'; '.join(reasons)}; use route='auto', 'forward' or 'autograd'")
+        raise ValueError(
+            f"route='pattern' does not apply: {'; '.join(reasons)}; use route='auto', 'forward' or 'autograd'"
+        )
     if applies:
         return _pattern(unwrap(model), x)
     lin = Linearization(model, x, "auto")
@@ -60,7 +63,7 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
     return lin
 
 
-def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: Optional[int] = None) -> torch.Tensor:
+def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: int | None = None) -> torch.Tensor:
     """The exact per-example Jacobian, shape (B, d, *in), from d VJPs batched over the basis.
 
     The model is evaluated in eval mode (see :mod:`opnorm.jacobian`) and its mode restored.
@@ -89,7 +92,7 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: O
     return rows.transpose(0, 1).contiguous()  # (B, d, *in)
 
 
-def _pattern(net: nn.Module, x: torch.Tensor) -> Union[PatternLinearization, GraphLinearization]:
+def _pattern(net: nn.Module, x: torch.Tensor) -> PatternLinearization | GraphLinearization:
     """The pattern-route operator: the chain replay for a plain Sequential, else the graph replay."""
     try:
         if _plain(net, nn.Sequential) and not _has_hooks(net):
@@ -102,7 +105,7 @@ def _pattern(net: nn.Module, x: torch.Tensor) -> Union[PatternLinearization, Gra
         raise ValueError(hint) from err
 
 
-def jacobian_of(lin: LinearOperator, chunk: Optional[int] = None) -> torch.Tensor:
+def jacobian_of(lin: LinearOperator, chunk: int | None = None) -> torch.Tensor:
     """The exact J (B, d, *in) of a linear operator from :func:`linearize`: rmatmat on the basis.
 
     Args:

@@ -11,7 +11,6 @@ Every tensor below carries a leading "stack" dimension k: (k, B, *shape).
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,12 @@ def _has_hooks(m: nn.Module) -> bool:
 
 def _global_hooks() -> bool:
     mod = torch.nn.modules.module
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
     return any(len(getattr(mod, n, None) or ()) for n in names)
 
 
@@ -57,7 +61,7 @@ class _Step:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def select(self, rows: torch.Tensor) -> "_Step":
+    def select(self, rows: torch.Tensor) -> _Step:
         """This step for the examples ``rows`` only (steps without per-example state are shared)."""
         return self
 
@@ -142,7 +146,9 @@ class _Conv(_Step):
             # few input channels (a grayscale first layer): the transpose is one matmul plus
             # col2im (fold), several times faster than the general transposed-conv kernel on CPU
             n, c = flat.shape[:2]
-            g3 = flat.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # (N, C, H*W), a view of channels-last memory
+            g3 = (
+                flat.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)
+            )  # (N, C, H*W), a view of channels-last memory
             cols = self.w.reshape(c, -1).T @ g3  # (N, C_in * kh * kw, H*W)
             res = F.fold(cols, self.in_size, self.w.shape[2:], m.dilation, m.padding, m.stride)
         else:
@@ -163,7 +169,7 @@ class _Mask(_Step):
 
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
-        self._mask_cl: Optional[torch.Tensor] = None
+        self._mask_cl: torch.Tensor | None = None
 
     def forward(self, h):
         self._mask_cl = None
@@ -208,7 +214,7 @@ class _MaxPool(_Step):
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
         self.pool = F.max_pool2d if isinstance(m, nn.MaxPool2d) else F.max_pool1d
-        self.relu_mask: Optional[torch.Tensor] = None  # set when a ReLU before it is folded in
+        self.relu_mask: torch.Tensor | None = None  # set when a ReLU before it is folded in
 
     def forward(self, h):
         m = self.m
@@ -310,7 +316,9 @@ class _Autograd(_Step):
             self.hin = h.detach().requires_grad_(True)
             out = self.m(self.hin.clone())  # clone: an in-place first op must not touch the leaf
             if not isinstance(out, torch.Tensor):
-                raise TypeError(f"module {self.name!r} returned {type(out).__name__}; a chain of modules must pass tensors")
+                raise TypeError(
+                    f"module {self.name!r} returned {type(out).__name__}; a chain of modules must pass tensors"
+                )
             self.out = out
             self.u = torch.zeros_like(out, requires_grad=True)
             jt = None
@@ -345,4 +353,3 @@ class _Autograd(_Step):
 
     def vjp(self, g, owned):
         return batched_grad(self.out, self.hin, g)
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,9 +30,11 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module,
     handles = []
     for name, m in model.named_modules():
         if next(m.children(), None) is None:
+
             def hook(mod, args, name=name):
                 if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
                     calls.append((name or "<model>", mod, args[0].detach()))
+
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), linearizable():
@@ -61,7 +63,11 @@ def _blocked(m: nn.Module, h: torch.Tensor) -> tuple[str, str] | None:
             u = torch.zeros_like(out, requires_grad=True)
             (g,) = torch.autograd.grad(out, hg, u, create_graph=True, allow_unused=True)
             try:
-                if g is None or g.grad_fn is None or torch.autograd.grad(g, u, torch.ones_like(g), allow_unused=True)[0] is not None:
+                if (
+                    g is None
+                    or g.grad_fn is None
+                    or torch.autograd.grad(g, u, torch.ones_like(g), allow_unused=True)[0] is not None
+                ):
                     return None
                 errors.append(f"{out.grad_fn.name()} (its backward is not differentiable)")
             except (RuntimeError, NotImplementedError) as e:
@@ -69,7 +75,9 @@ def _blocked(m: nn.Module, h: torch.Tensor) -> tuple[str, str] | None:
     return errors[0], errors[1]
 
 
-def unsupported(model: Callable, x: torch.Tensor, errors: dict[str, BaseException], name: str = "") -> UnsupportedModelError:
+def unsupported(
+    model: Callable, x: torch.Tensor, errors: dict[str, BaseException], name: str = ""
+) -> UnsupportedModelError:
     """The error to raise when every J v route failed on model at x.
 
     Args:
@@ -84,8 +92,10 @@ def unsupported(model: Callable, x: torch.Tensor, errors: dict[str, BaseExceptio
                 blocked = _blocked(m, h)
                 if blocked is not None:
                     full = ".".join(p for p in (name, "" if leaf == "<model>" else leaf) if p) or leaf
-                    found.append(f"module {full!r} ({type(m).__name__}): forward-mode AD fails at {blocked[0]}, "
-                                 f"double backward at {blocked[1]}")
+                    found.append(
+                        f"module {full!r} ({type(m).__name__}): forward-mode AD fails at {blocked[0]}, "
+                        f"double backward at {blocked[1]}"
+                    )
         except Exception as e:  # the diagnosis itself failed: report the routes' errors alone
             found.append(f"(could not test modules one by one: {_op(e)})")
     where = "; ".join(found) if found else "no single module fails on its own (an op inside a module's forward)"

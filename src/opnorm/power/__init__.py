@@ -3,7 +3,6 @@
 top-k spectra (:mod:`~opnorm.power.spectra`) and the entry point
 :func:`~opnorm.power.norm.operator_norm`, whose docstring lists which pairs are exact."""
 
-
 from opnorm.power.exact import DEFAULT_RESTARTS, operator_norm_of_matrix
 from opnorm.power.iteration import lanczos_iteration, power_iteration, random_unit
 from opnorm.power.norm import DEFAULT_ITERS, DEFAULT_RTOL_CHANGE, METHODS, OperatorNormResult, operator_norm

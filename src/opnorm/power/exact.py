@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
 
 import torch
 
@@ -14,7 +13,6 @@ from opnorm.power.iteration import power_iteration, random_unit
 from opnorm.validation import integer
 
 DEFAULT_RESTARTS = 64
-
 
 
 def _sign_vectors(n: int, dtype, device) -> torch.Tensor:
@@ -57,7 +55,7 @@ def operator_norm_of_matrix(
     max_enumerate: int = 20,
     restarts: int = DEFAULT_RESTARTS,
     iters: int = 100,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p, q) norms of a batch of explicit matrices J (B, d, n).
 
@@ -109,8 +107,12 @@ def operator_norm_of_matrix(
 
 
 def _has_exact_form(p: float, q: float, d: int, n: int, max_enumerate: int) -> bool:
-    return (p == 2 and q == 2) or p == 1 or q == math.inf or (q == 1 and d <= max_enumerate) or (
-        p == math.inf and n <= max_enumerate
+    return (
+        (p == 2 and q == 2)
+        or p == 1
+        or q == math.inf
+        or (q == 1 and d <= max_enumerate)
+        or (p == math.inf and n <= max_enumerate)
     )
 
 

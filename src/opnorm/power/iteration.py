@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -50,7 +50,7 @@ def power_iteration(
     iters: int,
     rtol_change: float = 0.0,
     history: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[list[dict]]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, list[dict] | None]:
     """The batched (p, q) power method on any linear operator.
 
     Args:
@@ -72,7 +72,7 @@ def power_iteration(
     jv = matvec(v)
     sigma = lp_norm(jv, q)
     stopped = torch.zeros_like(sigma, dtype=torch.bool)
-    records: Optional[list[dict]] = [] if history else None
+    records: list[dict] | None = [] if history else None
     k = 0
     for k in range(1, iters + 1):
         u = duality_map(jv, q)
@@ -134,7 +134,7 @@ def lanczos_iteration(
     *,
     iters: int,
     rtol_change: float = 0.0,
-    select: Optional[Callable[[torch.Tensor], tuple[Callable, Callable]]] = None,
+    select: Callable[[torch.Tensor], tuple[Callable, Callable]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Top singular triplet of J (B examples, d x n each) by Golub-Kahan-Lanczos
     bidiagonalization, batched.
@@ -185,15 +185,17 @@ def lanczos_iteration(
     rows = torch.arange(B, device=device)  # the examples still iterating (global indices)
     # rows of Us / Vs are read only once written: no need to zero them
     Us = torch.empty(B, iters + 1, d, dtype=dtype, device=device)  # orthonormal rows: the output-space basis
-    Us[:, 0], _ = _unit(torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), torch.zeros(B, dtype=dtype, device=device))
-    Vs: Optional[torch.Tensor] = None  # (A, iters, n), allocated once n is known
+    Us[:, 0], _ = _unit(
+        torch.where((u0 != 0).any(dim=1, keepdim=True), u0, e1), torch.zeros(B, dtype=dtype, device=device)
+    )
+    Vs: torch.Tensor | None = None  # (A, iters, n), allocated once n is known
     Bk = torch.zeros(B, iters + 1, iters, dtype=dtype, device=device)  # alphas on the diagonal, betas below
     sigma = torch.zeros(B, dtype=dtype, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     out_sigma, out_stopped = torch.zeros_like(sigma), torch.zeros_like(stopped)
     out_exact = torch.zeros_like(stopped)
     out_u = torch.zeros_like(u0)
-    out_v: Optional[torch.Tensor] = None
+    out_v: torch.Tensor | None = None
     shape = None
 
     def finish(keep: torch.Tensor, k: int) -> None:

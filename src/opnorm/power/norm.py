@@ -18,21 +18,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, unwrap
 from opnorm.norms import Order, duality_map, norm_order
-from opnorm.power.exact import DEFAULT_RESTARTS, check_max_enumerate, _has_exact_form, _top_pair_gram, operator_norm_of_matrix
+from opnorm.power.exact import (
+    DEFAULT_RESTARTS,
+    _has_exact_form,
+    _top_pair_gram,
+    check_max_enumerate,
+    operator_norm_of_matrix,
+)
 from opnorm.power.iteration import _check_iters, _check_tol, lanczos_iteration, power_iteration, random_unit
 
 METHODS = ("auto", "power", "lanczos", "exact")
 DEFAULT_ITERS = 20
 DEFAULT_RTOL_CHANGE = 1e-6
-REMOVED_TOL = ("tol was renamed rtol_change: it is the relative change of sigma between iterations, not an error "
-               "bound; use method='exact' (or result.exact) for a sigma whose error is bounded")
+REMOVED_TOL = (
+    "tol was renamed rtol_change: it is the relative change of sigma between iterations, not an error "
+    "bound; use method='exact' (or result.exact) for a sigma whose error is bounded"
+)
 
 
 @dataclass
@@ -66,7 +73,7 @@ class OperatorNormResult:
     stopped: torch.Tensor
     method: str
     exact: torch.Tensor
-    history: Optional[list[dict]] = field(default=None, repr=False)
+    history: list[dict] | None = field(default=None, repr=False)
     route: str = "autograd"
     fallbacks: list[str] = field(default_factory=list, repr=False)
 
@@ -76,8 +83,7 @@ class OperatorNormResult:
         return self.exact
 
 
-
-def _check_v0(v0: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+def _check_v0(v0: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     if v0 is None:
         return None
     if not isinstance(v0, torch.Tensor):
@@ -96,10 +102,10 @@ def operator_norm(
     q: Order = 2,
     *,
     method: str = "auto",
-    iters: Optional[int] = None,
-    rtol_change: Optional[float] = None,
-    v0: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    iters: int | None = None,
+    rtol_change: float | None = None,
+    v0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     return_history: bool = False,
     max_enumerate: int = 20,
     restarts: int = DEFAULT_RESTARTS,
@@ -211,7 +217,7 @@ def _choose_method(p: float, q: float, d: int, n: int, iters: int, max_enumerate
     return "exact"  # (2, 2) included: the cheapest route whose error is bounded
 
 
-def _logit_start(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _logit_start(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Lanczos start: the centered logits (close to the top left singular vector of a
     trained classifier's J) plus 10% noise, so no example starts orthogonal to it."""
     c = logits - logits.mean(dim=1, keepdim=True)
@@ -242,6 +248,8 @@ def _exact_of(flat: torch.Tensor, x, p, q, max_enumerate, restarts, generator) -
         sigma = torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", flat, v), dim=1)
         exact = torch.ones(B, dtype=torch.bool, device=x.device)
     else:
-        sigma, v, exact = operator_norm_of_matrix(flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator)
+        sigma, v, exact = operator_norm_of_matrix(
+            flat, p, q, max_enumerate=max_enumerate, restarts=restarts, generator=generator
+        )
     u = duality_map(torch.einsum("bdn,bn->bd", flat, v), q)
     return OperatorNormResult(sigma, v.reshape(x.shape), u, 0, torch.zeros_like(exact), "exact", exact)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -13,14 +12,13 @@ from opnorm.power.iteration import _check_iters, _check_tol
 from opnorm.power.norm import REMOVED_TOL
 
 
-
 @dataclass
 class SpectrumResult:
     """Top-k singular triplets of J(x): values (B, k) descending; U (B, d, k); V (B, *in, k)."""
 
     values: torch.Tensor
-    U: Optional[torch.Tensor] = None
-    V: Optional[torch.Tensor] = None
+    U: torch.Tensor | None = None
+    V: torch.Tensor | None = None
 
 
 def singular_values(
@@ -32,7 +30,7 @@ def singular_values(
     method: str = "auto",
     iters: int = 50,
     rtol_change: float = 1e-7,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     route: str = "auto",
     tol: None = None,
 ):

@@ -9,16 +9,14 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from opnorm.jacobian import forward, unwrap
-from opnorm.losses import kl_rows
+from opnorm.losses import full, kl_rows
 from opnorm.norms import Order, lp_norm, norm_order
-from opnorm.losses import full
 from opnorm.regularizers.batchnorm import clean_statistics
 from opnorm.regularizers.solver import no_autocast
 from opnorm.validation import box, integer, number
@@ -26,7 +24,6 @@ from opnorm.validation import box, integer, number
 __all__ = ["AdversarialTrainingLoss", "AT_KINDS"]
 
 AT_KINDS = ("ce", "logit", "trades")
-
 
 
 class AdversarialTrainingLoss(nn.Module):
@@ -77,12 +74,12 @@ class AdversarialTrainingLoss(nn.Module):
         p: Order = math.inf,
         *,
         steps: int = 10,
-        step_size: Optional[float] = None,
+        step_size: float | None = None,
         q: Order = 2,
-        lam: Optional[float] = None,
+        lam: float | None = None,
         squared: bool = True,
         adv_fraction: float = 1.0,
-        clip: Optional[tuple[float, float]] = (0.0, 1.0),
+        clip: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
         super().__init__()
         if kind not in AT_KINDS:
@@ -112,15 +109,26 @@ class AdversarialTrainingLoss(nn.Module):
         loss = {"ce": "ce", "logit": "logit", "trades": "kl"}[self.kind]
         with no_autocast(x.device):
             x_adv = pgd(
-                model, x, y, eps=self.eps, p=self.p, loss=loss, q=self.q, steps=self.steps,
-                step_size=self.step_size, random_start=True, clip=self.clip,
+                model,
+                x,
+                y,
+                eps=self.eps,
+                p=self.p,
+                loss=loss,
+                q=self.q,
+                steps=self.steps,
+                step_size=self.step_size,
+                random_start=True,
+                clip=self.clip,
             )
         return x_adv.detach()
 
     def n_adversarial(self, batch: int) -> int:
         return int(math.floor(self.adv_fraction * batch + 0.5))
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B = x.shape[0]
         m = self.n_adversarial(B)
         if m == 0 or self.eps == 0:

@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,10 @@ def batch_norms(net: nn.Module) -> list[nn.Module]:
     synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for m in mods:
         if synced and isinstance(m, nn.SyncBatchNorm):
-            raise ValueError("SyncBatchNorm across processes is not supported by the operator-norm penalty (it needs "
-                             "the clean half's global statistics); convert the model's SyncBatchNorm to BatchNorm")
+            raise ValueError(
+                "SyncBatchNorm across processes is not supported by the operator-norm penalty (it needs "
+                "the clean half's global statistics); convert the model's SyncBatchNorm to BatchNorm"
+            )
     return mods
 
 
@@ -80,8 +82,10 @@ def _clean_forward(m: nn.Module, batch: int, total: int):
     def run(h: torch.Tensor) -> torch.Tensor:
         if not isinstance(h, torch.Tensor) or h.shape[0] != total:
             rows = getattr(h, "shape", (None,))[0]
-            raise ValueError(f"{type(m).__name__} saw {rows} rows inside the penalty's forward of {total} (the first "
-                             f"{batch} clean): a model that changes the batch dimension is not supported")
+            raise ValueError(
+                f"{type(m).__name__} saw {rows} rows inside the penalty's forward of {total} (the first "
+                f"{batch} clean): a model that changes the batch dimension is not supported"
+            )
         clean = module_forward(h[:batch])  # batch statistics; running statistics from the clean rows only
         mean, var = _moments(m, h[:batch])
         return torch.cat([clean, _normalize(m, h[batch:], mean, var)])
@@ -133,11 +137,13 @@ def frozen_statistics(net: nn.Module, x: torch.Tensor) -> Iterator[None]:
     def measured(m: nn.Module):
         def run(h: torch.Tensor) -> torch.Tensor:
             if m in stats:
-                raise ValueError(f"{type(m).__name__} is called twice in one forward: its batch statistics are "
-                                 "ambiguous")
+                raise ValueError(
+                    f"{type(m).__name__} is called twice in one forward: its batch statistics are ambiguous"
+                )
             mean, var = _moments(m, h)
             stats[m] = (mean.flatten(), var.flatten())
             return _normalize(m, h, mean, var)
+
         return run
 
     saved = [(m, m.running_mean, m.running_var) for m in mods]
@@ -151,8 +157,10 @@ def frozen_statistics(net: nn.Module, x: torch.Tensor) -> Iterator[None]:
             del m.forward
     missing = [m for m in mods if m not in stats]
     if missing:
-        raise ValueError(f"{type(missing[0]).__name__} was not called in a forward of x: the penalty cannot take its "
-                         "batch statistics")
+        raise ValueError(
+            f"{type(missing[0]).__name__} was not called in a forward of x: the penalty cannot take its "
+            "batch statistics"
+        )
     try:
         for m in mods:
             m.running_mean, m.running_var = stats[m]

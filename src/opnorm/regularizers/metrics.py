@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ class OutputMetric:
     q: float = 2.0
     name: str = ""
 
-    def fd(self, clean: torch.Tensor, pert: torch.Tensor, eps: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def fd(self, clean: torch.Tensor, pert: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
     def dual(self, jv: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -53,13 +52,15 @@ def _usable_rows(g: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
 
 
-def _store(num_examples: Optional[int], parts: dict, factory: str) -> Optional[DirectionStore]:
+def _store(num_examples: int | None, parts: dict, factory: str) -> DirectionStore | None:
     """The factory's store of num_examples rows; None where ``parts`` replaces it (e.g. ``store=None``)."""
     if "store" in parts:
         return None
     if num_examples is None:
-        raise TypeError(f"{factory}() keeps one direction per training example: pass num_examples=len(train_set), "
-                        "or store=None to run without a store")
+        raise TypeError(
+            f"{factory}() keeps one direction per training example: pass num_examples=len(train_set), "
+            "or store=None to run without a store"
+        )
     return DirectionStore(num_examples)
 
 
@@ -94,10 +95,19 @@ class OperatorNormRegularizer(nn.Module):
         last_v: (B, *in) the directions the penalty used.
     """
 
-    def __init__(self, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
-                 metric: Optional[OutputMetric] = None, solver: Optional[PGASolver] = None,
-                 store: Optional[DirectionStore] = None, penalty: Optional[Penalty] = None,
-                 clip: Optional[tuple[float, float]] = None) -> None:
+    def __init__(
+        self,
+        p: Order = 2,
+        q: Order = 2,
+        eps: float = 0.1,
+        lam: float = 1.0,
+        *,
+        metric: OutputMetric | None = None,
+        solver: PGASolver | None = None,
+        store: DirectionStore | None = None,
+        penalty: Penalty | None = None,
+        clip: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         _check_part(metric, OutputMetric, "metric", "LogitNorm(q) or FisherKL()")
         _check_part(solver, PGASolver, "solver", "PGASolver(iters=10)")
@@ -106,8 +116,10 @@ class OperatorNormRegularizer(nn.Module):
         self.p, self.q = norm_order(p, "p"), norm_order(q, "q")
         self.metric = LogitNorm(self.q) if metric is None else metric
         if self.metric.q != self.q:
-            raise ValueError(f"{self.metric!r} measures logit changes in an l_{self.metric.q:g} norm, but q={q!r}: "
-                             "pass q equal to the metric's")
+            raise ValueError(
+                f"{self.metric!r} measures logit changes in an l_{self.metric.q:g} norm, but q={q!r}: "
+                "pass q equal to the metric's"
+            )
         self.eps, self.lam = number(eps, "eps"), number(lam, "lam")
         self.solver = PGASolver() if solver is None else solver
         self.penalty = FDPenalty() if penalty is None else penalty
@@ -116,8 +128,8 @@ class OperatorNormRegularizer(nn.Module):
         self.store = store
         if store is not None:
             store.configure(self.p, signs=self.p == math.inf and self.solver.step == math.inf)
-        self.last_sigma: Optional[torch.Tensor] = None
-        self.last_v: Optional[torch.Tensor] = None
+        self.last_sigma: torch.Tensor | None = None
+        self.last_v: torch.Tensor | None = None
 
     def _check_parts(self) -> None:
         if self.penalty.uses_point and self.eps == 0:
@@ -125,14 +137,24 @@ class OperatorNormRegularizer(nn.Module):
         if isinstance(self.metric, FisherKL) and not self.penalty.uses_point:
             raise ValueError("the KL metric is evaluated by finite differences: use penalty=FDPenalty()")
         if self.solver.step != math.inf and self.p not in (1.0, 2.0, math.inf):
-            raise ValueError(f"a finite step projects onto the l_p ball, implemented for p in 1, 2, inf; got p={self.p:g}")
+            raise ValueError(
+                f"a finite step projects onto the l_p ball, implemented for p in 1, 2, inf; got p={self.p:g}"
+            )
 
     # The three configurations share one signature and the constructor's defaults
     # (p = q = 2, eps 0.1, lam 1.0); ``parts`` replace any part (metric, solver, store, penalty, clip).
 
     @classmethod
-    def paper(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
-              num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+    def paper(
+        cls,
+        p: Order = 2,
+        q: Order = 2,
+        eps: float = 0.1,
+        lam: float = 1.0,
+        *,
+        num_examples: int | None = None,
+        **parts,
+    ) -> OperatorNormRegularizer:
         """The paper's configuration: 10 power iterations per batch from random starts, no store
         (``num_examples`` is accepted for the shared signature and unused).
 
@@ -142,8 +164,16 @@ class OperatorNormRegularizer(nn.Module):
         return cls(p, q, eps, lam, **{"solver": PGASolver(iters=10), **parts})
 
     @classmethod
-    def fast(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
-             num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+    def fast(
+        cls,
+        p: Order = 2,
+        q: Order = 2,
+        eps: float = 0.1,
+        lam: float = 1.0,
+        *,
+        num_examples: int | None = None,
+        **parts,
+    ) -> OperatorNormRegularizer:
         """Stored directions: 3 iterations on an example's first visit, 1 later, plus the free step.
 
         ``num_examples``: the training set's length (the store's rows; every call then needs
@@ -156,8 +186,16 @@ class OperatorNormRegularizer(nn.Module):
         return cls(p, q, eps, lam, **{"solver": solver, "store": _store(num_examples, parts, "fast"), **parts})
 
     @classmethod
-    def fast_robust(cls, p: Order = 2, q: Order = 2, eps: float = 0.1, lam: float = 1.0, *,
-                    num_examples: Optional[int] = None, **parts) -> "OperatorNormRegularizer":
+    def fast_robust(
+        cls,
+        p: Order = 2,
+        q: Order = 2,
+        eps: float = 0.1,
+        lam: float = 1.0,
+        *,
+        num_examples: int | None = None,
+        **parts,
+    ) -> OperatorNormRegularizer:
         """The fast configuration with the KL metric (so q = 2), the dynamic solver, PGA steps of
         eps/4 (1 iteration cold, 2 warm) and the box [0, 1]; pair it with the task loss at
         ``x + eps v`` (``joint(..., perturbed=True)``). ``num_examples`` as in :meth:`fast`.
@@ -167,23 +205,38 @@ class OperatorNormRegularizer(nn.Module):
             >>> reg = OperatorNormRegularizer.fast_robust("inf", 2, eps=0.1, lam=0.06, num_examples=len(train_set))
         """
         solver = PGASolver(1, 2, step=0.25, dynamic=True, free_update=True)
-        return cls(p, q, eps, lam, **{"metric": FisherKL(), "solver": solver,
-                                      "store": _store(num_examples, parts, "fast_robust"), "clip": (0.0, 1.0), **parts})
+        return cls(
+            p,
+            q,
+            eps,
+            lam,
+            **{
+                "metric": FisherKL(),
+                "solver": solver,
+                "store": _store(num_examples, parts, "fast_robust"),
+                "clip": (0.0, 1.0),
+                **parts,
+            },
+        )
 
     def extra_repr(self) -> str:
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
-        return (f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, lam={self.lam:g}, metric={self.metric!r}, "
-                f"solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}")
+        return (
+            f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, lam={self.lam:g}, metric={self.metric!r}, "
+            f"solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}"
+        )
 
     # -- directions -----------------------------------------------------------------------
 
-    def _rows(self, index, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _rows(self, index, x: torch.Tensor) -> torch.Tensor | None:
         if self.store is None:
             return None
         if index is None:  # without it nothing would be stored and the free step would be skipped, silently
-            raise ValueError("this regularizer keeps one direction per training example (its DirectionStore) and needs "
-                             "index, the (B,) dataset indices of x: iterate an opnorm.IndexedTensorDataset (batches "
-                             "(x, y, index)); to run without the store, build the regularizer with store=None")
+            raise ValueError(
+                "this regularizer keeps one direction per training example (its DirectionStore) and needs "
+                "index, the (B,) dataset indices of x: iterate an opnorm.IndexedTensorDataset (batches "
+                "(x, y, index)); to run without the store, build the regularizer with store=None"
+            )
         self.store.sync()
         return self.store.rows(index, x.shape[0], x.device)
 
@@ -197,7 +250,7 @@ class OperatorNormRegularizer(nn.Module):
         v0[cold] = self.solver.random_start(int(cold.sum()), x, self.p)
         return v0, warm
 
-    def initial_vectors(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def initial_vectors(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Start vectors (x's shape): stored ones where seen, random unit l_p ones elsewhere."""
         idx = self._rows(index, x)
         return self.solver.random_start(x.shape[0], x, self.p) if idx is None else self._start(x, idx)[0]
@@ -221,7 +274,9 @@ class OperatorNormRegularizer(nn.Module):
         if idx is None:  # nothing stored (the paper's configuration): iters iterations from random starts
             v0 = self.solver.random_start(x.shape[0], x, self.p)
             measure = complete or not self.solver.free_update
-            sigma, v, u = self.solver.run(net, x, v0, self.solver.iters, self.p, self.eps, self.metric, self.clip, measure)
+            sigma, v, u = self.solver.run(
+                net, x, v0, self.solver.iters, self.p, self.eps, self.metric, self.clip, measure
+            )
             return v, sigma, u, None, self.solver.iters
         v0, warm = self._start(x, idx)
         iters = self._iterations(warm, free)
@@ -251,7 +306,7 @@ class OperatorNormRegularizer(nn.Module):
             self.store.put(idx if bool(ran.all()) else idx[ran], v if bool(ran.all()) else v[ran])
         return v.detach(), sigma, u, idx, int(iters.max())
 
-    def direction(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> OperatorNormResult:
+    def direction(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None) -> OperatorNormResult:
         """The explicit part of the solver (no weight gradients): an
         :class:`~opnorm.power.OperatorNormResult` with sigma (B,), v (x's shape), u (B, d) and
         ``iterations``; sets ``last_sigma`` / ``last_v``. The free step needs :meth:`joint`."""
@@ -266,7 +321,7 @@ class OperatorNormRegularizer(nn.Module):
     def _free_ok(self, net: nn.Module, index) -> bool:
         return self.solver.free_update and self.store is not None and index is not None and self.penalty.uses_point
 
-    def _point(self, x: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    def _point(self, x: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """``clip(x + eps v)``; with ``idx`` a leaf whose gradient (from the caller's backward)
         gives the next stored directions: one more PGA step of v."""
         x_p = fd_point(x, v, self.eps, self.clip)
@@ -284,19 +339,22 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- the penalty ----------------------------------------------------------------------
 
-    def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: Optional[torch.Tensor]) -> None:
+    def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None) -> None:
         if s is not None:  # rows without iterations: the fd value of this forward
             sigma = torch.where(torch.isnan(sigma), s.detach().to(sigma.dtype), sigma)
         self.last_sigma, self.last_v = sigma, v
 
-    def joint(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None, *,
-              perturbed: bool = False) -> tuple[torch.Tensor, ...]:
+    def joint(
+        self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *, perturbed: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """(f(x), penalty) from a single forward of ``model``; with ``perturbed=True`` (fd only)
         also f(clip(x + eps v)), for a task loss taken at the penalty's point."""
         net = unwrap(model)
         free = self._free_ok(net, index)
         if perturbed and not self.penalty.uses_point:
-            raise ValueError("perturbed=True returns f(x + eps v) of the fd penalty's forward; the exact penalty has none")
+            raise ValueError(
+                "perturbed=True returns f(x + eps v) of the fd penalty's forward; the exact penalty has none"
+            )
         v, sigma, u, idx, _ = self._solve(net, x, index, free, complete=not self.penalty.uses_point)
         x_p = self._point(x, v, idx if free else None) if self.penalty.uses_point else None
         clean, s, s_sq, pert = self.penalty.evaluate(model, net, x, x_p, v, u, self.metric, self.eps)
@@ -308,16 +366,23 @@ class OperatorNormRegularizer(nn.Module):
         """The penalty from f(x) and f(x + eps v) computed by the caller."""
         return self.penalty.reduce(*self.metric.fd(logits_clean, logits_pert, self.eps), self.lam, self.eps)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, index: Optional[torch.Tensor] = None,
-                logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        index: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if logits is None or not self.penalty.uses_point:
             return self.joint(model, x, index)[1]
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"logits must be f(x) of shape (B, d) with B = {x.shape[0]}, got {tuple(logits.shape)}")
         net = unwrap(model)
         if batch_norms(net):
-            raise ValueError("with BatchNorm in training mode f(x + eps v) must be normalized with the clean "
-                             "batch's statistics in the same forward: call reg.joint(model, x, index), not logits=")
+            raise ValueError(
+                "with BatchNorm in training mode f(x + eps v) must be normalized with the clean "
+                "batch's statistics in the same forward: call reg.joint(model, x, index), not logits="
+            )
         free = self._free_ok(net, index)
         v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
         s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)
@@ -334,8 +399,11 @@ class OperatorNormRegularizer(nn.Module):
             state_dict[prefix + "store.seen"] = torch.cat([seen, seen.new_zeros(total - n)])
             pad = bank.new_zeros(total - n, *bank.shape[1:])
             state_dict[prefix + "store.directions"] = torch.cat([bank, pad]) if bank.numel() else bank
-            state_dict[prefix + "store._extra_state"] = {"p": None, "signs": bank.dtype == torch.int8,
-                                                         "num_examples": total}
+            state_dict[prefix + "store._extra_state"] = {
+                "p": None,
+                "signs": bank.dtype == torch.int8,
+                "num_examples": total,
+            }
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sync(self) -> None:

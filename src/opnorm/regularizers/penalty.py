@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,15 +40,23 @@ from opnorm.regularizers.metrics import OutputMetric
 
 __all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
 
-STOCHASTIC: tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                                nn.FeatureAlphaDropout)
+STOCHASTIC: tuple[type, ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def _stochastic(m: nn.Module) -> bool:
     """A module that draws noise in training mode: dropout, or torchvision's stochastic depth
     (recognized by name, so that torchvision need not be imported)."""
     kind = type(m)
-    return isinstance(m, STOCHASTIC) or (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision"))
+    return isinstance(m, STOCHASTIC) or (
+        kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision")
+    )
 
 
 def _rng(device: torch.device):
@@ -97,7 +105,7 @@ class Penalty:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(squared={self.squared}, scale_by_eps={self.scale_by_eps})"
 
-    def reduce(self, s: torch.Tensor, s_sq: Optional[torch.Tensor], lam: float, eps: float) -> torch.Tensor:
+    def reduce(self, s: torch.Tensor, s_sq: torch.Tensor | None, lam: float, eps: float) -> torch.Tensor:
         """Per-example s (B,) -> ``lam * mean(s or s^2)`` with the optional eps scale; ``s_sq``,
         when given, is s^2 computed without a square root."""
         if self.squared:
@@ -124,12 +132,16 @@ def check_paired_noise(net: nn.Module, x: torch.Tensor, rows: int = 4) -> None:
     with torch.no_grad():
         for b, saved in buffers:
             b.copy_(saved)
-    if isinstance(out, torch.Tensor) and out.shape[:1] == (2 * k,) and not torch.allclose(
-            out[:k].float(), out[k:].float(), rtol=1e-4, atol=1e-6, equal_nan=True):
+    if (
+        isinstance(out, torch.Tensor)
+        and out.shape[:1] == (2 * k,)
+        and not torch.allclose(out[:k].float(), out[k:].float(), rtol=1e-4, atol=1e-6, equal_nan=True)
+    ):
         raise ValueError(
             f"the model's forward is random in training mode outside nn.Dropout modules (two forwards of the same "
             f"points differ, e.g. F.dropout in a custom forward): the fd penalty would measure the difference of two "
-            f"random networks, not J(x); use an nn.Dropout module ({type(net).__name__})")
+            f"random networks, not J(x); use an nn.Dropout module ({type(net).__name__})"
+        )
 
 
 class FDPenalty(Penalty):
@@ -137,8 +149,17 @@ class FDPenalty(Penalty):
 
     _noise_checked = False  # the first training-mode call checks the forward (check_paired_noise)
 
-    def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p: torch.Tensor, v, u,
-                 metric: OutputMetric, eps: float):
+    def evaluate(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        x: torch.Tensor,
+        x_p: torch.Tensor,
+        v,
+        u,
+        metric: OutputMetric,
+        eps: float,
+    ):
         """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model``."""
         B = x.shape[0]
         if not self._noise_checked and isinstance(net, nn.Module) and net.training and torch.is_grad_enabled():
@@ -157,12 +178,23 @@ class ExactPenalty(Penalty):
 
     uses_point = False
 
-    def evaluate(self, model: nn.Module, net: nn.Module, x: torch.Tensor, x_p, v: torch.Tensor,
-                 u: torch.Tensor, metric: OutputMetric, eps: float):
+    def evaluate(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        x: torch.Tensor,
+        x_p,
+        v: torch.Tensor,
+        u: torch.Tensor,
+        metric: OutputMetric,
+        eps: float,
+    ):
         """(f(x), s, None, None) from one forward of ``model``: J v differentiable w.r.t. the
         weights by forward-mode AD or double backward (:func:`opnorm.jacobian.differentiable_jvp`)."""
         if batch_norms(net):  # its J v would differentiate the batch statistics w.r.t. the input
-            raise ValueError("ExactPenalty does not support BatchNorm using batch statistics (training mode); use "
-                             "FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics")
+            raise ValueError(
+                "ExactPenalty does not support BatchNorm using batch statistics (training mode); use "
+                "FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics"
+            )
         out, jv = differentiable_jvp(model, x, v)
         return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -58,9 +57,17 @@ class PGASolver:
         generator: seeds the random start vectors (default: the global RNG).
     """
 
-    def __init__(self, iters: int = 10, warm_iters: Optional[int] = None, *, step: float = math.inf,
-                 dynamic: bool = False, free_update: bool = False, route: str = "auto",
-                 generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self,
+        iters: int = 10,
+        warm_iters: int | None = None,
+        *,
+        step: float = math.inf,
+        dynamic: bool = False,
+        free_update: bool = False,
+        route: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.iters = integer(iters, "iters", lo=1)
         self.warm_iters = self.iters if warm_iters is None else integer(warm_iters, "warm_iters", lo=0)
         self.step = math.inf if step is None else number(step, "step", lo=0.0, strict=True, finite=False)
@@ -70,17 +77,27 @@ class PGASolver:
         self.route, self.generator = route, generator
 
     def __repr__(self) -> str:
-        return (f"PGASolver(iters={self.iters}, warm_iters={self.warm_iters}, step={self.step:g}, "
-                f"dynamic={self.dynamic}, free_update={self.free_update})")
+        return (
+            f"PGASolver(iters={self.iters}, warm_iters={self.warm_iters}, step={self.step:g}, "
+            f"dynamic={self.dynamic}, free_update={self.free_update})"
+        )
 
     def random_start(self, n: int, like: torch.Tensor, p: float) -> torch.Tensor:
         """n random unit l_p directions of like's example shape (on the generator's device first)."""
         device = self.generator.device if self.generator is not None else like.device
-        return random_unit((n, *like.shape[1:]), p, dtype=like.dtype, device=device,
-                           generator=self.generator).to(like.device)
+        return random_unit((n, *like.shape[1:]), p, dtype=like.dtype, device=device, generator=self.generator).to(
+            like.device
+        )
 
-    def ascend(self, v: torch.Tensor, g: torch.Tensor, x: torch.Tensor, p: float, eps: float,
-               clip: Optional[tuple[float, float]]) -> torch.Tensor:
+    def ascend(
+        self,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        x: torch.Tensor,
+        p: float,
+        eps: float,
+        clip: tuple[float, float] | None,
+    ) -> torch.Tensor:
         """One PGA step of the direction along g: the power method's ``psi_{p*}(g)``, or a finite
         step in the unit ball, after which (with ``clip``) ``x + eps v`` is kept in the box."""
         v = pga_step(v.to(g.dtype), g, p, 1.0, self.step)
@@ -88,8 +105,18 @@ class PGASolver:
             return v
         return into_box(eps * v, x, clip) / eps
 
-    def run(self, net: nn.Module, x: torch.Tensor, v0: torch.Tensor, iters: int, p: float, eps: float,
-            metric: OutputMetric, clip, measure: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def run(
+        self,
+        net: nn.Module,
+        x: torch.Tensor,
+        v0: torch.Tensor,
+        iters: int,
+        p: float,
+        eps: float,
+        metric: OutputMetric,
+        clip,
+        measure: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``iters`` iterations from v0 on the unwrapped net: (sigma, v, u), detached. Without
         ``measure`` the last J v (only needed for sigma and u) is skipped: sigma NaN, u None."""
         with eval_mode(net), torch.enable_grad(), no_autocast(x.device):

@@ -8,7 +8,6 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,6 @@ from opnorm.losses import full
 from opnorm.validation import integer, number
 
 __all__ = ["GlobalSpectralNormRegularizer"]
-
 
 
 def _layer_matrix(module: nn.Module) -> torch.Tensor:
@@ -107,10 +105,8 @@ class GlobalSpectralNormRegularizer(nn.Module):
             out.append(sigma)
         return out
 
-    def forward(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, model: nn.Module | None = None) -> torch.Tensor:
         check_autograd(self)  # the penalty's gradient, and its power iteration's state
         if model is not None and id(unwrap(model)) != self._net_id:
             raise ValueError("this GlobalSpectralNormRegularizer was built for another model; build one per model")
         return self.lam * torch.stack([full(s) ** 2 for s in self.sigmas()]).sum()
-
-

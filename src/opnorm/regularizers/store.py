@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ class DirectionStore(nn.Module):
     def __init__(self, num_examples: int) -> None:
         super().__init__()
         self.num_examples = integer(num_examples, "num_examples", lo=1)
-        self.p: Optional[float] = None
+        self.p: float | None = None
         self.signs = False
         self.register_buffer("directions", torch.zeros(0))
         self.register_buffer("seen", torch.zeros(self.num_examples, dtype=torch.bool))
@@ -62,8 +62,10 @@ class DirectionStore(nn.Module):
         """Bind to a regularizer's p; ``signs``: the directions are +-1 vectors (stored as int8)."""
         p, signs = norm_order(p, "p"), bool(signs)
         if self.p is not None and (self.p, self.signs) != (p, signs):
-            raise ValueError(f"this DirectionStore already holds {self._kind(self.p, self.signs)}; "
-                             f"a regularizer with {self._kind(p, signs)} needs its own store")
+            raise ValueError(
+                f"this DirectionStore already holds {self._kind(self.p, self.signs)}; "
+                f"a regularizer with {self._kind(p, signs)} needs its own store"
+            )
         self.p, self.signs = p, signs
 
     @staticmethod
@@ -80,13 +82,17 @@ class DirectionStore(nn.Module):
         if not isinstance(index, torch.Tensor):
             index = torch.as_tensor(index)
         if index.shape != (batch,) or index.is_floating_point() or index.dtype == torch.bool:
-            raise ValueError(f"index must be a 1-D integer tensor of dataset indices with one entry per example "
-                             f"(shape ({batch},)), got dtype {index.dtype} and shape {tuple(index.shape)}")
+            raise ValueError(
+                f"index must be a 1-D integer tensor of dataset indices with one entry per example "
+                f"(shape ({batch},)), got dtype {index.dtype} and shape {tuple(index.shape)}"
+            )
         idx = index.to(device=device, dtype=torch.long)
         if batch and (int(idx.min()) < 0 or int(idx.max()) >= self.num_examples):
             bad = int(idx.max()) if int(idx.max()) >= self.num_examples else int(idx.min())
-            raise ValueError(f"index {bad} is out of range for a DirectionStore of {self.num_examples} examples; "
-                             "size the store with the dataset's length")
+            raise ValueError(
+                f"index {bad} is out of range for a DirectionStore of {self.num_examples} examples; "
+                "size the store with the dataset's length"
+            )
         return idx
 
     def lookup(self, idx: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +133,10 @@ class DirectionStore(nn.Module):
 
     def _check_shape(self, shape: tuple) -> None:
         if tuple(self.directions.shape[1:]) != shape:
-            raise ValueError(f"examples of shape {shape} do not fit a store of {tuple(self.directions.shape[1:])}; "
-                             "use one store per dataset")
+            raise ValueError(
+                f"examples of shape {shape} do not fit a store of {tuple(self.directions.shape[1:])}; "
+                "use one store per dataset"
+            )
 
     # -- distributed ----------------------------------------------------------------------
 
@@ -146,8 +154,10 @@ class DirectionStore(nn.Module):
         if top == 0:
             return
         if self.directions.numel() == 0:
-            raise RuntimeError("a rank reached sync() holding no directions while others did: every rank must "
-                               "call the regularizer on the same steps")
+            raise RuntimeError(
+                "a rank reached sync() holding no directions while others did: every rank must "
+                "call the regularizer on the same steps"
+            )
         idx = torch.cat([i for i, _ in pending] + [torch.zeros(top - int(count), dtype=torch.long, device=device)])
         pad = self.directions.new_zeros(top - int(count), *self.directions.shape[1:])
         v = torch.cat([d for _, d in pending] + [pad])
@@ -165,14 +175,18 @@ class DirectionStore(nn.Module):
 
     def get_extra_state(self) -> dict:
         if self._pending:
-            raise RuntimeError("the DirectionStore has updates not yet shared with the other ranks: call "
-                               "sync() on every rank before saving")
+            raise RuntimeError(
+                "the DirectionStore has updates not yet shared with the other ranks: call "
+                "sync() on every rank before saving"
+            )
         return {"p": None if self.p is None else _fmt(self.p), "signs": self.signs, "num_examples": self.num_examples}
 
     def set_extra_state(self, state: dict) -> None:
         pass  # checked before the buffers are copied: see _load_from_state_dict
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, dict):
             self._check_compatible(extra)
@@ -180,23 +194,31 @@ class DirectionStore(nn.Module):
         if isinstance(saved, torch.Tensor) and saved.numel():
             if self.p is not None and (saved.dtype == torch.int8) != self.signs:
                 held = "sign directions (int8)" if saved.dtype == torch.int8 else f"{saved.dtype} directions"
-                raise ValueError(f"the saved DirectionStore holds {held}, but this regularizer uses "
-                                 f"{self._kind(self.p, self.signs)}; load it with the same p and step, or start a new run")
+                raise ValueError(
+                    f"the saved DirectionStore holds {held}, but this regularizer uses "
+                    f"{self._kind(self.p, self.signs)}; load it with the same p and step, or start a new run"
+                )
         if isinstance(saved, torch.Tensor):  # its size is data-dependent: take the saved shape
             self.directions = torch.empty_like(saved, device=self.seen.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_compatible(self, extra: dict) -> None:
         n = extra.get("num_examples")
         if n != self.num_examples:
-            raise ValueError(f"the saved DirectionStore holds {n} examples, this one {self.num_examples}: "
-                             "use a store sized for the same dataset, or start a new run")
+            raise ValueError(
+                f"the saved DirectionStore holds {n} examples, this one {self.num_examples}: "
+                "use a store sized for the same dataset, or start a new run"
+            )
         if extra.get("p") is None or self.p is None:
             return
         saved = (norm_order(extra["p"]), bool(extra.get("signs")))
         if saved != (self.p, self.signs):
-            raise ValueError(f"the saved DirectionStore holds {self._kind(*saved)}, but this regularizer uses "
-                             f"{self._kind(self.p, self.signs)}; load it with the same p and step, or start a new run")
+            raise ValueError(
+                f"the saved DirectionStore holds {self._kind(*saved)}, but this regularizer uses "
+                f"{self._kind(self.p, self.signs)}; load it with the same p and step, or start a new run"
+            )
 
 
 def _usable(v: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,6 @@ Example::
     ...                     mean=splits.mean, std=splits.std)
 """
 
-from opnorm.training.data import (
-    DATASETS,
-    DatasetNotFoundError,
-    DatasetSplits,
-    IndexedTensorDataset,
-    load_dataset,
-    make_loader,
-)
-from opnorm.training.models import MODELS, Normalize, build_model
 from opnorm.training.checkpoint import (
     CheckpointError,
     export_weights,
@@ -27,7 +18,16 @@ from opnorm.training.checkpoint import (
     set_rng_state,
     write_digest,
 )
+from opnorm.training.data import (
+    DATASETS,
+    DatasetNotFoundError,
+    DatasetSplits,
+    IndexedTensorDataset,
+    load_dataset,
+    make_loader,
+)
 from opnorm.training.files import RunLock, RunLockedError
+from opnorm.training.models import MODELS, Normalize, build_model
 
 __all__ = [
     "DATASETS",

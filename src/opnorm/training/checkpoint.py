@@ -163,10 +163,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def _corrupt_message(path: Path, err: BaseException) -> str:
-    return (
-        f"checkpoint {path} is corrupt or truncated ({one_line(err)}); "
-        f"delete it or resume from another checkpoint"
-    )
+    return f"checkpoint {path} is corrupt or truncated ({one_line(err)}); delete it or resume from another checkpoint"
 
 
 # --------------------------------------------------------------------------- safetensors weights
@@ -246,7 +243,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ]
     if missing or unexpected or mismatched:
         parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
                 shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
                 parts.append(f"{label}: {shown}")

@@ -17,15 +17,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from opnorm.norms import norm_order
 from opnorm.validation import integer as _integer
 from opnorm.validation import number as _number
 from opnorm.validation import one_of
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "ON_NAN", "RESUMABLE", "TrainConfig", "OpnormConfig", "default_eps",
-           "DEFAULT_LAM", "migrate", "merge", "check_resume", "defaults_used", "defaults_line"]
+__all__ = [
+    "METHODS",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "ON_NAN",
+    "RESUMABLE",
+    "TrainConfig",
+    "OpnormConfig",
+    "default_eps",
+    "DEFAULT_LAM",
+    "migrate",
+    "merge",
+    "check_resume",
+    "defaults_used",
+    "defaults_line",
+]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -87,26 +101,31 @@ class OpnormConfig:
 
     mode: str = _f("fast", "fast (a store of directions, free step) | paper (10 iterations per batch, nothing kept)")
     output: str = _f("logits", "logits (l_q norm of the logit change) | kl (softmax KL, Fisher metric; q = 2)")
-    iters: Optional[int] = _f(None, "iterations on an example's first visit (fast 3, paper 10)")
-    warm_iters: Optional[int] = _f(None, "iterations on later visits (fast 1, paper = iters)")
-    step: Optional[float] = _f(None, "direction step as a fraction of eps (default inf: the power method; finite: PGA)")
+    iters: int | None = _f(None, "iterations on an example's first visit (fast 3, paper 10)")
+    warm_iters: int | None = _f(None, "iterations on later visits (fast 1, paper = iters)")
+    step: float | None = _f(None, "direction step as a fraction of eps (default inf: the power method; finite: PGA)")
     dynamic: bool = _f(False, "linearize each iteration at x + eps v instead of at x")
     penalty: str = _f("fd", "fd (finite difference, the paper's) | exact (<u, J v> by double backward)")
     scale_by_eps: bool = _f(False, "penalize (eps sigma)^(2|1), the logit-loss scale of logit-at")
-    clip: Optional[bool] = _f(None, "keep x + eps v in the pixel box [0, 1] (fast: on, paper: off)")
-    free_update: Optional[bool] = _f(None, "advance stored directions from the training backward (fast: on)")
+    clip: bool | None = _f(None, "keep x + eps v in the pixel box [0, 1] (fast: on, paper: off)")
+    free_update: bool | None = _f(None, "advance stored directions from the training backward (fast: on)")
     task: str = _f("clean", "clean (CE at x) | perturbed (CE at x + eps v, the penalty's point)")
 
-    def resolved(self) -> "OpnormConfig":
+    def resolved(self) -> OpnormConfig:
         c = dataclasses.replace(self)
         c.mode = one_of(c.mode, OPNORM_MODES, "opnorm.mode")
         c.output = one_of(c.output, OPNORM_OUTPUTS, "opnorm.output")
         c.penalty = one_of(c.penalty, PENALTIES, "opnorm.penalty")
         c.task = one_of(c.task, OPNORM_TASKS, "opnorm.task")
         fast = c.mode == "fast"
-        c.iters = _integer(c.iters if c.iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "opnorm.iters", lo=1)
-        c.warm_iters = _integer(c.warm_iters if c.warm_iters is not None else (FAST_WARM_ITERS if fast else c.iters),
-                                "opnorm.warm_iters", lo=0)
+        c.iters = _integer(
+            c.iters if c.iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "opnorm.iters", lo=1
+        )
+        c.warm_iters = _integer(
+            c.warm_iters if c.warm_iters is not None else (FAST_WARM_ITERS if fast else c.iters),
+            "opnorm.warm_iters",
+            lo=0,
+        )
         c.clip = fast if c.clip is None else c.clip
         c.free_update = fast if c.free_update is None else c.free_update
         if c.step is not None:
@@ -117,7 +136,9 @@ class OpnormConfig:
         if c.output == "kl" and c.penalty != "fd":
             raise ValueError("opnorm.output kl is evaluated by finite differences: use opnorm.penalty fd")
         if c.task == "perturbed" and c.penalty != "fd":
-            raise ValueError("opnorm.task perturbed takes the cross-entropy at the fd point x + eps v: use opnorm.penalty fd")
+            raise ValueError(
+                "opnorm.task perturbed takes the cross-entropy at the fd point x + eps v: use opnorm.penalty fd"
+            )
         return c
 
 
@@ -152,21 +173,25 @@ class TrainConfig:
     method: str = _f("clean", " | ".join(METHODS))
     p: Any = _f(2.0, "threat model l_p (1, 2, inf; any real >= 1 for opnorm)")
     q: Any = _f(2.0, "logit norm l_q of the (p, q) operator norm / logit loss")
-    eps: Optional[float] = _f(None, "radius (default: per dataset and p)")
-    lam: Optional[float] = _f(None, "penalty weight (opnorm, global-snr, logit-at)")
-    iters: Optional[int] = _f(None, "global-snr: power iterations per step (default 1)")
+    eps: float | None = _f(None, "radius (default: per dataset and p)")
+    lam: float | None = _f(None, "penalty weight (opnorm, global-snr, logit-at)")
+    iters: int | None = _f(None, "global-snr: power iterations per step (default 1)")
     squared: bool = _f(True, "opnorm / logit-at: penalize sigma^2 / the squared logit distance")
     opnorm: OpnormConfig = _f(OpnormConfig, "the d.d. operator norm regularizer's options")
     steps: int = _f(10, "PGD steps of training attacks")
-    step_size: Optional[float] = _f(None, "PGD step length (default 2.5 eps / steps)")
+    step_size: float | None = _f(None, "PGD step length (default 2.5 eps / steps)")
     adv_fraction: float = _f(1.0, "share of each batch replaced by adversarial examples")
     beta: float = _f(6.0, "TRADES weight")
-    fgsm_step: Optional[float] = _f(None, "fgsm-rs / n-fgsm / free: attack step as a fraction of eps (default 1.25 / 1 / 1)")
-    fgsm_start: Optional[float] = _f(None, "fgsm-rs / n-fgsm: random start radius as a fraction of eps (default 1 / 2)")
-    replays: Optional[int] = _f(None, "free: optimizer steps per minibatch (default 4); free makes epochs / replays passes")
+    fgsm_step: float | None = _f(
+        None, "fgsm-rs / n-fgsm / free: attack step as a fraction of eps (default 1.25 / 1 / 1)"
+    )
+    fgsm_start: float | None = _f(None, "fgsm-rs / n-fgsm: random start radius as a fraction of eps (default 1 / 2)")
+    replays: int | None = _f(
+        None, "free: optimizer steps per minibatch (default 4); free makes epochs / replays passes"
+    )
     epochs: int = _f(10, "epochs")
     batch_size: int = _f(64, "batch size per process")
-    lr: Optional[float] = _f(None, "learning rate (default: sgd 0.05, adam 1e-3)")
+    lr: float | None = _f(None, "learning rate (default: sgd 0.05, adam 1e-3)")
     optimizer: str = _f("sgd", "sgd | adam | rmsprop (torch's defaults: alpha 0.99, no momentum)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay")
@@ -175,28 +200,32 @@ class TrainConfig:
     # written by a resume that changed epochs, one {"epoch": E, "replaced_epochs": H} each (E: epochs done then,
     # H: the horizon replaced); from epoch E the learning rate falls on from its last value (training.schedule)
     schedule_extensions: list = dataclasses.field(default_factory=list, metadata={"flag": False})
-    on_nan: str = _f("stop", "a non-finite loss or gradients: stop the run at once | skip the batch (counted in the "
-                     "metrics; non-finite weights still stop it)")
+    on_nan: str = _f(
+        "stop",
+        "a non-finite loss or gradients: stop the run at once | skip the batch (counted in the "
+        "metrics; non-finite weights still stop it)",
+    )
     eval_points: int = _f(200, "test points for the per-epoch PGD and operator-norm metrics")
     eval_steps: int = _f(20, "PGD steps of the per-epoch robustness metric")
-    eval_every: int = _f(1, "evaluate (accuracy, PGD, operator norm) every N epochs and after the last one; "
-                         "0: only after the last epoch")
-    norm_iters: Optional[int] = _f(None, "power iterations of the per-epoch operator-norm metric")
-    out: Optional[str] = _f(None, "run directory")
+    eval_every: int = _f(
+        1, "evaluate (accuracy, PGD, operator norm) every N epochs and after the last one; 0: only after the last epoch"
+    )
+    norm_iters: int | None = _f(None, "power iterations of the per-epoch operator-norm metric")
+    out: str | None = _f(None, "run directory")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    data_dir: Optional[str] = _f(None, "dataset directory")
+    data_dir: str | None = _f(None, "dataset directory")
     download: bool = _f(False, "download missing datasets (needs torchvision)")
-    limit_train: Optional[int] = _f(None, "use only the first N training examples")
-    limit_test: Optional[int] = _f(None, "use only the first N test examples")
-    width: Optional[int] = _f(None, "model width (default: the model's)")
+    limit_train: int | None = _f(None, "use only the first N training examples")
+    limit_test: int | None = _f(None, "use only the first N test examples")
+    width: int | None = _f(None, "model width (default: the model's)")
     amp: bool = _f(False, "mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     compile: Any = _f(False, "torch.compile the model (true, or a backend name such as aot_eager)", flag="compile")
     num_workers: int = _f(0, "data loader workers")
-    progress: Optional[bool] = _f(None, "progress bars (default: when stderr is a terminal)")
+    progress: bool | None = _f(None, "progress bars (default: when stderr is a terminal)")
     # the paper's own training setup (see the class docstring); checked by _resolve_paper_setup
     train_loss: str = _f("ce", "ce | multi-margin (nn.MultiMarginLoss, the paper's code)")
     adv_append: float = _f(0.0, "pgd-at: share of the batch whose adversarial versions are appended (paper: 0.75)")
-    input_range: Optional[list] = _f(None, "lo,hi: the model maps pixels [0, 1] onto [lo, hi] (paper: -1,1)")
+    input_range: list | None = _f(None, "lo,hi: the model maps pixels [0, 1] onto [lo, hi] (paper: -1,1)")
 
     # -- conversion ---------------------------------------------------------------------
 
@@ -208,7 +237,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a dict (e.g. a parsed config.json, nested or in the older flat form, see
         :func:`migrate`); unknown keys are an error."""
         if not isinstance(d, dict):
@@ -223,12 +252,12 @@ class TrainConfig:
             section = OpnormConfig(**section)
         return cls(**{**d, "opnorm": section})
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # -- validation and defaults ----------------------------------------------------------
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A validated copy with every ``None`` default filled in; raises ValueError/TypeError."""
         c = dataclasses.replace(self)
         _resolve_choices(c)
@@ -259,7 +288,9 @@ def _check_keys(d: dict, cls: type, prefix: str) -> None:
     unknown = sorted(set(d) - names)
     if unknown:
         shown = ", ".join(prefix + k for k in unknown)
-        raise ValueError(f"unknown config field(s) {shown}; valid fields: {', '.join(prefix + n for n in sorted(names))}")
+        raise ValueError(
+            f"unknown config field(s) {shown}; valid fields: {', '.join(prefix + n for n in sorted(names))}"
+        )
 
 
 def _resolve_choices(c: TrainConfig) -> None:
@@ -317,13 +348,19 @@ def _check_method(c: TrainConfig) -> None:
         if o.output == "kl" and c.q != 2:
             raise ValueError("opnorm.output kl is a 2-norm (the softmax's Fisher metric): use q 2")
         if o.penalty == "fd" and c.eps == 0:
-            raise ValueError("method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --opnorm-penalty exact")
+            raise ValueError(
+                "method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --opnorm-penalty exact"
+            )
         if o.step not in (None, math.inf) and c.p not in (1.0, 2.0, math.inf):
-            raise ValueError(f"opnorm.step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
-                             "(leave opnorm.step unset for the power method)")
+            raise ValueError(
+                f"opnorm.step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
+                "(leave opnorm.step unset for the power method)"
+            )
         if o.penalty == "exact" and c.compile is not False:
-            raise ValueError("penalty exact needs double backward, which torch.compile does not support; drop --compile "
-                             "or use --opnorm-penalty fd")
+            raise ValueError(
+                "penalty exact needs double backward, which torch.compile does not support; drop --compile "
+                "or use --opnorm-penalty fd"
+            )
     if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
         raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")
 
@@ -345,22 +382,30 @@ def _resolve_fast_at(c: TrainConfig) -> None:
     if c.eps == 0:
         raise ValueError(f"method {c.method} needs eps > 0 (its steps are fractions of eps)")
     if c.adv_fraction != 1:
-        raise ValueError(f"method {c.method} attacks the whole batch: adv_fraction applies to pgd-at, logit-at and trades only")
+        raise ValueError(
+            f"method {c.method} attacks the whole batch: adv_fraction applies to pgd-at, logit-at and trades only"
+        )
     if c.method == "free":
         if c.fgsm_start is not None:
-            raise ValueError("method free has no random start (its perturbation carries over between replays): drop fgsm_start")
+            raise ValueError(
+                "method free has no random start (its perturbation carries over between replays): drop fgsm_start"
+            )
         c.fgsm_step = FREE_DEFAULT_STEP if c.fgsm_step is None else c.fgsm_step
         c.replays = FREE_DEFAULT_REPLAYS if c.replays is None else c.replays
         if c.epochs % c.replays:
             lo, hi = (c.epochs // c.replays) * c.replays, (c.epochs // c.replays + 1) * c.replays
-            raise ValueError(f"method free makes epochs / replays passes over the data: epochs ({c.epochs}) must be a "
-                             f"multiple of replays ({c.replays}), e.g. {f'{lo} or {hi}' if lo else hi}")
+            raise ValueError(
+                f"method free makes epochs / replays passes over the data: epochs ({c.epochs}) must be a "
+                f"multiple of replays ({c.replays}), e.g. {f'{lo} or {hi}' if lo else hi}"
+            )
         return
     if c.replays is not None:
         raise ValueError(f"replays applies to method free only, not {c.method}: drop it")
     start, step, _ = SINGLE_STEP_DEFAULTS[c.method]
     c.fgsm_start = start if c.fgsm_start is None else c.fgsm_start
     c.fgsm_step = step if c.fgsm_step is None else c.fgsm_step
+
+
 def _resolve_paper_setup(c: TrainConfig) -> None:
     """Validate train_loss, adv_append and input_range in place (see TrainConfig)."""
     c.train_loss = one_of(c.train_loss, TRAIN_LOSSES, "train_loss")
@@ -384,9 +429,18 @@ def _resolve_paper_setup(c: TrainConfig) -> None:
 # -- the older flat form -------------------------------------------------------------------
 
 # flat key of configs written before the regularizer's options were nested -> opnorm.<name>
-FLAT_KEYS = {"opnorm_mode": "mode", "opnorm_output": "output", "opnorm_task": "task", "opnorm_step": "step",
-             "opnorm_clip": "clip", "warm_iters": "warm_iters", "free_update": "free_update", "penalty": "penalty",
-             "dynamic": "dynamic", "scale_by_eps": "scale_by_eps"}
+FLAT_KEYS = {
+    "opnorm_mode": "mode",
+    "opnorm_output": "output",
+    "opnorm_task": "task",
+    "opnorm_step": "step",
+    "opnorm_clip": "clip",
+    "warm_iters": "warm_iters",
+    "free_update": "free_update",
+    "penalty": "penalty",
+    "dynamic": "dynamic",
+    "scale_by_eps": "scale_by_eps",
+}
 
 
 def migrate(d: dict[str, Any]) -> dict[str, Any]:
@@ -405,8 +459,10 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
     for k in flat:
         if k == "opnorm_iteration":
             if d[k] != "linear":
-                raise ValueError(f"opnorm_iteration {d[k]!r} was removed (it matched the linear iteration at a higher "
-                                 "cost); drop the key to use the linear iteration")
+                raise ValueError(
+                    f"opnorm_iteration {d[k]!r} was removed (it matched the linear iteration at a higher "
+                    "cost); drop the key to use the linear iteration"
+                )
             continue
         section[FLAT_KEYS[k]] = d[k]
     if d.get("method") == "opnorm" and "iters" in out:
@@ -416,9 +472,14 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # what each method trains with, beyond p, eps and lr, that resolved() fills in when it is not given
-_METHOD_SETTINGS = {"opnorm": ("q", "lam"), "logit-at": ("q", "lam"), "global-snr": ("lam",),
-                    "fgsm-rs": ("fgsm_start", "fgsm_step"), "n-fgsm": ("fgsm_start", "fgsm_step"),
-                    "free": ("fgsm_step", "replays")}
+_METHOD_SETTINGS = {
+    "opnorm": ("q", "lam"),
+    "logit-at": ("q", "lam"),
+    "global-snr": ("lam",),
+    "fgsm-rs": ("fgsm_start", "fgsm_step"),
+    "n-fgsm": ("fgsm_start", "fgsm_step"),
+    "free": ("fgsm_step", "replays"),
+}
 
 
 def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -442,8 +503,9 @@ def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
     """
     used = defaults_used(given, cfg)
     shown = " ".join(f"--{k.replace('_', '-')} {'inf' if v == math.inf else f'{v:g}'}" for k, v in used.items())
-    return f"{cfg.method} on {cfg.dataset} ({cfg.model}); " + (f"not set, so from defaults: {shown}" if used else
-                                                                 "every setting of the method given")
+    return f"{cfg.method} on {cfg.dataset} ({cfg.model}); " + (
+        f"not set, so from defaults: {shown}" if used else "every setting of the method given"
+    )
 
 
 def merge(*dicts: dict[str, Any]) -> dict[str, Any]:
@@ -466,30 +528,45 @@ def _extensions(value: Any, epochs: int) -> list[dict[str, int]]:
     out: list[dict[str, int]] = []
     for item in value:
         if not isinstance(item, dict) or set(item) != {"epoch", "replaced_epochs"}:
-            raise ValueError(f"each schedule_extensions entry is {{\"epoch\": E, \"replaced_epochs\": H}}, got {item!r}")
+            raise ValueError(f'each schedule_extensions entry is {{"epoch": E, "replaced_epochs": H}}, got {item!r}')
         e = _integer(item["epoch"], "schedule_extensions epoch", lo=1)
         h = _integer(item["replaced_epochs"], "schedule_extensions replaced_epochs", lo=e)
         if out and e <= out[-1]["epoch"]:
             raise ValueError(f"schedule_extensions epochs must increase, got {value!r}")
         out.append({"epoch": e, "replaced_epochs": h})
     if out and out[-1]["epoch"] >= epochs:
-        raise ValueError(f"schedule_extensions end at epoch {out[-1]['epoch']} but epochs is {epochs}; "
-                         "drop schedule_extensions for a fresh schedule")
+        raise ValueError(
+            f"schedule_extensions end at epoch {out[-1]['epoch']} but epochs is {epochs}; "
+            "drop schedule_extensions for a fresh schedule"
+        )
     return out
 
 
 # Settings a resumed run may change: where and how it runs and what it measures, never what it
 # trains. epochs is special: a change extends (or shortens) the run, recorded in
 # schedule_extensions. Every other key (dotted inside nested sections) defines the trajectory.
-RESUMABLE = frozenset({
-    "epochs", "out", "device", "progress", "num_workers", "data_dir", "download",
-    "eval_points", "eval_steps", "eval_every", "norm_iters", "limit_test", "on_nan",
-})
+RESUMABLE = frozenset(
+    {
+        "epochs",
+        "out",
+        "device",
+        "progress",
+        "num_workers",
+        "data_dir",
+        "download",
+        "eval_points",
+        "eval_steps",
+        "eval_every",
+        "norm_iters",
+        "limit_test",
+        "on_nan",
+    }
+)
 
 _ABSENT = object()
 
 
-def _first_difference(old: Any, new: Any, key: str = "") -> Optional[tuple[str, Any, Any]]:
+def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
             dotted = f"{key}.{k}" if key else str(k)

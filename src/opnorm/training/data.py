@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,9 +94,7 @@ class IndexedTensorDataset(Dataset):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(
-                f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}"
-            )
+            raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
         if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"x must have shape (N, ...) and y shape (N,) with the same N, "
@@ -344,9 +342,7 @@ def _load_digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=360, stratify=labels, random_state=0
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=360, stratify=labels, random_state=0)
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.from_numpy(labels)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
@@ -354,6 +350,7 @@ def _load_digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 
 # --------------------------------------------------------------------------- IDX (MNIST-style)
+
 
 def _find_files(candidates: Sequence[Path], names: Sequence[str], gz_ok: bool) -> dict[str, Path] | None:
     """The first directory among candidates that holds every name (or name.gz)."""

@@ -33,14 +33,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["DistContext", "setup", "cleanup", "wrap", "barrier", "sampler", "all_reduce_mean", "resolve_device", "launched", "broadcast_object"]
+__all__ = [
+    "DistContext",
+    "setup",
+    "cleanup",
+    "wrap",
+    "barrier",
+    "sampler",
+    "all_reduce_mean",
+    "resolve_device",
+    "launched",
+    "broadcast_object",
+]
 
 
 @dataclass
@@ -51,7 +61,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -121,7 +131,7 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def sampler(dataset: Dataset, ctx: DistContext, *, seed: int, shuffle: bool = True) -> Optional[DistributedSampler]:
+def sampler(dataset: Dataset, ctx: DistContext, *, seed: int, shuffle: bool = True) -> DistributedSampler | None:
     """A seeded DistributedSampler for this rank (None alone); call ``set_epoch`` every epoch."""
     if not ctx.distributed:
         return None

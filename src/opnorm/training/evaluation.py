@@ -8,7 +8,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ def robust_accuracy(
     steps: int = 20,
     restarts: int = 1,
     loss: str = "ce",
-    step_size: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
     batch_size: int = 256,
     progress: bool = False,
     best_iterate: bool = True,
@@ -57,15 +57,31 @@ def robust_accuracy(
     ``generator``: draws the random starts, its stream going on (None: torch's global generator).
     ``progress`` shows a bar over the batches (on stderr).
     """
-    atk = PGDAttack(steps=steps, restarts=restarts, loss=loss, step_size=step_size, schedule=schedule, seed=None,
-                    generator=generator, batch_size=batch_size, best_iterate=best_iterate)
+    atk = PGDAttack(
+        steps=steps,
+        restarts=restarts,
+        loss=loss,
+        step_size=step_size,
+        schedule=schedule,
+        seed=None,
+        generator=generator,
+        batch_size=batch_size,
+        best_iterate=best_iterate,
+    )
     return evaluate(model, x, y, eps=[eps], p=p, attacks=[atk], every_example=True, progress=progress).accuracy(
-        "pgd", eps)
+        "pgd", eps
+    )
 
 
 def mean_operator_norm(
-    model: nn.Module, x: torch.Tensor, p: Any, q: Any, *, iters: Optional[int] = None,
-    generator: Optional[torch.Generator] = None, batch_size: int = 256,
+    model: nn.Module,
+    x: torch.Tensor,
+    p: Any,
+    q: Any,
+    *,
+    iters: int | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
 ) -> float:
     """Mean over x of ``||J(x)||_{p->q}`` (:func:`opnorm.power.operator_norm`, method "auto")."""
     from opnorm.power import operator_norm
@@ -79,14 +95,17 @@ def mean_operator_norm(
     return total / max(1, x.shape[0])
 
 
-def _evaluate(model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False
+) -> dict[str, float]:
     # Own generators: evaluation never draws from the training RNG streams.
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
     xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]
     out = {"accuracy": accuracy(model, splits.test.x, splits.test.y)}
     out["robust_accuracy"] = None  # PGD has no other l_p ball (the trainer says so once)
     if cfg.p in PGD_ORDERS:
-        out["robust_accuracy"] = robust_accuracy(model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps,
-                                                 generator=gen, progress=show)
+        out["robust_accuracy"] = robust_accuracy(
+            model, xs, ys, eps=cfg.eps, p=cfg.p, steps=cfg.eval_steps, generator=gen, progress=show
+        )
     out["operator_norm"] = mean_operator_norm(model, xs, cfg.p, cfg.q, iters=cfg.norm_iters, generator=gen)
     return out

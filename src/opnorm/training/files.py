@@ -26,8 +26,9 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, Optional
+from typing import IO
 
 __all__ = [
     "CheckpointError",
@@ -309,9 +310,9 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike, flag: str = "--out") -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self.flag = flag  # the option that names the directory, for the messages
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
@@ -321,13 +322,16 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as err:  # ELOOP: a link planted after the check above
-            raise UnsafePathError(f"cannot open lock file {self.path} ({err.strerror}); remove it (rm {self.path}) "
-                                  f"and rerun") from None
+            raise UnsafePathError(
+                f"cannot open lock file {self.path} ({err.strerror}); remove it (rm {self.path}) and rerun"
+            ) from None
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a FIFO, or a hard link to another file
             os.close(fd)
-            raise UnsafePathError(f"lock file {self.path} is not a plain file of its own (it has {info.st_nlink} "
-                                  f"links or is a special file); remove it (rm {self.path}) and rerun")
+            raise UnsafePathError(
+                f"lock file {self.path} is not a plain file of its own (it has {info.st_nlink} "
+                f"links or is a special file); remove it (rm {self.path}) and rerun"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

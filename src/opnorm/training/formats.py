@@ -147,7 +147,16 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             # latin1 turns python-2 str (the real files) into str that numpy reads as bytes.
             batch = RestrictedUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+    ) as err:
         raise ValueError(f"{path}: not a valid CIFAR-10 batch ({type(err).__name__}: {err})") from err
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR-10 batch (a pickled {type(batch).__name__}, expected a dict)")
@@ -163,5 +172,3 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: 'labels' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
     _check_labels(labels, path)
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-

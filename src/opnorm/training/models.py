@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -53,9 +53,15 @@ class Normalize(nn.Module):
         tensor(2.)
     """
 
-    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, num_channels: int | None = None):
+    def __init__(
+        self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, num_channels: int | None = None
+    ):
         super().__init__()
-        c = num_channels if num_channels is not None else len(mean if mean is not None else std if std is not None else [0.0])
+        c = (
+            num_channels
+            if num_channels is not None
+            else len(mean if mean is not None else std if std is not None else [0.0])
+        )
         # Validate as Python floats: works under any default device (including "meta").
         mean_l = [0.0] * c if mean is None else [float(v) for v in mean]
         std_l = [1.0] * c if std is None else [float(v) for v in std]
@@ -89,7 +95,14 @@ class MLP(nn.Sequential):
         mean, std: Normalize statistics (length C).
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, hidden: Sequence[int] = (128, 128), mean=None, std=None):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        hidden: Sequence[int] = (128, 128),
+        mean=None,
+        std=None,
+    ):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["normalize"] = Normalize(mean, std, num_channels=input_shape[0])
         layers["flatten"] = nn.Flatten()
@@ -116,7 +129,15 @@ class SmallCNN(nn.Sequential):
         mean, std: Normalize statistics.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32, hidden: int = 128, mean=None, std=None):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        width: int = 32,
+        hidden: int = 128,
+        mean=None,
+        std=None,
+    ):
         c, h, w = input_shape
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["normalize"] = Normalize(mean, std, num_channels=c)
@@ -153,7 +174,7 @@ class VGG(nn.Sequential):
         super().__init__(_plan_layers(self.PLAN, input_shape, num_classes, width, mean, std, conv))
 
 
-def _plan_layers(plan, input_shape, num_classes, width, mean, std, conv) -> "OrderedDict[str, nn.Module]":
+def _plan_layers(plan, input_shape, num_classes, width, mean, std, conv) -> OrderedDict[str, nn.Module]:
     """Normalize, then per plan item a conv (``conv(c_in, c_out, last, h, w) -> (module, h, w)``)
     with ``BatchNorm2d(affine=False)`` and ReLU, or "M": a 2x2 max-pool (skipped where a side
     would fall below 1); then flatten and a linear classifier."""
@@ -291,7 +312,15 @@ class WideResNet(nn.Module):
         mean, std: Normalize statistics.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, depth: int = 28, widen_factor: int = 10, mean=None, std=None):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        depth: int = 28,
+        widen_factor: int = 10,
+        mean=None,
+        std=None,
+    ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
@@ -303,7 +332,11 @@ class WideResNet(nn.Module):
         self.conv1 = _conv3x3(input_shape[0], widths[0])
         groups, cin = [], widths[0]
         for cout, stride in zip(widths[1:], (1, 2, 2)):
-            groups.append(nn.Sequential(*[WideBasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]))
+            groups.append(
+                nn.Sequential(
+                    *[WideBasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+                )
+            )
             cin = cout
         self.block1, self.block2, self.block3 = groups
         self.bn = nn.BatchNorm2d(cin)

@@ -9,16 +9,22 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-from opnorm.regularizers import (DirectionStore, ExactPenalty, FDPenalty, FisherKL, LogitNorm,
-                                 OperatorNormRegularizer, PGASolver)
+from opnorm.regularizers import (
+    DirectionStore,
+    ExactPenalty,
+    FDPenalty,
+    FisherKL,
+    LogitNorm,
+    OperatorNormRegularizer,
+    PGASolver,
+)
 from opnorm.training.config import TrainConfig
 
 __all__ = ["opnorm_regularizer"]
 
 
-def opnorm_regularizer(cfg: TrainConfig, num_examples: Optional[int]) -> OperatorNormRegularizer:
+def opnorm_regularizer(cfg: TrainConfig, num_examples: int | None) -> OperatorNormRegularizer:
     """The d.d. operator norm regularizer that ``cfg`` (resolved, method opnorm) describes.
 
     ``cfg.opnorm`` picks the parts: the metric (output), the solver (iters, warm_iters, step,
@@ -31,10 +37,22 @@ def opnorm_regularizer(cfg: TrainConfig, num_examples: Optional[int]) -> Operato
     if fast and num_examples is None:
         raise ValueError("the fast opnorm mode keeps one direction per training example: pass num_examples")
     metric = FisherKL() if o.output == "kl" else LogitNorm(cfg.q)
-    solver = PGASolver(o.iters, o.warm_iters, step=math.inf if o.step is None else o.step, dynamic=o.dynamic,
-                       free_update=fast and o.free_update)
+    solver = PGASolver(
+        o.iters,
+        o.warm_iters,
+        step=math.inf if o.step is None else o.step,
+        dynamic=o.dynamic,
+        free_update=fast and o.free_update,
+    )
     penalty = (FDPenalty if o.penalty == "fd" else ExactPenalty)(squared=cfg.squared, scale_by_eps=o.scale_by_eps)
     return OperatorNormRegularizer(
-        cfg.p, cfg.q, cfg.eps, cfg.lam, metric=metric, solver=solver, penalty=penalty,
-        store=DirectionStore(num_examples) if fast else None, clip=(0.0, 1.0) if o.clip else None,
+        cfg.p,
+        cfg.q,
+        cfg.eps,
+        cfg.lam,
+        metric=metric,
+        solver=solver,
+        penalty=penalty,
+        store=DirectionStore(num_examples) if fast else None,
+        clip=(0.0, 1.0) if o.clip else None,
     )

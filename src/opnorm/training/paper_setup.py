@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,9 @@ class AppendedAdversarialLoss(nn.Module):
             attack's default 2.5 eps / steps).
     """
 
-    def __init__(self, task: TaskLoss, share: float, eps: float, p: float, *, steps: int = 10,
-                 step_size: Optional[float] = None) -> None:
+    def __init__(
+        self, task: TaskLoss, share: float, eps: float, p: float, *, steps: int = 10, step_size: float | None = None
+    ) -> None:
         super().__init__()
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
@@ -68,19 +69,30 @@ class AppendedAdversarialLoss(nn.Module):
         p = "inf" if self.p == math.inf else f"{self.p:g}"
         return f"share={self.share:g}, eps={self.eps:g}, p={p}, steps={self.steps}"
 
-    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from opnorm.attacks import pgd
 
         k = round(self.share * x.shape[0])
         if k > 0:
             with torch.autocast(x.device.type, enabled=False):
-                x_adv = pgd(unwrap(net), x[:k], y[:k], eps=self.eps, p=self.p, loss="ce", steps=self.steps,
-                            step_size=self.step_size, random_start=True).detach()
+                x_adv = pgd(
+                    unwrap(net),
+                    x[:k],
+                    y[:k],
+                    eps=self.eps,
+                    p=self.p,
+                    loss="ce",
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    random_start=True,
+                ).detach()
             x, y = torch.cat([x, x_adv]), torch.cat([y, y[:k]])
         return self.task(forward(net, x).float(), y)
 
 
-def input_normalization(input_range: Optional[Sequence[float]], mean: Sequence[float], std: Sequence[float]):
+def input_normalization(input_range: Sequence[float] | None, mean: Sequence[float], std: Sequence[float]):
     """(mean, std) for the model's ``Normalize``: the data's statistics, or with
     ``input_range = [lo, hi]`` the affine map of [0, 1] onto [lo, hi] (mean -lo / (hi - lo),
     std 1 / (hi - lo) per channel).

@@ -72,8 +72,10 @@ def checked_dir(path: str | Path, flag: str) -> Path:
         raise ValueError(f"{flag} is empty ({str(path)!r}; an unset shell variable?); pass the directory's name")
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise ValueError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create that "
-                         f"directory or choose another {flag}")
+        raise ValueError(
+            f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create that "
+            f"directory or choose another {flag}"
+        )
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; pass a directory")
     return path
@@ -103,8 +105,9 @@ class RunDir:
         ``force``, write into a directory holding files that no opnorm run writes."""
         self._check_is_dir()
         if self.checkpoint.exists():
-            raise ValueError(f"{self.path} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
-                             f"choose another --out")
+            raise ValueError(
+                f"{self.path} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out"
+            )
         if force or not self.path.is_dir():
             return
         foreign = sorted(p.name for p in self.path.iterdir() if not self._ours(p.name))
@@ -112,8 +115,10 @@ class RunDir:
             foreign = [CONFIG]
         if foreign:
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
-            raise ValueError(f"--out {self.path} holds files that are not an opnorm run's ({shown}); choose a new or "
-                             f"empty directory, or pass --force to write the run's files into it anyway")
+            raise ValueError(
+                f"--out {self.path} holds files that are not an opnorm run's ({shown}); choose a new or "
+                f"empty directory, or pass --force to write the run's files into it anyway"
+            )
 
     @staticmethod
     def _ours(name: str) -> bool:
@@ -154,8 +159,10 @@ class RunDir:
         return state
 
     def _damaged(self, key: str, why: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {self.checkpoint} has a damaged {key!r} entry ({why}); it was not written "
-                               f"by opnorm train for this run: resume from another checkpoint or start a new run")
+        return CheckpointError(
+            f"checkpoint {self.checkpoint} has a damaged {key!r} entry ({why}); it was not written "
+            f"by opnorm train for this run: resume from another checkpoint or start a new run"
+        )
 
     def remove_stale_files(self) -> list[Path]:
         """Temp files of a writer killed mid-save (call holding the lock)."""

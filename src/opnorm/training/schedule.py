@@ -58,8 +58,9 @@ def extended(cfg: TrainConfig, saved: TrainConfig, completed: int) -> TrainConfi
         return cfg
     if new <= completed:
         done = completed * replays_per_batch(cfg)  # in epochs, as --epochs counts them (free: passes x replays)
-        raise ValueError(f"the run has completed {done} epochs; to extend it pass --epochs larger than that "
-                         f"(got {cfg.epochs})")
+        raise ValueError(
+            f"the run has completed {done} epochs; to extend it pass --epochs larger than that (got {cfg.epochs})"
+        )
     ext = [*cfg.schedule_extensions, {"epoch": completed, "replaced_epochs": old}]
     return cfg.replace(schedule_extensions=ext).resolved()
 

@@ -39,13 +39,13 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from opnorm.attacks import PGD_ORDERS
@@ -80,6 +80,7 @@ __all__ = [
     "WEIGHTS",
 ]
 
+
 @dataclass
 class TrainResult:
     """What :func:`train` returns.
@@ -97,7 +98,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     config: TrainConfig
-    run_dir: Optional[Path] = None
+    run_dir: Path | None = None
     completed: bool = True
 
 
@@ -122,17 +123,18 @@ class Objective(nn.Module):
       replays each batch ``cfg.replays`` times).
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, num_examples: Optional[int] = None) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, num_examples: int | None = None) -> None:
         super().__init__()
         self.method = cfg.method
-        self.reg: Optional[nn.Module] = None
-        self.at: Optional[nn.Module] = None
+        self.reg: nn.Module | None = None
+        self.at: nn.Module | None = None
         self.task = cfg.opnorm.task
         self.loss_fn = task_loss(cfg.train_loss)  # cross-entropy unless the paper's multi-margin loss
-        self.appended: Optional[AppendedAdversarialLoss] = None
+        self.appended: AppendedAdversarialLoss | None = None
         if cfg.method == "pgd-at" and cfg.adv_append > 0:  # the paper's batch: adversarial examples appended
-            self.appended = AppendedAdversarialLoss(self.loss_fn, cfg.adv_append, cfg.eps, cfg.p, steps=cfg.steps,
-                                                    step_size=cfg.step_size)
+            self.appended = AppendedAdversarialLoss(
+                self.loss_fn, cfg.adv_append, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size
+            )
         elif cfg.method == "opnorm":
             # fast mode keeps a store of directions by dataset index (in state_dict: checkpoints
             # resume exactly); the batch's index reaches it through joint()
@@ -142,8 +144,15 @@ class Objective(nn.Module):
         elif cfg.method in ("pgd-at", "logit-at", "trades"):
             kind = {"pgd-at": "ce", "logit-at": "logit", "trades": "trades"}[cfg.method]
             self.at = AdversarialTrainingLoss(
-                kind, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size, q=cfg.q,
-                lam=cfg.beta if kind == "trades" else cfg.lam, squared=cfg.squared, adv_fraction=cfg.adv_fraction,
+                kind,
+                cfg.eps,
+                cfg.p,
+                steps=cfg.steps,
+                step_size=cfg.step_size,
+                q=cfg.q,
+                lam=cfg.beta if kind == "trades" else cfg.lam,
+                squared=cfg.squared,
+                adv_fraction=cfg.adv_fraction,
             )
         elif cfg.method in FAST_AT_METHODS:
             self.at = fast_at_loss(cfg)
@@ -154,7 +163,7 @@ class Objective(nn.Module):
             if callable(getattr(part, "sync", None)):
                 part.sync()
 
-    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor] = None):
+    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None):
         logs: dict[str, float] = {}
         if self.appended is not None:
             return self.appended(net, x, y, index), logs
@@ -239,7 +248,7 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
-def _as_settings(config: Union[TrainConfig, dict, None], overrides: dict[str, Any]) -> Union[TrainConfig, dict]:
+def _as_settings(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig | dict:
     """A complete TrainConfig, or a dict of the settings given (the rest: defaults, or on resume the run's)."""
     if config is None:
         config = {}
@@ -250,7 +259,7 @@ def _as_settings(config: Union[TrainConfig, dict, None], overrides: dict[str, An
     return config.replace(**overrides) if overrides else config
 
 
-def _resume_config(given: Union[TrainConfig, dict], state: dict, run: RunDir) -> TrainConfig:
+def _resume_config(given: TrainConfig | dict, state: dict, run: RunDir) -> TrainConfig:
     """The resumed run's config: the checkpoint's, changed only where RESUMABLE allows."""
     try:
         saved = TrainConfig.from_dict(state["config"]).resolved()
@@ -263,20 +272,21 @@ def _resume_config(given: Union[TrainConfig, dict], state: dict, run: RunDir) ->
     merged = merge(saved.to_dict(), settings)  # the opnorm section key by key
     epochs = merged.get("epochs")
     if isinstance(epochs, int) and epochs != saved.epochs and epochs <= completed:
-        raise ValueError(f"{run.path} has completed {completed} epochs; to extend it pass --epochs larger than that "
-                         f"(got {epochs})")
+        raise ValueError(
+            f"{run.path} has completed {completed} epochs; to extend it pass --epochs larger than that (got {epochs})"
+        )
     cfg = TrainConfig.from_dict(merged).resolved()
     check_resume(saved.to_dict(), cfg.to_dict(), str(run.path))
     return extended(cfg, saved, int(state["epoch"]))
 
 
 def train(
-    config: Union[TrainConfig, dict, None] = None,
+    config: TrainConfig | dict | None = None,
     *,
     resume: bool = False,
-    stop_after: Optional[int] = None,
+    stop_after: int | None = None,
     verbose: bool = False,
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
     force: bool = False,
     **overrides: Any,
 ) -> TrainResult:
@@ -333,16 +343,19 @@ def train(
             state = run.load_for_resume()
             cfg = _resume_config(given, state, run)
             if verbose and len(cfg.schedule_extensions) > len(state["config"].get("schedule_extensions", [])):
-                say(f"extending the run from {state['config']['epochs']} to {cfg.epochs} epochs: the learning rate "
-                    f"goes on falling from epoch {state['epoch']} on (recorded in {CONFIG} as schedule_extensions)")
+                say(
+                    f"extending the run from {state['config']['epochs']} to {cfg.epochs} epochs: the learning rate "
+                    f"goes on falling from epoch {state['epoch']} on (recorded in {CONFIG} as schedule_extensions)"
+                )
         else:
             cfg = (given if isinstance(given, TrainConfig) else TrainConfig.from_dict(given)).resolved()
             if run is not None:
                 run.refuse_existing(force)
         ctx = D.setup(cfg.device)
         try:
-            splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
-                                  limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+            splits = load_dataset(
+                cfg.dataset, cfg.data_dir, download=cfg.download, limit_train=cfg.limit_train, limit_test=cfg.limit_test
+            )
             if run is not None and writer:
                 if not resume:  # locked only now, so that a config or data error leaves no directory
                     stack.enter_context(run.lock())
@@ -378,26 +391,32 @@ def _check_same_run(state: dict, facts: dict, cfg: TrainConfig, where: str) -> N
     if old != facts["world_size"]:
         new = facts["world_size"]
         how = f"torchrun --nproc_per_node={old}" if old > 1 else "one process (without torchrun)"
-        raise ValueError(f"cannot resume {where}: it was trained in {old} process(es), a global batch of "
-                         f"{old * cfg.batch_size}, and this resume runs in {new} "
-                         f"(global batch {new * cfg.batch_size}); "
-                         f"the global batch (--batch-size x processes) shapes the training: resume in {how}")
+        raise ValueError(
+            f"cannot resume {where}: it was trained in {old} process(es), a global batch of "
+            f"{old * cfg.batch_size}, and this resume runs in {new} "
+            f"(global batch {new * cfg.batch_size}); "
+            f"the global batch (--batch-size x processes) shapes the training: resume in {how}"
+        )
     if state.get("data", facts["data"]) != facts["data"]:
         given = f" (--data-dir {cfg.data_dir})" if cfg.data_dir else ""
-        raise ValueError(f"cannot resume {where}: the {cfg.dataset} training data{given} differ from the run's "
-                         f"(sha256 {facts['data'][:12]}..., the run's {str(state['data'])[:12]}...); point --data-dir "
-                         f"at the data the run was trained on, or start a new run")
+        raise ValueError(
+            f"cannot resume {where}: the {cfg.dataset} training data{given} differ from the run's "
+            f"(sha256 {facts['data'][:12]}..., the run's {str(state['data'])[:12]}...); point --data-dir "
+            f"at the data the run was trained on, or start a new run"
+        )
 
 
 def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tuple[int, list]:
     """Load a checkpoint's entries; a damaged one is a CheckpointError naming it."""
+
     def load(key: str, into: Callable[[Any], Any]) -> None:
         try:
             into(state[key])
         except Exception as err:  # a crafted entry: any error of the loaders means the same
-            raise CheckpointError(f"{where} has a damaged {key!r} entry ({one_line(err)}); it was not written by "
-                                  f"opnorm train for this run: resume from another checkpoint or start a new run"
-                                  ) from None
+            raise CheckpointError(
+                f"{where} has a damaged {key!r} entry ({one_line(err)}); it was not written by "
+                f"opnorm train for this run: resume from another checkpoint or start a new run"
+            ) from None
 
     load("model", model.load_state_dict)
     load("optimizer", optimizer.load_state_dict)
@@ -412,7 +431,7 @@ def _restore(state: dict, model, optimizer, objective, scaler, where: str) -> tu
 _CHECKED = "accuracy"  # an entry due for the check without it: an epoch saved whose check did not finish
 
 
-def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run: Optional[RunDir]) -> dict[str, Any]:
+def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run: RunDir | None) -> dict[str, Any]:
     """The per-epoch check of ``epoch`` (0-based), after its checkpoint: its metrics, or
     EpochCheckFailed in one line. It draws from no training RNG (restored afterwards), so a
     resumed run that checks the epoch again goes on exactly as one that was not interrupted."""
@@ -422,9 +441,11 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
         out = _evaluate(model, splits, cfg, epoch, device, show)
     except Exception as err:
         kept = f"{run.checkpoint} holds epoch {epoch + 1}" if run is not None else "no run directory was written"
-        raise EpochCheckFailed(f"the check after epoch {epoch + 1} (clean and robust accuracy, operator norm) failed: "
-                               f"{one_line(err)}; {kept}: fix the cause and continue with --resume, which checks the "
-                               f"epoch again (--debug shows the traceback)") from err
+        raise EpochCheckFailed(
+            f"the check after epoch {epoch + 1} (clean and robust accuracy, operator norm) failed: "
+            f"{one_line(err)}; {kept}: fix the cause and continue with --resume, which checks the "
+            f"epoch again (--debug shows the traceback)"
+        ) from err
     finally:
         set_rng_state(saved)
     out["eval_seconds"] = time.perf_counter() - t1
@@ -432,14 +453,21 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
 
 
 def _run(
-    cfg: TrainConfig, ctx: D.DistContext, splits, state: Optional[dict], run: Optional[RunDir],
-    stop_after: Optional[int], verbose: bool, say: Callable[[str], None],
+    cfg: TrainConfig,
+    ctx: D.DistContext,
+    splits,
+    state: dict | None,
+    run: RunDir | None,
+    stop_after: int | None,
+    verbose: bool,
+    say: Callable[[str], None],
 ) -> TrainResult:
     device = ctx.device
     _seed_everything(cfg.seed)  # identical initial weights on every rank
     mean, std = input_normalization(cfg.input_range, splits.mean, splits.std)
-    model = build_model(cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                        mean=mean, std=std, width=cfg.width).to(device)
+    model = build_model(
+        cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=mean, std=std, width=cfg.width
+    ).to(device)
     objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
     optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
@@ -450,8 +478,10 @@ def _run(
         _check_same_run(state, facts, cfg, where)
     start_epoch, history = _restore(state, model, optimizer, objective, scaler, where) if state is not None else (0, [])
     if cfg.p not in PGD_ORDERS and verbose and ctx.is_main:
-        say(f"the per-epoch check measures no robust accuracy: PGD needs p in 1, 2, inf (got p {cfg.p:g}); "
-            f"it measures accuracy and the operator norm")
+        say(
+            f"the per-epoch check measures no robust accuracy: PGD needs p in 1, 2, inf (got p {cfg.p:g}); "
+            f"it measures accuracy and the operator norm"
+        )
     if ctx.distributed and ctx.rank > 0:
         # per-rank streams for random starts; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + start_epoch * 104729)
@@ -472,8 +502,15 @@ def _run(
         t0 = time.perf_counter()
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = make_loader(splits.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler, seed=cfg.seed,
-                             epoch=epoch, num_workers=cfg.num_workers)
+        loader = make_loader(
+            splits.train,
+            cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            seed=cfg.seed,
+            epoch=epoch,
+            num_workers=cfg.num_workers,
+        )
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -486,19 +523,34 @@ def _run(
             raise TrainingDiverged(_diverged(cfg, epoch, err, start_epoch + done_now - 1, run)) from None
         keys = sorted(sums)
         means = D.all_reduce_mean([sums[k] / max(1, steps) for k in keys], ctx)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, **dict(zip(keys, means)), "lr": lr,
-                                   "lr_schedule": describe(cfg, epoch), "seconds": time.perf_counter() - t0}
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            **dict(zip(keys, means)),
+            "lr": lr,
+            "lr_schedule": describe(cfg, epoch),
+            "seconds": time.perf_counter() - t0,
+        }
         if cfg.on_nan == "skip":
             metrics["skipped_batches"] = skipped
         # saved with the epoch, so that a resume knows whether its check is still to run
-        metrics["evaluated"] = _evaluates(cfg, epoch, passes, stopping=stop_after is not None and done_now >= stop_after)
+        metrics["evaluated"] = _evaluates(
+            cfg, epoch, passes, stopping=stop_after is not None and done_now >= stop_after
+        )
         history.append(metrics)
         if run is not None:  # the epoch is saved before its check, which may fail
-            run.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch + 1,
-                "rng": rng_state(), "config": cfg.to_dict(), "history": history, **facts,
-            })
+            run.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "objective": objective.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "epoch": epoch + 1,
+                    "rng": rng_state(),
+                    "config": cfg.to_dict(),
+                    "history": history,
+                    **facts,
+                }
+            )
         if ctx.is_main and metrics["evaluated"]:
             metrics.update(_check(model, splits, cfg, epoch, device, step.show, run))
         if run is not None:
@@ -512,7 +564,9 @@ def _run(
     if run is not None:
         run.export(model, cfg)
     D.barrier(ctx)
-    return TrainResult(model, history[-1] if history else {}, history, cfg, run.path if run else _out(cfg), completed=True)
+    return TrainResult(
+        model, history[-1] if history else {}, history, cfg, run.path if run else _out(cfg), completed=True
+    )
 
 
 def _compiled(net: nn.Module, backend) -> nn.Module:
@@ -525,15 +579,17 @@ def _compiled(net: nn.Module, backend) -> nn.Module:
             raise
         from torch import _dynamo  # only here: importing it costs seconds
 
-        raise ValueError(f"compile backend {backend!r} is not one torch knows; valid: "
-                         f"{', '.join(_dynamo.list_backends(exclude_tags=()))} (or --compile alone)") from None
+        raise ValueError(
+            f"compile backend {backend!r} is not one torch knows; valid: "
+            f"{', '.join(_dynamo.list_backends(exclude_tags=()))} (or --compile alone)"
+        ) from None
 
 
-def _out(cfg: TrainConfig) -> Optional[Path]:
+def _out(cfg: TrainConfig) -> Path | None:
     return Path(cfg.out) if cfg.out is not None else None
 
 
-def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, run: Optional[RunDir]) -> str:
+def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, run: RunDir | None) -> str:
     if run is None:
         kept = "no run directory was written"
     elif last_saved > 0:
@@ -541,10 +597,14 @@ def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, ru
     else:
         kept = f"no checkpoint was written to {run.path}"
     hint = "lower --lr" + ("" if cfg.on_nan == "skip" else ", or pass --on-nan skip to skip such batches")
-    if cfg.method == "global-snr" and cfg.optimizer == "sgd" and cfg.momentum > 0:  # momentum overshoots as the top singular direction switches
+    if (
+        cfg.method == "global-snr" and cfg.optimizer == "sgd" and cfg.momentum > 0
+    ):  # momentum overshoots as the top singular direction switches
         hint = f"lower --lam (global SNR with lam {cfg.lam:g} and momentum {cfg.momentum:g} overshoots) or " + hint
-    return (f"training diverged (NaN/inf) at epoch {epoch + 1}, step {err.step}: {err.what} became non-finite; "
-            f"{kept}; {hint}")
+    return (
+        f"training diverged (NaN/inf) at epoch {epoch + 1}, step {err.step}: {err.what} became non-finite; "
+        f"{kept}; {hint}"
+    )
 
 
 class _Stepper:
@@ -555,7 +615,9 @@ class _Stepper:
         self.objective, self.optimizer, self.scaler = objective, optimizer, scaler
         self.show = _progress(cfg, ctx)
         amp_dtype = torch.bfloat16 if ctx.device.type == "cpu" else torch.float16
-        self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if cfg.amp else contextlib.nullcontext
+        )
 
     def _agreed(self, bad: bool) -> bool:
         # every rank must take the same branch (a skipped backward skips DDP's all-reduce)
@@ -568,7 +630,9 @@ class _Stepper:
         device, opt, scaler = self.ctx.device, self.optimizer, self.scaler
         sums: dict[str, float] = {}
         steps = skipped = 0
-        bar = progress_bar(Replayed(loader, replays_per_batch(self.cfg)), self.show, f"epoch {epoch + 1}/{data_passes(self.cfg)}")
+        bar = progress_bar(
+            Replayed(loader, replays_per_batch(self.cfg)), self.show, f"epoch {epoch + 1}/{data_passes(self.cfg)}"
+        )
         for n, (x, y, index) in enumerate(bar, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with self.autocast():
@@ -586,7 +650,9 @@ class _Stepper:
                 scaler.update()
             else:
                 loss.backward()
-                if self.cfg.on_nan == "skip" and not _all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
+                if self.cfg.on_nan == "skip" and not _all_finite(
+                    [p.grad for p in self.model.parameters() if p.grad is not None]
+                ):
                     skipped += 1
                     continue
                 opt.step()
