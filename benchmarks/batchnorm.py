@@ -16,6 +16,11 @@ others kept, so parts can be rerun one at a time):
   ``fast_robust("inf", eps=0.1, lam=0.06)`` (CE at x + eps v). Clean test accuracy in eval
   mode. ``--label before`` with ``PYTHONPATH`` at an older checkout stores that code's
   numbers beside.
+* ``gradients``: torchvision's resnet18 at initialization on one batch of 64 upsampled digits:
+  the weight-gradient norms of cross-entropy and of ``fast(p="inf", q=2, eps=0.1, lam=0.02)``'s
+  penalty, per parameter (the largest twelve), beside the parameter norms. A conv followed by
+  BatchNorm is scale-invariant, so a step of size lr * |grad| much larger than |w| turns the
+  kernel to a new direction in one step.
 * ``resnet18``: torchvision's resnet18 (num_classes=10) on the digits upsampled to 32x32 and
   repeated to 3 channels, the same loop, plain against the fast configuration.
 
@@ -70,12 +75,12 @@ def resnet18() -> nn.Module:
     return tv_resnet18(num_classes=10)
 
 
-def regularizer(kind: str, n: int):
+def regularizer(kind: str, n: int, warmup: int = 0, lam: float | None = None):
     return {
         "plain": lambda: None,
-        "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=0.02),
-        "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=0.02, num_examples=n),
-        "fast_robust": lambda: ONR.fast_robust("inf", eps=0.1, lam=0.06, num_examples=n),
+        "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=lam or 0.02, warmup=warmup),
+        "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=lam or 0.02, num_examples=n, warmup=warmup),
+        "fast_robust": lambda: ONR.fast_robust("inf", eps=0.1, lam=lam or 0.06, num_examples=n, warmup=warmup),
     }[kind]()
 
 
@@ -89,16 +94,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> dict:
+def train(
+    make, kind: str, seed: int, data, epochs: int, max_steps: int = 0, warmup: int = 0, lam: float | None = None
+) -> dict:
     """The README's loop (at most ``max_steps`` steps when > 0); returns clean test accuracy
     (eval mode), the first five and the last penalty, and seconds."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    reg = regularizer(kind, len(xtr))
+    reg = regularizer(kind, len(xtr), warmup, lam)
     g = torch.Generator().manual_seed(seed)
-    pen, penalties, steps, scales = torch.zeros(()), [], 0, []
+    pen, penalties, losses, steps, scales = torch.zeros(()), [], [], 0, []
     bn = next((m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine), None)
     start = time.perf_counter()
     model.train()
@@ -115,11 +122,13 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
                 _, pen, logits = reg.joint(model, x, index, perturbed=True)
             else:
                 logits, pen = reg.joint(model, x, index)
-            loss = F.cross_entropy(logits, y) + pen
+            ce = F.cross_entropy(logits, y)
+            loss = ce + pen
             opt.zero_grad()
             loss.backward()
             opt.step()
             penalties.append(float(pen.detach()))
+            losses.append(float(ce.detach()))
             steps += 1
             if bn is not None and steps % 4 == 0:  # the first BatchNorm's mean scale: the cheapest way to a small J
                 scales.append(round(float(bn.weight.mean()), 3))
@@ -130,6 +139,7 @@ def train(make, kind: str, seed: int, data, epochs: int, max_steps: int = 0) -> 
         "test_accuracy": accuracy(model, xte, yte),
         "steps": steps,
         "first_penalties": penalties[:5],
+        "first_cross_entropies": losses[:5],
         "first_batchnorm_mean_scale_every_4_steps": scales[:12],
         "last_penalty": float(pen.detach()),
         "train_seconds": round(seconds, 1),
@@ -209,14 +219,46 @@ def mechanism(seed: int = 1, eps: float = 0.1) -> dict:
         }
 
 
+def gradients(seed: int = 1, lam: float = 0.02) -> dict:
+    xtr, ytr, _, _ = digits(32, 3)
+    torch.manual_seed(seed)
+    model = resnet18().train()
+    reg = ONR.fast("inf", 2, eps=0.1, lam=lam, num_examples=len(xtr))
+    index = torch.arange(64)
+    logits, pen = reg.joint(model, xtr[index], index)
+    ce = F.cross_entropy(logits, ytr[index])
+    params = list(model.parameters())
+    g_ce = torch.autograd.grad(ce, params, retain_graph=True)
+    g_pen = torch.autograd.grad(pen, params)
+    rows = [
+        {"parameter": name, "penalty_grad": float(gp.norm()), "ce_grad": float(gc.norm()), "weight": float(w.norm())}
+        for (name, w), gc, gp in zip(model.named_parameters(), g_ce, g_pen)
+    ]
+    rows.sort(key=lambda r: -r["penalty_grad"])
+    return {
+        "seed": seed,
+        "lam": lam,
+        "ce": float(ce),
+        "penalty": float(pen),
+        "sigma_inf2_mean": float(reg.last_sigma.mean()),
+        "ce_grad_total": float(torch.stack([g.norm() for g in g_ce]).norm()),
+        "penalty_grad_total": float(torch.stack([g.norm() for g in g_pen]).norm()),
+        "largest": rows[:12],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["mechanism", "digits"], choices=["mechanism", "digits", "resnet18"])
+    ap.add_argument(
+        "--parts", nargs="+", default=["mechanism", "digits"], choices=["mechanism", "gradients", "digits", "resnet18"]
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kinds", nargs="+", default=["plain", "paper", "fast", "fast_robust"])
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     ap.add_argument("--train-limit", type=int, default=TRAIN, help="the first N training images (resnet18 on 2 cores)")
+    ap.add_argument("--lam", type=float, default=None, help="the weight (default: 0.02, fast_robust 0.06)")
+    ap.add_argument("--warmup", type=int, default=0, help="the regularizer's warm-up in steps (0: none)")
     ap.add_argument("--label", default="after", help="the key the digits / resnet18 numbers go under")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -229,6 +271,9 @@ def main() -> None:
     if "mechanism" in args.parts:
         results["mechanism"] = mechanism()
         print(json.dumps(results["mechanism"], indent=1))
+    if "gradients" in args.parts:
+        results["gradients"] = gradients()
+        print(json.dumps({k: v for k, v in results["gradients"].items() if k != "largest"}, indent=1))
     for part in ("digits", "resnet18"):
         if part not in args.parts:
             continue
@@ -237,9 +282,10 @@ def main() -> None:
         make = small_net if part == "digits" else resnet18
         runs = results.setdefault(part, {}).setdefault(args.label, {})
         runs["epochs"], runs["train_images"], runs["max_steps"] = args.epochs, len(data[0]), args.max_steps
+        runs["warmup"], runs["lam"] = args.warmup, args.lam
         for kind in args.kinds:
             for seed in args.seeds:
-                r = train(make, kind, seed, data, args.epochs, args.max_steps)
+                r = train(make, kind, seed, data, args.epochs, args.max_steps, args.warmup, args.lam)
                 runs.setdefault(kind, {})[str(seed)] = r
                 print(part, args.label, kind, seed, r, flush=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -34,7 +34,7 @@ from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
 from opnorm.regularizers.penalty import FDPenalty, Penalty
 from opnorm.regularizers.solver import PGASolver, fd_point
 from opnorm.regularizers.store import DirectionStore
-from opnorm.validation import box, number
+from opnorm.validation import box, integer, number
 
 __all__ = ["OperatorNormRegularizer", "mixes_examples"]
 
@@ -83,6 +83,12 @@ class OperatorNormRegularizer(nn.Module):
             without it is refused: it would store nothing and skip the free step).
         penalty: ``FDPenalty()`` (default) or ``ExactPenalty()``.
         clip: ``(lo, hi)``: keep the penalty's point ``x + eps v`` in the input box.
+        warmup: W >= 0 training calls over which the weight ramps up: the k-th call with
+            the model in training mode and gradients on uses ``lam * min(1, k / W)`` (0: lam
+            from the first call). The count is in ``state_dict`` (key ``calls``, present only
+            when W > 0), so a resumed run continues the ramp. Meant for BatchNorm models,
+            whose penalty at initialization can exceed the task loss many times over (see
+            :mod:`opnorm.regularizers.batchnorm`).
 
     Forward:
         ``reg(model, x, index=None, logits=None) -> scalar``; ``x``: (B, *in); ``index``: (B,)
@@ -107,6 +113,7 @@ class OperatorNormRegularizer(nn.Module):
         store: DirectionStore | None = None,
         penalty: Penalty | None = None,
         clip: tuple[float, float] | None = None,
+        warmup: int = 0,
     ) -> None:
         super().__init__()
         _check_part(metric, OutputMetric, "metric", "LogitNorm(q) or FisherKL()")
@@ -124,6 +131,9 @@ class OperatorNormRegularizer(nn.Module):
         self.solver = PGASolver() if solver is None else solver
         self.penalty = FDPenalty() if penalty is None else penalty
         self.clip = box(clip)
+        self.warmup = integer(warmup, "warmup")
+        if self.warmup:
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self._check_parts()
         self.store = store
         if store is not None:
@@ -224,6 +234,7 @@ class OperatorNormRegularizer(nn.Module):
         return (
             f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, lam={self.lam:g}, metric={self.metric!r}, "
             f"solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}"
+            + (f", warmup={self.warmup}" if self.warmup else "")
         )
 
     # -- directions -----------------------------------------------------------------------
@@ -339,6 +350,16 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- the penalty ----------------------------------------------------------------------
 
+    def weight(self, training: bool = False) -> float:
+        """The weight of this call: lam, or during ``warmup`` ``lam * min(1, k / warmup)`` for
+        the k-th training call (``training``: the model is in training mode and gradients are
+        on; such a call advances k)."""
+        if not self.warmup:
+            return self.lam
+        if training and torch.is_grad_enabled():
+            self.calls += 1
+        return self.lam * min(1.0, max(int(self.calls), 1) / self.warmup)
+
     def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None) -> None:
         if s is not None:  # rows without iterations: the fd value of this forward
             sigma = torch.where(torch.isnan(sigma), s.detach().to(sigma.dtype), sigma)
@@ -359,12 +380,13 @@ class OperatorNormRegularizer(nn.Module):
         x_p = self._point(x, v, idx if free else None) if self.penalty.uses_point else None
         clean, s, s_sq, pert = self.penalty.evaluate(model, net, x, x_p, v, u, self.metric, self.eps)
         self._finish(sigma, v, s if self.penalty.uses_point else None)
-        value = self.penalty.reduce(s, s_sq, self.lam, self.eps)
+        value = self.penalty.reduce(s, s_sq, self.weight(net.training), self.eps)
         return (clean, value, pert) if perturbed else (clean, value)
 
     def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
-        """The penalty from f(x) and f(x + eps v) computed by the caller."""
-        return self.penalty.reduce(*self.metric.fd(logits_clean, logits_pert, self.eps), self.lam, self.eps)
+        """The penalty from f(x) and f(x + eps v) computed by the caller (at the current
+        weight; it does not advance the warm-up)."""
+        return self.penalty.reduce(*self.metric.fd(logits_clean, logits_pert, self.eps), self.weight(), self.eps)
 
     def forward(
         self,
@@ -387,7 +409,7 @@ class OperatorNormRegularizer(nn.Module):
         v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
         s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)
         self._finish(sigma, v, s)
-        return self.penalty.reduce(s, s_sq, self.lam, self.eps)
+        return self.penalty.reduce(s, s_sq, self.weight(net.training), self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         # states saved before the store existed keep "bank" / "seen" (rows up to the largest index seen)
