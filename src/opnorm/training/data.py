@@ -304,7 +304,7 @@ def _download(key: str, root: Path) -> None:
     except ImportError as err:
         raise DatasetNotFoundError(
             f"{key}: download=True needs torchvision, which is not installed. Install it "
-            f"(pip install torchvision, matching your torch version) or place the files "
+            f"(pip install 'opnorm[vision]', torchvision matching your torch version) or place the files "
             f"yourself in {root} (or pass another directory with --data-dir / data_dir=)."
         ) from err
     cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[key]
@@ -336,8 +336,13 @@ def _how_to_get(key: str) -> str:
 
 
 def _load_digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:  # scikit-learn: only the digits dataset needs it
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ImportError(
+            "the digits dataset needs scikit-learn, a dependency of opnorm: pip install 'scikit-learn>=1.0'"
+        ) from None
 
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
