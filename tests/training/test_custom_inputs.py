@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import opnorm
+from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
 from opnorm.training.config import TrainConfig
 from opnorm.training.inputs import as_indexed, train_inputs
@@ -140,6 +141,18 @@ def test_custom_names_without_the_objects_are_refused(tmp_path):
         opnorm.train(model=net(), data=train_set(), eps=0.1, width=8, epochs=1)
     with pytest.raises(ValueError, match="test_data= goes with data="):
         opnorm.train(test_data=train_set(), epochs=1)
+
+
+def test_the_cli_refuses_a_custom_run_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    opnorm.train(
+        model=net(), data=train_set(), test_data=held_out(), method="clean", epochs=1, out=str(out), **SETTINGS
+    )
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--eps", "0.1"]) == 1
+    assert "which the CLI cannot rebuild: load its weights into your module" in capsys.readouterr().err
+    assert main(["train", "--config", str(out / CONFIG), "--out", str(tmp_path / "again")]) == 1
+    assert "model 'custom:Net' was a module passed to opnorm.train(model=...)" in capsys.readouterr().err
 
 
 def test_without_test_data_the_check_is_skipped_and_said(tmp_path):
