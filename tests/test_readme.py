@@ -1,4 +1,5 @@
-"""README.md's Python examples run as written: every ```python block, in order, in one namespace."""
+"""README.md's and docs/usage.md's Python examples run as written: every ```python block of a
+file, in order, in one namespace."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+USAGE = ROOT / "docs" / "usage.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 # runs the blocks in a fresh interpreter (no state shared with the other tests), in one thread
@@ -18,7 +23,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 namespace = {"__name__": "__readme__"}
 for line, code in json.load(open(sys.argv[1])):
-    exec(compile(code, f"README.md, the python block at line {line}", "exec"), namespace)
+    exec(compile(code, f"{sys.argv[2]}, the python block at line {line}", "exec"), namespace)
 """
 
 
@@ -32,13 +37,14 @@ def test_python_blocks_are_found():
     assert python_blocks(text) == [(2, "x = 1\n"), (8, "y = x\n")]
 
 
-def test_readme_python_blocks_run_in_order(tmp_path):
-    blocks = python_blocks(README.read_text())
+@pytest.mark.parametrize("doc", [README, USAGE], ids=["README.md", "docs/usage.md"])
+def test_python_blocks_run_in_order(tmp_path, doc):
+    blocks = python_blocks(doc.read_text())
     assert len(blocks) >= 4
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")],
+        [sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json"), str(doc.relative_to(ROOT))],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -342,7 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from opnorm.evaluation import attack_names, evaluate
     from opnorm.norms import norm_order
     from opnorm.training.checkpoint import CheckpointError, load_checkpoint
-    from opnorm.training.config import TrainConfig
+    from opnorm.training.config import TrainConfig, is_custom
     from opnorm.training.data import load_dataset
     from opnorm.training.distributed import resolve_device
     from opnorm.training.models import build_model
@@ -362,6 +362,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "config" not in state or "model" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of opnorm train (no config or model)")
     cfg = TrainConfig.from_dict(state["config"]).resolved()
+    if is_custom(cfg.model) or is_custom(cfg.dataset):
+        raise ValueError(
+            f"{path} was trained by opnorm.train on a module or data passed in Python (model {cfg.model}, "
+            f"dataset {cfg.dataset}), which the CLI cannot rebuild: load its weights into your module and call "
+            f"opnorm.evaluate(model, x, y, eps=..., p=...)"
+        )
     p = norm_order(args.p if args.p is not None else cfg.p, "p")
     eps_list = _parse_eps_list(args.eps) if args.eps is not None else [0.0, cfg.eps]
     device = resolve_device(args.device)

@@ -208,7 +208,9 @@ def _torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise ImportError("this attack needs torchattacks: pip install torchattacks") from None
+        raise ImportError(
+            "this attack needs torchattacks: pip install 'opnorm[eval]' (or pip install torchattacks)"
+        ) from None
     return torchattacks
 
 

@@ -242,7 +242,7 @@ def test_a_resume_under_another_world_size_is_refused(run1, tmp_path, capsys):
 
 
 def test_a_resume_on_other_data_is_refused(run1, tmp_path, capsys, monkeypatch):
-    from opnorm.training import trainer as T
+    from opnorm.training import inputs as T  # where the trainer's data are loaded
 
     run = copy_of(run1, tmp_path)
     before = (run / CONFIG).read_bytes()

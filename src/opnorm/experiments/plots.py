@@ -29,7 +29,12 @@ PLOTS = {
 
 
 def _plt():
-    import matplotlib
+    try:  # matplotlib: only the plots need it
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "the report's plots need matplotlib, a dependency of opnorm: pip install 'matplotlib>=3.5'"
+        ) from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -39,6 +39,8 @@ __all__ = [
     "check_resume",
     "defaults_used",
     "defaults_line",
+    "CUSTOM",
+    "is_custom",
 ]
 
 METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
@@ -70,8 +72,20 @@ FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visi
 FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (plus the free step)
 
 
+# prefix of the model / dataset name of a run trained on objects passed to opnorm.train (model=
+# an nn.Module, data= a Dataset; see opnorm.training.inputs); names without it are the registry's
+CUSTOM = "custom:"
+
+
+def is_custom(name: Any) -> bool:
+    """Whether a config's ``model`` or ``dataset`` names an object passed to ``opnorm.train``."""
+    return isinstance(name, str) and name.startswith(CUSTOM)
+
+
 def default_eps(dataset: str, p: float) -> float:
     """The default radius for ``dataset`` and norm order p (defined for p in {1, 2, inf})."""
+    if is_custom(dataset):
+        raise ValueError(f"no default eps for data passed as data= ({dataset}): pass eps, the radius in its units")
     table = _EPS.get(dataset, {})
     if p not in table:
         shown = "inf" if p == math.inf else f"{p:g}"
@@ -297,8 +311,8 @@ def _resolve_choices(c: TrainConfig) -> None:
     from opnorm.training.data import canonical_dataset
     from opnorm.training.models import MODELS
 
-    c.dataset = canonical_dataset(c.dataset)
-    c.model = one_of(c.model, MODELS, "model")
+    c.dataset = c.dataset if is_custom(c.dataset) else canonical_dataset(c.dataset)
+    c.model = c.model if is_custom(c.model) else one_of(c.model, MODELS, "model")
     c.method = one_of(c.method, METHODS, "method")
     c.optimizer = one_of(c.optimizer, OPTIMIZERS, "optimizer")
     c.scheduler = one_of(c.scheduler, SCHEDULERS, "scheduler")

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "IndexedTensorDataset",
     "DatasetSplits",
     "load_dataset",
+    "channel_stats",
+    "data_fingerprint",
     "make_loader",
     "loader_seed",
     "default_data_dirs",
@@ -116,7 +119,8 @@ class DatasetSplits:
 
     Attributes:
         name: canonical dataset name (one of ``DATASETS``).
-        train, test: the splits, images float32 in [0, 1] of shape (N, C, H, W), labels int64.
+        train, test: the splits, images float32 in [0, 1] of shape (N, C, H, W), labels int64
+            (test None: a Dataset passed to ``opnorm.train`` without ``test_data``).
         num_classes: number of classes.
         input_shape: ``(C, H, W)``.
         mean, std: per-channel mean and standard deviation of the train images, length C.
@@ -124,7 +128,7 @@ class DatasetSplits:
 
     name: str
     train: IndexedTensorDataset
-    test: IndexedTensorDataset
+    test: IndexedTensorDataset | None
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
@@ -184,10 +188,7 @@ def load_dataset(
         xte, yte = xte[:limit_test], yte[:limit_test]
     xtr, xte = xtr.contiguous(), xte.contiguous()
 
-    # Per-channel statistics in float64: float32 sums over 50k images lose digits.
-    flat = xtr.to(torch.float64).transpose(0, 1).reshape(xtr.shape[1], -1)
-    mean = tuple(float(v) for v in flat.mean(dim=1))
-    std = tuple(float(v) for v in flat.std(dim=1, unbiased=False))
+    mean, std = channel_stats(xtr)
     return DatasetSplits(
         name=key,
         train=IndexedTensorDataset(xtr, ytr),
@@ -197,6 +198,37 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``x`` (N, C, ...), each a tuple of C floats.
+
+    Example::
+
+        >>> channel_stats(torch.ones(4, 1, 8, 8))
+        ((1.0,), (0.0,))
+    """
+    # in float64: float32 sums over 50k images lose digits
+    flat = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+    return tuple(float(v) for v in flat.mean(dim=1)), tuple(float(v) for v in flat.std(dim=1, unbiased=False))
+
+
+def data_fingerprint(data: IndexedTensorDataset) -> str:
+    """sha256 of a dataset's tensors (``data.x``, ``data.y``: dtype, shape and bytes), recorded in
+    a run's checkpoint so that a resume on other data is refused.
+
+    Example::
+
+        >>> data_fingerprint(load_dataset("digits").train)
+        '5d1c...'
+    """
+    sha = hashlib.sha256()
+    for t in (data.x, data.y):
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        if t.numel():
+            sha.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the dataset
+    return sha.hexdigest()
 
 
 def loader_seed(seed: int, epoch: int = 0) -> int:
@@ -304,7 +336,7 @@ def _download(key: str, root: Path) -> None:
     except ImportError as err:
         raise DatasetNotFoundError(
             f"{key}: download=True needs torchvision, which is not installed. Install it "
-            f"(pip install torchvision, matching your torch version) or place the files "
+            f"(pip install 'opnorm[vision]', torchvision matching your torch version) or place the files "
             f"yourself in {root} (or pass another directory with --data-dir / data_dir=)."
         ) from err
     cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[key]
@@ -336,8 +368,13 @@ def _how_to_get(key: str) -> str:
 
 
 def _load_digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:  # scikit-learn: only the digits dataset needs it
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ImportError(
+            "the digits dataset needs scikit-learn, a dependency of opnorm: pip install 'scikit-learn>=1.0'"
+        ) from None
 
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16

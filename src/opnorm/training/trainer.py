@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from opnorm.attacks import PGD_ORDERS
 from opnorm.evaluation import progress_bar
@@ -56,12 +57,12 @@ from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegul
 from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
-from opnorm.training.data import load_dataset, make_loader
+from opnorm.training.data import data_fingerprint, make_loader
 from opnorm.training.evaluation import _evaluate, accuracy, mean_operator_norm, robust_accuracy
 from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
-from opnorm.training.models import build_model
+from opnorm.training.inputs import TrainInputs, train_inputs
 from opnorm.training.objectives import opnorm_regularizer
-from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
+from opnorm.training.paper_setup import AppendedAdversarialLoss, task_loss
 from opnorm.training.run_dir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunDir
 from opnorm.training.schedule import describe, extended, learning_rate
 
@@ -283,6 +284,9 @@ def _resume_config(given: TrainConfig | dict, state: dict, run: RunDir) -> Train
 def train(
     config: TrainConfig | dict | None = None,
     *,
+    model: nn.Module | str | None = None,
+    data: Dataset | None = None,
+    test_data: Dataset | None = None,
     resume: bool = False,
     stop_after: int | None = None,
     verbose: bool = False,
@@ -295,6 +299,13 @@ def train(
     Args:
         config: a :class:`TrainConfig` (complete), a dict of some of its fields (the others:
             defaults, or with ``resume`` the run's own), or None.
+        model: a registry name (``config.model``) or your ``nn.Module``, trained in place
+            (recorded as ``"custom:<class name>"``; a resume needs a module of that class).
+        data: None (the named ``config.dataset``) or your map-style Dataset of ``(x, y)`` or
+            ``(x, y, index)`` items, x in [0, 1]; read into memory once, fingerprinted (a resume
+            needs the same data). eps has no default for it. See :mod:`opnorm.training.inputs`.
+        test_data: with ``data``, a Dataset like it for the per-epoch check; None skips the
+            check (with a warning: the metrics then hold no accuracy).
         resume: continue the run in ``config.out`` from its ``checkpoint.pt`` (same batches,
             RNG states and optimizer state: on CPU the result is bit-identical to an
             uninterrupted run). Only the settings in ``config.RESUMABLE`` may differ from the
@@ -324,8 +335,10 @@ def train(
         >>> res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf")
         >>> res.metrics["accuracy"], res.metrics["robust_accuracy"]
         >>> train(out="runs/a", epochs=4, resume=True)   # the run of runs/a, extended to 4 epochs
+        >>> train(model=MyNet(), data=TensorDataset(x, y), test_data=TensorDataset(xt, yt), eps=0.1, out="runs/b")
     """
-    given = _as_settings(config, overrides)
+    inputs = train_inputs(model, data, test_data)
+    given = _as_settings(config, {**overrides, **inputs.settings()})
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     say = log or print
@@ -341,6 +354,7 @@ def train(
             if writer:
                 stack.enter_context(run.lock())
             state = run.load_for_resume()
+            inputs.check_resume(state["config"], str(run.path))
             cfg = _resume_config(given, state, run)
             if verbose and len(cfg.schedule_extensions) > len(state["config"].get("schedule_extensions", [])):
                 say(
@@ -351,37 +365,24 @@ def train(
             cfg = (given if isinstance(given, TrainConfig) else TrainConfig.from_dict(given)).resolved()
             if run is not None:
                 run.refuse_existing(force)
+        inputs.check(cfg)
+        if inputs.train is not None and inputs.test is None:
+            warnings.warn(
+                "train(data=...) without test_data=: the per-epoch check (accuracy, robust accuracy, operator norm) "
+                "is skipped; pass test_data= to measure them",
+                stacklevel=2,
+            )
         ctx = D.setup(cfg.device)
         try:
-            splits = load_dataset(
-                cfg.dataset, cfg.data_dir, download=cfg.download, limit_train=cfg.limit_train, limit_test=cfg.limit_test
-            )
+            splits = inputs.splits(cfg)
             if run is not None and writer:
                 if not resume:  # locked only now, so that a config or data error leaves no directory
                     stack.enter_context(run.lock())
                     run.refuse_existing(force)
                 run.remove_stale_files()
-            return _run(cfg, ctx, splits, state, run if writer else None, stop_after, verbose, say)
+            return _run(cfg, ctx, inputs, splits, state, run if writer else None, stop_after, verbose, say)
         finally:
             D.cleanup(ctx)
-
-
-def data_fingerprint(data) -> str:
-    """sha256 of a dataset's tensors (``data.x``, ``data.y``: dtype, shape and bytes), recorded in
-    the checkpoint so that a resume on other data is refused.
-
-    Example::
-
-        >>> data_fingerprint(load_dataset("digits").train)
-        '5d1c...'
-    """
-    sha = hashlib.sha256()
-    for t in (data.x, data.y):
-        t = t.detach().cpu().contiguous()
-        sha.update(f"{t.dtype} {tuple(t.shape)};".encode())
-        if t.numel():
-            sha.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the dataset
-    return sha.hexdigest()
 
 
 def _check_same_run(state: dict, facts: dict, cfg: TrainConfig, where: str) -> None:
@@ -455,6 +456,7 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
 def _run(
     cfg: TrainConfig,
     ctx: D.DistContext,
+    inputs: TrainInputs,
     splits,
     state: dict | None,
     run: RunDir | None,
@@ -464,10 +466,7 @@ def _run(
 ) -> TrainResult:
     device = ctx.device
     _seed_everything(cfg.seed)  # identical initial weights on every rank
-    mean, std = input_normalization(cfg.input_range, splits.mean, splits.std)
-    model = build_model(
-        cfg.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=mean, std=std, width=cfg.width
-    ).to(device)
+    model = inputs.model(cfg, splits).to(device)
     objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
     optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
@@ -533,7 +532,7 @@ def _run(
         if cfg.on_nan == "skip":
             metrics["skipped_batches"] = skipped
         # saved with the epoch, so that a resume knows whether its check is still to run
-        metrics["evaluated"] = _evaluates(
+        metrics["evaluated"] = splits.test is not None and _evaluates(
             cfg, epoch, passes, stopping=stop_after is not None and done_now >= stop_after
         )
         history.append(metrics)
