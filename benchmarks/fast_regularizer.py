@@ -249,10 +249,9 @@ def main() -> None:
                 eps=0.1,
                 p=INF,
                 loss="logit",
-                q=2,
                 steps=k,
                 step_size=float("inf"),
-                generator=torch.Generator().manual_seed(k),
+                random_start=torch.Generator().manual_seed(k),
             )
             with torch.no_grad(), eval_mode(model):
                 ratios[k].append(banked / lp_norm(model(adv) - clean, 2))

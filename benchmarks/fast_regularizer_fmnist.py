@@ -350,11 +350,9 @@ def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, 
             eps=0.1,
             p=INF,
             loss="logit",
-            q=2,
             steps=k,
             step_size=float("inf"),
-            random_start=True,
-            generator=torch.Generator().manual_seed(k),
+            random_start=torch.Generator().manual_seed(k),
         )
         with torch.no_grad(), eval_mode(model):
             ref = torch.linalg.vector_norm(model(adv) - clean, dim=1)
