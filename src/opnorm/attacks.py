@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ __all__ = [
     "PGD_ORDERS",
 ]
 
-Clip = Optional[tuple[float, float]]
+Clip = tuple[float, float] | None
 Loss = str | LossFn | LossSpec
 # random_start: True draws from torch's global generator, a torch.Generator draws from it, False starts at 0
 Start = bool | torch.Generator
