@@ -95,7 +95,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
 
         def ours():
-            opnorm.pgd(model, x, y, steps=args.steps, step_size=alpha, generator=gen, **ours_kw)
+            opnorm.pgd(model, x, y, steps=args.steps, step_size=alpha, random_start=gen, **ours_kw)
 
         def theirs():
             theirs_atk(x, y)

@@ -83,14 +83,14 @@ def exact_jacobian_objective(reg: OperatorNormRegularizer, iters: int = 10) -> C
         with torch.no_grad(), eval_mode(model):
             J = jacobian(model, x).reshape(x.shape[0], -1, x[0].numel())  # (B, d, n), d VJPs batched
         v = torch.sign(torch.randn_like(x)).reshape(x.shape[0], -1)
-        sigma, v, _, _, _, _ = power_iteration(
+        v = power_iteration(
             lambda t: torch.bmm(J, t.unsqueeze(2)).squeeze(2),
             lambda u: torch.bmm(J.transpose(1, 2), u.unsqueeze(2)).squeeze(2),
             v,
             reg.p,
             reg.q,
             iters=iters,
-        )
+        ).v
         x_p = (x + reg.eps * v.reshape(x.shape)).clamp(0, 1)
         out = model(torch.cat([x, x_p]))
         B = x.shape[0]
@@ -249,10 +249,9 @@ def main() -> None:
                 eps=0.1,
                 p=INF,
                 loss="logit",
-                q=2,
                 steps=k,
                 step_size=float("inf"),
-                generator=torch.Generator().manual_seed(k),
+                random_start=torch.Generator().manual_seed(k),
             )
             with torch.no_grad(), eval_mode(model):
                 ratios[k].append(banked / lp_norm(model(adv) - clean, 2))

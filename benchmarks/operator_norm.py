@@ -150,10 +150,9 @@ def power_with_jvp(model, x, iters: int, gen, kind: str) -> torch.Tensor:
         with fwAD.dual_level():
             return fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent
 
-    sigma, *_ = opnorm.power.power_iteration(
+    return opnorm.power.power_iteration(
         matvec, lin.rmatvec, torch.randn(x.shape, generator=gen), 2, 2, iters=iters
-    )
-    return sigma
+    ).sigma
 
 
 def pattern_exact_svd(model, x) -> torch.Tensor:

@@ -55,20 +55,10 @@ def test_infinite_step_pga_is_the_power_method_on_an_affine_model(p, q):
     eps, steps = 0.7, 8
     start = torch.randn(5, 48, generator=g, dtype=torch.float64)
     delta0 = (eps * start / _norm(start, p)[:, None]).reshape(x.shape)
-    x_adv, deltas = opnorm.pgd(
-        model,
-        x,
-        eps=eps,
-        p=p,
-        loss="logit",
-        q=q,
-        steps=steps,
-        step_size=INF,
-        clip=None,
-        random_start=False,
-        delta0=delta0,
-        return_history=True,
+    ascent = opnorm.attacks.Ascent(
+        model, x, eps=eps, p=p, loss=losses.logit_loss(q), steps=steps, step_size=INF, clip=None
     )
+    deltas = ascent.run(delta0, history=True).history
     assert len(deltas) == steps
     W = lin.weight.detach()
     p_star = {1: INF, 2: 2, INF: 1}[p]
@@ -80,7 +70,7 @@ def test_infinite_step_pga_is_the_power_method_on_an_affine_model(p, q):
         assert (got / eps - v).abs().max() < 1e-10, f"iterate {k + 1}"
         value = _norm(model(x + deltas[k]) - model(x), q)
         assert (value - eps * _norm(v @ W.T, q)).abs().max() < 1e-10
-    torch.testing.assert_close(x_adv, x + deltas[-1], rtol=0, atol=0)
+    torch.testing.assert_close(ascent.adversarial(deltas[-1]), x + deltas[-1], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- torchattacks parity
@@ -104,7 +94,7 @@ def test_cross_entropy_pgd_is_as_strong_as_torchattacks(trained_digits_model, p,
         torch.manual_seed(seed)  # torchattacks draws its start from the global generator
         theirs.append(_robust_acc(d.model, Ref(d.model, eps=eps, alpha=alpha, steps=10)(x, y), y))
         gen = torch.Generator().manual_seed(1000 + seed)
-        adv = opnorm.pgd(d.model, x, y, eps=eps, p=p, step_size=alpha, steps=10, generator=gen)
+        adv = opnorm.pgd(d.model, x, y, eps=eps, p=p, step_size=alpha, steps=10, random_start=gen)
         ours.append(_robust_acc(d.model, adv, y))
     mean_ours, mean_theirs = sum(ours) / 5, sum(theirs) / 5
     print(
@@ -157,7 +147,7 @@ def test_outputs_stay_in_the_ball_and_the_box(p, loss, eps, steps, step, clip, s
         steps=steps,
         step_size=step,
         clip=clip,
-        generator=torch.Generator().manual_seed(seed),
+        random_start=torch.Generator().manual_seed(seed),
     )
     assert out.shape == x.shape and not out.requires_grad
     assert (_norm(out - x, p) <= eps * (1 + 1e-6)).all()
@@ -169,9 +159,11 @@ def test_outputs_stay_in_the_ball_and_the_box(p, loss, eps, steps, step, clip, s
 @given(p=st.sampled_from([1, 2, INF]), loss=st.sampled_from(["ce", "cw", "logit", "kl"]), seed=st.integers(0, 2**16))
 def test_restarts_never_return_a_weaker_point_than_the_first_run(p, loss, seed):
     x, y = _inputs(batch=8, seed=seed)
-    kw = dict(eps=0.3, p=p, loss=loss, steps=3)
-    single = opnorm.pgd(MODEL, x, y, restarts=1, generator=torch.Generator().manual_seed(seed), **kw)
-    multi = opnorm.pgd(MODEL, x, y, restarts=3, generator=torch.Generator().manual_seed(seed), **kw)
+    kw = dict(loss=loss, steps=3)
+    single = opnorm.pgd(MODEL, x, y, eps=0.3, p=p, random_start=torch.Generator().manual_seed(seed), **kw)
+    multi = opnorm.EvalPGD(restarts=3, best_iterate=False, **kw)(
+        MODEL, x, y, eps=0.3, p=p, random_start=torch.Generator().manual_seed(seed)
+    )
     fn = losses.get_loss(loss).fn
     with torch.no_grad():
         clean = MODEL(x)
@@ -192,14 +184,16 @@ def test_restarts_prefer_a_fooling_point_over_a_higher_loss():
     model = _mlp(1)
     x, y = _inputs(batch=16, seed=5)
     kw = dict(eps=0.4, p=INF, loss="ce", steps=2, step_size=0.01)
-    runs = [opnorm.pgd(model, x, y, generator=torch.Generator().manual_seed(s), **kw) for s in range(4)]
-    best = opnorm.pgd(model, x, y, restarts=4, generator=torch.Generator().manual_seed(0), **kw)
+    runs = [opnorm.pgd(model, x, y, random_start=torch.Generator().manual_seed(s), **kw) for s in range(4)]
+    attack = opnorm.EvalPGD(loss="ce", steps=2, step_size=0.01, restarts=4, best_iterate=False)
+    best = attack(model, x, y, eps=0.4, p=INF, random_start=torch.Generator().manual_seed(0))
+    one_run = opnorm.EvalPGD(loss="ce", steps=2, step_size=0.01, best_iterate=False)
     # restart r of the multi run starts where the r-th draw of generator 0 lands: recompute them
     g = torch.Generator().manual_seed(0)
     seq = []
     for _ in range(4):
         start = opnorm.attacks.random_in_ball(x, INF, 0.4, g)
-        seq.append(opnorm.pgd(model, x, y, delta0=start, random_start=False, **kw))
+        seq.append(one_run(model, x, y, eps=0.4, p=INF, delta0=start))
     with torch.no_grad():
         fooled = torch.stack([model(r).argmax(1) != y for r in seq])  # (4, B)
         loss = torch.stack([F.cross_entropy(model(r), y, reduction="none") for r in seq])
@@ -217,10 +211,10 @@ def test_restarts_prefer_a_fooling_point_over_a_higher_loss():
 def test_random_start_moves_the_start_point_and_is_reproducible(p):
     x, y = _inputs(batch=32)
     eps = 0.2
-    moved = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(1))
+    moved = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, random_start=torch.Generator().manual_seed(1))
     assert (_norm(moved - x, p) > 0).all() and (_norm(moved - x, p) <= eps * (1 + 1e-9)).all()
-    again = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(1))
-    other = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, generator=torch.Generator().manual_seed(2))
+    again = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, random_start=torch.Generator().manual_seed(1))
+    other = opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, clip=None, random_start=torch.Generator().manual_seed(2))
     assert torch.equal(moved, again) and not torch.equal(moved, other)
     with pytest.raises(ValueError, match="steps 0 without a random start"):
         opnorm.pgd(MODEL, x, y, eps=eps, p=p, steps=0, random_start=False)
@@ -246,14 +240,21 @@ def test_targeted_attack_lowers_the_target_loss(trained_digits_model):
     t = (d.y + 1) % 10
     for p, eps in ((INF, 0.05), (2, 0.3), (1, 2.0)):
         adv = opnorm.pgd(
-            d.model, d.x, t, eps=eps, p=p, targeted=True, steps=5, generator=torch.Generator().manual_seed(0)
+            d.model,
+            d.x,
+            t,
+            eps=eps,
+            p=p,
+            loss=losses.targeted("ce"),
+            steps=5,
+            random_start=torch.Generator().manual_seed(0),
         )
         with torch.no_grad():
             before = F.cross_entropy(d.model(d.x), t, reduction="none")
             after = F.cross_entropy(d.model(adv), t, reduction="none")
         assert (after < before).all(), p
         hit = (d.model(adv).argmax(1) == t).float().mean()
-        untargeted = opnorm.pgd(d.model, d.x, d.y, eps=eps, p=p, steps=5, generator=torch.Generator().manual_seed(0))
+        untargeted = opnorm.pgd(d.model, d.x, d.y, eps=eps, p=p, steps=5, random_start=torch.Generator().manual_seed(0))
         assert (d.model(untargeted).argmax(1) == t).float().mean() <= hit + 0.05
 
 
@@ -263,7 +264,7 @@ def test_per_example_eps(p):
     eps = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.4, 0.8], dtype=torch.float64)
     for step in (None, INF):
         out = opnorm.pgd(
-            MODEL, x, y, eps=eps, p=p, steps=3, step_size=step, clip=None, generator=torch.Generator().manual_seed(0)
+            MODEL, x, y, eps=eps, p=p, steps=3, step_size=step, clip=None, random_start=torch.Generator().manual_seed(0)
         )
         n = _norm(out - x, p)
         assert (n <= eps * (1 + 1e-9)).all() and n[0] == 0
@@ -289,9 +290,8 @@ def test_sparse_l1_step_moves_the_top_gradient_coordinates_the_box_allows():
     x = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
     x[0, 0, 0, 0] = 1.0  # the top coordinate sits at the box edge: it cannot increase
     first_logit = lambda adv, clean, y: adv[:, 0]  # noqa: E731
-    out = opnorm.pgd(
-        model, x, eps=0.3, p=1, loss=first_logit, steps=1, step_size=0.2, random_start=False, l1_fraction=2 / 16
-    )
+    sparse = opnorm.EvalPGD(loss=first_logit, steps=1, step_size=0.2, best_iterate=False, l1_fraction=2 / 16)
+    out = sparse(model, x, eps=0.3, p=1, random_start=False)
     delta = (out - x).flatten()
     assert torch.allclose(delta[1:3], torch.tensor([0.1, 0.1], dtype=torch.float64))
     assert delta[0] == 0 and delta[3:].abs().sum() == 0
@@ -307,17 +307,8 @@ def test_history_and_one_forward_per_step():
     calls = []
     handle = MODEL.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        adv, hist = opnorm.pgd(
-            MODEL,
-            x,
-            y,
-            eps=0.3,
-            p=2,
-            loss="logit",
-            steps=5,
-            clip=None,
-            return_history=True,
-            generator=torch.Generator().manual_seed(0),
+        adv, hist = opnorm.EvalPGD(loss="logit", steps=5, best_iterate=False, clip=None)(
+            MODEL, x, y, eps=0.3, p=2, return_history=True, random_start=torch.Generator().manual_seed(0)
         )
         assert len(calls) == 6  # clean logits once, then one forward per step
         assert len(hist) == 5 and torch.equal(adv, x + hist[-1])
@@ -325,18 +316,8 @@ def test_history_and_one_forward_per_step():
         opnorm.pgd(MODEL, x, y, eps=0.3, p=INF, loss="ce", steps=5)
         assert len(calls) == 5  # cross-entropy needs no clean logits
         calls.clear()
-        adv, hist = opnorm.pgd(
-            MODEL,
-            x,
-            y,
-            eps=0.3,
-            p=INF,
-            loss="cw",
-            steps=5,
-            restarts=3,
-            clip=None,
-            return_history=True,
-            generator=torch.Generator().manual_seed(0),
+        adv, hist = opnorm.EvalPGD(loss="cw", steps=5, restarts=3, best_iterate=False, clip=None)(
+            MODEL, x, y, eps=0.3, p=INF, return_history=True, random_start=torch.Generator().manual_seed(0)
         )
         assert len(calls) == 3 * 6  # each restart scores its final point once
         assert torch.equal(adv, x + hist[-1])
@@ -346,15 +327,15 @@ def test_history_and_one_forward_per_step():
 
 def test_a_plain_callable_model_works():
     x, y = _inputs()
-    ref = opnorm.pgd(MODEL, x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(3))
-    got = opnorm.pgd(lambda z: MODEL(z), x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(3))
+    ref = opnorm.pgd(MODEL, x, y, eps=0.2, steps=3, random_start=torch.Generator().manual_seed(3))
+    got = opnorm.pgd(lambda z: MODEL(z), x, y, eps=0.2, steps=3, random_start=torch.Generator().manual_seed(3))
     assert torch.equal(got, ref)
 
 
 def test_pgd_class_wrapper_matches_the_function():
     x, y = _inputs()
-    atk = opnorm.PGD(MODEL, eps=0.2, p=2, steps=3, generator=torch.Generator().manual_seed(7))
-    ref = opnorm.pgd(MODEL, x, y, eps=0.2, p=2, steps=3, generator=torch.Generator().manual_seed(7))
+    atk = opnorm.PGD(MODEL, eps=0.2, p=2, steps=3, random_start=torch.Generator().manual_seed(7))
+    ref = opnorm.pgd(MODEL, x, y, eps=0.2, p=2, steps=3, random_start=torch.Generator().manual_seed(7))
     assert torch.equal(atk(x, y), ref)
     assert "eps=0.2" in repr(atk)
     with pytest.raises(TypeError, match="unknown PGD arguments"):
@@ -384,7 +365,8 @@ def test_model_mode_restored_and_parameter_grads_untouched():
     model[5].weight.grad = marker.clone()
     x, y = _inputs()
     for loss in ("ce", "logit"):
-        opnorm.pgd(model, x, y, eps=0.2, loss=loss, steps=2, restarts=2, generator=torch.Generator().manual_seed(0))
+        attack = opnorm.EvalPGD(loss=loss, steps=2, restarts=2)
+        attack(model, x, y, eps=0.2, random_start=torch.Generator().manual_seed(0))
     assert rec.seen and not any(rec.seen)
     assert model.training and model[1].training and not model[2].training and model[3].training
     assert model[1].weight.grad is None and model[1].bias.grad is None and model[5].bias.grad is None
@@ -402,8 +384,8 @@ def test_works_on_a_ddp_wrapped_model(tmp_path):
         model = _mlp(2)
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = _inputs()
-        ref = opnorm.pgd(model, x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(0))
-        got = opnorm.pgd(ddp, x, y, eps=0.2, steps=3, generator=torch.Generator().manual_seed(0))
+        ref = opnorm.pgd(model, x, y, eps=0.2, steps=3, random_start=torch.Generator().manual_seed(0))
+        got = opnorm.pgd(ddp, x, y, eps=0.2, steps=3, random_start=torch.Generator().manual_seed(0))
         assert torch.equal(got, ref)
         assert all(prm.grad is None for prm in model.parameters())
     finally:
@@ -424,11 +406,11 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="nonzero start"):
         opnorm.pgd(MODEL, x, eps=0.1, loss="logit", random_start=False)
     with pytest.raises(ValueError, match="nonzero start"):
-        opnorm.pgd(MODEL, x, eps=0.1, loss="logit", delta0=torch.zeros_like(x))
+        opnorm.EvalPGD(loss="logit")(MODEL, x, eps=0.1, delta0=torch.zeros_like(x))
     with pytest.raises(ValueError, match="y is required"):
         opnorm.pgd(MODEL, x, eps=0.1, loss="ce")
     with pytest.raises(ValueError, match="y is required"):
-        opnorm.pgd(MODEL, x, eps=0.1, loss=lambda a, c, t: a.sum(1), targeted=True)
+        opnorm.pgd(MODEL, x, eps=0.1, loss=losses.targeted(lambda a, c, t: a.sum(1)))
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -440,9 +422,15 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="steps"):
         opnorm.pgd(MODEL, x, y, eps=0.1, steps=-1)
     with pytest.raises(ValueError, match="restarts"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, restarts=0)
+        opnorm.EvalPGD(restarts=0)
     with pytest.raises(ValueError, match="restarts > 1"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, restarts=2, random_start=False)
+        opnorm.EvalPGD(restarts=2)(MODEL, x, y, eps=0.1, random_start=False)
+    with pytest.raises(ValueError, match="restarts > 1"):
+        opnorm.EvalPGD(restarts=2)(MODEL, x, y, eps=0.1, delta0=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="shape"):
+        opnorm.EvalPGD()(MODEL, x, y, eps=0.1, delta0=torch.zeros(2, 16))
+    with pytest.raises(TypeError, match="random_start must be"):
+        opnorm.pgd(MODEL, x, y, eps=0.1, random_start=0)
     with pytest.raises(ValueError, match="'ce', 'cw', 'logit', 'kl'"):
         opnorm.pgd(MODEL, x, y, eps=0.1, loss="hinge")
     with pytest.raises(ValueError, match="outside clip"):
@@ -450,7 +438,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="step_size"):
         opnorm.pgd(MODEL, x, y, eps=0.1, step_size=-1.0)
     with pytest.raises(ValueError, match="targeted"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, loss="logit", targeted=True)
+        losses.targeted("logit")
     with pytest.raises(ValueError, match="one value per example"):
         opnorm.pgd(MODEL, x, y, eps=0.1, loss=lambda a, c, t: a.sum())
 
@@ -466,9 +454,9 @@ def test_best_iterate_is_the_strongest_point_of_the_path(p, loss):
     x, y = _inputs(batch=24, seed=3)
     start = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
     # a large step overshoots, so later iterates are sometimes weaker than earlier ones
-    kw = dict(eps=0.5, p=p, loss=loss, steps=6, step_size=0.6, delta0=start, random_start=False)
-    last, hist = opnorm.pgd(model, x, y, return_history=True, **kw)
-    best = opnorm.pgd(model, x, y, best_iterate=True, **kw)
+    kw = dict(loss=loss, steps=6, step_size=0.6)
+    last, hist = opnorm.EvalPGD(best_iterate=False, **kw)(model, x, y, eps=0.5, p=p, delta0=start, return_history=True)
+    best = opnorm.EvalPGD(best_iterate=True, **kw)(model, x, y, eps=0.5, p=p, delta0=start)
     start_proj = (x + start.clamp(-0.5, 0.5) if p == INF else x + start).clamp(0, 1) - x
     path = [start_proj] + hist
     fn = losses.get_loss(loss).fn
@@ -491,15 +479,19 @@ def test_best_iterate_is_the_strongest_point_of_the_path(p, loss):
 def test_best_iterate_never_weaker_and_costs_one_forward_per_run():
     model = _mlp(1)
     x, y = _inputs(batch=32, seed=7)
-    kw = dict(eps=0.3, p=INF, loss="ce", steps=5, step_size=0.4, restarts=2)
+    kw = dict(loss="ce", steps=5, step_size=0.4, restarts=2)
     calls = []
     handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        best = opnorm.pgd(model, x, y, best_iterate=True, generator=torch.Generator().manual_seed(0), **kw)
+        best = opnorm.EvalPGD(best_iterate=True, **kw)(
+            model, x, y, eps=0.3, p=INF, random_start=torch.Generator().manual_seed(0)
+        )
         assert len(calls) == 2 * 6  # steps' forwards + one score of the final point per run
     finally:
         handle.remove()
-    last = opnorm.pgd(model, x, y, generator=torch.Generator().manual_seed(0), **kw)
+    last = opnorm.EvalPGD(best_iterate=False, **kw)(
+        model, x, y, eps=0.3, p=INF, random_start=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         f_best, f_last = model(best).argmax(1) != y, model(last).argmax(1) != y
     assert (f_best >= f_last).all()
@@ -521,11 +513,10 @@ def test_halving_schedule_halves_the_step_and_restarts_from_the_best_point(p, lo
     x, y = _inputs(batch=24, seed=3)
     eps, steps = 0.5, 8
     start = 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    kw = dict(eps=eps, p=p, loss=loss, random_start=False)
-    _, hist = opnorm.pgd(
-        model, x, y, steps=steps, step_size=step_size, delta0=start, schedule="halving", return_history=True, **kw
-    )
-    first = opnorm.pgd(model, x, y, steps=0, delta0=start, **kw) - x  # the projected start
+    kw = dict(loss=loss, best_iterate=False)
+    halving = opnorm.EvalPGD(steps=steps, step_size=step_size, schedule="halving", **kw)
+    _, hist = halving(model, x, y, eps=eps, p=p, delta0=start, return_history=True)
+    first = opnorm.EvalPGD(steps=0, **kw)(model, x, y, eps=eps, p=p, delta0=start) - x  # the projected start
     path = [first] + hist
     fn = losses.get_loss(loss).fn
     with torch.no_grad():
@@ -540,7 +531,8 @@ def test_halving_schedule_halves_the_step_and_restarts_from_the_best_point(p, lo
             pick = key[: k + 1].argmax(0)  # the first maximum, as the tracker keeps the earliest
             origin = torch.stack([path[j][b] for b, j in enumerate(pick.tolist())])
             restarted += int((pick != k).sum())
-        expect = opnorm.pgd(model, x, y, steps=1, step_size=s0 * 0.5**phase, delta0=origin, **kw)
+        one_step = opnorm.EvalPGD(steps=1, step_size=s0 * 0.5**phase, **kw)
+        expect = one_step(model, x, y, eps=eps, p=p, delta0=origin)
         torch.testing.assert_close(x + hist[k], expect, msg=f"iterate {k + 1}")
     assert restarted > 0, "the overshooting steps should make some halvings go back to an earlier point"
 
@@ -551,7 +543,7 @@ def test_halving_schedule_costs_one_forward_per_halving_and_is_at_least_as_stron
     calls = []
     handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
     try:
-        opnorm.pgd(model, x, y, eps=0.3, p=INF, steps=8, schedule="halving")
+        opnorm.EvalPGD(steps=8, best_iterate=False, schedule="halving")(model, x, y, eps=0.3, p=INF)
         assert len(calls) == 8 + 3  # the steps' forwards + one score before each of the 3 halvings
     finally:
         handle.remove()
@@ -577,6 +569,36 @@ def test_halving_schedule_costs_one_forward_per_halving_and_is_at_least_as_stron
 def test_bad_schedule_raises_clear_errors():
     x, y = _inputs()
     with pytest.raises(ValueError, match="schedule must be one of constant, halving"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, schedule="cosine")
+        opnorm.EvalPGD(schedule="cosine")
     with pytest.raises(ValueError, match="infinite step has no schedule"):
-        opnorm.pgd(MODEL, x, y, eps=0.1, step_size=INF, schedule="halving")
+        opnorm.EvalPGD(step_size=INF, schedule="halving")
+
+
+def test_pgd_reads_like_torchattacks_pgd():
+    """At most 10 parameters: model, x, y, the ball, the loss, steps, step size, random start,
+    the box; restarts, best iterate, schedule, start and history live on EvalPGD / Ascent."""
+    import inspect
+
+    params = inspect.signature(opnorm.pgd).parameters
+    assert len(params) <= 10, list(params)
+    assert list(params)[:3] == ["model", "x", "y"]
+
+
+def test_targeted_loss_is_the_negated_loss_and_judges_success_by_the_target():
+    """A targeted loss object gives the attack of the negated gradient, and restarts keep
+    points classified as the target."""
+    x, y = _inputs(batch=12, seed=4)
+    t = (y + 1) % 5
+    spec = losses.targeted("ce")
+    assert spec.targeted and spec.needs_labels
+    with torch.no_grad():
+        z = MODEL(x)
+    torch.testing.assert_close(spec.fn(z, None, t), -F.cross_entropy(z, t, reduction="none"))
+    kw = dict(eps=0.3, p=INF, random_start=torch.Generator().manual_seed(0))
+    adv = opnorm.EvalPGD(loss=spec, steps=5, restarts=3)(MODEL, x, t, **kw)
+    with torch.no_grad():
+        hit = MODEL(adv).argmax(1) == t
+        one = MODEL(opnorm.EvalPGD(loss=spec, steps=5)(MODEL, x, t, **kw)).argmax(1) == t
+    assert (hit >= one).all()
+    with pytest.raises(ValueError, match="already targeted"):
+        losses.targeted(spec)

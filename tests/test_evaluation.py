@@ -28,7 +28,7 @@ def reference_pgd_correct(model, x, y, *, eps, p, steps, restarts, seed, batch_s
     out = []
     for s in range(0, len(x), batch_size):
         xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-        adv = opnorm.pgd(model, xb, yb, eps=eps, p=p, steps=steps, restarts=restarts, generator=gen, best_iterate=True)
+        adv = opnorm.EvalPGD(steps=steps, restarts=restarts)(model, xb, yb, eps=eps, p=p, random_start=gen)
         with torch.no_grad():
             out.append(model(adv).argmax(1) == yb)
     return torch.cat(out)

@@ -104,10 +104,10 @@ def test_lanczos_iteration_on_a_rank_deficient_matrix():
     _, W, _ = spectral_model(s)
     U = torch.linalg.svd(W)[0]
     u0 = U[:, 5:8].sum(dim=1).expand(2, D).clone()  # in the left null space: J^T u0 = 0
-    sigma, v, u, k, exact, stopped = lanczos_iteration(lambda v: v @ W.T, lambda u: u @ W, u0, iters=D)
-    torch.testing.assert_close(sigma, torch.full((2,), 2.0, dtype=DT), rtol=ROUNDING, atol=0)
-    assert exact.all() and not stopped.any() and k == D
-    torch.testing.assert_close((v @ W.T).norm(dim=1), sigma, rtol=ROUNDING, atol=0)
+    run = lanczos_iteration(lambda v: v @ W.T, lambda u: u @ W, u0, iters=D)
+    torch.testing.assert_close(run.sigma, torch.full((2,), 2.0, dtype=DT), rtol=ROUNDING, atol=0)
+    assert run.exact.all() and not run.stopped.any() and run.iterations == D
+    torch.testing.assert_close((run.v @ W.T).norm(dim=1), run.sigma, rtol=ROUNDING, atol=0)
 
 
 @pytest.mark.parametrize("iters", [1, 3, 20])

@@ -105,7 +105,7 @@ def test_pga_logit_perturbation_of_a_linear_model_aligns_with_v1():
         lin.weight.copy_(U @ torch.diag(torch.from_numpy(s)) @ Vt)  # a known SVD
     Vh = Vt.numpy()
     x = torch.randn(4, 8, generator=gen(11), dtype=DT)
-    xa = opnorm.pgd(lin, x, eps=0.3, p=2, loss="logit", q=2, steps=60, step_size=math.inf, clip=None, generator=gen(12))
+    xa = opnorm.pgd(lin, x, eps=0.3, p=2, loss="logit", steps=60, step_size=math.inf, clip=None, random_start=gen(12))
     V = torch.from_numpy(np.repeat(Vh[None, :3, :].transpose(0, 2, 1), 4, axis=0).copy())
     al = alignment_by_rank(xa - x, V)
     torch.testing.assert_close(al[:, 0], torch.ones(4, dtype=DT), atol=1e-6, rtol=0)

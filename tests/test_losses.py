@@ -41,7 +41,7 @@ def test_logit_distance_is_the_lq_norm_of_the_logit_change(logits, q):
     diff = (adv - clean).numpy()
     ref = [np.linalg.norm(diff[b], ord=qq) for b in range(len(diff))]
     np.testing.assert_allclose(losses.logit_distance(adv, clean, None, q).numpy(), ref, rtol=1e-12)
-    spec = losses.get_loss("logit", q=q)
+    spec = losses.logit_loss(q)
     np.testing.assert_allclose(spec.fn(adv, clean, None).numpy(), ref, rtol=1e-12)
 
 
@@ -87,9 +87,10 @@ def test_get_loss_names_callables_and_errors():
 
     spec = losses.get_loss(mine)
     assert spec.fn is mine and spec.needs_clean and not spec.needs_labels
+    assert losses.get_loss(spec) is spec  # loss objects pass through
     with pytest.raises(ValueError, match="'ce', 'cw', 'logit', 'kl'"):
         losses.get_loss("hinge")
     with pytest.raises(TypeError, match="loss must be"):
         losses.get_loss(3)
     with pytest.raises(ValueError, match="q must"):
-        losses.get_loss("logit", q=0.5)
+        losses.logit_loss(0.5)

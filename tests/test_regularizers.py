@@ -506,7 +506,7 @@ def test_logit_at_is_clean_ce_plus_logit_penalty(frac, squared):
     loss = at(model, XB, YB)
     m = round(frac * 8)
     torch.manual_seed(5)
-    x_adv = pgd(model, XB[:m], YB[:m], eps=0.2, p=2, loss="logit", q=2, steps=3)
+    x_adv = pgd(model, XB[:m], YB[:m], eps=0.2, p=2, loss="logit", steps=3)
     dist = (model(x_adv) - model(XB[:m])).norm(dim=1)
     want = F.cross_entropy(model(XB), YB) + 0.7 * (dist**2 if squared else dist).mean()
     torch.testing.assert_close(loss, want)

@@ -2,7 +2,7 @@
 l_p adversarial attacks and robust training for PyTorch."""
 
 from opnorm.analysis import EquivalenceResult, activation_agreement, alignment, verify_equivalence
-from opnorm.attacks import PGD, pgd
+from opnorm.attacks import PGD, EvalPGD, pgd
 from opnorm.evaluation import Evaluation, evaluate
 from opnorm.fast_at import FreeATLoss, SingleStepATLoss
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
+from opnorm.losses import logit_loss
 from opnorm.norms import Order, lp_norm, norm_order
 
 __all__ = [
@@ -227,8 +228,8 @@ def verify_equivalence(
     """Check the theorem numerically: infinite-step PGA on ``||f(x+delta) - f(x)||_q``
     equals the (p, q) power method on J(x) while x + delta stays in x's linear region.
 
-    Runs ``opnorm.pgd(model, x, eps=eps, p=p, loss="logit", q=q, steps=steps,
-    step_size=inf, clip=None, random_start=False, delta0=delta0, return_history=True)``
+    Runs :class:`opnorm.attacks.Ascent` ``(model, x, eps=eps, p=p, loss=logit_loss(q), steps=steps,
+    step_size=inf, clip=None).run(delta0, history=True)``
     and ``opnorm.power.operator_norm(model, x, p, q, method="power", iters=steps, rtol_change=0,
     v0=delta0 / eps, return_history=True)``, and compares iterate k of both.
 
@@ -249,7 +250,7 @@ def verify_equivalence(
         >>> res = opnorm.verify_equivalence(model, x.double(), p="inf", q=2, eps=1e-3, steps=10)
         >>> res.max_direction_gap()  # ~1e-16 per iteration inside the linear region
     """
-    from opnorm.attacks import pgd
+    from opnorm.attacks import Ascent
     from opnorm.power import operator_norm
 
     check_inputs(model, x)
@@ -262,20 +263,8 @@ def verify_equivalence(
         gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
         delta0 = _sphere_point(x, p, eps, gen)
 
-    _, deltas = pgd(
-        model,
-        x,
-        eps=eps,
-        p=p,
-        loss="logit",
-        q=q,
-        steps=steps,
-        step_size=math.inf,
-        clip=None,
-        random_start=False,
-        delta0=delta0,
-        return_history=True,
-    )
+    ascent = Ascent(model, x, eps=eps, p=p, loss=logit_loss(q), steps=steps, step_size=math.inf, clip=None)
+    deltas = ascent.run(delta0, history=True).history
     power = operator_norm(
         model,
         x,

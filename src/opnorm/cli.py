@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every attack on every example (each attack's accuracy alone; slower). Default: a later "
         "attack runs only on the examples still robust (same worst case)",
     )
-    g = e.add_argument_group("the pgd attack (opnorm.pgd)")
+    g = e.add_argument_group("the pgd attack (opnorm.EvalPGD)")
     g.add_argument("--steps", type=int, default=None, help="steps (default 20)")
     g.add_argument("--restarts", type=int, default=None, help="random restarts (default 1)")
     g.add_argument("--step-size", type=float, default=None, help="step length (default 2.5 eps / steps; halving: eps)")

@@ -6,7 +6,7 @@ every attack of the suite (the worst case that AutoAttack reports). Each attack 
 object with one call, ``attack(model, x, y, eps=, p=, todo=) -> (B,) bool`` (True: the
 attacked input is still classified correctly), and :func:`evaluate` composes them:
 
-* :class:`PGDAttack`: opnorm's :func:`~opnorm.attacks.pgd` (any loss, random start, restarts,
+* :class:`PGDAttack`: opnorm's :class:`~opnorm.attacks.EvalPGD` (any loss, random start, restarts,
   best iterate, the halving schedule);
 * :class:`APGDAttack`: torchattacks' APGD-CE / APGD-DLR, or the targeted APGD-T (DLR loss);
 * :class:`SquareAttack`: torchattacks' black-box Square attack (gradient masking shows up as
@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from opnorm.attacks import pgd, random_in_ball
+from opnorm.attacks import EvalPGD, Loss, random_in_ball
 from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
 from opnorm.norms import norm_order
 
@@ -119,13 +119,14 @@ def _check_batch_size(value: Any) -> int:
 
 
 class PGDAttack:
-    """opnorm's :func:`~opnorm.attacks.pgd` for evaluation: random start, ``restarts`` runs, an
-    example is fooled if any point of any run's path fools it (``best_iterate``).
+    """opnorm's evaluation attack :class:`~opnorm.attacks.EvalPGD` in :func:`evaluate`: random start,
+    ``restarts`` runs, an example is fooled if any point of any run's path fools it
+    (``best_iterate``); a fooled example is not attacked by the later restarts.
 
     Args:
-        steps, restarts, loss, q, step_size, schedule, clip, best_iterate: as in
-            :func:`~opnorm.attacks.pgd` (loss "ce", "cw", "logit", "kl"; schedule "constant" or
-            "halving").
+        steps, loss, step_size, schedule, clip, best_iterate: as in :class:`~opnorm.attacks.EvalPGD`
+            (loss "ce", "cw", "logit", "kl" or a loss object; schedule "constant" or "halving").
+        restarts: runs from independent random starts (>= 1).
         seed: a fresh ``torch.Generator`` seeded so draws the starts of each call (each radius);
             None (and no generator): torch's global generator.
         generator: instead of ``seed``, one generator whose stream goes on across calls.
@@ -144,8 +145,7 @@ class PGDAttack:
         *,
         steps: int = 20,
         restarts: int = 1,
-        loss: str = "ce",
-        q: Any = 2,
+        loss: Loss = "ce",
         step_size: float | None = None,
         schedule: str = "constant",
         seed: int | None = 0,
@@ -157,13 +157,18 @@ class PGDAttack:
         for what, value in (("steps", steps), ("restarts", restarts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-        self.steps, self.restarts, self.loss, self.q, self.step_size = steps, restarts, loss, q, step_size
+        self.steps, self.restarts, self.loss, self.step_size = steps, restarts, loss, step_size
         self.schedule, self.seed, self.generator, self.clip = schedule, seed, generator, clip
         self.batch_size, self.best_iterate = _check_batch_size(batch_size), best_iterate
+        # one run per start: the restarts are this class's own (fooled examples leave the batch)
+        self.attack = EvalPGD(
+            loss=loss, steps=steps, step_size=step_size, best_iterate=best_iterate, schedule=schedule, clip=clip
+        )
 
     def describe(self) -> str:
         restarts = f", {self.restarts} restarts" if self.restarts > 1 else ""
-        return f"PGD-{self.steps} (loss {self.loss}, {self.schedule} step{restarts})"
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "name", "callable")
+        return f"PGD-{self.steps} (loss {loss}, {self.schedule} step{restarts})"
 
     def __call__(self, model, x, y, *, eps, p, todo, progress=False):
         net = unwrap(model)
@@ -182,21 +187,7 @@ class PGDAttack:
                 left = rows[robust]  # a fooled example stays fooled: later restarts skip it
                 if len(left) == 0:
                     break
-                adv = pgd(
-                    net,
-                    xb[left],
-                    yb[left],
-                    eps=eps,
-                    p=p,
-                    loss=self.loss,
-                    q=self.q,
-                    steps=self.steps,
-                    step_size=self.step_size,
-                    delta0=start[left],
-                    clip=self.clip,
-                    schedule=self.schedule,
-                    best_iterate=self.best_iterate,
-                )
+                adv = self.attack(net, xb[left], yb[left], eps=eps, p=p, delta0=start[left])
                 with torch.no_grad(), eval_mode(net):
                     still = net(adv).argmax(1) == yb[left]
                 robust[robust.clone()] = still

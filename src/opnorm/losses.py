@@ -21,10 +21,16 @@ Built-in losses (:data:`LOSSES`):
 * ``"kl"``: ``KL(softmax f(x) || softmax f(x+delta))`` (TRADES / VAT), clean
   probabilities detached. Its gradient vanishes at ``delta = 0``.
 
+Loss objects (:class:`LossSpec`) carry what an attack needs to know about a loss: whether it
+needs labels or the clean logits, and how success is judged. :func:`logit_loss` sets the q of
+the logit loss; :func:`targeted` turns a label loss into a targeted one (the attack then
+minimizes the loss toward the targets).
+
 Example::
 
-    >>> spec = opnorm.losses.get_loss("logit", q=2)
+    >>> spec = opnorm.losses.logit_loss(q=2)
     >>> spec.fn(model(x + delta), model(x).detach(), None).shape   # (B,)
+    >>> opnorm.pgd(model, x, targets, eps=0.1, loss=opnorm.losses.targeted("ce"))
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ __all__ = [
     "kl_rows",
     "full",
     "get_loss",
+    "logit_loss",
+    "targeted",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -111,6 +119,8 @@ class LossSpec:
             so an attack started at delta = 0 cannot move.
         labelled_success: the loss says whether the example is fooled (ce, cw), so that
             restarts can prefer misclassified points.
+        targeted: ``fn`` is the negated loss toward targets y (see :func:`targeted`): an example
+            is fooled when it is classified as its target.
     """
 
     fn: LossFn
@@ -119,6 +129,7 @@ class LossSpec:
     needs_clean: bool
     zero_gradient_at_start: bool
     labelled_success: bool
+    targeted: bool = False
 
 
 def _logit_fn(q: float) -> LossFn:
@@ -128,30 +139,77 @@ def _logit_fn(q: float) -> LossFn:
     return fn
 
 
+def _negated(fn: LossFn) -> LossFn:
+    def neg(logits_adv, logits_clean, y):
+        return -fn(logits_adv, logits_clean, y)
+
+    return neg
+
+
 LOSSES: tuple[str, ...] = ("ce", "cw", "logit", "kl")
 
 
-def get_loss(loss: str | LossFn, q: Order = 2) -> LossSpec:
-    """Resolve a loss name (one of :data:`LOSSES`) or a user callable into a :class:`LossSpec`.
+def logit_loss(q: Order = 2) -> LossSpec:
+    """The logit loss ``||f(x + delta) - f(x)||_q`` of the operator-norm theorem (``"logit"`` is q = 2).
+
+    Example::
+
+        >>> opnorm.pgd(model, x, eps=0.1, p=2, loss=logit_loss("inf"), clip=None)
+    """
+    return LossSpec(_logit_fn(norm_order(q, "q")), "logit", False, True, True, False)
+
+
+def targeted(loss: str | LossFn | LossSpec) -> LossSpec:
+    """The targeted version of a label loss (``"ce"``, ``"cw"`` or a callable): the attack then
+    minimizes the loss toward the targets it is given as y (the loss is negated, so that
+    maximizing it descends toward the targets), and an example counts as fooled when it is
+    classified as its target.
+
+    Example::
+
+        >>> x_adv = opnorm.pgd(model, x, targets, eps=0.1, loss=targeted("ce"))
+    """
+    spec = get_loss(loss)
+    if spec.targeted:
+        raise ValueError("the loss is already targeted; pass it as is")
+    if not spec.needs_labels and spec.name != "callable":
+        raise ValueError(f"a targeted loss needs a label loss ('ce', 'cw' or a callable), got loss={spec.name!r}")
+    return LossSpec(
+        _negated(spec.fn),
+        spec.name,
+        needs_labels=True,
+        needs_clean=spec.needs_clean,
+        zero_gradient_at_start=spec.zero_gradient_at_start,
+        labelled_success=spec.labelled_success,
+        targeted=True,
+    )
+
+
+def get_loss(loss: str | LossFn | LossSpec) -> LossSpec:
+    """Resolve a loss name (one of :data:`LOSSES`), a user callable or a :class:`LossSpec` into a
+    :class:`LossSpec` (returned as is).
 
     Args:
-        loss: ``"ce"``, ``"cw"``, ``"logit"``, ``"kl"`` or a callable
-            ``(logits_adv, logits_clean, y) -> (B,)``. A callable always receives the clean
+        loss: ``"ce"``, ``"cw"``, ``"logit"`` (q = 2; :func:`logit_loss` for another q), ``"kl"``,
+            a callable ``(logits_adv, logits_clean, y) -> (B,)``, or a :class:`LossSpec`
+            (:func:`logit_loss`, :func:`targeted`). A callable always receives the clean
             logits and receives y as given to the attack (possibly None).
-        q: the norm order of the ``"logit"`` loss (ignored by the others).
 
     Example::
 
         >>> spec = get_loss("cw")
         >>> spec.fn(logits, None, y)  # (B,)
     """
+    if isinstance(loss, LossSpec):
+        return loss
     if callable(loss) and not isinstance(loss, str):
         return LossSpec(
             loss, "callable", needs_labels=False, needs_clean=True, zero_gradient_at_start=False, labelled_success=False
         )
     if not isinstance(loss, str):
         raise TypeError(
-            f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), got {type(loss).__name__}"
+            f"loss must be one of {LOSSES}, a callable (logits_adv, logits_clean, y) -> (B,) or a LossSpec, "
+            f"got {type(loss).__name__}"
         )
     name = loss.strip().lower()
     if name == "ce":
@@ -159,7 +217,7 @@ def get_loss(loss: str | LossFn, q: Order = 2) -> LossSpec:
     if name == "cw":
         return LossSpec(cw_margin, "cw", True, False, False, True)
     if name == "logit":
-        return LossSpec(_logit_fn(norm_order(q, "q")), "logit", False, True, True, False)
+        return logit_loss(2)
     if name == "kl":
         return LossSpec(kl_divergence, "kl", False, True, True, False)
     raise ValueError(

@@ -68,9 +68,7 @@ def alignment_curve(
         means, stds = [], []
         for e in eps_grid:
             gen = torch.Generator().manual_seed(seed)
-            xa = pgd(
-                model, x, y, eps=e, p=2, loss=loss, q=2, steps=steps, step_size=step_size, clip=None, generator=gen
-            )
+            xa = pgd(model, x, y, eps=e, p=2, loss=loss, steps=steps, step_size=step_size, clip=None, random_start=gen)
             cos = alignment(xa - x, v1)
             means.append(float(cos.mean()))
             stds.append(float(cos.std()) if len(cos) > 1 else 0.0)
@@ -103,11 +101,10 @@ def model_alignment(
                 eps=e,
                 p=2,
                 loss=loss,
-                q=2,
                 steps=steps,
                 step_size=step_size,
                 clip=None,
-                generator=torch.Generator().manual_seed(seed),
+                random_start=torch.Generator().manual_seed(seed),
             )
             cos.append(_mean(alignment(xa - x, v1)))
             corr.append(_mean(pearson_alignment(xa - x, v1)))
@@ -141,11 +138,10 @@ def rank_alignment(
             eps=eps,
             p=2,
             loss=loss,
-            q=2,
             steps=steps,
             step_size=step_size,
             clip=None,
-            generator=torch.Generator().manual_seed(seed),
+            random_start=torch.Generator().manual_seed(seed),
         )
         deltas[key] = xa - x
     deltas["random"] = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
@@ -185,7 +181,7 @@ def linearity_curve(
                         loss="ce",
                         steps=steps,
                         clip=None,
-                        generator=torch.Generator().manual_seed(seed),
+                        random_start=torch.Generator().manual_seed(seed),
                     )
                     - x
                 )
@@ -208,7 +204,7 @@ def agreement_curve(
     pga, rnd = [], []
     gen = torch.Generator().manual_seed(seed)
     for e in eps_grid:
-        xa = pgd(model, x, y, eps=e, p=2, loss="logit", q=2, steps=steps, clip=None, generator=gen)
+        xa = pgd(model, x, y, eps=e, p=2, loss="logit", steps=steps, clip=None, random_start=gen)
         pga.append(float(activation_agreement(model, x, xa).mean()))
         g = torch.randn(x.shape, generator=gen)
         g = e * g / lp_norm(g, 2).reshape(-1, *([1] * (x.ndim - 1)))

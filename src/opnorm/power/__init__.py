@@ -4,7 +4,7 @@ top-k spectra (:mod:`~opnorm.power.spectra`) and the entry point
 :func:`~opnorm.power.norm.operator_norm`, whose docstring lists which pairs are exact."""
 
 from opnorm.power.exact import DEFAULT_RESTARTS, operator_norm_of_matrix
-from opnorm.power.iteration import lanczos_iteration, power_iteration, random_unit
+from opnorm.power.iteration import LanczosRun, PowerRun, lanczos_iteration, power_iteration, random_unit
 from opnorm.power.norm import DEFAULT_ITERS, DEFAULT_RTOL_CHANGE, METHODS, OperatorNormResult, operator_norm
 from opnorm.power.spectra import SpectrumResult, singular_values
 
@@ -13,6 +13,8 @@ __all__ = [
     "SpectrumResult",
     "power_iteration",
     "lanczos_iteration",
+    "PowerRun",
+    "LanczosRun",
     "operator_norm",
     "operator_norm_of_matrix",
     "singular_values",

@@ -91,7 +91,7 @@ def operator_norm_of_matrix(
     Jr = J.repeat_interleave(restarts, dim=0)
     v0 = random_unit((B * restarts, n), p, dtype=J.dtype, device=J.device, generator=generator)
     v0[::restarts] = random_unit((B, n), p, dtype=J.dtype, device=J.device, generator=generator)
-    sigma, v, _, _, _, _ = power_iteration(
+    run = power_iteration(
         lambda v: torch.einsum("bdn,bn->bd", Jr, v),
         lambda u: torch.einsum("bdn,bd->bn", Jr, u),
         v0,
@@ -100,9 +100,9 @@ def operator_norm_of_matrix(
         iters=iters,
         rtol_change=1e-12,
     )
-    sigma = sigma.reshape(B, restarts)
+    sigma = run.sigma.reshape(B, restarts)
     best, idx = sigma.max(dim=1)
-    v = v.reshape(B, restarts, n)[torch.arange(B, device=J.device), idx]
+    v = run.v.reshape(B, restarts, n)[torch.arange(B, device=J.device), idx]
     return best, v, torch.zeros(B, dtype=torch.bool, device=J.device)
 
 

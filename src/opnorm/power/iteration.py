@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from opnorm.norms import Order, duality_map, lp_norm, norm_order, pga_step
+
+
+class PowerRun(NamedTuple):
+    """The result of :func:`power_iteration`."""
+
+    sigma: torch.Tensor  # (B,) ||J v||_q, a lower bound on ||J||_{p->q}
+    v: torch.Tensor  # (B, *in) the last iterate, unit l_p norm
+    u: torch.Tensor  # (B, d) psi_q(J v)
+    iterations: int  # iterations run
+    stopped: torch.Tensor  # (B,) bool: the last change of sigma was <= rtol_change * sigma
+    history: list[dict] | None  # {"v", "u", "sigma"} after each iteration, with history=True
+
+
+class LanczosRun(NamedTuple):
+    """The result of :func:`lanczos_iteration`."""
+
+    sigma: torch.Tensor  # (B,) the top singular value of the Krylov bidiagonal (a lower bound)
+    v: torch.Tensor  # (B, *in) its right vector, unit l_2 norm
+    u: torch.Tensor  # (B, d) its left vector
+    iterations: int  # the most iterations any example ran
+    exact: torch.Tensor  # (B,) bool: the basis spanned the output space (sigma = ||J||_2 up to rounding)
+    stopped: torch.Tensor  # (B,) bool: sigma changed by at most rtol_change * sigma in the last iteration
 
 
 def _check_iters(iters: int, name: str = "iters") -> int:
@@ -50,7 +73,7 @@ def power_iteration(
     iters: int,
     rtol_change: float = 0.0,
     history: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, list[dict] | None]:
+) -> PowerRun:
     """The batched (p, q) power method on any linear operator.
 
     Args:
@@ -64,8 +87,8 @@ def power_iteration(
         history: record {"v", "u", "sigma"} after each iteration.
 
     Returns:
-        (sigma, v, u, iterations, stopped, history) with sigma = ||J v||_q, u = psi_q(J v), a
-        lower bound on ||J||_{p->q}; stopped (B,) bool: the last change was <= rtol_change.
+        :class:`PowerRun` (sigma, v, u, iterations, stopped, history) with sigma = ||J v||_q, a
+        lower bound on ||J||_{p->q}, and u = psi_q(J v).
     """
     p, q = norm_order(p, "p"), norm_order(q, "q")
     v = _normalize(v0, p)
@@ -85,7 +108,7 @@ def power_iteration(
             records.append({"v": v.detach().clone(), "u": u.detach().clone(), "sigma": sigma.detach().clone()})
         if rtol_change > 0 and bool(stopped.all()):
             break
-    return sigma, v, duality_map(jv, q), k, stopped, records
+    return PowerRun(sigma, v, duality_map(jv, q), k, stopped, records)
 
 
 def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -135,7 +158,7 @@ def lanczos_iteration(
     iters: int,
     rtol_change: float = 0.0,
     select: Callable[[torch.Tensor], tuple[Callable, Callable]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+) -> LanczosRun:
     """Top singular triplet of J (B examples, d x n each) by Golub-Kahan-Lanczos
     bidiagonalization, batched.
 
@@ -166,14 +189,15 @@ def lanczos_iteration(
             on a batch of the examples still iterating only.
 
     Returns:
-        (sigma (B,), v (B, *in) unit, u (B, d) unit, iterations (the most any example ran),
-        exact (B,) bool: the basis spanned the output space, so sigma = ||J||_2 up to rounding,
-        stopped (B,) bool: stopped early by ``rtol_change``), with ``J v = sigma u`` up to
-        rounding, so v attains sigma.
+        :class:`LanczosRun`: sigma (B,), v (B, *in) unit, u (B, d) unit, iterations (the most
+        any example ran), exact (B,) bool: the basis spanned the output space, so sigma =
+        ||J||_2 up to rounding, stopped (B,) bool: stopped early by ``rtol_change``; ``J v =
+        sigma u`` up to rounding, so v attains sigma.
 
     Example:
         >>> lin = opnorm.jacobian.linearize(model, x)
-        >>> sigma, v, u, k, exact, stopped = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=10)
+        >>> run = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=10)
+        >>> run.sigma, run.exact  # (B,), (B,) bool
         >>> bool(exact.all())  # True for a 10-logit model: 10 iterations span the output space
     """
     B, d = u0.shape
@@ -249,4 +273,4 @@ def lanczos_iteration(
     assert shape is not None and Vs is not None
     finish(torch.zeros(len(rows), dtype=torch.bool, device=device), k)
     assert out_v is not None
-    return out_sigma, out_v.reshape(B, *shape), out_u, k, out_exact, out_stopped
+    return LanczosRun(out_sigma, out_v.reshape(B, *shape), out_u, k, out_exact, out_stopped)

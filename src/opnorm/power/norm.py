@@ -194,18 +194,27 @@ def operator_norm(
             select = None
             if hasattr(lin, "select"):
                 select = lambda rows: (lambda sub: (sub.matvec, sub.rmatvec))(lin.select(rows))  # noqa: E731
-            sigma, v, u, k, exact, stopped = lanczos_iteration(
-                lin.matvec, lin.rmatvec, u0, iters=iters, rtol_change=rtol_change, select=select
+            run = lanczos_iteration(lin.matvec, lin.rmatvec, u0, iters=iters, rtol_change=rtol_change, select=select)
+            res = OperatorNormResult(
+                run.sigma, run.v.detach(), run.u, run.iterations, run.stopped, "lanczos", run.exact
             )
-            res = OperatorNormResult(sigma, v.detach(), u, k, stopped, "lanczos", exact)
         else:
             if v0 is None:
                 v0 = random_unit(tuple(x.shape), p, dtype=x.dtype, device=x.device, generator=generator)
-            sigma, v, u, k, stopped, hist = power_iteration(
+            run = power_iteration(
                 lin.matvec, lin.rmatvec, v0, p, q, iters=iters, rtol_change=rtol_change, history=return_history
             )
-            exact = torch.zeros_like(stopped)  # a fixed point of the iteration is not a proof of the maximum
-            res = OperatorNormResult(sigma.detach(), v.detach(), u.detach(), k, stopped, "power", exact, hist)
+            exact = torch.zeros_like(run.stopped)  # a fixed point of the iteration is not a proof of the maximum
+            res = OperatorNormResult(
+                run.sigma.detach(),
+                run.v.detach(),
+                run.u.detach(),
+                run.iterations,
+                run.stopped,
+                "power",
+                exact,
+                run.history,
+            )
     res.route, res.fallbacks = lin.route, list(lin.fallbacks)
     return res
 

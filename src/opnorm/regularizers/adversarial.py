@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opnorm.jacobian import forward, unwrap
-from opnorm.losses import full, kl_rows
+from opnorm.losses import full, kl_rows, logit_loss
 from opnorm.norms import Order, lp_norm, norm_order
 from opnorm.regularizers.batchnorm import clean_statistics
 from opnorm.regularizers.solver import no_autocast
@@ -106,7 +106,7 @@ class AdversarialTrainingLoss(nn.Module):
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""
         from opnorm.attacks import pgd  # the attack layer sits beside this one
 
-        loss = {"ce": "ce", "logit": "logit", "trades": "kl"}[self.kind]
+        loss = {"ce": "ce", "logit": logit_loss(self.q), "trades": "kl"}[self.kind]
         with no_autocast(x.device):
             x_adv = pgd(
                 model,
@@ -115,7 +115,6 @@ class AdversarialTrainingLoss(nn.Module):
                 eps=self.eps,
                 p=self.p,
                 loss=loss,
-                q=self.q,
                 steps=self.steps,
                 step_size=self.step_size,
                 random_start=True,

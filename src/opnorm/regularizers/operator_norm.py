@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -67,6 +68,16 @@ def _store(num_examples: int | None, parts: dict, factory: str) -> DirectionStor
 def _check_part(part, kind: type, name: str, example: str) -> None:
     if part is not None and not isinstance(part, kind):
         raise TypeError(f"{name} must be an instance of {kind.__name__} (e.g. {example}), got {part!r}")
+
+
+class Directions(NamedTuple):
+    """The solver's result for one batch (:meth:`OperatorNormRegularizer.direction` and the penalty)."""
+
+    v: torch.Tensor  # (B, *in) the directions, detached
+    sigma: torch.Tensor  # (B,) ||J v||; NaN where it was not measured (see _solve)
+    u: torch.Tensor | None  # (B, d) the dual directions, or None where not measured
+    idx: torch.Tensor | None  # (B,) the store rows of the examples, or None without a store
+    iterations: int  # the most iterations any example ran
 
 
 class OperatorNormRegularizer(nn.Module):
@@ -271,8 +282,8 @@ class OperatorNormRegularizer(nn.Module):
         iters[warm] = self.solver.warm_iters if free else max(self.solver.warm_iters, 1)
         return iters
 
-    def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
-        """(v, sigma, u, idx, most iterations). With a store, rows are grouped by their iteration
+    def _solve(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool) -> Directions:
+        """The directions of x (:class:`Directions`). With a store, rows are grouped by their iteration
         count (cold / warm). Unless ``complete``, or without the free step, sigma / u stay NaN /
         None where they would cost one more J v (the fd forward measures sigma anyway)."""
         check_inputs(net, x)
@@ -280,7 +291,7 @@ class OperatorNormRegularizer(nn.Module):
         with frozen_statistics(net, x):  # BatchNorm: the clean batch's statistics, as in the penalty's forward
             return self._solve_rows(net, x, index, free, complete)
 
-    def _solve_rows(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool):
+    def _solve_rows(self, net: nn.Module, x: torch.Tensor, index, free: bool, complete: bool) -> Directions:
         idx = self._rows(index, x)
         if idx is None:  # nothing stored (the paper's configuration): iters iterations from random starts
             v0 = self.solver.random_start(x.shape[0], x, self.p)
@@ -288,7 +299,7 @@ class OperatorNormRegularizer(nn.Module):
             sigma, v, u = self.solver.run(
                 net, x, v0, self.solver.iters, self.p, self.eps, self.metric, self.clip, measure
             )
-            return v, sigma, u, None, self.solver.iters
+            return Directions(v, sigma, u, None, self.solver.iters)
         v0, warm = self._start(x, idx)
         iters = self._iterations(warm, free)
         measure = complete or not self.solver.free_update  # the free step's fd forward measures sigma anyway
@@ -315,17 +326,17 @@ class OperatorNormRegularizer(nn.Module):
         if bool((iters > 0).any()):
             ran = iters > 0
             self.store.put(idx if bool(ran.all()) else idx[ran], v if bool(ran.all()) else v[ran])
-        return v.detach(), sigma, u, idx, int(iters.max())
+        return Directions(v.detach(), sigma, u, idx, int(iters.max()))
 
     def direction(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None) -> OperatorNormResult:
         """The explicit part of the solver (no weight gradients): an
         :class:`~opnorm.power.OperatorNormResult` with sigma (B,), v (x's shape), u (B, d) and
         ``iterations``; sets ``last_sigma`` / ``last_v``. The free step needs :meth:`joint`."""
         net = unwrap(model)
-        v, sigma, u, _, k = self._solve(net, x, index, self._free_ok(net, index), complete=True)
-        self.last_sigma, self.last_v = sigma, v
-        flags = torch.zeros_like(sigma, dtype=torch.bool)
-        return OperatorNormResult(sigma, v, u, k, flags, "power", flags.clone())
+        d = self._solve(net, x, index, self._free_ok(net, index), complete=True)
+        self.last_sigma, self.last_v = d.sigma, d.v
+        flags = torch.zeros_like(d.sigma, dtype=torch.bool)
+        return OperatorNormResult(d.sigma, d.v, d.u, d.iterations, flags, "power", flags.clone())
 
     # -- the free update ------------------------------------------------------------------
 
@@ -376,12 +387,12 @@ class OperatorNormRegularizer(nn.Module):
             raise ValueError(
                 "perturbed=True returns f(x + eps v) of the fd penalty's forward; the exact penalty has none"
             )
-        v, sigma, u, idx, _ = self._solve(net, x, index, free, complete=not self.penalty.uses_point)
-        x_p = self._point(x, v, idx if free else None) if self.penalty.uses_point else None
-        clean, s, s_sq, pert = self.penalty.evaluate(model, net, x, x_p, v, u, self.metric, self.eps)
-        self._finish(sigma, v, s if self.penalty.uses_point else None)
-        value = self.penalty.reduce(s, s_sq, self.weight(net.training), self.eps)
-        return (clean, value, pert) if perturbed else (clean, value)
+        d = self._solve(net, x, index, free, complete=not self.penalty.uses_point)
+        x_p = self._point(x, d.v, d.idx if free else None) if self.penalty.uses_point else None
+        terms = self.penalty.evaluate(model, x, x_p, d.v, d.u, self.metric, self.eps)
+        self._finish(d.sigma, d.v, terms.s if self.penalty.uses_point else None)
+        value = self.penalty.reduce(terms.s, terms.s_sq, self.weight(net.training), self.eps)
+        return (terms.clean, value, terms.pert) if perturbed else (terms.clean, value)
 
     def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
         """The penalty from f(x) and f(x + eps v) computed by the caller (at the current
@@ -406,9 +417,9 @@ class OperatorNormRegularizer(nn.Module):
                 "batch's statistics in the same forward: call reg.joint(model, x, index), not logits="
             )
         free = self._free_ok(net, index)
-        v, sigma, _, idx, _ = self._solve(net, x, index, free, complete=False)
-        s, s_sq = self.metric.fd(logits, forward(model, self._point(x, v, idx if free else None)), self.eps)
-        self._finish(sigma, v, s)
+        d = self._solve(net, x, index, free, complete=False)
+        s, s_sq = self.metric.fd(logits, forward(model, self._point(x, d.v, d.idx if free else None)), self.eps)
+        self._finish(d.sigma, d.v, s)
         return self.penalty.reduce(s, s_sq, self.weight(net.training), self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:

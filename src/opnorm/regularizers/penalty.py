@@ -12,7 +12,8 @@
   checks that two forwards of the same points agree and raises a one-line ValueError when
   they do not.
 * :class:`ExactPenalty`: ``s = <u, J(x) v>``, differentiable w.r.t. the weights (forward-mode
-  AD, or double backward where an op lacks a forward derivative). At the power method's fixed point ``<u, J v> = ||J v|| = sigma``.
+  AD, or double backward where an op lacks a forward derivative). At the power method's fixed
+  point ``<u, J v> = ||J v|| = sigma``.
 
 Both reduce the per-example s to ``lam * mean_b(s_b)`` or ``lam * mean_b(s_b^2)``
 (``squared``, the paper's d.d. SNR), optionally scaled by eps (``scale_by_eps``: the fd
@@ -21,24 +22,25 @@ penalty becomes the theorem's adversarial logit loss ``||f(x + eps v) - f(x)||``
 Example::
 
     >>> pen = FDPenalty(squared=True)
-    >>> clean, s, s_sq, pert = pen.evaluate(model, x, x_p, v, u, LogitNorm(2), eps)
-    >>> value = pen.reduce(s, s_sq, lam=0.02, eps=eps)
+    >>> terms = pen.evaluate(model, x, x_p, v, u, LogitNorm(2), eps)
+    >>> value = pen.reduce(terms.s, terms.s_sq, lam=0.02, eps=eps)
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from opnorm.jacobian import differentiable_jvp
+from opnorm.jacobian import differentiable_jvp, unwrap
 from opnorm.losses import full
 from opnorm.regularizers.batchnorm import batch_norms, clean_statistics
 from opnorm.regularizers.metrics import OutputMetric
 
-__all__ = ["Penalty", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
+__all__ = ["Penalty", "PenaltyTerms", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
 
 STOCHASTIC: tuple[type, ...] = (
     nn.Dropout,
@@ -94,6 +96,15 @@ def paired_noise(net: nn.Module, batch: int) -> Iterator[None]:
             del m.forward
 
 
+class PenaltyTerms(NamedTuple):
+    """The result of :meth:`Penalty.evaluate`."""
+
+    clean: torch.Tensor  # (B, d) f(x), differentiable w.r.t. the weights
+    s: torch.Tensor  # (B,) the per-example penalty term, differentiable w.r.t. the weights
+    s_sq: torch.Tensor | None  # (B,) s^2 computed without a square root, or None
+    pert: torch.Tensor | None  # (B, d) f(x_p) (the fd penalty), or None
+
+
 class Penalty:
     """Base: the reduction shared by both penalties. ``uses_point``: needs ``x + eps v``."""
 
@@ -112,6 +123,29 @@ class Penalty:
             value = s_sq if s_sq is not None else s * s
             return lam * (value * eps**2 if self.scale_by_eps else value).mean()
         return lam * (s * eps if self.scale_by_eps else s).mean()
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        x_p: torch.Tensor | None,
+        v: torch.Tensor,
+        u: torch.Tensor | None,
+        metric: OutputMetric,
+        eps: float,
+    ) -> PenaltyTerms:
+        """The penalty terms at the fixed direction v, differentiable w.r.t. the weights.
+
+        Args:
+            model: the model as trained, a DDP / DataParallel wrapper included: the forward runs
+                through it, so that DDP synchronizes the weight gradients of the penalty. What
+                needs the plain network (pairing the Dropout noise, BatchNorm statistics) finds
+                it inside with :func:`opnorm.jacobian.unwrap`.
+            x: (B, *in) inputs. x_p: (B, *in) the point ``clip(x + eps v)`` (fd), or None.
+            v: (B, *in) the direction. u: (B, d) the dual direction (exact), or None.
+            metric: the output metric. eps: the fd radius.
+        """
+        raise NotImplementedError
 
 
 def check_paired_noise(net: nn.Module, x: torch.Tensor, rows: int = 4) -> None:
@@ -152,16 +186,17 @@ class FDPenalty(Penalty):
     def evaluate(
         self,
         model: nn.Module,
-        net: nn.Module,
         x: torch.Tensor,
         x_p: torch.Tensor,
         v,
         u,
         metric: OutputMetric,
         eps: float,
-    ):
-        """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model``."""
+    ) -> PenaltyTerms:
+        """(f(x), s, s_sq, f(x_p)) from one forward of ``[x; x_p]`` through ``model`` (see
+        :meth:`Penalty.evaluate`)."""
         B = x.shape[0]
+        net = unwrap(model)
         if not self._noise_checked and isinstance(net, nn.Module) and net.training and torch.is_grad_enabled():
             check_paired_noise(net, x)
             self._noise_checked = True
@@ -170,7 +205,7 @@ class FDPenalty(Penalty):
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 * B:
             raise ValueError(f"model output must be 2-D (B, d); got {getattr(out, 'shape', type(out).__name__)}")
         s, s_sq = metric.fd(out[:B], out[B:], eps)
-        return out[:B], s, s_sq, out[B:]
+        return PenaltyTerms(out[:B], s, s_sq, out[B:])
 
 
 class ExactPenalty(Penalty):
@@ -181,20 +216,19 @@ class ExactPenalty(Penalty):
     def evaluate(
         self,
         model: nn.Module,
-        net: nn.Module,
         x: torch.Tensor,
         x_p,
         v: torch.Tensor,
         u: torch.Tensor,
         metric: OutputMetric,
         eps: float,
-    ):
+    ) -> PenaltyTerms:
         """(f(x), s, None, None) from one forward of ``model``: J v differentiable w.r.t. the
         weights by forward-mode AD or double backward (:func:`opnorm.jacobian.differentiable_jvp`)."""
-        if batch_norms(net):  # its J v would differentiate the batch statistics w.r.t. the input
+        if batch_norms(unwrap(model)):  # its J v would differentiate the batch statistics w.r.t. the input
             raise ValueError(
                 "ExactPenalty does not support BatchNorm using batch statistics (training mode); use "
                 "FDPenalty() (the default), which normalizes x + eps v with the clean batch's statistics"
             )
         out, jv = differentiable_jvp(model, x, v)
-        return out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None
+        return PenaltyTerms(out, full((u.to(jv.dtype) * jv).sum(dim=1)), None, None)

@@ -122,8 +122,8 @@ class PGASolver:
         with eval_mode(net), torch.enable_grad(), no_autocast(x.device):
             lin = None if self.dynamic else linearize(net, x, self.route)
             if lin is not None and measure and isinstance(metric, LogitNorm) and self.step == math.inf:
-                sigma, v, u, _, _, _ = power_iteration(lin.matvec, lin.rmatvec, v0, p, metric.q, iters=iters)
-                return sigma.detach(), v.detach(), u.detach()
+                run = power_iteration(lin.matvec, lin.rmatvec, v0, p, metric.q, iters=iters)
+                return run.sigma.detach(), run.v.detach(), run.u.detach()
             v = v0
             for _ in range(iters):
                 at = lin if lin is not None else linearize(net, x + eps * v, self.route)

@@ -48,12 +48,12 @@ def robust_accuracy(
     best_iterate: bool = True,
     schedule: str = "constant",
 ) -> float:
-    """Accuracy under :func:`opnorm.attacks.pgd` (eval mode), batched; eps = 0 gives clean accuracy.
+    """Accuracy under :class:`opnorm.attacks.EvalPGD` (eval mode), batched; eps = 0 gives clean accuracy.
 
     The accuracy of :class:`opnorm.evaluation.PGDAttack` alone in :func:`opnorm.evaluation.evaluate`:
     an example counts as robust only if no point of the attack's path fools the model
     (``best_iterate``, as APGD scores; False: only the last iterate of each run counts).
-    ``schedule``: the step-size schedule of :func:`~opnorm.attacks.pgd` ("halving" is stronger).
+    ``schedule``: the step-size schedule of :class:`~opnorm.attacks.EvalPGD` ("halving" is stronger).
     ``generator``: draws the random starts, its stream going on (None: torch's global generator).
     ``progress`` shows a bar over the batches (on stderr).
     """
