@@ -33,8 +33,8 @@ Phases:
   side by side). Merges its rows into ``variants.json``.
 * ``paper``: the paper configuration of the same regularizer (``opnorm.mode = "paper"``: 10
   power iterations per batch from random starts; otherwise the main run's settings, output
-  metric, ``--dynamic``, clip and lam), trained alone afterwards and evaluated like the others: does the fast solver lose
-  robustness against it? Writes ``paper.json``.
+  metric, ``--dynamic``, clip and lam), trained alone afterwards and evaluated like the others: does the fast
+  solver lose robustness against it? Writes ``paper.json``.
 * ``one`` / ``combine``: one method's job of ``main`` (``--which``), and results.json from two such jobs
   that finished in ``--runs`` at different times, when the machine could not run them side by side
   (accuracies and gaps as in ``main``; the time ratio is marked as not comparable).
@@ -82,6 +82,7 @@ DEFAULT_OUT = HERE.parent / "docs" / "results" / "fast-regularizer"
 # term with beta = 12 (2 KL * lam / eps^2 = beta KL)
 LAMS = {"logits": (0.01, 0.02, 0.04), "kl": (0.03, 0.06, 0.12)}
 EPS_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2)
+HEADLINE = ("clean", "pgd20_restarts", "apgd_ce", "apgd_dlr", "train_seconds")  # printed when a run finishes
 GAP_KEYS = ("gap_points_pgd20", "gap_points_apgd_ce", "gap_points_apgd_dlr")
 GAP_GOAL = 2.0  # points: every robust-accuracy gap to PGD-10 AT at most this
 TIME_GOAL = 0.5  # fast training time over AT's at most this
@@ -362,7 +363,7 @@ def direction_quality(model: torch.nn.Module, reg_state: dict, x: torch.Tensor, 
     return out
 
 
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
+def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     gen = lambda: torch.Generator().manual_seed(123)  # noqa: E731  the same attack randomness for both models
     res: dict[str, Any] = {"clean": accuracy(model, x, y)}
@@ -398,12 +399,9 @@ def summarize(name: str, res, args: argparse.Namespace, x: torch.Tensor, y: torc
             }
             for h, c in zip(hist, cumulative)
         ],
-        **evaluate(res.model, x, y, args),
+        **evaluate_model(res.model, x, y, args),
     }
-    print(
-        f"{name}: {json.dumps({k: v for k, v in summary.items() if k in ('clean', 'pgd20_restarts', 'apgd_ce', 'apgd_dlr', 'train_seconds')})}",
-        flush=True,
-    )
+    print(f"{name}: {json.dumps({k: v for k, v in summary.items() if k in HEADLINE})}", flush=True)
     return summary
 
 
@@ -570,10 +568,7 @@ def paper_phase(args: argparse.Namespace, out: Path, lam: float) -> None:
         **summarize("paper", res, args, splits.test.x[: args.points], splits.test.y[: args.points]),
     }
     (out / "paper.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(
-        f"paper: {json.dumps({k: v for k, v in record.items() if k in ('clean', 'pgd20_restarts', 'apgd_ce', 'apgd_dlr', 'train_seconds')})}",
-        flush=True,
-    )
+    print(f"paper: {json.dumps({k: v for k, v in record.items() if k in HEADLINE})}", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -675,7 +670,8 @@ def standing_lines(record: dict, others: list[dict], configurations: list[tuple[
         f"Mean gaps (points, PGD-10 AT minus fast) over each configuration's seeds; the goal is <= {GAP_GOAL:g} on "
         f"all three and a time ratio <= {TIME_GOAL:g} (side by side). Per-seed tables are further down.",
         "",
-        "| fast configuration | seeds | PGD-20 x restarts | APGD-CE | APGD-DLR | time ratio (side by side) | goal on the mean |",
+        "| fast configuration | seeds | PGD-20 x restarts | APGD-CE | APGD-DLR | time ratio (side by side) "
+        "| goal on the mean |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, records in rows:
@@ -888,7 +884,8 @@ def readme(record: dict, out: Path) -> None:
             f"fast step / PGD-10 AT step = **{bench['fast_over_pgd10_at']:.2f}** (goal <= 0.5), "
             f"fast step / clean step = **{bench['fast_over_clean']:.2f}** (floor about 2)"
             + (
-                f"; with the KL output: **{bench['fast_kl_over_pgd10_at']:.2f}** and **{bench['fast_kl_over_clean']:.2f}**"
+                f"; with the KL output: **{bench['fast_kl_over_pgd10_at']:.2f}** and "
+                f"**{bench['fast_kl_over_clean']:.2f}**"
                 if "fast_kl_over_pgd10_at" in bench
                 else ""
             )
@@ -900,7 +897,8 @@ def readme(record: dict, out: Path) -> None:
             )
             + (
                 f"; with finite PGA steps and the cross-entropy at the PGA point (`pga-step/` below): "
-                f"**{bench['fast_kl_pga_perturbed_over_pgd10_at']:.2f}** and **{bench['fast_kl_pga_perturbed_over_clean']:.2f}**"
+                f"**{bench['fast_kl_pga_perturbed_over_pgd10_at']:.2f}** and "
+                f"**{bench['fast_kl_pga_perturbed_over_clean']:.2f}**"
                 if "fast_kl_pga_perturbed_over_pgd10_at" in bench
                 else ""
             )
