@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ from opnorm.validation import box
 
 __all__ = ["pgd", "PGD", "random_in_ball", "default_step_size", "SCHEDULES", "PGD_ORDERS"]
 
-Clip = Optional[tuple[float, float]]
+Clip = tuple[float, float] | None
 
 
 SCHEDULES = ("constant", "halving")

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ FAST_AT_METHODS = ("fgsm-rs", "free", "n-fgsm")
 SINGLE_STEP_DEFAULTS = {"fgsm-rs": (1.0, 1.25, True), "n-fgsm": (2.0, 1.0, False)}
 FREE_DEFAULT_STEP = 1.0
 FREE_DEFAULT_REPLAYS = 4
-Clip = Optional[tuple[float, float]]
+Clip = tuple[float, float] | None
 
 
 def _order(p: Order) -> float:

@@ -151,7 +151,8 @@ def get_loss(loss: str | LossFn, q: Order = 2) -> LossSpec:
         )
     if not isinstance(loss, str):
         raise TypeError(
-            f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), got {type(loss).__name__}"
+            f"loss must be one of {LOSSES} or a callable (logits_adv, logits_clean, y) -> (B,), "
+            f"got {type(loss).__name__}"
         )
     name = loss.strip().lower()
     if name == "ce":

@@ -11,13 +11,12 @@ or the string ``"inf"`` (any case). :func:`norm_order` turns each into a float, 
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
 from opnorm.validation import box
 
-Order = Union[float, int, str]
+Order = float | int | str
 
 __all__ = [
     "Order",

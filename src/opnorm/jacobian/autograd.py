@@ -193,9 +193,9 @@ def differentiable_jvp(
     forward): ``"forward"`` runs it with tangents (forward-mode AD; the backward of the
     result is reverse-over-forward), ``"autograd"`` builds ``g = J^T w`` with
     ``create_graph=True`` and takes ``J v = d<g, v>/dw`` (double backward; the backward of
-    the result is third order, which train-mode ``batch_norm`` lacks). ``"auto"`` tries forward mode, then double backward; on a
-    fallback the failed attempt's buffer updates (train-mode BatchNorm statistics) are
-    undone, so the statistics move once.
+    the result is third order, which train-mode ``batch_norm`` lacks). ``"auto"`` tries
+    forward mode, then double backward; on a fallback the failed attempt's buffer updates
+    (train-mode BatchNorm statistics) are undone, so the statistics move once.
 
     Args:
         model: f: (B, *in) -> (B, d). x: (B, *in). v: x's shape.

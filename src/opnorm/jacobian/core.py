@@ -95,7 +95,8 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
         if param is not None:
             if param.device != x.device:
                 raise ValueError(
-                    f"{name} is on device {x.device} but the model is on device {param.device}; move one of them, e.g. x.to({str(param.device)!r})"
+                    f"{name} is on device {x.device} but the model is on device {param.device}; "
+                    f"move one of them, e.g. x.to({str(param.device)!r})"
                 )
             if param.is_floating_point() and param.dtype != x.dtype:
                 raise TypeError(
@@ -151,8 +152,8 @@ def check_output(out: Any, batch: int) -> torch.Tensor:
         raise TypeError(f"model must return a tensor of logits of shape (B, d), got {type(out).__name__}")
     if out.ndim != 2 or out.shape[0] != batch:
         raise ValueError(
-            f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), got shape {tuple(out.shape)}"
-            "; if x is one example, pass x[None]"
+            f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), "
+            f"got shape {tuple(out.shape)}; if x is one example, pass x[None]"
         )
     return out
 

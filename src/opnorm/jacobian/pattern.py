@@ -39,7 +39,10 @@ def _recognize(m: nn.Module, name: str) -> _Step | str:
         return _Linear(m, name)
     if any(_plain(m, c) for c in _CONV):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} (only numeric zero padding is replayed)"
+            return (
+                f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} "
+                "(only numeric zero padding is replayed)"
+            )
         return _Conv(m, name)
     if any(_plain(m, c) for c in _MASKS):
         return _Mask(m, name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from opnorm.jacobian.graph import GraphLinearization
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.steps import _has_hooks, _plain
 
-LinearOperator = Union[Linearization, PatternLinearization, GraphLinearization]
+LinearOperator = Linearization | PatternLinearization | GraphLinearization
 ROUTES = ("auto", "pattern", "forward", "autograd")
 
 

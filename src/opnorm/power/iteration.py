@@ -74,7 +74,7 @@ def power_iteration(
     stopped = torch.zeros_like(sigma, dtype=torch.bool)
     records: list[dict] | None = [] if history else None
     k = 0
-    for k in range(1, iters + 1):
+    for k in range(1, iters + 1):  # noqa: B007 (k, the number of iterations run, is returned)
         u = duality_map(jv, q)
         v = pga_step(v, rmatvec(u), p, 1.0)  # the infinite step: psi_{p*}(J^T u)
         jv = matvec(v)

@@ -100,7 +100,10 @@ class AdversarialTrainingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
-        return f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, adv_fraction={self.adv_fraction:g}"
+        return (
+            f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, "
+            f"adv_fraction={self.adv_fraction:g}"
+        )
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""

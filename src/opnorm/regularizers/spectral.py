@@ -8,7 +8,6 @@ Example::
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +70,7 @@ class GlobalSpectralNormRegularizer(nn.Module):
             raise ValueError("model has no nn.Linear or nn.Conv layers to regularize")
         gen = torch.Generator().manual_seed(seed)
         self._buffer_names: list[str] = []
-        for i, (name, m) in enumerate(self._layers):
+        for i, (_name, m) in enumerate(self._layers):
             mat = _layer_matrix(m)
             u = torch.randn(mat.shape[0], generator=gen, dtype=torch.float64)
             buf = f"u_{i}"

@@ -263,7 +263,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         blocks, cin = [], width
-        for k, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
+        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
             cout = mult * width
             blocks.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
