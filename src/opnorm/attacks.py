@@ -73,11 +73,14 @@ def random_in_ball(
     (normalized Gaussian / normalized Laplace vector) times a radius eps * U, U ~ U(0, 1).
     eps is a float or a (B,) tensor. Box clipping is left to the caller.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.attacks import random_in_ball
+        >>> from opnorm.norms import lp_norm
+        >>> x = torch.rand(4, 3, 5)
         >>> delta = random_in_ball(x, 2, 0.5, torch.Generator().manual_seed(0))
-        >>> (opnorm.lp_norm(delta, 2) <= 0.5).all()
-        tensor(True)
+        >>> delta.shape, bool((lp_norm(delta, 2) <= 0.5).all())
+        (torch.Size([4, 3, 5]), True)
     """
     p = norm_order(p, "p", allowed=PGD_ORDERS)
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
@@ -367,11 +370,19 @@ def pgd(
     Returns:
         x_adv (x's shape, detached), or ``(x_adv, deltas)`` with return_history=True.
 
-    Example::
-
-        >>> x_adv = opnorm.pgd(model, images, labels, eps=8/255, p="inf", steps=10)
-        >>> x_adv, deltas = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", q=2,
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> x_adv = opnorm.pgd(model, x, y, eps=8 / 255, p="inf", steps=10)
+        >>> x_adv.shape, bool(((x_adv - x).abs() <= 8 / 255 + 1e-6).all())
+        (torch.Size([4, 8]), True)
+        >>> x_adv, deltas = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", q=2, steps=3,
         ...                            step_size=float("inf"), clip=None, return_history=True)
+        >>> len(deltas), deltas[-1].shape
+        (3, torch.Size([4, 8]))
     """
     check_inputs(model, x)
     p = norm_order(p, "p", allowed=PGD_ORDERS)
@@ -459,12 +470,18 @@ class PGD:
 
     Arguments are those of :func:`pgd` (everything but x, y).
 
-    Example::
-
-        >>> atk = opnorm.PGD(model, eps=8/255, p="inf", steps=10)
-        >>> adv_images = atk(images, labels)
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> atk = opnorm.PGD(model, eps=8 / 255, p="inf", steps=10)
+        >>> atk(x, y).shape
+        torch.Size([4, 8])
         >>> atk2 = opnorm.PGD(model, eps=0.5, p=2, loss="logit", q=2, clip=None)
-        >>> adv = atk2(x)
+        >>> atk2(x).shape  # the logit loss needs no labels
+        torch.Size([4, 8])
     """
 
     def __init__(self, model: nn.Module, eps: float | torch.Tensor, **kwargs):
