@@ -21,10 +21,17 @@ Built-in losses (:data:`LOSSES`):
 * ``"kl"``: ``KL(softmax f(x) || softmax f(x+delta))`` (TRADES / VAT), clean
   probabilities detached. Its gradient vanishes at ``delta = 0``.
 
-Example::
-
-    >>> spec = opnorm.losses.get_loss("logit", q=2)
-    >>> spec.fn(model(x + delta), model(x).detach(), None).shape   # (B,)
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.losses import get_loss
+    >>> spec = get_loss("logit", q=2)
+    >>> delta = 0.01 * torch.randn_like(x)
+    >>> spec.fn(model(x + delta), model(x).detach(), None).shape  # (B,)
+    torch.Size([4])
 """
 
 from __future__ import annotations
@@ -140,10 +147,12 @@ def get_loss(loss: str | LossFn, q: Order = 2) -> LossSpec:
             logits and receives y as given to the attack (possibly None).
         q: the norm order of the ``"logit"`` loss (ignored by the others).
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.losses import get_loss
         >>> spec = get_loss("cw")
-        >>> spec.fn(logits, None, y)  # (B,)
+        >>> spec.needs_labels, spec.fn(torch.randn(4, 3), None, torch.tensor([0, 1, 2, 0])).shape
+        (True, torch.Size([4]))
     """
     if callable(loss) and not isinstance(loss, str):
         return LossSpec(

@@ -251,7 +251,12 @@ def pga_step(
         (B, *in) the next perturbation.
 
     Example:
+        >>> import torch
+        >>> from opnorm.norms import pga_step
+        >>> x, delta, grad = torch.rand(2, 5), torch.zeros(2, 5), torch.randn(2, 5)
         >>> delta = pga_step(delta, grad, "inf", eps=0.1, step=0.025, x=x, clip=(0, 1))
+        >>> bool(torch.allclose(delta, (0.025 * grad.sign()).clamp(-x, 1 - x)))  # a signed step, in the box
+        True
     """
     p = norm_order(p, "p")
     if clip is not None and x is None:
