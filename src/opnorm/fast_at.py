@@ -37,14 +37,12 @@ Example:
     >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
     >>> from opnorm.fast_at import FreeATLoss, SingleStepATLoss
-    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> loss_fn = SingleStepATLoss("fgsm-rs", eps=0.1, p="inf")
     >>> loss_fn(model, x, y).backward()
     >>> free = FreeATLoss(eps=0.1, p="inf")
-    >>> for _ in range(4):  # the same batch, replayed; backward also moves delta
-    ...     opt.zero_grad()
-    ...     free(model, x, y).backward()
-    ...     opt.step()
+    >>> for _ in range(4):  # the same batch, replayed (an optimizer step after each backward)
+    ...     model.zero_grad()
+    ...     free(model, x, y).backward()  # the backward also moves free.delta
 """
 
 from __future__ import annotations

@@ -22,11 +22,12 @@ directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
   atomically after every epoch, before the epoch's check and metrics line;
   ``model.safetensors`` (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
 
-Example::
+Example (trains a CNN on digits for three epochs, and writes runs/dd-snr)::
 
-    >>> from opnorm import train, TrainConfig
-    >>> result = train(TrainConfig(method="opnorm", epochs=3, out="runs/dd-snr"))
-    >>> result.metrics["robust_accuracy"], result.model
+    from opnorm import TrainConfig, train
+
+    result = train(TrainConfig(method="opnorm", epochs=3, out="runs/dd-snr"))
+    result.metrics["robust_accuracy"], result.model
 """
 
 from __future__ import annotations
@@ -320,10 +321,11 @@ def train(
         TrainingDiverged: a non-finite loss or weights (``on_nan="stop"``).
         EpochCheckFailed: the per-epoch check failed; the epoch is saved (resume it).
 
-    Example:
-        >>> res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf")
-        >>> res.metrics["accuracy"], res.metrics["robust_accuracy"]
-        >>> train(out="runs/a", epochs=4, resume=True)   # the run of runs/a, extended to 4 epochs
+    Example (trains on digits)::
+
+        res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf", out="runs/a")
+        res.metrics["accuracy"], res.metrics["robust_accuracy"]
+        train(out="runs/a", epochs=4, resume=True)  # the run of runs/a, extended to 4 epochs
     """
     given = _as_settings(config, overrides)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
@@ -370,10 +372,14 @@ def data_fingerprint(data) -> str:
     """sha256 of a dataset's tensors (``data.x``, ``data.y``: dtype, shape and bytes), recorded in
     the checkpoint so that a resume on other data is refused.
 
-    Example::
-
-        >>> data_fingerprint(load_dataset("digits").train)
-        '5d1c...'
+    Example:
+        >>> import torch
+        >>> from opnorm.training.data import IndexedTensorDataset
+        >>> from opnorm.training.trainer import data_fingerprint
+        >>> a = data_fingerprint(IndexedTensorDataset(torch.zeros(4, 2), torch.arange(4)))
+        >>> b = data_fingerprint(IndexedTensorDataset(torch.zeros(4, 2), torch.arange(4).flip(0)))
+        >>> len(a), a == b  # a hex sha256; other labels, another fingerprint
+        (64, False)
     """
     sha = hashlib.sha256()
     for t in (data.x, data.y):
