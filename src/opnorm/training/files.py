@@ -71,7 +71,7 @@ def refuse_link(path: str | os.PathLike) -> None:
         >>> from opnorm.training.files import refuse_link
         >>> with tempfile.TemporaryDirectory() as run:
         ...     refuse_link(os.path.join(run, "config.json"))  # fine when absent or a plain file
-        ...     os.symlink("/etc/passwd", os.path.join(run, "config.json"))
+        ...     os.symlink(os.path.join(run, "elsewhere.json"), os.path.join(run, "config.json"))
         ...     refuse_link(os.path.join(run, "config.json"))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         opnorm.training.files.UnsafePathError: ...
