@@ -94,10 +94,10 @@ def main() -> None:
         theirs_atk = make_theirs(model)
         gen = torch.Generator().manual_seed(0)
 
-        def ours():
+        def ours(alpha=alpha, gen=gen, ours_kw=ours_kw):
             opnorm.pgd(model, x, y, steps=args.steps, step_size=alpha, random_start=gen, **ours_kw)
 
-        def theirs():
+        def theirs(theirs_atk=theirs_atk):
             theirs_atk(x, y)
 
         ours(), theirs()  # warm-up

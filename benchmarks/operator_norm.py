@@ -371,21 +371,24 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         "",
         f"Small CNN (conv32-pool-conv64-pool-fc128-fc10, float32), batch {meta['batch']} of {meta['data']} images, "
         f"trained {meta['train_steps']} SGD steps (test accuracy {meta['test_accuracy']:.3f}); "
-        f"torch {meta['torch']}, {meta['threads']} threads, load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end.",
+        f"torch {meta['torch']}, {meta['threads']} threads, load average {meta['loadavg_start']} at start, "
+        f"{meta['loadavg_end']} at end.",
         "",
-        f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / time of one clean training step "
-        f"(forward, cross-entropy, backward, SGD step)); the clean step took {meta['clean_ms']:.1f} ms (median). "
-        "**ratio of minima**: fastest route run / fastest clean step, closer to an idle machine when others are running. "
-        "**error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the explicitly formed float64 "
-        "Jacobian; trained model, and the same architecture at random initialization.",
+        f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / time of one clean "
+        f"training step (forward, cross-entropy, backward, SGD step)); the clean step took {meta['clean_ms']:.1f} ms "
+        "(median). **ratio of minima**: fastest route run / fastest clean step, closer to an idle machine when others "
+        "are running. **error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the explicitly "
+        "formed float64 Jacobian; trained model, and the same architecture at random initialization.",
         "",
-        "| route | method | J access | iters | ms | time / clean step (q1-q3) | ratio of minima | error median | error p90 | error max | random init: median / max |",
+        "| route | method | J access | iters | ms | time / clean step (q1-q3) | ratio of minima | error median "
+        "| error p90 | error max | random init: median / max |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['chosen'] or r['method']} | {r['route']} | {r['iters'] if r['iters'] is not None else '-'} | "
-            f"{r['ms']:.1f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['ratio_of_minima']:.2f} | "
+            f"| {r['name']} | {r['chosen'] or r['method']} | {r['route']} | "
+            f"{r['iters'] if r['iters'] is not None else '-'} | {r['ms']:.1f} | "
+            f"{r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) | {r['ratio_of_minima']:.2f} | "
             f"{fmt(r['err']['median'])} | {fmt(r['err']['p90'])} | "
             f"{fmt(r['err']['max'])} | {fmt(r['err_random']['median'])} / {fmt(r['err_random']['max'])} |"
         )
@@ -407,9 +410,10 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         f"* baselines: naive torch.func.jvp power (10 iterations) {summary['naive_ratio']:.2f}x; "
         f"10 retained-graph VJPs + SVD {summary['retained_ratio']:.2f}x.",
         f'* `method="auto"` with default arguments chose **{summary["auto_default"]}** '
-        f"({summary['auto_default_ratio']:.2f}x); with iters=3 **{summary['auto_iters3']}** ({summary['auto_iters3_ratio']:.2f}x). "
-        "Rule: for (2, 2), always exact (the cheapest route whose error is bounded); "
-        f"measured here: one pattern-route Lanczos iteration costs {summary['measured_iteration_cost']:.2f} VJPs of the pattern exact route.",
+        f"({summary['auto_default_ratio']:.2f}x); with iters=3 **{summary['auto_iters3']}** "
+        f"({summary['auto_iters3_ratio']:.2f}x). Rule: for (2, 2), always exact (the cheapest route whose error is "
+        "bounded); measured here: one pattern-route Lanczos iteration costs "
+        f"{summary['measured_iteration_cost']:.2f} VJPs of the pattern exact route.",
         "",
         "## Notes",
         "",
@@ -419,18 +423,19 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
 
 
 NOTES = [
-    "pattern route (opnorm.jacobian.PatternLinearization): one forward pass through the nn.Sequential records ReLU masks, "
-    "max-pool argmax indices and eval-BatchNorm scales; J v replays the linear parts (conv/linear without bias, mask "
-    "multiplies, gathers), J^T u their transposes (transposed convs, scatter-adds). No autograd graph, no double backward. "
-    "Max-pool runs on a channels-last copy: the contiguous CPU max-pool kernel dominates the clean step here. "
-    "A ReLU feeding a max-pool is folded into it (its mask at the pooled positions is `pooled > 0`). Modules it does not "
-    "recognize (e.g. Normalize, custom blocks, anything with hooks) are differentiated by autograd locally, so it is "
-    "exact for any Sequential; tests check 1e-10 agreement with torch.autograd.functional.jacobian in float64.",
-    "exact route: J from d VJPs, then the top eigenpair of the d x d Gram matrix J J^T in float64 (v = J^T u / |J^T u|, "
-    "sigma = |J v|) instead of an SVD of the d x n matrix J.",
-    "lanczos: Golub-Kahan-Lanczos bidiagonalization in the d-dimensional output space, full reorthogonalization, started "
-    "from the centered logits plus 10% noise (closer to the top left singular vector of a trained classifier than a random "
-    "start); k iterations = k VJPs + k JVPs; exact once k = d.",
+    "pattern route (opnorm.jacobian.PatternLinearization): one forward pass through the nn.Sequential records ReLU "
+    "masks, max-pool argmax indices and eval-BatchNorm scales; J v replays the linear parts (conv/linear without bias, "
+    "mask multiplies, gathers), J^T u their transposes (transposed convs, scatter-adds). No autograd graph, no double "
+    "backward. Max-pool runs on a channels-last copy: the contiguous CPU max-pool kernel dominates the clean step "
+    "here. "
+    "A ReLU feeding a max-pool is folded into it (its mask at the pooled positions is `pooled > 0`). Modules it does "
+    "not recognize (e.g. Normalize, custom blocks, anything with hooks) are differentiated by autograd locally, so it "
+    "is exact for any Sequential; tests check 1e-10 agreement with torch.autograd.functional.jacobian in float64.",
+    "exact route: J from d VJPs, then the top eigenpair of the d x d Gram matrix J J^T in float64 "
+    "(v = J^T u / |J^T u|, sigma = |J v|) instead of an SVD of the d x n matrix J.",
+    "lanczos: Golub-Kahan-Lanczos bidiagonalization in the d-dimensional output space, full reorthogonalization, "
+    "started from the centered logits plus 10% noise (closer to the top left singular vector of a trained classifier "
+    "than a random start); k iterations = k VJPs + k JVPs; exact once k = d.",
     "power (autograd) uses opnorm.jacobian.Linearization: J^T u on one retained graph, J v by differentiating the VJP "
     "graph (double backward); the torch.func.jvp and forward_ad variants re-run the forward for every J v.",
     "stacked VJPs (several basis vectors per call) were measured and are not faster than one at a time here "
@@ -498,7 +503,7 @@ def main() -> None:
             sigma_random = None
         else:
             sigma_random = spec["fn"](random_model, x, gen())
-        timing = time_against_clean(lambda: spec["fn"](model, x, gen()), clean_step, args.rounds)
+        timing = time_against_clean(lambda spec=spec, gen=gen: spec["fn"](model, x, gen()), clean_step, args.rounds)
         row = dict(
             name=spec["name"],
             method=spec["method"],
@@ -514,8 +519,9 @@ def main() -> None:
         )
         rows.append(row)
         print(
-            f"{row['name']:46s} {str(row['chosen'] or row['method']):8s} {str(row['iters'] or '-'):>4s} {row['ms']:8.1f} ms "
-            f"{row['ratio']:6.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
+            f"{row['name']:46s} {str(row['chosen'] or row['method']):8s} {str(row['iters'] or '-'):>4s} "
+            f"{row['ms']:8.1f} ms {row['ratio']:6.2f}x  err median {row['err']['median']:.1e} "
+            f"max {row['err']['max']:.1e}",
             flush=True,
         )
 

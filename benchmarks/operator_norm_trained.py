@@ -196,7 +196,9 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: d
             continue
         last = {}  # the timed calls' result (seeded: every call gives the same)
         timing = time_against_clean(
-            lambda: last.update(res=spec["fn"](model, x)), clean, 1 if large and spec["heavy"] else rounds
+            lambda last=last, spec=spec: last.update(res=spec["fn"](model, x)),
+            clean,
+            1 if large and spec["heavy"] else rounds,
         )
         res = last["res"]
         sigma = res if isinstance(res, torch.Tensor) else res.sigma

@@ -125,12 +125,13 @@ def bench_model(name: str, make, data, args) -> dict:
     rows = []
     for spec in routes(name):
         sigma, method, route = run(model, x, spec)
-        timing = time_against_clean(lambda: run(model, x, spec), clean_step, args.rounds)
+        timing = time_against_clean(lambda spec=spec: run(model, x, spec), clean_step, args.rounds)
         row = dict(spec, chosen_method=method, route_used=route, **timing, err=rel_errors(sigma, ref))
         rows.append(row)
         print(
-            f"{name:9s} {spec['label']:20s} {spec['route']:8s}->{route:8s} {method:8s} {str(spec['iters'] or '-'):>3s} "
-            f"{row['ms']:8.0f} ms {row['ratio']:5.2f}x  err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
+            f"{name:9s} {spec['label']:20s} {spec['route']:8s}->{route:8s} {method:8s} "
+            f"{str(spec['iters'] or '-'):>3s} {row['ms']:8.0f} ms {row['ratio']:5.2f}x  "
+            f"err median {row['err']['median']:.1e} max {row['err']['max']:.1e}",
             flush=True,
         )
     return dict(
@@ -151,16 +152,18 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"torch {meta['torch']}, {meta['threads']} thread(s), load average {meta['loadavg_start']} at start, "
         f"{meta['loadavg_end']} at end ({meta['cpus']} CPUs shared with other jobs).",
         "",
-        f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / one clean training step); "
-        "**error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the float64 autograd Jacobian. "
-        "route: requested -> used (pattern: graph replay; autograd: J v by double backward; forward: J v by forward-mode AD).",
+        f"**time / clean step**: median over {meta['rounds']} alternating rounds of (route time / one clean training "
+        "step); **error**: |sigma - sigma_ref| / sigma_ref per example against the float64 SVD of the float64 autograd "
+        "Jacobian. route: requested -> used (pattern: graph replay; autograd: J v by double backward; forward: J v by "
+        "forward-mode AD).",
         "",
     ]
     for res in results:
         lines += [
             f"## {res['model']} (clean step {res['clean_ms']:.0f} ms)",
             "",
-            "| route | requested -> used | method | iters | ms | time / clean step (q1-q3) | error median | error max |",
+            "| route | requested -> used | method | iters | ms | time / clean step (q1-q3) | error median "
+            "| error max |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in res["rows"]:
@@ -176,7 +179,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
             lines.append(
                 f"* {key} error <= {GOAL_ERR:g}: "
                 + (
-                    f"fastest is **{best['label']} ({best['route_used']}, iters {best['iters'] or '-'})** at **{best['ratio']:.2f}x** "
+                    f"fastest is **{best['label']} ({best['route_used']}, iters {best['iters'] or '-'})** "
+                    f"at **{best['ratio']:.2f}x** "
                     f"(goal <= {GOAL_RATIO:g}x: {'met' if best['ratio'] <= GOAL_RATIO else 'not met'})"
                     if best
                     else "no route reached it"

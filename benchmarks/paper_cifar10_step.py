@@ -71,7 +71,7 @@ def main() -> None:
     setups = {name: _setup(change) for name, change in METHODS.items()}
     flops, times = {}, {name: [] for name in METHODS}
     source = {}
-    for name, (cfg, model, obj, opt) in setups.items():
+    for name, (_cfg, model, obj, opt) in setups.items():
         try:  # the flop counter's hooks do not survive the double backward of d.d.'s J v
             with FlopCounterMode(display=False) as counter:
                 _step(model, obj, opt, x, y)  # also the warm-up
@@ -79,7 +79,7 @@ def main() -> None:
         except RuntimeError:
             _step(model, obj, opt, x, y)
     for _ in range(args.reps):
-        for name, (cfg, model, obj, opt) in setups.items():
+        for name, (_cfg, model, obj, opt) in setups.items():
             t0 = time.perf_counter()
             _step(model, obj, opt, x, y)
             times[name].append(time.perf_counter() - t0)

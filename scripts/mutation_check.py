@@ -104,6 +104,15 @@ MUTATIONS = [
         (T + "test_power.py::test_power_method_reaches_the_norm_of_a_rank_one_map[inf-2]",),
         why="a feasible but wrong iterate for p = inf: only an equality check sees it",
     ),
+    Mutation(
+        "lanczos-noise-floor-zero",
+        "power/iteration.py",
+        "scale = torch.maximum(scale, torch.maximum(alpha, beta))",
+        "scale = scale",
+        (T + "test_lanczos_bounds.py::test_exhausted_spaces_without_a_stopping_rule",),
+        why="the noise floors stay 0 (as when they scaled with sigma without a stopping rule): noise becomes a "
+        "basis vector and sigma overshoots the norm",
+    ),
     # ---- attacks
     Mutation(
         "attacks-start-not-projected",

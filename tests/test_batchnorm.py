@@ -199,7 +199,7 @@ def test_batchnorm_free_model_is_not_touched():
     free = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 4)).double().train()
     for net in (free, model("bn1d").eval()):
         calls = []
-        net[1].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        net[1].register_forward_hook(lambda m, i, o, calls=calls: calls.append(i[0].shape[0]))
         x = torch.rand(6, 3, 4, dtype=DT)
         with frozen_statistics(net, x), clean_statistics(net, 6, 12):
             assert not calls and not any("forward" in vars(m) for m in net.modules())

@@ -131,7 +131,7 @@ def test_free_update_with_clip_is_the_projected_step():
     model, W = affine()
     x = torch.rand(4, 3, 4, generator=gen(4), dtype=DT)  # many coordinates near the box faces
     reg = fast(INF, 2, 0.3, 0.5, clip=(0.0, 1.0), generator=gen(2))
-    for visits in (1, 2):
+    for _ in range(2):  # a cold visit, then a warm one
         visit(reg, model, x, Y, INDEX)
         delta = ((x + 0.3 * reg.last_v).clamp(0, 1) - x).reshape(4, -1)
         assert bool((delta.abs() < 0.3 - 1e-12).any())  # the box did bind
@@ -176,7 +176,7 @@ def test_repeated_visits_converge_to_the_spectral_norm():
     reg = fast(2, 2, eps, 1.0, generator=gen(7))
     exact = torch.linalg.matrix_norm(explicit_J(model, X), 2)  # the SVD of each explicit Jacobian
     first = None
-    for k in range(80):
+    for _ in range(80):
         visit(reg, model, X, Y, INDEX)
         first = reg.last_sigma.clone() if first is None else first
     torch.testing.assert_close(reg.last_sigma, exact, rtol=1e-6, atol=0)

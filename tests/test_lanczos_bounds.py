@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from opnorm.jacobian import jacobian, linearize
 from opnorm.power import lanczos_iteration, operator_norm
 
 DT = torch.float64
@@ -108,6 +109,24 @@ def test_lanczos_iteration_on_a_rank_deficient_matrix():
     torch.testing.assert_close(run.sigma, torch.full((2,), 2.0, dtype=DT), rtol=ROUNDING, atol=0)
     assert run.exact.all() and not run.stopped.any() and run.iterations == D
     torch.testing.assert_close((run.v @ W.T).norm(dim=1), run.sigma, rtol=ROUNDING, atol=0)
+
+
+@pytest.mark.parametrize("n,width", [(8, 6), (20, 4)])
+def test_exhausted_spaces_without_a_stopping_rule(n, width):
+    """Rank-deficient J (hidden width < d, or fewer inputs than logits) and rtol_change=0: the
+    rounding noise left when a Krylov space is exhausted must count as zero, else it becomes a
+    basis vector and sigma overshoots the norm while exact says True."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n, width), nn.ReLU(), nn.Linear(width, D)).to(DT)
+    x = torch.rand(16, n, dtype=DT)
+    true = torch.linalg.matrix_norm(jacobian(model, x), 2)
+    lin = linearize(model, x)
+    sigma, v, u, k, exact, stopped = lanczos_iteration(lin.matvec, lin.rmatvec, lin.logits, iters=D)
+    assert exact.all()
+    torch.testing.assert_close(sigma, true, rtol=ROUNDING, atol=0)
+    res = operator_norm(model, x, method="lanczos", iters=D, rtol_change=0)
+    assert res.exact.all()
+    torch.testing.assert_close(res.sigma, true, rtol=ROUNDING, atol=0)
 
 
 @pytest.mark.parametrize("iters", [1, 3, 20])

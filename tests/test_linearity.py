@@ -95,8 +95,8 @@ def test_pearson_alignment_against_numpy_corrcoef():
 
 
 def test_pga_logit_perturbation_of_a_linear_model_aligns_with_v1():
-    """On f(x) = W x + b with a known SVD W = U diag(s) V^T, the l_2 logit loss's infinite-step PGA is the power method on W:
-    its perturbation converges to v_1 (sigma_2 / sigma_1 = 0.5: 60 steps reach 1e-6)."""
+    """On f(x) = W x + b with a known SVD W = U diag(s) V^T, the l_2 logit loss's infinite-step PGA is the power
+    method on W: its perturbation converges to v_1 (sigma_2 / sigma_1 = 0.5: 60 steps reach 1e-6)."""
     lin, _ = affine_layer(5, 8, seed=10)
     U = torch.linalg.qr(torch.randn(5, 5, generator=gen(13), dtype=DT))[0]
     Vt = torch.linalg.qr(torch.randn(8, 5, generator=gen(14), dtype=DT))[0].T

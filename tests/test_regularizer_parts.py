@@ -240,6 +240,7 @@ def test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume
         moved = max(moved, float((reg.store.directions - before).abs().max()))
         phase = "first" if epoch + 1 < ref["EPOCHS"] else "resume"
         for rank in (0, 1):
+            where = f"epoch {epoch + 1} ({phase}), rank {rank}"
             got = torch.load(tmp_path / f"{phase}-epoch{epoch + 1}-rank{rank}.pt", weights_only=True)
             assert bool(got["store.seen"].all())
             # example i holds example i's direction, row by row, on every rank
@@ -248,7 +249,7 @@ def test_ddp_store_holds_each_examples_direction_as_one_process_and_after_resume
                 reg.store.directions,
                 rtol=1e-9,
                 atol=1e-12,
-                msg=lambda m: f"epoch {epoch + 1} ({phase}), rank {rank}: {m}",
+                msg=lambda m, where=where: f"{where}: {m}",
             )
     assert moved > 0.05  # the directions moved: equal rows are not equal starts
 

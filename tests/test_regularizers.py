@@ -587,7 +587,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     def loss_of(kind, model, x, y, r):
         if kind in ("fd", "exact"):
-            reg = OperatorNormRegularizer(2, 2, 0.05, 0.5, solver=PGASolver(5, generator=torch.Generator().manual_seed(r)),
+            solver = PGASolver(5, generator=torch.Generator().manual_seed(r))
+            reg = OperatorNormRegularizer(2, 2, 0.05, 0.5, solver=solver,
                                           penalty=FDPenalty() if kind == "fd" else ExactPenalty())
             logits, pen = reg.joint(model, x)
             return F.cross_entropy(logits, y) + pen

@@ -234,3 +234,14 @@ def test_no_top_level_name_shadows_a_subpackage():
     assert J is importlib.import_module("opnorm.jacobian") and J.__name__ == "opnorm.jacobian"
     assert issubclass(opnorm.jacobian.UnsupportedModelError, Exception)
     assert callable(opnorm.jacobian.differentiable_jvp) and opnorm.jacobian_matrix is J.jacobian
+
+
+def test_all_lists_exactly_the_exported_names():
+    """``from opnorm import *`` gives every exported function and class, and nothing undeclared."""
+    exported = {
+        name
+        for name, value in vars(opnorm).items()
+        if not name.startswith("_") and not isinstance(value, type(opnorm))  # subpackages are not exports
+    }
+    assert sorted(opnorm.__all__) == sorted(exported)
+    assert len(set(opnorm.__all__)) == len(opnorm.__all__)

@@ -36,10 +36,16 @@ def alignment(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     An example where either vector is zero gets 0 (no direction to align with).
 
-    Example::
-
-        >>> top = opnorm.singular_values(model, x, k=1, return_vectors=True).V[..., 0]
-        >>> opnorm.alignment(x_adv - x, top)  # close to 1 for small eps
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> top = opnorm.singular_values(model, x, k=1, return_vectors=True).V[..., 0]  # (4, 8)
+        >>> a = opnorm.alignment(-3 * top, top)  # a multiple of v_1: aligned
+        >>> a.shape, bool(torch.allclose(a, torch.ones(4)))
+        (torch.Size([4]), True)
     """
     if not isinstance(delta, torch.Tensor) or not isinstance(v, torch.Tensor):
         raise TypeError("delta and v must be tensors of shape (B, ...)")
@@ -140,9 +146,18 @@ def activation_agreement(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) ->
     A model with none of the hooked modules raises :class:`NoActivationsError` (a ValueError)
     rather than returning a meaningless 1.0.
 
-    Example::
-
-        >>> opnorm.activation_agreement(model, x, x_adv)  # tensor([1.0000, 0.9987, ...])
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> opnorm.activation_agreement(model, x, x)  # the same point: every ReLU agrees
+        tensor([1., 1., 1., 1.])
+        >>> x_adv = opnorm.pgd(model, x, y, eps=0.5, p=2, steps=5)
+        >>> agree = opnorm.activation_agreement(model, x, x_adv)  # (B,) fractions in [0, 1]
+        >>> agree.shape, bool(((agree >= 0) & (agree <= 1)).all())
+        (torch.Size([4]), True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -245,10 +260,17 @@ def verify_equivalence(
     Returns:
         :class:`EquivalenceResult` with (steps, B) tensors.
 
-    Example::
-
-        >>> res = opnorm.verify_equivalence(model, x.double(), p="inf", q=2, eps=1e-3, steps=10)
-        >>> res.max_direction_gap()  # ~1e-16 per iteration inside the linear region
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> res = opnorm.verify_equivalence(model.double(), x.double(), p="inf", q=2, eps=1e-3, steps=10)
+        >>> res.max_direction_gap().shape  # (steps,): the worst example per iteration
+        torch.Size([10])
+        >>> bool((res.max_direction_gap() < 1e-10).all())  # float error inside the linear region
+        True
     """
     from opnorm.attacks import Ascent
     from opnorm.power import operator_norm

@@ -103,11 +103,14 @@ def random_in_ball(
     (normalized Gaussian / normalized Laplace vector) times a radius eps * U, U ~ U(0, 1).
     eps is a float or a (B,) tensor. Box clipping is left to the caller.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.attacks import random_in_ball
+        >>> from opnorm.norms import lp_norm
+        >>> x = torch.rand(4, 3, 5)
         >>> delta = random_in_ball(x, 2, 0.5, torch.Generator().manual_seed(0))
-        >>> (opnorm.lp_norm(delta, 2) <= 0.5).all()
-        tensor(True)
+        >>> delta.shape, bool((lp_norm(delta, 2) <= 0.5).all())
+        (torch.Size([4, 3, 5]), True)
     """
     p = norm_order(p, "p", allowed=PGD_ORDERS)
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
@@ -231,11 +234,18 @@ class Ascent:
         clip: box (lo, hi) for x + delta, or None for unconstrained inputs.
         l1_fraction: for p = 1 and a finite step, the fraction of coordinates moved per step.
 
-    Example (the theorem: infinite-step PGA with the logit loss is the (p, q) power method)::
-
-        >>> ascent = Ascent(model, x, eps=0.1, p=2, loss=opnorm.losses.logit_loss(2), steps=20,
+    Example (the theorem: infinite-step PGA with the logit loss is the (p, q) power method):
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.attacks import Ascent
+        >>> ascent = Ascent(model, x, eps=0.1, p=2, loss=opnorm.losses.logit_loss(2), steps=5,
         ...                 step_size=float("inf"), clip=None)
-        >>> run = ascent.run(delta0, history=True)   # run.delta, run.history[k]: after step k + 1
+        >>> run = ascent.run(ascent.start(), history=True)  # run.delta, run.history[k]: after step k + 1
+        >>> len(run.history), run.delta.shape
+        (5, torch.Size([4, 8]))
     """
 
     def __init__(
@@ -479,11 +489,19 @@ def pgd(
     Returns:
         x_adv, x's shape, detached.
 
-    Example::
-
-        >>> x_adv = opnorm.pgd(model, images, labels, eps=8/255, p="inf", steps=10)
-        >>> x_adv = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", step_size=float("inf"), clip=None,
-        ...                    random_start=torch.Generator().manual_seed(0))
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> x_adv = opnorm.pgd(model, x, y, eps=8 / 255, p="inf", steps=10)
+        >>> x_adv.shape, bool(((x_adv - x).abs() <= 8 / 255 + 1e-6).all())
+        (torch.Size([4, 8]), True)
+        >>> x_adv = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", steps=3, step_size=float("inf"),
+        ...                    clip=None, random_start=torch.Generator().manual_seed(0))
+        >>> bool(torch.allclose((x_adv - x).norm(dim=1), torch.full((4,), 0.1)))  # the infinite step: on the sphere
+        True
     """
     ascent = Ascent(model, x, y, eps=eps, p=p, loss=loss, steps=steps, step_size=step_size, clip=clip)
     if steps == 0 and not _random_start(random_start)[0]:
@@ -516,11 +534,20 @@ class EvalPGD:
             points that a small constant step misses (the constant step is the
             adversarial-training standard).
 
-    Example::
-
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.attacks import EvalPGD
         >>> atk = EvalPGD(steps=20, restarts=2, schedule="halving")
-        >>> x_adv = atk(model, x, y, eps=8/255, p="inf", random_start=torch.Generator().manual_seed(0))
+        >>> x_adv = atk(model, x, y, eps=8 / 255, p="inf", random_start=torch.Generator().manual_seed(0))
+        >>> bool(((x_adv - x).abs() <= 8 / 255 + 1e-6).all())
+        True
         >>> x_adv, deltas = EvalPGD(steps=5, best_iterate=False)(model, x, y, eps=0.1, return_history=True)
+        >>> len(deltas)
+        5
     """
 
     def __init__(
@@ -647,12 +674,18 @@ class PGD:
 
     Arguments are those of :func:`pgd` (everything but x, y).
 
-    Example::
-
-        >>> atk = opnorm.PGD(model, eps=8/255, p="inf", steps=10)
-        >>> adv_images = atk(images, labels)
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> atk = opnorm.PGD(model, eps=8 / 255, p="inf", steps=10)
+        >>> atk(x, y).shape
+        torch.Size([4, 8])
         >>> atk2 = opnorm.PGD(model, eps=0.5, p=2, loss="logit", clip=None)
-        >>> adv = atk2(x)
+        >>> atk2(x).shape  # the logit loss needs no labels
+        torch.Size([4, 8])
     """
 
     def __init__(self, model: nn.Module, eps: float | torch.Tensor, **kwargs):

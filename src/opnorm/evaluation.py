@@ -22,12 +22,20 @@ call) run a fixed chunk whole as soon as one of its examples is still robust.
 
 torchattacks is imported only by the attacks that need it (an optional dependency).
 
-Example::
-
-    >>> res = opnorm.evaluate(model, x, y, eps=[0.05, 0.1], p="inf", attacks="pgd,apgd-ce,square")
-    >>> res.clean_accuracy, res.worst_case(0.1), res.interval(0.1)
-    >>> res.after("apgd-ce", 0.1)          # robust after pgd, then apgd-ce
-    >>> res.worst[1]                       # (N,) bool: robust at eps 0.1
+Example (``attacks="pgd,apgd-ce,square"`` adds torchattacks' attacks):
+    >>> import torch, opnorm
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> res = opnorm.evaluate(model, x, y, eps=[0.05, 0.1], p="inf", attacks="pgd")
+    >>> res.worst.shape  # (radii, N) bool: robust at each radius
+    torch.Size([2, 4])
+    >>> res.worst_case(0.1) <= res.worst_case(0.05) <= res.clean_accuracy
+    True
+    >>> low, high = res.interval(0.1)  # the Wilson interval of the worst case
+    >>> 0 <= low <= res.worst_case(0.1) <= high <= 1
+    True
 """
 
 from __future__ import annotations
@@ -96,9 +104,11 @@ def progress_bar(items, show: bool, desc: str):
     """``items``, wrapped in a progress bar on stderr when ``show`` (the one bar of evaluations and
     training epochs).
 
-    Example::
-
-        >>> for s in progress_bar(chunks, sys.stderr.isatty(), "pgd eps=0.1"): ...
+    Example:
+        >>> import sys
+        >>> from opnorm.evaluation import progress_bar
+        >>> [2 * s for s in progress_bar(range(3), sys.stderr.isatty(), "pgd eps=0.1")]
+        [0, 2, 4]
     """
     if not show:
         return items
@@ -133,9 +143,16 @@ class PGDAttack:
         batch_size: examples per chunk; the starts of a chunk are drawn for all its examples
             (restart after restart), whichever of them are attacked.
 
-    Example::
-
-        >>> PGDAttack(steps=20, restarts=2, loss="cw")(model, x, y, eps=0.1, p=math.inf, todo=mask)
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.evaluation import PGDAttack
+        >>> todo = torch.tensor([True, True, False, True])  # the examples to attack
+        >>> PGDAttack(steps=20, restarts=2, loss="cw", seed=0)(model, x, y, eps=0.1, p="inf", todo=todo).shape
+        torch.Size([4])
     """
 
     name = "pgd"
@@ -250,9 +267,10 @@ class APGDAttack(_TorchAttacks):
     """torchattacks' APGD (Croce and Hein 2020): ``loss`` "ce", "dlr", or "t" for the targeted
     APGD-T (DLR loss, every other class as a target, as in AutoAttack).
 
-    Example::
+    Example (needs torchattacks)::
 
-        >>> APGDAttack("ce", steps=100)(model, x, y, eps=0.1, p=math.inf, todo=torch.ones(len(x), dtype=torch.bool))
+        todo = torch.ones(len(x), dtype=torch.bool)  # attack every example
+        robust = APGDAttack("ce", steps=100)(model, x, y, eps=0.1, p=math.inf, todo=todo)  # (B,) bool
     """
 
     def __init__(
@@ -318,8 +336,8 @@ def attack_names(spec: str | Sequence[str]) -> list[str]:
     """The attack names of ``spec``: a name of :data:`ATTACKS`, a suite of :data:`SUITES`
     ("all"), or a comma-separated list of them; in order, without repeats.
 
-    Example::
-
+    Example:
+        >>> from opnorm.evaluation import attack_names
         >>> attack_names("pgd,square"), attack_names("all")[:2]
         (['pgd', 'square'], ['pgd', 'apgd-ce'])
     """
@@ -356,8 +374,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     ``center +- half`` with ``z`` the normal quantile, ``center = (p + z^2 / 2n) / (1 + z^2 / n)``
     and ``half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)``; (0, 1) when n = 0.
 
-    Example::
-
+    Example:
+        >>> from opnorm.evaluation import wilson_interval
         >>> wilson_interval(80, 100)
         (0.7111..., 0.8666...)
     """
@@ -507,9 +525,16 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     ``batch_size`` (x, y on any device; moved to the model's). A label that no logit can match is
     an error, not a miss.
 
-    Example::
-
-        >>> clean_correct(model, x, y).double().mean()      # clean accuracy
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.evaluation import clean_correct
+        >>> correct = clean_correct(model, x, y)
+        >>> correct.dtype, correct.shape, bool(torch.equal(correct, model(x).argmax(1) == y))
+        (torch.bool, torch.Size([4]), True)
     """
     net = unwrap(model)
     device = _device(net)
@@ -553,10 +578,18 @@ def evaluate(
     Returns:
         :class:`Evaluation`.
 
-    Example::
-
-        >>> res = evaluate(model, x, y, eps=[0.1], p="inf", attacks=[PGDAttack(loss="cw"), "autoattack"])
-        >>> print(res.worst_case(0.1), res.interval(0.1))
+    Example (``"autoattack"`` in the list adds torchattacks' AutoAttack):
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.evaluation import PGDAttack, evaluate
+        >>> cw = PGDAttack(loss="cw", seed=0)
+        >>> cw.name = "pgd-cw"  # names must differ within a suite
+        >>> res = evaluate(model, x, y, eps=[0.1], p="inf", attacks=[cw, "pgd"], every_example=True)
+        >>> res.worst_case(0.1) <= min(res.accuracy("pgd-cw", 0.1), res.accuracy("pgd", 0.1))
+        True
     """
     check_autograd(model)  # the attacks need gradients: inference mode is refused in one line
     if isinstance(x, torch.Tensor) and x.is_inference():

@@ -30,20 +30,26 @@ pass (see :func:`data_passes`).
 The attack step of fgsm-rs and n-fgsm runs in eval mode without autocast, as the PGD attack of
 :class:`~opnorm.regularizers.AdversarialTrainingLoss`; free has no separate attack forward.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.fast_at import FreeATLoss, SingleStepATLoss
     >>> loss_fn = SingleStepATLoss("fgsm-rs", eps=0.1, p="inf")
     >>> loss_fn(model, x, y).backward()
     >>> free = FreeATLoss(eps=0.1, p="inf")
-    >>> for _ in range(4):                       # the same batch, replayed
-    ...     opt.zero_grad(); free(model, x, y).backward(); opt.step()   # backward also moves delta
+    >>> for _ in range(4):  # the same batch, replayed (an optimizer step after each backward)
+    ...     model.zero_grad()
+    ...     free(model, x, y).backward()  # the backward also moves free.delta
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +79,7 @@ FAST_AT_METHODS = ("fgsm-rs", "free", "n-fgsm")
 SINGLE_STEP_DEFAULTS = {"fgsm-rs": (1.0, 1.25, True), "n-fgsm": (2.0, 1.0, False)}
 FREE_DEFAULT_STEP = 1.0
 FREE_DEFAULT_REPLAYS = 4
-Clip = Optional[tuple[float, float]]
+Clip = tuple[float, float] | None
 
 
 def _order(p: Order) -> float:
@@ -102,8 +108,17 @@ class SingleStepATLoss(nn.Module):
         ``loss_fn(model, x, y, index=None) -> scalar`` (index unused; the trainer passes it).
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.fast_at import SingleStepATLoss
         >>> loss_fn = SingleStepATLoss("n-fgsm", eps=0.2, p="inf")
-        >>> loss_fn(model, x, y).backward()
+        >>> loss = loss_fn(model, x, y)
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), True)
+        >>> loss.backward()
     """
 
     def __init__(
@@ -179,8 +194,16 @@ class FreeATLoss(nn.Module):
         clip: the input box (None: unconstrained).
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.fast_at import FreeATLoss
         >>> free = FreeATLoss(eps=0.1, p="inf")
-        >>> loss = free(model, x, y); loss.backward()   # free.delta has moved
+        >>> free(model, x, y).backward()  # the backward moves free.delta too
+        >>> bool(free.delta.abs().max() > 0), bool(free.delta.abs().max() <= 0.1)
+        (True, True)
     """
 
     def __init__(
@@ -283,6 +306,7 @@ class Replayed:
     """An iterable yielding every item of ``batches`` ``times`` times in a row (with a length).
 
     Example:
+        >>> from opnorm.fast_at import Replayed
         >>> list(Replayed([1, 2], 2))
         [1, 1, 2, 2]
     """

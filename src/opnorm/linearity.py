@@ -9,12 +9,20 @@
 * :func:`pearson_alignment`: ``|corr(delta, v)|``, the Pearson correlation of the entries of
   two vectors (the cosine of the mean-centred vectors).
 
-Example::
-
-    >>> dev = linearity_deviation(model, x, 0.1 * torch.randn_like(x))
-    >>> dev.relative            # (B,), 0 inside the linear region
-    >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V
-    >>> alignment_by_rank(x_adv - x, V)   # (B, 3)
+Example:
+    >>> import torch, opnorm
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x = torch.rand(4, 8)
+    >>> from opnorm.linearity import alignment_by_rank, linearity_deviation
+    >>> dev = linearity_deviation(model, x, 1e-4 * torch.randn_like(x))
+    >>> dev.relative.shape  # (B,), 0 inside the linear region
+    torch.Size([4])
+    >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V  # (B, *in, 3)
+    >>> x_adv = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", step_size=float("inf"), clip=None)
+    >>> alignment_by_rank(x_adv - x, V).shape  # (B, 3)
+    torch.Size([4, 3])
 """
 
 from __future__ import annotations
@@ -60,9 +68,14 @@ def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> L
     Returns:
         :class:`LinearityDeviation` with (B,) tensors.
 
-    Example::
-
-        >>> linearity_deviation(model, x, z).relative.mean()
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from opnorm.linearity import linearity_deviation
+        >>> x, z = torch.rand(4, 8), torch.randn(4, 8)
+        >>> dev = linearity_deviation(nn.Linear(8, 3), x, z)  # an affine model: no deviation
+        >>> dev.relative.shape, bool((dev.relative < 1e-5).all())
+        (torch.Size([4]), True)
     """
     check_inputs(model, x)
     if not isinstance(z, torch.Tensor) or z.shape != x.shape:
@@ -86,9 +99,16 @@ def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> L
 def top_singular_value(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``sigma_1(J(x))`` per example, (B,), from the exact J (d VJPs) and its SVD.
 
-    Example::
-
-        >>> top_singular_value(model, x + z)   # the local operator norm after a step z
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x = torch.rand(4, 8)
+        >>> from opnorm.linearity import top_singular_value
+        >>> z = 0.1 * torch.randn_like(x)
+        >>> top_singular_value(model, x + z).shape  # the local operator norm after a step z
+        torch.Size([4])
     """
     from opnorm.power import singular_values
 
@@ -104,9 +124,17 @@ def alignment_by_rank(delta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
     An example whose delta or v_k is zero gets 0.
 
-    Example::
-
-        >>> alignment_by_rank(V[..., 0], V)[:, 0]   # 1: v_1 is aligned with itself
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x = torch.rand(4, 8)
+        >>> from opnorm.linearity import alignment_by_rank
+        >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V
+        >>> a = alignment_by_rank(V[..., 0], V)
+        >>> a.shape, bool(torch.allclose(a[:, 0], torch.ones(4)))  # v_1 is aligned with itself
+        (torch.Size([4, 3]), True)
     """
     if not isinstance(delta, torch.Tensor) or not isinstance(V, torch.Tensor):
         raise TypeError("delta and V must be tensors of shapes (B, *in) and (B, *in, k)")
@@ -127,9 +155,13 @@ def pearson_alignment(delta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     The cosine of the mean-centred vectors; 0 where either is constant. (Alignment
     measured this way treats a constant shift of every pixel as no signal.)
 
-    Example::
-
-        >>> pearson_alignment(x_adv - x, v1)
+    Example:
+        >>> import torch
+        >>> from opnorm.linearity import pearson_alignment
+        >>> v = torch.randn(4, 8)
+        >>> a = pearson_alignment(2 * v + 1, v)  # a constant shift is no signal: still aligned
+        >>> bool(torch.allclose(a, torch.ones(4)))
+        True
     """
     if not isinstance(delta, torch.Tensor) or not isinstance(v, torch.Tensor):
         raise TypeError("delta and v must be tensors of shape (B, ...)")

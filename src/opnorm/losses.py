@@ -26,11 +26,17 @@ needs labels or the clean logits, and how success is judged. :func:`logit_loss` 
 the logit loss; :func:`targeted` turns a label loss into a targeted one (the attack then
 minimizes the loss toward the targets).
 
-Example::
-
-    >>> spec = opnorm.losses.logit_loss(q=2)
-    >>> spec.fn(model(x + delta), model(x).detach(), None).shape   # (B,)
-    >>> opnorm.pgd(model, x, targets, eps=0.1, loss=opnorm.losses.targeted("ce"))
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.losses import logit_loss
+    >>> spec = logit_loss(q=2)
+    >>> delta = 0.01 * torch.randn_like(x)
+    >>> spec.fn(model(x + delta), model(x).detach(), None).shape  # (B,)
+    torch.Size([4])
 """
 
 from __future__ import annotations
@@ -152,9 +158,15 @@ LOSSES: tuple[str, ...] = ("ce", "cw", "logit", "kl")
 def logit_loss(q: Order = 2) -> LossSpec:
     """The logit loss ``||f(x + delta) - f(x)||_q`` of the operator-norm theorem (``"logit"`` is q = 2).
 
-    Example::
-
-        >>> opnorm.pgd(model, x, eps=0.1, p=2, loss=logit_loss("inf"), clip=None)
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.losses import logit_loss
+        >>> opnorm.pgd(model, x, eps=0.1, p=2, loss=logit_loss("inf"), clip=None).shape
+        torch.Size([4, 8])
     """
     return LossSpec(_logit_fn(norm_order(q, "q")), "logit", False, True, True, False)
 
@@ -165,9 +177,17 @@ def targeted(loss: str | LossFn | LossSpec) -> LossSpec:
     maximizing it descends toward the targets), and an example counts as fooled when it is
     classified as its target.
 
-    Example::
-
+    Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.losses import targeted
+        >>> targets = (y + 1) % 3
         >>> x_adv = opnorm.pgd(model, x, targets, eps=0.1, loss=targeted("ce"))
+        >>> x_adv.shape
+        torch.Size([4, 8])
     """
     spec = get_loss(loss)
     if spec.targeted:
@@ -195,10 +215,12 @@ def get_loss(loss: str | LossFn | LossSpec) -> LossSpec:
             (:func:`logit_loss`, :func:`targeted`). A callable always receives the clean
             logits and receives y as given to the attack (possibly None).
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.losses import get_loss
         >>> spec = get_loss("cw")
-        >>> spec.fn(logits, None, y)  # (B,)
+        >>> spec.needs_labels, spec.fn(torch.randn(4, 3), None, torch.tensor([0, 1, 2, 0])).shape
+        (True, torch.Size([4]))
     """
     if isinstance(loss, LossSpec):
         return loss

@@ -11,13 +11,12 @@ or the string ``"inf"`` (any case). :func:`norm_order` turns each into a float, 
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
 from opnorm.validation import box
 
-Order = Union[float, int, str]
+Order = float | int | str
 
 __all__ = [
     "Order",
@@ -252,7 +251,12 @@ def pga_step(
         (B, *in) the next perturbation.
 
     Example:
+        >>> import torch
+        >>> from opnorm.norms import pga_step
+        >>> x, delta, grad = torch.rand(2, 5), torch.zeros(2, 5), torch.randn(2, 5)
         >>> delta = pga_step(delta, grad, "inf", eps=0.1, step=0.025, x=x, clip=(0, 1))
+        >>> bool(torch.allclose(delta, (0.025 * grad.sign()).clamp(-x, 1 - x)))  # a signed step, in the box
+        True
     """
     p = norm_order(p, "p")
     if clip is not None and x is None:

@@ -3,8 +3,8 @@
 Each check returns the normalized value or raises a one-line ``TypeError`` / ``ValueError``
 that names the argument and says what is accepted.
 
-Example::
-
+Example:
+    >>> from opnorm.validation import integer, number
     >>> number("0.5", "lr", lo=0.0, strict=True)
     0.5
     >>> integer(3.0, "epochs", lo=1)

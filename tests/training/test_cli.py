@@ -261,8 +261,8 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "opnorm: error: unknown method 'nope'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades, fgsm-rs, free, "
-        "n-fgsm"
+        "opnorm: error: unknown method 'nope'; valid: clean, pgd-at, logit-at, opnorm, global-snr, trades, fgsm-rs, "
+        "free, n-fgsm"
     ]
     assert not (tmp_path / "x").exists()
 

@@ -1,9 +1,9 @@
 """Means and standard errors over seeds, for results of the same structure per seed.
 
-Example::
-
-    >>> aggregate([{"acc": 0.8, "eps": [0, 1]}, {"acc": 0.9, "eps": [0, 1]}])
-    {'acc': {'mean': 0.85, 'se': 0.05, 'n': 2, 'values': [0.8, 0.9]}, 'eps': [0, 1]}
+Example:
+    >>> from opnorm.experiments.aggregate import aggregate
+    >>> aggregate([{"acc": 0.5, "eps": [0, 1]}, {"acc": 1.0, "eps": [0, 1]}])
+    {'acc': {'mean': 0.75, 'se': 0.25, 'n': 2, 'values': [0.5, 1.0]}, 'eps': [0, 1]}
 """
 
 from __future__ import annotations

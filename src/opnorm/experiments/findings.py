@@ -91,7 +91,7 @@ def _rank(r: dict) -> dict:
 
 def _alignment_eps(r: dict) -> dict:
     parts = []
-    for key, m in r["methods"].items():
+    for m in r["methods"].values():
         al = m["alignment"]
         for loss in ("ce", "logit"):
             v = al[loss]
@@ -101,7 +101,8 @@ def _alignment_eps(r: dict) -> dict:
                 {
                     "what": f"{m['label']}, {loss}",
                     "holds": high and decays,
-                    "detail": f"{fmt(v[0])} at eps {al['eps'][0]:g} -> {fmt(v[-1])} at {al['eps'][-1]:g} (random {fmt(al['random'])})",
+                    "detail": f"{fmt(v[0])} at eps {al['eps'][0]:g} -> {fmt(v[-1])} at {al['eps'][-1]:g} "
+                    f"(random {fmt(al['random'])})",
                 }
             )
     return _finding(
@@ -160,7 +161,8 @@ def _matched(r: dict) -> dict:
             {
                 "what": "d.d. more robust than global SNR (l_2 reference radius)",
                 "holds": beats,
-                "detail": f"l_2 {ref:g}: d.d. {pct(pick['robust_at_reference']['l2'])} vs global SNR {pct(snr['robust_at_reference']['l2'])}",
+                "detail": f"l_2 {ref:g}: d.d. {pct(pick['robust_at_reference']['l2'])} "
+                f"vs global SNR {pct(snr['robust_at_reference']['l2'])}",
             }
         )
         numbers.append(
@@ -199,8 +201,9 @@ def _spectra(r: dict) -> dict:
             {
                 "what": M[key]["label"],
                 "holds": not exceptions,
-                "detail": f"sigma_1 ratio {fmt(ratios[0], digits=2)}, sigma_k ratio in [{min(mean(s) for s in ratios):.2f}, "
-                f"{max(mean(s) for s in ratios):.2f}]" + (f"; not damped at k = {exceptions}" if exceptions else ""),
+                "detail": f"sigma_1 ratio {fmt(ratios[0], digits=2)}, "
+                f"sigma_k ratio in [{min(mean(s) for s in ratios):.2f}, {max(mean(s) for s in ratios):.2f}]"
+                + (f"; not damped at k = {exceptions}" if exceptions else ""),
             }
         )
     snr, dd = M["global-snr"]["spectrum_ratio"][0], M["opnorm"]["spectrum_ratio"][0]
@@ -209,7 +212,8 @@ def _spectra(r: dict) -> dict:
         {
             "what": "Global SNR (paper: almost no effect, i.e. nearer to clean than d.d.)",
             "holds": closer,
-            "detail": f"sigma_1 ratio {fmt(snr, digits=2)} vs d.d. {fmt(dd, digits=2)} (lam {r['config']['lam_snr']:g})",
+            "detail": f"sigma_1 ratio {fmt(snr, digits=2)} vs d.d. {fmt(dd, digits=2)} "
+            f"(lam {r['config']['lam_snr']:g})",
         }
     )
     return _finding(

@@ -168,7 +168,8 @@ def sanity_checks(
         _check(
             f"{3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts do not raise robust accuracy",
             rise <= tol + 1e-6,
-            f"largest change {100 * rise:+.1f} points ({who}), l_inf eps {cfg.eps_linf:g}; tolerance {100 * tol:.2g} points",
+            f"largest change {100 * rise:+.1f} points ({who}), l_inf eps {cfg.eps_linf:g}; "
+            f"tolerance {100 * tol:.2g} points",
         )
     )
     name = "torchattacks APGD-CE agrees with our PGD within 2 points"

@@ -229,10 +229,8 @@ def _cost_line(r: dict) -> str:
         f"; it trained {runs['models_trained']} models and read {runs['models_read']} from the runs directory, "
         f"computed {runs['measurements_computed']} measurements and read {runs['measurements_read']}"
     )
-    return (
-        line
-        + f". Training all models of the study took {r['train_seconds_all_models']:.0f} s (sum of their training times)."
-    )
+    total = r["train_seconds_all_models"]
+    return line + f". Training all models of the study took {total:.0f} s (sum of their training times)."
 
 
 def render_markdown(r: dict) -> str:

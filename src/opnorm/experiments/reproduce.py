@@ -10,11 +10,12 @@ alignment by singular-vector rank is set against a randomly initialized network;
 seed checks the theorem and the attacks. Means and standard errors over seeds go into
 ``report.md``, ``results.json`` and PNG plots (:mod:`opnorm.experiments.report`).
 
-Example::
+Example (trains and measures every model of the study: minutes)::
 
-    >>> from opnorm.experiments.reproduce import run_reproduce
-    >>> results = run_reproduce(dataset="digits", quick=True, out="reports/digits-quick")
-    >>> results["seeds"], [f["verdict"] for f in results["findings"]]
+    from opnorm.experiments.reproduce import run_reproduce
+
+    results = run_reproduce(dataset="digits", quick=True, out="reports/digits-quick")
+    results["seeds"], [f["verdict"] for f in results["findings"]]
 """
 
 from __future__ import annotations

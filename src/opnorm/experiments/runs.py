@@ -8,10 +8,10 @@ the directory's ``.lock`` as ``opnorm train`` holds a run's (a second ``opnorm r
 the same ``--runs`` stops in one line). Files are written atomically and never through a
 symbolic link; a damaged file is named in a one-line error that says how to redo it.
 
-Example::
+Example (trains the model on its first use)::
 
-    >>> with Runs("runs/digits-study", fingerprint(cfg)) as runs:
-    ...     model, seconds = runs.model(base_config, "opnorm", overrides, seed=0, splits=splits, log=print)
+    with Runs("runs/digits-study", fingerprint(cfg)) as runs:
+        model, seconds = runs.model(base_config, "opnorm", overrides, seed=0, splits=splits, log=print)
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """What a reproduction study is: :class:`StudyConfig`, the dataset presets, the methods and
 the lambda sweeps that match clean accuracy.
 
-Example::
-
-    >>> cfg = study_config("digits", quick=True, seeds=[0, 1])
+Example:
+    >>> from opnorm.experiments.study import method_table, study_config, sweep_table
+    >>> cfg = study_config("digits", seeds=[0, 1])
     >>> [key for key, *_ in method_table(cfg)]
-    >>> sweep_table(cfg)   # (key, family, lambda, overrides) of the matched-accuracy sweeps
+    ['clean', 'pgd-at-linf', 'pgd-at-l2', 'logit-at', 'opnorm', 'global-snr']
+    >>> [(key, lam) for key, family, lam, overrides in sweep_table(cfg)]  # the matched-accuracy sweeps
+    [('opnorm-x4', 0.4), ('global-snr-x100', 1.0)]
 """
 
 from __future__ import annotations

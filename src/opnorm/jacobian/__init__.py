@@ -26,15 +26,24 @@ Routes to J as a linear operator (:func:`linearize`; ``lin.route`` names the one
 Every route runs the model under :func:`linearizable` (twice-differentiable hardsigmoid /
 hardswish, the math attention kernel), so models such as MobileNetV3 and vision
 transformers work by either autograd route. ``"auto"`` takes the pattern route where it
-applies, else forward mode with double backward as the fallback; when an op supports
+applies, else double backward with forward mode as the fallback; when an op supports
 neither, :class:`UnsupportedModelError` names the module and op.
 :func:`differentiable_jvp` gives J v differentiable w.r.t. the weights, for penalties.
 
 Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+    >>> from opnorm.jacobian import eval_mode, linearize
     >>> with eval_mode(model):
     ...     lin = linearize(model, x)
-    ...     jv, jtu = lin.matvec(v), lin.rmatvec(u)     # (B, d), x.shape
-    >>> lin.route                                       # "pattern", "forward" or "autograd"
+    ...     jv, jtu = lin.matvec(v), lin.rmatvec(u)
+    >>> jv.shape, jtu.shape  # (B, d), x.shape
+    (torch.Size([4, 3]), torch.Size([4, 8]))
+    >>> lin.route  # "pattern", "forward" or "autograd"
+    'pattern'
 """
 
 from opnorm.jacobian.autograd import JV_ROUTES, Linearization, differentiable_jvp, jvp, vjp

@@ -56,8 +56,15 @@ class Linearization:
         x: (B, *in). route: "auto", "forward" or "autograd".
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+        >>> from opnorm.jacobian import Linearization
         >>> lin = Linearization(model.eval(), x)
-        >>> lin.matvec(v).shape, lin.rmatvec(u).shape, lin.route   # (B, d), x.shape, "autograd"
+        >>> lin.matvec(v).shape, lin.rmatvec(u).shape, lin.route  # (B, d), x.shape, the route of J v
+        (torch.Size([4, 3]), torch.Size([4, 8]), 'autograd')
     """
 
     def __init__(self, model: Callable, x: torch.Tensor, route: str = "auto"):
@@ -193,9 +200,9 @@ def differentiable_jvp(
     forward): ``"forward"`` runs it with tangents (forward-mode AD; the backward of the
     result is reverse-over-forward), ``"autograd"`` builds ``g = J^T w`` with
     ``create_graph=True`` and takes ``J v = d<g, v>/dw`` (double backward; the backward of
-    the result is third order, which train-mode ``batch_norm`` lacks). ``"auto"`` tries forward mode, then double backward; on a
-    fallback the failed attempt's buffer updates (train-mode BatchNorm statistics) are
-    undone, so the statistics move once.
+    the result is third order, which train-mode ``batch_norm`` lacks). ``"auto"`` tries
+    forward mode, then double backward; on a fallback the failed attempt's buffer updates
+    (train-mode BatchNorm statistics) are undone, so the statistics move once.
 
     Args:
         model: f: (B, *in) -> (B, d). x: (B, *in). v: x's shape.
@@ -205,8 +212,19 @@ def differentiable_jvp(
         (logits (B, d), jv (B, d)).
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+        >>> import torch.nn.functional as F
+        >>> from opnorm.jacobian import differentiable_jvp
         >>> logits, jv = differentiable_jvp(model, x, v)
-        >>> (F.cross_entropy(logits, y) + jv.norm(dim=1).mean()).backward()
+        >>> jv.shape, jv.requires_grad
+        (torch.Size([4, 3]), True)
+        >>> (F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])) + jv.norm(dim=1).mean()).backward()
+        >>> model[0].weight.grad.shape
+        torch.Size([6, 8])
     """
     if route not in ("auto",) + JV_ROUTES:
         raise ValueError(f"route must be one of ('auto', 'forward', 'autograd'), got {route!r}")

@@ -95,7 +95,8 @@ def check_inputs(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
         if param is not None:
             if param.device != x.device:
                 raise ValueError(
-                    f"{name} is on device {x.device} but the model is on device {param.device}; move one of them, e.g. x.to({str(param.device)!r})"
+                    f"{name} is on device {x.device} but the model is on device {param.device}; "
+                    f"move one of them, e.g. x.to({str(param.device)!r})"
                 )
             if param.is_floating_point() and param.dtype != x.dtype:
                 raise TypeError(
@@ -123,7 +124,18 @@ class Logits(nn.Module):
         key: the logits' position or key in it.
 
     Example:
-        >>> opnorm.operator_norm(Logits(model, "logits"), x, 2, 2)
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> from opnorm.jacobian import Logits
+        >>> class TwoHeads(nn.Module):  # returns a dict
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.body, self.head = nn.Linear(8, 6), nn.Linear(6, 3)
+        ...     def forward(self, x):
+        ...         h = self.body(x).relu()
+        ...         return {"features": h, "logits": self.head(h)}
+        >>> opnorm.operator_norm(Logits(TwoHeads(), "logits"), torch.rand(4, 8), 2, 2).sigma.shape
+        torch.Size([4])
     """
 
     def __init__(self, model: nn.Module, key: Any = 0) -> None:
@@ -151,8 +163,8 @@ def check_output(out: Any, batch: int) -> torch.Tensor:
         raise TypeError(f"model must return a tensor of logits of shape (B, d), got {type(out).__name__}")
     if out.ndim != 2 or out.shape[0] != batch:
         raise ValueError(
-            f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), got shape {tuple(out.shape)}"
-            "; if x is one example, pass x[None]"
+            f"model output must be 2-D (B, d) with B = {batch} (one logit vector per example), "
+            f"got shape {tuple(out.shape)}; if x is one example, pass x[None]"
         )
     return out
 
@@ -228,8 +240,14 @@ def linearizable() -> Iterator[None]:
     to float rounding; the gradients are the same almost everywhere.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from opnorm.jacobian.core import linearizable
+        >>> model, x = nn.Sequential(nn.Linear(8, 6), nn.Hardswish(), nn.Linear(6, 3)), torch.rand(4, 8)
         >>> with linearizable():
-        ...     out = model(x)    # now twice differentiable and forward-mode differentiable
+        ...     out = model(x)  # now twice differentiable and forward-mode differentiable
+        >>> bool(torch.allclose(out, model(x)))
+        True
     """
     with _Composites(), sdpa_kernel(SDPBackend.MATH):
         yield

@@ -106,8 +106,19 @@ class GraphLinearization:
         logits: f(x), (B, d). fallbacks: ``"name: reason"`` for nodes left to local autograd.
 
     Example:
-        >>> lin = GraphLinearization(resnet.eval(), x)
-        >>> lin.matvec(v).shape, lin.rmatvec(u).shape   # (B, d), x.shape
+        >>> import torch
+        >>> from torch import nn
+        >>> from opnorm.jacobian import GraphLinearization
+        >>> class Residual(nn.Module):  # a skip connection: modules joined by a sum
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.relu, self.b, self.head = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         return self.head(x + self.b(self.relu(self.a(x))))
+        >>> x = torch.rand(4, 8)
+        >>> lin = GraphLinearization(Residual().eval(), x)
+        >>> lin.matvec(torch.randn(4, 8)).shape, lin.rmatvec(torch.randn(4, 3)).shape  # (B, d), x.shape
+        (torch.Size([4, 3]), torch.Size([4, 8]))
     """
 
     route = "pattern"

@@ -39,7 +39,10 @@ def _recognize(m: nn.Module, name: str) -> _Step | str:
         return _Linear(m, name)
     if any(_plain(m, c) for c in _CONV):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} (only numeric zero padding is replayed)"
+            return (
+                f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} "
+                "(only numeric zero padding is replayed)"
+            )
         return _Conv(m, name)
     if any(_plain(m, c) for c in _MASKS):
         return _Mask(m, name)
@@ -73,6 +76,8 @@ def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
     autograd (exact, but without the speed-up), or why the route does not apply.
 
     Example:
+        >>> from torch import nn
+        >>> from opnorm.jacobian import pattern_support
         >>> pattern_support(nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
         (True, ['1: Tanh is not a recognized piecewise-linear module'])
     """
@@ -135,8 +140,17 @@ class PatternLinearization:
         logits: f(x), (B, d). fallbacks: ``"name: reason"`` strings.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+        >>> from opnorm.jacobian import PatternLinearization
         >>> lin = PatternLinearization(model.eval(), x)
-        >>> lin.matvec(v).shape, lin.rmatvec(u).shape   # (B, d), x.shape
+        >>> lin.matvec(v).shape, lin.rmatvec(u).shape  # (B, d), x.shape
+        (torch.Size([4, 3]), torch.Size([4, 8]))
+        >>> bool(torch.allclose((lin.matvec(v) * u).sum(), (v * lin.rmatvec(u)).sum()))  # J and J^T agree
+        True
     """
 
     route = "pattern"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from opnorm.jacobian.graph import GraphLinearization
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
 from opnorm.jacobian.steps import _has_hooks, _plain
 
-LinearOperator = Union[Linearization, PatternLinearization, GraphLinearization]
+LinearOperator = Linearization | PatternLinearization | GraphLinearization
 ROUTES = ("auto", "pattern", "forward", "autograd")
 
 
@@ -40,9 +39,17 @@ def linearize(model: Callable, x: torch.Tensor, route: str = "auto") -> LinearOp
             model; the message names the module and op.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+        >>> from opnorm.jacobian import eval_mode, linearize
         >>> with eval_mode(model):
         ...     lin = linearize(model, x)
-        ...     jv = lin.matvec(torch.randn_like(x))   # (B, d)
+        ...     jv = lin.matvec(v)
+        >>> jv.shape  # (B, d)
+        torch.Size([4, 3])
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
@@ -77,7 +84,17 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: i
             pattern route). Only memory and speed depend on it.
 
     Example:
-        >>> J = jacobian(model, x)     # (B, d, *x.shape[1:])
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, v, u = torch.rand(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+        >>> from opnorm.jacobian import jacobian, jvp
+        >>> J = jacobian(model, x)
+        >>> J.shape  # (B, d, *x.shape[1:])
+        torch.Size([4, 3, 8])
+        >>> bool(torch.allclose(torch.einsum("bdn,bn->bd", J, v), jvp(model, x, v)[1], atol=1e-6))
+        True
     """
     check_inputs(model, x)
     if route not in ROUTES:

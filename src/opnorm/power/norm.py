@@ -160,9 +160,17 @@ def operator_norm(
         bound of unknown error.
 
     Example:
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x = torch.rand(4, 8)
         >>> res = opnorm.operator_norm(model, x, p="inf", q=2)
         >>> res.sigma.shape, res.v.shape  # (B,), x.shape
-        >>> low = opnorm.operator_norm(model, x, method="lanczos", iters=3)  # a lower bound, low.exact False
+        (torch.Size([4]), torch.Size([4, 8]))
+        >>> low = opnorm.operator_norm(model, x, method="lanczos", iters=2)  # fewer than d = 3 iterations
+        >>> low.exact  # a lower bound of unknown error
+        tensor([False, False, False, False])
     """
     if tol is not None:
         raise TypeError(REMOVED_TOL)

@@ -46,7 +46,14 @@ def singular_values(
     With ``return_vectors=True`` returns a :class:`SpectrumResult` (values, U, V).
 
     Example:
-        >>> opnorm.singular_values(model, x, 3)   # (B, 3)
+        >>> import torch, opnorm
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x = torch.rand(4, 8)
+        >>> s = opnorm.singular_values(model, x, 3)
+        >>> s.shape, bool((s[:, :-1] >= s[:, 1:]).all())  # (B, k), in decreasing order
+        (torch.Size([4, 3]), True)
     """
     if tol is not None:
         raise TypeError(REMOVED_TOL)

@@ -3,10 +3,18 @@ a direction solver, a store and a penalty), global spectral norm regularization,
 adversarial training (PGD-AT, l_q-logit AT, TRADES). Every term is an ``nn.Module`` added to
 the task loss; see docs/theory.md for the math.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.regularizers import OperatorNormRegularizer
     >>> reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=0.02)
     >>> logits, pen = reg.joint(model, x)
+    >>> logits.shape, pen.shape
+    (torch.Size([4, 3]), torch.Size([]))
     >>> (F.cross_entropy(logits, y) + pen).backward()
 """
 

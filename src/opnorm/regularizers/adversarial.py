@@ -1,7 +1,13 @@
 """Adversarial training objectives: PGD-AT, l_q-logit AT (the theorem's left side) and TRADES.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.regularizers import AdversarialTrainingLoss
     >>> at = AdversarialTrainingLoss("ce", eps=0.1, p="inf", steps=10)
     >>> at(model, x, y).backward()
 """
@@ -63,8 +69,18 @@ class AdversarialTrainingLoss(nn.Module):
         ``loss_fn(model, x, y, index=None) -> scalar``.
 
     Example:
-        >>> at = AdversarialTrainingLoss("ce", eps=0.1, p="inf", steps=10)
-        >>> at(model, x, y).backward()
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.regularizers import AdversarialTrainingLoss
+        >>> at = AdversarialTrainingLoss("trades", eps=0.1, p="inf", steps=3)
+        >>> loss = at(model, x, y)
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), True)
+        >>> loss.backward()
     """
 
     def __init__(
@@ -100,7 +116,10 @@ class AdversarialTrainingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
-        return f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, adv_fraction={self.adv_fraction:g}"
+        return (
+            f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, "
+            f"adv_fraction={self.adv_fraction:g}"
+        )
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""

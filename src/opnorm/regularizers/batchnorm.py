@@ -18,12 +18,21 @@ of x uses. ``f_B`` is per example, so its Jacobian is one matrix per example:
 
 Models without such a BatchNorm are left untouched.
 
-Example::
-
-    >>> with clean_statistics(net, batch=x.shape[0], total=2 * x.shape[0]):
-    ...     out = net(torch.cat([x, x_p]))       # x_p normalized with x's statistics
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    >>> x = torch.rand(4, 8)
+    >>> x_p = x + 0.1 * torch.randn_like(x)
+    >>> from opnorm.jacobian import eval_mode, linearize
+    >>> from opnorm.regularizers import clean_statistics, frozen_statistics
+    >>> with clean_statistics(net, batch=4, total=8):
+    ...     out = net(torch.cat([x, x_p]))  # x_p normalized with x's statistics
     >>> with frozen_statistics(net, x), eval_mode(net):
-    ...     lin = linearize(net, x)              # J of f_B at x
+    ...     lin = linearize(net, x)  # J of f_B at x
+    ...     bool(torch.allclose(lin.logits, out[:4], atol=1e-6))  # f_B(x): the clean rows of the training forward
+    True
 """
 
 from __future__ import annotations
@@ -100,10 +109,18 @@ def clean_statistics(net: nn.Module, batch: int, total: int) -> Iterator[None]:
     forward of the clean batch (and update the running statistics, once); rows ``batch:``
     are normalized with the clean rows' mean and biased variance (differentiable).
 
-    Example::
-
-        >>> with clean_statistics(net, 64, 128):
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+        >>> x = torch.rand(4, 8)
+        >>> x_p = x + 0.1 * torch.randn_like(x)
+        >>> from opnorm.regularizers import clean_statistics
+        >>> with clean_statistics(net, 4, 8):
         ...     out = net(torch.cat([x, x_p]))
+        >>> bool(torch.allclose(out[:4], net(x), atol=1e-6))  # the clean rows: as in a plain forward of x
+        True
     """
     patched = batch_norms(net) if total > batch else []
     for m in patched:
@@ -123,10 +140,20 @@ def frozen_statistics(net: nn.Module, x: torch.Tensor) -> Iterator[None]:
     of x without gradients, in eval mode except for those BatchNorms (dropout off, as in
     the solver's iterations).
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+        >>> x = torch.rand(4, 8)
+        >>> x_p = x + 0.1 * torch.randn_like(x)
+        >>> from opnorm.jacobian import eval_mode, linearize
+        >>> from opnorm.regularizers import frozen_statistics
         >>> with frozen_statistics(net, x), eval_mode(net):
-        ...     lin = linearize(net, x[:3])        # rows of f_B: x's statistics, not x[:3]'s
+        ...     rows = linearize(net, x[:3]).logits  # rows of f_B: x's statistics, not x[:3]'s
+        ...     whole = net(x)
+        >>> bool(torch.allclose(rows, whole[:3]))
+        True
     """
     mods = batch_norms(net)
     if not mods:

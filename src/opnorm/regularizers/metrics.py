@@ -12,10 +12,13 @@ A metric gives two things:
 :class:`LogitNorm` is the paper's l_q norm; :class:`FisherKL` is the softmax's KL divergence,
 locally the Fisher metric ``||w||_H = sqrt(w^T H w)`` with ``H = diag(s) - s s^T``.
 
-Example::
-
-    >>> m = LogitNorm(2)
-    >>> s, _ = m.fd(f(x), f(x + eps * v), eps)     # ||f(x + eps v) - f(x)||_2 / eps
+Example:
+    >>> import torch
+    >>> from opnorm.regularizers import LogitNorm
+    >>> clean, pert, eps = torch.zeros(2, 3), torch.tensor([[0.3, 0.4, 0.0], [0.0, 0.0, 0.1]]), 0.1
+    >>> s, _ = LogitNorm(2).fd(clean, pert, eps)  # ||f(x + eps v) - f(x)||_2 / eps
+    >>> [round(float(t), 4) for t in s]
+    [5.0, 1.0]
 """
 
 from __future__ import annotations

@@ -12,10 +12,16 @@ direction solver (:class:`~opnorm.regularizers.solver.PGASolver`) + an optional 
 * :meth:`OperatorNormRegularizer.fast_robust`: the fast configuration with the KL metric,
   the dynamic solver and finite PGA steps of eps/4 (1 iteration cold, 2 warm).
 
-Example::
-
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.regularizers import OperatorNormRegularizer
     >>> reg = OperatorNormRegularizer.paper(2, 2, eps=0.1, lam=0.02)
-    >>> logits, pen = reg.joint(model, x)           # one forward of [x; x + eps v]
+    >>> logits, pen = reg.joint(model, x)  # one forward of [x; x + eps v]
     >>> (F.cross_entropy(logits, y) + pen).backward()
 """
 
@@ -180,7 +186,10 @@ class OperatorNormRegularizer(nn.Module):
         (``num_examples`` is accepted for the shared signature and unused).
 
         Example:
+            >>> from opnorm.regularizers import OperatorNormRegularizer
             >>> reg = OperatorNormRegularizer.paper("inf", 2, eps=0.1, lam=0.02)
+            >>> reg.solver.iters, reg.store is None
+            (10, True)
         """
         return cls(p, q, eps, lam, **{"solver": PGASolver(iters=10), **parts})
 
@@ -201,7 +210,14 @@ class OperatorNormRegularizer(nn.Module):
         ``index``); not needed with ``store=None``, which runs without a store.
 
         Example:
-            >>> reg = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, num_examples=len(train_set))
+            >>> import torch
+            >>> from torch import nn
+            >>> from opnorm.regularizers import OperatorNormRegularizer
+            >>> model, x = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), torch.rand(4, 8)
+            >>> reg = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, num_examples=100)
+            >>> pen = reg(model, x, index=torch.tensor([0, 1, 2, 3]))  # rows 0-3 of the store
+            >>> reg.store.seen[:5]
+            tensor([ True,  True,  True,  True, False])
         """
         solver = PGASolver(3, 1, free_update=True)
         return cls(p, q, eps, lam, **{"solver": solver, "store": _store(num_examples, parts, "fast"), **parts})
@@ -223,7 +239,10 @@ class OperatorNormRegularizer(nn.Module):
         The setting studied in docs/results/fast-at: ``p="inf", eps=0.1, lam=0.06``.
 
         Example:
-            >>> reg = OperatorNormRegularizer.fast_robust("inf", 2, eps=0.1, lam=0.06, num_examples=len(train_set))
+            >>> from opnorm.regularizers import OperatorNormRegularizer
+            >>> reg = OperatorNormRegularizer.fast_robust("inf", 2, eps=0.1, lam=0.06, num_examples=100)
+            >>> reg.store.num_examples
+            100
         """
         solver = PGASolver(1, 2, step=0.25, dynamic=True, free_update=True)
         return cls(

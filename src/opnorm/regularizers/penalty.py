@@ -19,11 +19,21 @@ Both reduce the per-example s to ``lam * mean_b(s_b)`` or ``lam * mean_b(s_b^2)`
 (``squared``, the paper's d.d. SNR), optionally scaled by eps (``scale_by_eps``: the fd
 penalty becomes the theorem's adversarial logit loss ``||f(x + eps v) - f(x)||``).
 
-Example::
-
+Example (``evaluate`` takes the model as called, e.g. a DDP wrapper, then the module it wraps; the
+fd penalty does not use u):
+    >>> import torch
+    >>> from torch import nn
+    >>> from opnorm.regularizers import FDPenalty, LogitNorm
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, v, eps = torch.rand(4, 8), torch.randn(4, 8), 0.1
     >>> pen = FDPenalty(squared=True)
-    >>> terms = pen.evaluate(model, x, x_p, v, u, LogitNorm(2), eps)
-    >>> value = pen.reduce(terms.s, terms.s_sq, lam=0.02, eps=eps)
+    >>> terms = pen.evaluate(model, x, x + eps * v, v, None, LogitNorm(2), eps)
+    >>> terms.s.shape, terms.clean.shape, terms.pert.shape  # s: ||f(x + eps v) - f(x)||_2 / eps per example
+    (torch.Size([4]), torch.Size([4, 3]), torch.Size([4, 3]))
+    >>> value = pen.reduce(terms.s, terms.s_sq, lam=0.02, eps=eps)  # 0.02 * mean(s^2)
+    >>> bool(torch.allclose(value, 0.02 * (terms.s**2).mean()))
+    True
 """
 
 from __future__ import annotations
@@ -153,9 +163,19 @@ def check_paired_noise(net: nn.Module, x: torch.Tensor, rows: int = 4) -> None:
     outside the modules it pairs, e.g. ``F.dropout`` in a custom forward). Draws from no RNG
     and leaves buffers (batch-norm statistics) as they were.
 
-    Example::
-
-        >>> check_paired_noise(model.train(), x)   # passes for nn.Dropout, raises for F.dropout
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from opnorm.regularizers.penalty import check_paired_noise
+        >>> x = torch.rand(4, 8)
+        >>> check_paired_noise(nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.5)).train(), x)  # nn.Dropout is paired
+        >>> class Custom(nn.Linear):
+        ...     def forward(self, x):
+        ...         return F.dropout(super().forward(x), 0.5, self.training)
+        >>> check_paired_noise(Custom(8, 3).train(), x)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ...
     """
     xs = x[:rows].detach()
     k = xs.shape[0]

@@ -11,8 +11,8 @@ nonlinear penalty, as PGA's). Every step is :func:`opnorm.norms.pga_step`.
 All iterations run without weight gradients, in eval mode, on the unwrapped model, with
 autocast disabled.
 
-Example::
-
+Example:
+    >>> from opnorm.regularizers import PGASolver
     >>> solver = PGASolver(iters=10)                       # the paper: 10 power iterations
     >>> fast = PGASolver(iters=3, warm_iters=1, free_update=True)
 """

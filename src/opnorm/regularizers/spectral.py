@@ -1,13 +1,20 @@
 """Data-independent spectral norm regularization (Yoshida & Miyato 2017).
 
-Example::
-
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.regularizers import GlobalSpectralNormRegularizer
     >>> snr = GlobalSpectralNormRegularizer(model, lam=0.01)
     >>> loss = F.cross_entropy(model(x), y) + snr()
+    >>> sorted(snr.last_sigmas)  # the layers regularized
+    ['0', '2']
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +57,17 @@ class GlobalSpectralNormRegularizer(nn.Module):
         last_sigmas: dict layer name -> float, the estimates of the last call.
 
     Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+        >>> from opnorm.regularizers import GlobalSpectralNormRegularizer
         >>> snr = GlobalSpectralNormRegularizer(model, lam=0.01)
         >>> loss = F.cross_entropy(model(x), y) + snr()
+        >>> sorted(snr.last_sigmas)  # the layers regularized
+        ['0', '2']
     """
 
     def __init__(self, model: nn.Module, iters: int = 1, lam: float = 0.01, *, seed: int = 0) -> None:
@@ -71,7 +87,7 @@ class GlobalSpectralNormRegularizer(nn.Module):
             raise ValueError("model has no nn.Linear or nn.Conv layers to regularize")
         gen = torch.Generator().manual_seed(seed)
         self._buffer_names: list[str] = []
-        for i, (name, m) in enumerate(self._layers):
+        for i, (_name, m) in enumerate(self._layers):
             mat = _layer_matrix(m)
             u = torch.randn(mat.shape[0], generator=gen, dtype=torch.float64)
             buf = f"u_{i}"

@@ -14,10 +14,16 @@ The fast regularizer keeps each training example's direction v between visits (w
   by the regularizer before each use, and by the trainer before a checkpoint), so all ranks
   hold the same direction for every example seen by any rank.
 
-Example::
-
-    >>> store = DirectionStore(len(train_set))
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from opnorm.regularizers import DirectionStore, OperatorNormRegularizer
+    >>> model, x = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), torch.rand(4, 8)
+    >>> store = DirectionStore(100)  # the training set's length
     >>> reg = OperatorNormRegularizer.fast("inf", 2, eps=0.1, lam=0.02, store=store)
+    >>> pen = reg(model, x, index=torch.tensor([5, 6, 7, 8]))
+    >>> store.directions.shape, store.directions.dtype, int(store.seen.sum())  # l_inf: signs, as int8
+    (torch.Size([100, 8]), torch.int8, 4)
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Training layer: datasets, model registry, checkpoints (and the trainer built on them).
 
-Example::
+Example (loading digits imports scikit-learn, a few seconds)::
 
-    >>> from opnorm.training import load_dataset, build_model
-    >>> splits = load_dataset("digits")
-    >>> model = build_model("cnn", input_shape=splits.input_shape, num_classes=splits.num_classes,
-    ...                     mean=splits.mean, std=splits.std)
+    from opnorm.training import build_model, load_dataset
+
+    splits = load_dataset("digits")
+    model = build_model(
+        "cnn", input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std
+    )
+    model(splits.test.x[:5]).shape  # torch.Size([5, 10])
 """
 
 from opnorm.training.checkpoint import (

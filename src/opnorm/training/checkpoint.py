@@ -17,11 +17,17 @@
 * ``rng_state`` / ``set_rng_state`` capture every RNG a training run draws from, as
   tensors and ints, for bit-identical resume.
 
-Example::
-
-    >>> save_checkpoint("run/last.pt", {"model": model.state_dict(), "epoch": 3, "rng": rng_state()})
-    >>> state = load_checkpoint("run/last.pt")
-    >>> model.load_state_dict(state["model"]); set_rng_state(state["rng"])
+Example:
+    >>> import os, tempfile
+    >>> from torch import nn
+    >>> from opnorm.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    >>> model = nn.Linear(4, 2)
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     save_checkpoint(os.path.join(run, "last.pt"), {"model": model.state_dict(), "epoch": 3, "rng": rng_state()})
+    ...     state = load_checkpoint(os.path.join(run, "last.pt"))
+    >>> model.load_state_dict(state["model"])
+    <All keys matched successfully>
+    >>> set_rng_state(state["rng"])
 """
 
 from __future__ import annotations
@@ -109,9 +115,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     Raises:
         TypeError: state holds something else (named by its key path), checked before writing.
 
-    Example::
-
-        >>> save_checkpoint("runs/a/last.pt", {"model": model.state_dict(), "epoch": 1})
+    Example:
+        >>> import os, tempfile
+        >>> from torch import nn
+        >>> from opnorm.training.checkpoint import save_checkpoint
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     save_checkpoint(os.path.join(run, "last.pt"), {"model": nn.Linear(4, 2).state_dict(), "epoch": 1})
+        ...     sorted(os.listdir(run))  # the checkpoint and its sha256 sidecar
+        ['last.pt', 'last.pt.sha256']
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -134,9 +145,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             sidecar; truncated / corrupt / not a checkpoint; or the file holds objects other
             than tensors and plain data (refused, nothing is executed).
 
-    Example::
-
-        >>> state = load_checkpoint("runs/a/last.pt")
+    Example:
+        >>> import os, tempfile
+        >>> from opnorm.training.checkpoint import load_checkpoint, save_checkpoint
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     save_checkpoint(os.path.join(run, "last.pt"), {"epoch": 1})
+        ...     state = load_checkpoint(os.path.join(run, "last.pt"))
         >>> state["epoch"]
         1
     """
@@ -177,9 +191,14 @@ def export_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str
         path: target file, conventionally ``*.safetensors``.
         metadata: optional str -> str pairs stored in the header (e.g. model name, dataset).
 
-    Example::
-
-        >>> export_weights(model, "cnn_fashion.safetensors", {"model": "cnn"})
+    Example:
+        >>> import os, tempfile
+        >>> from torch import nn
+        >>> from opnorm.training.checkpoint import export_weights
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     export_weights(nn.Linear(4, 2), os.path.join(out, "linear.safetensors"), {"model": "linear"})
+        ...     sorted(os.listdir(out))
+        ['linear.safetensors', 'linear.safetensors.sha256']
     """
     from safetensors.torch import save
 
@@ -215,9 +234,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         CheckpointError: missing or corrupt file, or missing / unexpected keys or shape
             mismatches (listed in the message).
 
-    Example::
-
-        >>> load_weights(build_model("cnn", input_shape=(1, 28, 28), num_classes=10), "cnn_fashion.safetensors")
+    Example:
+        >>> import os, tempfile, torch
+        >>> from torch import nn
+        >>> from opnorm.training.checkpoint import export_weights, load_weights
+        >>> trained, fresh = nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     export_weights(trained, os.path.join(out, "linear.safetensors"))
+        ...     model = load_weights(fresh, os.path.join(out, "linear.safetensors"))
+        >>> torch.equal(model.weight, trained.weight)
+        True
     """
     from safetensors.torch import load_file
 
@@ -267,9 +293,13 @@ def rng_state() -> dict:
         "python": {"version", "state" (int64 tensor), "gauss"}, "numpy": {"keys" (int64 tensor),
         "pos", "has_gauss", "cached_gaussian"}}``.
 
-    Example::
-
-        >>> s = rng_state(); a = torch.rand(3); set_rng_state(s); torch.equal(a, torch.rand(3))
+    Example:
+        >>> import torch
+        >>> from opnorm.training.checkpoint import rng_state, set_rng_state
+        >>> s = rng_state()
+        >>> a = torch.rand(3)
+        >>> set_rng_state(s)
+        >>> torch.equal(a, torch.rand(3))
         True
     """
     version, internal, gauss = random.getstate()

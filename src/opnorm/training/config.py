@@ -4,10 +4,11 @@ A :class:`TrainConfig` is what ``opnorm train`` parses its flags into and what a
 directory's ``config.json`` holds (resolved: every default filled in, so the file re-runs
 the same experiment with ``opnorm train --config config.json``).
 
-Example::
-
+Example:
+    >>> from opnorm.training.config import TrainConfig
     >>> cfg = TrainConfig(dataset="digits", model="cnn", method="opnorm", epochs=3).resolved()
-    >>> cfg.eps, cfg.lam            # filled in from the dataset / method defaults
+    >>> cfg.eps, cfg.lam  # filled in from the dataset / method defaults
+    (0.5, 0.02)
     >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
     True
 """
@@ -462,6 +463,7 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
     ``penalty``, ...; for method opnorm also ``iters``) move into the ``opnorm`` section.
 
     Example:
+        >>> from opnorm.training.config import migrate
         >>> migrate({"method": "opnorm", "opnorm_mode": "paper", "iters": 5})
         {'method': 'opnorm', 'opnorm': {'mode': 'paper', 'iters': 5}}
     """
@@ -501,6 +503,7 @@ def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     file) left to defaults: field name -> the value :meth:`TrainConfig.resolved` filled in.
 
     Example:
+        >>> from opnorm.training.config import TrainConfig, defaults_used
         >>> defaults_used({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
         {'p': 2.0, 'eps': 0.5, 'lr': 0.05, 'fgsm_start': 1.0, 'fgsm_step': 1.25}
     """
@@ -512,6 +515,7 @@ def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
     """One line naming the method, data and model, and every setting filled from a default as its flag.
 
     Example:
+        >>> from opnorm.training.config import TrainConfig, defaults_line
         >>> defaults_line({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
         'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-start 1 --fgsm-step 1.25'
     """
@@ -607,9 +611,9 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], run: str) -> None:
         ValueError: one line naming the first differing setting (dotted for nested keys)
             and the two ways on: a new run, or ``--config <run>/config.json`` with a new --out.
 
-    Example::
-
-        >>> check_resume({"lr": 0.05, "epochs": 2}, {"lr": 0.05, "epochs": 4}, "runs/a")   # fine
+    Example:
+        >>> from opnorm.training.config import check_resume
+        >>> check_resume({"lr": 0.05, "epochs": 2}, {"lr": 0.05, "epochs": 4}, "runs/a")  # fine
         >>> check_resume({"opnorm": {"step": None}}, {"opnorm": {"step": 0.5}}, "runs/a")
         Traceback (most recent call last):
         ValueError: cannot resume runs/a with opnorm.step=0.5: the run was trained with opnorm.step=None, ...

@@ -16,12 +16,11 @@ Default directories when ``data_dir`` is None: ``$OPNORM_DATA/<name>`` when the 
 set, ``/usr/share/datasets/fashion-mnist`` for fashion-mnist (Debian's
 ``dataset-fashion-mnist`` package), and ``~/.cache/opnorm/<name>``.
 
-Example::
+Example (loading digits imports scikit-learn, a few seconds)::
 
-    >>> splits = load_dataset("digits")
-    >>> splits.train.x.shape, splits.num_classes
-    (torch.Size([1437, 1, 8, 8]), 10)
-    >>> x, y, index = next(iter(make_loader(splits.train, 64, shuffle=True, seed=0)))
+    splits = load_dataset("digits")
+    splits.train.x.shape, splits.num_classes  # (torch.Size([1437, 1, 8, 8]), 10)
+    x, y, index = next(iter(make_loader(splits.train, 64, shuffle=True, seed=0)))
 """
 
 from __future__ import annotations
@@ -89,10 +88,13 @@ class IndexedTensorDataset(Dataset):
         x: inputs, shape ``(N, ...)``.
         y: labels, shape ``(N,)``.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.training.data import IndexedTensorDataset
         >>> ds = IndexedTensorDataset(torch.zeros(4, 1, 8, 8), torch.arange(4))
-        >>> x, y, i = ds[2]   # x: (1, 8, 8), y: tensor(2), i: 2
+        >>> x, y, i = ds[2]
+        >>> x.shape, y, i
+        (torch.Size([1, 8, 8]), tensor(2), 2)
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -164,11 +166,10 @@ def load_dataset(
         ValueError: unknown name, bad limit, or a malformed data file (the file is named).
         DatasetNotFoundError: files missing; the message lists where it looked and how to get them.
 
-    Example::
+    Example (the Fashion-MNIST files must be on disk)::
 
-        >>> s = load_dataset("fashion-mnist", limit_train=1000)
-        >>> s.train.x.shape, s.input_shape
-        (torch.Size([1000, 1, 28, 28]), (1, 28, 28))
+        s = load_dataset("fashion-mnist", limit_train=1000)
+        s.train.x.shape, s.input_shape  # (torch.Size([1000, 1, 28, 28]), (1, 28, 28))
     """
     key = canonical_dataset(name)
     for arg, value in (("limit_train", limit_train), ("limit_test", limit_test)):
@@ -217,10 +218,13 @@ def data_fingerprint(data: IndexedTensorDataset) -> str:
     """sha256 of a dataset's tensors (``data.x``, ``data.y``: dtype, shape and bytes), recorded in
     a run's checkpoint so that a resume on other data is refused.
 
-    Example::
-
-        >>> data_fingerprint(load_dataset("digits").train)
-        '5d1c...'
+    Example:
+        >>> import torch
+        >>> from opnorm.training.data import IndexedTensorDataset, data_fingerprint
+        >>> a = data_fingerprint(IndexedTensorDataset(torch.zeros(4, 2), torch.arange(4)))
+        >>> b = data_fingerprint(IndexedTensorDataset(torch.zeros(4, 2), torch.arange(4).flip(0)))
+        >>> len(a), a == b  # a hex sha256; other labels, another fingerprint
+        (64, False)
     """
     sha = hashlib.sha256()
     for t in (data.x, data.y):
@@ -265,10 +269,13 @@ def make_loader(
         num_workers: loader worker processes; each is seeded from the generator.
         pin_memory: pin batches for faster host-to-GPU copies.
 
-    Example::
-
-        >>> loader = make_loader(splits.train, 128, shuffle=True, seed=0, epoch=3)
-        >>> for x, y, index in loader: ...
+    Example:
+        >>> import torch
+        >>> from opnorm.training.data import IndexedTensorDataset, make_loader
+        >>> train_set = IndexedTensorDataset(torch.rand(10, 1, 8, 8), torch.arange(10) % 3)
+        >>> loader = make_loader(train_set, 4, shuffle=True, seed=0, epoch=3)
+        >>> [index.shape[0] for x, y, index in loader]  # every example once per epoch, with its index
+        [4, 4, 2]
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

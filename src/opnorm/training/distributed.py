@@ -22,11 +22,13 @@ How opnorm's training uses it:
   (random starts), so a resumed multi-process run is correct but not bit-identical to an
   uninterrupted one (single-process CPU runs are).
 
-Example::
+Example (in each process that ``torchrun`` starts)::
 
-    >>> ctx = setup("auto")                 # DistContext(rank=0, world_size=1, ...) alone
-    >>> model = wrap(model.to(ctx.device), ctx)
-    >>> ...; barrier(ctx); cleanup(ctx)
+    ctx = setup("auto")  # DistContext(rank=0, world_size=1, ...) when run alone
+    model = wrap(model.to(ctx.device), ctx)
+    ...
+    barrier(ctx)
+    cleanup(ctx)
 """
 
 from __future__ import annotations

@@ -1,9 +1,17 @@
 """Evaluation of a model during and after training: clean and robust accuracy, operator norms.
 
-Example::
-
-    >>> accuracy(model, x, y), robust_accuracy(model, x, y, eps=0.1, p="inf")
-    >>> mean_operator_norm(model, x, p="inf", q=2)
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.training.evaluation import accuracy, mean_operator_norm, robust_accuracy
+    >>> clean, robust = accuracy(model, x, y), robust_accuracy(model, x, y, eps=0.1, p="inf")
+    >>> 0 <= robust <= clean <= 1
+    True
+    >>> mean_operator_norm(model, x, p="inf", q=2) > 0
+    True
 """
 
 from __future__ import annotations

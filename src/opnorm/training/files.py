@@ -12,12 +12,15 @@
   with other hard links) raises :class:`UnsafePathError`, so a run directory copied from an
   archive or a shared place cannot make opnorm overwrite a file elsewhere.
 
-Example::
-
-    >>> save_with_digest("run/w.bin", lambda f: f.write(b"abc"))
-    >>> verify_digest("run/w.bin")          # raises CheckpointError when the bytes changed
-    >>> with RunLock("run"):
-    ...     remove_stale_temp_files("run")
+Example:
+    >>> import os, tempfile
+    >>> from opnorm.training.files import RunLock, remove_stale_temp_files, save_with_digest, verify_digest
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     save_with_digest(os.path.join(run, "w.bin"), lambda f: f.write(b"abc"))
+    ...     verify_digest(os.path.join(run, "w.bin"))  # raises CheckpointError when the bytes changed
+    ...     with RunLock(run):
+    ...         remove_stale_temp_files(run, ("w.bin",))  # the temp files a killed writer left
+    []
 """
 
 from __future__ import annotations
@@ -63,9 +66,15 @@ class UnsafePathError(ValueError):
 def refuse_link(path: str | os.PathLike) -> None:
     """Raise :class:`UnsafePathError` if ``path`` is a symbolic link (dangling or not).
 
-    Example::
-
-        >>> refuse_link("runs/a/config.json")   # fine when absent or a plain file
+    Example:
+        >>> import os, tempfile
+        >>> from opnorm.training.files import refuse_link
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     refuse_link(os.path.join(run, "config.json"))  # fine when absent or a plain file
+        ...     os.symlink(os.path.join(run, "elsewhere.json"), os.path.join(run, "config.json"))
+        ...     refuse_link(os.path.join(run, "config.json"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        opnorm.training.files.UnsafePathError: ...
     """
     path = Path(path)
     if path.is_symlink():
@@ -129,9 +138,13 @@ def _discard(tmp: str) -> None:
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename; the umask's mode).
 
-    Example::
-
-        >>> atomic_write("runs/a/notes.bin", b"...")
+    Example:
+        >>> import os, tempfile
+        >>> from opnorm.training.files import atomic_write
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     atomic_write(os.path.join(run, "notes.bin"), b"abc")
+        ...     open(os.path.join(run, "notes.bin"), "rb").read()
+        b'abc'
     """
     _atomic_write(path, lambda f: f.write(data))
 
@@ -232,9 +245,12 @@ def write_digest(path: str | os.PathLike) -> str:
     """Write ``<path>.sha256`` for an existing file (e.g. a checkpoint copied without its
     sidecar, after checking it by other means); returns the hex digest.
 
-    Example::
-
-        >>> write_digest("downloaded/checkpoint.pt")
+    Example:
+        >>> import os, tempfile
+        >>> from opnorm.training.files import write_digest
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     open(os.path.join(run, "checkpoint.pt"), "wb").close()  # an empty file
+        ...     write_digest(os.path.join(run, "checkpoint.pt"))  # doctest: +ELLIPSIS
         'e3b0c442...'
     """
     path = Path(path)
@@ -301,10 +317,12 @@ class RunLock:
     Raises (on enter):
         RunLockedError: another process holds it (the message names its PID).
 
-    Example::
-
-        >>> with RunLock("runs/a"):
-        ...     ...  # the only writer of runs/a
+    Example:
+        >>> import tempfile
+        >>> from opnorm.training.files import RunLock
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     with RunLock(run):
+        ...         pass  # the only writer of run
     """
 
     def __init__(self, run_dir: str | os.PathLike, flag: str = "--out") -> None:

@@ -1,10 +1,10 @@
 """Readers of the files datasets ship in: IDX (MNIST, Fashion-MNIST; gzipped or not) and
 CIFAR-10's python pickle batches, read with a restricted unpickler (no code runs on load).
 
-Example::
+Example (the dataset files must be on disk)::
 
-    >>> images = read_idx("train-images-idx3-ubyte.gz")      # (N, 28, 28) uint8
-    >>> x, y = load_cifar_batch("cifar-10-batches-py/data_batch_1")
+    images = read_idx("train-images-idx3-ubyte.gz")  # (N, 28, 28) uint8
+    x, y = load_cifar_batch("cifar-10-batches-py/data_batch_1")
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Raises:
         ValueError: bad magic number, truncated data or trailing bytes; the file is named.
 
-    Example::
+    Example (the file must be on disk)::
 
-        >>> read_idx("t10k-labels-idx1-ubyte.gz").shape
-        (10000,)
+        read_idx("t10k-labels-idx1-ubyte.gz").shape  # (10000,)
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -112,10 +111,16 @@ class RestrictedUnpickler(pickle.Unpickler):
     Any other global (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError``
     before it can be called, so a malicious file cannot run code.
 
-    Example::
-
-        >>> with open("data_batch_1", "rb") as f:
-        ...     batch = RestrictedUnpickler(f, encoding="latin1").load()
+    Example:
+        >>> import io, pickle
+        >>> import numpy as np
+        >>> from opnorm.training.formats import RestrictedUnpickler
+        >>> data = pickle.dumps({"labels": [3, 8], "data": np.zeros((2, 3), dtype=np.uint8)})
+        >>> RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()["data"].shape
+        (2, 3)
+        >>> RestrictedUnpickler(io.BytesIO(pickle.dumps(print))).load()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        _pickle.UnpicklingError: ...
     """
 
     _allowed: dict[tuple[str, str], Any] | None = None

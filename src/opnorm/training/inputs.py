@@ -15,11 +15,16 @@ The run's ``config.json`` names them ``model: "custom:<class name>"`` and ``data
 a module of the same class and the same training data (:meth:`TrainInputs.check_resume`).
 The CLI trains registry models on named datasets only.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> from torch import nn
     >>> from torch.utils.data import TensorDataset
-    >>> inputs = train_inputs(MyNet(), TensorDataset(x, y), TensorDataset(x_test, y_test))
-    >>> inputs.settings()       # {'model': 'custom:MyNet', 'dataset': 'custom:TensorDataset sha256:...'}
+    >>> from opnorm.training.inputs import train_inputs
+    >>> x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    >>> inputs = train_inputs(net, TensorDataset(x, y), TensorDataset(x[:2], y[:2]))
+    >>> inputs.settings()["model"]
+    'custom:Sequential'
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ pixel space while the network sees standardized inputs. Nonlinearities are ``nn.
 ``nn.MaxPool2d`` *modules* (one instance per use), never functional calls, so forward hooks
 can record activation patterns; BatchNorm is per-example in eval mode.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> from opnorm.training.models import build_model
     >>> model = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,))
     >>> model(torch.rand(5, 1, 28, 28)).shape
     torch.Size([5, 10])
@@ -47,8 +48,9 @@ class Normalize(nn.Module):
 
     Shape: ``(B, C, H, W) -> (B, C, H, W)``.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.training.models import Normalize
         >>> Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(torch.ones(1, 3, 2, 2))[0, 0, 0, 0]
         tensor(2.)
     """
@@ -263,7 +265,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         blocks, cin = [], width
-        for k, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
+        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
             cout = mult * width
             blocks.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
             cin = cout
@@ -387,8 +389,9 @@ def build_model(
         An ``nn.Module`` mapping ``(B, C, H, W)`` in [0, 1] to ``(B, num_classes)`` logits,
         in training mode, float32, on the CPU.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from opnorm.training.models import build_model
         >>> build_model("vgg", input_shape=(3, 32, 32), num_classes=10, width=8)(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """

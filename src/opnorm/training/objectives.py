@@ -1,9 +1,11 @@
 """Regularizers built from a :class:`~opnorm.training.config.TrainConfig`.
 
-Example::
-
-    >>> cfg = TrainConfig(method="opnorm").resolved()
-    >>> reg = opnorm_regularizer(cfg, num_examples=len(train_set))
+Example:
+    >>> from opnorm.training.config import TrainConfig
+    >>> from opnorm.training.objectives import opnorm_regularizer
+    >>> reg = opnorm_regularizer(TrainConfig(method="opnorm").resolved(), num_examples=100)  # the training set's length
+    >>> type(reg).__name__, reg.store.num_examples
+    ('OperatorNormRegularizer', 100)
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@ the multi-margin task loss, adversarial examples appended to the batch, and a fi
   ``round(share * B)`` examples, appended to the batch; the task loss on ``[x; x_adv]``.
 * :func:`input_normalization`: the (mean, std) of the model's ``Normalize`` layer.
 
-Example::
-
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> x, y = torch.rand(4, 8), torch.tensor([0, 1, 2, 0])
+    >>> from opnorm.training.paper_setup import AppendedAdversarialLoss, task_loss
     >>> loss = AppendedAdversarialLoss(task_loss("multi-margin"), share=0.75, eps=0.875, p=2, steps=10, step_size=0.175)
     >>> loss(model, x, y).backward()
 """
@@ -32,9 +37,11 @@ def task_loss(name: str) -> TaskLoss:
     """``(logits (B, d), y (B,)) -> scalar``: "ce" (cross-entropy) or "multi-margin"
     (``F.multi_margin_loss``, margin 1, p 1: the paper's code's ``nn.MultiMarginLoss``), batch mean.
 
-    Example::
-
-        >>> task_loss("multi-margin")(torch.zeros(2, 3), torch.tensor([0, 1]))   # tensor(0.6667)
+    Example:
+        >>> import torch
+        >>> from opnorm.training.paper_setup import task_loss
+        >>> task_loss("multi-margin")(torch.zeros(2, 3), torch.tensor([0, 1]))
+        tensor(0.6667)
     """
     if name == "ce":
         return F.cross_entropy
@@ -97,9 +104,10 @@ def input_normalization(input_range: Sequence[float] | None, mean: Sequence[floa
     ``input_range = [lo, hi]`` the affine map of [0, 1] onto [lo, hi] (mean -lo / (hi - lo),
     std 1 / (hi - lo) per channel).
 
-    Example::
-
-        >>> input_normalization([-1, 1], (0.4,), (0.2,))   # ((0.5,), (0.5,)): x -> 2 x - 1
+    Example:
+        >>> from opnorm.training.paper_setup import input_normalization
+        >>> input_normalization([-1, 1], (0.4,), (0.2,))  # x -> 2 x - 1
+        ((0.5,), (0.5,))
     """
     if input_range is None:
         return mean, std

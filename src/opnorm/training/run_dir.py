@@ -12,11 +12,19 @@ variable) is refused rather than read as ``.``; a new run does not write into a 
 holding files of something else (unless ``force``); a symbolic link in place of one of the
 run's files is refused, never followed.
 
-Example::
-
-    >>> run = RunDir("runs/a")
-    >>> with run.lock():
-    ...     run.remove_stale_files(); run.write_config(cfg); run.save(state); run.write_metrics(history)
+Example:
+    >>> import tempfile
+    >>> from opnorm.training.config import TrainConfig
+    >>> from opnorm.training.run_dir import RunDir
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     run = RunDir(out)
+    ...     with run.lock():
+    ...         stale = run.remove_stale_files()
+    ...         run.write_config(TrainConfig().resolved())
+    ...         run.save({"epoch": 1})
+    ...         run.write_metrics([{"epoch": 1, "loss": 0.5}])
+    ...     sorted(p.name for p in run.path.iterdir())
+    ['.lock', 'checkpoint.pt', 'checkpoint.pt.sha256', 'config.json', 'metrics.jsonl']
 """
 
 from __future__ import annotations
@@ -63,8 +71,8 @@ def checked_dir(path: str | Path, flag: str) -> Path:
     """``path`` as a Path, refusing an empty or blank value (``Path("")`` would be the current
     directory) and a link to a missing directory, in one line naming ``flag``.
 
-    Example::
-
+    Example:
+        >>> from opnorm.training.run_dir import checked_dir
         >>> checked_dir("runs/a", "--out")
         PosixPath('runs/a')
     """

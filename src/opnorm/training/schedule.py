@@ -8,8 +8,9 @@ horizon T', which falls from L toward 0 and never rises. Each change is recorded
 config's ``schedule_extensions``, so a config file re-runs the same schedule.
 ``scheduler="none"``: ``lr`` throughout.
 
-Example::
-
+Example:
+    >>> from opnorm.training.config import TrainConfig
+    >>> from opnorm.training.schedule import learning_rate
     >>> cfg = TrainConfig(epochs=4, lr=0.05, schedule_extensions=[{"epoch": 2, "replaced_epochs": 2}]).resolved()
     >>> [round(learning_rate(cfg, e), 5) for e in range(4)]
     [0.05, 0.025, 0.01875, 0.00625]

@@ -22,11 +22,12 @@ directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
   atomically after every epoch, before the epoch's check and metrics line;
   ``model.safetensors`` (+ ``.sha256``): the final weights; ``.lock``: the PID of the process writing the run.
 
-Example::
+Example (trains a CNN on digits for three epochs, and writes runs/dd-snr)::
 
-    >>> from opnorm import train, TrainConfig
-    >>> result = train(TrainConfig(method="opnorm", epochs=3, out="runs/dd-snr"))
-    >>> result.metrics["robust_accuracy"], result.model
+    from opnorm import TrainConfig, train
+
+    result = train(TrainConfig(method="opnorm", epochs=3, out="runs/dd-snr"))
+    result.metrics["robust_accuracy"], result.model
 """
 
 from __future__ import annotations
@@ -331,11 +332,12 @@ def train(
         TrainingDiverged: a non-finite loss or weights (``on_nan="stop"``).
         EpochCheckFailed: the per-epoch check failed; the epoch is saved (resume it).
 
-    Example:
-        >>> res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf")
-        >>> res.metrics["accuracy"], res.metrics["robust_accuracy"]
-        >>> train(out="runs/a", epochs=4, resume=True)   # the run of runs/a, extended to 4 epochs
-        >>> train(model=MyNet(), data=TensorDataset(x, y), test_data=TensorDataset(xt, yt), eps=0.1, out="runs/b")
+    Example (trains on digits)::
+
+        res = train(method="pgd-at", dataset="digits", model="cnn", epochs=2, eps=0.1, p="inf", out="runs/a")
+        res.metrics["accuracy"], res.metrics["robust_accuracy"]
+        train(out="runs/a", epochs=4, resume=True)  # the run of runs/a, extended to 4 epochs
+        train(model=MyNet(), data=TensorDataset(x, y), test_data=TensorDataset(xt, yt), eps=0.1, out="runs/b")
     """
     inputs = train_inputs(model, data, test_data)
     given = _as_settings(config, {**overrides, **inputs.settings()})
