@@ -261,6 +261,4 @@ def test_the_checker_sees_circles_private_names_and_late_imports(tmp_path):
         "from opnorm.sub.b import _helper",
         "opnorm.c._other",
     ]
-    assert [s.split(": ", 1)[1] for s in unexplained_function_imports(modules)] == [
-        "from opnorm.sub.b import _helper"
-    ]
+    assert [s.split(": ", 1)[1] for s in unexplained_function_imports(modules)] == ["from opnorm.sub.b import _helper"]

@@ -305,7 +305,7 @@ def test_a_failing_check_keeps_the_epoch_and_the_resume_is_exact(tmp_path, monke
     from opnorm.training import trainer as T
 
     whole = train(TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=3, out=str(tmp_path / "whole"), **SMALL_CFG))
-    real, calls = T._evaluate, {"n": 0}
+    real, calls = T.evaluate_epoch, {"n": 0}
 
     def fails_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
@@ -313,7 +313,7 @@ def test_a_failing_check_keeps_the_epoch_and_the_resume_is_exact(tmp_path, monke
             raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_evaluate", fails_in_epoch_2)
+    monkeypatch.setattr(T, "evaluate_epoch", fails_in_epoch_2)
     run = tmp_path / "r"
     cfg = TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=3, out=str(run), **SMALL_CFG)
     with pytest.raises(EpochCheckFailed) as info:
@@ -335,7 +335,7 @@ def test_a_check_failure_is_one_line_on_the_command_line(tmp_path, capsys, monke
     def fails(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
 
-    monkeypatch.setattr(T, "_evaluate", fails)
+    monkeypatch.setattr(T, "evaluate_epoch", fails)
     code, _, err = run_main(["train", "--out", str(tmp_path / "r"), "--epochs", "2", *SMALL], capsys)
     line = one_line_error(code, err, "the check after epoch 1", "--resume")
     assert "(unexpected" not in line

@@ -8,7 +8,6 @@ Example::
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

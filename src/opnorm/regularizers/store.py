@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from opnorm.norms import Order, norm_order
+from opnorm.training.distributed import group_size
 from opnorm.validation import integer
 
 __all__ = ["DirectionStore"]
@@ -115,7 +116,7 @@ class DirectionStore(nn.Module):
             v = v.detach().masked_fill(~usable.view(-1, *[1] * (v.ndim - 1)), 0).to(self.directions.dtype)
             self.directions[idx] = v
             self.seen[idx] = usable
-            if _world() > 1:
+            if group_size() > 1:
                 self._pending.append((idx.clone(), v))
 
     def _place(self, like: torch.Tensor) -> None:
@@ -144,11 +145,11 @@ class DirectionStore(nn.Module):
         """All-gather every rank's updates since the last sync (a no-op in one process).
         Every rank must call it at the same point (the regularizer does, before each use)."""
         pending, self._pending = self._pending, []
-        if _world() <= 1:
+        if group_size() <= 1:
             return
         device = self.seen.device
         count = torch.tensor([sum(i.numel() for i, _ in pending)], device=device)
-        counts = [torch.zeros_like(count) for _ in range(_world())]
+        counts = [torch.zeros_like(count) for _ in range(group_size())]
         dist.all_gather(counts, count)
         top = int(max(c.item() for c in counts))
         if top == 0:
@@ -225,13 +226,3 @@ def _usable(v: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the row is finite and not all zero (a direction the power method can leave)."""
     flat = v.reshape(v.shape[0], -1)
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
-
-
-def _world() -> int:
-    """The DDP world size (1 without an initialized process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    """This process's DDP rank (0 without an initialized process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -57,7 +57,7 @@ from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import load_dataset, make_loader
-from opnorm.training.evaluation import _evaluate, accuracy, mean_operator_norm, robust_accuracy
+from opnorm.training.evaluation import accuracy, evaluate_epoch, mean_operator_norm, robust_accuracy
 from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
 from opnorm.training.models import build_model
 from opnorm.training.objectives import opnorm_regularizer
@@ -438,7 +438,7 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
     saved = rng_state()
     t1 = time.perf_counter()
     try:
-        out = _evaluate(model, splits, cfg, epoch, device, show)
+        out = evaluate_epoch(model, splits, cfg, epoch, device, show)
     except Exception as err:
         kept = f"{run.checkpoint} holds epoch {epoch + 1}" if run is not None else "no run directory was written"
         raise EpochCheckFailed(
