@@ -47,7 +47,8 @@ from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack
 from opnorm.evaluation import evaluate as evaluate_attacks
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.trainer import CHECKPOINT, accuracy, train, write_text_atomic
+from opnorm.training.files import write_text_atomic
+from opnorm.training.trainer import CHECKPOINT, accuracy, train
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -24,7 +24,7 @@ from typing import Any
 import fast_at_fmnist as study
 
 from opnorm.training.data import load_dataset
-from opnorm.training.trainer import write_text_atomic
+from opnorm.training.files import write_text_atomic
 
 # one change each against the fast-robust configuration (values replace, ``opnorm`` is merged)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -73,7 +73,8 @@ from opnorm.evaluation import APGDAttack, evaluate
 from opnorm.jacobian import eval_mode
 from opnorm.training.config import FAST_COLD_ITERS, FAST_WARM_ITERS, OPNORM_TASKS, TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.trainer import accuracy, robust_accuracy, train, write_text_atomic
+from opnorm.training.files import write_text_atomic
+from opnorm.training.trainer import accuracy, robust_accuracy, train
 
 INF = math.inf
 HERE = Path(__file__).resolve().parent

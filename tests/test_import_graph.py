@@ -9,7 +9,9 @@ Asserts three rules of the package's layout:
 
 Edges: ``import opnorm.a.b`` and ``from opnorm.a import b`` (b a submodule) point to
 ``opnorm.a.b``; ``from opnorm.a import name`` (name not a submodule) points to the package
-``opnorm.a`` (its ``__init__``). Relative imports are resolved against the importing module.
+``opnorm.a`` (its ``__init__``). Importing ``opnorm.a.b`` from outside ``opnorm.a`` also points
+to ``opnorm.a``, whose ``__init__`` runs first. Relative imports are resolved against the
+importing module.
 """
 
 from __future__ import annotations
@@ -98,7 +100,13 @@ def build_graph(modules: dict[str, Module]) -> list[str]:
             for target, _name in targets(mod, node, modules):
                 if target not in modules:
                     unresolved.append(f"{mod.path}:{node.lineno}: {target} is no module of {PACKAGE}")
-                elif target != mod.name:
+                    continue
+                # importing opnorm.a.b from outside the package opnorm.a runs opnorm/a/__init__.py first
+                parts = target.split(".")
+                for package in [".".join(parts[:k]) for k in range(2, len(parts))]:
+                    if package != mod.name and not mod.name.startswith(package + "."):
+                        mod.edges.setdefault(package, node.lineno)
+                if target != mod.name:
                     mod.edges.setdefault(target, node.lineno)
     return unresolved
 
@@ -262,3 +270,20 @@ def test_the_checker_sees_circles_private_names_and_late_imports(tmp_path):
         "opnorm.c._other",
     ]
     assert [s.split(": ", 1)[1] for s in unexplained_function_imports(modules)] == ["from opnorm.sub.b import _helper"]
+
+
+def test_the_checker_sees_circles_through_package_inits(tmp_path):
+    """A submodule reading a name from its own package's ``__init__``, which imports it, is a
+    circle; so is reaching into a package whose ``__init__`` imports the importer."""
+    pkg = tmp_path / PACKAGE
+    (pkg / "p").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "p" / "__init__.py").write_text("from opnorm.p.x import y\n")
+    (pkg / "p" / "x.py").write_text("from opnorm.p import z\ny = 1\n")
+    (pkg / "q.py").write_text("from opnorm.r.s import t\n")
+    (pkg / "r").mkdir()
+    (pkg / "r" / "__init__.py").write_text("from opnorm import q\n")
+    (pkg / "r" / "s.py").write_text("t = 1\n")
+    modules = load_modules(tmp_path)
+    assert build_graph(modules) == []
+    assert find_cycles(modules) == [["opnorm.p", "opnorm.p.x", "opnorm.p"], ["opnorm.q", "opnorm.r", "opnorm.q"]]

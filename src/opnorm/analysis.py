@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import pgd
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.norms import Order, lp_norm, norm_order
+from opnorm.power import operator_norm
 
 __all__ = [
     "alignment",
@@ -249,9 +251,6 @@ def verify_equivalence(
         >>> res = opnorm.verify_equivalence(model, x.double(), p="inf", q=2, eps=1e-3, steps=10)
         >>> res.max_direction_gap()  # ~1e-16 per iteration inside the linear region
     """
-    from opnorm.attacks import pgd
-    from opnorm.power import operator_norm
-
     check_inputs(model, x)
     p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
     q = norm_order(q, "q")

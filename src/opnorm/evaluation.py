@@ -44,7 +44,7 @@ from torch import nn
 
 from opnorm.attacks import pgd, random_in_ball
 from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
-from opnorm.norms import norm_order
+from opnorm.norms import norm_order, order_json
 
 __all__ = [
     "evaluate",
@@ -470,7 +470,7 @@ class Evaluation:
             results.append(row)
         lo, hi = self.interval()
         return {
-            "p": "inf" if self.p == math.inf else self.p,
+            "p": order_json(self.p),
             "n": self.n,
             "attacks": list(self.attacks),
             "descriptions": dict(self.descriptions),

@@ -51,7 +51,7 @@ from torch import nn
 from opnorm.attacks import random_in_ball
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import cross_entropy, full
-from opnorm.norms import Order, into_box, norm_order, pga_step
+from opnorm.norms import Order, into_box, norm_order, order_text, pga_step
 from opnorm.training.distributed import group_rank, group_size
 from opnorm.validation import number
 
@@ -130,7 +130,7 @@ class SingleStepATLoss(nn.Module):
         self.clip = clip
 
     def extra_repr(self) -> str:
-        p = "inf" if self.p == math.inf else f"{self.p:g}"
+        p = order_text(self.p)
         return (
             f"kind={self.kind!r}, eps={self.eps:g}, p={p}, step={self.step:g} eps, start={self.start:g} eps, "
             f"project={self.project}"
@@ -195,7 +195,7 @@ class FreeATLoss(nn.Module):
         self._by_rank: list | None = None  # every rank's delta, set by sync() under DDP
 
     def extra_repr(self) -> str:
-        p = "inf" if self.p == math.inf else f"{self.p:g}"
+        p = order_text(self.p)
         return f"eps={self.eps:g}, p={p}, step={self.step:g} eps"
 
     def sync(self) -> None:

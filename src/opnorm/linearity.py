@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, jvp, unwrap
+from opnorm.power import singular_values
 
 __all__ = ["LinearityDeviation", "linearity_deviation", "top_singular_value", "alignment_by_rank", "pearson_alignment"]
 
@@ -90,8 +91,6 @@ def top_singular_value(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         >>> top_singular_value(model, x + z)   # the local operator norm after a step z
     """
-    from opnorm.power import singular_values
-
     return singular_values(model, x, 1, method="exact")[:, 0]
 
 

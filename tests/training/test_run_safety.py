@@ -21,7 +21,7 @@ from opnorm.experiments.runs import Runs
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write
+from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write, read_json
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, EpochCheckFailed, train
 
 from .cli_helpers import one_line_error, run_main
@@ -457,3 +457,20 @@ def test_extending_a_free_run_counts_epochs_as_epochs_does(tmp_path, capsys):
     train(TrainConfig(method="free", eps=0.1, p="inf", epochs=8, replays=4, out=str(out), **SMALL_CFG))
     code, _, err = run_main(["train", "--out", str(out), "--resume", "--epochs", "4"], capsys)
     one_line_error(code, err, "has completed 8 epochs", "larger than that (got 4)")
+
+
+def test_read_json_errors_are_one_line_and_name_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    with pytest.raises(FileNotFoundError, match=r"^config file .*c\.json not found$"):
+        read_json(path, "config file")
+    for text, match in (
+        ('{"a": 1,', "is not valid JSON .* at line 1"),
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        (b"\xff\xfe", "is not UTF-8 text"),
+    ):
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=match) as info:
+            read_json(path, "config file")
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    path.write_text('{"method": "opnorm"}')
+    assert read_json(path, "config file") == {"method": "opnorm"}

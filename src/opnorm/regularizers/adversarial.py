@@ -16,7 +16,7 @@ from torch import nn
 
 from opnorm.jacobian import forward, unwrap
 from opnorm.losses import full, kl_rows
-from opnorm.norms import Order, lp_norm, norm_order
+from opnorm.norms import Order, lp_norm, norm_order, order_text
 from opnorm.regularizers.batchnorm import clean_statistics
 from opnorm.regularizers.solver import no_autocast
 from opnorm.validation import box, integer, number
@@ -99,8 +99,10 @@ class AdversarialTrainingLoss(nn.Module):
         self.clip = box(clip)
 
     def extra_repr(self) -> str:
-        fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
-        return f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, adv_fraction={self.adv_fraction:g}"
+        return (
+            f"kind={self.kind!r}, eps={self.eps:g}, p={order_text(self.p)}, steps={self.steps}, "
+            f"adv_fraction={self.adv_fraction:g}"
+        )
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""

@@ -22,22 +22,17 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from opnorm.norms import Order, norm_order
+from opnorm.norms import Order, norm_order, order_text
 from opnorm.training.distributed import group_size
 from opnorm.validation import integer
 
 __all__ = ["DirectionStore"]
-
-
-def _fmt(p: float) -> str:
-    return "inf" if p == math.inf else f"{p:g}"
 
 
 class DirectionStore(nn.Module):
@@ -71,7 +66,7 @@ class DirectionStore(nn.Module):
 
     @staticmethod
     def _kind(p: float, signs: bool) -> str:
-        return f"l_{_fmt(p)} {'sign' if signs else 'float'} directions"
+        return f"l_{order_text(p)} {'sign' if signs else 'float'} directions"
 
     def extra_repr(self) -> str:
         return f"num_examples={self.num_examples}, seen={int(self.seen.sum())}"
@@ -180,7 +175,11 @@ class DirectionStore(nn.Module):
                 "the DirectionStore has updates not yet shared with the other ranks: call "
                 "sync() on every rank before saving"
             )
-        return {"p": None if self.p is None else _fmt(self.p), "signs": self.signs, "num_examples": self.num_examples}
+        return {
+            "p": None if self.p is None else order_text(self.p),
+            "signs": self.signs,
+            "num_examples": self.num_examples,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         pass  # checked before the buffers are copied: see _load_from_state_dict

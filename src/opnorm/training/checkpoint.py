@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from opnorm.jacobian import unwrap
@@ -181,8 +182,6 @@ def export_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str
 
         >>> export_weights(model, "cnn_fashion.safetensors", {"model": "cnn"})
     """
-    from safetensors.torch import save
-
     # Clone so that tied / shared tensors become separate entries safetensors accepts.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -219,8 +218,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
         >>> load_weights(build_model("cnn", input_shape=(1, 28, 28), num_classes=10), "cnn_fashion.safetensors")
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")

@@ -16,6 +16,7 @@ from torch import nn
 from opnorm.attacks import PGD_ORDERS
 from opnorm.evaluation import PGDAttack, clean_correct, evaluate
 from opnorm.jacobian import unwrap
+from opnorm.power import operator_norm
 from opnorm.training.config import TrainConfig
 
 __all__ = ["accuracy", "robust_accuracy", "mean_operator_norm", "evaluate_epoch"]
@@ -84,8 +85,6 @@ def mean_operator_norm(
     batch_size: int = 256,
 ) -> float:
     """Mean over x of ``||J(x)||_{p->q}`` (:func:`opnorm.power.operator_norm`, method "auto")."""
-    from opnorm.power import operator_norm
-
     net = unwrap(model)
     device = next(net.parameters()).device
     total = 0.0
