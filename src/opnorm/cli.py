@@ -52,7 +52,7 @@ from opnorm.training.checkpoint import CheckpointError, load_checkpoint
 from opnorm.training.config import TrainConfig, defaults_line, merge
 from opnorm.training.data import canonical_dataset, load_dataset
 from opnorm.training.distributed import resolve_device
-from opnorm.training.files import RunLockedError, fold_lines, read_json, refuse_link
+from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link
 from opnorm.training.models import build_model
 from opnorm.training.run_dir import CHECKPOINT
 from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged, train
@@ -226,7 +226,7 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
         if k not in _CLI_ONLY:
             section, _, name = k.rpartition(".")
             (flags.setdefault(section, {}) if section else flags)[name or k] = v
-    from_file = read_json(args.config, "config file") if "config" in args else {}
+    from_file = read_json_object(args.config, "config file") if "config" in args else {}
     return merge(from_file, flags)
 
 

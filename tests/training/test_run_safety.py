@@ -21,7 +21,7 @@ from opnorm.experiments.runs import Runs
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write, read_json
+from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write, read_json, read_json_object
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, EpochCheckFailed, train
 
 from .cli_helpers import one_line_error, run_main
@@ -463,6 +463,8 @@ def test_read_json_errors_are_one_line_and_name_the_file(tmp_path):
     path = tmp_path / "c.json"
     with pytest.raises(FileNotFoundError, match=r"^config file .*c\.json not found$"):
         read_json(path, "config file")
+    path.write_text("[1, 2]")
+    assert read_json(path, "measurement") == [1, 2]
     for text, match in (
         ('{"a": 1,', "is not valid JSON .* at line 1"),
         ("[1, 2]", "must hold a JSON object, not a list"),
@@ -470,7 +472,7 @@ def test_read_json_errors_are_one_line_and_name_the_file(tmp_path):
     ):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(ValueError, match=match) as info:
-            read_json(path, "config file")
+            read_json_object(path, "config file")
         assert str(path) in str(info.value) and "\n" not in str(info.value)
     path.write_text('{"method": "opnorm"}')
-    assert read_json(path, "config file") == {"method": "opnorm"}
+    assert read_json_object(path, "config file") == {"method": "opnorm"}

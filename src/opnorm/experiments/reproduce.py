@@ -37,7 +37,7 @@ from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import StudyConfig, fingerprint, method_table, study_config, sweep_points, sweep_table
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.files import read_json
+from opnorm.training.files import read_json_object
 from opnorm.training.models import build_model
 from opnorm.training.paper_setup import input_normalization
 from opnorm.training.run_dir import checked_dir
@@ -94,7 +94,7 @@ def run_reproduce(
     with the same seeds gives the same numbers.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    train_config = read_json(config, "config file") if config else None
+    train_config = read_json_object(config, "config file") if config else None
     cfg = study_config(
         dataset,
         quick,

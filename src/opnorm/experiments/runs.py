@@ -48,7 +48,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def _read_record(path: Path) -> Any:
     """A JSON record of the runs directory; a damaged one is a CheckpointError saying to delete it."""
     refuse_link(path)  # a runs directory's files are its own, never read from elsewhere
     try:

@@ -39,6 +39,7 @@ __all__ = [
     "one_line",
     "fold_lines",
     "read_json",
+    "read_json_object",
     "DIGEST_SUFFIX",
     "atomic_write",
     "write_text_atomic",
@@ -95,15 +96,15 @@ def one_line(err: BaseException, limit: int = 160) -> str:
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """The JSON object in the file ``path``, or a one-line error naming ``what`` and the path.
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in the file ``path``, or a one-line error naming ``what`` and the path.
 
     Raises FileNotFoundError when the file is missing or unreadable, ValueError when it is not
-    UTF-8 JSON or holds something other than an object.
+    UTF-8 JSON.
 
     Example:
-        >>> read_json("runs/dd/config.json", "config file")["method"]
-        'opnorm'
+        >>> read_json("reports/digits/results.json", "results file")["seeds"]
+        [0, 1, 2]
     """
     path = Path(path)
     try:
@@ -118,6 +119,17 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    return data
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """:func:`read_json` for a file that must hold a JSON object (a ValueError otherwise).
+
+    Example:
+        >>> read_json_object("runs/dd/config.json", "config file")["method"]
+        'opnorm'
+    """
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, not a {type(data).__name__}")
     return data
