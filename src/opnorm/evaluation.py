@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from opnorm.attacks import pgd, random_in_ball
 from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
@@ -102,8 +103,6 @@ def progress_bar(items, show: bool, desc: str):
     """
     if not show:
         return items
-    from tqdm.auto import tqdm  # only for progress bars
-
     return tqdm(items, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import pgd
 from opnorm.jacobian import forward, unwrap
 from opnorm.losses import full, kl_rows
 from opnorm.norms import Order, lp_norm, norm_order, order_text
@@ -106,8 +107,6 @@ class AdversarialTrainingLoss(nn.Module):
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""
-        from opnorm.attacks import pgd  # the attack layer sits beside this one
-
         loss = {"ce": "ce", "logit": "logit", "trades": "kl"}[self.kind]
         with no_autocast(x.device):
             x_adv = pgd(
