@@ -163,7 +163,7 @@ def pattern_exact_svd(model, x) -> torch.Tensor:
 def pattern_exact_chunk(model, x, chunk: int) -> torch.Tensor:
     """The pattern exact route with ``chunk`` basis vectors per stacked VJP call."""
     J = jacobian_of(linearize(model, x, "pattern"), chunk=chunk).reshape(x.shape[0], 10, -1)
-    v = opnorm.power.exact._top_pair_gram(J)
+    v = opnorm.power.exact.top_pair_gram(J)
     return torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", J, v), dim=1)
 
 

@@ -153,7 +153,7 @@ MUTATIONS = [
     Mutation(
         "store-sync-no-op",
         "regularizers/store.py",
-        "        if _world() <= 1:\n            return\n        device = self.seen.device",
+        "        if group_size() <= 1:\n            return\n        device = self.seen.device",
         "        if True:\n            return\n        device = self.seen.device",
         (DDP_STORE,),
         fast=False,

@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import opnorm
-from opnorm.norms import clip_box, conjugate, duality_map, lp_norm, norm_order, project_lp_ball, steepest_ascent
+from opnorm.norms import (
+    clip_box,
+    conjugate,
+    duality_map,
+    lp_norm,
+    norm_order,
+    order_json,
+    order_text,
+    project_lp_ball,
+    steepest_ascent,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,3 +140,10 @@ def test_norm_order_convention_and_errors():
 
 def test_public_api_reexports():
     assert opnorm.duality_map is duality_map and opnorm.project_lp_ball is project_lp_ball
+
+
+@pytest.mark.parametrize("p", [1, 1.5, 2, 3, math.inf])
+def test_order_text_and_json_read_back_as_the_order(p):
+    assert order_text(math.inf) == "inf" and order_text(2.0) == "2" and order_text(1.5) == "1.5"
+    assert order_json(math.inf) == "inf" and order_json(2.0) == 2.0 and isinstance(order_json(2.0), float)
+    assert norm_order(order_text(float(p))) == p and norm_order(order_json(float(p))) == p

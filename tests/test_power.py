@@ -248,7 +248,7 @@ class NotTwoD(nn.Module):
         (dict(q=-2), ValueError, "q"),
         (dict(p="two"), ValueError, "p"),
         (dict(iters=0, method="power"), ValueError, "iters"),
-        (dict(iters=2.5), TypeError, "iters"),
+        (dict(iters=2.5), ValueError, "iters must be an integer"),
         (dict(rtol_change=-1.0), ValueError, "rtol_change"),
         (dict(tol=1e-3), TypeError, "renamed rtol_change"),
         (dict(method="svd"), ValueError, "method"),

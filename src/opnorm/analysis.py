@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import Ascent
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import logit_loss
 from opnorm.norms import Order, lp_norm, norm_order
+from opnorm.power import operator_norm
 
 __all__ = [
     "alignment",
@@ -272,9 +274,6 @@ def verify_equivalence(
         >>> bool((res.max_direction_gap() < 1e-10).all())  # float error inside the linear region
         True
     """
-    from opnorm.attacks import Ascent
-    from opnorm.power import operator_norm
-
     check_inputs(model, x)
     p = norm_order(p, "p", allowed=(1.0, 2.0, math.inf))
     q = norm_order(q, "q")

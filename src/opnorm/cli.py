@@ -31,9 +31,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from opnorm.attacks import SCHEDULES  # loaded with the package anyway
-from opnorm.evaluation import ATTACKS, SUITES
-from opnorm.training.files import refuse_link
+import torch
+
+from opnorm.attacks import SCHEDULES
+from opnorm.evaluation import (
+    ATTACKS,
+    SUITES,
+    APGDAttack,
+    PGDAttack,
+    SquareAttack,
+    attack_names,
+    evaluate,
+    named_attack,
+)
+from opnorm.experiments.reproduce import run_reproduce
+from opnorm.experiments.study import parse_seeds
+from opnorm.norms import norm_order, order_text
+from opnorm.power import operator_norm
+from opnorm.training.checkpoint import CheckpointError, load_checkpoint
+from opnorm.training.config import TrainConfig, defaults_line, is_custom, merge
+from opnorm.training.data import canonical_dataset, load_dataset
+from opnorm.training.distributed import resolve_device
+from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link
+from opnorm.training.models import build_model
+from opnorm.training.run_dir import CHECKPOINT
+from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged, train
 
 __all__ = ["main", "build_parser"]
 
@@ -49,12 +71,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``opnorm: error: ...`` and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{PROG}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        sys.stderr.write(f"{PROG}: error: {fold_lines(message)} (see {self.prog} --help)\n")
         raise SystemExit(2)
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def _flag_type(f) -> Any:
@@ -71,8 +89,6 @@ def _flag_type(f) -> Any:
 def _config_flags(t: argparse.ArgumentParser, cls: Any = None, prefix: str = "") -> None:
     """One flag per config field (``--batch-size``; ``--opnorm-step`` for the nested section),
     with the field's help text; dest is the dotted field path."""
-    from opnorm.training.config import TrainConfig
-
     for f in dataclasses.fields(cls or TrainConfig):
         if f.name == "opnorm":
             _config_flags(t, type(f.default_factory()), "opnorm.")
@@ -203,32 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
 _CLI_ONLY = ("config", "resume", "stop_after", "quiet", "force", "command", "debug")
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} not found") from None
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read {what} {path}: {err.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object of config fields")
-    return data
-
-
 def train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given: --config's, overridden by the flags set (nested like a config file)."""
-    from opnorm.training.config import merge
-
     flags: dict[str, Any] = {}
     for k, v in vars(args).items():
         if k not in _CLI_ONLY:
             section, _, name = k.rpartition(".")
             (flags.setdefault(section, {}) if section else flags)[name or k] = v
-    from_file = _read_json(Path(args.config), "config file") if "config" in args else {}
+    from_file = read_json_object(args.config, "config file") if "config" in args else {}
     return merge(from_file, flags)
 
 
@@ -236,8 +234,6 @@ def train_config_from_args(args: argparse.Namespace):
     """(config, resume, stop_after): for a new run a resolved TrainConfig (defaults < --config <
     flags); with --resume the dict of the settings given (--config < flags), which the trainer
     applies to the run's own config from its checkpoint (refusing trajectory changes)."""
-    from opnorm.training.config import TrainConfig
-
     settings = train_settings(args)
     stop_after = getattr(args, "stop_after", None)
     if getattr(args, "resume", False):
@@ -248,9 +244,6 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from opnorm.training.config import defaults_line
-    from opnorm.training.trainer import train
-
     config, resume, stop_after = train_config_from_args(args)
     quiet = bool(getattr(args, "quiet", False))
     if not resume and not quiet and int(os.environ.get("RANK", "0")) == 0:
@@ -278,10 +271,6 @@ def _parse_eps_list(text: str) -> list[float]:
     if any(math.isnan(v) or v < 0 for v in values):
         raise ValueError(f"every eps must be >= 0, got {text!r}")
     return values
-
-
-def _fmt(p: float) -> str:
-    return "inf" if p == math.inf else f"{p:g}"
 
 
 PGD_FLAGS = {"steps": 20, "restarts": 1, "step_size": None, "schedule": "halving", "loss": "ce"}
@@ -314,8 +303,6 @@ def _write_new(path: Path, text: str) -> None:
 
 
 def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list, str]:
-    from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack, named_attack
-
     given = [f"--{k.replace('_', '-')}" for k in PGD_FLAGS if getattr(args, k) is not None]
     if given and "pgd" not in names:
         raise CLIError(
@@ -337,17 +324,6 @@ def _eval_attacks(args: argparse.Namespace, names: list[str], gen) -> tuple[list
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from opnorm.evaluation import attack_names, evaluate
-    from opnorm.norms import norm_order
-    from opnorm.training.checkpoint import CheckpointError, load_checkpoint
-    from opnorm.training.config import TrainConfig, is_custom
-    from opnorm.training.data import load_dataset
-    from opnorm.training.distributed import resolve_device
-    from opnorm.training.models import build_model
-    from opnorm.training.trainer import CHECKPOINT
-
     names = attack_names(args.attack)
     for name in ("steps", "restarts", "batch_size", "apgd_steps", "square_queries"):
         value = getattr(args, name)
@@ -385,7 +361,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit model {cfg.model}: {_one_line(err)[:200]}") from None
+        raise CheckpointError(f"weights in {path} do not fit model {cfg.model}: {fold_lines(err)[:200]}") from None
     model.to(device).eval()
     n = splits.test.x.shape[0] if args.limit is None else min(args.limit, splits.test.x.shape[0])
     x, y = splits.test.x[:n], splits.test.y[:n]
@@ -395,7 +371,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     lo, hi = res.interval()
     print(
-        f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; l_{_fmt(p)} threat model, {n} test points, "
+        f"{cfg.model} on {cfg.dataset} trained with {cfg.method}; l_{order_text(p)} threat model, {n} test points, "
         f"seed {args.seed}; clean accuracy {res.clean_accuracy:.4f} [{lo:.4f}, {hi:.4f}]"
     )
     how = "each alone on every example" if res.every_example else "in turn, each on the examples still robust"
@@ -414,7 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eps_tag = "_".join(f"{e:g}" for e in eps_list)
     spec = "+".join(t.strip() for t in args.attack.split(","))
     loss_tag = f"-loss{loss}" if "pgd" in names else ""
-    default = path.parent / f"eval-{spec}-p{_fmt(p)}-eps{eps_tag}{loss_tag}-n{n}-seed{args.seed}"
+    default = path.parent / f"eval-{spec}-p{order_text(p)}-eps{eps_tag}{loss_tag}-n{n}-seed{args.seed}"
     prefix = _free_prefix(Path(args.out) if args.out is not None else default)
     report = {
         "checkpoint": str(path),
@@ -445,12 +421,6 @@ DEMO_PAIRS = ((2, 2), (math.inf, 2), (math.inf, math.inf), (2, 1), (math.inf, 1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from opnorm.power import operator_norm
-    from opnorm.training.data import load_dataset
-    from opnorm.training.trainer import train
-
     t0 = time.perf_counter()
     res = train(
         dataset="digits",
@@ -483,7 +453,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             how = "exact, from the formed J"
         else:
             how = "power restarts on the formed J (lower bound)"
-        print(f"{f'({_fmt(p)}, {_fmt(q)})':<12}" + "".join(f"{float(s):>10.3f}" for s in r.sigma) + f"   {how}")
+        print(
+            f"{f'({order_text(p)}, {order_text(q)})':<12}"
+            + "".join(f"{float(s):>10.3f}" for s in r.sigma)
+            + f"   {how}"
+        )
     print(
         "\n(2,2): top singular value; (inf,inf): largest row l1 norm; (2,1), (inf,1): enumeration of sign "
         "vectors; (inf,2) is NP-hard in general, so only a lower bound."
@@ -495,13 +469,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    try:
-        from opnorm.experiments.reproduce import run_reproduce
-    except ImportError as err:
-        raise CLIError(f"the reproduce study is not available ({_one_line(err)})") from None
-    from opnorm.experiments.study import parse_seeds
-    from opnorm.training.data import canonical_dataset
-
     if args.seeds is not None and args.seed is not None:
         raise CLIError("give --seeds or --seed, not both")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else ([args.seed] if args.seed is not None else None)
@@ -544,10 +511,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(err: Exception) -> str:
-    from opnorm.training.checkpoint import CheckpointError
-    from opnorm.training.files import RunLockedError
-    from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged
-
     expected = (
         CLIError,
         CheckpointError,
@@ -559,11 +522,11 @@ def _error_line(err: Exception) -> str:
         EpochCheckFailed,
     )
     if isinstance(err, expected):
-        text = _one_line(err) if str(err) else type(err).__name__
+        text = fold_lines(err) if str(err) else type(err).__name__
         if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
             text = f"{text}: {err.filename}"
         return text
-    return f"{type(err).__name__}: {_one_line(err)} (unexpected; rerun with --debug for the traceback)"
+    return f"{type(err).__name__}: {fold_lines(err)} (unexpected; rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

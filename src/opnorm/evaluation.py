@@ -49,10 +49,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from opnorm.attacks import EvalPGD, Loss, random_in_ball
 from opnorm.jacobian import check_autograd, check_label_range, eval_mode, unwrap
-from opnorm.norms import norm_order
+from opnorm.norms import norm_order, order_json
 
 __all__ = [
     "evaluate",
@@ -112,8 +113,6 @@ def progress_bar(items, show: bool, desc: str):
     """
     if not show:
         return items
-    from tqdm.auto import tqdm  # only for progress bars
-
     return tqdm(items, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -481,7 +480,7 @@ class Evaluation:
             results.append(row)
         lo, hi = self.interval()
         return {
-            "p": "inf" if self.p == math.inf else self.p,
+            "p": order_json(self.p),
             "n": self.n,
             "attacks": list(self.attacks),
             "descriptions": dict(self.descriptions),

@@ -57,8 +57,8 @@ from torch import nn
 from opnorm.attacks import random_in_ball
 from opnorm.jacobian import check_inputs, eval_mode, forward, unwrap
 from opnorm.losses import cross_entropy, full
-from opnorm.norms import Order, into_box, norm_order, pga_step
-from opnorm.regularizers.store import _rank, _world  # one place for the DDP world
+from opnorm.norms import Order, into_box, norm_order, order_text, pga_step
+from opnorm.training.distributed import group_rank, group_size
 from opnorm.validation import number
 
 __all__ = [
@@ -145,7 +145,7 @@ class SingleStepATLoss(nn.Module):
         self.clip = clip
 
     def extra_repr(self) -> str:
-        p = "inf" if self.p == math.inf else f"{self.p:g}"
+        p = order_text(self.p)
         return (
             f"kind={self.kind!r}, eps={self.eps:g}, p={p}, step={self.step:g} eps, start={self.start:g} eps, "
             f"project={self.project}"
@@ -218,12 +218,12 @@ class FreeATLoss(nn.Module):
         self._by_rank: list | None = None  # every rank's delta, set by sync() under DDP
 
     def extra_repr(self) -> str:
-        p = "inf" if self.p == math.inf else f"{self.p:g}"
+        p = order_text(self.p)
         return f"eps={self.eps:g}, p={p}, step={self.step:g} eps"
 
     def sync(self) -> None:
         """Gather every DDP rank's delta into the state (every rank calls it); no-op without DDP."""
-        world = _world()
+        world = group_size()
         if world == 1:
             self._by_rank = None
             return
@@ -233,14 +233,14 @@ class FreeATLoss(nn.Module):
         self._by_rank = gathered
 
     def get_extra_state(self) -> dict:
-        if _world() > 1:
-            if self._by_rank is None or len(self._by_rank) != _world():
+        if group_size() > 1:
+            if self._by_rank is None or len(self._by_rank) != group_size():
                 raise RuntimeError("FreeATLoss under DDP: call sync() on every rank before state_dict()")
             return {"delta": None, "by_rank": self._by_rank}
         return {"delta": self.delta}
 
     def set_extra_state(self, state: dict) -> None:
-        by_rank, world = state.get("by_rank"), _world()
+        by_rank, world = state.get("by_rank"), group_size()
         if by_rank is None and world > 1 and state["delta"] is not None:
             raise ValueError(
                 f"this free-AT state holds one process's perturbation, not one per rank; resume it "
@@ -251,7 +251,7 @@ class FreeATLoss(nn.Module):
                 f"this free-AT state holds the perturbations of {len(by_rank)} DDP ranks; resume "
                 f"with torchrun --nproc-per-node {len(by_rank)}, not {world} process(es)"
             )
-        self.delta = state["delta"] if by_rank is None else by_rank[_rank()]
+        self.delta = state["delta"] if by_rank is None else by_rank[group_rank()]
         self._by_rank = by_rank
 
     def _current(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, jvp, unwrap
+from opnorm.power import singular_values
 
 __all__ = ["LinearityDeviation", "linearity_deviation", "top_singular_value", "alignment_by_rank", "pearson_alignment"]
 
@@ -110,8 +111,6 @@ def top_singular_value(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> top_singular_value(model, x + z).shape  # the local operator norm after a step z
         torch.Size([4])
     """
-    from opnorm.power import singular_values
-
     return singular_values(model, x, 1, method="exact")[:, 0]
 
 

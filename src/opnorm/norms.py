@@ -21,6 +21,8 @@ Order = float | int | str
 __all__ = [
     "Order",
     "norm_order",
+    "order_text",
+    "order_json",
     "conjugate",
     "lp_norm",
     "duality_map",
@@ -61,9 +63,30 @@ def norm_order(p: Order, name: str = "p", *, allowed: tuple[float, ...] | None =
     if math.isnan(value) or value < 1:
         raise ValueError(f"{name} must satisfy 1 <= {name} <= inf, got {p!r}")
     if allowed is not None and value not in allowed:
-        shown = ", ".join("inf" if a == math.inf else f"{a:g}" for a in allowed)
+        shown = ", ".join(order_text(a) for a in allowed)
         raise ValueError(f"{name} must be one of {{{shown}}}, got {p!r}")
     return value
+
+
+def order_text(p: float) -> str:
+    """A norm order as text for messages, names and tables: ``"inf"`` for infinity, else ``f"{p:g}"``.
+
+    Example:
+        >>> order_text(math.inf), order_text(2.0), order_text(1.5)
+        ('inf', '2', '1.5')
+    """
+    return "inf" if p == math.inf else f"{p:g}"
+
+
+def order_json(p: float) -> float | str:
+    """A norm order for JSON, which has no infinity: ``"inf"`` for infinity, else p itself
+    (:func:`norm_order` reads both back).
+
+    Example:
+        >>> order_json(math.inf), order_json(2.0)
+        ('inf', 2.0)
+    """
+    return "inf" if p == math.inf else p
 
 
 def conjugate(p: Order) -> float:

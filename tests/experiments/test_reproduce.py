@@ -180,6 +180,7 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
 
 
 def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monkeypatch):
+    import opnorm.experiments.runs as runs  # the runs directory trains the models it lacks
     import opnorm.training.trainer as trainer
 
     real = trainer.train
@@ -192,7 +193,7 @@ def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monke
             )
         return real(cfg, **kw)
 
-    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(runs, "train", train)
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
     assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-x10"] and a["matched"]["diverged"][0][
@@ -200,11 +201,11 @@ def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monke
     ] == [0]
     assert [p["key"] for p in a["matched"]["sweeps"]["global-snr"]] == ["global-snr"]
     assert "Left out of the sweep: `global-snr-x10` (lambda 0.1)" in (tmp_path / "a" / "report.md").read_text()
-    monkeypatch.setattr(trainer, "train", real)  # a rerun reads the record: it neither retrains nor crashes
+    monkeypatch.setattr(runs, "train", real)  # a rerun reads the record: it neither retrains nor crashes
     logs.clear()
     b = run_reproduce(quick=True, out=str(tmp_path / "b"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
     assert not any("training" in line for line in logs) and b["matched"]["diverged"] == a["matched"]["diverged"]
-    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: (_ for _ in ()).throw(trainer.TrainingDiverged("boom")))
+    monkeypatch.setattr(runs, "train", lambda cfg, **kw: (_ for _ in ()).throw(trainer.TrainingDiverged("boom")))
     with pytest.raises(trainer.TrainingDiverged):  # a main method that diverges stops the study
         run_reproduce(quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs2"), log=logs.append, **tiny)
 

@@ -21,7 +21,7 @@ from opnorm.experiments.runs import Runs
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
-from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write
+from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write, read_json, read_json_object
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, EpochCheckFailed, train
 
 from .cli_helpers import one_line_error, run_main
@@ -305,7 +305,7 @@ def test_a_failing_check_keeps_the_epoch_and_the_resume_is_exact(tmp_path, monke
     from opnorm.training import trainer as T
 
     whole = train(TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=3, out=str(tmp_path / "whole"), **SMALL_CFG))
-    real, calls = T._evaluate, {"n": 0}
+    real, calls = T.evaluate_epoch, {"n": 0}
 
     def fails_in_epoch_2(*args, **kwargs):
         calls["n"] += 1
@@ -313,7 +313,7 @@ def test_a_failing_check_keeps_the_epoch_and_the_resume_is_exact(tmp_path, monke
             raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_evaluate", fails_in_epoch_2)
+    monkeypatch.setattr(T, "evaluate_epoch", fails_in_epoch_2)
     run = tmp_path / "r"
     cfg = TrainConfig(method="opnorm", p="inf", eps=0.1, epochs=3, out=str(run), **SMALL_CFG)
     with pytest.raises(EpochCheckFailed) as info:
@@ -335,7 +335,7 @@ def test_a_check_failure_is_one_line_on_the_command_line(tmp_path, capsys, monke
     def fails(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
 
-    monkeypatch.setattr(T, "_evaluate", fails)
+    monkeypatch.setattr(T, "evaluate_epoch", fails)
     code, _, err = run_main(["train", "--out", str(tmp_path / "r"), "--epochs", "2", *SMALL], capsys)
     line = one_line_error(code, err, "the check after epoch 1", "--resume")
     assert "(unexpected" not in line
@@ -457,3 +457,22 @@ def test_extending_a_free_run_counts_epochs_as_epochs_does(tmp_path, capsys):
     train(TrainConfig(method="free", eps=0.1, p="inf", epochs=8, replays=4, out=str(out), **SMALL_CFG))
     code, _, err = run_main(["train", "--out", str(out), "--resume", "--epochs", "4"], capsys)
     one_line_error(code, err, "has completed 8 epochs", "larger than that (got 4)")
+
+
+def test_read_json_errors_are_one_line_and_name_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    with pytest.raises(FileNotFoundError, match=r"^config file .*c\.json not found$"):
+        read_json(path, "config file")
+    path.write_text("[1, 2]")
+    assert read_json(path, "measurement") == [1, 2]
+    for text, match in (
+        ('{"a": 1,', "is not valid JSON .* at line 1"),
+        ("[1, 2]", "must hold a JSON object, not a list"),
+        (b"\xff\xfe", "is not UTF-8 text"),
+    ):
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=match) as info:
+            read_json_object(path, "config file")
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    path.write_text('{"method": "opnorm"}')
+    assert read_json_object(path, "config file") == {"method": "opnorm"}

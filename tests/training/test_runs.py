@@ -442,10 +442,8 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
 
 
 def test_reproduce_accepts_the_dataset_spellings_train_accepts(monkeypatch, capsys, tmp_path):
-    import opnorm.experiments.reproduce as R
-
     seen = []
-    monkeypatch.setattr(R, "run_reproduce", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(cli, "run_reproduce", lambda **kw: seen.append(kw))
     for spelling in ("DIGITS", "Fashion_MNIST"):
         assert main(["reproduce", "--dataset", spelling, "--quick", "--out", str(tmp_path)]) == 0
     assert [kw["dataset"] for kw in seen] == ["digits", "fashion-mnist"]

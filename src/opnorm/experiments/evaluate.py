@@ -19,9 +19,9 @@ from opnorm.attacks import pgd
 from opnorm.evaluation import APGDAttack, evaluate
 from opnorm.jacobian import eval_mode, unwrap
 from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
-from opnorm.norms import lp_norm
+from opnorm.norms import lp_norm, order_json
 from opnorm.power import operator_norm, singular_values
-from opnorm.training.trainer import robust_accuracy
+from opnorm.training.evaluation import robust_accuracy
 
 NORMS = {"linf": math.inf, "l2": 2.0}
 
@@ -233,8 +233,8 @@ def theorem_cases(model: nn.Module, x: torch.Tensor, cases: Sequence[tuple], ste
         loss_in = [float(g) for g in res.value_gap[:, inside].amax(dim=1)] if inside.any() else [None] * steps
         out.append(
             {
-                "p": "inf" if p == math.inf else p,
-                "q": "inf" if q == math.inf else q,
+                "p": order_json(p),
+                "q": order_json(q),
                 "eps": eps,
                 "points": int(x.shape[0]),
                 "inside_fraction": float(inside.double().mean()),

@@ -19,7 +19,7 @@ from torch import nn
 
 from opnorm.experiments import evaluate as E
 from opnorm.experiments.study import StudyConfig
-from opnorm.training.trainer import accuracy
+from opnorm.training.evaluation import accuracy
 
 INF = math.inf
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from opnorm.experiments.findings import MARGIN_TEXT, fmt, pct
 from opnorm.experiments.plots import PLOTS, write_plots
-from opnorm.training.trainer import write_text_atomic
+from opnorm.training.files import write_text_atomic
 
 __all__ = ["PLOTS", "render_markdown", "write_report"]
 

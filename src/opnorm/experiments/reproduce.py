@@ -36,6 +36,11 @@ from opnorm.experiments.findings import findings
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import StudyConfig, fingerprint, method_table, study_config, sweep_points, sweep_table
+from opnorm.training.config import TrainConfig
+from opnorm.training.data import load_dataset
+from opnorm.training.files import read_json_object
+from opnorm.training.models import build_model
+from opnorm.training.paper_setup import input_normalization
 from opnorm.training.run_dir import checked_dir
 
 SCHEMA = "opnorm.reproduce/2"
@@ -89,10 +94,8 @@ def run_reproduce(
     Returns the results dict (also written to ``out/results.json``). Timings aside, a rerun
     with the same seeds gives the same numbers.
     """
-    from opnorm.cli import _read_json  # one reader, one set of one-line errors for config files
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    train_config = _read_json(Path(config), "config file") if config else None
+    train_config = read_json_object(config, "config file") if config else None
     cfg = study_config(
         dataset,
         quick,
@@ -116,8 +119,6 @@ def run_reproduce(
 
 
 def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[dict, dict]:
-    from opnorm.training.data import load_dataset
-
     splits = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
     n_eval = min(cfg.eval_points, len(splits.test))
     x, y = splits.test.x[:n_eval], splits.test.y[:n_eval]
@@ -206,8 +207,6 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
 def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, log) -> tuple[dict, dict, dict]:
     """Every seed's models and training seconds (``table``: the methods; ``sweep``: the sweep
     points, which may diverge: seed -> key -> message in the third dict, the model left out)."""
-    from opnorm.training.trainer import TrainConfig
-
     base = TrainConfig(**cfg.train).replace(
         dataset=cfg.dataset,
         model=cfg.model,
@@ -238,9 +237,6 @@ def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, 
 
 def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
     """The study's architecture, randomly initialized (seeded), untrained."""
-    from opnorm.training.models import build_model
-    from opnorm.training.paper_setup import input_normalization
-
     torch.manual_seed(10_000 + seed)
     mean_, std_ = input_normalization(cfg.train.get("input_range"), splits.mean, splits.std)
     return build_model(

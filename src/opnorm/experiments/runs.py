@@ -29,13 +29,17 @@ from opnorm.training.checkpoint import CheckpointError
 from opnorm.training.files import (
     RunLock,
     one_line,
+    read_json,
     refuse_link,
     save_with_digest,
     sidecar,
     verify_digest,
     write_text_atomic,
 )
+from opnorm.training.models import build_model
+from opnorm.training.paper_setup import input_normalization
 from opnorm.training.run_dir import checked_dir
+from opnorm.training.trainer import TrainingDiverged, train
 
 __all__ = ["Runs"]
 
@@ -44,11 +48,12 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _read_json(path: Path) -> Any:
+def _read_record(path: Path) -> Any:
+    """A JSON record of the runs directory; a damaged one is a CheckpointError saying to delete it."""
     refuse_link(path)  # a runs directory's files are its own, never read from elsewhere
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return read_json(path, "file")
+    except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{path} in the runs directory is damaged ({one_line(err)}); delete it and rerun to compute it again"
         ) from None
@@ -82,7 +87,7 @@ class Runs:
 
     def _stamp(self, stamp: Path, want: dict) -> None:
         if stamp.is_file():
-            have = _read_json(stamp)
+            have = _read_record(stamp)
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
                 raise ValueError(
@@ -123,13 +128,9 @@ class Runs:
         ``may_diverge`` (sweep points): a run whose training diverges is recorded as such, and
         ``(None, message)`` is returned now and by every rerun; otherwise the error propagates.
         """
-        from opnorm.training.models import build_model
-        from opnorm.training.paper_setup import input_normalization
-        from opnorm.training.trainer import TrainingDiverged, train
-
         cfg = base.replace(seed=seed, **overrides)
         weights, meta = self._dir(seed) / f"{key}.pt", self._dir(seed) / f"{key}.json"
-        record = _read_json(meta) if meta.is_file() else {}
+        record = _read_record(meta) if meta.is_file() else {}
         if "diverged" in record:
             self.counts["models_read"] += 1
             return None, str(record["diverged"])
@@ -170,7 +171,7 @@ class Runs:
         path = self._dir(seed) / f"{phase}.json"
         if path.is_file():
             self.counts["measurements_read"] += 1
-            return _read_json(path)
+            return _read_record(path)
         self.counts["measurements_computed"] += 1
         value = compute()
         write_text_atomic(path, json.dumps(value) + "\n")

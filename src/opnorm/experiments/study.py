@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from opnorm.training.config import TrainConfig, migrate
+
 INF = math.inf
 
 
@@ -227,8 +229,6 @@ def study_config(
 
 
 def _with_train_config(cfg: StudyConfig, tc: dict) -> StudyConfig:
-    from opnorm.training.config import TrainConfig, migrate
-
     tc = migrate(dict(tc))  # the nested form: the regularizer's options in tc["opnorm"]
     resolved = TrainConfig.from_dict(tc).resolved()  # one-line errors for a bad file
     if resolved.p != 2.0 or resolved.q != 2.0:

@@ -18,13 +18,22 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from opnorm.jacobian.core import check_autograd, check_output
-from opnorm.jacobian.steps import _Autograd, _global_hooks, _has_hooks, _Mask, _plain, _Reshape, _Step
+from opnorm.jacobian.steps import (
+    AutogradStep,
+    MaskStep,
+    ReshapeStep,
+    Step,
+    global_hooks,
+    has_hooks,
+    is_plain,
+    recognize,
+)
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _RELUS = (F.relu, torch.relu)
 
 
-class _View(_Reshape):
+class _View(ReshapeStep):
     """``torch.flatten(h, start)`` / ``h.flatten(start)``: a reshape."""
 
     def __init__(self, start: int, name: str):
@@ -39,23 +48,21 @@ class _Tracer(fx.Tracer):
         return next(m.children(), None) is None
 
 
-def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> _Step | str | None:
+def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> Step | str | None:
     """The step of a call node; "add" for a sum; a reason string when not covered."""
-    from opnorm.jacobian.pattern import _recognize
-
     if node.op == "call_module":
         if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
             return f"{node.format_node()} takes more than one tensor"
         m = modules[node.target]
-        if _plain(m, nn.Sequential) and len(m) == 0:  # an empty shortcut: the identity
-            return _Reshape(nn.Identity(), node.target)
-        step = _recognize(m, node.target)
-        return step if isinstance(step, _Step) else _Autograd(m, node.target, step)
+        if is_plain(m, nn.Sequential) and len(m) == 0:  # an empty shortcut: the identity
+            return ReshapeStep(nn.Identity(), node.target)
+        step = recognize(m, node.target)
+        return step if isinstance(step, Step) else AutogradStep(m, node.target, step)
     args = [a for a in node.args if isinstance(a, fx.Node)]
     if node.op == "call_function" and node.target in _ADDS and len(args) == 2 == len(node.args) and not node.kwargs:
         return "add"
     if node.op == "call_function" and node.target in _RELUS and len(args) == 1:
-        return _Mask(nn.ReLU(), node.name)
+        return MaskStep(nn.ReLU(), node.name)
     flat = (node.op == "call_function" and node.target is torch.flatten) or (
         node.op == "call_method" and node.target == "flatten"
     )
@@ -69,9 +76,9 @@ def _node_step(node: fx.Node, modules: dict[str, nn.Module]) -> _Step | str | No
 def graph_support(model: nn.Module) -> tuple[fx.GraphModule | None, list[str]]:
     """(traced graph, reasons): the graph when :class:`GraphLinearization` covers model, else
     None and why not; with a graph, the reasons list the nodes left to local autograd."""
-    if _global_hooks():
+    if global_hooks():
         return None, ["<global>: global module hooks are set"]
-    hooked = [name or "<model>" for name, m in model.named_modules() if _has_hooks(m)]
+    hooked = [name or "<model>" for name, m in model.named_modules() if has_hooks(m)]
     if hooked:
         return None, [f"{hooked[0]}: has hooks (they could change its output or gradient)"]
     try:
@@ -85,7 +92,7 @@ def graph_support(model: nn.Module) -> tuple[fx.GraphModule | None, list[str]]:
             step = _node_step(node, modules) if node.op != "get_attr" else f"{node.format_node()} reads an attribute"
             if isinstance(step, str) and step != "add":
                 return None, [f"<model>: {step}"]
-            if isinstance(step, _Autograd):
+            if isinstance(step, AutogradStep):
                 reasons.append(f"{step.name}: {step.reason}")
     if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
         return None, ["<model>: the forward must take exactly one input"]
@@ -130,7 +137,7 @@ class GraphLinearization:
             raise TypeError(f"GraphLinearization does not cover this model: {reasons[0]}; use linearize()")
         self.fallbacks = reasons
         modules = dict(gm.named_modules())
-        self.nodes: list[tuple[str, _Step | str, list[str]]] = []  # (name, step or "add", input names)
+        self.nodes: list[tuple[str, Step | str, list[str]]] = []  # (name, step or "add", input names)
         env: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for node in gm.graph.nodes:

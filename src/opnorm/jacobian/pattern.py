@@ -9,60 +9,17 @@ import torch
 from torch import nn
 
 from opnorm.jacobian.core import check_autograd, check_output, unwrap
+from opnorm.jacobian.graph import graph_support
 from opnorm.jacobian.steps import (
-    _CONV,
-    _Autograd,
-    _Conv,
-    _global_hooks,
-    _has_hooks,
-    _Linear,
-    _Mask,
-    _MaxPool,
-    _plain,
-    _Reshape,
-    _Scale,
-    _Step,
+    AutogradStep,
+    MaskStep,
+    MaxPoolStep,
+    Step,
+    global_hooks,
+    has_hooks,
+    is_plain,
+    recognize,
 )
-
-_MASKS = (nn.ReLU, nn.LeakyReLU)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
-def _recognize(m: nn.Module, name: str) -> _Step | str:
-    """The fast step for m, or the reason why m needs local autograd."""
-    if _has_hooks(m):
-        return "has hooks (they could change its output or gradient)"
-    if _plain(m, nn.Linear):
-        return _Linear(m, name)
-    if any(_plain(m, c) for c in _CONV):
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return (
-                f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} "
-                "(only numeric zero padding is replayed)"
-            )
-        return _Conv(m, name)
-    if any(_plain(m, c) for c in _MASKS):
-        return _Mask(m, name)
-    if any(_plain(m, c) for c in _POOLS):
-        if m.return_indices:
-            return "max-pool with return_indices=True returns a tuple"
-        return _MaxPool(m, name)
-    if any(_plain(m, c) for c in _NORMS):
-        if m.training or m.running_var is None:
-            return "BatchNorm that uses batch statistics (training mode or track_running_stats=False) mixes examples"
-        return _Scale(m, name)
-    if any(_plain(m, c) for c in _RESHAPES):
-        return _Reshape(m, name)
-    if any(_plain(m, c) for c in _DROPOUTS):
-        if m.training:
-            return "dropout in training mode is random"
-        return _Reshape(m, name)
-    if _plain(m, nn.Sequential):
-        return "nested Sequential"  # expanded by the caller
-    return f"{type(m).__name__} is not a recognized piecewise-linear module"
 
 
 def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
@@ -82,37 +39,35 @@ def pattern_support(model: nn.Module) -> tuple[bool, list[str]]:
         (True, ['1: Tanh is not a recognized piecewise-linear module'])
     """
     model = unwrap(model)
-    if _global_hooks():
+    if global_hooks():
         return False, ["<global>: global module hooks are set"]
-    if not _plain(model, nn.Sequential) or _has_hooks(model):
-        from opnorm.jacobian.graph import graph_support
-
+    if not is_plain(model, nn.Sequential) or has_hooks(model):
         graph, reasons = graph_support(model)
         if graph is not None:
             return True, reasons
         return False, [f"<model>: {type(model).__name__} is not a plain nn.Sequential without hooks", *reasons]
     steps = _build_steps(model, "")
-    return True, [f"{s.name}: {s.reason}" for s in steps if isinstance(s, _Autograd)]
+    return True, [f"{s.name}: {s.reason}" for s in steps if isinstance(s, AutogradStep)]
 
 
-def _build_steps(seq: nn.Sequential, prefix: str) -> list[_Step]:
-    steps: list[_Step] = []
+def _build_steps(seq: nn.Sequential, prefix: str) -> list[Step]:
+    steps: list[Step] = []
     for key, m in seq._modules.items():
         if m is None:
             continue
         name = f"{prefix}{key}"
-        if _plain(m, nn.Sequential) and not _has_hooks(m):
+        if is_plain(m, nn.Sequential) and not has_hooks(m):
             steps.extend(_build_steps(m, name + "."))
             continue
-        step = _recognize(m, name)
-        steps.append(step if isinstance(step, _Step) else _Autograd(m, name, step))
+        step = recognize(m, name)
+        steps.append(step if isinstance(step, Step) else AutogradStep(m, name, step))
     return steps
 
 
-def _fold(steps: list[_Step]) -> list[_Step]:
-    """Fold each plain ReLU that feeds a max-pool into the pool (see :class:`_Mask`)."""
+def _fold(steps: list[Step]) -> list[Step]:
+    """Fold each plain ReLU that feeds a max-pool into the pool (see :class:`MaskStep`)."""
     for a, b in zip(steps, steps[1:]):
-        if isinstance(a, _Mask) and _plain(a.m, nn.ReLU) and isinstance(b, _MaxPool):
+        if isinstance(a, MaskStep) and is_plain(a.m, nn.ReLU) and isinstance(b, MaxPoolStep):
             a.folded, a.fresh = True, False  # now the identity: its output is its input
             b.relu_mask = torch.empty(0)  # a placeholder: forward fills it in
     return steps
@@ -158,12 +113,12 @@ class PatternLinearization:
     def __init__(self, model: nn.Module, x: torch.Tensor):
         model = unwrap(model)
         check_autograd(model)  # modules the replay does not know are differentiated by autograd
-        if not _plain(model, nn.Sequential):
+        if not is_plain(model, nn.Sequential):
             raise TypeError(
                 f"PatternLinearization needs a plain nn.Sequential, got {type(model).__name__}; use linearize()"
             )
         self.steps = _fold(_build_steps(model, ""))
-        self.fallbacks = [f"{s.name}: {s.reason}" for s in self.steps if isinstance(s, _Autograd)]
+        self.fallbacks = [f"{s.name}: {s.reason}" for s in self.steps if isinstance(s, AutogradStep)]
         self.x_shape = x.shape
         with torch.no_grad():
             h = x.detach()

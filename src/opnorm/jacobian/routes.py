@@ -11,7 +11,7 @@ from opnorm.jacobian.autograd import Linearization
 from opnorm.jacobian.core import basis, batched_grad, check_inputs, eval_mode, forward, unbatched, unwrap
 from opnorm.jacobian.graph import GraphLinearization
 from opnorm.jacobian.pattern import PatternLinearization, pattern_support
-from opnorm.jacobian.steps import _has_hooks, _plain
+from opnorm.jacobian.steps import has_hooks, is_plain
 
 LinearOperator = Linearization | PatternLinearization | GraphLinearization
 ROUTES = ("auto", "pattern", "forward", "autograd")
@@ -112,7 +112,7 @@ def jacobian(model: nn.Module, x: torch.Tensor, *, route: str = "auto", chunk: i
 def _pattern(net: nn.Module, x: torch.Tensor) -> PatternLinearization | GraphLinearization:
     """The pattern-route operator: the chain replay for a plain Sequential, else the graph replay."""
     try:
-        if _plain(net, nn.Sequential) and not _has_hooks(net):
+        if is_plain(net, nn.Sequential) and not has_hooks(net):
             return PatternLinearization(net, x)
         return GraphLinearization(net, x)
     except RuntimeError as err:  # the replay runs the model's modules on x, as forward() does

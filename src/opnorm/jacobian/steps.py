@@ -6,6 +6,7 @@ max-pool argmax indices), J(x) is a product of known linear maps. Replaying them
 and much cheaper than autograd: no graph, no double backward, and max-pool on a
 channels-last copy (the contiguous CPU max-pool kernel is several times slower).
 Every tensor below carries a leading "stack" dimension k: (k, B, *shape).
+:func:`recognize` picks the step of a module, or says why autograd must differentiate it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ from opnorm.jacobian.core import batched_grad, linearizable
 from opnorm.jacobian.support import unsupported
 
 
-def _plain(m: nn.Module, cls: type) -> bool:
+def is_plain(m: nn.Module, cls: type) -> bool:
     """m is a cls whose forward is cls's own (a subclass overriding forward is unknown)."""
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return any(len(getattr(m, n, None) or ()) for n in names)
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     mod = torch.nn.modules.module
     names = (
         "_global_forward_hooks",
@@ -47,7 +48,7 @@ def _lead(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-class _Step:
+class Step:
     """One module of the chain: ``forward`` records the pattern, then ``jvp`` / ``vjp``.
 
     ``jvp(t, owned)`` / ``vjp(g, owned)``: ``owned`` says the input is a temporary of the
@@ -61,7 +62,7 @@ class _Step:
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def select(self, rows: torch.Tensor) -> _Step:
+    def select(self, rows: torch.Tensor) -> Step:
         """This step for the examples ``rows`` only (steps without per-example state are shared)."""
         return self
 
@@ -72,7 +73,7 @@ class _Step:
         raise NotImplementedError
 
 
-class _Linear(_Step):
+class LinearStep(Step):
     def __init__(self, m: nn.Linear, name: str):
         self.m, self.name = m, name
 
@@ -87,7 +88,7 @@ class _Linear(_Step):
         return g @ self.w
 
 
-_CONV = {nn.Conv1d: (F.conv1d, F.conv_transpose1d), nn.Conv2d: (F.conv2d, F.conv_transpose2d)}
+CONVOLUTIONS = {nn.Conv1d: (F.conv1d, F.conv_transpose1d), nn.Conv2d: (F.conv2d, F.conv_transpose2d)}
 
 
 def _hwc(t: torch.Tensor) -> torch.Tensor:
@@ -106,13 +107,13 @@ def _is_cl(t: torch.Tensor) -> bool:
     return t.dim() == 5 and t.permute(0, 1, 3, 4, 2).is_contiguous()
 
 
-class _Conv(_Step):
+class ConvStep(Step):
     """Conv1d / Conv2d. 2-D maps run channels-last, in the recording pass too (faster CPU
     kernels, no reorders; the values equal model(x)'s up to float rounding)."""
 
     def __init__(self, m: nn.Module, name: str):
         self.m, self.name = m, name
-        self.conv, self.conv_t = next(fns for cls, fns in _CONV.items() if isinstance(m, cls))
+        self.conv, self.conv_t = next(fns for cls, fns in CONVOLUTIONS.items() if isinstance(m, cls))
         self.is_2d = self.conv is F.conv2d
 
     def forward(self, h):
@@ -156,7 +157,7 @@ class _Conv(_Step):
         return res.view(g.shape[0], g.shape[1], *res.shape[1:])
 
 
-class _Mask(_Step):
+class MaskStep(Step):
     """Elementwise piecewise-linear activations: ReLU (slope 0 / 1) and LeakyReLU.
 
     A ReLU right before a max-pool is folded into the pool (``folded``): max-pooling commutes
@@ -204,7 +205,7 @@ class _Mask(_Step):
     vjp = jvp
 
 
-class _MaxPool(_Step):
+class MaxPoolStep(Step):
     """Max-pooling with x's argmax fixed: a gather forward, a scatter-add backward.
 
     2-D pools keep their tangents channels-last: gathers and scatters run along the
@@ -223,7 +224,7 @@ class _MaxPool(_Step):
         src = h.to(memory_format=torch.channels_last) if self.is_2d else h
         out, idx = self.pool(src, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
         self.in_shape, self.out_shape = h.shape[1:], out.shape[1:]
-        if self.relu_mask is not None:  # the folded ReLU (see _Mask)
+        if self.relu_mask is not None:  # the folded ReLU (see MaskStep)
             out = torch.relu(out)
             self.relu_mask = (out > 0).to(out.dtype)  # (B, C, ...) in the pool's layout, like the tangents
         if self.is_2d:
@@ -263,7 +264,7 @@ class _MaxPool(_Step):
         return res.reshape(k, b, *self.in_shape)
 
 
-class _Scale(_Step):
+class ScaleStep(Step):
     """Eval-mode BatchNorm: per-channel affine, its linear part is a per-channel scale."""
 
     def __init__(self, m: nn.Module, name: str):
@@ -283,7 +284,7 @@ class _Scale(_Step):
     vjp = jvp
 
 
-class _Reshape(_Step):
+class ReshapeStep(Step):
     """Flatten / Unflatten / Identity / eval-mode Dropout: a reshape (or nothing)."""
 
     fresh = False
@@ -303,7 +304,7 @@ class _Reshape(_Step):
         return g.reshape(*g.shape[:2], *self.in_shape)
 
 
-class _Autograd(_Step):
+class AutogradStep(Step):
     """Any other module: its own local Jacobian by autograd (exact, just not faster)."""
 
     fresh = False  # autograd may hand back its incoming gradient unchanged
@@ -328,7 +329,7 @@ class _Autograd(_Step):
         return out.detach()
 
     def select(self, rows):
-        step = _Autograd(self.m, self.name, self.reason)
+        step = AutogradStep(self.m, self.name, self.reason)
         step.forward(self.hin.detach()[rows])  # a new local graph for those examples
         return step
 
@@ -353,3 +354,52 @@ class _Autograd(_Step):
 
     def vjp(self, g, owned):
         return batched_grad(self.out, self.hin, g)
+
+
+_MASKS = (nn.ReLU, nn.LeakyReLU)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+# modules that draw noise in training mode and are the identity in eval mode
+DROPOUTS: tuple[type, ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def recognize(m: nn.Module, name: str) -> Step | str:
+    """The fast step for m, or the reason why m needs local autograd."""
+    if has_hooks(m):
+        return "has hooks (they could change its output or gradient)"
+    if is_plain(m, nn.Linear):
+        return LinearStep(m, name)
+    if any(is_plain(m, c) for c in CONVOLUTIONS):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return (
+                f"convolution with padding_mode={m.padding_mode!r}, padding={m.padding!r} "
+                "(only numeric zero padding is replayed)"
+            )
+        return ConvStep(m, name)
+    if any(is_plain(m, c) for c in _MASKS):
+        return MaskStep(m, name)
+    if any(is_plain(m, c) for c in _POOLS):
+        if m.return_indices:
+            return "max-pool with return_indices=True returns a tuple"
+        return MaxPoolStep(m, name)
+    if any(is_plain(m, c) for c in _NORMS):
+        if m.training or m.running_var is None:
+            return "BatchNorm that uses batch statistics (training mode or track_running_stats=False) mixes examples"
+        return ScaleStep(m, name)
+    if any(is_plain(m, c) for c in _RESHAPES):
+        return ReshapeStep(m, name)
+    if any(is_plain(m, c) for c in DROPOUTS):
+        if m.training:
+            return "dropout in training mode is random"
+        return ReshapeStep(m, name)
+    if is_plain(m, nn.Sequential):
+        return "nested Sequential"  # expanded by the caller
+    return f"{type(m).__name__} is not a recognized piecewise-linear module"

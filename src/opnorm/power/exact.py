@@ -106,7 +106,9 @@ def operator_norm_of_matrix(
     return best, v, torch.zeros(B, dtype=torch.bool, device=J.device)
 
 
-def _has_exact_form(p: float, q: float, d: int, n: int, max_enumerate: int) -> bool:
+def has_exact_form(p: float, q: float, d: int, n: int, max_enumerate: int) -> bool:
+    """Whether the (p, q) norm of a d x n matrix has an exact form :func:`operator_norm_of_matrix` computes
+    (enumerating at most ``max_enumerate`` sign vectors for q = 1 or p = inf)."""
     return (
         (p == 2 and q == 2)
         or p == 1
@@ -116,7 +118,7 @@ def _has_exact_form(p: float, q: float, d: int, n: int, max_enumerate: int) -> b
     )
 
 
-def _top_pair_gram(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top_pair_gram(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top right singular vector v (B, n) of J (B, d, n), d <= n, from the eigh of J J^T (d x d)."""
     J64 = J.to(torch.float64)
     _, E = torch.linalg.eigh(J64 @ J64.transpose(1, 2))

@@ -33,21 +33,6 @@ class LanczosRun(NamedTuple):
     stopped: torch.Tensor  # (B,) bool: sigma changed by at most rtol_change * sigma in the last iteration
 
 
-def _check_iters(iters: int, name: str = "iters") -> int:
-    if isinstance(iters, bool) or not isinstance(iters, int):
-        raise TypeError(f"{name} must be an int >= 1, got {iters!r}")
-    if iters < 1:
-        raise ValueError(f"{name} must be >= 1, got {iters}")
-    return iters
-
-
-def _check_tol(tol: float, name: str = "rtol_change") -> float:
-    tol = float(tol)
-    if math.isnan(tol) or tol < 0:
-        raise ValueError(f"{name} must be >= 0, got {tol}")
-    return tol
-
-
 def random_unit(shape: tuple[int, ...], p: Order, *, dtype=None, device=None, generator=None) -> torch.Tensor:
     """Random vectors of unit l_p norm per example (Gaussian direction; signs for p = inf)."""
     z = torch.randn(shape, dtype=dtype, device=device, generator=generator)

@@ -26,12 +26,13 @@ from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jac
 from opnorm.norms import Order, duality_map, norm_order
 from opnorm.power.exact import (
     DEFAULT_RESTARTS,
-    _has_exact_form,
-    _top_pair_gram,
     check_max_enumerate,
+    has_exact_form,
     operator_norm_of_matrix,
+    top_pair_gram,
 )
-from opnorm.power.iteration import _check_iters, _check_tol, lanczos_iteration, power_iteration, random_unit
+from opnorm.power.iteration import lanczos_iteration, power_iteration, random_unit
+from opnorm.validation import integer, number
 
 METHODS = ("auto", "power", "lanczos", "exact")
 DEFAULT_ITERS = 20
@@ -182,8 +183,8 @@ def operator_norm(
     if method == "lanczos" and not (p == 2 and q == 2):
         raise ValueError(f"method='lanczos' computes (2, 2) norms only, got p={p:g}, q={q:g}; use 'power' or 'exact'")
     max_enumerate = check_max_enumerate(max_enumerate)
-    iters = DEFAULT_ITERS if iters is None else _check_iters(iters)
-    rtol_change = DEFAULT_RTOL_CHANGE if rtol_change is None else _check_tol(rtol_change)
+    iters = DEFAULT_ITERS if iters is None else integer(iters, "iters", lo=1)
+    rtol_change = DEFAULT_RTOL_CHANGE if rtol_change is None else number(rtol_change, "rtol_change", finite=False)
     check_inputs(model, x)
     v0 = _check_v0(v0, x)
     if return_history and method != "power":
@@ -228,7 +229,7 @@ def operator_norm(
 
 
 def _choose_method(p: float, q: float, d: int, n: int, iters: int, max_enumerate: int) -> str:
-    if not _has_exact_form(p, q, d, n, max_enumerate):
+    if not has_exact_form(p, q, d, n, max_enumerate):
         # restarts on a formed J beat one matrix-free run when forming J is cheap
         return "exact" if d <= 4 * iters else "power"
     return "exact"  # (2, 2) included: the cheapest route whose error is bounded
@@ -261,7 +262,7 @@ def _exact(lin: LinearOperator, x, p, q, max_enumerate, restarts, generator) -> 
 def _exact_of(flat: torch.Tensor, x, p, q, max_enumerate, restarts, generator) -> OperatorNormResult:
     B, d = flat.shape[:2]
     if p == 2 and q == 2 and d <= flat.shape[2]:
-        v = _top_pair_gram(flat)
+        v = top_pair_gram(flat)
         sigma = torch.linalg.vector_norm(torch.einsum("bdn,bn->bd", flat, v), dim=1)
         exact = torch.ones(B, dtype=torch.bool, device=x.device)
     else:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import ROUTES, LinearOperator, check_inputs, eval_mode, jacobian_of, linearize, unwrap
-from opnorm.power.iteration import _check_iters, _check_tol
 from opnorm.power.norm import REMOVED_TOL
+from opnorm.validation import integer, number
 
 
 @dataclass
@@ -62,9 +62,9 @@ def singular_values(
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     check_inputs(model, x)
-    k = _check_iters(k, "k")
-    iters = _check_iters(iters)
-    rtol_change = _check_tol(rtol_change)
+    k = integer(k, "k", lo=1)
+    iters = integer(iters, "iters", lo=1)
+    rtol_change = number(rtol_change, "rtol_change", finite=False)
     net = unwrap(model)
     B = x.shape[0]
     n = x[0].numel()

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import pgd
 from opnorm.jacobian import forward, unwrap
 from opnorm.losses import full, kl_rows, logit_loss
-from opnorm.norms import Order, lp_norm, norm_order
+from opnorm.norms import Order, lp_norm, norm_order, order_text
 from opnorm.regularizers.batchnorm import clean_statistics
 from opnorm.regularizers.solver import no_autocast
 from opnorm.validation import box, integer, number
@@ -115,16 +116,13 @@ class AdversarialTrainingLoss(nn.Module):
         self.clip = box(clip)
 
     def extra_repr(self) -> str:
-        fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
         return (
-            f"kind={self.kind!r}, eps={self.eps:g}, p={fmt(self.p)}, steps={self.steps}, "
+            f"kind={self.kind!r}, eps={self.eps:g}, p={order_text(self.p)}, steps={self.steps}, "
             f"adv_fraction={self.adv_fraction:g}"
         )
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial versions of x (eval mode, no parameter gradients), detached."""
-        from opnorm.attacks import pgd  # the attack layer sits beside this one
-
         loss = {"ce": "ce", "logit": logit_loss(self.q), "trades": "kl"}[self.kind]
         with no_autocast(x.device):
             x_adv = pgd(

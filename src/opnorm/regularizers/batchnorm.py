@@ -41,10 +41,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from opnorm.jacobian import eval_mode
+from opnorm.training.distributed import group_size
 
 __all__ = ["uses_batch_statistics", "batch_norms", "clean_statistics", "frozen_statistics"]
 
@@ -58,7 +58,7 @@ def uses_batch_statistics(m: nn.Module) -> bool:
 def batch_norms(net: nn.Module) -> list[nn.Module]:
     """The submodules of net for which :func:`uses_batch_statistics` holds."""
     mods = [m for m in net.modules() if uses_batch_statistics(m)]
-    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    synced = group_size() > 1
     for m in mods:
         if synced and isinstance(m, nn.SyncBatchNorm):
             raise ValueError(

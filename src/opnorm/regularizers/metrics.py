@@ -23,12 +23,10 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from opnorm.losses import full, kl_rows
-from opnorm.norms import Order, duality_map, lp_norm, norm_order
+from opnorm.norms import Order, duality_map, lp_norm, norm_order, order_text
 
 __all__ = ["OutputMetric", "LogitNorm", "FisherKL"]
 
@@ -68,7 +66,7 @@ class LogitNorm(OutputMetric):
         return lp_norm(jv, self.q), duality_map(jv, self.q)
 
     def __repr__(self) -> str:
-        return f"LogitNorm(q={'inf' if self.q == math.inf else f'{self.q:g}'})"
+        return f"LogitNorm(q={order_text(self.q)})"
 
 
 def fisher(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

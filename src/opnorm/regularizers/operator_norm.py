@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import check_inputs, forward, unwrap
-from opnorm.norms import Order, norm_order
+from opnorm.norms import Order, norm_order, order_text
 from opnorm.power import OperatorNormResult
 from opnorm.regularizers.batchnorm import batch_norms, frozen_statistics, uses_batch_statistics
 from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
@@ -260,10 +260,9 @@ class OperatorNormRegularizer(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        fmt = lambda r: "inf" if r == math.inf else f"{r:g}"  # noqa: E731
         return (
-            f"p={fmt(self.p)}, q={fmt(self.q)}, eps={self.eps:g}, lam={self.lam:g}, metric={self.metric!r}, "
-            f"solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}"
+            f"p={order_text(self.p)}, q={order_text(self.q)}, eps={self.eps:g}, lam={self.lam:g}, "
+            f"metric={self.metric!r}, solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}"
             + (f", warmup={self.warmup}" if self.warmup else "")
         )
 

@@ -46,29 +46,19 @@ import torch
 from torch import nn
 
 from opnorm.jacobian import differentiable_jvp, unwrap
+from opnorm.jacobian.steps import DROPOUTS
 from opnorm.losses import full
 from opnorm.regularizers.batchnorm import batch_norms, clean_statistics
 from opnorm.regularizers.metrics import OutputMetric
 
-__all__ = ["Penalty", "PenaltyTerms", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise", "STOCHASTIC"]
-
-STOCHASTIC: tuple[type, ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
+__all__ = ["Penalty", "PenaltyTerms", "FDPenalty", "ExactPenalty", "paired_noise", "check_paired_noise"]
 
 
 def _stochastic(m: nn.Module) -> bool:
     """A module that draws noise in training mode: dropout, or torchvision's stochastic depth
     (recognized by name, so that torchvision need not be imported)."""
     kind = type(m)
-    return isinstance(m, STOCHASTIC) or (
-        kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision")
-    )
+    return isinstance(m, DROPOUTS) or (kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision"))
 
 
 def _rng(device: torch.device):

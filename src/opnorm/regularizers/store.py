@@ -28,21 +28,17 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from opnorm.norms import Order, norm_order
+from opnorm.norms import Order, norm_order, order_text
+from opnorm.training.distributed import group_size
 from opnorm.validation import integer
 
 __all__ = ["DirectionStore"]
-
-
-def _fmt(p: float) -> str:
-    return "inf" if p == math.inf else f"{p:g}"
 
 
 class DirectionStore(nn.Module):
@@ -76,7 +72,7 @@ class DirectionStore(nn.Module):
 
     @staticmethod
     def _kind(p: float, signs: bool) -> str:
-        return f"l_{_fmt(p)} {'sign' if signs else 'float'} directions"
+        return f"l_{order_text(p)} {'sign' if signs else 'float'} directions"
 
     def extra_repr(self) -> str:
         return f"num_examples={self.num_examples}, seen={int(self.seen.sum())}"
@@ -121,7 +117,7 @@ class DirectionStore(nn.Module):
             v = v.detach().masked_fill(~usable.view(-1, *[1] * (v.ndim - 1)), 0).to(self.directions.dtype)
             self.directions[idx] = v
             self.seen[idx] = usable
-            if _world() > 1:
+            if group_size() > 1:
                 self._pending.append((idx.clone(), v))
 
     def _place(self, like: torch.Tensor) -> None:
@@ -150,11 +146,11 @@ class DirectionStore(nn.Module):
         """All-gather every rank's updates since the last sync (a no-op in one process).
         Every rank must call it at the same point (the regularizer does, before each use)."""
         pending, self._pending = self._pending, []
-        if _world() <= 1:
+        if group_size() <= 1:
             return
         device = self.seen.device
         count = torch.tensor([sum(i.numel() for i, _ in pending)], device=device)
-        counts = [torch.zeros_like(count) for _ in range(_world())]
+        counts = [torch.zeros_like(count) for _ in range(group_size())]
         dist.all_gather(counts, count)
         top = int(max(c.item() for c in counts))
         if top == 0:
@@ -185,7 +181,11 @@ class DirectionStore(nn.Module):
                 "the DirectionStore has updates not yet shared with the other ranks: call "
                 "sync() on every rank before saving"
             )
-        return {"p": None if self.p is None else _fmt(self.p), "signs": self.signs, "num_examples": self.num_examples}
+        return {
+            "p": None if self.p is None else order_text(self.p),
+            "signs": self.signs,
+            "num_examples": self.num_examples,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         pass  # checked before the buffers are copied: see _load_from_state_dict
@@ -231,13 +231,3 @@ def _usable(v: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the row is finite and not all zero (a direction the power method can leave)."""
     flat = v.reshape(v.shape[0], -1)
     return torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
-
-
-def _world() -> int:
-    """The DDP world size (1 without an initialized process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    """This process's DDP rank (0 without an initialized process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

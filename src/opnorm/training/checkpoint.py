@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from opnorm.jacobian import unwrap
@@ -200,8 +201,6 @@ def export_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str
         ...     sorted(os.listdir(out))
         ['linear.safetensors', 'linear.safetensors.sha256']
     """
-    from safetensors.torch import save
-
     # Clone so that tied / shared tensors become separate entries safetensors accepts.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -245,8 +244,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> torch.equal(model.weight, trained.weight)
         True
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")

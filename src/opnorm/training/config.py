@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from opnorm.norms import norm_order
+from opnorm.fast_at import FAST_AT_METHODS, FREE_DEFAULT_REPLAYS, FREE_DEFAULT_STEP, SINGLE_STEP_DEFAULTS
+from opnorm.norms import norm_order, order_json, order_text
+from opnorm.training.data import canonical_dataset
+from opnorm.training.models import MODELS
 from opnorm.validation import integer as _integer
 from opnorm.validation import number as _number
 from opnorm.validation import one_of
@@ -89,13 +92,8 @@ def default_eps(dataset: str, p: float) -> float:
         raise ValueError(f"no default eps for data passed as data= ({dataset}): pass eps, the radius in its units")
     table = _EPS.get(dataset, {})
     if p not in table:
-        shown = "inf" if p == math.inf else f"{p:g}"
-        raise ValueError(f"no default eps for p={shown} on {dataset}; pass eps (--eps)")
+        raise ValueError(f"no default eps for p={order_text(p)} on {dataset}; pass eps (--eps)")
     return table[p]
-
-
-def _fmt_order(p: float) -> Any:
-    return "inf" if p == math.inf else p
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -248,7 +246,7 @@ class TrainConfig:
         """A JSON-able dict (infinite orders as the string "inf"; ``opnorm`` nested)."""
         d = dataclasses.asdict(self)
         for k in ("p", "q"):
-            d[k] = _fmt_order(norm_order(d[k], k))
+            d[k] = order_json(norm_order(d[k], k))
         return d
 
     @classmethod
@@ -309,9 +307,6 @@ def _check_keys(d: dict, cls: type, prefix: str) -> None:
 
 
 def _resolve_choices(c: TrainConfig) -> None:
-    from opnorm.training.data import canonical_dataset
-    from opnorm.training.models import MODELS
-
     c.dataset = c.dataset if is_custom(c.dataset) else canonical_dataset(c.dataset)
     c.model = c.model if is_custom(c.model) else one_of(c.model, MODELS, "model")
     c.method = one_of(c.method, METHODS, "method")
@@ -382,8 +377,6 @@ def _check_method(c: TrainConfig) -> None:
 
 def _resolve_fast_at(c: TrainConfig) -> None:
     """Validate fgsm_step / fgsm_start / replays and fill the fast methods' defaults (opnorm.fast_at)."""
-    from opnorm.fast_at import FAST_AT_METHODS, FREE_DEFAULT_REPLAYS, FREE_DEFAULT_STEP, SINGLE_STEP_DEFAULTS
-
     if c.fgsm_step is not None:
         c.fgsm_step = _number(c.fgsm_step, "fgsm_step", lo=0.0, strict=True)
     if c.fgsm_start is not None:
@@ -520,7 +513,7 @@ def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
         'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-start 1 --fgsm-step 1.25'
     """
     used = defaults_used(given, cfg)
-    shown = " ".join(f"--{k.replace('_', '-')} {'inf' if v == math.inf else f'{v:g}'}" for k, v in used.items())
+    shown = " ".join(f"--{k.replace('_', '-')} {order_text(v)}" for k, v in used.items())
     return f"{cfg.method} on {cfg.dataset} ({cfg.model}); " + (
         f"not set, so from defaults: {shown}" if used else "every setting of the method given"
     )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from opnorm.training.formats import RestrictedUnpickler, _check_labels, load_cifar_batch, read_idx
+from opnorm.training.formats import RestrictedUnpickler, check_labels, load_cifar_batch, read_idx
 
 __all__ = [
     "DATASETS",
@@ -447,7 +447,7 @@ def _idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch
         raise ValueError(f"{labels_path}: expected labels of shape (N,), got shape {labels.shape}")
     if len(labels) != len(images):
         raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    _check_labels(labels, labels_path)
+    check_labels(labels, labels_path)
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y

@@ -52,6 +52,8 @@ __all__ = [
     "resolve_device",
     "launched",
     "broadcast_object",
+    "group_size",
+    "group_rank",
 ]
 
 
@@ -77,6 +79,16 @@ class DistContext:
 def launched() -> bool:
     """True when this process was started by torchrun with a world size > 1."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def group_size() -> int:
+    """The size of the joined process group: 1 when none is joined (one process alone)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank() -> int:
+    """This process's rank in the joined process group: 0 when none is joined."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:

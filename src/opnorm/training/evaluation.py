@@ -24,9 +24,10 @@ from torch import nn
 from opnorm.attacks import PGD_ORDERS
 from opnorm.evaluation import PGDAttack, clean_correct, evaluate
 from opnorm.jacobian import unwrap
+from opnorm.power import operator_norm
 from opnorm.training.config import TrainConfig
 
-__all__ = ["accuracy", "robust_accuracy", "mean_operator_norm"]
+__all__ = ["accuracy", "robust_accuracy", "mean_operator_norm", "evaluate_epoch"]
 
 
 def _batches(n: int, size: int):
@@ -92,8 +93,6 @@ def mean_operator_norm(
     batch_size: int = 256,
 ) -> float:
     """Mean over x of ``||J(x)||_{p->q}`` (:func:`opnorm.power.operator_norm`, method "auto")."""
-    from opnorm.power import operator_norm
-
     net = unwrap(model)
     device = next(net.parameters()).device
     total = 0.0
@@ -103,9 +102,12 @@ def mean_operator_norm(
     return total / max(1, x.shape[0])
 
 
-def _evaluate(
+def evaluate_epoch(
     model: nn.Module, splits, cfg: TrainConfig, epoch: int, device: torch.device, show: bool = False
 ) -> dict[str, float]:
+    """The check after ``epoch``: clean accuracy on the whole test split, PGD robust accuracy (None
+    for an l_p ball PGD does not attack) and the mean operator norm on its first ``cfg.eval_points``
+    examples, as ``{"accuracy", "robust_accuracy", "operator_norm"}``."""
     # Own generators: evaluation never draws from the training RNG streams.
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch + 1)
     xs, ys = splits.test.x[: cfg.eval_points], splits.test.y[: cfg.eval_points]

@@ -26,12 +26,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +40,9 @@ __all__ = [
     "UnsafePathError",
     "refuse_link",
     "one_line",
+    "fold_lines",
+    "read_json",
+    "read_json_object",
     "DIGEST_SUFFIX",
     "atomic_write",
     "write_text_atomic",
@@ -85,10 +89,59 @@ def refuse_link(path: str | os.PathLike) -> None:
         )
 
 
+def fold_lines(text: Any) -> str:
+    """``str(text)`` on one line: every run of white space (newlines too) becomes one space.
+
+    Example:
+        >>> fold_lines("bad value\n  for --eps")
+        'bad value for --eps'
+    """
+    return " ".join(str(text).split())
+
+
 def one_line(err: BaseException, limit: int = 160) -> str:
     """``"<ErrorType>: <message>"`` on one line, cut at ``limit`` characters, for error messages."""
-    text = " ".join(str(err).split())
+    text = fold_lines(err)
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in the file ``path``, or a one-line error naming ``what`` and the path.
+
+    Raises FileNotFoundError when the file is missing or unreadable, ValueError when it is not
+    UTF-8 JSON.
+
+    Example:
+        >>> read_json("reports/digits/results.json", "results file")["seeds"]
+        [0, 1, 2]
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    return data
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """:func:`read_json` for a file that must hold a JSON object (a ValueError otherwise).
+
+    Example:
+        >>> read_json_object("runs/dd/config.json", "config file")["method"]
+        'opnorm'
+    """
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -332,7 +385,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         try:
-            import fcntl
+            import fcntl  # POSIX only: imported here so that the module loads on Windows
         except ImportError:  # pragma: no cover - not POSIX
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)

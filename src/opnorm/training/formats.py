@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_idx", "RestrictedUnpickler", "load_cifar_batch"]
+__all__ = ["read_idx", "RestrictedUnpickler", "load_cifar_batch", "check_labels"]
 
 # IDX type codes -> big-endian numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -78,7 +78,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
 
 
-def _check_labels(labels: np.ndarray, source: Any, num_classes: int = 10) -> None:
+def check_labels(labels: np.ndarray, source: Any, num_classes: int = 10) -> None:
+    """Raise a one-line ValueError naming ``source`` unless every label lies in 0..num_classes - 1."""
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{source}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
 
@@ -175,5 +176,5 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: 'labels' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
-    _check_labels(labels, path)
+    check_labels(labels, path)
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)

@@ -19,14 +19,15 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opnorm.attacks import pgd
 from opnorm.jacobian import forward, unwrap
+from opnorm.norms import order_text
 
 __all__ = ["task_loss", "AppendedAdversarialLoss", "input_normalization"]
 
@@ -73,14 +74,11 @@ class AppendedAdversarialLoss(nn.Module):
         self.steps, self.step_size = int(steps), step_size
 
     def extra_repr(self) -> str:
-        p = "inf" if self.p == math.inf else f"{self.p:g}"
-        return f"share={self.share:g}, eps={self.eps:g}, p={p}, steps={self.steps}"
+        return f"share={self.share:g}, eps={self.eps:g}, p={order_text(self.p)}, steps={self.steps}"
 
     def forward(
         self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        from opnorm.attacks import pgd
-
         k = round(self.share * x.shape[0])
         if k > 0:
             with torch.autocast(x.device.type, enabled=False):

@@ -54,13 +54,14 @@ from opnorm.attacks import PGD_ORDERS
 from opnorm.evaluation import progress_bar
 from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
 from opnorm.jacobian import forward
+from opnorm.norms import order_text
 from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
 from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from opnorm.training.config import TrainConfig, check_resume, merge
 from opnorm.training.data import data_fingerprint, make_loader
-from opnorm.training.evaluation import _evaluate, accuracy, mean_operator_norm, robust_accuracy
-from opnorm.training.files import one_line, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
+from opnorm.training.evaluation import accuracy, evaluate_epoch, mean_operator_norm, robust_accuracy
+from opnorm.training.files import one_line
 from opnorm.training.inputs import TrainInputs, train_inputs
 from opnorm.training.objectives import opnorm_regularizer
 from opnorm.training.paper_setup import AppendedAdversarialLoss, task_loss
@@ -441,7 +442,7 @@ def _check(model, splits, cfg: TrainConfig, epoch: int, device, show: bool, run:
     saved = rng_state()
     t1 = time.perf_counter()
     try:
-        out = _evaluate(model, splits, cfg, epoch, device, show)
+        out = evaluate_epoch(model, splits, cfg, epoch, device, show)
     except Exception as err:
         kept = f"{run.checkpoint} holds epoch {epoch + 1}" if run is not None else "no run directory was written"
         raise EpochCheckFailed(
@@ -677,8 +678,7 @@ def _evaluates(cfg: TrainConfig, epoch: int, passes: int, stopping: bool) -> boo
 
 
 def _epoch_line(m: dict[str, Any], cfg: TrainConfig) -> str:
-    p = "inf" if cfg.p == math.inf else f"{cfg.p:g}"
-    q = "inf" if cfg.q == math.inf else f"{cfg.q:g}"
+    p, q = order_text(cfg.p), order_text(cfg.q)
     line = f"epoch {m['epoch']}/{data_passes(cfg)}  loss {m['loss']:.4f}  "
     if "eval_seconds" not in m:  # an epoch without the evaluation (eval_every)
         return line + f"train {m['seconds']:.1f}s"
