@@ -93,7 +93,8 @@ def fold_lines(text: Any) -> str:
     """``str(text)`` on one line: every run of white space (newlines too) becomes one space.
 
     Example:
-        >>> fold_lines("bad value\n  for --eps")
+        >>> from opnorm.training.files import fold_lines
+        >>> fold_lines("bad value\\n  for --eps")
         'bad value for --eps'
     """
     return " ".join(str(text).split())
@@ -112,8 +113,16 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     UTF-8 JSON.
 
     Example:
-        >>> read_json("reports/digits/results.json", "results file")["seeds"]
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from opnorm.training.files import read_json
+        >>> path = Path(tempfile.mkdtemp()) / "results.json"
+        >>> _ = path.write_text('{"seeds": [0, 1, 2]}')
+        >>> read_json(path, "results file")["seeds"]
         [0, 1, 2]
+        >>> read_json(path.with_name("missing.json"), "results file")
+        Traceback (most recent call last):
+        FileNotFoundError: results file ... not found
     """
     path = Path(path)
     try:
@@ -135,8 +144,14 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """:func:`read_json` for a file that must hold a JSON object (a ValueError otherwise).
 
     Example:
-        >>> read_json_object("runs/dd/config.json", "config file")["method"]
-        'opnorm'
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from opnorm.training.files import read_json_object
+        >>> path = Path(tempfile.mkdtemp()) / "config.json"
+        >>> _ = path.write_text("[1, 2]")
+        >>> read_json_object(path, "config file")
+        Traceback (most recent call last):
+        ValueError: config file ... must hold a JSON object, not a list
     """
     data = read_json(path, what)
     if not isinstance(data, dict):
