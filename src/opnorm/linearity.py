@@ -2,7 +2,9 @@
 
 * :func:`linearity_deviation`: per example ``||f(x + z) - f(x) - J(x) z||_2``, absolute and
   relative to ``||f(x + z) - f(x)||_2``: 0 for an affine model, and 0 inside x's linear region
-  of a ReLU network.
+  of a ReLU network. f is any map to (B, d): the logits, or the penultimate layer phi of
+  :class:`Penultimate` (the paper's Sec. 5.3 measures the absolute deviation of phi).
+* :class:`Penultimate`: phi(x), the input of the model's last linear layer, flattened.
 * :func:`top_singular_value`: ``sigma_1(J(x))`` per example (exact: J formed, then its SVD);
   evaluated at ``x + z`` it shows how the local operator changes along a direction.
 * :func:`alignment_by_rank`: ``|cos(delta, v_k)|`` for each of the top-k right singular vectors.
@@ -13,6 +15,7 @@ Example::
 
     >>> dev = linearity_deviation(model, x, 0.1 * torch.randn_like(x))
     >>> dev.relative            # (B,), 0 inside the linear region
+    >>> linearity_deviation(Penultimate(model), x, z).absolute   # the paper's metric, at phi
     >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V
     >>> alignment_by_rank(x_adv - x, V)   # (B, 3)
 """
@@ -26,7 +29,14 @@ from torch import nn
 
 from opnorm.jacobian import check_inputs, eval_mode, forward, jvp, unwrap
 
-__all__ = ["LinearityDeviation", "linearity_deviation", "top_singular_value", "alignment_by_rank", "pearson_alignment"]
+__all__ = [
+    "LinearityDeviation",
+    "Penultimate",
+    "linearity_deviation",
+    "top_singular_value",
+    "alignment_by_rank",
+    "pearson_alignment",
+]
 
 
 @dataclass
@@ -47,6 +57,62 @@ class LinearityDeviation:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
+
+
+class Penultimate(nn.Module):
+    """phi(x): the features the model's classifier reads, flattened to (B, m).
+
+    The classifier is ``layer`` when given, else the model's submodule named ``classifier``
+    (every model of :func:`opnorm.training.models.build_model` has one, an ``nn.Linear``).
+    Each call checks that the model's output *is* the classifier's output, so a model that
+    does anything after its classifier raises instead of giving the wrong features.
+
+    Args:
+        model: a classifier ``(B, *in) -> (B, d)`` (DataParallel / compile wrappers unwrapped).
+        layer: the module whose input is phi (default: ``model.classifier``).
+
+    Raises:
+        ValueError: no ``layer`` given and the model has no ``nn.Linear`` named ``classifier``;
+            or, when called, the model's output is not ``layer``'s output.
+
+    Example::
+
+        >>> phi = Penultimate(build_model("cnn", input_shape=(1, 8, 8), num_classes=10))
+        >>> phi(torch.rand(4, 1, 8, 8)).shape            # the 128 hidden units before the classifier
+        torch.Size([4, 128])
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module | None = None) -> None:
+        super().__init__()
+        net = unwrap(model)
+        if layer is None:
+            layer = getattr(net, "classifier", None)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(
+                    f"cannot find the penultimate layer of {type(net).__name__}: it has no nn.Linear named "
+                    "'classifier'; pass the last layer as Penultimate(model, layer=...) or use your own feature map"
+                )
+        if not any(m is layer for m in net.modules()):
+            raise ValueError(f"layer {type(layer).__name__} is not a submodule of {type(net).__name__}")
+        self.model, self.layer = net, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen: dict = {}
+
+        def record(module, inputs, output):
+            seen["phi"], seen["out"] = inputs[0], output
+
+        handle = self.layer.register_forward_hook(record)
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+        if "phi" not in seen or out is not seen["out"]:
+            raise ValueError(
+                f"{type(self.model).__name__}'s output is not its {type(self.layer).__name__}'s output (the layer "
+                "is not the last one, or is not called): pass the last layer as Penultimate(model, layer=...)"
+            )
+        return _flat(seen["phi"])
 
 
 def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> LinearityDeviation:
