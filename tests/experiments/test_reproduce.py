@@ -109,6 +109,8 @@ def test_files_sections_and_schema(quick_run):
         assert f["holds"] == all(p["holds"] for p in f["parts"])
         assert f["metric"] and f["models"] and f["source"] and "t-interval" in f["interval"]
     assert [f["claim_is"] for f in r["findings"]][-1] == "ours"  # the relative metric is labelled as ours
+    matched = next(f for f in r["findings"] if f["id"] == 4)
+    assert set(matched["bracketing_lambdas"]) == {"opnorm", "global-snr"}
     for key, m in r["methods"].items():  # the paper's metric, both directions, every model
         for direction in ("adversarial", "random"):
             dev = m["linearity"][direction]["penultimate_absolute"]

@@ -222,7 +222,7 @@ def _theorem(r: dict) -> dict:
         3,
         "Theorem check",
         "infinite-step PGA iterates equal power-method iterates inside the linear region",
-        "Sec. 4 (the theorem)",
+        "the paper's main theorem",
         "max |delta_k / eps - v_k| over iterations, at points whose activation pattern never changed",
         ["clean"],
         part["detail"] + "; " + lgap + " (first seed)",
@@ -278,11 +278,11 @@ def _matched(r: dict) -> dict:
     note = (
         "the sweep did not bracket AT's clean accuracy for "
         + ", ".join(unbracketed)
-        + ": its robust accuracy is extrapolated from the two nearest lambdas, the match is loose"
+        + ": the robust accuracy of the lambda nearest in clean accuracy is compared, the match is loose"
         if unbracketed
         else None
     )
-    return _finding(
+    out = _finding(
         4,
         "Robustness at matched clean accuracy",
         "with lambda chosen so that clean accuracy matches adversarial training's, d.d. operator norm "
@@ -296,6 +296,11 @@ def _matched(r: dict) -> dict:
         parts,
         note,
     )
+    out["bracketing_lambdas"] = {
+        family: {"above": b["above"]["lam"], "below": b["below"]["lam"]} if b["bracketed"] else None
+        for family, b in mt["bracket"].items()
+    }
+    return out
 
 
 def _spectra(r: dict) -> dict:
@@ -439,7 +444,7 @@ def _sigma_along(r: dict) -> dict:
         "Top singular value along z",
         "sigma_1(J(x + z)) of the adversarially trained and d.d.-regularized networks stays closer to sigma_1(J(x)) "
         "than the clean network's does (a network more linear around x keeps its local operator)",
-        "Fig. 2 right (the figure shows the curves; the statement is our reading of it)",
+        "Fig. 2 right; the figure shows the curves, the statement is our reading of it",
         f"|sigma_1(J(x+z)) / sigma_1(J(x)) - 1| per seed at ||z||_2 = {M['clean']['linearity']['radii'][j]:g}",
         roles["all"],
         "; ".join(f"{p['what']}: {p['detail']}" for p in parts),
@@ -479,7 +484,7 @@ def _regions(r: dict) -> dict:
         "Linear regions",
         "the fraction of shared activations between x and x + delta falls with eps, which is where the equivalence "
         "(the alignment) loosens",
-        "Sec. 5.2",
+        "the paper's discussion of linear regions (section not pinned; our reading)",
         "fraction of ReLU / max-pool patterns shared by x and x + delta (logit l_2 PGA), against the alignment of "
         "that delta with v_1, over eps",
         ["clean"],

@@ -98,6 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         linearity_radii=[0.03, 0.1, 0.3, 1.0, 2.0],
         sweep_dd=[1.0, 4.0],
         sweep_snr=[1.0, 100.0],
+        match_points=2,  # at most two added lambdas per family: the run stays within about 4 minutes
         fast_method=False,
     ),
     "fashion-mnist": dict(
