@@ -5,6 +5,7 @@ and correlation."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ import torch
 from torch import nn
 
 import opnorm
-from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
+from opnorm.linearity import (
+    Penultimate,
+    alignment_by_rank,
+    linearity_deviation,
+    pearson_alignment,
+    top_singular_value,
+)
+from opnorm.training.models import build_model
 from tests.affine_models import DT, affine_layer, gen
 
 
@@ -110,3 +118,61 @@ def test_pga_logit_perturbation_of_a_linear_model_aligns_with_v1():
     al = alignment_by_rank(xa - x, V)
     torch.testing.assert_close(al[:, 0], torch.ones(4, dtype=DT), atol=1e-6, rtol=0)
     assert float(al[:, 1:].max()) < 1e-3
+
+
+class _Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def _quadratic(n: int, d: int, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """phi(x) = x * x (entrywise), then a known linear classifier W: f(x) = W (x * x) + b."""
+    lin, W = affine_layer(d, n, seed=seed)
+    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), square=_Square(), classifier=lin)), W
+
+
+def test_penultimate_deviation_of_an_affine_model_is_zero():
+    lin, _ = affine_layer(6, 9, seed=20)
+    hidden, _ = affine_layer(9, 9, seed=21)
+    model = nn.Sequential(OrderedDict(hidden=hidden, classifier=lin))
+    x = torch.randn(5, 9, generator=gen(22), dtype=DT)
+    for scale in (1e-3, 1.0, 100.0):
+        z = scale * torch.randn(5, 9, generator=gen(23), dtype=DT)
+        assert float(linearity_deviation(Penultimate(model), x, z).absolute.max()) <= 1e-9 * scale
+        assert float(linearity_deviation(model, x, z).absolute.max()) <= 1e-9 * scale
+
+
+def test_deviation_of_a_known_quadratic_in_closed_form():
+    """f(x + z) - f(x) - J(x) z = W (z * z) and phi(x + z) - phi(x) - J_phi(x) z = z * z exactly."""
+    model, W = _quadratic(7, 4, seed=24)
+    x = torch.randn(6, 7, generator=gen(25), dtype=DT)
+    z = 0.3 * torch.randn(6, 7, generator=gen(26), dtype=DT)
+    phi = linearity_deviation(Penultimate(model), x, z)
+    torch.testing.assert_close(phi.absolute, torch.linalg.vector_norm(z * z, dim=1))
+    torch.testing.assert_close(phi.change, torch.linalg.vector_norm(2 * x * z + z * z, dim=1))
+    logits = linearity_deviation(model, x, z)
+    torch.testing.assert_close(logits.absolute, torch.linalg.vector_norm((z * z) @ W.T, dim=1))
+
+
+def test_penultimate_of_the_project_models_is_the_classifier_input():
+    torch.manual_seed(0)
+    for name in ("mlp", "cnn", "vgg", "cnn7", "resnet18"):
+        model = build_model(name, input_shape=(1, 8, 8), num_classes=10, width=4).eval()
+        x = torch.rand(3, 1, 8, 8)
+        phi = Penultimate(model)(x)
+        assert phi.ndim == 2 and phi.shape[1] == model.classifier.in_features, name
+        with torch.no_grad():
+            torch.testing.assert_close(model.classifier(phi), model(x))
+
+
+def test_penultimate_refuses_a_model_where_it_cannot_be_found():
+    with pytest.raises(ValueError, match="no nn.Linear named 'classifier'"):
+        Penultimate(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    head = nn.Linear(4, 3)
+    after = nn.Sequential(OrderedDict(classifier=head, scale=_Square()))  # something after the classifier
+    with pytest.raises(ValueError, match="is not its Linear's output"):
+        Penultimate(after)(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="not a submodule"):
+        Penultimate(after, layer=nn.Linear(4, 3))
+    explicit = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    assert Penultimate(explicit, layer=explicit[3])(torch.ones(2, 4)).shape == (2, 5)

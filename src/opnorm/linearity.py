@@ -2,7 +2,9 @@
 
 * :func:`linearity_deviation`: per example ``||f(x + z) - f(x) - J(x) z||_2``, absolute and
   relative to ``||f(x + z) - f(x)||_2``: 0 for an affine model, and 0 inside x's linear region
-  of a ReLU network.
+  of a ReLU network. f is any map to (B, d): the logits, or the penultimate layer phi of
+  :class:`Penultimate` (the paper's Sec. 5.3 measures the absolute deviation of phi).
+* :class:`Penultimate`: phi(x), the input of the model's last linear layer, flattened.
 * :func:`top_singular_value`: ``sigma_1(J(x))`` per example (exact: J formed, then its SVD);
   evaluated at ``x + z`` it shows how the local operator changes along a direction.
 * :func:`alignment_by_rank`: ``|cos(delta, v_k)|`` for each of the top-k right singular vectors.
@@ -18,6 +20,10 @@ Example:
     >>> from opnorm.linearity import alignment_by_rank, linearity_deviation
     >>> dev = linearity_deviation(model, x, 1e-4 * torch.randn_like(x))
     >>> dev.relative.shape  # (B,), 0 inside the linear region
+    torch.Size([4])
+    >>> from opnorm.linearity import Penultimate
+    >>> phi = Penultimate(model, layer=model[2])  # the features the last layer reads
+    >>> linearity_deviation(phi, x, 0.1 * torch.randn_like(x)).absolute.shape  # the paper's metric
     torch.Size([4])
     >>> V = opnorm.singular_values(model, x, 3, return_vectors=True).V  # (B, *in, 3)
     >>> x_adv = opnorm.pgd(model, x, eps=0.1, p=2, loss="logit", step_size=float("inf"), clip=None)
@@ -35,7 +41,14 @@ from torch import nn
 from opnorm.jacobian import check_inputs, eval_mode, forward, jvp, unwrap
 from opnorm.power import singular_values
 
-__all__ = ["LinearityDeviation", "linearity_deviation", "top_singular_value", "alignment_by_rank", "pearson_alignment"]
+__all__ = [
+    "LinearityDeviation",
+    "Penultimate",
+    "linearity_deviation",
+    "top_singular_value",
+    "alignment_by_rank",
+    "pearson_alignment",
+]
 
 
 @dataclass
@@ -56,6 +69,64 @@ class LinearityDeviation:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
+
+
+class Penultimate(nn.Module):
+    """phi(x): the features the model's classifier reads, flattened to (B, m).
+
+    The classifier is ``layer`` when given, else the model's submodule named ``classifier``
+    (every model of :func:`opnorm.training.models.build_model` has one, an ``nn.Linear``).
+    Each call checks that the model's output *is* the classifier's output, so a model that
+    does anything after its classifier raises instead of giving the wrong features.
+
+    Args:
+        model: a classifier ``(B, *in) -> (B, d)`` (DataParallel / compile wrappers unwrapped).
+        layer: the module whose input is phi (default: ``model.classifier``).
+
+    Raises:
+        ValueError: no ``layer`` given and the model has no ``nn.Linear`` named ``classifier``;
+            or, when called, the model's output is not ``layer``'s output.
+
+    Example:
+        >>> import torch
+        >>> from opnorm.linearity import Penultimate
+        >>> from opnorm.training.models import build_model
+        >>> phi = Penultimate(build_model("cnn", input_shape=(1, 8, 8), num_classes=10))
+        >>> phi(torch.rand(4, 1, 8, 8)).shape            # the 128 hidden units before the classifier
+        torch.Size([4, 128])
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module | None = None) -> None:
+        super().__init__()
+        net = unwrap(model)
+        if layer is None:
+            layer = getattr(net, "classifier", None)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(
+                    f"cannot find the penultimate layer of {type(net).__name__}: it has no nn.Linear named "
+                    "'classifier'; pass the last layer as Penultimate(model, layer=...) or use your own feature map"
+                )
+        if not any(m is layer for m in net.modules()):
+            raise ValueError(f"layer {type(layer).__name__} is not a submodule of {type(net).__name__}")
+        self.model, self.layer = net, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen: dict = {}
+
+        def record(module, inputs, output):
+            seen["phi"], seen["out"] = inputs[0], output
+
+        handle = self.layer.register_forward_hook(record)
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+        if "phi" not in seen or out is not seen["out"]:
+            raise ValueError(
+                f"{type(self.model).__name__}'s output is not its {type(self.layer).__name__}'s output (the layer "
+                "is not the last one, or is not called): pass the last layer as Penultimate(model, layer=...)"
+            )
+        return _flat(seen["phi"])
 
 
 def linearity_deviation(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> LinearityDeviation:

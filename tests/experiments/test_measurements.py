@@ -3,6 +3,8 @@ known SVD (linear everywhere, sigma constant, the logit PGA perturbation is v_1)
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ def _known_svd_model() -> tuple[nn.Module, np.ndarray]:
     lin = nn.Linear(8, 4).double()
     with torch.no_grad():
         lin.weight.copy_(U @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=DT)) @ Vt)
-    return nn.Sequential(nn.Flatten(), lin), np.array([4.0, 2.0, 1.0, 0.5])
+    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), classifier=lin)), np.array([4.0, 2.0, 1.0, 0.5])
 
 
 def test_linearity_curve_of_an_affine_model():
@@ -29,6 +31,7 @@ def test_linearity_curve_of_an_affine_model():
     assert out["sigma1_at_x"] == pytest.approx(s[0])
     for direction in ("random", "adversarial"):
         assert max(out[direction]["relative"]) < 1e-12 and max(out[direction]["absolute"]) < 1e-10
+        assert max(out[direction]["penultimate_absolute"]) < 1e-10  # phi: the flattened input, linear
         assert out[direction]["sigma1"] == pytest.approx([s[0]] * 3)
         assert out[direction]["norm"] == pytest.approx([0.1, 1.0, 10.0])  # PGA reaches the sphere on a linear model
 

@@ -103,10 +103,19 @@ def test_files_sections_and_schema(quick_run):
     assert r["matched"]["picked"]["opnorm"]["key"] in r["methods"]
     ra = r["rank_alignment"]
     assert set(ra) == {"clean", "random-init"} and len(ra["clean"]["ce"]) == ra["clean"]["k"]
-    assert [f["id"] for f in r["findings"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [f["id"] for f in r["findings"]] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     for f in r["findings"]:
         assert f["verdict"] in ("holds", "partly holds", "does not hold") and f["parts"] and f["numbers"]
         assert f["holds"] == all(p["holds"] for p in f["parts"])
+        assert f["metric"] and f["models"] and f["source"] and "t-interval" in f["interval"]
+    assert [f["claim_is"] for f in r["findings"]][-1] == "ours"  # the relative metric is labelled as ours
+    matched = next(f for f in r["findings"] if f["id"] == 4)
+    assert set(matched["bracketing_lambdas"]) == {"opnorm", "global-snr"}
+    for key, m in r["methods"].items():  # the paper's metric, both directions, every model
+        for direction in ("adversarial", "random"):
+            dev = m["linearity"][direction]["penultimate_absolute"]
+            assert len(dev) == len(m["linearity"]["radii"]) and all(d["mean"] >= 0 for d in dev), key
+        assert len(m["rank_alignment"]["ce"]) == m["rank_alignment"]["k"], key
     for path, value in _finite_numbers({k: v for k, v in r.items() if k != "theorem"}):
         assert math.isfinite(value), path
     report = (out / "report.md").read_text()
@@ -120,6 +129,8 @@ def test_files_sections_and_schema(quick_run):
         else:
             assert n == cells, line
     assert "Pearson" in report and "predicted label" in report
+    assert 'The paper: "' not in report and "in our words" in report  # no paraphrase in quotation marks
+    assert "penultimate layer" in report and "t-interval" in report
     assert "report:" in proc.stdout
 
 
@@ -173,9 +184,21 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     assert b["runs_directory"]["models_read"] == a["runs_directory"]["models_trained"]
     assert "read 0 from the runs directory" in (tmp_path / "a" / "report.md").read_text()
     assert _strip(a) == _strip(b)
+    # a longer sweep reuses every finished run: runs are named by their own lambda, not by the sweep
+    logs.clear()
+    c = run_reproduce(
+        quick=True,
+        out=str(tmp_path / "c"),
+        runs=str(tmp_path / "runs"),
+        log=logs.append,
+        **{**TINY, "sweep_dd": [1.0, 10.0, 30.0]},
+    )
+    trained = [line for line in logs if "training" in line]
+    assert len(trained) == 2 and all("opnorm-lam3 " in line for line in trained), trained
+    assert [p["lam"] for p in c["matched"]["sweeps"]["opnorm"]] == pytest.approx([0.1, 1.0, 3.0])
     with pytest.raises(ValueError, match="holds another study"):
         run_reproduce(
-            quick=True, out=str(tmp_path / "c"), runs=str(tmp_path / "runs"), log=logs.append, **{**TINY, "lam": 0.5}
+            quick=True, out=str(tmp_path / "d"), runs=str(tmp_path / "runs"), log=logs.append, **{**TINY, "lam": 0.5}
         )
 
 
@@ -196,11 +219,11 @@ def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monke
     monkeypatch.setattr(runs, "train", train)
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
-    assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-x10"] and a["matched"]["diverged"][0][
+    assert [d["key"] for d in a["matched"]["diverged"]] == ["global-snr-lam0.1"] and a["matched"]["diverged"][0][
         "seeds"
     ] == [0]
     assert [p["key"] for p in a["matched"]["sweeps"]["global-snr"]] == ["global-snr"]
-    assert "Left out of the sweep: `global-snr-x10` (lambda 0.1)" in (tmp_path / "a" / "report.md").read_text()
+    assert "Left out of the sweep: `global-snr-lam0.1` (lambda 0.1)" in (tmp_path / "a" / "report.md").read_text()
     monkeypatch.setattr(runs, "train", real)  # a rerun reads the record: it neither retrains nor crashes
     logs.clear()
     b = run_reproduce(quick=True, out=str(tmp_path / "b"), runs=str(tmp_path / "runs"), log=logs.append, **tiny)
@@ -221,8 +244,12 @@ def test_stat_and_aggregate_against_numpy():
     assert agg["eps"] == [0.1, 0.2] and agg["label"] == "x" and agg["a"][1]["mean"] == 3.0
     with pytest.raises(ValueError, match="different"):
         aggregate([{"a": 1.0}, {"b": 1.0}])
-    # the margin: two standard errors of the difference
+    # the margin: the 95 % t-interval of the per-seed difference (t = 12.71 with 2 seeds)
     assert below(stat([0.1, 0.1]), stat([0.9, 0.9])) and not below(stat([0.1, 0.5]), stat([0.4, 0.6]))
+    # d = (0.2, 0.25, 0.3): mean 0.25, se 0.0289, t_2 = 4.303: half-width 0.124 < 0.25; 2 se would also pass
+    assert below(stat([0.5, 0.5, 0.5]), stat([0.7, 0.75, 0.8]))
+    # d = (0.05, 0.1, 0.0): mean 0.05, se 0.0289: two standard errors (0.058) would nearly pass it, t (0.124) does not
+    assert not below(stat([0.5, 0.5, 0.5]), stat([0.55, 0.6, 0.5]))
 
 
 def test_seeds_and_config_errors(tmp_path):

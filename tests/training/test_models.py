@@ -12,7 +12,7 @@ from opnorm.training.models import MODELS, VGG, Normalize, ResNet18, WideResNet,
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 # Small widths keep every forward cheap; wrn-28-10's width is its widen factor.
-SMALL = {"mlp": 16, "cnn": 4, "vgg": 4, "cnn7": 2, "resnet18": 4, "wrn-28-10": 1}
+SMALL = {"mlp": 16, "cnn": 4, "cnn-bn": 4, "vgg": 4, "cnn7": 2, "resnet18": 4, "wrn-28-10": 1}
 
 
 def small(name, shape, num_classes=7, **kw):

@@ -18,7 +18,13 @@ from opnorm.analysis import activation_agreement, alignment, verify_equivalence
 from opnorm.attacks import pgd
 from opnorm.evaluation import APGDAttack, evaluate
 from opnorm.jacobian import eval_mode, unwrap
-from opnorm.linearity import alignment_by_rank, linearity_deviation, pearson_alignment, top_singular_value
+from opnorm.linearity import (
+    Penultimate,
+    alignment_by_rank,
+    linearity_deviation,
+    pearson_alignment,
+    top_singular_value,
+)
 from opnorm.norms import lp_norm, order_json
 from opnorm.power import operator_norm, singular_values
 from opnorm.training.evaluation import robust_accuracy
@@ -159,14 +165,19 @@ def linearity_curve(
 
     ``random``: z = r u for one Gaussian unit direction u per point (a ray); ``adversarial``:
     z the l_2 PGA perturbation of the cross-entropy (true label) of radius r. Per direction:
-    ``relative`` ||f(x+z) - f(x) - J(x) z|| / ||f(x+z) - f(x)||, ``absolute`` the numerator,
-    ``norm`` the mean ||z|| reached, ``sigma1`` sigma_1(J(x + z)). ``sigma1_at_x``: sigma_1(J(x)).
+    ``penultimate_absolute`` the paper's metric ||phi(x+z) - phi(x) - J_phi(x) z|| at the penultimate
+    layer phi (:class:`~opnorm.linearity.Penultimate`), ``penultimate_relative`` it divided
+    by ||phi(x+z) - phi(x)||; at the logits f: ``absolute`` ||f(x+z) - f(x) - J(x) z|| and
+    ``relative`` it divided by ||f(x+z) - f(x)||; ``norm`` the mean ||z|| reached, ``sigma1``
+    sigma_1(J(x + z)). ``sigma1_at_x``: sigma_1(J(x)).
     """
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=x.dtype)
     u = g / lp_norm(g, 2).reshape(-1, *([1] * (x.ndim - 1)))
+    phi = Penultimate(model)
     out: dict = {"radii": list(radii), "sigma1_at_x": _mean(top_singular_value(model, x))}
     for key in ("random", "adversarial"):
-        rows: dict = {"relative": [], "absolute": [], "norm": [], "sigma1": []}
+        rows: dict = {k: [] for k in ("penultimate_absolute", "penultimate_relative", "absolute", "relative")}
+        rows.update(norm=[], sigma1=[])
         for r in radii:
             if key == "random":
                 z = r * u
@@ -185,11 +196,12 @@ def linearity_curve(
                     )
                     - x
                 )
-            dev = linearity_deviation(model, x, z)
-            # a point where f did not change at all (relative inf) would swamp the mean: left out, counted
-            finite = torch.isfinite(dev.relative)
-            rows["relative"].append(_mean(dev.relative[finite]) if finite.any() else float("nan"))
-            rows["absolute"].append(_mean(dev.absolute))
+            for prefix, f in (("penultimate_", phi), ("", model)):
+                dev = linearity_deviation(f, x, z)
+                # a point where f did not change at all (relative inf) would swamp the mean: left out
+                finite = torch.isfinite(dev.relative)
+                rows[prefix + "absolute"].append(_mean(dev.absolute))
+                rows[prefix + "relative"].append(_mean(dev.relative[finite]) if finite.any() else float("nan"))
             rows["norm"].append(_mean(lp_norm(z, 2)))
             rows["sigma1"].append(_mean(top_singular_value(model, x + z)))
         out[key] = rows

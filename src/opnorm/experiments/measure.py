@@ -2,9 +2,10 @@
 
 * :func:`screen`: clean accuracy and robust accuracy at the reference radii (every model,
   sweep points included: enough to pick the matched-clean-accuracy lambda);
-* :func:`full`: robust accuracy curves, spectrum, alignment against eps, linearity;
-* :func:`clean_extras`: alignment by singular-vector rank of the clean model and of a
-  randomly initialized network;
+* :func:`full`: robust accuracy curves, spectrum, alignment against eps and by
+  singular-vector rank, linearity;
+* :func:`random_net_alignment`: alignment by singular-vector rank of a randomly initialized
+  network;
 * :func:`first_seed_checks`: the theorem, linear regions (activation agreement) and the
   alignment curve at unjittered points, on the first seed's clean model;
 * :func:`sanity_checks`: monotone curves, stronger attacks, torchattacks' APGD.
@@ -69,15 +70,19 @@ def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
     m["spectrum"] = E.mean_spectrum(model, xa, k)
     m["alignment"] = E.model_alignment(model, xj, ya, eps_grid=cfg.align_eps, steps=cfg.align_steps, seed=seed)
     m["linearity"] = E.linearity_curve(model, xj, ya, radii=cfg.linearity_radii, steps=cfg.align_steps, seed=seed)
+    m["rank_alignment"] = _rank_alignment(cfg, model, xj, ya, seed)
     return m
 
 
-def clean_extras(cfg: StudyConfig, clean: nn.Module, random_net: nn.Module, x, y, seed: int) -> dict:
-    """Alignment by rank (at the l_2 reference radius) of the clean model and a random network."""
+def _rank_alignment(cfg: StudyConfig, model: nn.Module, xj, ya, seed: int) -> dict:
+    return E.rank_alignment(model, xj, ya, eps=cfg.eps_l2, k=cfg.rank_k, steps=cfg.align_steps, seed=seed)
+
+
+def random_net_alignment(cfg: StudyConfig, random_net: nn.Module, x, y, seed: int) -> dict:
+    """Alignment by rank (at the l_2 reference radius) of a randomly initialized network, at the
+    points where :func:`full` measures it for the trained models."""
     xa, ya = x[: cfg.align_points], y[: cfg.align_points]
-    xj = jitter(xa, cfg.analysis_jitter, seed)
-    kw = dict(eps=cfg.eps_l2, k=cfg.rank_k, steps=cfg.align_steps, seed=seed)
-    return {"clean": E.rank_alignment(clean, xj, ya, **kw), "random-init": E.rank_alignment(random_net, xj, ya, **kw)}
+    return _rank_alignment(cfg, random_net, jitter(xa, cfg.analysis_jitter, seed), ya, seed)
 
 
 def first_seed_checks(cfg: StudyConfig, clean: nn.Module, x, y, seed: int) -> dict:

@@ -1,4 +1,4 @@
-"""The study's PNG plots: means over seeds as lines, standard errors as bands.
+"""The study's PNG plots: means over seeds as lines, 95 % t-intervals as bands.
 
 Nothing here computes a result: every number comes from the ``results`` dict of
 :mod:`opnorm.experiments.reproduce`. matplotlib's Agg backend: no screen needed.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from opnorm.experiments.aggregate import mean, se
+from opnorm.experiments.aggregate import half_width, mean
 
 PLOTS = {
     "alignment_rank": "alignment_vs_rank.png",
@@ -49,10 +49,10 @@ def _save(fig, path: Path) -> None:
 
 
 def band(ax, xs: list, stats: list, scale: float = 1.0, **kw: Any) -> None:
-    """A line of the means and a band of +- one standard error (none for one seed)."""
+    """A line of the means and a band of the 95 % t-interval over seeds (none for one seed)."""
     m = [scale * mean(s) if mean(s) is not None else float("nan") for s in stats]
     line = ax.plot(xs, m, **kw)[0]
-    errs = [se(s) for s in stats]
+    errs = [half_width(s) for s in stats]
     if all(e is not None for e in errs):
         ax.fill_between(
             xs,
@@ -75,19 +75,22 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, legend: int = 7) -> None:
 def plot_rank(r: dict, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, name in ((axes[0], "", "|cos|"), (axes[1], "_pearson", "|Pearson corr|")):
-        for model, style in (("clean", "-"), ("random-init", ":")):
-            ra = r["rank_alignment"][model]
-            ks = list(range(1, ra["k"] + 1))
-            for key, label in (("ce", "PGA CE"), ("logit", "PGA logit"), ("random", "random")):
-                band(ax, ks, ra[key + metric], ls=style, marker="o", ms=3, label=f"{label}, {model}")
-        ax.set_yscale("log")
-        _finish(
-            ax,
-            "singular-vector rank k",
-            f"{name}(delta, v_k)",
-            f"Alignment vs rank, l_2 eps {r['rank_alignment']['clean']['eps']:g}",
-        )
+    ra = r["rank_alignment"]
+    ks = list(range(1, ra["clean"]["k"] + 1))
+    ax = axes[0]
+    for m in r["methods"].values():
+        band(ax, ks, m["rank_alignment"]["ce"], marker="o", ms=3, label=m["label"])
+    band(ax, ks, ra["random-init"]["ce"], ls=":", color="black", marker="o", ms=3, label="randomly initialized")
+    ax.set_yscale("log")
+    _finish(
+        ax, "singular-vector rank k", "|cos(delta, v_k)|", f"PGA CE, every model, l_2 eps {ra['clean']['eps']:g}", 6
+    )
+    ax = axes[1]
+    for model, style in (("clean", "-"), ("random-init", ":")):
+        for key, label in (("ce", "PGA CE"), ("logit", "PGA logit"), ("random", "random")):
+            band(ax, ks, ra[model][key + "_pearson"], ls=style, marker="o", ms=3, label=f"{label}, {model}")
+    ax.set_yscale("log")
+    _finish(ax, "singular-vector rank k", "|Pearson corr|(delta, v_k)", "Clean and random network, Pearson", 6)
     _save(fig, path)
 
 
@@ -141,7 +144,10 @@ def plot_linearity(r: dict, path: Path, what: str) -> None:
             band(ax, lin["radii"], lin[direction][what], marker="o", ms=3, label=m["label"])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ylabel = "||f(x+z) - f(x) - J z|| / ||f(x+z) - f(x)||" if what == "relative" else "sigma_1(J(x + z))"
+        ylabel = {
+            "penultimate_absolute": "||phi(x+z) - phi(x) - J_phi z|| (penultimate layer)",
+            "sigma1": "sigma_1(J(x + z))",
+        }[what]
         _finish(ax, "||z||_2", ylabel, f"{direction} direction", 6)
     _save(fig, path)
 
@@ -169,8 +175,8 @@ def plot_frontier(r: dict, path: Path) -> None:
         ax.errorbar(
             xs,
             ys,
-            xerr=[100 * (se(p["clean_acc"]) or 0) for p in pts],
-            yerr=[100 * (se(p["robust_at_reference"]["l2"]) or 0) for p in pts],
+            xerr=[100 * (half_width(p["clean_acc"]) or 0) for p in pts],
+            yerr=[100 * (half_width(p["robust_at_reference"]["l2"]) or 0) for p in pts],
             fmt="-o",
             ms=3,
             capsize=2,
@@ -178,6 +184,8 @@ def plot_frontier(r: dict, path: Path) -> None:
         )
         for p, x, y in zip(pts, xs, ys):
             ax.annotate(f"{p['lam']:g}", (x, y), fontsize=6)
+        v = mt["at_reference_clean_acc"][family]["l2"]
+        ax.plot([100 * mean(mt["reference_clean_acc"])], [100 * mean(v)], "x", ms=8, color="gray")
     at = r["methods"][mt["reference"]]
     ax.errorbar(
         [100 * mean(at["clean_acc"])],
@@ -191,7 +199,7 @@ def plot_frontier(r: dict, path: Path) -> None:
         ax,
         "clean accuracy (%)",
         f"robust accuracy (%), l_2 eps {r['config']['eps_l2']:g}",
-        "Robust vs clean (lambda annotated)",
+        "Robust vs clean (lambda annotated; x: at AT's clean accuracy)",
     )
     _save(fig, path)
 
@@ -260,7 +268,7 @@ def write_plots(r: dict, out: Path) -> dict[str, str]:
     plot_alignment_eps(r, out / PLOTS["alignment_eps"])
     plot_spectra(r, out / PLOTS["spectra_ratio"], ratio=True)
     plot_spectra(r, out / PLOTS["spectra"], ratio=False)
-    plot_linearity(r, out / PLOTS["linearity"], "relative")
+    plot_linearity(r, out / PLOTS["linearity"], "penultimate_absolute")
     plot_linearity(r, out / PLOTS["linearity_sigma"], "sigma1")
     plot_matched(r, out / PLOTS["matched"])
     plot_frontier(r, out / PLOTS["frontier"])

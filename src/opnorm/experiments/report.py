@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from opnorm.experiments.findings import MARGIN_TEXT, fmt, pct
+from opnorm.experiments.findings import INTERVAL_TEXT, fmt, pct
 from opnorm.experiments.plots import PLOTS, write_plots
 from opnorm.training.files import write_text_atomic
 
@@ -35,9 +35,17 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
+def claim_text(f: dict) -> str:
+    """A finding's claim as the report states it: the paper's claim in our words (no quotation
+    marks: the text is not verbatim), with the section or figure it comes from; or ours."""
+    if f["claim_is"] == "ours":
+        return f"Ours (not a claim of the paper): {f['claim']}."
+    return f"The paper ({f['source']}), in our words: {f['claim']}."
+
+
 def _section(r: dict, fid: int, plots: list[str]) -> list[str]:
     f = next(x for x in r["findings"] if x["id"] == fid)
-    lines = [f"## {f['section']}", "", f'The paper: "{f["claim"]}".', ""]
+    lines = [f"## {f['section']}", "", claim_text(f), "", f"Metric: {f['metric']}.", ""]
     lines += [f"![{p}]({PLOTS[p]})" for p in plots] + [""] if plots else []
     lines += [
         f"**Verdict: {f['verdict']}.** "
@@ -50,6 +58,13 @@ def _section(r: dict, fid: int, plots: list[str]) -> list[str]:
 
 def _rank_lines(r: dict) -> list[str]:
     lines = _section(r, 1, ["alignment_rank"])
+    k = r["rank_alignment"]["clean"]["k"]
+    models = [(m["label"], m["rank_alignment"]) for m in r["methods"].values()]
+    models.append(("randomly initialized network", r["rank_alignment"]["random-init"]))
+    lines += [f"PGA cross-entropy (true label), l_2 eps {r['rank_alignment']['clean']['eps']:g}, |cos| with v_k:", ""]
+    lines += table(
+        ["model"] + [f"k={i}" for i in range(1, k + 1)], [[lab] + [fmt(s) for s in ra["ce"]] for lab, ra in models]
+    )
     for model in ("clean", "random-init"):
         ra = r["rank_alignment"][model]
         rows = [
@@ -63,7 +78,7 @@ def _rank_lines(r: dict) -> list[str]:
             )
         ]
         lines += [f"{model} model, l_2 eps {ra['eps']:g}, |cos| (and |Pearson corr|) with v_k:", ""]
-        lines += table(["perturbation"] + [f"k={k}" for k in range(1, ra["k"] + 1)], rows)
+        lines += table(["perturbation"] + [f"k={i}" for i in range(1, ra["k"] + 1)], rows)
     return lines
 
 
@@ -103,12 +118,26 @@ def _spectra_lines(r: dict) -> list[str]:
 def _linearity_lines(r: dict) -> list[str]:
     lines = _section(r, 6, ["linearity", "linearity_sigma"])
     radii = r["methods"]["clean"]["linearity"]["radii"]
-    for direction in ("adversarial", "random"):
-        for what, label in (("relative", "relative deviation from linearity"), ("sigma1", "sigma_1(J(x + z))")):
+    for what, label in (
+        ("penultimate_absolute", "absolute deviation from linearity at the penultimate layer (the paper's metric)"),
+        ("absolute", "absolute deviation from linearity at the logits"),
+    ):
+        for direction in ("adversarial", "random"):
             rows = [[m["label"]] + [fmt(s) for s in m["linearity"][direction][what]] for m in r["methods"].values()]
             lines += [f"{label}, {direction} direction, by ||z||_2:", ""]
             lines += table(["model"] + [f"{e:g}" for e in radii], rows)
-    return lines
+    lines += _section(r, 8, [])
+    for direction in ("adversarial", "random"):
+        rows = [
+            [m["label"], fmt(m["linearity"]["sigma1_at_x"])] + [fmt(s) for s in m["linearity"][direction]["sigma1"]]
+            for m in r["methods"].values()
+        ]
+        lines += [f"sigma_1(J(x + z)), {direction} direction, by ||z||_2:", ""]
+        lines += table(["model", "at x"] + [f"{e:g}" for e in radii], rows)
+    lines += _section(r, 9, [])
+    rows = [[m["label"]] + [fmt(s) for s in m["linearity"]["adversarial"]["relative"]] for m in r["methods"].values()]
+    lines += ["relative deviation at the logits, adversarial direction, by ||z||_2:", ""]
+    return lines + table(["model"] + [f"{e:g}" for e in radii], rows)
 
 
 def _matched_lines(r: dict) -> list[str]:
@@ -116,9 +145,19 @@ def _matched_lines(r: dict) -> list[str]:
     mt = r["matched"]
     lines += [
         f"Reference: {r['methods'][mt['reference']]['label']}, clean accuracy {pct(mt['reference_clean_acc'])} %. "
-        "The sweep (clean and robust accuracy at the reference radii):",
+        f"Each sweep is extended ({mt['search']['method']}; at most {mt['search']['max_new']} added lambdas, "
+        f"stopping once a bracketing lambda is within {100 * mt['search']['tol']:g} points). The sweeps (clean and "
+        "robust accuracy at the reference radii):",
         "",
     ]
+
+    def role(fam: str, p: dict) -> str:
+        b = mt["bracket"][fam]
+        tags = ["bracket, above" if b["bracketed"] and b["above"]["lam"] == p["lam"] else ""]
+        tags.append("bracket, below" if b["bracketed"] and b["below"]["lam"] == p["lam"] else "")
+        tags.append("measured in full" if p["key"] == mt["picked"][fam]["key"] else "")
+        return ", ".join(t for t in tags if t)
+
     rows = [
         [
             fam,
@@ -126,27 +165,40 @@ def _matched_lines(r: dict) -> list[str]:
             pct(p["clean_acc"]),
             pct(p["robust_at_reference"]["l2"]),
             pct(p["robust_at_reference"]["linf"]),
-            "picked" if p["key"] == mt["picked"][fam]["key"] else "",
+            role(fam, p),
         ]
         for fam, pts in mt["sweeps"].items()
         for p in pts
     ]
     ref = r["config"]["reference_eps"]
-    lines += table(
-        ["family", "lambda", "clean (%)", f"robust l_2 {ref['l2']:g} (%)", f"robust l_inf {ref['linf']:g} (%)", ""],
-        rows,
-    )
+    head = [f"robust l_2 {ref['l2']:g} (%)", f"robust l_inf {ref['linf']:g} (%)"]
+    lines += table(["family", "lambda", "clean (%)", *head, ""], rows)
     for d in mt.get("diverged", []):  # left out of the sweep: no mean over seeds exists
         lines += [
             f"Left out of the sweep: `{d['key']}` (lambda {d['lam']:g}), whose training diverged on seed(s) "
             f"{', '.join(map(str, d['seeds']))}: {d['message']}",
             "",
         ]
+    at, clean = r["methods"][mt["reference"]], r["methods"]["clean"]
+    rows = [
+        [at["label"], pct(at["clean_acc"])] + [pct(at["robust_at_reference"][n]) for n in ("l2", "linf")],
+        [clean["label"], pct(clean["clean_acc"])] + [pct(clean["robust_at_reference"][n]) for n in ("l2", "linf")],
+    ]
+    for fam, name in (("opnorm", "d.d. (2,2) op-norm reg."), ("global-snr", "Global SNR")):
+        b, v = mt["bracket"][fam], mt["at_reference_clean_acc"][fam]
+        how = (
+            f"interpolated between lambda {b['above']['lam']:g} and {b['below']['lam']:g}"
+            if b["bracketed"]
+            else f"nearest lambda {b['nearest']['lam']:g} (not bracketed)"
+        )
+        rows.append([f"{name}, {how}", f"{pct(mt['reference_clean_acc'])} (matched)", pct(v["l2"]), pct(v["linf"])])
+    lines += ["Robust accuracy (%) at the reference's clean accuracy, on each sweep's frontier:", ""]
+    lines += table(["model", "clean (%)", *head], rows)
     keys = [mt["reference"]] + [p["key"] for p in mt["picked"].values()]
     for norm in ("l2", "linf"):
         eps = r["methods"][mt["reference"]]["robust"][norm]["eps"]
         rows = [[r["methods"][k]["label"]] + [pct(a) for a in r["methods"][k]["robust"][norm]["acc"]] for k in keys]
-        lines += [f"Robust accuracy (%) at matched clean accuracy, l_{norm[1:]}:", ""]
+        lines += [f"Robust accuracy (%) of the lambdas nearest in clean accuracy, l_{norm[1:]}:", ""]
         lines += table(["method"] + [f"{e:g}" for e in eps], rows)
     return lines
 
@@ -242,20 +294,20 @@ def render_markdown(r: dict) -> str:
         "",
         f"Model `{c['model']}`, {c['epochs']} epochs per method{' (quick)' if c['quick'] else ''} on "
         f"{images} training images, "
-        f"{c['eval_points']} test points, seeds {seeds} (means ± standard errors over seeds). "
+        f"{c['eval_points']} test points, seeds {seeds} (means ± 95 % t-interval half-widths over seeds). "
         f"Command: `{c['command']}`.",
         "",
         _cost_line(r),
         "",
         CONVENTIONS,
         "",
-        f"Margins: {MARGIN_TEXT}.",
+        f"Intervals: {INTERVAL_TEXT}. Tables show mean ± the half-width of that interval.",
         "",
         "## Findings",
         "",
     ]
-    rows = [[f["id"], f["section"], f["claim"], f["numbers"], f["verdict"]] for f in r["findings"]]
-    lines += table(["#", "section", "the paper's claim", "our numbers", "verdict"], rows)
+    rows = [[f["id"], f["section"], f["source"], claim_text(f), f["numbers"], f["verdict"]] for f in r["findings"]]
+    lines += table(["#", "section", "source", "claim", "our numbers", "verdict"], rows)
     lines += _rank_lines(r) + _alignment_eps_lines(r) + _spectra_lines(r) + _linearity_lines(r) + _matched_lines(r)
     lines += _checks_lines(r) + _methods_lines(r)
     env = r["environment"]

@@ -33,9 +33,19 @@ import torch
 from opnorm.experiments import measure as M
 from opnorm.experiments.aggregate import aggregate, mean
 from opnorm.experiments.findings import findings
+from opnorm.experiments.matching import bracket, bracket_search, interpolate
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
-from opnorm.experiments.study import StudyConfig, fingerprint, method_table, study_config, sweep_points, sweep_table
+from opnorm.experiments.study import (
+    FAMILIES,
+    StudyConfig,
+    fingerprint,
+    method_table,
+    study_config,
+    sweep_key,
+    sweep_lambdas,
+    sweep_overrides,
+)
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.files import read_json_object
@@ -79,7 +89,8 @@ def run_reproduce(
     log: Callable[[str], None] = print,
     **overrides: Any,
 ) -> dict:
-    """Run (or resume) the study and write the report into ``out`` (default ``reports/<dataset>``).
+    """Run (or resume) the study and write the report into ``out`` (default ``reports/<dataset>``,
+    or ``reports/<config file name>`` with ``config``).
 
     Args:
         dataset: a preset of :data:`opnorm.experiments.study.PRESETS`. quick: a small version.
@@ -105,7 +116,8 @@ def run_reproduce(
         command=_command(dataset, quick, seeds, config, overrides),
         **overrides,
     )
-    default = Path("reports") / (cfg.dataset + ("-quick" if quick else ""))
+    # a config file's study is its own arm: reports/<file name>, beside the dataset's default arm
+    default = Path("reports") / ((Path(config).stem if config else cfg.dataset) + ("-quick" if quick else ""))
     out_dir = checked_dir(out, "--out") if out is not None else default
     with Runs(runs if runs is not None else out_dir / "runs", fingerprint(cfg)) as store:  # locked while it runs
         results, phases = _study(cfg, store, log)
@@ -123,28 +135,50 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     n_eval = min(cfg.eval_points, len(splits.test))
     x, y = splits.test.x[:n_eval], splits.test.y[:n_eval]
     methods = {key: (label, settings, kw) for key, label, settings, kw in method_table(cfg)}
-    sweep = {key: kw for key, _, _, kw in sweep_table(cfg)}
     phases, t = {}, time.perf_counter()
-    models, seconds, diverged = _train_all(cfg, store, splits, {k: v[2] for k, v in methods.items()}, sweep, log)
-    phases["train"], t = time.perf_counter() - t, time.perf_counter()
+    base = _base_config(cfg)
+    models: dict = {s: {} for s in cfg.seeds}
+    seconds: dict = {s: {} for s in cfg.seeds}
+    screens: dict = {s: {} for s in cfg.seeds}
+    diverged: dict = {}  # key -> {seed: message}
 
-    screens = {
-        s: store.measured(s, "screen", lambda s=s: {k: M.screen(cfg, m, x, y, s) for k, m in models[s].items()})
-        for s in cfg.seeds
-    }
+    def train_and_screen(key: str, overrides: dict, may_diverge: bool) -> bool:
+        """Train ``key`` on every seed and screen it; False when it diverged on some seed."""
+        for s in cfg.seeds:
+            if key in models[s]:  # a main method that is also a sweep point
+                continue
+            model, secs = store.model(base, key, overrides, s, splits, log, may_diverge=may_diverge)
+            if model is None:
+                diverged.setdefault(key, {})[s] = secs
+                continue
+            models[s][key], seconds[s][key] = model, secs
+            screens[s][key] = store.measured(s, f"screen-{key}", lambda s=s, m=model: M.screen(cfg, m, x, y, s))
+        return key not in diverged
+
+    for key, (_, _, kw) in methods.items():
+        train_and_screen(key, kw, may_diverge=False)
+    target = mean(aggregate([screens[s]["pgd-at-l2"] for s in cfg.seeds])["clean_acc"])
+    searched = {}
+    for family in FAMILIES:
+
+        def accuracy(lam: float, family: str = family) -> float | None:
+            key = sweep_key(cfg, family, lam)
+            if not train_and_screen(key, sweep_overrides(cfg, family, lam), may_diverge=True):
+                return None
+            return mean(aggregate([screens[s][key] for s in cfg.seeds])["clean_acc"])
+
+        searched[family] = bracket_search(
+            accuracy, sweep_lambdas(cfg, family), target, max_new=cfg.match_points, tol=cfg.match_tol
+        )
+    phases["train"], t = time.perf_counter() - t, time.perf_counter()
     # a sweep point that diverged on any seed has no mean over seeds: it leaves the sweep, and the report says so
-    failed = {k for d in diverged.values() for k in d}
-    matched = _matched(cfg, aggregate([{k: v for k, v in screens[s].items() if k not in failed} for s in cfg.seeds]))
+    done = [k for k in screens[cfg.seeds[0]] if k not in diverged]
+    matched = _matched(cfg, searched, {k: aggregate([screens[s][k] for s in cfg.seeds]) for k in done})
     matched["diverged"] = [
-        {
-            "key": k,
-            "lam": lam,
-            "seeds": [s for s in cfg.seeds if k in diverged[s]],
-            "message": next(diverged[s][k] for s in cfg.seeds if k in diverged[s]),
-        }
-        for family in ("opnorm", "global-snr")
-        for k, lam in sweep_points(cfg, family)
-        if k in failed
+        {"key": k, "lam": lam, "seeds": sorted(diverged[k]), "message": next(iter(diverged[k].values()))}
+        for family in FAMILIES
+        for lam in searched[family]
+        if (k := sweep_key(cfg, family, lam)) in diverged
     ]
     keys = list(methods) + [m["key"] for m in matched["picked"].values() if m["key"] not in methods]
     per_seed = {}
@@ -161,8 +195,8 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     extras = [
         store.measured(
             s,
-            "rank-alignment",
-            lambda s=s: M.clean_extras(cfg, models[s]["clean"], _random_net(cfg, splits, s), x, y, s),
+            "rank-alignment-random-init",
+            lambda s=s: M.random_net_alignment(cfg, _random_net(cfg, splits, s), x, y, s),
         )
         for s in cfg.seeds
     ]
@@ -186,7 +220,7 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
         "environment": _environment(),
         "methods": {},
         "matched": matched,
-        "rank_alignment": aggregate(extras),
+        "rank_alignment": {"random-init": aggregate(extras)},
         **checks,
         "sanity": sanity,
     }
@@ -200,14 +234,14 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
             methods[k][1] if k in methods else f"eps={cfg.eps_l2:g}, lam={_lam_of(k, matched):g}",
         )
         results["methods"][k] = {"label": label, "settings": settings, **agg}
+    results["rank_alignment"]["clean"] = results["methods"]["clean"]["rank_alignment"]
     results["findings"] = findings(results)
     return results, phases
 
 
-def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, log) -> tuple[dict, dict, dict]:
-    """Every seed's models and training seconds (``table``: the methods; ``sweep``: the sweep
-    points, which may diverge: seed -> key -> message in the third dict, the model left out)."""
-    base = TrainConfig(**cfg.train).replace(
+def _base_config(cfg: StudyConfig):
+    """The TrainConfig every model of the study starts from (the method table overrides it)."""
+    return TrainConfig(**cfg.train).replace(
         dataset=cfg.dataset,
         model=cfg.model,
         epochs=cfg.epochs,
@@ -220,19 +254,6 @@ def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, 
         progress=None,
         device="cpu" if not torch.cuda.is_available() else cfg.train.get("device", "auto"),
     )
-    models: dict = {s: {} for s in cfg.seeds}
-    seconds: dict = {s: {} for s in cfg.seeds}
-    diverged: dict = {s: {} for s in cfg.seeds}
-    for s in cfg.seeds:
-        for key, kw in table.items():
-            models[s][key], seconds[s][key] = store.model(base, key, kw, s, splits, log)
-        for key, kw in sweep.items():
-            model, secs = store.model(base, key, kw, s, splits, log, may_diverge=True)
-            if model is None:
-                diverged[s][key] = secs
-            else:
-                models[s][key], seconds[s][key] = model, secs
-    return models, seconds, diverged
 
 
 def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
@@ -249,21 +270,53 @@ def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
     ).eval()
 
 
-def _matched(cfg: StudyConfig, screen: dict) -> dict:
-    """Per family the sweep point whose mean clean accuracy is closest to l_2 PGD-AT's (CE)."""
-    ref = mean(screen["pgd-at-l2"]["clean_acc"])
+def _matched(cfg: StudyConfig, searched: dict, screen: dict) -> dict:
+    """Per family: the sweep (every lambda trained on every seed), the lambda nearest to l_2
+    PGD-AT's mean clean accuracy (``picked``: measured in full), the bracketing pair and the
+    robust accuracy at the reference radii interpolated between it at AT's clean accuracy
+    (the nearest lambda's where the sweep does not bracket it)."""
+    ref = screen["pgd-at-l2"]["clean_acc"]
+    target = mean(ref)
     out: dict = {
         "reference": "pgd-at-l2",
-        "reference_clean_acc": screen["pgd-at-l2"]["clean_acc"],
+        "reference_clean_acc": ref,
+        "search": {"max_new": cfg.match_points, "tol": cfg.match_tol, "method": "factor 10 outwards, then bisection "
+                   "in log-lambda, until two lambdas bracket the reference's mean clean accuracy"},
         "sweeps": {},
         "picked": {},
-    }
-    for family in ("opnorm", "global-snr"):
-        points = [{"key": k, "lam": lam, **screen[k]} for k, lam in sweep_points(cfg, family) if k in screen]
+        "bracket": {},
+        "at_reference_clean_acc": {},
+    }  # fmt: skip
+    for family in FAMILIES:
+        points = [
+            {"key": sweep_key(cfg, family, lam), "lam": lam, **screen[sweep_key(cfg, family, lam)]}
+            for lam, acc in searched[family].items()
+            if acc is not None
+        ]
         out["sweeps"][family] = points
-        best = min(points, key=lambda p: abs(mean(p["clean_acc"]) - ref))
-        lo, hi = min(mean(p["clean_acc"]) for p in points), max(mean(p["clean_acc"]) for p in points)
-        out["picked"][family] = {"key": best["key"], "lam": best["lam"], "bracketed": lo <= ref <= hi}
+        by_lam = {p["lam"]: p for p in points}
+        best = min(points, key=lambda p: abs(mean(p["clean_acc"]) - target))
+        out["picked"][family] = {"key": best["key"], "lam": best["lam"]}
+        pair = bracket({lam: mean(p["clean_acc"]) for lam, p in by_lam.items()}, target)
+        if pair is None:
+            out["bracket"][family] = {
+                "bracketed": False,
+                "nearest": {"lam": best["lam"], "clean_acc": best["clean_acc"]},
+            }
+            out["at_reference_clean_acc"][family] = dict(best["robust_at_reference"])
+            continue
+        a, b = by_lam[pair[0]], by_lam[pair[1]]
+        out["bracket"][family] = {
+            "bracketed": True,
+            "above": {"lam": a["lam"], "clean_acc": a["clean_acc"]},
+            "below": {"lam": b["lam"], "clean_acc": b["clean_acc"]},
+        }
+        out["at_reference_clean_acc"][family] = {
+            norm: interpolate(
+                a["clean_acc"], b["clean_acc"], a["robust_at_reference"][norm], b["robust_at_reference"][norm], target
+            )
+            for norm in ("l2", "linf")
+        }
     return out
 
 
@@ -275,4 +328,4 @@ def _label(key: str, methods: dict, matched: dict) -> str:
     if key in methods:
         return methods[key][0]
     family = "d.d. (2,2) op-norm reg." if key.startswith("opnorm") else "Global SNR"
-    return f"{family}, lam={_lam_of(key, matched):g} (matched clean acc.)"
+    return f"{family}, lam={_lam_of(key, matched):g} (nearest to AT's clean acc.)"

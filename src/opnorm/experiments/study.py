@@ -2,12 +2,12 @@
 the lambda sweeps that match clean accuracy.
 
 Example:
-    >>> from opnorm.experiments.study import method_table, study_config, sweep_table
+    >>> from opnorm.experiments.study import method_table, study_config, sweep_key, sweep_lambdas
     >>> cfg = study_config("digits", seeds=[0, 1])
     >>> [key for key, *_ in method_table(cfg)]
     ['clean', 'pgd-at-linf', 'pgd-at-l2', 'logit-at', 'opnorm', 'global-snr']
-    >>> [(key, lam) for key, family, lam, overrides in sweep_table(cfg)]  # the matched-accuracy sweeps
-    [('opnorm-x4', 0.4), ('global-snr-x100', 1.0)]
+    >>> sweep_lambdas(cfg, "opnorm"), sweep_key(cfg, "opnorm", 0.4)
+    ([0.1, 0.4], 'opnorm-lam0.4')
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from opnorm.experiments.matching import round_lambda
 from opnorm.training.config import TrainConfig, migrate
 
 INF = math.inf
@@ -45,9 +46,13 @@ class StudyConfig:
     # delta the PGA maximizer resp. eps * v_1 (= lam * eps^2 * sigma^2 in the linear region)
     lam: float = 0.1
     lam_snr: float = 0.01
-    # lambda sweeps (multiples of lam and lam_snr) from which the matched-clean-accuracy lambda is picked
+    # lambda sweeps (multiples of lam and lam_snr) from which the matched-clean-accuracy lambda is picked;
+    # the bracketing search then adds up to match_points lambdas per family (factor 10 outwards, then
+    # bisection in log-lambda) until two bracket PGD-AT's clean accuracy, one within match_tol of it
     sweep_dd: list = field(default_factory=lambda: [1.0, 3.0, 10.0])
     sweep_snr: list = field(default_factory=lambda: [1.0, 10.0, 100.0])
+    match_points: int = 3
+    match_tol: float = 0.01
     train_steps: int = 10
     step_size: float | None = None  # training PGA step (None: 2.5 eps / steps)
     power_iters: int = 10
@@ -96,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         linearity_radii=[0.03, 0.1, 0.3, 1.0, 2.0],
         sweep_dd=[1.0, 4.0],
         sweep_snr=[1.0, 100.0],
+        match_points=2,  # at most two added lambdas per family: the run stays within about 4 minutes
         fast_method=False,
     ),
     "fashion-mnist": dict(
@@ -168,6 +174,7 @@ QUICK = dict(
     linearity_radii=[0.1, 1.0],
     sweep_dd=[1.0],
     sweep_snr=[1.0],
+    match_points=0,
     fast_method=False,  # no sweep: the main lambdas
 )
 
@@ -253,6 +260,10 @@ def _check(cfg: StudyConfig) -> None:
         vals = getattr(cfg, name)
         if not vals or 1.0 not in vals or any(not (v > 0) for v in vals):
             raise ValueError(f"{name} must be positive multiples of lambda that include 1.0, got {vals!r}")
+    if isinstance(cfg.match_points, bool) or not isinstance(cfg.match_points, int) or cfg.match_points < 0:
+        raise ValueError(f"match_points must be an int >= 0, got {cfg.match_points!r}")
+    if not (cfg.match_tol >= 0):
+        raise ValueError(f"match_tol must be >= 0 (a clean-accuracy fraction), got {cfg.match_tol!r}")
     if cfg.rank_k < 1 or cfg.spectrum_k < 1:
         raise ValueError("rank_k and spectrum_k must be >= 1")
 
@@ -323,37 +334,48 @@ def method_table(cfg: StudyConfig) -> list[tuple[str, str, str, dict]]:
     return rows
 
 
-def sweep_key(family: str, factor: float) -> str:
-    """The method key of a sweep point; factor 1 is the main method itself."""
-    return family if factor == 1.0 else f"{family}-x{factor:g}"
+FAMILIES = ("opnorm", "global-snr")
 
 
-def sweep_table(cfg: StudyConfig) -> list[tuple[str, str, float, dict]]:
-    """(key, family, lambda, TrainConfig overrides) for the sweep points that are not main methods."""
-    rows = []
-    for factor in cfg.sweep_dd:
-        if factor != 1.0:
-            rows.append((sweep_key("opnorm", factor), "opnorm", cfg.lam * factor, _dd(cfg, cfg.lam * factor)))
-    for factor in cfg.sweep_snr:
-        if factor != 1.0:
-            rows.append(
-                (
-                    sweep_key("global-snr", factor),
-                    "global-snr",
-                    cfg.lam_snr * factor,
-                    dict(method="global-snr", lam=cfg.lam_snr * factor),
-                )
-            )
-    return rows
+def family_lambda(cfg: StudyConfig, family: str) -> float:
+    """The main lambda of a sweep family ("opnorm": d.d. regularization, "global-snr")."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown sweep family {family!r}; valid: {', '.join(FAMILIES)}")
+    return cfg.lam if family == "opnorm" else cfg.lam_snr
 
 
-def sweep_points(cfg: StudyConfig, family: str) -> list[tuple[str, float]]:
-    """(key, lambda) of every sweep point of a family ("opnorm" or "global-snr"), main one included."""
-    factors, lam = (cfg.sweep_dd, cfg.lam) if family == "opnorm" else (cfg.sweep_snr, cfg.lam_snr)
-    return [(sweep_key(family, f), lam * f) for f in sorted(factors)]
+def sweep_key(cfg: StudyConfig, family: str, lam: float) -> str:
+    """The run key of a family's model at ``lam``: named by its own lambda (the family's main
+    lambda is the main method itself), so a run is found again whatever sweep it came from."""
+    return family if lam == family_lambda(cfg, family) else f"{family}-lam{lam:g}"
+
+
+def sweep_overrides(cfg: StudyConfig, family: str, lam: float) -> dict:
+    """TrainConfig overrides of a family's model at ``lam``."""
+    return _dd(cfg, lam) if family == "opnorm" else dict(method="global-snr", lam=lam)
+
+
+def sweep_lambdas(cfg: StudyConfig, family: str) -> list[float]:
+    """The initial sweep of a family: its main lambda times each factor, sorted."""
+    factors = cfg.sweep_dd if family == "opnorm" else cfg.sweep_snr
+    lam = family_lambda(cfg, family)
+    return sorted(lam if f == 1.0 else round_lambda(lam * f) for f in factors)
 
 
 def fingerprint(cfg: StudyConfig) -> dict:
-    """The fields that decide what a trained run is (a runs directory must match them to be reused)."""
-    skip = {"seeds", "command", "quick", "data_dir", "noise_points"}
+    """The fields that decide what a trained run is (a runs directory must match them to be reused).
+
+    The sweeps and the bracketing search are left out: a sweep's runs are named by their own
+    lambda, so a longer sweep or search reuses every finished run."""
+    skip = {
+        "seeds",
+        "command",
+        "quick",
+        "data_dir",
+        "noise_points",
+        "sweep_dd",
+        "sweep_snr",
+        "match_points",
+        "match_tol",
+    }
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}

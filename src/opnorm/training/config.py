@@ -182,7 +182,7 @@ class TrainConfig:
     """
 
     dataset: str = _f("digits", "digits | fashion-mnist | mnist | cifar10")
-    model: str = _f("cnn", "mlp | cnn | vgg | resnet18 | wrn-28-10")
+    model: str = _f("cnn", "mlp | cnn | cnn-bn | vgg | cnn7 | resnet18 | wrn-28-10")
     method: str = _f("clean", " | ".join(METHODS))
     p: Any = _f(2.0, "threat model l_p (1, 2, inf; any real >= 1 for opnorm)")
     q: Any = _f(2.0, "logit norm l_q of the (p, q) operator norm / logit loss")

@@ -36,7 +36,7 @@ __all__ = [
     "WideResNet",
 ]
 
-MODELS = ("mlp", "cnn", "vgg", "cnn7", "resnet18", "wrn-28-10")
+MODELS = ("mlp", "cnn", "cnn-bn", "vgg", "cnn7", "resnet18", "wrn-28-10")
 
 
 class Normalize(nn.Module):
@@ -129,6 +129,8 @@ class SmallCNN(nn.Sequential):
         input_shape: (C, H, W), e.g. (1, 8, 8), (1, 28, 28), (3, 32, 32).
         num_classes: outputs. width: c1 (c2 = 2 * width), default 32. hidden: 128.
         mean, std: Normalize statistics.
+        batchnorm: put ``BatchNorm2d(affine=False)`` after each conv (whose bias it would
+            cancel, so the convs then have none), as the paper's cnn7 does.
     """
 
     def __init__(
@@ -139,12 +141,15 @@ class SmallCNN(nn.Sequential):
         hidden: int = 128,
         mean=None,
         std=None,
+        batchnorm: bool = False,
     ):
         c, h, w = input_shape
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["normalize"] = Normalize(mean, std, num_channels=c)
         for k, cout in enumerate((width, 2 * width), start=1):
-            layers[f"conv{k}"] = _conv3x3(c, cout, bias=True)
+            layers[f"conv{k}"] = _conv3x3(c, cout, bias=not batchnorm)
+            if batchnorm:
+                layers[f"bn{k}"] = nn.BatchNorm2d(cout, affine=False)
             layers[f"relu{k}"] = nn.ReLU()
             if _pool_or_skip(min(h, w)):
                 layers[f"pool{k}"] = nn.MaxPool2d(2)
@@ -377,7 +382,8 @@ def build_model(
 
     Args:
         name: one of ``MODELS``: "mlp" (width = hidden size, default 128), "cnn" (width =
-            first conv channels, default 32), "vgg" (n, default 16), "cnn7" (the paper's CIFAR-10
+            first conv channels, default 32), "cnn-bn" (the same with ``BatchNorm2d(affine=False)``
+            after each conv), "vgg" (n, default 16), "cnn7" (the paper's CIFAR-10
             network, n, default 128), "resnet18" (stem width,
             default 64), "wrn-28-10" (widen factor, default 10).
         input_shape: (C, H, W) of the pixel inputs, e.g. ``DatasetSplits.input_shape``.
@@ -414,8 +420,8 @@ def build_model(
     if key == "mlp":
         w = width or 128
         model = MLP(hidden=(w, w), **kw)
-    elif key == "cnn":
-        model = SmallCNN(width=width or 32, **kw)
+    elif key in ("cnn", "cnn-bn"):
+        model = SmallCNN(width=width or 32, batchnorm=key == "cnn-bn", **kw)
     elif key == "vgg":
         model = VGG(width=width or 16, **kw)
     elif key == "cnn7":
