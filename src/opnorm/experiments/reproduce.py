@@ -205,9 +205,11 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
 def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, log) -> tuple[dict, dict, dict]:
     """Every seed's models and training seconds (``table``: the methods; ``sweep``: the sweep
     points, which may diverge: seed -> key -> message in the third dict, the model left out)."""
+    from opnorm.training.config import METHOD_OPTIONS, method_settings
     from opnorm.training.trainer import TrainConfig
 
-    base = TrainConfig(**cfg.train).replace(
+    # the shared settings; a method option of the config file goes to the methods that read it
+    base = TrainConfig(**{k: v for k, v in cfg.train.items() if k not in METHOD_OPTIONS}).replace(
         dataset=cfg.dataset,
         model=cfg.model,
         epochs=cfg.epochs,
@@ -225,8 +227,10 @@ def _train_all(cfg: StudyConfig, store: Runs, splits, table: dict, sweep: dict, 
     diverged: dict = {s: {} for s in cfg.seeds}
     for s in cfg.seeds:
         for key, kw in table.items():
+            kw = {**method_settings(cfg.train, kw["method"]), **kw}
             models[s][key], seconds[s][key] = store.model(base, key, kw, s, splits, log)
         for key, kw in sweep.items():
+            kw = {**method_settings(cfg.train, kw["method"]), **kw}
             model, secs = store.model(base, key, kw, s, splits, log, may_diverge=True)
             if model is None:
                 diverged[s][key] = secs
