@@ -70,7 +70,7 @@ from opnorm.regularizers import AdversarialTrainingLoss, FisherKL, LogitNorm, Op
 from opnorm.training.config import TrainConfig
 from opnorm.training.data import load_dataset
 from opnorm.training.models import build_model
-from opnorm.training.trainer import Objective
+from opnorm.training.objectives import build_objective
 
 INF = math.inf
 KL_LAM = 0.06
@@ -141,7 +141,7 @@ def main() -> None:
 
     at = AdversarialTrainingLoss("ce", eps=0.1, p=INF, steps=10)
     n = splits.train.x.shape[0]  # the stores hold one direction per training example
-    fast_objective = Objective(cfg, base, num_examples=n)  # the trainer's default regularizer
+    fast_objective = build_objective(cfg, base, num_examples=n)  # the trainer's default regularizer
     fast = fast_objective.reg
 
     def fast_reg(iters: int = 3, warm_iters: int = 1, *, kl: bool = False, **solver) -> OperatorNormRegularizer:

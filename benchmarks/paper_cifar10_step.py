@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import TrainConfig, method_settings
 from opnorm.training.models import build_model
+from opnorm.training.objectives import build_objective
 from opnorm.training.paper_setup import input_normalization
-from opnorm.training.trainer import Objective, _build_optimizer
+from opnorm.training.trainer import _build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -42,13 +43,12 @@ METHODS = {
 
 
 def _setup(change: dict):
-    cfg = TrainConfig.from_dict(
-        {**json.loads((ROOT / "configs" / "paper-cifar10.json").read_text()), **change}
-    ).resolved()
+    shared = json.loads((ROOT / "configs" / "paper-cifar10.json").read_text())
+    cfg = TrainConfig.from_dict({**method_settings(shared, change["method"]), **change}).resolved()
     mean, std = input_normalization(cfg.input_range, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     model = build_model(cfg.model, input_shape=(3, 32, 32), num_classes=10, mean=mean, std=std, width=cfg.width)
-    return cfg, model, Objective(cfg, model), _build_optimizer(cfg, model)
+    return cfg, model, build_objective(cfg, model), _build_optimizer(cfg, model)
 
 
 def _step(model, objective, opt, x, y) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from opnorm.training.config import TrainConfig
 from opnorm.training.models import build_model
-from opnorm.training.trainer import Objective
+from opnorm.training.objectives import build_objective
 
 # name -> TrainConfig changes (the training defaults otherwise: 10 PGD steps, opnorm's fast mode)
 VARIANTS = {
@@ -77,7 +77,7 @@ def main() -> None:
     for name, changes in VARIANTS.items():
         cfg = TrainConfig(dataset="fashion-mnist", model="cnn", p=args.p, q=args.q, eps=args.eps, **changes).resolved()
         model = copy.deepcopy(base).train()
-        objective = Objective(cfg, model, num_examples=args.batch)  # index covers the one batch
+        objective = build_objective(cfg, model, num_examples=args.batch)  # index covers the one batch
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         cases[name] = (cfg, model, objective, opt)
 

@@ -196,9 +196,9 @@ MUTATIONS = [
     ),
     Mutation(
         "fast-at-defaults-no-random-start",
-        "training/config.py",
-        "c.fgsm_start = start if c.fgsm_start is None",
-        "c.fgsm_start = 0.0 if c.fgsm_start is None",
+        "training/objectives.py",
+        "cfg.fgsm_start = start if cfg.fgsm_start is None",
+        "cfg.fgsm_start = 0.0 if cfg.fgsm_start is None",
         (
             T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[fgsm-rs]",
             T + "training/test_fast_at.py::test_the_trainers_defaults_are_the_papers_settings[n-fgsm]",

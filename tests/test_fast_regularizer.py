@@ -418,7 +418,7 @@ def test_factory_defaults_and_validation():
 def test_config_and_cli_expose_the_mode():
     from opnorm.cli import build_parser, train_config_from_args
     from opnorm.training.config import TrainConfig
-    from opnorm.training.trainer import Objective
+    from opnorm.training.objectives import build_objective
 
     fast_cfg = TrainConfig(method="opnorm").resolved()
     o = fast_cfg.opnorm
@@ -432,11 +432,11 @@ def test_config_and_cli_expose_the_mode():
     )
     with pytest.raises(ValueError, match="unknown opnorm.mode 'slow'"):
         TrainConfig(method="opnorm", opnorm={"mode": "slow"}).resolved()
-    reg = Objective(paper, nn.Linear(2, 2)).reg
+    reg = build_objective(paper, nn.Linear(2, 2)).reg
     assert reg.store is None and reg.clip is None and reg.solver.iters == 10 and not reg.solver.free_update
     with pytest.raises(ValueError, match="num_examples"):
-        Objective(fast_cfg, nn.Linear(2, 2))
-    reg = Objective(fast_cfg, nn.Linear(2, 2), num_examples=10).reg
+        build_objective(fast_cfg, nn.Linear(2, 2))
+    reg = build_objective(fast_cfg, nn.Linear(2, 2), num_examples=10).reg
     assert reg.store.num_examples == 10 and reg.clip == (0.0, 1.0) and reg.solver.warm_iters == 1
     assert reg.solver.free_update
     args = build_parser().parse_args(

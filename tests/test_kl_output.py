@@ -122,7 +122,7 @@ def test_free_update_is_psi_of_the_kl_gradient(p):
 def test_kl_output_validation_and_config():
     from opnorm.cli import build_parser, train_config_from_args
     from opnorm.training.config import TrainConfig
-    from opnorm.training.trainer import Objective
+    from opnorm.training.objectives import build_objective
 
     with pytest.raises(TypeError, match="metric must be an instance of OutputMetric"):
         OperatorNormRegularizer(metric="softmax")
@@ -137,7 +137,7 @@ def test_kl_output_validation_and_config():
     args = build_parser().parse_args(["train", "--method", "opnorm", "--opnorm-output", "kl"])
     cfg, _, _ = train_config_from_args(args)
     assert cfg.opnorm.output == "kl"
-    assert isinstance(Objective(cfg, nn.Linear(2, 2), num_examples=4).reg.metric, FisherKL)
+    assert isinstance(build_objective(cfg, nn.Linear(2, 2), num_examples=4).reg.metric, FisherKL)
 
 
 # ----------------------------------------------------------------------------- CE at the fd point
@@ -171,7 +171,7 @@ def test_perturbed_task_returns_the_fd_point_logits_and_steers_the_free_update(p
 def test_perturbed_task_in_the_trainer_and_its_validation():
     from opnorm.cli import build_parser, train_config_from_args
     from opnorm.training.config import TrainConfig
-    from opnorm.training.trainer import Objective
+    from opnorm.training.objectives import build_objective
 
     with pytest.raises(ValueError, match="the exact penalty has none"):
         OperatorNormRegularizer(2, 2, penalty=ExactPenalty()).joint(affine()[0], X, perturbed=True)
@@ -203,7 +203,7 @@ def test_perturbed_task_in_the_trainer_and_its_validation():
     for task in ("clean", "perturbed"):
         d = cfg.to_dict()
         d["opnorm"]["task"] = task
-        obj = Objective(TrainConfig.from_dict(d).resolved(), model, num_examples=8)
+        obj = build_objective(TrainConfig.from_dict(d).resolved(), model, num_examples=8)
         torch.manual_seed(0)
         loss, _ = obj(model, X, y, torch.tensor([4, 0, 7]))
         x_p = (X + 0.2 * obj.reg.last_v).clamp(0, 1)

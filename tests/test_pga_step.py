@@ -126,7 +126,7 @@ def test_explicit_iteration_with_clip_keeps_the_point_in_the_box():
 def test_step_validation_config_and_cli():
     from opnorm.cli import build_parser, train_config_from_args
     from opnorm.training.config import TrainConfig
-    from opnorm.training.trainer import Objective
+    from opnorm.training.objectives import build_objective
 
     for bad, match in (
         (0.0, "step must be > 0"),
@@ -147,7 +147,7 @@ def test_step_validation_config_and_cli():
     args = build_parser().parse_args(["train", "--method", "opnorm", "--p", "inf", "--opnorm-step", "0.5"])
     cfg, _, _ = train_config_from_args(args)
     assert cfg.opnorm.step == 0.5
-    reg = Objective(cfg, nn.Linear(2, 2), num_examples=4).reg
+    reg = build_objective(cfg, nn.Linear(2, 2), num_examples=4).reg
     assert reg.solver.step == 0.5 and "step=0.5" in repr(reg)
     assert OperatorNormRegularizer().solver.step == INF and PGASolver(step=None).step == INF
 

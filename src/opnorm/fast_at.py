@@ -25,7 +25,7 @@ Budget of free in :class:`~opnorm.training.config.TrainConfig`: ``epochs`` count
 steps in epochs, as for every other method; free makes ``epochs / replays`` passes over the
 data (``epochs`` must be a multiple of ``replays``), so a free run and a FGSM-RS run with the
 same ``epochs`` take the same number of optimizer steps. The run's metrics hold one line per
-pass (see :func:`data_passes`).
+pass (see :func:`opnorm.training.config.data_passes`).
 
 The attack step of fgsm-rs and n-fgsm runs in eval mode without autocast, as the PGD attack of
 :class:`~opnorm.regularizers.AdversarialTrainingLoss`; free has no separate attack forward.
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -68,9 +67,6 @@ __all__ = [
     "FREE_DEFAULT_REPLAYS",
     "SingleStepATLoss",
     "FreeATLoss",
-    "fast_at_loss",
-    "data_passes",
-    "replays_per_batch",
     "Replayed",
 ]
 
@@ -280,26 +276,6 @@ class FreeATLoss(nn.Module):
             delta.register_hook(lambda g: self._update(delta, g))
         x_adv = x + delta if self.clip is None else (x + delta).clamp(*self.clip)
         return cross_entropy(full(forward(model, x_adv)), None, y).mean()
-
-
-# ----------------------------------------------------------------------------- the trainer's side
-
-
-def fast_at_loss(cfg: Any) -> nn.Module:
-    """The loss object of a resolved TrainConfig whose method is in :data:`FAST_AT_METHODS`."""
-    if cfg.method == "free":
-        return FreeATLoss(cfg.eps, cfg.p, step=cfg.fgsm_step)
-    return SingleStepATLoss(cfg.method, cfg.eps, cfg.p, step=cfg.fgsm_step, start=cfg.fgsm_start)
-
-
-def replays_per_batch(cfg: Any) -> int:
-    """How many optimizer steps the trainer takes on each minibatch: ``replays`` for free, else 1."""
-    return cfg.replays if cfg.method == "free" else 1
-
-
-def data_passes(cfg: Any) -> int:
-    """The passes over the data of a resolved config: ``epochs / replays`` for free, else ``epochs``."""
-    return cfg.epochs // replays_per_batch(cfg)
 
 
 class Replayed:

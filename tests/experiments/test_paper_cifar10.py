@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import TrainConfig, method_settings
 from opnorm.training.models import build_model
+from opnorm.training.objectives import build_objective
 from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
-from opnorm.training.trainer import Objective, train
+from opnorm.training.trainer import train
 from tests.training.test_data import write_cifar
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,11 +32,13 @@ def cifar_dir(tmp_path_factory):
 
 
 def test_config_holds_the_papers_settings():
-    cfg = TrainConfig.from_dict(json.loads(CONFIG.read_text())).resolved()
+    raw = json.loads(CONFIG.read_text())  # the study's settings: steps, step_size, adv_append are pgd-at's
+    at = TrainConfig.from_dict({**method_settings(raw, "pgd-at"), "method": "pgd-at"}).resolved()
+    assert at.step_size == pytest.approx(2 * at.eps / 10) and at.steps == 10 and at.adv_append == 0.75
+    cfg = TrainConfig.from_dict(method_settings(raw, "opnorm")).resolved()
     assert (cfg.model, cfg.width, cfg.input_range) == ("cnn7", 128, [-1.0, 1.0])
     # l_2 eps 1.75 on [-1, 1] inputs is 0.875 on [0, 1] pixels; PGA step 2 eps / 10
     assert cfg.eps * (cfg.input_range[1] - cfg.input_range[0]) == pytest.approx(1.75)
-    assert cfg.step_size == pytest.approx(2 * cfg.eps / 10) and cfg.steps == 10
     assert (cfg.method, cfg.opnorm.mode, cfg.lam, cfg.opnorm.iters, cfg.p, cfg.q) == (
         "opnorm",
         "paper",
@@ -45,17 +48,13 @@ def test_config_holds_the_papers_settings():
         2.0,
     )
     assert cfg.opnorm.scale_by_eps and cfg.squared and cfg.opnorm.penalty == "fd"  # lam ||f(x + eps v) - f(x)||^2
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.adv_append, cfg.train_loss) == (
-        "rmsprop",
-        1e-4,
-        32,
-        0.75,
-        "multi-margin",
-    )
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.train_loss) == ("rmsprop", 1e-4, 32, "multi-margin")
 
 
 def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_path):
     out = tmp_path / "run"
+    config = tmp_path / "opnorm.json"  # the d.d. run of the study's config (opnorm ignores the attack's settings)
+    config.write_text(json.dumps(method_settings(json.loads(CONFIG.read_text()), "opnorm")))
     proc = subprocess.run(
         [
             sys.executable,
@@ -63,7 +62,7 @@ def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_
             "opnorm",
             "train",
             "--config",
-            str(CONFIG),
+            str(config),
             "--data-dir",
             str(cifar_dir),
             "--limit-train",
@@ -100,7 +99,7 @@ def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_
 @pytest.mark.parametrize("method,extra", [("pgd-at", {}), ("global-snr", {"lam": 3e-4, "iters": 1}), ("clean", {})])
 def test_other_methods_of_the_config_train_a_step(cifar_dir, method, extra):
     cfg = {
-        **json.loads(CONFIG.read_text()),
+        **method_settings(json.loads(CONFIG.read_text()), method),
         "method": method,
         "width": 4,
         "data_dir": str(cifar_dir),
@@ -130,10 +129,10 @@ def test_appended_adversarial_loss_matches_a_hand_built_batch():
     xa = pgd(net, x[:6], y[:6], eps=0.5, p=2, loss="ce", steps=3, step_size=0.1, random_start=True)
     ref = nn.MultiMarginLoss()(net(torch.cat([x, xa])), torch.cat([y, y[:6]]))
     torch.testing.assert_close(got, ref.float())  # the loss is taken in float32, as the trainer's
-    obj = Objective(
+    obj = build_objective(
         TrainConfig(method="pgd-at", p=2, eps=0.5, adv_append=0.75, train_loss="multi-margin").resolved(), net
     )
-    assert obj.appended is not None and obj.at is None
+    assert isinstance(obj.at, AppendedAdversarialLoss)
 
 
 def test_task_loss_and_input_range_against_torch():
@@ -152,7 +151,7 @@ def test_task_loss_and_input_range_against_torch():
     [
         ({"train_loss": "hinge"}, "unknown train_loss"),
         ({"method": "pgd-at", "train_loss": "multi-margin"}, "needs adv_append"),
-        ({"method": "logit-at", "train_loss": "multi-margin"}, "not implemented for logit-at"),
+        ({"method": "logit-at", "train_loss": "multi-margin"}, "train_loss applies to methods clean, pgd-at"),
         ({"adv_append": 1.5}, "adv_append must be in"),
         ({"input_range": [1, -1]}, "hi > lo"),
         ({"input_range": [0]}, "must be \\[lo, hi\\]"),

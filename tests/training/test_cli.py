@@ -32,12 +32,11 @@ SMALL = [
     "20",
     "--eval-steps",
     "3",
-    "--steps",
-    "3",
     "--batch-size",
     "32",
     "--quiet",
 ]
+ATTACK = ["--steps", "3"]  # the training attack's (pgd-at); clean refuses it
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,23 @@ def run_dir(tmp_path_factory):
     """A 2-epoch pgd-at run made through the CLI."""
     out = tmp_path_factory.mktemp("cli") / "run"
     assert (
-        main(["train", "--method", "pgd-at", "--p", "inf", "--eps", "0.1", "--epochs", "2", "--out", str(out), *SMALL])
+        main(
+            [
+                "train",
+                "--method",
+                "pgd-at",
+                "--p",
+                "inf",
+                "--eps",
+                "0.1",
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
+                *ATTACK,
+                *SMALL,
+            ]
+        )
         == 0
     )
     return out
@@ -151,14 +166,16 @@ def test_config_file_reruns_and_flags_override(run_dir, tmp_path, capsys):
             "--epochs",
             "1",
             "--method",
-            "clean",
+            "trades",  # another attack method: the run's steps apply to it too
             "--quiet",
         ],
         capsys,
     )
     assert code == 0, err
     cfg = json.loads((out2 / CONFIG).read_text())
-    assert cfg["epochs"] == 1 and cfg["method"] == "clean" and cfg["limit_train"] == 128
+    assert cfg["epochs"] == 1 and cfg["method"] == "trades" and cfg["limit_train"] == 128
+    code, _, err = run_main(["train", "--config", str(run_dir / CONFIG), "--method", "clean", "--quiet"], capsys)
+    one_line_error(code, err, "steps=3 is ignored: steps applies to methods pgd-at, logit-at and trades only")
 
 
 def test_resume_extends_a_run(run_dir, tmp_path, capsys):

@@ -19,7 +19,9 @@ from opnorm.training.run_dir import CHECKPOINT, CONFIG
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, CLASSES = 96, 3
-SETTINGS = dict(p="inf", q=2, eps=0.1, batch_size=32, steps=2, eval_points=16, eval_steps=2, progress=False)
+SETTINGS = dict(p="inf", q=2, eps=0.1, batch_size=32, eval_points=16, eval_steps=2, progress=False)
+# the training attack's steps: read by pgd-at only (other methods refuse it)
+ATTACK = {"pgd-at": dict(steps=2)}
 
 
 class Net(nn.Sequential):
@@ -73,6 +75,7 @@ def test_a_module_and_a_dataset_without_indices_train_and_resume_bit_for_bit(tmp
         epochs=2,
         out=str(tmp_path / "a"),
         **SETTINGS,
+        **ATTACK.get(method, {}),
     )
     assert full.model is whole and full.completed
     first = opnorm.train(
@@ -84,6 +87,7 @@ def test_a_module_and_a_dataset_without_indices_train_and_resume_bit_for_bit(tmp
         stop_after=1,
         out=str(tmp_path / "b"),
         **SETTINGS,
+        **ATTACK.get(method, {}),
     )
     assert not first.completed and len(first.history) == 1
     resumed = opnorm.train(

@@ -35,7 +35,6 @@ ARGS = dict(
     seed=0,
     eval_points=200,
     eval_steps=10,
-    steps=5,
     progress=False,
 )
 
@@ -96,8 +95,6 @@ def test_torchrun_two_processes_learn_as_well_as_one_process(tmp_path):
         "200",
         "--eval-steps",
         "10",
-        "--steps",
-        "5",
         "--out",
         str(out),
     ]

@@ -104,14 +104,14 @@ PAPER_SETTINGS = {
 
 @pytest.mark.parametrize("method", ["fgsm-rs", "n-fgsm"])
 def test_the_trainers_defaults_are_the_papers_settings(method):
-    from opnorm.training.trainer import Objective
+    from opnorm.training.objectives import build_objective
 
     cfg = TrainConfig(method=method, p="inf", eps=EPS).resolved()
     paper = PAPER_SETTINGS[method]
     assert (cfg.fgsm_start, cfg.fgsm_step) == (paper["start"], paper["step"])
     lin, W, b = affine()
     x, y = batch()
-    delta = Objective(cfg, lin).at.perturb(lin, x, y, generator=gen(9))  # the loss the trainer builds
+    delta = build_objective(cfg, lin).at.perturb(lin, x, y, generator=gen(9))  # the loss the trainer builds
     start = (2 * torch.rand(x.shape, generator=gen(9), dtype=DT) - 1) * paper["start"] * EPS  # uniform in the cube
     start = (x + start).clamp(0, 1) - x
     moved = start + paper["step"] * EPS * torch.sign(ce_input_grad(W, b, x + start, y))

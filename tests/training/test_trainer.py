@@ -15,7 +15,7 @@ import torch
 import opnorm
 from opnorm.fast_at import FAST_AT_METHODS
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint, load_weights
-from opnorm.training.config import METHODS, TrainConfig, default_eps
+from opnorm.training.config import METHODS, TrainConfig, default_eps, method_settings
 from opnorm.training.models import build_model
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, train
 
@@ -32,7 +32,7 @@ BASE = dict(
     seed=0,
     eval_points=200,
     eval_steps=10,
-    steps=5,
+    steps=5,  # the attacks' (method_settings passes it to the methods that attack)
     progress=False,
 )
 
@@ -42,7 +42,11 @@ def runs(one_thread, tmp_path_factory):
     """method -> TrainResult, each written to its own run directory (the single-step methods
     are trained in test_fast_at.py: free needs epochs divisible by its replays)."""
     root = tmp_path_factory.mktemp("runs")
-    return {m: train(TrainConfig(method=m, out=str(root / m), **BASE)) for m in METHODS if m not in FAST_AT_METHODS}
+    return {
+        m: train(TrainConfig(method=m, out=str(root / m), **method_settings(BASE, m)))
+        for m in METHODS
+        if m not in FAST_AT_METHODS
+    }
 
 
 def test_every_method_beats_chance(runs):
@@ -109,7 +113,7 @@ SMALL = dict(
     limit_test=60,
     eval_points=20,
     eval_steps=3,
-    steps=3,
+    steps=3,  # the attacks' (method_settings passes it to the methods that attack)
     batch_size=32,
     seed=3,
     progress=False,
@@ -120,12 +124,16 @@ SMALL = dict(
 
 @pytest.mark.parametrize("method", ["opnorm", "pgd-at", "global-snr"])
 def test_resume_is_bit_identical(tmp_path, method):
-    full = train(TrainConfig(method=method, out=str(tmp_path / "full"), **SMALL))
-    first = train(TrainConfig(method=method, out=str(tmp_path / "split"), **SMALL), stop_after=1)
+    full = train(TrainConfig(method=method, out=str(tmp_path / "full"), **method_settings(SMALL, method)))
+    first = train(
+        TrainConfig(method=method, out=str(tmp_path / "split"), **method_settings(SMALL, method)), stop_after=1
+    )
     assert not first.completed and len(first.history) == 1
     assert load_checkpoint(tmp_path / "split" / CHECKPOINT)["epoch"] == 1
     assert not (tmp_path / "split" / WEIGHTS).exists()
-    resumed = train(TrainConfig(method=method, out=str(tmp_path / "split"), **SMALL), resume=True)
+    resumed = train(
+        TrainConfig(method=method, out=str(tmp_path / "split"), **method_settings(SMALL, method)), resume=True
+    )
     assert resumed.completed
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
@@ -144,7 +152,7 @@ def test_resume_is_bit_identical(tmp_path, method):
 
 
 def test_resume_errors(tmp_path):
-    cfg = TrainConfig(method="clean", out=str(tmp_path / "run"), **{**SMALL, "epochs": 2})
+    cfg = TrainConfig(method="clean", out=str(tmp_path / "run"), **{**method_settings(SMALL, "clean"), "epochs": 2})
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         train(cfg, resume=True)
     train(cfg, stop_after=1)
@@ -163,7 +171,7 @@ def test_resume_errors(tmp_path):
 def test_interrupted_epoch_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
     from opnorm.training import trainer as T
 
-    cfg = TrainConfig(method="clean", out=str(tmp_path / "run"), **SMALL)
+    cfg = TrainConfig(method="clean", out=str(tmp_path / "run"), **method_settings(SMALL, "clean"))
     calls = {"n": 0}
     original = T.Objective.forward
 
@@ -190,14 +198,14 @@ def test_interrupted_epoch_leaves_the_last_checkpoint_intact(tmp_path, monkeypat
 
 
 def test_amp_bf16_on_cpu_runs():
-    res = train(TrainConfig(method="opnorm", amp=True, **{**SMALL, "epochs": 1}))
+    res = train(TrainConfig(method="opnorm", amp=True, **{**method_settings(SMALL, "opnorm"), "epochs": 1}))
     assert math.isfinite(res.metrics["loss"]) and res.metrics["accuracy"] > 0.1
 
 
 @pytest.mark.parametrize("method", ["opnorm", "pgd-at"])
 def test_compiled_model_trains_like_the_plain_one(method):
     """torch.compile (aot_eager backend: no C++ toolchain, fast) wraps the training forward only."""
-    kw = {**SMALL, "epochs": 1, "limit_train": 96}
+    kw = {**method_settings(SMALL, method), "epochs": 1, "limit_train": 96}
     compiled = train(TrainConfig(method=method, compile="aot_eager", **kw))
     plain = train(TrainConfig(method=method, **kw))
     for k, v in plain.model.state_dict().items():
@@ -216,7 +224,7 @@ def test_opnorm_variants_train():
         dict(opnorm={"dynamic": True}),
         dict(squared=False, p=2, q=2, eps=0.5),
     ):
-        res = train(TrainConfig(method="opnorm", **{**SMALL, "epochs": 1, **kw}))
+        res = train(TrainConfig(method="opnorm", **{**method_settings(SMALL, "opnorm"), "epochs": 1, **kw}))
         assert math.isfinite(res.metrics["loss"]) and res.metrics["train_sigma"] > 0
 
 

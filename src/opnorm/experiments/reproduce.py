@@ -46,7 +46,7 @@ from opnorm.experiments.study import (
     sweep_lambdas,
     sweep_overrides,
 )
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import METHOD_OPTIONS, TrainConfig, method_settings
 from opnorm.training.data import load_dataset
 from opnorm.training.files import read_json_object
 from opnorm.training.models import build_model
@@ -144,6 +144,8 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
 
     def train_and_screen(key: str, overrides: dict, may_diverge: bool) -> bool:
         """Train ``key`` on every seed and screen it; False when it diverged on some seed."""
+        # a method option of the study's training config goes to the methods that read it
+        overrides = {**method_settings(cfg.train, overrides["method"]), **overrides}
         for s in cfg.seeds:
             if key in models[s]:  # a main method that is also a sweep point
                 continue
@@ -241,7 +243,8 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
 
 def _base_config(cfg: StudyConfig):
     """The TrainConfig every model of the study starts from (the method table overrides it)."""
-    return TrainConfig(**cfg.train).replace(
+    # the shared settings; a method option of the config file goes to the methods that read it
+    return TrainConfig(**{k: v for k, v in cfg.train.items() if k not in METHOD_OPTIONS}).replace(
         dataset=cfg.dataset,
         model=cfg.model,
         epochs=cfg.epochs,

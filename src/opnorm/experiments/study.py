@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from opnorm.experiments.matching import round_lambda
-from opnorm.training.config import TrainConfig, migrate
+from opnorm.training.config import TrainConfig, method_settings, migrate
 
 INF = math.inf
 
@@ -237,13 +237,19 @@ def study_config(
 
 def _with_train_config(cfg: StudyConfig, tc: dict) -> StudyConfig:
     tc = migrate(dict(tc))  # the nested form: the regularizer's options in tc["opnorm"]
-    resolved = TrainConfig.from_dict(tc).resolved()  # one-line errors for a bad file
+    # one-line errors for a bad file; the method options that its method ignores are the AT methods
+    resolved = TrainConfig.from_dict(method_settings(tc, tc.get("method", "clean"))).resolved()
     if resolved.p != 2.0 or resolved.q != 2.0:
         raise ValueError(
             "opnorm reproduce --config needs p 2 and q 2: the study's d.d. regularizer and its matched "
             f"AT are l_2 with the (2, 2) norm, got p {tc.get('p')} q {tc.get('q')}"
         )
-    study = {name: getattr(resolved, key) for key, name in _FROM_TRAIN.items() if key in tc}
+    # steps and step_size: the AT methods' (the file's method may not read them)
+    study = {
+        name: tc[key] if key in ("steps", "step_size") else getattr(resolved, key)
+        for key, name in _FROM_TRAIN.items()
+        if key in tc
+    }
     if "iters" in tc.get("opnorm", {}):
         study["power_iters"] = resolved.opnorm.iters
     shared = {k: v for k, v in tc.items() if k not in _FROM_TRAIN and k not in _PER_METHOD}

@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from opnorm.fast_at import FAST_AT_METHODS, FREE_DEFAULT_REPLAYS, FREE_DEFAULT_STEP, SINGLE_STEP_DEFAULTS
 from opnorm.norms import norm_order, order_json, order_text
 from opnorm.training.data import canonical_dataset
 from opnorm.training.models import MODELS
+from opnorm.training.objectives import METHODS
 from opnorm.validation import integer as _integer
 from opnorm.validation import number as _number
 from opnorm.validation import one_of
@@ -37,7 +37,11 @@ __all__ = [
     "TrainConfig",
     "OpnormConfig",
     "default_eps",
-    "DEFAULT_LAM",
+    "METHOD_OPTIONS",
+    "method_settings",
+    "refuse_ignored",
+    "replays_per_batch",
+    "data_passes",
     "migrate",
     "merge",
     "check_resume",
@@ -47,7 +51,6 @@ __all__ = [
     "is_custom",
 ]
 
-METHODS = ("clean", "pgd-at", "logit-at", "opnorm", "global-snr", "trades", "fgsm-rs", "free", "n-fgsm")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULERS = ("cosine", "none")
 ON_NAN = ("stop", "skip")
@@ -66,11 +69,6 @@ _EPS = {
     "cifar10": {math.inf: 8 / 255, 2.0: 0.5, 1.0: 12.0},
 }
 
-# Penalty weights per method: opnorm multiplies sigma^2 (squared) or sigma; global-snr
-# multiplies the sum of squared layer spectral norms.
-# logit-at multiplies the (squared) logit distance ||f(x + delta) - f(x)||_q^(2|1), which is
-# eps^(2|1) * sigma^(2|1) in the linear region (as opnorm with scale_by_eps).
-DEFAULT_LAM = {"opnorm": {True: 0.02, False: 0.3}, "global-snr": 0.01, "logit-at": {True: 0.1, False: 0.3}}
 PAPER_ITERS = 10  # the paper: 10 power iterations per batch, from random starts
 FAST_COLD_ITERS = 3  # fast mode: explicit iterations on an example's first visit
 FAST_WARM_ITERS = 1  # fast mode: explicit iterations on later visits (plus the free step)
@@ -109,6 +107,7 @@ class OpnormConfig:
 
     ``mode`` is a preset: ``resolved`` fills the unset iters, warm_iters, clip and free_update
     from it (fast: 3, 1, true, true; paper: 10, 10, false, false) and config.json records them.
+    Paper mode keeps no directions, so it refuses a warm_iters other than iters and free_update true.
     See :class:`opnorm.regularizers.OperatorNormRegularizer` for the parts they build.
     """
 
@@ -134,6 +133,16 @@ class OpnormConfig:
         c.iters = _integer(
             c.iters if c.iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "opnorm.iters", lo=1
         )
+        if not fast and c.warm_iters not in (None, c.iters):
+            raise ValueError(
+                f"opnorm.warm_iters={c.warm_iters!r} is ignored by opnorm.mode paper, which keeps no directions "
+                "(every batch runs opnorm.iters from random starts): drop opnorm.warm_iters or use opnorm.mode fast"
+            )
+        if not fast and c.free_update not in (None, False):
+            raise ValueError(
+                f"opnorm.free_update={c.free_update!r} is ignored by opnorm.mode paper, which keeps no directions to "
+                "advance: drop opnorm.free_update or use opnorm.mode fast"
+            )
         c.warm_iters = _integer(
             c.warm_iters if c.warm_iters is not None else (FAST_WARM_ITERS if fast else c.iters),
             "opnorm.warm_iters",
@@ -165,7 +174,10 @@ class TrainConfig:
     objective), opnorm (d.d. (p, q) operator norm regularization; options in :attr:`opnorm`),
     global-snr (Yoshida & Miyato), trades, and the single-step methods of :mod:`opnorm.fast_at`:
     fgsm-rs (random start, one FGSM step), free (minibatch replays), n-fgsm (noise, unprojected
-    step). For free, ``epochs`` counts optimizer steps in epochs as for every other method: it
+    step). Each method reads some of the method options (:data:`METHOD_OPTIONS`, see
+    :data:`opnorm.training.objectives.METHODS`); :meth:`resolved` refuses one that is set (not
+    its default) for a method that would ignore it. For free, ``epochs`` counts optimizer steps
+    in epochs as for every other method: it
     makes ``epochs / replays`` passes over the data (a multiple is required; the run's metrics
     have one line per pass). ``batch_size`` is per process (the global batch is
     batch_size * world size under torchrun).
@@ -173,8 +185,7 @@ class TrainConfig:
     The paper's own training setup (defaults leave every other run unchanged): ``train_loss``
     "multi-margin" (``nn.MultiMarginLoss``, margin 1, as the paper's code) is the task term of
     clean, opnorm, global-snr and pgd-at with ``adv_append`` (attacks keep the cross-entropy);
-    ``adv_append`` (used by pgd-at, ignored by the other methods so that one config serves
-    every method) appends the PGD-CE versions of a share of each batch to it, as the paper's
+    ``adv_append`` (pgd-at only) appends the PGD-CE versions of a share of each batch to it, as the paper's
     code does with 0.75, instead of replacing examples (``adv_fraction``); ``input_range``
     [lo, hi] makes the model's first layer map pixels in [0, 1] onto [lo, hi] instead of
     standardizing with the data's statistics. Radii stay in pixel units: an l_p ball of
@@ -235,7 +246,7 @@ class TrainConfig:
     compile: Any = _f(False, "torch.compile the model (true, or a backend name such as aot_eager)", flag="compile")
     num_workers: int = _f(0, "data loader workers")
     progress: bool | None = _f(None, "progress bars (default: when stderr is a terminal)")
-    # the paper's own training setup (see the class docstring); checked by _resolve_paper_setup
+    # the paper's own training setup (see the class docstring)
     train_loss: str = _f("ce", "ce | multi-margin (nn.MultiMarginLoss, the paper's code)")
     adv_append: float = _f(0.0, "pgd-at: share of the batch whose adversarial versions are appended (paper: 0.75)")
     input_range: list | None = _f(None, "lo,hi: the model maps pixels [0, 1] onto [lo, hi] (paper: -1,1)")
@@ -273,27 +284,102 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A validated copy with every ``None`` default filled in; raises ValueError/TypeError."""
         c = dataclasses.replace(self)
+        section = c.opnorm if isinstance(c.opnorm, OpnormConfig) else TrainConfig.from_dict({"opnorm": c.opnorm}).opnorm
+        c.opnorm = dataclasses.replace(section)
         _resolve_choices(c)
         if c.eps is None:
             c.eps = default_eps(c.dataset, c.p)
         c.eps = _number(c.eps, "eps", lo=0.0)
-        if c.lam is None:
-            lam = DEFAULT_LAM.get(c.method, 0.0)
-            c.lam = lam[bool(c.squared)] if isinstance(lam, dict) else lam
-        c.lam = _number(c.lam, "lam", lo=0.0)
-        if c.method == "opnorm" and c.iters is not None:
-            raise ValueError("iters sets global-snr's power iterations; for opnorm use opnorm.iters (--opnorm-iters)")
-        c.iters = _integer(1 if c.iters is None else c.iters, "iters", lo=1) if c.method == "global-snr" else None
-        section = c.opnorm if isinstance(c.opnorm, OpnormConfig) else TrainConfig.from_dict({"opnorm": c.opnorm}).opnorm
-        c.opnorm = section.resolved()
         if c.lr is None:
             c.lr = 0.05 if c.optimizer == "sgd" else 1e-3
         c.lr = _number(c.lr, "lr", lo=0.0, strict=True)
         _resolve_numbers(c)
-        _check_method(c)
-        _resolve_fast_at(c)
-        _resolve_paper_setup(c)
+        _resolve_options(c)
+        method = METHODS[c.method]
+        refuse_ignored(c, method.reads, method.notes)
+        method.resolve(c)
         return c
+
+
+# Settings that only some methods read (METHODS[m].reads); "opnorm" stands for every field of
+# the opnorm section. A value other than the field's default for a method that does not read it
+# is refused by resolved().
+METHOD_OPTIONS = (
+    "lam",
+    "squared",
+    "beta",
+    "iters",
+    "steps",
+    "step_size",
+    "adv_fraction",
+    "fgsm_step",
+    "fgsm_start",
+    "replays",
+    "adv_append",
+    "train_loss",
+    "opnorm",
+)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _set_options(c: TrainConfig, name: str) -> list[tuple[str, Any]]:
+    """(field, value) of option ``name`` where c differs from the default ("opnorm": per field)."""
+    if name == "opnorm":
+        return [(f"opnorm.{k}", v) for k, v in dataclasses.asdict(c.opnorm).items() if v != _defaults(OpnormConfig)[k]]
+    value = getattr(c, name)
+    return [(name, value)] if value != _defaults(TrainConfig)[name] else []
+
+
+def _methods_text(names: list[str]) -> str:
+    if len(names) == 1:
+        return f"method {names[0]}"
+    return f"methods {', '.join(names[:-1])} and {names[-1]}"
+
+
+def refuse_ignored(c: TrainConfig, reads: tuple[str, ...], notes: dict[str, str]) -> None:
+    """Raise a one-line ValueError for the first method option (:data:`METHOD_OPTIONS`) set in ``c``
+    (a value other than its default) that ``c.method``, reading only ``reads``, would ignore;
+    ``notes``: the reason for an option, where "applies to <the methods that read it> only" needs more.
+
+    Example::
+
+        >>> refuse_ignored(TrainConfig(method="pgd-at", beta=3.0), ("steps",), {})
+        Traceback (most recent call last):
+        ValueError: beta=3.0 is ignored: beta applies to method trades only, not pgd-at; drop it
+    """
+    for name in METHOD_OPTIONS:
+        if name in reads:
+            continue
+        for shown, value in _set_options(c, name):
+            users = [m for m, spec in METHODS.items() if name in spec.reads]
+            why = notes.get(name) or f"{shown} applies to {_methods_text(users)} only, not {c.method}"
+            raise ValueError(f"{shown}={value!r} is ignored: {why}; drop it")
+
+
+def method_settings(shared: dict[str, Any], method: str) -> dict[str, Any]:
+    """The settings of ``shared`` (config fields, nested form) that ``method`` reads: the method
+    options it does not read are left out, for studies that train several methods from one config.
+
+    Example:
+        >>> method_settings({"lr": 0.1, "adv_append": 0.75, "train_loss": "multi-margin"}, "clean")
+        {'lr': 0.1, 'train_loss': 'multi-margin'}
+    """
+    reads = METHODS[one_of(method, tuple(METHODS), "method")].reads
+    return {k: v for k, v in migrate(shared).items() if k not in METHOD_OPTIONS or k in reads}
+
+
+def replays_per_batch(cfg: TrainConfig) -> int:
+    """How many optimizer steps the trainer takes on each minibatch of a resolved config:
+    ``replays`` (set for free only), else 1."""
+    return 1 if cfg.replays is None else cfg.replays
+
+
+def data_passes(cfg: TrainConfig) -> int:
+    """The passes over the data of a resolved config: ``epochs / replays`` for free, else ``epochs``."""
+    return cfg.epochs // replays_per_batch(cfg)
 
 
 def _check_keys(d: dict, cls: type, prefix: str) -> None:
@@ -330,12 +416,6 @@ def _resolve_numbers(c: TrainConfig) -> None:
     for name in ("norm_iters", "limit_train", "limit_test", "width"):
         if getattr(c, name) is not None:
             setattr(c, name, _integer(getattr(c, name), name, lo=1))
-    if c.step_size is not None:
-        c.step_size = _number(c.step_size, "step_size", lo=0.0, strict=True, finite=False)
-    c.adv_fraction = _number(c.adv_fraction, "adv_fraction", lo=0.0)
-    if c.adv_fraction > 1:
-        raise ValueError(f"adv_fraction must be in [0, 1], got {c.adv_fraction:g}")
-    c.beta = _number(c.beta, "beta", lo=0.0)
     c.momentum = _number(c.momentum, "momentum", lo=0.0)
     c.weight_decay = _number(c.weight_decay, "weight_decay", lo=0.0)
     if not isinstance(c.compile, bool) and not (isinstance(c.compile, str) and c.compile.strip()):
@@ -352,78 +432,28 @@ def _resolve_numbers(c: TrainConfig) -> None:
             setattr(c, name, str(getattr(c, name)))
 
 
-def _check_method(c: TrainConfig) -> None:
-    o = c.opnorm
-    if c.method == "opnorm":
-        if o.output == "kl" and c.q != 2:
-            raise ValueError("opnorm.output kl is a 2-norm (the softmax's Fisher metric): use q 2")
-        if o.penalty == "fd" and c.eps == 0:
-            raise ValueError(
-                "method opnorm with penalty fd needs eps > 0 (it divides by eps); or use --opnorm-penalty exact"
-            )
-        if o.step not in (None, math.inf) and c.p not in (1.0, 2.0, math.inf):
-            raise ValueError(
-                f"opnorm.step projects onto the l_p ball, implemented for p in 1, 2, inf; got p {c.p:g} "
-                "(leave opnorm.step unset for the power method)"
-            )
-        if o.penalty == "exact" and c.compile is not False:
-            raise ValueError(
-                "penalty exact needs double backward, which torch.compile does not support; drop --compile "
-                "or use --opnorm-penalty fd"
-            )
-    if c.method in ("pgd-at", "logit-at", "trades") and c.p not in (1.0, 2.0, math.inf):
-        raise ValueError(f"adversarial training attacks need p in 1, 2, inf, got {c.p:g}")
-
-
-def _resolve_fast_at(c: TrainConfig) -> None:
-    """Validate fgsm_step / fgsm_start / replays and fill the fast methods' defaults (opnorm.fast_at)."""
+def _resolve_options(c: TrainConfig) -> None:
+    """Validate the method options' values in place (which method reads which: METHODS)."""
+    if c.lam is not None:
+        c.lam = _number(c.lam, "lam", lo=0.0)
+    if c.iters is not None:
+        c.iters = _integer(c.iters, "iters", lo=1)
+    if c.step_size is not None:
+        c.step_size = _number(c.step_size, "step_size", lo=0.0, strict=True, finite=False)
+    c.adv_fraction = _number(c.adv_fraction, "adv_fraction", lo=0.0)
+    if c.adv_fraction > 1:
+        raise ValueError(f"adv_fraction must be in [0, 1], got {c.adv_fraction:g}")
+    c.beta = _number(c.beta, "beta", lo=0.0)
     if c.fgsm_step is not None:
         c.fgsm_step = _number(c.fgsm_step, "fgsm_step", lo=0.0, strict=True)
     if c.fgsm_start is not None:
         c.fgsm_start = _number(c.fgsm_start, "fgsm_start", lo=0.0)
     if c.replays is not None:
         c.replays = _integer(c.replays, "replays", lo=1)
-    if c.method not in FAST_AT_METHODS:
-        return
-    if c.p not in (1.0, 2.0, math.inf):
-        raise ValueError(f"method {c.method} takes l_p steps for p in 1, 2, inf, got p {c.p:g}")
-    if c.eps == 0:
-        raise ValueError(f"method {c.method} needs eps > 0 (its steps are fractions of eps)")
-    if c.adv_fraction != 1:
-        raise ValueError(
-            f"method {c.method} attacks the whole batch: adv_fraction applies to pgd-at, logit-at and trades only"
-        )
-    if c.method == "free":
-        if c.fgsm_start is not None:
-            raise ValueError(
-                "method free has no random start (its perturbation carries over between replays): drop fgsm_start"
-            )
-        c.fgsm_step = FREE_DEFAULT_STEP if c.fgsm_step is None else c.fgsm_step
-        c.replays = FREE_DEFAULT_REPLAYS if c.replays is None else c.replays
-        if c.epochs % c.replays:
-            lo, hi = (c.epochs // c.replays) * c.replays, (c.epochs // c.replays + 1) * c.replays
-            raise ValueError(
-                f"method free makes epochs / replays passes over the data: epochs ({c.epochs}) must be a "
-                f"multiple of replays ({c.replays}), e.g. {f'{lo} or {hi}' if lo else hi}"
-            )
-        return
-    if c.replays is not None:
-        raise ValueError(f"replays applies to method free only, not {c.method}: drop it")
-    start, step, _ = SINGLE_STEP_DEFAULTS[c.method]
-    c.fgsm_start = start if c.fgsm_start is None else c.fgsm_start
-    c.fgsm_step = step if c.fgsm_step is None else c.fgsm_step
-
-
-def _resolve_paper_setup(c: TrainConfig) -> None:
-    """Validate train_loss, adv_append and input_range in place (see TrainConfig)."""
     c.train_loss = one_of(c.train_loss, TRAIN_LOSSES, "train_loss")
     c.adv_append = _number(c.adv_append, "adv_append", lo=0.0)
     if c.adv_append > 1:
         raise ValueError(f"adv_append must be in [0, 1], got {c.adv_append:g}")
-    if c.train_loss != "ce" and c.method not in ("clean", "opnorm", "global-snr", "pgd-at"):
-        raise ValueError(f"train_loss {c.train_loss} is not implemented for {c.method}; use train_loss ce")
-    if c.train_loss != "ce" and c.method == "pgd-at" and c.adv_append == 0:
-        raise ValueError(f"train_loss {c.train_loss} with pgd-at needs adv_append > 0 (the paper's appended batch)")
     if c.input_range is not None:
         r = c.input_range.split(",") if isinstance(c.input_range, str) else c.input_range
         if not isinstance(r, (list, tuple)) or len(r) != 2:
@@ -451,6 +481,39 @@ FLAT_KEYS = {
 }
 
 
+# the opnorm section that config.json files recorded for every method before a method's
+# unread options were refused (resolved as fast mode)
+_LEGACY_OPNORM = {
+    "mode": "fast",
+    "output": "logits",
+    "iters": 3,
+    "warm_iters": 1,
+    "step": None,
+    "dynamic": False,
+    "penalty": "fd",
+    "scale_by_eps": False,
+    "clip": True,
+    "free_update": True,
+    "task": "clean",
+}
+
+
+def _without_legacy_fill(d: dict[str, Any]) -> dict[str, Any]:
+    """A config.json written by an earlier version (it holds schedule_extensions, which no flag sets)
+    without the values that version filled into options the method does not read: lam 0 and
+    the fast opnorm section."""
+    method = d.get("method")
+    if "schedule_extensions" not in d or method not in METHODS:
+        return d
+    reads = METHODS[method].reads
+    out = dict(d)
+    if "lam" not in reads and out.get("lam") == 0.0:
+        del out["lam"]
+    if "opnorm" not in reads and out.get("opnorm") == _LEGACY_OPNORM:
+        del out["opnorm"]
+    return out
+
+
 def migrate(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict in the nested form: the older flat keys (``opnorm_mode``, ``warm_iters``,
     ``penalty``, ...; for method opnorm also ``iters``) move into the ``opnorm`` section.
@@ -460,6 +523,7 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
         >>> migrate({"method": "opnorm", "opnorm_mode": "paper", "iters": 5})
         {'method': 'opnorm', 'opnorm': {'mode': 'paper', 'iters': 5}}
     """
+    d = _without_legacy_fill(d)
     flat = [k for k in d if k in FLAT_KEYS or k == "opnorm_iteration"]
     if not flat:
         return dict(d)
@@ -480,17 +544,6 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# what each method trains with, beyond p, eps and lr, that resolved() fills in when it is not given
-_METHOD_SETTINGS = {
-    "opnorm": ("q", "lam"),
-    "logit-at": ("q", "lam"),
-    "global-snr": ("lam",),
-    "fgsm-rs": ("fgsm_start", "fgsm_step"),
-    "n-fgsm": ("fgsm_start", "fgsm_step"),
-    "free": ("fgsm_step", "replays"),
-}
-
-
 def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """The settings of ``cfg.method``'s training that ``given`` (the settings set by flags or a config
     file) left to defaults: field name -> the value :meth:`TrainConfig.resolved` filled in.
@@ -500,7 +553,9 @@ def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
         >>> defaults_used({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
         {'p': 2.0, 'eps': 0.5, 'lr': 0.05, 'fgsm_start': 1.0, 'fgsm_step': 1.25}
     """
-    names = ("p", "eps", "lr") + _METHOD_SETTINGS.get(cfg.method, ())
+    # what the method reads beyond p, eps and lr that resolved() fills in when it is not given (and q)
+    filled = [n for n in METHODS[cfg.method].reads if n == "q" or _defaults(TrainConfig).get(n, 0) is None]
+    names = ("p", "eps", "lr", *filled)
     return {n: getattr(cfg, n) for n in names if given.get(n) is None}
 
 
@@ -510,7 +565,7 @@ def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
     Example:
         >>> from opnorm.training.config import TrainConfig, defaults_line
         >>> defaults_line({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
-        'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-start 1 --fgsm-step 1.25'
+        'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-step 1.25 --fgsm-start 1'
     """
     used = defaults_used(given, cfg)
     shown = " ".join(f"--{k.replace('_', '-')} {order_text(v)}" for k, v in used.items())
@@ -579,7 +634,7 @@ _ABSENT = object()
 
 def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
     if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=str):
+        for k in sorted(set(old) | set(new), key=lambda k: (k != "method", str(k))):  # a changed method first
             dotted = f"{key}.{k}" if key else str(k)
             if dotted in RESUMABLE:
                 continue

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 
-from opnorm.fast_at import data_passes, replays_per_batch
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import TrainConfig, data_passes, replays_per_batch
 
 __all__ = ["learning_rate", "extended", "describe"]
 

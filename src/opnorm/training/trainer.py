@@ -1,8 +1,9 @@
 """The training loop behind ``opnorm train`` and ``opnorm.train(config)``.
 
 One epoch: a loader seeded by ``(seed, epoch)`` (so a resumed run sees the same batches),
-the learning rate of :mod:`opnorm.training.schedule`, one objective per method (see
-:class:`Objective`), a check that loss and weights are finite (``on_nan``), a checkpoint,
+the learning rate of :mod:`opnorm.training.schedule`, the method's objective (built by
+:data:`opnorm.training.objectives.METHODS`; the loop calls ``objective(net, x, y, index) ->
+(loss, logs)`` and nothing else), a check that loss and weights are finite (``on_nan``), a checkpoint,
 then the per-epoch check (evaluation on rank 0) and the epoch's metrics line. A check that
 fails leaves the epoch saved: the resumed run checks it again and goes on. The run
 directory (``config.out``, see :mod:`opnorm.training.run_dir`) holds:
@@ -52,19 +53,16 @@ from torch.utils.data import Dataset
 
 from opnorm.attacks import PGD_ORDERS
 from opnorm.evaluation import progress_bar
-from opnorm.fast_at import FAST_AT_METHODS, Replayed, data_passes, fast_at_loss, replays_per_batch
-from opnorm.jacobian import forward
+from opnorm.fast_at import Replayed
 from opnorm.norms import order_text
-from opnorm.regularizers import AdversarialTrainingLoss, GlobalSpectralNormRegularizer, OperatorNormRegularizer
 from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
-from opnorm.training.config import TrainConfig, check_resume, merge
+from opnorm.training.config import TrainConfig, check_resume, data_passes, merge, replays_per_batch
 from opnorm.training.data import data_fingerprint, make_loader
 from opnorm.training.evaluation import accuracy, evaluate_epoch, mean_operator_norm, robust_accuracy
 from opnorm.training.files import one_line
 from opnorm.training.inputs import TrainInputs, train_inputs
-from opnorm.training.objectives import opnorm_regularizer
-from opnorm.training.paper_setup import AppendedAdversarialLoss, task_loss
+from opnorm.training.objectives import Objective, build_objective
 from opnorm.training.run_dir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunDir
 from opnorm.training.schedule import describe, extended, learning_rate
 
@@ -103,90 +101,6 @@ class TrainResult:
     config: TrainConfig
     run_dir: Path | None = None
     completed: bool = True
-
-
-# ----------------------------------------------------------------------------- objectives
-
-
-class Objective(nn.Module):
-    """The per-batch training loss of one method.
-
-    ``objective(net, x, y, index) -> (loss, logs)`` where ``net`` is the model as trained
-    (DDP / compiled wrappers included) and ``logs`` holds floats to average over the epoch.
-    Each method does exactly one forward through ``net``:
-
-    * clean: ``CE(f(x), y)``;
-    * opnorm: ``CE(f(x), y) + lam * mean sigma^(1|2)`` from one forward of ``[x; x + eps v]``
-      (:meth:`OperatorNormRegularizer.joint`, given the batch's dataset ``index``: in fast mode
-      the backward of this loss also advances each example's stored direction); with
-      ``opnorm_task="perturbed"`` the CE is taken at ``x + eps v`` instead;
-    * global-snr: ``CE(f(x), y) + lam * sum_l sigma(W_l)^2``;
-    * pgd-at / logit-at / trades: :class:`AdversarialTrainingLoss` with kind ce / logit / trades;
-    * fgsm-rs / n-fgsm / free: the single-step losses of :mod:`opnorm.fast_at` (free: the loop
-      replays each batch ``cfg.replays`` times).
-    """
-
-    def __init__(self, cfg: TrainConfig, model: nn.Module, num_examples: int | None = None) -> None:
-        super().__init__()
-        self.method = cfg.method
-        self.reg: nn.Module | None = None
-        self.at: nn.Module | None = None
-        self.task = cfg.opnorm.task
-        self.loss_fn = task_loss(cfg.train_loss)  # cross-entropy unless the paper's multi-margin loss
-        self.appended: AppendedAdversarialLoss | None = None
-        if cfg.method == "pgd-at" and cfg.adv_append > 0:  # the paper's batch: adversarial examples appended
-            self.appended = AppendedAdversarialLoss(
-                self.loss_fn, cfg.adv_append, cfg.eps, cfg.p, steps=cfg.steps, step_size=cfg.step_size
-            )
-        elif cfg.method == "opnorm":
-            # fast mode keeps a store of directions by dataset index (in state_dict: checkpoints
-            # resume exactly); the batch's index reaches it through joint()
-            self.reg = opnorm_regularizer(cfg, num_examples)
-        elif cfg.method == "global-snr":
-            self.reg = GlobalSpectralNormRegularizer(model, iters=cfg.iters, lam=cfg.lam, seed=cfg.seed)
-        elif cfg.method in ("pgd-at", "logit-at", "trades"):
-            kind = {"pgd-at": "ce", "logit-at": "logit", "trades": "trades"}[cfg.method]
-            self.at = AdversarialTrainingLoss(
-                kind,
-                cfg.eps,
-                cfg.p,
-                steps=cfg.steps,
-                step_size=cfg.step_size,
-                q=cfg.q,
-                lam=cfg.beta if kind == "trades" else cfg.lam,
-                squared=cfg.squared,
-                adv_fraction=cfg.adv_fraction,
-            )
-        elif cfg.method in FAST_AT_METHODS:
-            self.at = fast_at_loss(cfg)
-
-    def sync(self) -> None:
-        """Share state across DDP ranks (the direction store, free AT's per-rank deltas); every rank calls it."""
-        for part in (self.reg, self.at):
-            if callable(getattr(part, "sync", None)):
-                part.sync()
-
-    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None):
-        logs: dict[str, float] = {}
-        if self.appended is not None:
-            return self.appended(net, x, y, index), logs
-        if self.at is not None:
-            return self.at(net, x, y, index), logs
-        if isinstance(self.reg, OperatorNormRegularizer):
-            if self.task == "perturbed":  # CE where the penalty looks: f(x + eps v) from the same forward
-                _, pen, logits = self.reg.joint(net, x, index, perturbed=True)
-            else:
-                logits, pen = self.reg.joint(net, x, index)
-            logs["penalty"] = float(pen.detach())
-            logs["train_sigma"] = float(self.reg.last_sigma.mean())
-            return self.loss_fn(logits.float(), y) + pen, logs
-        logits = forward(net, x)
-        loss = self.loss_fn(logits.float(), y)
-        if isinstance(self.reg, GlobalSpectralNormRegularizer):
-            pen = self.reg()
-            logs["penalty"] = float(pen.detach())
-            loss = loss + pen
-        return loss, logs
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -278,7 +192,11 @@ def _resume_config(given: TrainConfig | dict, state: dict, run: RunDir) -> Train
         raise ValueError(
             f"{run.path} has completed {completed} epochs; to extend it pass --epochs larger than that (got {epochs})"
         )
-    cfg = TrainConfig.from_dict(merged).resolved()
+    try:
+        cfg = TrainConfig.from_dict(merged).resolved()
+    except ValueError:
+        check_resume(saved.to_dict(), merged, str(run.path))  # a changed setting that the run ignores: name that
+        raise
     check_resume(saved.to_dict(), cfg.to_dict(), str(run.path))
     return extended(cfg, saved, int(state["epoch"]))
 
@@ -470,7 +388,7 @@ def _run(
     device = ctx.device
     _seed_everything(cfg.seed)  # identical initial weights on every rank
     model = inputs.model(cfg, splits).to(device)
-    objective = Objective(cfg, model, num_examples=len(splits.train)).to(device)
+    objective = build_objective(cfg, model, num_examples=len(splits.train)).to(device)
     optimizer = _build_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
@@ -522,7 +440,7 @@ def _run(
             if not _all_finite([*model.state_dict().values(), *objective.state_dict().values()]):
                 raise _NonFinite(steps + skipped, "the model's or the regularizer's state")
         except _NonFinite as err:
-            raise TrainingDiverged(_diverged(cfg, epoch, err, start_epoch + done_now - 1, run)) from None
+            raise TrainingDiverged(_diverged(cfg, objective, epoch, err, start_epoch + done_now - 1, run)) from None
         keys = sorted(sums)
         means = D.all_reduce_mean([sums[k] / max(1, steps) for k in keys], ctx)
         metrics: dict[str, Any] = {
@@ -591,7 +509,9 @@ def _out(cfg: TrainConfig) -> Path | None:
     return Path(cfg.out) if cfg.out is not None else None
 
 
-def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, run: RunDir | None) -> str:
+def _diverged(
+    cfg: TrainConfig, objective: Objective, epoch: int, err: _NonFinite, last_saved: int, run: RunDir | None
+) -> str:
     if run is None:
         kept = "no run directory was written"
     elif last_saved > 0:
@@ -599,10 +519,8 @@ def _diverged(cfg: TrainConfig, epoch: int, err: _NonFinite, last_saved: int, ru
     else:
         kept = f"no checkpoint was written to {run.path}"
     hint = "lower --lr" + ("" if cfg.on_nan == "skip" else ", or pass --on-nan skip to skip such batches")
-    if (
-        cfg.method == "global-snr" and cfg.optimizer == "sgd" and cfg.momentum > 0
-    ):  # momentum overshoots as the top singular direction switches
-        hint = f"lower --lam (global SNR with lam {cfg.lam:g} and momentum {cfg.momentum:g} overshoots) or " + hint
+    if objective.divergence_hint:
+        hint = f"{objective.divergence_hint} or {hint}"
     return (
         f"training diverged (NaN/inf) at epoch {epoch + 1}, step {err.step}: {err.what} became non-finite; "
         f"{kept}; {hint}"
