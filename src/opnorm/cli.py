@@ -49,7 +49,7 @@ from opnorm.experiments.study import parse_seeds
 from opnorm.norms import norm_order, order_text
 from opnorm.power import operator_norm
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint
-from opnorm.training.config import TrainConfig, defaults_line, is_custom, merge
+from opnorm.training.config import TrainConfig, defaults_line, is_custom, merge, method_settings, migrate
 from opnorm.training.data import canonical_dataset, load_dataset
 from opnorm.training.distributed import resolve_device
 from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link
@@ -227,6 +227,15 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
             section, _, name = k.rpartition(".")
             (flags.setdefault(section, {}) if section else flags)[name or k] = v
     from_file = read_json_object(args.config, "config file") if "config" in args else {}
+    if from_file:
+        # a config file may describe a study (configs/paper-cifar10.json): the method options its
+        # other methods read are left out for this run's method, and said; a flag is never left out
+        method = flags.get("method") or from_file.get("method") or "clean"
+        kept = method_settings(from_file, method)
+        dropped = sorted(k for k in migrate(from_file) if k not in kept)
+        if dropped:
+            print(f"note: {args.config}: {', '.join(dropped)} not used by method {method}", file=sys.stderr)
+        from_file = kept
     return merge(from_file, flags)
 
 

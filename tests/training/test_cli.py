@@ -487,3 +487,23 @@ def test_python_dash_m_and_help():
     assert proc.returncode == 0
     for cmd in ("train", "eval", "demo", "reproduce"):
         assert cmd in proc.stdout
+
+
+def test_a_study_config_file_gives_each_method_the_options_it_reads(capsys):
+    """configs/paper-cifar10.json holds the AT runs' attack settings beside its opnorm method:
+    train --config leaves out, and says, the file's options that the run's method ignores; a
+    flag the method ignores is still refused."""
+    from pathlib import Path
+
+    from opnorm import cli
+    from opnorm.training.config import TrainConfig
+
+    path = str(Path(__file__).resolve().parents[2] / "configs" / "paper-cifar10.json")
+    dd = cli.train_settings(cli.build_parser().parse_args(["train", "--config", path]))
+    assert "adv_append" not in dd and "steps" not in dd and dd["method"] == "opnorm"
+    assert "adv_append, step_size, steps not used by method opnorm" in capsys.readouterr().err
+    at = cli.train_settings(cli.build_parser().parse_args(["train", "--config", path, "--method", "pgd-at"]))
+    assert at["adv_append"] == 0.75 and at["steps"] == 10
+    flag = cli.train_settings(cli.build_parser().parse_args(["train", "--config", path, "--steps", "5"]))
+    with pytest.raises(ValueError, match="steps=5 is ignored"):
+        TrainConfig.from_dict(flag).resolved()
