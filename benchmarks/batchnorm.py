@@ -22,12 +22,15 @@ others kept, so parts can be rerun one at a time):
   BatchNorm is scale-invariant, so a step of size lr * |grad| much larger than |w| turns the
   kernel to a new direction in one step.
 * ``resnet18``: torchvision's resnet18 (num_classes=10) on the digits upsampled to 32x32 and
-  repeated to 3 channels, the same loop, plain against the fast configuration.
+  repeated to 3 channels, the same loop, plain against the fast configuration
+  (``--optimizer adam``: the loop with Adam at lr 1e-3 for both).
 
 Run (from the repository root)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/batchnorm.py --parts mechanism digits
     OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/batchnorm.py --parts resnet18 --train-limit 256 --seeds 1
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/batchnorm.py --parts resnet18 --epochs 3 --seeds 1 2 \
+        --kinds plain fast --optimizer adam --label adam-3-epochs
 """
 
 from __future__ import annotations
@@ -94,15 +97,32 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+def optimizer(name: str, params) -> torch.optim.Optimizer:
+    """``sgd``: the README's SGD (lr 0.05, momentum 0.9); ``adam``: Adam at lr 1e-3, whose step
+    does not grow with the gradient's norm."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
 def train(
-    make, kind: str, seed: int, data, epochs: int, max_steps: int = 0, warmup: int = 0, lam: float | None = None
+    make,
+    kind: str,
+    seed: int,
+    data,
+    epochs: int,
+    max_steps: int = 0,
+    warmup: int = 0,
+    lam: float | None = None,
+    opt_name: str = "sgd",
 ) -> dict:
-    """The README's loop (at most ``max_steps`` steps when > 0); returns clean test accuracy
-    (eval mode), the first five and the last penalty, and seconds."""
+    """The README's loop (at most ``max_steps`` steps when > 0; ``opt_name`` picks the
+    :func:`optimizer`); returns clean test accuracy (eval mode), the first five and the last
+    penalty, and seconds."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = optimizer(opt_name, model.parameters())
     reg = regularizer(kind, len(xtr), warmup, lam)
     g = torch.Generator().manual_seed(seed)
     pen, penalties, losses, steps, scales = torch.zeros(()), [], [], 0, []
@@ -257,6 +277,9 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["plain", "paper", "fast", "fast_robust"])
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     ap.add_argument("--train-limit", type=int, default=TRAIN, help="the first N training images (resnet18 on 2 cores)")
+    ap.add_argument(
+        "--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: lr 0.05, momentum 0.9; adam: lr 1e-3"
+    )
     ap.add_argument("--lam", type=float, default=None, help="the weight (default: 0.02, fast_robust 0.06)")
     ap.add_argument("--warmup", type=int, default=0, help="the regularizer's warm-up in steps (0: none)")
     ap.add_argument("--label", default="after", help="the key the digits / resnet18 numbers go under")
@@ -282,10 +305,10 @@ def main() -> None:
         make = small_net if part == "digits" else resnet18
         runs = results.setdefault(part, {}).setdefault(args.label, {})
         runs["epochs"], runs["train_images"], runs["max_steps"] = args.epochs, len(data[0]), args.max_steps
-        runs["warmup"], runs["lam"] = args.warmup, args.lam
+        runs["warmup"], runs["lam"], runs["optimizer"] = args.warmup, args.lam, args.optimizer
         for kind in args.kinds:
             for seed in args.seeds:
-                r = train(make, kind, seed, data, args.epochs, args.max_steps, args.warmup, args.lam)
+                r = train(make, kind, seed, data, args.epochs, args.max_steps, args.warmup, args.lam, args.optimizer)
                 runs.setdefault(kind, {})[str(seed)] = r
                 print(part, args.label, kind, seed, r, flush=True)
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
