@@ -216,3 +216,18 @@ def test_bad_datasets_are_refused_in_one_line():
         assert message in str(err.value) and "\n" not in str(err.value), (bad, str(err.value))
     with pytest.raises(TypeError, match="model must be an nn.Module or a registry name"):
         opnorm.train(model=lambda x: x, data=TensorDataset(x, y))
+
+
+def test_a_resume_in_the_middle_of_the_warmup_continues_the_ramp(tmp_path):
+    """opnorm.warmup spans the resume (3 steps per epoch, a ramp of 5): the resumed run equals the
+    uninterrupted one bit for bit, and the ramp's count is in the checkpoint."""
+    kw = dict(data=train_set(), test_data=held_out(), method="opnorm", epochs=2, opnorm={"warmup": 5}, **SETTINGS)
+    full = opnorm.train(model=net(), out=str(tmp_path / "a"), **kw)
+    opnorm.train(model=net(), out=str(tmp_path / "b"), stop_after=1, **kw)
+    state = load_checkpoint(tmp_path / "b" / CHECKPOINT)
+    assert int(state["objective"]["reg.calls"]) == 3
+    resumed = opnorm.train(model=net(), data=train_set(), test_data=held_out(), out=str(tmp_path / "b"), resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig.from_dict({"method": "pgd-at", "opnorm": {"warmup": 5}}).resolved()

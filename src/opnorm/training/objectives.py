@@ -285,6 +285,7 @@ def opnorm_regularizer(cfg: TrainConfig, num_examples: int | None) -> OperatorNo
         penalty=penalty,
         store=DirectionStore(num_examples) if fast else None,
         clip=(0.0, 1.0) if o.clip else None,
+        warmup=o.warmup,
     )
 
 
