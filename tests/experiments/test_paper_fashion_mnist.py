@@ -13,7 +13,7 @@ import pytest
 from torch import nn
 
 from opnorm.experiments.study import method_table, study_config
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import TrainConfig, method_settings
 from opnorm.training.models import build_model
 from opnorm.training.trainer import train
 
@@ -25,9 +25,11 @@ def _file() -> dict:
 
 
 def test_config_holds_the_paper_protocol():
-    cfg = TrainConfig.from_dict(_file()).resolved()
+    raw = _file()  # a study file: the attack settings (steps, step_size, adv_append) are pgd-at's
+    cfg = TrainConfig.from_dict(method_settings(raw, "opnorm")).resolved()
+    at = TrainConfig.from_dict(method_settings(raw, "pgd-at") | {"method": "pgd-at"}).resolved()
     assert (cfg.dataset, cfg.model, cfg.input_range) == ("fashion-mnist", "cnn-bn", [-1.0, 1.0])
-    assert (cfg.adv_append, cfg.train_loss, cfg.optimizer, cfg.lr, cfg.batch_size) == (
+    assert (at.adv_append, cfg.train_loss, cfg.optimizer, cfg.lr, cfg.batch_size) == (
         0.75,
         "multi-margin",
         "rmsprop",
@@ -35,7 +37,7 @@ def test_config_holds_the_paper_protocol():
         32,
     )
     # eps 2.0 in pixel units by the paper's rule; the step of the paper's Table 1, 2 eps / 10 steps
-    assert cfg.eps == 2.0 and cfg.steps == 10 and cfg.step_size == pytest.approx(0.2 * cfg.eps)
+    assert cfg.eps == 2.0 and at.steps == 10 and at.step_size == pytest.approx(0.2 * at.eps)
     assert (cfg.method, cfg.opnorm.mode, cfg.opnorm.iters, cfg.p, cfg.q, cfg.squared) == (
         "opnorm",
         "paper",
@@ -76,7 +78,7 @@ def test_reproduce_builds_the_study_from_the_file():
 @pytest.mark.parametrize("method", ["opnorm", "pgd-at", "global-snr"])
 def test_the_file_trains_one_epoch_on_digits(method):
     cfg = {
-        **_file(),
+        **method_settings(_file(), method),
         "dataset": "digits",
         "method": method,
         "epochs": 1,
