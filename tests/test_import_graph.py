@@ -80,12 +80,24 @@ def targets(mod: Module, node: ast.Import | ast.ImportFrom, modules: dict[str, M
     return out
 
 
+def type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:``: imports for annotations only, which never run."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
 def scopes(tree: ast.Module):
-    """Every import node with whether it sits inside a function."""
+    """Every import node that runs, with whether it sits inside a function (the imports under
+    ``if TYPE_CHECKING:`` run only for a type checker, so they close no circle)."""
     stack = [(tree, False)]
     while stack:
         node, in_function = stack.pop()
         for child in ast.iter_child_nodes(node):
+            if type_checking_only(child):
+                continue
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 yield child, in_function

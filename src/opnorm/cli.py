@@ -231,8 +231,10 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
         # a config file may describe a study (configs/paper-cifar10.json): the method options its
         # other methods read are left out for this run's method, and said; a flag is never left out
         method = flags.get("method") or from_file.get("method") or "clean"
-        kept = method_settings(from_file, method)
-        dropped = sorted(k for k in migrate(from_file) if k not in kept)
+        kept, given, default = method_settings(from_file, method), migrate(from_file), migrate(TrainConfig().to_dict())
+        dropped = sorted(  # a flag of the same name speaks for itself
+            k for k, v in given.items() if k not in kept and v != default.get(k) and flags.get(k) is None
+        )
         if dropped:
             print(f"note: {args.config}: {', '.join(dropped)} not used by method {method}", file=sys.stderr)
         from_file = kept

@@ -553,7 +553,7 @@ def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     Example:
         >>> from opnorm.training.config import TrainConfig, defaults_used
         >>> defaults_used({"method": "fgsm-rs"}, TrainConfig(method="fgsm-rs").resolved())
-        {'p': 2.0, 'eps': 0.5, 'lr': 0.05, 'fgsm_start': 1.0, 'fgsm_step': 1.25}
+        {'p': 2.0, 'eps': 0.5, 'lr': 0.05, 'fgsm_step': 1.25, 'fgsm_start': 1.0}
     """
     # what the method reads beyond p, eps and lr that resolved() fills in when it is not given (and q)
     filled = [n for n in METHODS[cfg.method].reads if n == "q" or _defaults(TrainConfig).get(n, 0) is None]

@@ -419,8 +419,15 @@ def build_objective(cfg: TrainConfig, model: nn.Module, num_examples: int | None
     """The objective of ``cfg.method`` (``cfg`` resolved) for ``model`` (the plain module);
     ``num_examples``: the training set's length (the fast opnorm mode keeps a direction per example).
 
-    Example::
-
-        >>> build_objective(TrainConfig(method="trades").resolved(), model)
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from opnorm.training.config import TrainConfig
+        >>> from opnorm.training.objectives import build_objective
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        >>> objective = build_objective(TrainConfig(method="trades", eps=0.1, steps=2).resolved(), model)
+        >>> loss, logs = objective(model, torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0]), None)
+        >>> loss.shape
+        torch.Size([])
     """
     return METHODS[cfg.method].build(cfg, model, num_examples)
