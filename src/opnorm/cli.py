@@ -49,7 +49,7 @@ from opnorm.experiments.study import parse_seeds
 from opnorm.norms import norm_order, order_text
 from opnorm.power import operator_norm
 from opnorm.training.checkpoint import CheckpointError, load_checkpoint
-from opnorm.training.config import TrainConfig, defaults_line, is_custom, merge, method_settings, migrate
+from opnorm.training.config import SECTION_OF, TrainConfig, defaults_line, is_custom, merge, method_settings, migrate
 from opnorm.training.data import canonical_dataset, load_dataset
 from opnorm.training.distributed import resolve_device
 from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link
@@ -88,21 +88,24 @@ def _flag_type(f) -> Any:
 
 def _config_flags(t: argparse.ArgumentParser, cls: Any = None, prefix: str = "") -> None:
     """One flag per config field (``--batch-size``; ``--opnorm-step`` for the nested section),
-    with the field's help text; dest is the dotted field path."""
+    with the field's help text, listed under its config section; dest is the dotted field path."""
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls or TrainConfig):
         if f.name == "opnorm":
-            _config_flags(t, type(f.default_factory()), "opnorm.")
+            _config_flags(t.add_argument_group("config section opnorm"), type(f.default_factory()), "opnorm.")
             continue
+        section = SECTION_OF.get(f.name) if not prefix else None
+        g = groups.setdefault(section, t.add_argument_group(f"config section {section}")) if section else t
         if f.metadata.get("flag") is False:  # written by opnorm itself (e.g. schedule_extensions)
             continue
         flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
         dest, help, metavar = prefix + f.name, f.metadata.get("help"), f.name.upper()
         if f.name == "compile" and not prefix:
-            t.add_argument(flag, dest=dest, nargs="?", const=True, metavar="BACKEND", help=help)
+            g.add_argument(flag, dest=dest, nargs="?", const=True, metavar="BACKEND", help=help)
         elif _flag_type(f) is bool:
-            t.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
         else:
-            t.add_argument(flag, dest=dest, type=_flag_type(f), metavar=metavar, help=help)
+            g.add_argument(flag, dest=dest, type=_flag_type(f), metavar=metavar, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:

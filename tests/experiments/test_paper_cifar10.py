@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from opnorm.training.config import TrainConfig, method_settings
+from opnorm.training.config import TrainConfig, flat_settings, method_settings
 from opnorm.training.models import build_model
 from opnorm.training.objectives import build_objective
 from opnorm.training.paper_setup import AppendedAdversarialLoss, input_normalization, task_loss
@@ -88,7 +88,7 @@ def test_train_one_step_from_the_config_on_generated_cifar_files(cifar_dir, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and np.isfinite(json.loads(lines[0])["loss"])
-    saved = json.loads((out / "config.json").read_text())
+    saved = flat_settings(json.loads((out / "config.json").read_text()))
     assert saved["model"] == "cnn7" and saved["train_loss"] == "multi-margin" and saved["input_range"] == [-1.0, 1.0]
     state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     assert torch.allclose(state["normalize.mean"].flatten(), torch.full((3,), 0.5))  # x -> 2 x - 1

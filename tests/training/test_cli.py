@@ -13,6 +13,7 @@ import torch
 import opnorm.cli as cli
 from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
+from opnorm.training.config import flat_settings
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS
 
 from .cli_helpers import one_line_error, run_main
@@ -116,7 +117,7 @@ def test_train_writes_the_run_directory(run_dir):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         [CHECKPOINT, CONFIG, METRICS, WEIGHTS, CHECKPOINT + ".sha256", WEIGHTS + ".sha256", ".lock"]
     )
-    cfg = json.loads((run_dir / CONFIG).read_text())
+    cfg = flat_settings(json.loads((run_dir / CONFIG).read_text()))
     assert cfg["method"] == "pgd-at" and cfg["p"] == "inf" and cfg["eps"] == 0.1 and cfg["epochs"] == 2
     assert cfg["out"] == str(run_dir)
     lines = (run_dir / METRICS).read_text().splitlines()
@@ -141,7 +142,7 @@ def test_eval_every_sets_the_epochs_that_are_evaluated(tmp_path, capsys, every, 
         else:
             assert "eval" not in line and "acc" not in line
     if every is not None:
-        assert json.loads((tmp_path / "r" / CONFIG).read_text())["eval_every"] == int(every)
+        assert flat_settings(json.loads((tmp_path / "r" / CONFIG).read_text()))["eval_every"] == int(every)
 
 
 def test_eval_every_must_be_a_count(tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_config_file_reruns_and_flags_override(run_dir, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    cfg = json.loads((out2 / CONFIG).read_text())
+    cfg = flat_settings(json.loads((out2 / CONFIG).read_text()))
     assert cfg["epochs"] == 1 and cfg["method"] == "trades" and cfg["limit_train"] == 128
     # the run's config as a study file for another method: what clean does not read is left out, and named
     code, _, err = run_main(

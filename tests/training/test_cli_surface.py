@@ -33,7 +33,7 @@ def test_method_help_lists_every_method(capsys):
         run_main(["train", "--help"], capsys)
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    shown = re.search(r"--method METHOD (.*?) --p P", text).group(1)
+    shown = re.search(r"--method METHOD (.*?) config section", text).group(1)
     assert set(shown.replace("|", " ").split()) == set(METHODS)
     assert {"fgsm-rs", "n-fgsm", "free"} <= set(METHODS)
 

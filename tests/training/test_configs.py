@@ -9,7 +9,7 @@ import pytest
 
 from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
-from opnorm.training.config import TrainConfig, method_settings, migrate
+from opnorm.training.config import TrainConfig, flat_settings, method_settings, migrate
 from opnorm.training.trainer import CHECKPOINT, CONFIG
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
@@ -62,7 +62,7 @@ def test_fast_robust_config_trains_on_digits(tmp_path, one_thread):
         "--quiet",
     ]
     assert main(argv) == 0
-    cfg = json.loads((out / CONFIG).read_text())
+    cfg = flat_settings(json.loads((out / CONFIG).read_text()))
     o = cfg["opnorm"]
     assert (o["output"], o["task"], o["step"], o["iters"], o["warm_iters"]) == ("kl", "perturbed", 0.25, 1, 2)
     objective = load_checkpoint(out / CHECKPOINT)["objective"]

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 import opnorm
 from opnorm.cli import main
 from opnorm.training.checkpoint import load_checkpoint
-from opnorm.training.config import TrainConfig
+from opnorm.training.config import TrainConfig, flat_settings
 from opnorm.training.inputs import as_indexed, train_inputs
 from opnorm.training.run_dir import CHECKPOINT, CONFIG
 
@@ -99,7 +99,7 @@ def test_a_module_and_a_dataset_without_indices_train_and_resume_bit_for_bit(tmp
     strip = lambda h: [{k: v for k, v in m.items() if "seconds" not in k} for m in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
     assert full.metrics["accuracy"] is not None and full.metrics["operator_norm"] > 0
-    saved = json.loads((tmp_path / "a" / CONFIG).read_text())
+    saved = flat_settings(json.loads((tmp_path / "a" / CONFIG).read_text()))
     assert saved["model"] == "custom:Net"
     assert saved["dataset"].startswith("custom:TensorDataset sha256:")
 

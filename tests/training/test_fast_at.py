@@ -15,6 +15,7 @@ from opnorm import FreeATLoss, SingleStepATLoss, TrainConfig, train
 from opnorm.cli import main
 from opnorm.fast_at import FAST_AT_METHODS, Replayed
 from opnorm.training.checkpoint import load_checkpoint
+from opnorm.training.config import flat_settings
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -320,7 +321,7 @@ def test_cli_trains_with_the_new_flags(tmp_path, capsys):
     ]
     argv = ["train", "--method", "free", "--replays", "2", "--fgsm-step", "0.5", "--epochs", "4", "--out", str(out)]
     assert main(argv + common) == 0
-    cfg = json.loads((out / CONFIG).read_text())
+    cfg = flat_settings(json.loads((out / CONFIG).read_text()))
     assert cfg["method"] == "free" and cfg["replays"] == 2 and cfg["fgsm_step"] == 0.5
     assert len((out / METRICS).read_text().splitlines()) == 2
     assert "epoch 2/2" in capsys.readouterr().out
@@ -341,7 +342,7 @@ def test_cli_trains_with_the_new_flags(tmp_path, capsys):
         ]
     )
     assert code == 0
-    cfg = json.loads((tmp_path / "rs" / CONFIG).read_text())
+    cfg = flat_settings(json.loads((tmp_path / "rs" / CONFIG).read_text()))
     assert cfg["fgsm_start"] == 0.5 and cfg["fgsm_step"] == 1.0 and cfg["replays"] is None
     code = main(["train", "--method", "free", "--epochs", "3", "--out", str(tmp_path / "bad"), *common])
     err = capsys.readouterr().err.strip().splitlines()

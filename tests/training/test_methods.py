@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -9,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opnorm.training.config import METHOD_OPTIONS, TrainConfig, method_settings
+from opnorm.training.config import (
+    METHOD_OPTIONS,
+    SECTIONS,
+    TrainConfig,
+    check_resume,
+    flat_settings,
+    method_settings,
+)
 from opnorm.training.objectives import METHODS, Method, Objective, TaskObjective, build_objective
 from opnorm.training.trainer import train
 
@@ -96,7 +105,7 @@ def test_method_settings_keeps_what_the_method_reads():
 
 def test_a_config_json_of_an_earlier_version_loads():
     """config.json files used to record lam 0 and the fast opnorm section for every method."""
-    old = TrainConfig(method="clean").resolved().to_dict()
+    old = flat_settings(TrainConfig(method="clean").resolved().to_dict())  # that version wrote them flat
     old.update(
         lam=0.0,
         opnorm={
@@ -146,3 +155,35 @@ def test_a_method_is_one_entry(monkeypatch):
     assert twice.metrics["loss"] == pytest.approx(2 * once.metrics["loss"], rel=1e-4)
     with pytest.raises(ValueError, match="train_loss applies to methods clean, pgd-at, opnorm and global-snr only"):
         TrainConfig(method="double-ce", train_loss="multi-margin").resolved()
+
+
+# ----------------------------------------------------------------------------- config sections
+
+
+def test_every_field_has_one_section_and_config_json_is_written_in_sections(tmp_path):
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("method", "opnorm")]
+    listed = [n for section in SECTIONS.values() for n in section]
+    assert sorted(listed) == sorted(names) and len(listed) == len(set(listed))
+    cfg = TrainConfig(method="pgd-at", p="inf", eps=0.1, lr=0.1, seed=3).resolved()
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert list(d)[0] == "method" and d["optimization"]["lr"] == 0.1 and d["runtime"]["seed"] == 3
+    assert d["attack"]["p"] == "inf" and "lr" not in d
+    assert TrainConfig.from_dict(d).resolved() == cfg  # round trip
+    assert TrainConfig.from_dict(flat_settings(d)).resolved() == cfg  # the flat form of earlier versions still loads
+
+
+def test_a_field_in_the_wrong_section_or_given_twice_is_refused():
+    with pytest.raises(ValueError, match="section optimization has no field 'seed' .it belongs to section runtime"):
+        TrainConfig.from_dict({"optimization": {"seed": 1}})
+    with pytest.raises(ValueError, match="section data has no field 'bogus' .no such field"):
+        TrainConfig.from_dict({"data": {"bogus": 1}})
+    with pytest.raises(ValueError, match="lr is given twice"):
+        TrainConfig.from_dict({"lr": 0.1, "optimization": {"lr": 0.2}})
+
+
+def test_resume_checks_compare_a_flat_old_config_with_a_sectioned_one():
+    new = TrainConfig(method="clean", epochs=2).resolved().to_dict()
+    old = flat_settings(new)
+    check_resume(old, {**new, "optimization": {**new["optimization"], "epochs": 4}}, "runs/a")  # epochs may change
+    with pytest.raises(ValueError, match="cannot resume runs/a with lr=0.5"):
+        check_resume(old, {**new, "optimization": {**new["optimization"], "lr": 0.5}}, "runs/a")

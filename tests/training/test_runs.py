@@ -25,7 +25,7 @@ import torch
 import opnorm.cli as cli
 from opnorm.cli import main
 from opnorm.training.checkpoint import CheckpointError, export_weights, load_checkpoint
-from opnorm.training.config import TrainConfig, check_resume
+from opnorm.training.config import TrainConfig, check_resume, flat_settings
 from opnorm.training.files import RunLock, RunLockedError
 from opnorm.training.models import build_model
 from opnorm.training.schedule import learning_rate
@@ -100,7 +100,7 @@ def test_extending_a_run_never_raises_the_learning_rate(run2, tmp_path, capsys):
     rates = lrs(run)
     assert len(rates) == 4 and all(b < a for a, b in zip(rates, rates[1:])), rates  # was 0.05, 0.025, 0.0, 0.025
     assert rates[2] == pytest.approx(0.025 * (1 + math.cos(math.pi / 3)) / 2)  # from 0.025 toward 0 over 2 + 1
-    cfg = json.loads((run / CONFIG).read_text())
+    cfg = flat_settings(json.loads((run / CONFIG).read_text()))
     assert cfg["epochs"] == 4 and cfg["schedule_extensions"] == [{"epoch": 2, "replaced_epochs": 2}]
     lines = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     assert [m["lr_schedule"] for m in lines] == [
@@ -195,7 +195,7 @@ def test_resume_accepts_the_settings_that_do_not_shape_training(run2, tmp_path, 
         capsys,
     )
     assert code == 0, err
-    cfg = json.loads((run / CONFIG).read_text())
+    cfg = flat_settings(json.loads((run / CONFIG).read_text()))
     assert cfg["eval_points"] == 5 and cfg["on_nan"] == "skip" and cfg["epochs"] == 3
     # the Python API: a dict names only what changes; a complete TrainConfig must match the run
     res = train({"out": str(run), "epochs": 4}, resume=True)

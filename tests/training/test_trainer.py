@@ -237,7 +237,7 @@ def test_config_round_trip_and_defaults():
     assert TrainConfig(dataset="cifar10").resolved().eps == pytest.approx(0.5)  # p = 2
     assert TrainConfig(dataset="cifar10", p="inf").resolved().eps == pytest.approx(8 / 255)
     d = cfg.to_dict()
-    assert d["p"] == "inf"
+    assert d["attack"]["p"] == "inf"
     json.dumps(d, allow_nan=False)  # strict JSON
     assert TrainConfig.from_dict(json.loads(json.dumps(d))).resolved() == cfg
     assert TrainConfig(method="global-snr").resolved().iters == 1

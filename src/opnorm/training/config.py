@@ -29,6 +29,9 @@ from opnorm.validation import number as _number
 from opnorm.validation import one_of
 
 __all__ = [
+    "SECTIONS",
+    "flat_settings",
+    "sectioned",
     "METHODS",
     "OPTIMIZERS",
     "SCHEDULERS",
@@ -166,6 +169,87 @@ class OpnormConfig:
         return c
 
 
+# The config's sections: config.json groups the fields by them (``method`` stays on top, and
+# ``opnorm``, the regularizer's own dataclass, is its section); code reads the fields flat
+# (``cfg.lr``), and config files in the flat form of earlier versions still load.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data_dir", "download", "limit_train", "limit_test", "num_workers"),
+    "network": ("model", "width"),
+    "optimization": (
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "scheduler",
+        "schedule_extensions",
+    ),
+    "attack": ("p", "q", "eps", "steps", "step_size", "adv_fraction"),
+    "regularizer": ("lam", "squared", "iters", "beta"),
+    "single_step": ("fgsm_step", "fgsm_start", "replays"),
+    "paper": ("train_loss", "adv_append", "input_range"),
+    "runtime": (
+        "seed",
+        "on_nan",
+        "eval_points",
+        "eval_steps",
+        "eval_every",
+        "norm_iters",
+        "out",
+        "device",
+        "amp",
+        "compile",
+        "progress",
+    ),
+}
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
+
+
+def flat_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its sections lifted to the top (``opnorm`` stays nested), the form
+    code reads; a dict already flat is returned as a copy.
+
+    Example:
+        >>> from opnorm.training.config import flat_settings
+        >>> flat_settings({"method": "clean", "optimization": {"lr": 0.1}, "runtime": {"seed": 3}})
+        {'method': 'clean', 'lr': 0.1, 'seed': 3}
+    """
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in SECTIONS or not isinstance(value, dict):
+            if key in out:
+                raise ValueError(f"config field {key} is given twice (flat and in section {SECTION_OF[key]})")
+            out[key] = value
+            continue
+        for name, v in value.items():
+            if SECTION_OF.get(name) != key:
+                where = f"it belongs to section {SECTION_OF[name]}" if name in SECTION_OF else "no such field"
+                raise ValueError(f"config section {key} has no field {name!r} ({where})")
+            if name in out:
+                raise ValueError(f"config field {name} is given twice (flat and in section {key})")
+            out[name] = v
+    return out
+
+
+def sectioned(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flat_settings`: ``method`` first, then each non-empty section,
+    then ``opnorm`` and any key outside the sections, as config.json writes them.
+
+    Example:
+        >>> from opnorm.training.config import sectioned
+        >>> sectioned({"lr": 0.1, "method": "clean", "seed": 3})
+        {'method': 'clean', 'optimization': {'lr': 0.1}, 'runtime': {'seed': 3}}
+    """
+    out: dict[str, Any] = {"method": flat["method"]} if "method" in flat else {}
+    for section, names in SECTIONS.items():
+        part = {name: flat[name] for name in names if name in flat}
+        if part:
+            out[section] = part
+    out.update({k: v for k, v in flat.items() if k not in SECTION_OF and k != "method"})
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. ``None`` fields are filled by :meth:`resolved`.
@@ -256,11 +340,11 @@ class TrainConfig:
     # -- conversion ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (infinite orders as the string "inf"; ``opnorm`` nested)."""
+        """A JSON-able dict in sections (:data:`SECTIONS`; infinite orders as the string "inf")."""
         d = dataclasses.asdict(self)
         for k in ("p", "q"):
             d[k] = order_json(norm_order(d[k], k))
-        return d
+        return sectioned(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -525,7 +609,7 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
         >>> migrate({"method": "opnorm", "opnorm_mode": "paper", "iters": 5})
         {'method': 'opnorm', 'opnorm': {'mode': 'paper', 'iters': 5}}
     """
-    d = _without_legacy_fill(d)
+    d = _without_legacy_fill(flat_settings(d))
     flat = [k for k in d if k in FLAT_KEYS or k == "opnorm_iteration"]
     if not flat:
         return dict(d)
@@ -668,7 +752,7 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], run: str) -> None:
         Traceback (most recent call last):
         ValueError: cannot resume runs/a with opnorm.step=0.5: the run was trained with opnorm.step=None, ...
     """
-    found = _first_difference(old, new)
+    found = _first_difference(flat_settings(old), flat_settings(new))
     if found is None:
         return
     key, was, now = found

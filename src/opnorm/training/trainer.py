@@ -57,7 +57,7 @@ from opnorm.fast_at import Replayed
 from opnorm.norms import order_text
 from opnorm.training import distributed as D
 from opnorm.training.checkpoint import CheckpointError, rng_state, set_rng_state
-from opnorm.training.config import TrainConfig, check_resume, data_passes, merge, replays_per_batch
+from opnorm.training.config import TrainConfig, check_resume, data_passes, flat_settings, merge, replays_per_batch
 from opnorm.training.data import data_fingerprint, make_loader
 from opnorm.training.evaluation import accuracy, evaluate_epoch, mean_operator_norm, robust_accuracy
 from opnorm.training.files import one_line
@@ -275,11 +275,12 @@ def train(
             if writer:
                 stack.enter_context(run.lock())
             state = run.load_for_resume()
-            inputs.check_resume(state["config"], str(run.path))
+            inputs.check_resume(flat_settings(state["config"]), str(run.path))
             cfg = _resume_config(given, state, run)
-            if verbose and len(cfg.schedule_extensions) > len(state["config"].get("schedule_extensions", [])):
+            saved = flat_settings(state["config"])
+            if verbose and len(cfg.schedule_extensions) > len(saved.get("schedule_extensions", [])):
                 say(
-                    f"extending the run from {state['config']['epochs']} to {cfg.epochs} epochs: the learning rate "
+                    f"extending the run from {saved['epochs']} to {cfg.epochs} epochs: the learning rate "
                     f"goes on falling from epoch {state['epoch']} on (recorded in {CONFIG} as schedule_extensions)"
                 )
         else:
