@@ -1,9 +1,42 @@
-"""Shared by the CLI and run-directory tests: running ``opnorm`` in-process and checking that
-an error is one line. Importing modules run in one thread (``one_thread``, tests/conftest.py)."""
+"""Shared by the CLI and run-directory tests: running ``opnorm`` in-process, checking that
+an error is one line, and a small digits run as flags (``SMALL``) and as settings
+(``SMALL_CFG``). Importing modules run in one thread (``one_thread``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 from opnorm.cli import main
+
+# a run small enough for a test: 96 training and 40 test digits, 10 evaluation points
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--limit-train",
+    "96",
+    "--limit-test",
+    "40",
+    "--eval-points",
+    "10",
+    "--eval-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+SMALL_CFG = dict(
+    dataset="digits",
+    model="cnn",
+    limit_train=96,
+    limit_test=40,
+    eval_points=10,
+    eval_steps=2,
+    batch_size=32,
+    device="cpu",
+    progress=False,
+)
 
 
 def run_main(argv, capsys):

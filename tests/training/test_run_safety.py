@@ -24,41 +24,11 @@ from opnorm.training.data import load_dataset
 from opnorm.training.files import RunLockedError, UnsafePathError, atomic_write, read_json, read_json_object
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, EpochCheckFailed, train
 
-from .cli_helpers import one_line_error, run_main
+from .cli_helpers import SMALL, SMALL_CFG, one_line_error, run_main
 from .test_data import IDX_NAMES, idx_bytes, write_idx_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn",
-    "--limit-train",
-    "96",
-    "--limit-test",
-    "40",
-    "--eval-points",
-    "10",
-    "--eval-steps",
-    "2",
-    "--batch-size",
-    "32",
-    "--device",
-    "cpu",
-    "--quiet",
-]
-SMALL_CFG = dict(
-    dataset="digits",
-    model="cnn",
-    limit_train=96,
-    limit_test=40,
-    eval_points=10,
-    eval_steps=2,
-    batch_size=32,
-    device="cpu",
-    progress=False,
-)
 PRECIOUS = b"precious\n"
 
 

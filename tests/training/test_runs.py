@@ -31,41 +31,11 @@ from opnorm.training.models import build_model
 from opnorm.training.schedule import learning_rate
 from opnorm.training.trainer import CHECKPOINT, CONFIG, METRICS, WEIGHTS, TrainingDiverged, train
 
-from .cli_helpers import one_line_error, run_main
+from .cli_helpers import SMALL, SMALL_CFG, one_line_error, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn",
-    "--limit-train",
-    "96",
-    "--limit-test",
-    "40",
-    "--eval-points",
-    "10",
-    "--eval-steps",
-    "2",
-    "--batch-size",
-    "32",
-    "--device",
-    "cpu",
-    "--quiet",
-]
-SMALL_CFG = dict(
-    dataset="digits",
-    model="cnn",
-    limit_train=96,
-    limit_test=40,
-    eval_points=10,
-    eval_steps=2,
-    batch_size=32,
-    device="cpu",
-    progress=False,
-)
 
 
 @pytest.fixture(scope="module")
