@@ -275,9 +275,9 @@ def train(
             if writer:
                 stack.enter_context(run.lock())
             state = run.load_for_resume()
-            inputs.check_resume(flat_settings(state["config"]), str(run.path))
+            saved = flat_settings(state["config"])  # the run's settings, read flat (config.json groups them)
+            inputs.check_resume(saved, str(run.path))
             cfg = _resume_config(given, state, run)
-            saved = flat_settings(state["config"])
             if verbose and len(cfg.schedule_extensions) > len(saved.get("schedule_extensions", [])):
                 say(
                     f"extending the run from {saved['epochs']} to {cfg.epochs} epochs: the learning rate "
