@@ -81,9 +81,11 @@ def resnet18() -> nn.Module:
 def regularizer(kind: str, n: int, warmup: int = 0, lam: float | None = None):
     return {
         "plain": lambda: None,
-        "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=lam or 0.02, warmup=warmup),
-        "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=lam or 0.02, num_examples=n, warmup=warmup),
-        "fast_robust": lambda: ONR.fast_robust("inf", eps=0.1, lam=lam or 0.06, num_examples=n, warmup=warmup),
+        "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=0.02 if lam is None else lam, warmup=warmup),
+        "fast": lambda: ONR.fast("inf", 2, eps=0.1, lam=0.02 if lam is None else lam, num_examples=n, warmup=warmup),
+        "fast_robust": lambda: ONR.fast_robust(
+            "inf", eps=0.1, lam=0.06 if lam is None else lam, num_examples=n, warmup=warmup
+        ),
     }[kind]()
 
 

@@ -255,7 +255,7 @@ def test_warmup_ramps_the_weight_over_training_calls_and_resumes():
 def test_batchnorm_net_trains_under_the_paper_configuration_with_a_warmup():
     """The Conv-BN-ReLU-Linear loop on digits (the first 1500 images train, the rest test; SGD
     lr 0.05, momentum 0.9, batch 64, 2 epochs) with the paper's configuration and a one-epoch
-    warm-up reaches 80 % clean accuracy on seeds 1 and 2 (docs/batchnorm.md has all seeds)."""
+    warm-up reaches 80 % clean accuracy on seeds 1 and 2 (docs/theory.md, section 7, has all seeds)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
