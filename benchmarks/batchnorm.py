@@ -21,6 +21,9 @@ others kept, so parts can be rerun one at a time):
   penalty, per parameter (the largest twelve), beside the parameter norms. A conv followed by
   BatchNorm is scale-invariant, so a step of size lr * |grad| much larger than |w| turns the
   kernel to a new direction in one step.
+* ``stability``: the digits net with affine BatchNorm and with ``affine=False`` under the paper
+  configuration, by optimizer, warm-up and lam (seeds 1 and 2): which loops the penalty's
+  curvature destabilizes, and whether the regularizer's divergence warning fires.
 * ``resnet18``: torchvision's resnet18 (num_classes=10) on the digits upsampled to 32x32 and
   repeated to 3 channels, the same loop, plain against the fast configuration
   (``--optimizer adam``: the loop with Adam at lr 1e-3 for both).
@@ -36,9 +39,11 @@ Run (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,10 +67,10 @@ def digits(size: int = 8, channels: int = 1):
     return x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
 
 
-def small_net(bn: bool = True) -> nn.Sequential:
+def small_net(bn: bool = True, affine: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, 16, 3),
-        nn.BatchNorm2d(16) if bn else nn.Identity(),
+        nn.BatchNorm2d(16, affine=affine) if bn else nn.Identity(),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * 36, 10),
@@ -78,7 +83,7 @@ def resnet18() -> nn.Module:
     return tv_resnet18(num_classes=10)
 
 
-def regularizer(kind: str, n: int, warmup: int = 0, lam: float | None = None):
+def regularizer(kind: str, n: int, warmup: int | None = None, lam: float | None = None):
     return {
         "plain": lambda: None,
         "paper": lambda: ONR.paper(p="inf", q=2, eps=0.1, lam=0.02 if lam is None else lam, warmup=warmup),
@@ -100,11 +105,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def optimizer(name: str, params) -> torch.optim.Optimizer:
-    """``sgd``: the README's SGD (lr 0.05, momentum 0.9); ``adam``: Adam at lr 1e-3, whose step
-    does not grow with the gradient's norm."""
+    """``sgd``: the README's SGD (lr 0.05, momentum 0.9); ``sgd-lr0.01``: the same at lr 0.01;
+    ``adam``: Adam at lr 1e-3, whose step does not grow with the gradient's norm."""
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3)
-    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    return torch.optim.SGD(params, lr=0.01 if name == "sgd-lr0.01" else 0.05, momentum=0.9)
 
 
 def train(
@@ -114,7 +119,7 @@ def train(
     data,
     epochs: int,
     max_steps: int = 0,
-    warmup: int = 0,
+    warmup: int | None = None,
     lam: float | None = None,
     opt_name: str = "sgd",
 ) -> dict:
@@ -153,7 +158,7 @@ def train(
             losses.append(float(ce.detach()))
             steps += 1
             if bn is not None and steps % 4 == 0:  # the first BatchNorm's mean scale: the cheapest way to a small J
-                scales.append(round(float(bn.weight.mean()), 3))
+                scales.append(round(float(bn.weight.detach().mean()), 3))
             if steps == max_steps:
                 break
     seconds = time.perf_counter() - start
@@ -166,6 +171,35 @@ def train(
         "last_penalty": float(pen.detach()),
         "train_seconds": round(seconds, 1),
     }
+
+
+def stability(seeds: list[int]) -> list[dict]:
+    """The digits net with affine BatchNorm and with BatchNorm(affine=False) (the paper's cnn7
+    style) under ``paper("inf", 2, eps=0.1, lam=0.02)``: the step size against the penalty's
+    curvature. Each row: the loop's optimizer, warm-up and lam, clean test accuracy per seed, and
+    whether the regularizer's divergence warning fired."""
+    cases = [
+        ("plain", "sgd", 0, None),
+        ("paper", "sgd", 0, None),
+        ("paper", "sgd", None, None),
+        ("paper", "sgd-lr0.01", 0, None),
+        ("paper", "adam", 0, None),
+        ("paper", "sgd", 0, 0.002),
+    ]
+    data = digits()
+    rows = []
+    for affine in (True, False):
+        for kind, opt, warmup, lam in cases:
+            row = {"affine": affine, "kind": kind, "optimizer": opt, "warmup": warmup, "lam": lam, "seeds": {}}
+            for seed in seeds:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", RuntimeWarning)
+                    r = train(functools.partial(small_net, affine=affine), kind, seed, data, 2, 0, warmup, lam, opt)
+                warned = any("diverging" in str(w.message) for w in caught)
+                row["seeds"][str(seed)] = {"test_accuracy": r["test_accuracy"], "warned": warned}
+            print("stability", json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- mechanism, by hand
@@ -272,7 +306,10 @@ def gradients(seed: int = 1, lam: float = 0.02) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--parts", nargs="+", default=["mechanism", "digits"], choices=["mechanism", "gradients", "digits", "resnet18"]
+        "--parts",
+        nargs="+",
+        default=["mechanism", "digits"],
+        choices=["mechanism", "gradients", "digits", "resnet18", "stability"],
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=2)
@@ -280,10 +317,15 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     ap.add_argument("--train-limit", type=int, default=TRAIN, help="the first N training images (resnet18 on 2 cores)")
     ap.add_argument(
-        "--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: lr 0.05, momentum 0.9; adam: lr 1e-3"
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "sgd-lr0.01", "adam"],
+        help="sgd: lr 0.05, momentum 0.9; sgd-lr0.01: lr 0.01; adam: lr 1e-3",
     )
     ap.add_argument("--lam", type=float, default=None, help="the weight (default: 0.02, fast_robust 0.06)")
-    ap.add_argument("--warmup", type=int, default=0, help="the regularizer's warm-up in steps (0: none)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="the regularizer's warm-up in steps (0: none; default: its own)"
+    )
     ap.add_argument("--label", default="after", help="the key the digits / resnet18 numbers go under")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -299,6 +341,8 @@ def main() -> None:
     if "gradients" in args.parts:
         results["gradients"] = gradients()
         print(json.dumps({k: v for k, v in results["gradients"].items() if k != "largest"}, indent=1))
+    if "stability" in args.parts:
+        results["stability"] = stability(args.seeds)
     for part in ("digits", "resnet18"):
         if part not in args.parts:
             continue

@@ -21,7 +21,12 @@ Example:
 from opnorm.regularizers.adversarial import AT_KINDS, AdversarialTrainingLoss
 from opnorm.regularizers.batchnorm import clean_statistics, frozen_statistics
 from opnorm.regularizers.metrics import FisherKL, LogitNorm, OutputMetric
-from opnorm.regularizers.operator_norm import OperatorNormRegularizer, mixes_examples
+from opnorm.regularizers.operator_norm import (
+    BATCHNORM_WARMUP,
+    GROWTH_WARNING,
+    OperatorNormRegularizer,
+    mixes_examples,
+)
 from opnorm.regularizers.penalty import ExactPenalty, FDPenalty, Penalty, paired_noise
 from opnorm.regularizers.solver import PGASolver
 from opnorm.regularizers.spectral import GlobalSpectralNormRegularizer
@@ -41,6 +46,8 @@ __all__ = [
     "clean_statistics",
     "frozen_statistics",
     "mixes_examples",
+    "BATCHNORM_WARMUP",
+    "GROWTH_WARNING",
     "GlobalSpectralNormRegularizer",
     "AdversarialTrainingLoss",
     "AT_KINDS",

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -43,7 +44,14 @@ from opnorm.regularizers.solver import PGASolver, fd_point
 from opnorm.regularizers.store import DirectionStore
 from opnorm.validation import box, integer, number
 
-__all__ = ["OperatorNormRegularizer", "mixes_examples"]
+__all__ = ["OperatorNormRegularizer", "mixes_examples", "BATCHNORM_WARMUP", "GROWTH_WARNING"]
+
+# warmup=None: the ramp on a model with BatchNorm using batch statistics, in training calls
+# (docs/theory.md section 7: one epoch of the digits loop, measured on seeds 1-5).
+BATCHNORM_WARMUP = 24
+# sigma^2 this many times its first training call's: the optimizer's step is past the penalty's
+# stability limit (SGD diverges along the penalty's curvature, docs/theory.md section 7).
+GROWTH_WARNING = 1e3
 
 
 def mixes_examples(model: nn.Module) -> bool:
@@ -102,10 +110,15 @@ class OperatorNormRegularizer(nn.Module):
         clip: ``(lo, hi)``: keep the penalty's point ``x + eps v`` in the input box.
         warmup: W >= 0 training calls over which the weight ramps up: the k-th call with
             the model in training mode and gradients on uses ``lam * min(1, k / W)`` (0: lam
-            from the first call). The count is in ``state_dict`` (key ``calls``, present only
-            when W > 0), so a resumed run continues the ramp. Meant for BatchNorm models,
-            whose penalty at initialization can exceed the task loss many times over (see
-            :mod:`opnorm.regularizers.batchnorm`).
+            from the first call). ``None`` (the default): ``BATCHNORM_WARMUP`` (24) calls on a
+            model with BatchNorm using batch statistics, whose penalty at initialization can
+            exceed the task loss many times over (:mod:`opnorm.regularizers.batchnorm`), and
+            0 on any other. The count is in ``state_dict`` (key ``calls``, absent only with
+            ``warmup=0``), so a resumed run continues the ramp.
+
+    Warns (``RuntimeWarning``, once) when the mean sigma^2 of a training call exceeds
+    ``GROWTH_WARNING`` (1e3) times the first training call's: the optimizer's step is then
+    past the penalty's stability limit, and the run diverges; lower the learning rate or lam.
 
     Forward:
         ``reg(model, x, index=None, logits=None) -> scalar``; ``x``: (B, *in); ``index``: (B,)
@@ -130,7 +143,7 @@ class OperatorNormRegularizer(nn.Module):
         store: DirectionStore | None = None,
         penalty: Penalty | None = None,
         clip: tuple[float, float] | None = None,
-        warmup: int = 0,
+        warmup: int | None = None,
     ) -> None:
         super().__init__()
         _check_part(metric, OutputMetric, "metric", "LogitNorm(q) or FisherKL()")
@@ -148,9 +161,11 @@ class OperatorNormRegularizer(nn.Module):
         self.solver = PGASolver() if solver is None else solver
         self.penalty = FDPenalty() if penalty is None else penalty
         self.clip = box(clip)
-        self.warmup = integer(warmup, "warmup")
-        if self.warmup:
+        self.warmup = None if warmup is None else integer(warmup, "warmup")
+        if self.warmup != 0:
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._ramp = self.warmup or 0  # the warm-up of the last call's model (warmup=None: by its BatchNorm)
+        self._first_level: float | None = None  # mean sigma^2 of the first training call (GROWTH_WARNING)
         self._check_parts()
         self.store = store
         if store is not None:
@@ -263,7 +278,7 @@ class OperatorNormRegularizer(nn.Module):
         return (
             f"p={order_text(self.p)}, q={order_text(self.q)}, eps={self.eps:g}, lam={self.lam:g}, "
             f"metric={self.metric!r}, solver={self.solver!r}, penalty={self.penalty!r}, clip={self.clip}"
-            + (f", warmup={self.warmup}" if self.warmup else "")
+            + (", warmup=auto" if self.warmup is None else f", warmup={self.warmup}" if self.warmup else "")
         )
 
     # -- directions -----------------------------------------------------------------------
@@ -379,15 +394,54 @@ class OperatorNormRegularizer(nn.Module):
 
     # -- the penalty ----------------------------------------------------------------------
 
+    def ramp(self, model: nn.Module) -> int:
+        """The warm-up W on ``model``: ``warmup``, or with ``warmup=None`` ``BATCHNORM_WARMUP``
+        where the model mixes examples (BatchNorm using batch statistics) and 0 elsewhere.
+
+        Example:
+            >>> from torch import nn
+            >>> from opnorm.regularizers import OperatorNormRegularizer
+            >>> reg = OperatorNormRegularizer.paper("inf", 2, eps=0.1, lam=0.02)
+            >>> reg.ramp(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))), reg.ramp(nn.Linear(4, 4))
+            (24, 0)
+        """
+        if self.warmup is not None:
+            return self.warmup
+        return BATCHNORM_WARMUP if mixes_examples(model) else 0
+
     def weight(self, training: bool = False) -> float:
-        """The weight of this call: lam, or during ``warmup`` ``lam * min(1, k / warmup)`` for
-        the k-th training call (``training``: the model is in training mode and gradients are
-        on; such a call advances k)."""
-        if not self.warmup:
-            return self.lam
-        if training and torch.is_grad_enabled():
+        """The weight of this call: lam, or during the warm-up ``lam * min(1, k / W)`` for the
+        k-th training call (W: :meth:`ramp` of the last call's model; ``training``: the model is
+        in training mode and gradients are on; such a call advances k)."""
+        if self.warmup != 0 and training and torch.is_grad_enabled():
             self.calls += 1
-        return self.lam * min(1.0, max(int(self.calls), 1) / self.warmup)
+        if not self._ramp:
+            return self.lam
+        return self.lam * min(1.0, max(int(self.calls), 1) / self._ramp)
+
+    def _weigh(self, net: nn.Module, sigma: torch.Tensor) -> float:
+        """The weight of a call on net (advancing the warm-up), after checking sigma's growth."""
+        training = net.training and torch.is_grad_enabled()
+        self._ramp = self.ramp(net)
+        if training:
+            self._watch(sigma)
+        return self.weight(training)
+
+    def _watch(self, sigma: torch.Tensor) -> None:
+        if self._first_level == math.inf:  # warned already
+            return
+        level = float(sigma.detach().double().square().mean())
+        if self._first_level is None:
+            self._first_level = level
+        elif not level <= GROWTH_WARNING * self._first_level:  # also NaN
+            warnings.warn(
+                f"the operator-norm penalty is diverging: mean sigma^2 {level:.3g} against {self._first_level:.3g} "
+                f"at the first training call; the optimizer's step exceeds the penalty's stability limit (lam="
+                f"{self.lam:g}): lower the learning rate or lam, or use Adam (docs/theory.md section 7)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._first_level = math.inf
 
     def _finish(self, sigma: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None) -> None:
         if s is not None:  # rows without iterations: the fd value of this forward
@@ -409,7 +463,7 @@ class OperatorNormRegularizer(nn.Module):
         x_p = self._point(x, d.v, d.idx if free else None) if self.penalty.uses_point else None
         terms = self.penalty.evaluate(model, x, x_p, d.v, d.u, self.metric, self.eps)
         self._finish(d.sigma, d.v, terms.s if self.penalty.uses_point else None)
-        value = self.penalty.reduce(terms.s, terms.s_sq, self.weight(net.training), self.eps)
+        value = self.penalty.reduce(terms.s, terms.s_sq, self._weigh(net, self.last_sigma), self.eps)
         return (terms.clean, value, terms.pert) if perturbed else (terms.clean, value)
 
     def fd_value(self, logits_clean: torch.Tensor, logits_pert: torch.Tensor) -> torch.Tensor:
@@ -438,9 +492,12 @@ class OperatorNormRegularizer(nn.Module):
         d = self._solve(net, x, index, free, complete=False)
         s, s_sq = self.metric.fd(logits, forward(model, self._point(x, d.v, d.idx if free else None)), self.eps)
         self._finish(d.sigma, d.v, s)
-        return self.penalty.reduce(s, s_sq, self.weight(net.training), self.eps)
+        return self.penalty.reduce(s, s_sq, self._weigh(net, self.last_sigma), self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        if hasattr(self, "calls") and prefix + "calls" not in state_dict:
+            # saved without a warm-up (warmup=0, or before it existed): the run used lam in full, and goes on so
+            state_dict[prefix + "calls"] = torch.tensor(torch.iinfo(torch.long).max // 2)
         # states saved before the store existed keep "bank" / "seen" (rows up to the largest index seen)
         if prefix + "bank" in state_dict and self.store is not None:
             bank, seen = state_dict.pop(prefix + "bank"), state_dict.pop(prefix + "seen")

@@ -125,7 +125,9 @@ class OpnormConfig:
     clip: bool | None = _f(None, "keep x + eps v in the pixel box [0, 1] (fast: on, paper: off)")
     free_update: bool | None = _f(None, "advance stored directions from the training backward (fast: on)")
     task: str = _f("clean", "clean (CE at x) | perturbed (CE at x + eps v, the penalty's point)")
-    warmup: int = _f(0, "steps over which lam ramps up linearly (0: none; for BatchNorm models, e.g. one epoch)")
+    warmup: int | None = _f(
+        None, "steps over which lam ramps up linearly (default: 24 on BatchNorm models, 0 otherwise; 0: none)"
+    )
 
     def resolved(self) -> OpnormConfig:
         c = dataclasses.replace(self)
@@ -133,7 +135,7 @@ class OpnormConfig:
         c.output = one_of(c.output, OPNORM_OUTPUTS, "opnorm.output")
         c.penalty = one_of(c.penalty, PENALTIES, "opnorm.penalty")
         c.task = one_of(c.task, OPNORM_TASKS, "opnorm.task")
-        c.warmup = _integer(c.warmup, "opnorm.warmup", lo=0)
+        c.warmup = None if c.warmup is None else _integer(c.warmup, "opnorm.warmup", lo=0)
         fast = c.mode == "fast"
         c.iters = _integer(
             c.iters if c.iters is not None else (FAST_COLD_ITERS if fast else PAPER_ITERS), "opnorm.iters", lo=1
