@@ -72,3 +72,11 @@ def test_the_runs_first_line_names_the_defaults_it_filled_in(capsys):
     code, out, err = run_main(["train", "--method", "fgsm-rs", "--p", "inf", "--lr", "0.05", *TINY], capsys)
     first = out.splitlines()[0]
     assert code == 0 and "--eps 0.1" in first and "--p " not in first and "--lr" not in first, first
+
+
+def test_a_default_decided_at_run_time_is_named_by_its_rule(capsys):
+    """pgd-at without --step-size: the first line names the field decided at run time
+    (pgd-at's step size, None until the attack runs) by its rule, not a crash on None."""
+    code, out, err = run_main(["train", "--method", "pgd-at", "--steps", "2", *TINY], capsys)
+    assert code == 0, err
+    assert "--step-size (2.5 eps / steps)" in out.splitlines()[0], out.splitlines()[0]

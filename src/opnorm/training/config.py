@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -647,6 +648,16 @@ def defaults_used(given: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     return {n: getattr(cfg, n) for n in names if given.get(n) is None}
 
 
+def _default_text(name: str, value: Any) -> str:
+    """A filled-in value as its flag shows it; a field left None (decided at run time, e.g. the
+    step size from eps) by its help's ``default ...`` text."""
+    if value is not None:
+        return order_text(value)
+    help_text = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+    match = re.search(r"\(default:? ([^)]*)\)", help_text)
+    return f"({match.group(1)})" if match else "(automatic)"
+
+
 def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
     """One line naming the method, data and model, and every setting filled from a default as its flag.
 
@@ -656,7 +667,7 @@ def defaults_line(given: dict[str, Any], cfg: TrainConfig) -> str:
         'fgsm-rs on digits (cnn); not set, so from defaults: --p 2 --eps 0.5 --lr 0.05 --fgsm-step 1.25 --fgsm-start 1'
     """
     used = defaults_used(given, cfg)
-    shown = " ".join(f"--{k.replace('_', '-')} {order_text(v)}" for k, v in used.items())
+    shown = " ".join(f"--{k.replace('_', '-')} {_default_text(k, v)}" for k, v in used.items())
     return f"{cfg.method} on {cfg.dataset} ({cfg.model}); " + (
         f"not set, so from defaults: {shown}" if used else "every setting of the method given"
     )
