@@ -56,3 +56,50 @@ def test_rank_and_eps_alignment_of_an_affine_model():
     al = E.model_alignment(model, x, y, eps_grid=[0.1, 1.0], steps=40, seed=0)
     assert al["logit"] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert al["random"] < 0.9
+
+
+def test_paper_attack_on_an_affine_model_matches_the_closed_form():
+    """The paper's attack is targeted at (y + 1) mod C. On an affine two-class model the targeted
+    cross-entropy's gradient points along w_t - w_y everywhere, so its l_2 PGA (10 steps of 0.25
+    eps from x, no random start) ends at x + eps (w_t - w_y) / ||w_t - w_y||: robust exactly when
+    y still wins there."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 2).double()
+    x = 0.4 + 0.2 * torch.rand(64, 6, generator=gen(5), dtype=DT)  # far from the pixel box's faces
+    with torch.no_grad():
+        lin.bias[1] -= (lin(x)[:, 1] - lin(x)[:, 0]).median()  # the boundary runs through the points
+        y = lin(x).argmax(1)
+    W, b = lin.weight.detach(), lin.bias.detach()
+    seen = []
+    for eps in (0.005, 0.02, 0.05, 0.2):
+        t = (y + 1) % 2
+        d = W[t] - W[y]
+        z = eps * d / d.norm(dim=1, keepdim=True)  # the targeted attack's end point: the sphere along w_t - w_y
+        expected = float(((x + z) @ W.T + b).argmax(1).eq(y).double().mean())
+        got = E.paper_attack_accuracy(lin, x, y, p=2.0, eps=eps, steps=10)
+        assert got == pytest.approx(expected), eps
+        seen.append(got)
+    assert any(0 < a < 1 for a in seen) and seen == sorted(seen, reverse=True)  # informative radii
+
+
+def test_robust_curves_worst_case_never_exceeds_any_attack():
+    """robust_curves: eps 0 is clean accuracy, the worst case is at most CE-PGD alone, and with the
+    suite's second attack the same points are fooled as by both attacks run on every example."""
+    pytest.importorskip("torchattacks")
+    from opnorm.evaluation import evaluate
+
+    torch.manual_seed(0)
+    # images (torchattacks wants (B, C, H, W)); DLR needs at least 3 classes
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5))
+    x = torch.rand(40, 1, 2, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[:5] = (y[:5] + 1) % 5  # some points wrong clean
+    suite = E.robust_suite(steps=10, restarts=1, schedule="constant", dlr_steps=10, seed=0)
+    out = E.robust_curves(net, x, y, p=float("inf"), eps_grid=[0.0, 0.05, 0.2], suite=suite)
+    both = evaluate(net, x, y, eps=[0.05, 0.2], p="inf", attacks=suite, every_example=True)
+    assert out["acc"][0] == out["pgd_ce"][0] == both.clean_accuracy
+    assert out["acc"][1:] == [both.worst_case(0.05), both.worst_case(0.2)]
+    assert out["pgd_ce"][1:] == [both.accuracy("pgd", 0.05), both.accuracy("pgd", 0.2)]
+    assert all(w <= c for w, c in zip(out["acc"], out["pgd_ce"]))
+    assert "APGD-DLR" in out["suite"]

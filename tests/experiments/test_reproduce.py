@@ -145,13 +145,33 @@ def test_theorem_and_sanity_checks(quick_run):
     assert large["eps"] >= 0.3 and large["inside_fraction"] < 1.0 and max(large["iterate_gap"]) > 1e-2
     assert next(f for f in r["findings"] if f["id"] == 3)["holds"]
     names = [s["name"] for s in r["sanity"]]
-    assert any("does not increase with eps" in n for n in names) and any("APGD" in n for n in names)
+    assert any("does not increase with eps" in n for n in names) and any("Square" in n for n in names)
     for s in r["sanity"]:
         assert s["holds"], s  # a failing sanity check means an attack or a model is broken
     # each model's sanity attacks are kept on disk (an interrupted phase resumes), one per model and attack
     kept = {p.name for p in (out / "runs" / "seed-0").glob("sanity-*.json")}
     for key in r["methods"]:
-        assert {f"sanity-stronger-{key}.json", f"sanity-apgd-l2-{key}.json", f"sanity-apgd-linf-{key}.json"} <= kept
+        assert f"sanity-stronger-{key}.json" in kept
+    square = ["pgd-at-l2", *(m["key"] for m in r["matched"]["picked"].values())]
+    for key in square:  # the black-box check attacks the matched comparison's models
+        assert {f"sanity-square-l2-{key}.json", f"sanity-square-linf-{key}.json"} <= kept
+
+
+def test_robust_accuracy_is_the_suites_worst_case(quick_run):
+    """Every robust accuracy is the per-example worst case over CE-PGD and APGD-DLR: never above
+    CE-PGD alone, named in the report, with the paper's 10-step targeted attack beside it."""
+    out, _ = quick_run
+    r = json.loads((out / "results.json").read_text())
+    for key, m in r["methods"].items():
+        assert "APGD-DLR" in m["robust_suite"] and "PGD-20" in m["robust_suite"], key
+        for norm in ("l2", "linf"):
+            worst, ce = m["robust"][norm]["acc"], m["robust"][norm]["pgd_ce"]
+            assert all(w["mean"] <= c["mean"] + 1e-12 for w, c in zip(worst, ce)), key
+            assert worst[0]["mean"] == ce[0]["mean"] == m["clean_acc"]["mean"]  # eps 0: clean
+            assert 0 <= m["paper_attack_at_reference"][norm]["mean"] <= m["clean_acc"]["mean"]
+    report = (out / "report.md").read_text()
+    assert "per-example worst case over the suite PGD-20" in report and "Evaluation strength" in report
+    assert "targeted at (y + 1) mod 10" in report
 
 
 def _strip(obj):

@@ -16,7 +16,7 @@ from torch import nn
 
 from opnorm.analysis import activation_agreement, alignment, verify_equivalence
 from opnorm.attacks import pgd
-from opnorm.evaluation import APGDAttack, evaluate
+from opnorm.evaluation import APGDAttack, PGDAttack, SquareAttack, evaluate
 from opnorm.jacobian import eval_mode, unwrap
 from opnorm.linearity import (
     Penultimate,
@@ -25,32 +25,53 @@ from opnorm.linearity import (
     pearson_alignment,
     top_singular_value,
 )
+from opnorm.losses import targeted
 from opnorm.norms import lp_norm, order_json
 from opnorm.power import operator_norm, singular_values
-from opnorm.training.evaluation import robust_accuracy
 
 NORMS = {"linf": math.inf, "l2": 2.0}
 
 
-def robust_curve(
-    model, x, y, *, p: float, eps_grid: Sequence[float], steps: int, restarts: int, seed: int, schedule: str
-) -> list[float]:
-    """Accuracy under PGD (cross-entropy, random start, restarts, best iterate, step-size
-    ``schedule``) at each eps; eps 0 is clean."""
+def robust_suite(*, steps: int, restarts: int, schedule: str, dlr_steps: int, seed: int) -> list:
+    """The study's attack suite, run in this order by :func:`~opnorm.evaluation.evaluate`:
+    opnorm's PGD on the cross-entropy (random start, ``restarts``, best iterate, ``schedule``),
+    then torchattacks' APGD-DLR (scale-invariant loss, ``dlr_steps``) on the examples still
+    robust. Robust accuracy is the per-example worst case over both (AutoAttack's rule)."""
     return [
-        robust_accuracy(
-            model,
-            x,
-            y,
-            eps=e,
-            p=p,
-            steps=steps,
-            restarts=restarts,
-            schedule=schedule,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for e in eps_grid
+        PGDAttack(steps=steps, restarts=restarts, schedule=schedule, seed=seed),
+        APGDAttack("dlr", steps=dlr_steps, seed=seed),
     ]
+
+
+def robust_curves(model, x, y, *, p: float, eps_grid: Sequence[float], suite: list) -> dict:
+    """Robust accuracy at each eps of ``eps_grid`` (eps 0: clean accuracy) under ``suite``
+    (:func:`robust_suite`): ``acc`` the per-example worst case over the suite, ``pgd_ce`` the
+    first attack (CE-PGD) alone, ``suite`` the attacks in words."""
+    radii = [float(e) for e in eps_grid if e > 0]
+    try:
+        res = evaluate(model, x, y, eps=radii or [0.0], p=p, attacks=suite)
+    except ImportError as e:
+        raise ImportError(f"the study's attack suite needs torchattacks: pip install 'opnorm[eval]' ({e})") from None
+    first = res.attacks[0]
+    clean = res.clean_accuracy
+    return {
+        "acc": [clean if e == 0 else res.worst_case(float(e)) for e in eps_grid],
+        "pgd_ce": [clean if e == 0 else res.after(first, float(e)) for e in eps_grid],
+        "suite": " + ".join(res.descriptions[a] for a in res.attacks),
+    }
+
+
+def paper_attack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p: float, eps: float, steps: int):
+    """Accuracy under the paper's code's evaluation attack: ``steps`` PGA steps of 2.5 eps /
+    steps on the cross-entropy, *targeted* at (y + 1) mod C, from x (no random start), in the
+    pixel box [0, 1]. A point counts as robust when it is still classified as y."""
+    net = unwrap(model)
+    with torch.no_grad(), eval_mode(net):
+        num_classes = int(net(x[:1]).shape[1])
+    targets = (y + 1) % num_classes
+    xa = pgd(model, x, targets, eps=eps, p=p, loss=targeted("ce"), steps=steps, random_start=False)
+    with torch.no_grad(), eval_mode(net):
+        return float((net(xa).argmax(1) == y).double().mean())
 
 
 def top_singular_vector(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -264,12 +285,13 @@ def mean_spectrum(model: nn.Module, x: torch.Tensor, k: int) -> list[float]:
     return [float(s) for s in singular_values(model, x, k, method="exact").mean(dim=0)]
 
 
-def apgd_robust_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int, seed: int
-) -> float | None:
-    """Robust accuracy under torchattacks' APGD-CE (all points in one call), or None when torchattacks is missing."""
-    atk = APGDAttack("ce", steps=steps, seed=seed, batch_size=max(1, x.shape[0]))
+def independent_check(model: nn.Module, x, y, *, p: float, eps: float, suite: list, queries: int, seed: int) -> dict:
+    """The suite at one radius, then torchattacks' black-box Square attack (``queries``) on the
+    points the suite left robust: ``suite`` the suite's worst case, ``with_square`` the worst case
+    with Square added. A gap means the gradient attacks missed points (e.g. gradient masking)."""
+    square = SquareAttack(queries=queries, seed=seed)
     try:
-        return evaluate(model, x, y, eps=eps, p=NORMS[norm], attacks=[atk], every_example=True).accuracy("apgd-ce", eps)
+        res = evaluate(model, x, y, eps=[eps], p=p, attacks=[*suite, square])
     except ImportError:
-        return None
+        return {"suite": None, "with_square": None}
+    return {"suite": res.after(res.attacks[-2], eps), "with_square": res.worst_case(eps)}

@@ -289,8 +289,9 @@ def _matched(r: dict) -> dict:
         "regularization reaches robust accuracy comparable to adversarial training's; global SNR does not seem to "
         "robustify",
         "Sec. 5.4, Table 1",
-        "robust accuracy (our PGD, cross-entropy) at the reference radii, interpolated on each lambda sweep's "
-        "frontier at PGD-AT l_2's clean accuracy (per seed, between the two bracketing lambdas)",
+        f"robust accuracy at the reference radii, the per-example worst case over the suite "
+        f"({at.get('robust_suite', 'CE-PGD')}), interpolated on each lambda sweep's frontier at PGD-AT l_2's clean "
+        "accuracy (per seed, between the two bracketing lambdas)",
         [mt["reference"], "clean", "opnorm (sweep)", "global-snr (sweep)"],
         "; ".join(numbers) + "; " + "; ".join(p["detail"] for p in parts),
         parts,

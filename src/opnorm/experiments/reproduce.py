@@ -208,10 +208,14 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     log("[reproduce] sanity checks")
     labels = {k: _label(k, methods, matched) for k in keys}
     memo = lambda name, compute: store.measured(s0, f"sanity-{name}", lambda: {"value": compute()})["value"]  # noqa: E731
+    # the black-box check attacks the models of the matched comparison
+    square_keys = ["pgd-at-l2", *(m["key"] for m in matched["picked"].values())]
     sanity = store.measured(
         s0,
         "sanity",
-        lambda: M.sanity_checks(cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys}, x, y, s0, memo=memo),
+        lambda: M.sanity_checks(
+            cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys}, x, y, s0, square_keys, memo=memo
+        ),
     )
     phases["sanity"] = time.perf_counter() - t
 
