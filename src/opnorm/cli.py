@@ -44,6 +44,7 @@ from opnorm.evaluation import (
     evaluate,
     named_attack,
 )
+from opnorm.experiments.arms import load_arm, render_arms
 from opnorm.experiments.reproduce import run_reproduce
 from opnorm.experiments.study import parse_seeds
 from opnorm.norms import norm_order, order_text
@@ -52,7 +53,7 @@ from opnorm.training.checkpoint import CheckpointError, load_checkpoint
 from opnorm.training.config import SECTION_OF, TrainConfig, defaults_line, is_custom, merge, method_settings, migrate
 from opnorm.training.data import canonical_dataset, load_dataset
 from opnorm.training.distributed import resolve_device
-from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link
+from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link, write_text_atomic
 from opnorm.training.models import build_model
 from opnorm.training.run_dir import CHECKPOINT
 from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged, train
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
     r.add_argument("--eval-points", type=int, default=None, help="test points of the measurements")
+
+    c = sub.add_parser(
+        "compare", help="finished studies of one dataset side by side (which findings change with the protocol)"
+    )
+    c.add_argument("reports", nargs="+", help="report directories of `opnorm reproduce` (each with results.json)")
+    c.add_argument("--out", required=True, help="the markdown file to write")
     return parser
 
 
@@ -502,13 +509,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    arms = {Path(d).name: load_arm(d) for d in args.reports}
+    if len(arms) != len(args.reports):
+        raise CLIError("the report directories must have different names (they label the arms)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, render_arms(arms) + "\n")
+    print(f"[compare] {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (``opnorm`` exits with it)."""
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}[args.command]
+    handler = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "demo": cmd_demo,
+        "reproduce": cmd_reproduce,
+        "compare": cmd_compare,
+    }[args.command]
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return handler(args)

@@ -174,6 +174,36 @@ def test_robust_accuracy_is_the_suites_worst_case(quick_run):
     assert "targeted at (y + 1) mod 10" in report
 
 
+def test_compare_puts_two_arms_side_by_side(quick_run, tmp_path):
+    """`opnorm compare` on two report directories: one row per finding with both verdicts, a
+    finding whose verdict differs is marked as changing with the protocol, and the paper's eps
+    rule is computed from each arm's clean model (here checked by hand on its l_2 curve)."""
+    import shutil
+
+    from opnorm.cli import main
+    from opnorm.experiments.aggregate import mean
+    from opnorm.experiments.arms import RULE_LEVEL, eps_rule
+
+    out, _ = quick_run
+    a, b = tmp_path / "default", tmp_path / "paper"
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(out / "results.json", d / "results.json")
+    r = json.loads((b / "results.json").read_text())
+    flipped = r["findings"][0]
+    flipped["verdict"] = "does not hold" if flipped["verdict"] != "does not hold" else "holds"
+    (b / "results.json").write_text(json.dumps(r))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "arms.md")]) == 0
+    text = (tmp_path / "arms.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "|" in line}
+    assert rows[str(flipped["id"])].rstrip(" |").endswith("yes")
+    assert all(rows[str(f["id"])].rstrip(" |").endswith("no") for f in r["findings"][1:])
+    curve = r["methods"]["clean"]["robust"]["l2"]
+    want = next((e for e, acc in zip(curve["eps"], curve["acc"]) if e > 0 and mean(acc) <= RULE_LEVEL), None)
+    assert eps_rule(r)["eps"] == want
+    assert main(["compare", str(a), "--out", str(tmp_path / "one.md")]) == 1  # one arm: refused in one line
+
+
 def _strip(obj):
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
