@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
     r.add_argument("--eval-points", type=int, default=None, help="test points of the measurements")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes that train and measure side by side (default: the CPU cores, at most 4; 1 with a GPU)",
+    )
 
     c = sub.add_parser(
         "compare", help="finished studies of one dataset side by side (which findings change with the protocol)"
@@ -504,9 +510,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         config=args.config,
         runs=args.runs,
+        jobs=args.jobs if args.jobs is not None else default_jobs(),
         **kw,
     )
     return 0
+
+
+def default_jobs() -> int:
+    """Worker processes of ``opnorm reproduce`` when --jobs is not given: the CPU cores (at most 4),
+    or 1 when a GPU computes (one device, shared)."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

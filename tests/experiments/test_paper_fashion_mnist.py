@@ -71,7 +71,7 @@ def test_reproduce_builds_the_study_from_the_file():
         32,
     )
     assert cfg.train["adv_append"] == 0.75 and cfg.train["train_loss"] == "multi-margin"
-    assert cfg.train["optimizer"] == "rmsprop" and cfg.limit_train == 3000
+    assert cfg.train["optimizer"] == "rmsprop" and cfg.limit_train == 3000 and cfg.eval_points == 200
     assert "logit-at" not in [k for k, *_ in method_table(cfg)]  # its loss is the cross-entropy only
 
 

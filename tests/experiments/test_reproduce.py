@@ -326,3 +326,24 @@ def test_seeds_and_config_errors(tmp_path):
     Runs(tmp_path / "r", {"x": 1})
     with pytest.raises(ValueError, match="differs in x"):
         Runs(tmp_path / "r", {"x": 2})
+
+
+def test_jobs_give_the_same_study_as_one_process(tmp_path, monkeypatch):
+    """--jobs 2: the runs are trained and measured by two worker processes (one thread each, as
+    this process here), the report's numbers are those of one process, and the counts say what
+    this invocation trained and computed."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers compute with one thread, as does this test
+    torch_threads = __import__("torch").get_num_threads()
+    __import__("torch").set_num_threads(1)
+    try:
+        one = run_reproduce(quick=True, out=str(tmp_path / "one"), log=lambda _: None, **TINY)
+        two = run_reproduce(quick=True, out=str(tmp_path / "two"), log=lambda _: None, jobs=2, **TINY)
+    finally:
+        __import__("torch").set_num_threads(torch_threads)
+    same = {"runs_directory": one["runs_directory"], "train_seconds_all_models": one["train_seconds_all_models"]}
+    assert _strip(one) == _strip({**two, **same})
+    for key in ("models_trained", "measurements_computed"):
+        assert two["runs_directory"][key] == one["runs_directory"][key] > 0
+    assert two["runs_directory"]["models_read"] == one["runs_directory"]["models_read"] == 0
+    with pytest.raises(ValueError, match="jobs must be"):
+        run_reproduce(quick=True, out=str(tmp_path / "bad"), log=lambda _: None, jobs=0, **TINY)

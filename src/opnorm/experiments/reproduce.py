@@ -34,11 +34,13 @@ from opnorm.experiments import measure as M
 from opnorm.experiments.aggregate import aggregate, mean
 from opnorm.experiments.findings import findings
 from opnorm.experiments.matching import bracket, bracket_search, interpolate
+from opnorm.experiments.parallel import Task, Workers
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import (
     FAMILIES,
     StudyConfig,
+    base_config,
     fingerprint,
     method_table,
     study_config,
@@ -46,7 +48,7 @@ from opnorm.experiments.study import (
     sweep_lambdas,
     sweep_overrides,
 )
-from opnorm.training.config import METHOD_OPTIONS, TrainConfig, method_settings
+from opnorm.training.config import method_settings
 from opnorm.training.data import load_dataset
 from opnorm.training.files import read_json_object
 from opnorm.training.models import build_model
@@ -87,6 +89,7 @@ def run_reproduce(
     config: str | None = None,
     runs: str | None = None,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
     **overrides: Any,
 ) -> dict:
     """Run (or resume) the study and write the report into ``out`` (default ``reports/<dataset>``,
@@ -100,6 +103,8 @@ def run_reproduce(
             setup define the study (see :func:`~opnorm.experiments.study.study_config`).
         runs: the runs directory (default ``<out>/runs``): trained models and finished
             measurements by seed, reused by a rerun of the same study.
+        jobs: processes that train and measure side by side (:mod:`opnorm.experiments.parallel`;
+            1: everything in this process).
         **overrides: StudyConfig fields.
 
     Returns the results dict (also written to ``out/results.json``). Timings aside, a rerun
@@ -120,7 +125,8 @@ def run_reproduce(
     default = Path("reports") / ((Path(config).stem if config else cfg.dataset) + ("-quick" if quick else ""))
     out_dir = checked_dir(out, "--out") if out is not None else default
     with Runs(runs if runs is not None else out_dir / "runs", fingerprint(cfg)) as store:  # locked while it runs
-        results, phases = _study(cfg, store, log)
+        with Workers(jobs, cfg, store) as workers:
+            results, phases = _study(cfg, store, log, workers)
     results["seconds_total"] = time.perf_counter() - t_start
     results["cpu_seconds_total"] = time.process_time() - cpu_start
     results["phase_seconds"] = phases
@@ -130,22 +136,29 @@ def run_reproduce(
     return results
 
 
-def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[dict, dict]:
+def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None], workers: Workers) -> tuple[dict, dict]:
     splits = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
     n_eval = min(cfg.eval_points, len(splits.test))
     x, y = splits.test.x[:n_eval], splits.test.y[:n_eval]
     methods = {key: (label, settings, kw) for key, label, settings, kw in method_table(cfg)}
     phases, t = {}, time.perf_counter()
-    base = _base_config(cfg)
+    base = base_config(cfg)
     models: dict = {s: {} for s in cfg.seeds}
     seconds: dict = {s: {} for s in cfg.seeds}
     screens: dict = {s: {} for s in cfg.seeds}
     diverged: dict = {}  # key -> {seed: message}
+    overrides_of: dict = {}  # key -> its TrainConfig overrides (what builds its model)
+
+    def train_tasks(key: str, overrides: dict, may_diverge: bool) -> list[Task]:
+        # a method option of the study's training config goes to the methods that read it
+        # (a main method met again as a sweep point keeps its own)
+        overrides_of.setdefault(key, {**method_settings(cfg.train, overrides["method"]), **overrides})
+        return [Task("train", key, overrides_of[key], s, may_diverge) for s in cfg.seeds]
 
     def train_and_screen(key: str, overrides: dict, may_diverge: bool) -> bool:
         """Train ``key`` on every seed and screen it; False when it diverged on some seed."""
-        # a method option of the study's training config goes to the methods that read it
-        overrides = {**method_settings(cfg.train, overrides["method"]), **overrides}
+        workers.run(train_tasks(key, overrides, may_diverge))  # side by side first (with jobs > 1)
+        overrides = overrides_of[key]
         for s in cfg.seeds:
             if key in models[s]:  # a main method that is also a sweep point
                 continue
@@ -157,6 +170,7 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
             screens[s][key] = store.measured(s, f"screen-{key}", lambda s=s, m=model: M.screen(cfg, m, x, y, s))
         return key not in diverged
 
+    workers.run([t for key, (_, _, kw) in methods.items() for t in train_tasks(key, kw, False)])
     for key, (_, _, kw) in methods.items():
         train_and_screen(key, kw, may_diverge=False)
     target = mean(aggregate([screens[s]["pgd-at-l2"] for s in cfg.seeds])["clean_acc"])
@@ -183,6 +197,7 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
         if (k := sweep_key(cfg, family, lam)) in diverged
     ]
     keys = list(methods) + [m["key"] for m in matched["picked"].values() if m["key"] not in methods]
+    workers.run([Task("full", k, overrides_of[k], s) for s in cfg.seeds for k in keys])
     per_seed = {}
     for s in cfg.seeds:
         log(f"[reproduce] seed {s}: measuring {len(keys)} models")
@@ -243,24 +258,6 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None]) -> tuple[d
     results["rank_alignment"]["clean"] = results["methods"]["clean"]["rank_alignment"]
     results["findings"] = findings(results)
     return results, phases
-
-
-def _base_config(cfg: StudyConfig):
-    """The TrainConfig every model of the study starts from (the method table overrides it)."""
-    # the shared settings; a method option of the config file goes to the methods that read it
-    return TrainConfig(**{k: v for k, v in cfg.train.items() if k not in METHOD_OPTIONS}).replace(
-        dataset=cfg.dataset,
-        model=cfg.model,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        data_dir=cfg.data_dir,
-        limit_train=cfg.limit_train,
-        eval_points=min(64, cfg.eval_points),
-        eval_steps=5,
-        progress=None,
-        device="cpu" if not torch.cuda.is_available() else cfg.train.get("device", "auto"),
-    )
 
 
 def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:

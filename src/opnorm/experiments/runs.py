@@ -85,6 +85,16 @@ class Runs:
         # what this invocation did: a report built from reused runs must not pass its wall time off as the study's
         self.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
 
+    @classmethod
+    def attached(cls, root: str | Path) -> Runs:
+        """A view of a runs directory that another process (the study) holds open: for its
+        worker processes (:mod:`opnorm.experiments.parallel`). No lock is taken and the
+        fingerprint is not checked again; files are written atomically as by the study."""
+        view = cls.__new__(cls)
+        view.root = Path(root)
+        view.counts = {"models_trained": 0, "models_read": 0, "measurements_computed": 0, "measurements_read": 0}
+        return view
+
     def _stamp(self, stamp: Path, want: dict) -> None:
         if stamp.is_file():
             have = _read_record(stamp)

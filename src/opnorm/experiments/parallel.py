@@ -1,0 +1,121 @@
+"""Worker processes for ``opnorm reproduce --jobs N``: the study's independent runs, side by side.
+
+The study (:mod:`opnorm.experiments.reproduce`) keeps its own order; before a phase it hands
+the runs that are not on disk yet to a :class:`Workers` pool. Each task trains or measures one
+(seed, method) and leaves its result in the runs directory, written atomically, exactly as the
+study itself would; the study then reads them back. A worker computes with one thread (small
+models gain little from a second one, and two processes use two cores fully), so numbers can
+differ from ``--jobs 1`` in their last digits where a sum runs in another order.
+
+Example (2 worker processes; they start on the first task)::
+
+    with Workers(2, cfg, store) as workers:
+        workers.run([Task("train", "pgd-at-l2", overrides, seed, False) for seed in cfg.seeds])
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+import torch
+
+from opnorm.experiments import measure as M
+from opnorm.experiments.runs import Runs
+from opnorm.experiments.study import StudyConfig, base_config
+from opnorm.training.data import load_dataset
+
+__all__ = ["Task", "Workers", "run_task"]
+
+
+class Task(NamedTuple):
+    """One unit of work: ``kind`` "train" (train the model and screen it) or "full" (every
+    measurement of :func:`~opnorm.experiments.measure.full`), for ``key`` on ``seed``, the
+    model built from the study's base config and ``overrides``."""
+
+    kind: str
+    key: str
+    overrides: dict
+    seed: int
+    may_diverge: bool = False
+
+
+_STATE: dict = {}  # per worker process: the study, its runs directory and the loaded data
+
+
+def _start(cfg: StudyConfig, root: str) -> None:
+    torch.set_num_threads(1)
+    _STATE.update(cfg=cfg, runs=Runs.attached(root))
+
+
+def _data():
+    """The worker's dataset and test points, loaded once per process."""
+    if "splits" not in _STATE:
+        cfg = _STATE["cfg"]
+        splits = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train)
+        n = min(cfg.eval_points, len(splits.test))
+        _STATE.update(splits=splits, x=splits.test.x[:n], y=splits.test.y[:n])
+    return _STATE["splits"], _STATE["x"], _STATE["y"]
+
+
+def run_task(task: Task) -> dict:
+    """Do one task in this process (the study's runs directory must be attached by the pool's
+    initializer); returns the models trained and measurements computed."""
+    cfg, runs = _STATE["cfg"], _STATE["runs"]
+    splits, x, y = _data()
+    before = dict(runs.counts)
+    model, _ = runs.model(base_config(cfg), task.key, task.overrides, task.seed, splits, print, task.may_diverge)
+    if model is not None:
+        phase, measure = ("screen", M.screen) if task.kind == "train" else ("full", M.full)
+        runs.measured(task.seed, f"{phase}-{task.key}", lambda: measure(cfg, model, x, y, task.seed))
+    return {k: runs.counts[k] - before[k] for k in ("models_trained", "measurements_computed")}
+
+
+class Workers:
+    """``jobs`` worker processes for one study (started on the first :meth:`run`); with
+    ``jobs`` 1 nothing starts and :meth:`run` does nothing (the study computes in order).
+
+    Args:
+        jobs: worker processes (>= 1). cfg: the study. store: its runs directory (open: the
+            study holds the lock; the workers write into it).
+    """
+
+    def __init__(self, jobs: int, cfg: StudyConfig, store: Runs) -> None:
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+        self.jobs, self.cfg, self.store = jobs, cfg, store
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, tasks: list[Task]) -> None:
+        """Run the tasks whose result is not on disk yet, and wait for all of them. The work a
+        worker did is counted as trained / computed in the store's counts (the study reads it back
+        once, so those reads are taken off)."""
+        todo = [t for t in tasks if not self._done(t)]
+        if self.jobs == 1 or len(todo) == 0:
+            return
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started can hang
+            self._pool = ProcessPoolExecutor(
+                self.jobs, mp_context=ctx, initializer=_start, initargs=(self.cfg, str(self.store.root))
+            )
+        for done in self._pool.map(run_task, todo):
+            for did, read in (("models_trained", "models_read"), ("measurements_computed", "measurements_read")):
+                self.store.counts[did] += done[did]
+                self.store.counts[read] -= done[did]
+
+    def _done(self, t: Task) -> bool:
+        phase = "screen" if t.kind == "train" else "full"
+        # a trained model without its screen (an interrupted run), or a diverged one: the study does it
+        return self.store.has(t.seed, f"{phase}-{t.key}") or (t.kind == "train" and self.store.has(t.seed, t.key))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
