@@ -479,9 +479,22 @@ def test_reproduce_calls_the_experiments_layer(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(cli, "run_reproduce", lambda **kw: calls.append(kw))
     assert main(["reproduce", "--quick", "--seed", "3"]) == 0
+    jobs = cli.default_jobs()
+    assert 1 <= jobs <= 4
     assert calls == [
-        dict(dataset="digits", quick=True, out="reports/digits", seeds=[3], data_dir=None, config=None, runs=None)
+        dict(
+            dataset="digits",
+            quick=True,
+            out="reports/digits",
+            seeds=[3],
+            data_dir=None,
+            config=None,
+            runs=None,
+            jobs=jobs,
+        )
     ]
+    calls.clear()
+    assert main(["reproduce", "--jobs", "1"]) == 0 and calls[0]["jobs"] == 1
     calls.clear()
     assert main(["reproduce", "--seeds", "0,1,2", "--limit-train", "50"]) == 0
     assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["limit_train"] == 50
@@ -492,7 +505,7 @@ def test_reproduce_calls_the_experiments_layer(monkeypatch, capsys):
 def test_python_dash_m_and_help():
     proc = subprocess.run([sys.executable, "-m", "opnorm", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for cmd in ("train", "eval", "demo", "reproduce"):
+    for cmd in ("train", "eval", "demo", "reproduce", "compare"):
         assert cmd in proc.stdout
 
 
