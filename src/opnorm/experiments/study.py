@@ -198,6 +198,9 @@ QUICK = dict(
     sweep_snr=[1.0],
     match_points=0,
     fast_method=False,  # no sweep: the main lambdas
+    dlr_steps=10,
+    square_points=32,
+    square_queries=100,
 )
 
 # fields a training config file (opnorm reproduce --config) sets on the study, by TrainConfig name
