@@ -319,8 +319,8 @@ def train_digits(reg, seed: int, affine: bool = True, epochs: int = 2) -> float:
 def test_batchnorm_net_trains_under_the_default_configurations(config):
     """The Conv-BN-ReLU-Linear loop on digits (the first 1500 images train, the rest test; SGD
     lr 0.05, momentum 0.9, batch 64, 2 epochs) with ``paper(p="inf", q=2, eps=0.1, lam=0.02)``
-    and ``fast`` as written reaches 80 % clean accuracy on seeds 1 and 2 (the default warm-up;
-    without it the paper configuration gives 69.4 % on seed 1; docs/theory.md section 7 has all seeds)."""
+    and ``fast`` as written reaches 80 % clean accuracy on seeds 1 and 2 with the default warm-up
+    (docs/theory.md section 7 has the runs without it, and all seeds)."""
     for seed in (1, 2):
         if config == "paper":
             reg = OperatorNormRegularizer.paper(p="inf", q=2, eps=0.1, lam=0.02)

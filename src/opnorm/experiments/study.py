@@ -120,8 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         square_points=100,
         square_queries=500,
     ),
-    # sized for 2 cores (both arms side by side in about an hour): 3000 training images, 200 test
-    # points (a forward and backward of the CNN on 500 28x28 images takes 0.5 s on one core)
+    # sized for 2 cores, both arms side by side (what it cost: docs/results/README.md): 3000
+    # training images, 200 test points
     "fashion-mnist": dict(
         epochs=3,
         limit_train=3000,

@@ -47,7 +47,7 @@ from opnorm.validation import box, integer, number
 __all__ = ["OperatorNormRegularizer", "mixes_examples", "BATCHNORM_WARMUP", "GROWTH_WARNING"]
 
 # warmup=None: the ramp on a model with BatchNorm using batch statistics, in training calls
-# (docs/theory.md section 7: one epoch of the digits loop, measured on seeds 1-5).
+# (one epoch of the digits loop of docs/theory.md section 7, where it is measured).
 BATCHNORM_WARMUP = 24
 # sigma^2 this many times its first training call's: the optimizer's step is past the penalty's
 # stability limit (SGD diverges along the penalty's curvature, docs/theory.md section 7).
