@@ -8,7 +8,7 @@ import math
 import pytest
 
 from opnorm.experiments.aggregate import difference, half_width, stat, t_quantile
-from opnorm.experiments.matching import bracket, bracket_search, interpolate
+from opnorm.experiments.matching import BracketSearch, bracket, bracket_search, interpolate
 
 
 def _curve(lam: float) -> float:
@@ -50,6 +50,24 @@ def test_a_failed_run_counts_as_too_strong_and_is_never_a_bracket_end():
     assert points[a] is not None and points[b] is not None and points[a] >= 0.75 > points[b]
     with pytest.raises(ValueError, match="positive"):
         bracket_search(acc, [0.0], 0.75, max_new=1, tol=0.01)
+
+
+def test_two_searches_stepped_side_by_side_give_each_search_alone():
+    """The study steps both families' searches together (their next lambdas train side by side):
+    each ends with the lambdas and accuracies of its search run alone."""
+    curves = {"a": _curve, "b": lambda lam: _curve(lam / 30)}
+    searches = {f: BracketSearch([0.01, 0.1], 0.7, max_new=6, tol=0.005) for f in curves}
+    rounds = 0
+    while todo := {f: lams for f, s in searches.items() if (lams := s.pending())}:
+        rounds += 1
+        for f, lams in todo.items():
+            assert len(lams) == (2 if rounds == 1 else 1)  # the sweep first, then one lambda at a time
+            for lam in lams:
+                searches[f].observe(lam, curves[f](lam))
+    for f, curve in curves.items():
+        assert searches[f].result() == bracket_search(curve, [0.01, 0.1], 0.7, max_new=6, tol=0.005)
+    assert searches["a"].result().keys() != searches["b"].result().keys()
+    assert rounds == 1 + max(len(s.result()) - 2 for s in searches.values())
 
 
 def test_interpolation_on_the_frontier_per_seed():

@@ -103,3 +103,36 @@ def test_robust_curves_worst_case_never_exceeds_any_attack():
     assert out["pgd_ce"][1:] == [both.accuracy("pgd", 0.05), both.accuracy("pgd", 0.2)]
     assert all(w <= c for w, c in zip(out["acc"], out["pgd_ce"]))
     assert "APGD-DLR" in out["suite"]
+
+
+def test_full_reuses_the_screen_exactly():
+    """full() given the model's screen attacks the reference radii no more, and its numbers are
+    those of attacking the whole grid (each radius is attacked alone with the same randomness);
+    a screen without CE-PGD (an earlier version's) is not used."""
+    pytest.importorskip("torchattacks")
+    from opnorm.experiments import measure as M
+    from opnorm.experiments.study import study_config
+
+    cfg = study_config("digits", quick=True, eps_grid_linf=[0.0, 0.05, 0.1, 0.3], eps_grid_l2=[0.0, 1.0])
+    assert M.suite(cfg, 0)[1].batch_size == cfg.dlr_batch == 200  # the digits preset: one APGD-DLR call
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        OrderedDict(flatten=nn.Flatten(), hidden=nn.Linear(64, 24), relu=nn.ReLU(), classifier=nn.Linear(24, 10))
+    )
+    x = torch.rand(60, 1, 8, 8, generator=gen(5))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[:6] = (y[:6] + 1) % 10
+    screen = M.screen(cfg, net, x, y, 0)
+    alone = M.full(cfg, net, x, y, 0)
+    reused = M.full(cfg, net, x, y, 0, screened=screen)
+    assert reused == alone
+    assert alone["robust"]["l2"]["eps"] == [0.0, 0.5, 1.0]  # the reference radius joins the grid
+    for key in ("robust_at_reference", "robust_pgd_ce_at_reference"):
+        assert reused[key] == screen[key]
+    assert 0 < alone["robust"]["linf"]["acc"][1] < alone["clean_acc"]  # the attack does something
+    # a forged screen is used as given (where the reuse happens), and an old one is not used at all
+    forged = {**screen, "robust_at_reference": {"linf": -1.0, "l2": -2.0}}
+    assert M.full(cfg, net, x, y, 0, screened=forged)["robust"]["linf"]["acc"][2] == -1.0
+    old = {"clean_acc": screen["clean_acc"], "robust_at_reference": forged["robust_at_reference"]}
+    assert M.full(cfg, net, x, y, 0, screened=old) == alone

@@ -309,6 +309,9 @@ def test_seeds_and_config_errors(tmp_path):
             parse_seeds(bad)
     with pytest.raises(ValueError, match="distinct"):
         study_config("digits", seeds=[0, 0])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="dlr_batch must be an int >= 1"):
+            study_config("digits", dlr_batch=bad)
     with pytest.raises(ValueError, match="p 2 and q 2"):
         study_config(train_config={"dataset": "digits", "p": "inf"})
     cfg = study_config(

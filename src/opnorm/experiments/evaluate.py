@@ -32,15 +32,16 @@ from opnorm.power import operator_norm, singular_values
 NORMS = {"linf": math.inf, "l2": 2.0}
 
 
-def robust_suite(*, steps: int, restarts: int, schedule: str, dlr_steps: int, seed: int) -> list:
+def robust_suite(*, steps: int, restarts: int, schedule: str, dlr_steps: int, seed: int, dlr_batch: int = 50) -> list:
     """The study's attack suite, run in this order by :func:`~opnorm.evaluation.evaluate`:
     opnorm's PGD on the cross-entropy (random start, ``restarts``, best iterate, ``schedule``),
-    then torchattacks' APGD-DLR (scale-invariant loss, ``dlr_steps``) on the examples still
-    robust. Robust accuracy is the per-example worst case over both (AutoAttack's rule)."""
+    then torchattacks' APGD-DLR (scale-invariant loss, ``dlr_steps``, ``dlr_batch`` examples per
+    call) on the examples still robust. Robust accuracy is the per-example worst case over both
+    (AutoAttack's rule)."""
     return [
         PGDAttack(steps=steps, restarts=restarts, schedule=schedule, seed=seed),
-        # chunks of 50: a torchattacks chunk runs whole when one of its examples is still robust
-        APGDAttack("dlr", steps=dlr_steps, seed=seed, batch_size=50),
+        # a torchattacks chunk runs whole when one of its examples is still robust
+        APGDAttack("dlr", steps=dlr_steps, seed=seed, batch_size=dlr_batch),
     ]
 
 

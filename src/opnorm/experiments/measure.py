@@ -5,9 +5,10 @@
 * :func:`full`: robust accuracy curves, spectrum, alignment against eps and by
   singular-vector rank, linearity;
 * :func:`random_net_alignment`: alignment by singular-vector rank of a randomly initialized
-  network;
+  network (:func:`random_net`);
 * :func:`first_seed_checks`: the theorem, linear regions (activation agreement) and the
   alignment curve at unjittered points, on the first seed's clean model;
+* :func:`stronger_pgd` and :func:`square_check`: the attacks of the sanity checks, per model;
 * :func:`sanity_checks`: monotone curves, a stronger PGD and black-box Square against the suite.
 """
 
@@ -22,6 +23,8 @@ from opnorm.evaluation import PGDAttack
 from opnorm.experiments import evaluate as E
 from opnorm.experiments.study import StudyConfig
 from opnorm.training.evaluation import accuracy
+from opnorm.training.models import build_model
+from opnorm.training.paper_setup import input_normalization
 
 INF = math.inf
 
@@ -40,6 +43,7 @@ def suite(cfg: StudyConfig, seed: int) -> list:
         restarts=cfg.eval_restarts,
         schedule=cfg.eval_schedule,
         dlr_steps=cfg.dlr_steps,
+        dlr_batch=cfg.dlr_batch,
         seed=seed,
     )
 
@@ -49,27 +53,38 @@ def _robust(cfg: StudyConfig, model, x, y, norm: str, grid, seed: int) -> dict:
 
 
 def screen(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
-    """Clean accuracy and robust accuracy (the suite's worst case) at the reference radii (l_inf, l_2)."""
-    ref = cfg.reference_eps
-    return {
-        "clean_acc": accuracy(model, x, y),
-        "robust_at_reference": {n: _robust(cfg, model, x, y, n, [ref[n]], seed)["acc"][0] for n in ("linf", "l2")},
-    }
+    """Clean accuracy and robust accuracy at the reference radii (l_inf, l_2): the suite's worst
+    case (``robust_at_reference``) and CE-PGD alone (``robust_pgd_ce_at_reference``)."""
+    out: dict = {"clean_acc": accuracy(model, x, y), "robust_at_reference": {}, "robust_pgd_ce_at_reference": {}}
+    for norm in ("linf", "l2"):
+        curves = _robust(cfg, model, x, y, norm, [cfg.reference_eps[norm]], seed)
+        out["robust_at_reference"][norm] = curves["acc"][0]
+        out["robust_pgd_ce_at_reference"][norm] = curves["pgd_ce"][0]
+    return out
 
 
-def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
+def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int, screened: dict | None = None) -> dict:
     """Every per-model measurement of the report (test points x, y; analysis at jittered points).
 
     ``robust``: per norm the radii, ``acc`` the suite's per-example worst case and ``pgd_ce``
     CE-PGD alone; ``robust_at_reference`` / ``robust_pgd_ce_at_reference`` the same at the
-    reference radii; ``paper_attack_at_reference``: the paper's 10-step targeted attack there."""
+    reference radii; ``paper_attack_at_reference``: the paper's 10-step targeted attack there.
+
+    ``screened``: this model's :func:`screen` result (same points and seed), whose reference
+    radii are then not attacked again: each radius is attacked on its own with the same
+    randomness, so the numbers are those of attacking the whole grid."""
     m: dict = {"clean_acc": accuracy(model, x, y), "robust": {}}
     for key in ("robust_at_reference", "robust_pgd_ce_at_reference", "paper_attack_at_reference"):
         m[key] = {}
     for norm, grid in (("linf", cfg.eps_grid_linf), ("l2", cfg.eps_grid_l2)):
         ref = cfg.reference_eps[norm]
         grid = list(grid) if ref in grid else sorted(set(grid) | {ref})
-        curves = _robust(cfg, model, x, y, norm, grid, seed)
+        known = _screened_at(screened, norm)
+        curves = _robust(cfg, model, x, y, norm, [e for e in grid if known is None or e != ref], seed)
+        if known is not None:
+            at = grid.index(ref)
+            curves["acc"].insert(at, known[0])
+            curves["pgd_ce"].insert(at, known[1])
         m["robust"][norm] = {"eps": grid, "acc": curves["acc"], "pgd_ce": curves["pgd_ce"]}
         m["robust_suite"] = curves["suite"]
         m["robust_at_reference"][norm] = curves["acc"][grid.index(ref)]
@@ -87,15 +102,37 @@ def full(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> dict:
     return m
 
 
+def _screened_at(screened: dict | None, norm: str) -> tuple[float, float] | None:
+    """(worst case, CE-PGD) at the reference radius from a screen; None where it lacks them
+    (a screen of an earlier version kept only the worst case)."""
+    if screened is None or norm not in screened.get("robust_pgd_ce_at_reference", {}):
+        return None
+    return screened["robust_at_reference"][norm], screened["robust_pgd_ce_at_reference"][norm]
+
+
 def _rank_alignment(cfg: StudyConfig, model: nn.Module, xj, ya, seed: int) -> dict:
     return E.rank_alignment(model, xj, ya, eps=cfg.eps_l2, k=cfg.rank_k, steps=cfg.align_steps, seed=seed)
 
 
-def random_net_alignment(cfg: StudyConfig, random_net: nn.Module, x, y, seed: int) -> dict:
-    """Alignment by rank (at the l_2 reference radius) of a randomly initialized network, at the
-    points where :func:`full` measures it for the trained models."""
+def random_net(cfg: StudyConfig, splits, seed: int) -> nn.Module:
+    """The study's architecture, randomly initialized (seeded), untrained, in eval mode."""
+    torch.manual_seed(10_000 + seed)
+    mean, std = input_normalization(cfg.train.get("input_range"), splits.mean, splits.std)
+    return build_model(
+        cfg.model,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        mean=mean,
+        std=std,
+        width=cfg.train.get("width"),
+    ).eval()
+
+
+def random_net_alignment(cfg: StudyConfig, net: nn.Module, x, y, seed: int) -> dict:
+    """Alignment by rank (at the l_2 reference radius) of a randomly initialized network ``net``
+    (:func:`random_net`), at the points where :func:`full` measures it for the trained models."""
     xa, ya = x[: cfg.align_points], y[: cfg.align_points]
-    return _rank_alignment(cfg, random_net, jitter(xa, cfg.analysis_jitter, seed), ya, seed)
+    return _rank_alignment(cfg, net, jitter(xa, cfg.analysis_jitter, seed), ya, seed)
 
 
 def first_seed_checks(cfg: StudyConfig, clean: nn.Module, x, y, seed: int) -> dict:
@@ -125,27 +162,43 @@ def _check(name: str, holds: bool, detail: str) -> dict:
     return {"name": name, "holds": bool(holds), "detail": detail}
 
 
-def _compute(name: str, compute):
-    return compute()
+def stronger_pgd(cfg: StudyConfig, model: nn.Module, x, y, seed: int) -> float:
+    """Robust accuracy at the l_inf reference radius under a PGD 3x as long as the suite's, with
+    2x its restarts and other random starts (seed + 1)."""
+    attack = PGDAttack(
+        steps=3 * cfg.eval_steps, restarts=2 * cfg.eval_restarts, schedule=cfg.eval_schedule, seed=seed + 1
+    )
+    return E.robust_curves(model, x, y, p=INF, eps_grid=[cfg.eps_linf], suite=[attack])["acc"][0]
+
+
+def square_check(cfg: StudyConfig, model: nn.Module, x, y, seed: int, norm: str) -> dict:
+    """The suite, then black-box Square on its survivors, at the reference radius of ``norm``
+    on the first ``cfg.square_points`` test points (:func:`~opnorm.experiments.evaluate.independent_check`)."""
+    n = min(cfg.square_points, len(x))
+    return E.independent_check(
+        model,
+        x[:n],
+        y[:n],
+        p=E.NORMS[norm],
+        eps=cfg.reference_eps[norm],
+        suite=suite(cfg, seed),
+        queries=cfg.square_queries,
+        seed=seed,
+    )
 
 
 def sanity_checks(
-    cfg: StudyConfig,
-    measured: dict,
-    labels: dict,
-    models: dict,
-    x,
-    y,
-    seed: int,
-    square_keys: list,
-    memo=_compute,
+    cfg: StudyConfig, measured: dict, labels: dict, stronger: dict, square: dict, points: int
 ) -> list[dict]:
-    """Checks that guard against weak attacks, on one seed's models and curves (``measured``:
-    key -> :func:`full` result; ``labels``: key -> label; ``square_keys``: the models the
-    black-box check attacks). ``memo(name, compute)`` returns ``compute()``'s result for a
-    per-model attack (the study keeps each on disk: an interrupted phase resumes, and other
-    processes can share it)."""
-    one = 1.0 / len(x)
+    """Checks that guard against weak attacks, on one seed's models and curves.
+
+    Args:
+        measured: key -> :func:`full` result. labels: key -> label.
+        stronger: key -> :func:`stronger_pgd` result (every model of ``measured``).
+        square: (key, norm) -> :func:`square_check` result (the models the black-box check attacks).
+        points: the number of test points of ``measured``.
+    """
+    one = 1.0 / points
     tol = max(cfg.noise_points / 100, one)  # noise: the configured points, never less than one test point
     worst_rise, where = 0.0, ""
     for key, m in measured.items():
@@ -173,28 +226,8 @@ def sanity_checks(
             f"smallest clean - robust gap {100 * worst:.1f} points",
         )
     )
-    drops = []
-    for key, model in models.items():  # a 3x longer PGD with 2x the restarts finds no more than the suite
-        stronger = memo(
-            f"stronger-{key}",
-            lambda model=model: E.robust_curves(
-                model,
-                x,
-                y,
-                p=INF,
-                eps_grid=[cfg.eps_linf],
-                suite=[
-                    PGDAttack(
-                        steps=3 * cfg.eval_steps,
-                        restarts=2 * cfg.eval_restarts,
-                        schedule=cfg.eval_schedule,
-                        seed=seed + 1,
-                    )
-                ],
-            )["acc"][0],
-        )
-        drops.append((measured[key]["robust_at_reference"]["linf"] - stronger, labels[key]))
-    drop, who = max(drops)
+    # a 3x longer PGD with 2x the restarts finds no more than the suite
+    drop, who = max((measured[k]["robust_at_reference"]["linf"] - stronger[k], labels[k]) for k in measured)
     checks.append(
         _check(
             f"PGD with {3 * cfg.eval_steps} steps x {2 * cfg.eval_restarts} restarts finds no more than the suite",
@@ -203,41 +236,24 @@ def sanity_checks(
             f"{cfg.eps_linf:g}; tolerance {100 * tol:.2g} points",
         )
     )
+    # an independent, gradient-free attack (gradient masking check)
     name = f"black-box Square ({cfg.square_queries} queries) finds no more than the suite"
-    gaps = []
-    n = min(cfg.square_points, len(x))
-    for key in square_keys:  # an independent, gradient-free attack (gradient masking check)
-        for norm in ("linf", "l2"):
-            res = memo(
-                f"square-{norm}-{key}",
-                lambda key=key, norm=norm: E.independent_check(
-                    models[key],
-                    x[:n],
-                    y[:n],
-                    p=E.NORMS[norm],
-                    eps=cfg.reference_eps[norm],
-                    suite=suite(cfg, seed),
-                    queries=cfg.square_queries,
-                    seed=seed,
-                ),
-            )
-            if res["suite"] is None:
-                return checks + [{**_check(name, True, "torchattacks not installed"), "skipped": True}]
-            gaps.append(
-                (
-                    res["suite"] - res["with_square"],
-                    f"{labels[key]}, l_{norm[1:]}: suite {100 * res['suite']:.1f}, "
-                    f"with Square {100 * res['with_square']:.1f}",
-                )
-            )
-    gap, who = max(gaps)
-    one_n = 1.0 / n
-    square_tol = max(tol, one_n)
+    if any(res["suite"] is None for res in square.values()):
+        return checks + [{**_check(name, True, "torchattacks not installed"), "skipped": True}]
+    gap, who = max(
+        (
+            res["suite"] - res["with_square"],
+            f"{labels[key]}, l_{norm[1:]}: suite {100 * res['suite']:.1f}, with Square {100 * res['with_square']:.1f}",
+        )
+        for (key, norm), res in square.items()
+    )
+    n_square = min(cfg.square_points, points)
+    square_tol = max(tol, 1.0 / n_square)
     checks.append(
         _check(
             name,
             gap <= square_tol + 1e-6,
-            f"largest gap {100 * gap:.1f} points ({who}; first {n} test points); "
+            f"largest gap {100 * gap:.1f} points ({who}; first {n_square} test points); "
             f"tolerance {100 * square_tol:.2g} points",
         )
     )

@@ -1,45 +1,33 @@
-"""Worker processes for ``opnorm reproduce --jobs N``: the study's independent runs, side by side.
+"""Worker processes for ``opnorm reproduce --jobs N``: the study's independent tasks, side by side.
 
 The study (:mod:`opnorm.experiments.reproduce`) keeps its own order; before a phase it hands
-the runs that are not on disk yet to a :class:`Workers` pool. Each task trains or measures one
-(seed, method) and leaves its result in the runs directory, written atomically, exactly as the
-study itself would; the study then reads them back. A worker computes with one thread (small
-models gain little from a second one, and two processes use two cores fully), so numbers can
-differ from ``--jobs 1`` in their last digits where a sum runs in another order.
+the tasks (:class:`~opnorm.experiments.tasks.Task`) whose record is not on disk yet to a
+:class:`Workers` pool. Each task trains or measures one (seed, model) through
+:func:`~opnorm.experiments.tasks.perform` and leaves its record in the runs directory, written
+atomically, exactly as the study itself would; the study then reads them back. A worker computes
+with one thread (small models gain little from a second one, and two processes use two cores
+fully), so numbers can differ from ``--jobs 1`` in their last digits where a sum runs in another
+order.
 
 Example (2 worker processes; they start on the first task)::
 
     with Workers(2, cfg, store) as workers:
-        workers.run([Task("train", "pgd-at-l2", overrides, seed, False) for seed in cfg.seeds])
+        workers.run([Task("train", "pgd-at-l2", overrides, seed) for seed in cfg.seeds])
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from typing import NamedTuple
 
 import torch
 
-from opnorm.experiments import measure as M
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import StudyConfig, base_config
+from opnorm.experiments.tasks import Task, perform
 from opnorm.training.data import load_dataset
 
-__all__ = ["Task", "Workers", "run_task"]
-
-
-class Task(NamedTuple):
-    """One unit of work: ``kind`` "train" (train the model and screen it) or "full" (every
-    measurement of :func:`~opnorm.experiments.measure.full`), for ``key`` on ``seed``, the
-    model built from the study's base config and ``overrides``."""
-
-    kind: str
-    key: str
-    overrides: dict
-    seed: int
-    may_diverge: bool = False
-
+__all__ = ["Workers", "run_task"]
 
 _STATE: dict = {}  # per worker process: the study, its runs directory and the loaded data
 
@@ -65,10 +53,11 @@ def run_task(task: Task) -> dict:
     cfg, runs = _STATE["cfg"], _STATE["runs"]
     splits, x, y = _data()
     before = dict(runs.counts)
-    model, _ = runs.model(base_config(cfg), task.key, task.overrides, task.seed, splits, print, task.may_diverge)
-    if model is not None:
-        phase, measure = ("screen", M.screen) if task.kind == "train" else ("full", M.full)
-        runs.measured(task.seed, f"{phase}-{task.key}", lambda: measure(cfg, model, x, y, task.seed))
+    model = None
+    if task.needs_model:
+        model, _ = runs.model(base_config(cfg), task.key, task.overrides, task.seed, splits, print, task.may_diverge)
+    if model is not None or not task.needs_model:
+        perform(task, cfg, runs, model, splits, x, y)
     return {k: runs.counts[k] - before[k] for k in ("models_trained", "measurements_computed")}
 
 
@@ -91,7 +80,11 @@ class Workers:
         """Run the tasks whose result is not on disk yet, and wait for all of them. The work a
         worker did is counted as trained / computed in the store's counts (the study reads it back
         once, so those reads are taken off)."""
-        todo = [t for t in tasks if not self._done(t)]
+        todo, seen = [], set()
+        for t in tasks:  # a task listed twice (a main method that is also a sweep point) runs once
+            if (t.kind, t.key, t.seed) not in seen and not self._done(t):
+                todo.append(t)
+            seen.add((t.kind, t.key, t.seed))
         if self.jobs == 1 or len(todo) == 0:
             return
         if self._pool is None:
@@ -105,9 +98,8 @@ class Workers:
                 self.store.counts[read] -= done[did]
 
     def _done(self, t: Task) -> bool:
-        phase = "screen" if t.kind == "train" else "full"
         # a trained model without its screen (an interrupted run), or a diverged one: the study does it
-        return self.store.has(t.seed, f"{phase}-{t.key}") or (t.kind == "train" and self.store.has(t.seed, t.key))
+        return self.store.has(t.seed, t.record) or (t.kind == "train" and self.store.has(t.seed, t.key))
 
     def close(self) -> None:
         if self._pool is not None:

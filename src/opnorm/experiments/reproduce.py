@@ -20,6 +20,7 @@ Example (trains and measures every model of the study: minutes)::
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import time
@@ -33,8 +34,8 @@ import torch
 from opnorm.experiments import measure as M
 from opnorm.experiments.aggregate import aggregate, mean
 from opnorm.experiments.findings import findings
-from opnorm.experiments.matching import bracket, bracket_search, interpolate
-from opnorm.experiments.parallel import Task, Workers
+from opnorm.experiments.matching import BracketSearch, bracket, interpolate
+from opnorm.experiments.parallel import Workers
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import (
@@ -48,11 +49,10 @@ from opnorm.experiments.study import (
     sweep_lambdas,
     sweep_overrides,
 )
+from opnorm.experiments.tasks import Task, perform
 from opnorm.training.config import method_settings
 from opnorm.training.data import load_dataset
 from opnorm.training.files import read_json_object
-from opnorm.training.models import build_model
-from opnorm.training.paper_setup import input_normalization
 from opnorm.training.run_dir import checked_dir
 
 SCHEMA = "opnorm.reproduce/2"
@@ -110,7 +110,7 @@ def run_reproduce(
     Returns the results dict (also written to ``out/results.json``). Timings aside, a rerun
     with the same seeds gives the same numbers.
     """
-    t_start, cpu_start = time.perf_counter(), time.process_time()
+    t_start, cpu_start, children_start = time.perf_counter(), time.process_time(), _children_cpu()
     train_config = read_json_object(config, "config file") if config else None
     cfg = study_config(
         dataset,
@@ -128,12 +128,27 @@ def run_reproduce(
         with Workers(jobs, cfg, store) as workers:
             results, phases = _study(cfg, store, log, workers)
     results["seconds_total"] = time.perf_counter() - t_start
-    results["cpu_seconds_total"] = time.process_time() - cpu_start
+    results["cpu_seconds_total"] = time.process_time() - cpu_start + _children_cpu() - children_start
     results["phase_seconds"] = phases
-    results["runs_directory"] = {"path": str(store.root), **store.counts}
+    results["runs_directory"] = {"path": _shown_path(store.root, out_dir), **store.counts}
     report = write_report(results, out_dir)
     log(f"[reproduce] report: {report}")
     return results
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the worker processes, once joined)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def _shown_path(root: Path, out_dir: Path) -> str:
+    """The runs directory as the report records it: relative to the report's folder when inside
+    it (a committed report names no local path), else as given."""
+    try:
+        return str(Path(root).resolve().relative_to(Path(out_dir).resolve()))
+    except ValueError:
+        return str(root)
 
 
 def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None], workers: Workers) -> tuple[dict, dict]:
@@ -167,25 +182,33 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None], workers: W
                 diverged.setdefault(key, {})[s] = secs
                 continue
             models[s][key], seconds[s][key] = model, secs
-            screens[s][key] = store.measured(s, f"screen-{key}", lambda s=s, m=model: M.screen(cfg, m, x, y, s))
+            screens[s][key] = perform(Task("train", key, overrides, s), cfg, store, model, splits, x, y)
         return key not in diverged
 
-    workers.run([t for key, (_, _, kw) in methods.items() for t in train_tasks(key, kw, False)])
+    def sweep_tasks(family: str, lam: float) -> list[Task]:
+        return train_tasks(sweep_key(cfg, family, lam), sweep_overrides(cfg, family, lam), True)
+
+    def accuracy(family: str, lam: float) -> float | None:
+        key = sweep_key(cfg, family, lam)
+        if not train_and_screen(key, sweep_overrides(cfg, family, lam), may_diverge=True):
+            return None
+        return mean(aggregate([screens[s][key] for s in cfg.seeds])["clean_acc"])
+
+    # the methods and the sweeps' first lambdas side by side (with jobs > 1): none needs another's result
+    first = [t for key, (_, _, kw) in methods.items() for t in train_tasks(key, kw, False)]
+    workers.run(first + [t for f in FAMILIES for lam in sweep_lambdas(cfg, f) for t in sweep_tasks(f, lam)])
     for key, (_, _, kw) in methods.items():
         train_and_screen(key, kw, may_diverge=False)
     target = mean(aggregate([screens[s]["pgd-at-l2"] for s in cfg.seeds])["clean_acc"])
-    searched = {}
-    for family in FAMILIES:
-
-        def accuracy(lam: float, family: str = family) -> float | None:
-            key = sweep_key(cfg, family, lam)
-            if not train_and_screen(key, sweep_overrides(cfg, family, lam), may_diverge=True):
-                return None
-            return mean(aggregate([screens[s][key] for s in cfg.seeds])["clean_acc"])
-
-        searched[family] = bracket_search(
-            accuracy, sweep_lambdas(cfg, family), target, max_new=cfg.match_points, tol=cfg.match_tol
-        )
+    searches = {
+        f: BracketSearch(sweep_lambdas(cfg, f), target, max_new=cfg.match_points, tol=cfg.match_tol) for f in FAMILIES
+    }
+    while todo := {f: lams for f, search in searches.items() if (lams := search.pending())}:
+        workers.run([t for f, lams in todo.items() for lam in lams for t in sweep_tasks(f, lam)])
+        for f, lams in todo.items():  # both families' next lambdas side by side
+            for lam in lams:
+                searches[f].observe(lam, accuracy(f, lam))
+    searched = {f: search.result() for f, search in searches.items()}
     phases["train"], t = time.perf_counter() - t, time.perf_counter()
     # a sweep point that diverged on any seed has no mean over seeds: it leaves the sweep, and the report says so
     done = [k for k in screens[cfg.seeds[0]] if k not in diverged]
@@ -197,40 +220,45 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None], workers: W
         if (k := sweep_key(cfg, family, lam)) in diverged
     ]
     keys = list(methods) + [m["key"] for m in matched["picked"].values() if m["key"] not in methods]
-    workers.run([Task("full", k, overrides_of[k], s) for s in cfg.seeds for k in keys])
-    per_seed = {}
+    s0 = cfg.seeds[0]
+    # the black-box check attacks the models of the matched comparison
+    square_keys = ["pgd-at-l2", *(m["key"] for m in matched["picked"].values())]
+    full_tasks = [Task("full", k, overrides_of[k], s) for s in cfg.seeds for k in keys]
+    random_tasks = [Task("random-init", "", {}, s) for s in cfg.seeds]
+    checks_task = Task("checks", "clean", overrides_of["clean"], s0)
+    sanity_tasks = [Task("stronger", k, overrides_of[k], s0) for k in keys] + [
+        Task(f"square-{norm}", k, overrides_of[k], s0) for k in square_keys for norm in ("linf", "l2")
+    ]
+    workers.run(full_tasks + random_tasks + [checks_task] + sanity_tasks)  # side by side (with jobs > 1)
+
+    def measured(task: Task) -> dict:
+        model = models[task.seed][task.key] if task.needs_model else None
+        return perform(task, cfg, store, model, splits, x, y, screened=screens[task.seed].get(task.key))
+
+    per_seed: dict = {s: {} for s in cfg.seeds}
+    for task in full_tasks:
+        if not per_seed[task.seed]:
+            log(f"[reproduce] seed {task.seed}: measuring {len(keys)} models")
+        per_seed[task.seed][task.key] = measured(task)
     for s in cfg.seeds:
-        log(f"[reproduce] seed {s}: measuring {len(keys)} models")
-        per_seed[s] = {
-            k: store.measured(s, f"full-{k}", lambda s=s, k=k: M.full(cfg, models[s][k], x, y, s)) for k in keys
-        }
         clean = per_seed[s]["clean"]["spectrum"]
         for k in keys:  # per seed, then averaged: the ratio of means would hide the spread
             per_seed[s][k]["spectrum_ratio"] = [a / b for a, b in zip(per_seed[s][k]["spectrum"], clean)]
     phases["evaluate"], t = time.perf_counter() - t, time.perf_counter()
 
-    extras = [
-        store.measured(
-            s,
-            "rank-alignment-random-init",
-            lambda s=s: M.random_net_alignment(cfg, _random_net(cfg, splits, s), x, y, s),
-        )
-        for s in cfg.seeds
-    ]
-    s0 = cfg.seeds[0]
-    checks = store.measured(s0, "checks", lambda: M.first_seed_checks(cfg, models[s0]["clean"], x, y, s0))
+    extras = [measured(task) for task in random_tasks]
+    checks = measured(checks_task)
     phases["findings"], t = time.perf_counter() - t, time.perf_counter()
     log("[reproduce] sanity checks")
     labels = {k: _label(k, methods, matched) for k in keys}
-    memo = lambda name, compute: store.measured(s0, f"sanity-{name}", lambda: {"value": compute()})["value"]  # noqa: E731
-    # the black-box check attacks the models of the matched comparison
-    square_keys = ["pgd-at-l2", *(m["key"] for m in matched["picked"].values())]
-    sanity = store.measured(
-        s0,
-        "sanity",
-        lambda: M.sanity_checks(
-            cfg, per_seed[s0], labels, {k: models[s0][k] for k in keys}, x, y, s0, square_keys, memo=memo
-        ),
+    attacks = {(task.kind, task.key): measured(task) for task in sanity_tasks}
+    sanity = M.sanity_checks(
+        cfg,
+        per_seed[s0],
+        labels,
+        stronger={k: attacks["stronger", k]["value"] for k in keys},
+        square={(k, norm): attacks[f"square-{norm}", k] for k in square_keys for norm in ("linf", "l2")},
+        points=len(x),
     )
     phases["sanity"] = time.perf_counter() - t
 
@@ -258,20 +286,6 @@ def _study(cfg: StudyConfig, store: Runs, log: Callable[[str], None], workers: W
     results["rank_alignment"]["clean"] = results["methods"]["clean"]["rank_alignment"]
     results["findings"] = findings(results)
     return results, phases
-
-
-def _random_net(cfg: StudyConfig, splits, seed: int) -> torch.nn.Module:
-    """The study's architecture, randomly initialized (seeded), untrained."""
-    torch.manual_seed(10_000 + seed)
-    mean_, std_ = input_normalization(cfg.train.get("input_range"), splits.mean, splits.std)
-    return build_model(
-        cfg.model,
-        input_shape=splits.input_shape,
-        num_classes=splits.num_classes,
-        mean=mean_,
-        std=std_,
-        width=cfg.train.get("width"),
-    ).eval()
 
 
 def _matched(cfg: StudyConfig, searched: dict, screen: dict) -> dict:
