@@ -18,6 +18,7 @@ Example (2 worker processes; they start on the first task)::
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -87,15 +88,25 @@ class Workers:
             seen.add((t.kind, t.key, t.seed))
         if self.jobs == 1 or len(todo) == 0:
             return
+        for done in self._started().map(run_task, todo):
+            for did, read in (("models_trained", "models_read"), ("measurements_computed", "measurements_read")):
+                self.store.counts[did] += done[did]
+                self.store.counts[read] -= done[did]
+
+    def map(self, fn: Callable, items: list) -> list:
+        """``[fn(item) for item in items]``, computed by the workers (here with ``jobs`` 1); ``fn``
+        and the items must pickle (a module-level function, e.g. the report's plots)."""
+        if self.jobs == 1:
+            return [fn(item) for item in items]
+        return list(self._started().map(fn, items))
+
+    def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started can hang
             self._pool = ProcessPoolExecutor(
                 self.jobs, mp_context=ctx, initializer=_start, initargs=(self.cfg, str(self.store.root))
             )
-        for done in self._pool.map(run_task, todo):
-            for did, read in (("models_trained", "models_read"), ("measurements_computed", "measurements_read")):
-                self.store.counts[did] += done[did]
-                self.store.counts[read] -= done[did]
+        return self._pool
 
     def _done(self, t: Task) -> bool:
         # a trained model without its screen (an interrupted run), or a diverged one: the study does it

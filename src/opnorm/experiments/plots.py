@@ -6,6 +6,8 @@ Nothing here computes a result: every number comes from the ``results`` dict of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -261,20 +263,28 @@ def plot_time(r: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def write_plots(r: dict, out: Path) -> dict[str, str]:
-    """Every plot of :data:`PLOTS` into ``out``; returns PLOTS."""
+def _draw(job: partial) -> None:
+    job()
+
+
+def write_plots(r: dict, out: Path, mapper: Callable = map) -> dict[str, str]:
+    """Every plot of :data:`PLOTS` into ``out``; returns PLOTS. ``mapper``: how the plots are drawn
+    (e.g. a process pool's ``map``, one plot per call; default: one after another here)."""
     out.mkdir(parents=True, exist_ok=True)
-    plot_rank(r, out / PLOTS["alignment_rank"])
-    plot_alignment_eps(r, out / PLOTS["alignment_eps"])
-    plot_spectra(r, out / PLOTS["spectra_ratio"], ratio=True)
-    plot_spectra(r, out / PLOTS["spectra"], ratio=False)
-    plot_linearity(r, out / PLOTS["linearity"], "penultimate_absolute")
-    plot_linearity(r, out / PLOTS["linearity_sigma"], "sigma1")
-    plot_matched(r, out / PLOTS["matched"])
-    plot_frontier(r, out / PLOTS["frontier"])
-    plot_robust(r, "linf", out / PLOTS["robust_linf"])
-    plot_robust(r, "l2", out / PLOTS["robust_l2"])
-    plot_theorem(r, out / PLOTS["theorem"])
-    plot_agreement(r, out / PLOTS["agreement"])
-    plot_time(r, out / PLOTS["time"])
+    jobs = [
+        partial(plot_rank, r, out / PLOTS["alignment_rank"]),
+        partial(plot_alignment_eps, r, out / PLOTS["alignment_eps"]),
+        partial(plot_spectra, r, out / PLOTS["spectra_ratio"], ratio=True),
+        partial(plot_spectra, r, out / PLOTS["spectra"], ratio=False),
+        partial(plot_linearity, r, out / PLOTS["linearity"], "penultimate_absolute"),
+        partial(plot_linearity, r, out / PLOTS["linearity_sigma"], "sigma1"),
+        partial(plot_matched, r, out / PLOTS["matched"]),
+        partial(plot_frontier, r, out / PLOTS["frontier"]),
+        partial(plot_robust, r, "linf", out / PLOTS["robust_linf"]),
+        partial(plot_robust, r, "l2", out / PLOTS["robust_l2"]),
+        partial(plot_theorem, r, out / PLOTS["theorem"]),
+        partial(plot_agreement, r, out / PLOTS["agreement"]),
+        partial(plot_time, r, out / PLOTS["time"]),
+    ]
+    list(mapper(_draw, jobs))
     return dict(PLOTS)

@@ -1,4 +1,5 @@
-"""Turn the numbers of a reproduction study into report.md, results.json and PNG plots.
+"""Turn the numbers of a reproduction study into report.md and results.json (its PNG plots:
+:mod:`opnorm.experiments.plots`).
 
 The report's sections follow the paper's figures; each has a plot, a table (means ± standard
 errors over seeds) and the verdict of :mod:`opnorm.experiments.findings`.
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opnorm.experiments.findings import INTERVAL_TEXT, fmt, pct
-from opnorm.experiments.plots import PLOTS, write_plots
+from opnorm.experiments.plots import PLOTS
 from opnorm.training.files import write_text_atomic
 
 __all__ = ["PLOTS", "render_markdown", "write_report"]
@@ -351,10 +352,10 @@ def render_markdown(r: dict) -> str:
 
 
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write results.json, report.md and the plots into ``out``; return the report path."""
+    """Write results.json and report.md into ``out`` (the plots it shows:
+    :func:`~opnorm.experiments.plots.write_plots`); return the report path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_plots(results, out)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
     report = out / "report.md"
     write_text_atomic(report, render_markdown(results))

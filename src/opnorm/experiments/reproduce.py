@@ -36,6 +36,7 @@ from opnorm.experiments.aggregate import aggregate, mean
 from opnorm.experiments.findings import findings
 from opnorm.experiments.matching import BracketSearch, bracket, interpolate
 from opnorm.experiments.parallel import Workers
+from opnorm.experiments.plots import write_plots
 from opnorm.experiments.report import write_report
 from opnorm.experiments.runs import Runs
 from opnorm.experiments.study import (
@@ -127,10 +128,12 @@ def run_reproduce(
     with Runs(runs if runs is not None else out_dir / "runs", fingerprint(cfg)) as store:  # locked while it runs
         with Workers(jobs, cfg, store) as workers:
             results, phases = _study(cfg, store, log, workers)
-    results["seconds_total"] = time.perf_counter() - t_start
+            results["seconds_total"] = time.perf_counter() - t_start
+            results["phase_seconds"] = phases
+            results["runs_directory"] = {"path": _shown_path(store.root, out_dir), **store.counts}
+            write_plots(results, out_dir, workers.map)  # the plots side by side too
+    # the workers' CPU seconds are known once they have stopped
     results["cpu_seconds_total"] = time.process_time() - cpu_start + _children_cpu() - children_start
-    results["phase_seconds"] = phases
-    results["runs_directory"] = {"path": _shown_path(store.root, out_dir), **store.counts}
     report = write_report(results, out_dir)
     log(f"[reproduce] report: {report}")
     return results
