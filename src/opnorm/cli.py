@@ -54,7 +54,7 @@ from opnorm.training.config import SECTION_OF, TrainConfig, defaults_line, is_cu
 from opnorm.training.data import canonical_dataset, load_dataset
 from opnorm.training.distributed import resolve_device
 from opnorm.training.files import RunLockedError, fold_lines, read_json_object, refuse_link, write_text_atomic
-from opnorm.training.models import build_model
+from opnorm.training.inputs import registry_model
 from opnorm.training.run_dir import CHECKPOINT
 from opnorm.training.trainer import EpochCheckFailed, TrainingDiverged, train
 
@@ -377,14 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     attacks, loss = _eval_attacks(args, names, gen)
     splits = load_dataset(cfg.dataset, args.data_dir if args.data_dir is not None else cfg.data_dir)
-    model = build_model(
-        cfg.model,
-        input_shape=splits.input_shape,
-        num_classes=splits.num_classes,
-        mean=splits.mean,
-        std=splits.std,
-        width=cfg.width,
-    )
+    model = registry_model(cfg.model, splits, input_range=cfg.input_range, width=cfg.width)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -23,8 +23,7 @@ from opnorm.evaluation import PGDAttack
 from opnorm.experiments import evaluate as E
 from opnorm.experiments.study import StudyConfig
 from opnorm.training.evaluation import accuracy
-from opnorm.training.models import build_model
-from opnorm.training.paper_setup import input_normalization
+from opnorm.training.inputs import registry_model
 
 INF = math.inf
 
@@ -117,15 +116,8 @@ def _rank_alignment(cfg: StudyConfig, model: nn.Module, xj, ya, seed: int) -> di
 def random_net(cfg: StudyConfig, splits, seed: int) -> nn.Module:
     """The study's architecture, randomly initialized (seeded), untrained, in eval mode."""
     torch.manual_seed(10_000 + seed)
-    mean, std = input_normalization(cfg.train.get("input_range"), splits.mean, splits.std)
-    return build_model(
-        cfg.model,
-        input_shape=splits.input_shape,
-        num_classes=splits.num_classes,
-        mean=mean,
-        std=std,
-        width=cfg.train.get("width"),
-    ).eval()
+    net = registry_model(cfg.model, splits, input_range=cfg.train.get("input_range"), width=cfg.train.get("width"))
+    return net.eval()
 
 
 def random_net_alignment(cfg: StudyConfig, net: nn.Module, x, y, seed: int) -> dict:

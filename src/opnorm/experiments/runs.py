@@ -36,8 +36,7 @@ from opnorm.training.files import (
     verify_digest,
     write_text_atomic,
 )
-from opnorm.training.models import build_model
-from opnorm.training.paper_setup import input_normalization
+from opnorm.training.inputs import registry_model
 from opnorm.training.run_dir import checked_dir
 from opnorm.training.trainer import TrainingDiverged, train
 
@@ -146,15 +145,7 @@ class Runs:
             return None, str(record["diverged"])
         if weights.is_file() and meta.is_file():
             r = cfg.resolved()
-            mean, std = input_normalization(r.input_range, splits.mean, splits.std)
-            model = build_model(
-                r.model,
-                input_shape=splits.input_shape,
-                num_classes=splits.num_classes,
-                mean=mean,
-                std=std,
-                width=r.width,
-            )
+            model = registry_model(r.model, splits, input_range=r.input_range, width=r.width)
             _load_into(model, weights)
             self.counts["models_read"] += 1
             return model.eval(), float(record["train_seconds"])

@@ -47,9 +47,21 @@ from opnorm.training.data import (
 from opnorm.training.models import MODELS, build_model
 from opnorm.training.paper_setup import input_normalization
 
-__all__ = ["TrainInputs", "train_inputs", "as_indexed", "custom_model_name"]
+__all__ = ["TrainInputs", "train_inputs", "as_indexed", "custom_model_name", "registry_model"]
 
 _ITEM = "items (x, y) or (x, y, index), x a float tensor, y an int class label, index the item's position"
+
+
+def registry_model(name: str, splits: DatasetSplits, *, input_range=None, width: int | None = None) -> nn.Module:
+    """The registry's model ``name`` (:data:`~opnorm.training.models.MODELS`), randomly
+    initialized for ``splits``: its input shape and classes, and the normalization its inputs
+    get from the data's mean and std (``input_range``: e.g. [-1, 1], see
+    :func:`~opnorm.training.paper_setup.input_normalization`). ``width``: the model's width
+    option (None: its default)."""
+    mean, std = input_normalization(input_range, splits.mean, splits.std)
+    return build_model(
+        name, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=mean, std=std, width=width
+    )
 
 
 def custom_model_name(module: nn.Module) -> str:
@@ -167,15 +179,7 @@ class TrainInputs:
                 f"of shape (N, {', '.join(map(str, splits.input_shape))}) with {splits.num_classes} class(es); "
                 f"pass your own module as model="
             )
-        mean, std = input_normalization(cfg.input_range, splits.mean, splits.std)
-        return build_model(
-            cfg.model,
-            input_shape=splits.input_shape,
-            num_classes=splits.num_classes,
-            mean=mean,
-            std=std,
-            width=cfg.width,
-        )
+        return registry_model(cfg.model, splits, input_range=cfg.input_range, width=cfg.width)
 
 
 def train_inputs(model: Any = None, data: Any = None, test_data: Any = None) -> TrainInputs:
