@@ -162,6 +162,7 @@ def test_bad_paper_options_are_one_line_errors(change, match):
         TrainConfig(**change).resolved()
 
 
+@pytest.mark.usefixtures("without_plots")
 def test_reproduce_with_the_config_on_generated_cifar_files(cifar_dir, tmp_path):
     """opnorm reproduce --config: the file's model, radius, lambda, loss and input range define the
     study (a width-2 copy of the file, one seed, a handful of points: the path, not the numbers)."""

@@ -212,6 +212,7 @@ def _strip(obj):
     return obj
 
 
+@pytest.mark.usefixtures("without_plots")
 def test_two_seeds_resume_from_the_runs_directory(tmp_path):
     logs: list[str] = []
     a = run_reproduce(quick=True, out=str(tmp_path / "a"), runs=str(tmp_path / "runs"), log=logs.append, **TINY)
@@ -252,6 +253,7 @@ def test_two_seeds_resume_from_the_runs_directory(tmp_path):
         )
 
 
+@pytest.mark.usefixtures("without_plots")
 def test_a_diverged_sweep_point_leaves_the_sweep_and_is_reported(tmp_path, monkeypatch):
     import opnorm.experiments.runs as runs  # the runs directory trains the models it lacks
     import opnorm.training.trainer as trainer
