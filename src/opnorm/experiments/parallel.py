@@ -18,6 +18,9 @@ Example (2 worker processes; they start on the first task)::
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
@@ -36,6 +39,15 @@ _STATE: dict = {}  # per worker process: the study, its runs directory and the l
 def _start(cfg: StudyConfig, root: str) -> None:
     torch.set_num_threads(1)
     _STATE.update(cfg=cfg, runs=Runs.attached(root))
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Stop this worker once the study's process is gone (killed, say): an orphaned worker would
+    wait for tasks forever, holding its memory."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _data():
