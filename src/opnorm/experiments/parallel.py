@@ -69,7 +69,8 @@ def run_task(task: Task) -> dict:
     model = None
     if task.needs_model:
         model, _ = runs.model(base_config(cfg), task.key, task.overrides, task.seed, splits, print, task.may_diverge)
-    if model is not None or not task.needs_model:
+    diverged = task.needs_model and model is None  # recorded as such by runs.model: nothing to measure
+    if not diverged:
         perform(task, cfg, runs, model, splits, x, y)
     return {k: runs.counts[k] - before[k] for k in ("models_trained", "measurements_computed")}
 

@@ -264,7 +264,7 @@ def plot_time(r: dict, path: Path) -> None:
 
 
 def _draw(job: partial) -> None:
-    job()
+    job()  # a module-level function: a process pool's map can send it
 
 
 def write_plots(r: dict, out: Path, mapper: Callable = map) -> dict[str, str]:

@@ -69,8 +69,8 @@ class StudyConfig:
     # loss; CE-PGD alone flatters models that saturate the softmax); CE-PGD is reported beside it
     dlr_steps: int = 50
     # examples per APGD-DLR call: a call runs its whole chunk when one example in it is still
-    # robust (so the randomness never depends on which are), and fewer, larger calls cost less
-    # per example on a small model (what it saves: docs/results/README.md)
+    # robust (so the randomness never depends on which are); larger chunks save per-call overhead
+    # but attack more examples already fooled (the trade, measured: docs/results/README.md)
     dlr_batch: int = 50
     # the evaluation-strength arm: the paper's code's attack (10 steps, targeted at (y + 1) mod C)
     paper_attack_steps: int = 10

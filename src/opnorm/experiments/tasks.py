@@ -84,9 +84,10 @@ def perform(
         if task.kind == "train":
             return M.screen(cfg, model, x, y, s)
         if task.kind == "full":
-            if screened is None:
-                return M.full(cfg, model, x, y, s, perform(task._replace(kind="train"), cfg, runs, model, splits, x, y))
-            return M.full(cfg, model, x, y, s, screened)
+            screen = screened
+            if screen is None:
+                screen = perform(task._replace(kind="train"), cfg, runs, model, splits, x, y)
+            return M.full(cfg, model, x, y, s, screen)
         if task.kind == "stronger":
             return {"value": M.stronger_pgd(cfg, model, x, y, s)}
         if task.kind in ("square-linf", "square-l2"):
